@@ -1,0 +1,21 @@
+"""Exceptions whose message is a plain sentence a user can act on (shown as-is by the GUI and the CLI)."""
+
+
+class RegtoolError(ValueError):
+    """Base class: something about the input is wrong; the message says what and what to do."""
+
+
+class InputError(RegtoolError):
+    """A file, image or landmark set that cannot be used as given."""
+
+
+class FitError(RegtoolError):
+    """A model cannot be fitted to the given landmarks (too few, degenerate, non-finite)."""
+
+
+class NotInvertibleError(RegtoolError):
+    """The transform has no inverse (or none that can be computed reliably)."""
+
+
+class Cancelled(Exception):
+    """Raised inside long work when the user asked to stop it."""

@@ -1,0 +1,242 @@
+"""Image grids in physical space, and the one place where axis order flips.
+
+Conventions (ITK style, see the README's "Coordinates" section):
+
+* **Physical points** are vectors in x, y(, z) order, in the image's unit (usually mm):
+  ``p = origin + direction @ (spacing * index_xyz)``.
+* **Array / napari order** is the reverse: a 3D NumPy array is indexed ``[z, y, x]`` and napari's world
+  coordinates are ``(z, y, x)``.
+* ``Space.shape`` is in array order, ``spacing``/``origin``/``direction`` in physical (x, y, z) order, exactly
+  as SimpleITK's ``GetSize()[::-1]``, ``GetSpacing()``, ``GetOrigin()``, ``GetDirection()``.
+
+Every conversion between the two orders goes through :func:`to_array_order` / :func:`to_physical_order`
+or the methods below; nothing else in the package reverses axes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+__all__ = ["Space", "to_array_order", "to_physical_order"]
+
+
+def to_array_order(v: np.ndarray) -> np.ndarray:
+    """Reverse the last axis: (…, D) x,y,z vectors → z,y,x (napari/NumPy order). Also the inverse."""
+    return np.asarray(v)[..., ::-1]
+
+
+to_physical_order = to_array_order
+
+
+@dataclass(frozen=True)
+class Space:
+    """A regular grid placed in physical space.
+
+    Parameters
+    ----------
+    shape : tuple of int, array order (z, y, x) or (y, x)
+    spacing : (D,) array, physical order (x, y, z), all > 0
+    origin : (D,) array, physical order — physical position of the first voxel's centre
+    direction : (D, D) array — column ``j`` is the physical direction of index axis ``j`` (x, y, z order)
+    """
+
+    shape: tuple
+    spacing: np.ndarray
+    origin: np.ndarray = field(default=None)
+    direction: np.ndarray = field(default=None)
+
+    def __post_init__(self):
+        shape = tuple(int(s) for s in self.shape)
+        d = len(shape)
+        if d not in (2, 3):
+            raise ValueError(f"Space: only 2D and 3D grids are supported, got shape {shape}.")
+        if any(s < 1 for s in shape):
+            raise ValueError(f"Space: the image is empty (shape {shape}).")
+        spacing = np.asarray(self.spacing, dtype=float).reshape(-1)
+        origin = np.zeros(d) if self.origin is None else np.asarray(self.origin, dtype=float).reshape(-1)
+        direction = np.eye(d) if self.direction is None else np.asarray(self.direction, dtype=float)
+        direction = direction.reshape(d, d)
+        if spacing.shape != (d,) or origin.shape != (d,):
+            raise ValueError(
+                f"Space: spacing and origin need {d} values for a {d}D grid, got {spacing.shape[0]} and "
+                f"{origin.shape[0]}."
+            )
+        if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+            raise ValueError(f"Space: spacing must be finite and positive, got {spacing.tolist()}.")
+        if not np.all(np.isfinite(origin)) or not np.all(np.isfinite(direction)):
+            raise ValueError("Space: origin and direction must be finite numbers.")
+        if abs(abs(np.linalg.det(direction)) - 1) > 1e-3:
+            raise ValueError("Space: the direction matrix must be orthonormal (|det| = 1).")
+        object.__setattr__(self, "shape", shape)
+        object.__setattr__(self, "spacing", spacing)
+        object.__setattr__(self, "origin", origin)
+        object.__setattr__(self, "direction", direction)
+
+    # ------------------------------------------------------------------ basics
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size_xyz(self) -> tuple:
+        """Grid size in physical order (x, y, z), as SimpleITK's ``GetSize()``."""
+        return self.shape[::-1]
+
+    @property
+    def n_voxels(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def index_to_physical_matrix(self) -> np.ndarray:
+        """(D, D) matrix ``M = direction @ diag(spacing)`` with ``p = origin + M @ index_xyz``."""
+        return self.direction @ np.diag(self.spacing)
+
+    @property
+    def extent(self) -> np.ndarray:
+        """Physical length of each axis, x, y, z order (from first to last voxel centre)."""
+        return (np.asarray(self.size_xyz) - 1) * self.spacing
+
+    def __eq__(self, other):
+        if not isinstance(other, Space):
+            return NotImplemented
+        return (
+            self.shape == other.shape
+            and np.allclose(self.spacing, other.spacing)
+            and np.allclose(self.origin, other.origin)
+            and np.allclose(self.direction, other.direction)
+        )
+
+    def __hash__(self):
+        return hash((self.shape, tuple(np.round(self.spacing, 9)), tuple(np.round(self.origin, 9))))
+
+    def __repr__(self):
+        return (
+            f"Space(shape={self.shape}, spacing={np.round(self.spacing, 6).tolist()}, "
+            f"origin={np.round(self.origin, 6).tolist()}, "
+            f"direction={'identity' if np.allclose(self.direction, np.eye(self.ndim)) else np.round(self.direction, 6).tolist()})"
+        )
+
+    # ------------------------------------------------------------ conversions
+    def index_to_physical(self, index_xyz) -> np.ndarray:
+        """(N, D) continuous ITK indices (x, y, z order) → (N, D) physical points."""
+        idx = np.asarray(index_xyz, dtype=float)
+        return idx @ self.index_to_physical_matrix.T + self.origin
+
+    def physical_to_index(self, points) -> np.ndarray:
+        """(N, D) physical points → (N, D) continuous ITK indices (x, y, z order)."""
+        p = np.asarray(points, dtype=float)
+        return (p - self.origin) @ np.linalg.inv(self.index_to_physical_matrix).T
+
+    def array_index_to_physical(self, index_zyx) -> np.ndarray:
+        """(N, D) array/napari data coordinates (z, y, x) → physical points (x, y, z)."""
+        return self.index_to_physical(to_physical_order(np.asarray(index_zyx, dtype=float)))
+
+    def physical_to_array_index(self, points) -> np.ndarray:
+        """Physical points (x, y, z) → (N, D) array/napari data coordinates (z, y, x)."""
+        return to_array_order(self.physical_to_index(points))
+
+    def contains(self, points, margin: float = 0.5) -> np.ndarray:
+        """(N,) bool: physical points that fall inside the grid (within ``margin`` voxels of the edge)."""
+        idx = self.physical_to_index(np.atleast_2d(points))
+        hi = np.asarray(self.size_xyz) - 1 + margin
+        return np.all((idx >= -margin) & (idx <= hi), axis=1)
+
+    def physical_bounds(self) -> tuple:
+        """(lo, hi) physical corners of the axis-aligned box enclosing all voxel centres."""
+        corners = np.array(np.meshgrid(*[[0, s - 1] for s in self.size_xyz], indexing="ij")).reshape(self.ndim, -1).T
+        pts = self.index_to_physical(corners)
+        return pts.min(0), pts.max(0)
+
+    # -------------------------------------------------------------- napari
+    def napari_affine(self) -> np.ndarray:
+        """(D+1, D+1) homogeneous matrix mapping napari data coords (z, y, x) to world coords (z, y, x).
+
+        World coordinates are physical coordinates in array order, so fixed and moving layers that carry
+        their own ``napari_affine()`` overlay in physical space.
+        """
+        d = self.ndim
+        flip = np.eye(d)[::-1]
+        a = np.eye(d + 1)
+        a[:d, :d] = flip @ self.index_to_physical_matrix @ flip
+        a[:d, d] = self.origin[::-1]
+        return a
+
+    def napari_kwargs(self) -> dict:
+        """``scale``/``translate`` (identity direction) or ``affine`` keyword arguments for a napari layer."""
+        if np.allclose(self.direction, np.eye(self.ndim)):
+            return {"scale": tuple(self.spacing[::-1]), "translate": tuple(self.origin[::-1])}
+        return {"affine": self.napari_affine()}
+
+    @classmethod
+    def from_napari(cls, shape, scale=None, translate=None, affine=None) -> "Space":
+        """Build a Space from a napari layer's ``data.shape`` and its ``scale``/``translate``/``affine``.
+
+        The composite data→world matrix must be a rotation times a positive diagonal scale (no shear);
+        otherwise a ``ValueError`` explains that the layer cannot be described as an image grid.
+        """
+        d = len(shape)
+        m = np.eye(d + 1)
+        if affine is not None:
+            m = np.asarray(affine, dtype=float)
+            if m.shape == (d, d):
+                m2 = np.eye(d + 1)
+                m2[:d, :d] = m
+                m = m2
+        s = np.eye(d + 1)
+        if scale is not None:
+            s[:d, :d] = np.diag(np.asarray(scale, dtype=float)[-d:])
+        if translate is not None:
+            s[:d, d] = np.asarray(translate, dtype=float)[-d:]
+        total = m[-(d + 1):, -(d + 1):] @ s  # napari applies scale/translate first, then affine
+        lin = total[:d, :d]
+        flip = np.eye(d)[::-1]
+        mat = flip @ lin @ flip  # physical-order index→physical matrix
+        spacing = np.linalg.norm(mat, axis=0)
+        if np.any(spacing <= 0):
+            raise ValueError("The layer's transform collapses an axis (zero scale); it cannot be registered.")
+        direction = mat / spacing
+        if not np.allclose(direction.T @ direction, np.eye(d), atol=1e-4):
+            raise ValueError(
+                "The layer's affine contains shear; only scale, rotation and translation can describe an image "
+                "grid. Reset the layer's affine or load the image from a file."
+            )
+        return cls(tuple(shape), spacing, total[:d, d][::-1], direction)
+
+    # ------------------------------------------------------------ SimpleITK
+    @classmethod
+    def from_sitk(cls, image) -> "Space":
+        d = image.GetDimension()
+        return cls(
+            tuple(image.GetSize())[::-1],
+            np.array(image.GetSpacing()),
+            np.array(image.GetOrigin()),
+            np.array(image.GetDirection()).reshape(d, d),
+        )
+
+    def apply_to_sitk(self, image) -> None:
+        """Copy spacing, origin and direction onto a SimpleITK image of this grid's size."""
+        if tuple(image.GetSize()) != tuple(self.size_xyz):
+            raise ValueError(f"Image size {image.GetSize()} does not match grid size {self.size_xyz}.")
+        image.SetSpacing([float(v) for v in self.spacing])
+        image.SetOrigin([float(v) for v in self.origin])
+        image.SetDirection([float(v) for v in self.direction.ravel()])
+
+    # ---------------------------------------------------------- derived grids
+    def with_shape(self, shape, keep_extent: bool = True) -> "Space":
+        """The same physical region sampled with another number of voxels (corner-aligned centres)."""
+        shape = tuple(int(s) for s in shape)
+        if keep_extent:
+            new_xyz = np.asarray(shape[::-1], dtype=float)
+            old_xyz = np.asarray(self.size_xyz, dtype=float)
+            spacing = np.where(new_xyz > 1, self.extent / np.maximum(new_xyz - 1, 1), self.spacing * old_xyz)
+        else:
+            spacing = self.spacing
+        return Space(shape, spacing, self.origin, self.direction)
+
+    def grid_points(self, dtype=np.float64) -> np.ndarray:
+        """(*shape, D) physical coordinates (x, y, z) of every voxel centre. Allocates the whole grid."""
+        axes = [np.arange(s, dtype=dtype) for s in self.shape]
+        idx = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)  # array order
+        return self.array_index_to_physical(idx.reshape(-1, self.ndim)).reshape(*self.shape, self.ndim).astype(dtype)

@@ -1,0 +1,249 @@
+"""Dense operations in torch: sampling, warping, resizing, integration, Jacobians, displacement-field transforms.
+
+Tensor conventions used by every function here (and by the deep model):
+
+* images: ``(B, C, *spatial)`` with ``spatial`` in array order (``(H, W)`` or ``(D, H, W)``);
+* index-space vector fields: ``(B, D, *spatial)``, **channel c is the displacement along ITK index axis c**
+  (x, y, z order, which is also ``grid_sample``'s coordinate order), in voxels;
+* physical fields: ``(*spatial, D)``, components x, y, z, in physical units — an ITK displacement-field image.
+
+``align_corners=True`` is used everywhere: voxel centre ``i`` of an axis of ``n`` voxels sits at the
+normalised coordinate ``2 i / (n − 1) − 1``.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..space import Space
+from .base import DEFAULT_CHUNK, Transform, affine_index_grid
+
+__all__ = [
+    "identity_index_grid", "index_to_normalized", "sample_at_index", "warp", "integrate_velocity",
+    "resize_vector_field", "jacobian_determinant", "jacobian_determinant_index", "physical_to_index_field",
+    "index_to_physical_field", "DisplacementFieldTransform", "resample",
+]
+
+
+def identity_index_grid(shape, device="cpu", dtype=torch.float32) -> torch.Tensor:
+    """``(D, *shape)`` voxel indices, channel ``c`` = index along ITK axis ``c`` (x first)."""
+    d = len(shape)
+    return affine_index_grid(shape, np.eye(d), np.zeros(d), device, dtype).movedim(-1, 0)
+
+
+def index_to_normalized(idx: torch.Tensor, size_xyz) -> torch.Tensor:
+    """``(…, D)`` continuous indices (x, y, z) → ``grid_sample`` coordinates in [−1, 1] (align_corners=True)."""
+    n = torch.as_tensor(size_xyz, dtype=idx.dtype, device=idx.device)
+    scale = torch.where(n > 1, 2.0 / (n - 1).clamp(min=1), torch.zeros_like(n))
+    return idx * scale - (n > 1).to(idx.dtype)
+
+
+def sample_at_index(src: torch.Tensor, idx: torch.Tensor, mode: str = "linear", padding: str = "itk",
+                    fill: float = 0.0) -> torch.Tensor:
+    """Sample ``src`` ``(B, C, *S)`` at continuous indices ``idx`` ``(B, *out, D)`` (x, y, z order).
+
+    ``mode``: ``linear`` or ``nearest``. ``padding``:
+
+    * ``itk`` — SimpleITK ``Resample`` semantics: points within half a voxel of the grid interpolate with the
+      edge clamped, points further out get ``fill``;
+    * ``border`` — clamp to the edge everywhere (used for fields);
+    * ``zeros`` — ``grid_sample``'s zero padding.
+    """
+    d = idx.shape[-1]
+    size_xyz = tuple(src.shape[2:])[::-1]
+    grid = index_to_normalized(idx, size_xyz).to(src.dtype)
+    gmode = {"linear": "bilinear", "nearest": "nearest"}[mode]
+    pad = "zeros" if padding == "zeros" else "border"
+    out = F.grid_sample(src, grid, mode=gmode, padding_mode=pad, align_corners=True)
+    if padding == "itk":
+        n = torch.as_tensor(size_xyz, dtype=idx.dtype, device=idx.device)
+        outside = ((idx < -0.5) | (idx > n - 0.5)).any(-1)  # (B, *out)
+        out = out.masked_fill(outside.unsqueeze(1), fill)
+    return out
+
+
+def warp(src: torch.Tensor, disp: torch.Tensor, mode: str = "linear", padding: str = "border") -> torch.Tensor:
+    """``src(x + disp(x))`` on ``src``'s own grid. ``src`` (B, C, *S), ``disp`` (B, D, *S) in voxels (x, y, z)."""
+    if disp.shape[2:] != src.shape[2:] or disp.shape[1] != src.dim() - 2:
+        raise ValueError(f"warp: disp must be (B, {src.dim() - 2}, *{tuple(src.shape[2:])}), got {tuple(disp.shape)}.")
+    idx = identity_index_grid(src.shape[2:], src.device, disp.dtype) + disp
+    return sample_at_index(src, idx.movedim(1, -1), mode=mode, padding=padding)
+
+
+def integrate_velocity(v: torch.Tensor, steps: int = 7) -> torch.Tensor:
+    """Scaling and squaring: displacement of ``exp(v)`` for a stationary velocity ``v`` (B, D, *S), voxels.
+
+    ``u = v / 2**steps``, then ``steps`` times ``u ← u + u∘(id + u)``; sampling clamps at the border so the
+    field does not shrink toward zero at the image edge.
+    """
+    u = v / (2 ** steps)
+    for _ in range(steps):
+        u = u + warp(u, u, padding="border")
+    return u
+
+
+def resize_vector_field(u: torch.Tensor, shape) -> torch.Tensor:
+    """Resize an index-space field (B, D, *S) to ``shape`` (array order), rescaling the vectors to the new
+    voxel size (a displacement of k voxels on n voxels becomes k (m − 1)/(n − 1) voxels on m)."""
+    shape = tuple(int(s) for s in shape)
+    if tuple(u.shape[2:]) == shape:
+        return u
+    mode = "bilinear" if len(shape) == 2 else "trilinear"
+    out = F.interpolate(u, size=shape, mode=mode, align_corners=True)
+    old = np.asarray(u.shape[2:][::-1], dtype=float)
+    new = np.asarray(shape[::-1], dtype=float)
+    factors = torch.as_tensor(np.where(old > 1, (new - 1) / np.maximum(old - 1, 1), 1.0), dtype=u.dtype, device=u.device)
+    return out * factors.view(1, -1, *([1] * len(shape)))
+
+
+def physical_to_index_field(u: torch.Tensor, space: Space) -> torch.Tensor:
+    """``(*S, D)`` physical displacement → ``(1, D, *S)`` index-space displacement (voxels, x, y, z)."""
+    minv = torch.as_tensor(np.linalg.inv(space.index_to_physical_matrix), dtype=u.dtype, device=u.device)
+    return (u @ minv.T).movedim(-1, 0).unsqueeze(0)
+
+
+def index_to_physical_field(u: torch.Tensor, space: Space) -> torch.Tensor:
+    """``(1, D, *S)`` or ``(D, *S)`` index-space displacement → ``(*S, D)`` physical displacement."""
+    if u.dim() == space.ndim + 2:
+        u = u[0]
+    m = torch.as_tensor(space.index_to_physical_matrix, dtype=u.dtype, device=u.device)
+    return u.movedim(0, -1) @ m.T
+
+
+def _det(j: torch.Tensor) -> torch.Tensor:
+    """Determinant of (…, D, D) small matrices written out (faster and lighter than torch.linalg.det)."""
+    if j.shape[-1] == 2:
+        return j[..., 0, 0] * j[..., 1, 1] - j[..., 0, 1] * j[..., 1, 0]
+    return (j[..., 0, 0] * (j[..., 1, 1] * j[..., 2, 2] - j[..., 1, 2] * j[..., 2, 1])
+            - j[..., 0, 1] * (j[..., 1, 0] * j[..., 2, 2] - j[..., 1, 2] * j[..., 2, 0])
+            + j[..., 0, 2] * (j[..., 1, 0] * j[..., 2, 1] - j[..., 1, 1] * j[..., 2, 0]))
+
+
+def jacobian_determinant(u: torch.Tensor, space: Space, slab: int = 16) -> torch.Tensor:
+    """Jacobian determinant of ``x ↦ x + u(x)`` for a physical field ``u`` ``(*S, D)`` on ``space``.
+
+    Derivatives are central differences along each index axis (one-sided at the edges), converted to physical
+    derivatives with the grid's spacing and direction: ``J = I + (∂u/∂index) · (direction · diag(spacing))⁻¹``.
+    Processed in slabs of ``slab`` planes so the 3D peak memory stays a small multiple of one slab.
+    """
+    d = space.ndim
+    if tuple(u.shape) != (*space.shape, d):
+        raise ValueError(f"jacobian_determinant: field must be {(*space.shape, d)}, got {tuple(u.shape)}.")
+    minv = torch.as_tensor(np.linalg.inv(space.index_to_physical_matrix), dtype=u.dtype, device=u.device)
+    eye = torch.eye(d, dtype=u.dtype, device=u.device)
+    n0 = space.shape[0]
+    out = torch.empty(space.shape, dtype=u.dtype, device=u.device)
+    for a in range(0, n0, slab):
+        b = min(n0, a + slab)
+        lo, hi = max(0, a - 1), min(n0, b + 1)
+        block = u[lo:hi]
+        grads = []
+        for k in range(d):  # array axis k ↔ index axis d-1-k
+            if block.shape[k] < 2:
+                g = torch.zeros_like(block)
+            else:
+                g = torch.gradient(block, dim=k)[0]
+            grads.append(g)
+        # g_idx[..., comp, j] = ∂u_comp / ∂index_j  (index axis j = array axis d-1-j)
+        g_idx = torch.stack(grads[::-1], dim=-1)
+        jac = eye + g_idx @ minv
+        out[a:b] = _det(jac)[a - lo: a - lo + (b - a)]
+    return out
+
+
+def jacobian_determinant_index(u: torch.Tensor) -> torch.Tensor:
+    """Jacobian determinant of ``x + u`` for an index-space field ``(B, D, *S)`` (voxel units), ``(B, *S)``."""
+    d = u.shape[1]
+    grads = [torch.gradient(u, dim=2 + k)[0] for k in range(d)]  # array axis k ↔ index axis d-1-k
+    g = torch.stack(grads[::-1], dim=2)  # (B, comp, idx_axis, *S)
+    g = g.movedim(1, -1).movedim(1, -1)  # (B, *S, comp, idx_axis)
+    return _det(torch.eye(d, dtype=u.dtype, device=u.device) + g)
+
+
+def resample(moving_array, moving_space: Space, transform: Transform, fixed_space: Space, mode: str = "linear",
+             fill: float = 0.0, device="cpu", dtype=torch.float32, index_grid: torch.Tensor | None = None) -> torch.Tensor:
+    """``moving(T(x))`` for every voxel ``x`` of ``fixed_space``: the warped image, as SimpleITK's ``Resample``.
+
+    ``moving_array``: ``(*S)`` or ``(*S, C)`` array/tensor in array order on ``moving_space``. Returns a tensor
+    on ``device`` of shape ``(*fixed.shape)`` or ``(*fixed.shape, C)``. ``mode``: ``linear`` (images) or
+    ``nearest`` (label maps; values are preserved exactly). ``index_grid`` (from
+    ``transform.moving_index_grid``) may be passed to reuse it across several images.
+    """
+    arr = torch.as_tensor(np.asarray(moving_array) if not torch.is_tensor(moving_array) else moving_array)
+    d = moving_space.ndim
+    multichannel = arr.dim() == d + 1
+    if tuple(arr.shape[:d]) != tuple(moving_space.shape):
+        raise ValueError(f"resample: array shape {tuple(arr.shape)} does not match its grid {moving_space.shape}.")
+    orig_dtype = arr.dtype
+    work_dtype = torch.float64 if (mode == "nearest" and orig_dtype in (torch.int64, torch.int32, torch.float64)) else dtype
+    src = arr.to(device=device, dtype=work_dtype)
+    src = src.movedim(-1, 0).unsqueeze(0) if multichannel else src[None, None]
+    if index_grid is None:
+        index_grid = transform.moving_index_grid(fixed_space, moving_space, device=device, dtype=torch.float32)
+    out = sample_at_index(src, index_grid.to(device=device, dtype=work_dtype).unsqueeze(0), mode=mode,
+                          padding="itk", fill=fill)[0]
+    out = out.movedim(0, -1) if multichannel else out[0]
+    if mode == "nearest" and not orig_dtype.is_floating_point:
+        out = out.round().to(orig_dtype)
+    return out
+
+
+class DisplacementFieldTransform(Transform):
+    """``T(x) = x + u(x)`` with ``u`` a dense physical field on a grid (an ITK displacement field).
+
+    Between voxels ``u`` is interpolated linearly; outside the grid the nearest edge value is used, as ITK's
+    ``DisplacementFieldTransform`` does. ``uncertainty`` (optional, ``space.shape``) is carried along for QC.
+    """
+
+    kind = "field"
+
+    def __init__(self, field, space: Space, kind: str = "field", uncertainty=None):
+        f = torch.as_tensor(field)
+        if tuple(f.shape) != (*space.shape, space.ndim):
+            raise ValueError(f"DisplacementFieldTransform: field must be {(*space.shape, space.ndim)}, got {tuple(f.shape)}.")
+        if not torch.isfinite(f).all():
+            raise ValueError("The displacement field contains NaN or infinite values.")
+        self.u = f
+        self.space = space
+        self.ndim = space.ndim
+        self.kind = kind
+        self.uncertainty = None if uncertainty is None else torch.as_tensor(uncertainty)
+
+    def _field_index(self, device, dtype):
+        return self.u.to(device=device, dtype=dtype).movedim(-1, 0).unsqueeze(0)
+
+    def map_points_torch(self, points):
+        idx = torch.as_tensor(self.space.physical_to_index(points.detach().cpu().numpy()), dtype=points.dtype,
+                              device=points.device)
+        src = self._field_index(points.device, points.dtype)
+        shape = (1,) + (1,) * (self.ndim - 1) + (idx.shape[0], self.ndim)
+        vals = sample_at_index(src, idx.reshape(shape), mode="linear", padding="border")
+        return points + vals.reshape(self.ndim, -1).T
+
+    def field(self, space: Space, device="cpu", dtype=torch.float32, chunk=DEFAULT_CHUNK):
+        if space == self.space:
+            return self.u.to(device=device, dtype=dtype)
+        return super().field(space, device, dtype, chunk)
+
+    def inverse(self, space: Space | None = None, iterations: int = 30) -> "DisplacementFieldTransform":
+        """Approximate inverse field on ``space`` (default: the same grid) by fixed-point iteration
+        ``v(y) = −u(y + v(y))``. Accurate where the field does not fold."""
+        space = space or self.space
+        device = self.u.device
+        grid = torch.as_tensor(space.grid_points(np.float32), device=device)
+        flat = grid.reshape(-1, self.ndim).to(torch.float64)
+        v = torch.zeros_like(flat)
+        for _ in range(iterations):
+            v = -(self.map_points_torch(flat + v) - (flat + v))
+        return DisplacementFieldTransform(v.reshape(*space.shape, self.ndim).to(self.u.dtype), space,
+                                          kind=f"inverse({self.kind})")
+
+    def to_sitk(self, space=None):
+        from ..io import field_to_sitk_transform
+
+        space = space or self.space
+        return field_to_sitk_transform(self.field(space, dtype=torch.float64).cpu().numpy(), space)
+
+    def describe(self):
+        return {"kind": self.kind, "ndim": self.ndim, "grid": repr(self.space)}
