@@ -5,9 +5,11 @@
 ``Σ |T(c_i) − moving_i|² + smoothing · bending energy`` — the same linear system and the same ``smoothing``
 convention as SciPy's ``RBFInterpolator``: ``(K + smoothing·I) W + P a = Y``, ``Pᵀ W = 0``.
 
-Kernels: in 2D ``U(r) = r² log r`` (the thin-plate spline proper). In 3D the default is ``U(r) = r``, the true
-biharmonic (minimum bending-energy) kernel that ITK's ``ThinPlateSplineKernelTransform`` uses;
-``kernel="r2logr"`` gives BigWarp's/ITK's ``ThinPlateR2LogRSplineKernelTransform`` choice instead.
+Kernels: in 2D ``U(r) = r² log r`` (the thin-plate spline proper). In 3D the default is ``U(r) = −r``, the true
+biharmonic (minimum bending-energy) kernel that ITK's ``ThinPlateSplineKernelTransform`` uses (the sign, as in
+SciPy's ``"linear"`` kernel, makes the kernel conditionally positive definite so that ``smoothing > 0``
+regularises; an interpolating spline is the same with either sign). ``kernel="r2logr"`` gives BigWarp's /
+ITK's ``ThinPlateR2LogRSplineKernelTransform`` choice instead.
 """
 from __future__ import annotations
 
@@ -38,10 +40,10 @@ def tps_kernel(r2, kernel: str):
             with np.errstate(divide="ignore", invalid="ignore"):
                 out = 0.5 * r2 * np.log(np.where(r2 > 0, r2, 1.0))
             return out
-        return np.sqrt(r2)
+        return -np.sqrt(r2)
     if kernel == "r2logr":
         return 0.5 * torch.xlogy(r2, r2)
-    return torch.sqrt(r2)
+    return -torch.sqrt(r2)
 
 
 class ThinPlateSplineTransform(Transform):
@@ -87,7 +89,7 @@ class ThinPlateSplineTransform(Transform):
         if self.kernel == "r2logr":
             # out-of-place log is the vectorised path on CPU (several times faster than log_ or xlogy)
             return torch.log(r2.clamp_min(1e-30)).mul_(r2).mul_(0.5)
-        return torch.sqrt(r2)
+        return torch.sqrt(r2).neg_()
 
     def map_points_torch(self, points):
         c, w = self._tensors(points.device, points.dtype)
@@ -162,10 +164,10 @@ class ThinPlateSplineTransform(Transform):
         return out
 
     def _kernel_raw(self, r2):
-        """``r² log r²`` (un-halved, floor already added) or ``r``, reusing ``r2``'s memory where possible."""
+        """``r² log r²`` (un-halved, floor already added) or ``−r``, reusing ``r2``'s memory where possible."""
         if self.kernel == "r2logr":
             return torch.log(r2).mul_(r2)
-        return r2.sqrt_()
+        return r2.sqrt_().neg_()
 
     def inverse(self):
         from .numeric import NumericInverse

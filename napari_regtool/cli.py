@@ -1,0 +1,177 @@
+"""``regtool``: the registration engine from the command line (batch work, no GUI needed).
+
+    regtool register --fixed F --moving M --model {rigid,similarity,affine,tps,deep,auto-rigid,auto-affine}
+                     [--landmarks L.csv] [--smoothing S] [--reg-weight λ] [--refine N] [--uncertainty]
+                     [--device auto|cpu|cuda] --out DIR
+    regtool apply    --transform T --moving M --reference F [--labels] [--invert] --out FILE
+    regtool train    ...   (trains the deep model; see ``regtool train --help``)
+    regtool gui      [--sample 2d|3d]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import Cancelled, RegtoolError
+
+__all__ = ["main", "build_parser"]
+
+
+def _progress_printer(quiet: bool):
+    state = {"last": -1}
+
+    def progress(frac, message=""):
+        if quiet:
+            return
+        pct = int(round(100 * float(frac)))
+        if pct != state["last"]:
+            state["last"] = pct
+            bar = "#" * (pct // 5)
+            print(f"\r[{bar:<20}] {pct:3d}% {message[:50]:<50}", end="", file=sys.stderr, flush=True)
+            if pct >= 100:
+                print(file=sys.stderr)
+
+    return progress
+
+
+def _cmd_register(args) -> int:
+    from .io import read_image
+    from .landmarks import read_landmarks
+    from .pipeline import register, write_outputs
+
+    fixed = read_image(args.fixed)
+    moving = read_image(args.moving)
+    landmarks = read_landmarks(args.landmarks, args.fixed_points) if args.landmarks else None
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise RegtoolError(f"--out {out} exists and is not a folder.")
+
+    def warn(msg):
+        print(f"warning: {msg}", file=sys.stderr)
+
+    result = register(fixed, moving, args.model, landmarks=landmarks, smoothing=args.smoothing, device=args.device,
+                      reg_weight=args.reg_weight, refine=args.refine, uncertainty=args.uncertainty,
+                      channel=args.channel, progress=_progress_printer(args.quiet), warn=warn)
+    paths = write_outputs(result, out)
+    rep = result.report()
+    if not args.quiet:
+        print(f"model {rep['model']} on {rep['device']}: {rep['runtime_s']:.3f} s")
+        if rep["residual_mean"] is not None:
+            loo = f", leave-one-out mean {rep['loo_mean']:.4g}" if rep.get("loo_mean") is not None else ""
+            print(f"landmark residual mean {rep['residual_mean']:.4g}, max {rep['residual_max']:.4g}{loo}")
+        sb, sa = rep["similarity_before"], rep["similarity_after"]
+        print(f"NCC {sb['ncc']:.4f} -> {sa['ncc']:.4f}; MI {sb['mi']:.4f} -> {sa['mi']:.4f}; "
+              f"folding {rep['folding_percent']:.4g}%")
+        print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def _cmd_apply(args) -> int:
+    from .io import read_image, read_transform, write_image
+    from .pipeline import warp_image
+
+    moving = read_image(args.moving, is_label=args.labels)
+    reference = read_image(args.reference)
+    transform = read_transform(args.transform)
+    if transform.ndim != reference.ndim or moving.ndim != reference.ndim:
+        raise RegtoolError(f"Dimensions differ: transform {transform.ndim}D, moving {moving.ndim}D, reference "
+                           f"{reference.ndim}D.")
+    if args.invert:
+        transform = transform.inverse()
+    from .device import resolve_device
+
+    dev = resolve_device(args.device, warn=lambda m: print(f"warning: {m}", file=sys.stderr))
+    warped = warp_image(moving, transform, reference.space, label=args.labels, device=dev)
+    write_image(args.out, warped, reference.space)
+    if not args.quiet:
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _cmd_gui(args) -> int:
+    from .launch import launch
+
+    launch(sample=args.sample, files=args.files)
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from .deep.train import run_train
+
+    run_train(args)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .transforms import MODELS
+
+    p = argparse.ArgumentParser(prog="regtool", description="Image registration in physical space.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("register", help="register a moving image to a fixed image")
+    r.add_argument("--fixed", required=True, help="fixed image (any format SimpleITK reads, or a DICOM folder)")
+    r.add_argument("--moving", required=True, help="moving image")
+    r.add_argument("--model", required=True, choices=MODELS)
+    r.add_argument("--landmarks", help="BigWarp landmark CSV (or a napari points CSV of the moving image with "
+                                       "--fixed-points)")
+    r.add_argument("--fixed-points", help="napari points CSV of the fixed image (pairs matched by row)")
+    r.add_argument("--smoothing", type=float, default=0.0, help="TPS smoothing weight (0 = exact interpolation)")
+    r.add_argument("--reg-weight", type=float, default=None, help="deep model regularization weight λ in [0, 1]")
+    r.add_argument("--refine", type=int, default=0, help="deep model: refinement iterations after the network")
+    r.add_argument("--uncertainty", action="store_true", help="deep model: also write uncertainty.nii.gz")
+    r.add_argument("--channel", default="mean", help="multi-channel images: channel index to register on, or mean")
+    r.add_argument("--device", default="auto", help="auto, cpu or cuda (auto: CUDA when present)")
+    r.add_argument("--out", required=True, help="output folder")
+    r.add_argument("-q", "--quiet", action="store_true")
+    r.set_defaults(func=_cmd_register)
+
+    a = sub.add_parser("apply", help="apply a saved transform or displacement field to an image or label map")
+    a.add_argument("--transform", required=True, help=".tfm/.h5 ITK transform or displacement field image")
+    a.add_argument("--moving", required=True, help="image (or label map) to warp")
+    a.add_argument("--reference", required=True, help="image whose grid the result is written on (the fixed image)")
+    a.add_argument("--labels", action="store_true", help="nearest-neighbour interpolation (label maps)")
+    a.add_argument("--invert", action="store_true", help="apply the inverse transform")
+    a.add_argument("--device", default="auto")
+    a.add_argument("--out", required=True, help="output image file")
+    a.add_argument("-q", "--quiet", action="store_true")
+    a.set_defaults(func=_cmd_apply)
+
+    g = sub.add_parser("gui", help="open napari with the plugin (and a sample pair)")
+    g.add_argument("--sample", choices=("2d", "3d", "none"), default="2d")
+    g.add_argument("files", nargs="*", help="images to open instead of the sample (fixed first, then moving)")
+    g.set_defaults(func=_cmd_gui)
+
+    t = sub.add_parser("train", help="train the deep deformable model")
+    try:
+        from .deep.train import add_train_arguments
+
+        add_train_arguments(t)
+    except ImportError:  # pragma: no cover - deep module missing in a broken install
+        pass
+    t.set_defaults(func=_cmd_train)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except Cancelled:
+        print("regtool: cancelled.", file=sys.stderr)
+        return 130
+    except RegtoolError as exc:
+        print(f"regtool: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("regtool: interrupted.", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("regtool: error: not enough memory for these images; try --device cpu or smaller images.",
+              file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

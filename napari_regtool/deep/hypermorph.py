@@ -1,0 +1,208 @@
+"""HyperMorph in PyTorch: a VoxelMorph-style U-Net conditioned on the regularisation weight λ.
+
+Conditioning is **FiLM** (feature-wise linear modulation): a small hypernetwork (an MLP on an embedding of λ)
+produces, for every convolution of the U-Net, a per-channel scale ``γ(λ)`` and shift ``β(λ)`` applied to that
+convolution's output before its activation. One set of convolution weights therefore serves every λ ∈ [0, 1];
+changing λ re-runs the network with new modulations, nothing is re-trained.
+
+The network sees the fixed and moving images (``(B, 2, *S)``, intensities in [0, 1]) on a working grid whose
+sides are multiples of ``2 ** levels`` and predicts a stationary velocity field at half that resolution
+(``(B, D, *S/2)``, index-space, channel ``c`` = displacement along ITK index axis ``c``, in half-grid voxels),
+plus, optionally, its log-variance (probabilistic VoxelMorph). :meth:`HyperMorphModel.displacement` integrates
+it by scaling and squaring with :func:`~napari_regtool.transforms.field.integrate_velocity`.
+
+2D and 3D share one code path: only the convolution class changes.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..transforms.field import integrate_velocity, resize_vector_field
+
+__all__ = ["HyperMorphModel", "embed_lambda", "DEFAULT_CONFIG", "FORMAT"]
+
+#: tag stored in every weight file
+FORMAT = "napari-regtool-hypermorph"
+
+#: default architecture; ``work_size`` is the long side of the working grid used in training and inference
+DEFAULT_CONFIG = {
+    2: dict(ndim=2, enc=(16, 32, 32, 32, 32), dec=(32, 32, 32), final=16, hyper_hidden=64, int_steps=7,
+            variance=True, work_size=128),
+    3: dict(ndim=3, enc=(8, 16, 32, 32, 32), dec=(32, 32, 24), final=16, hyper_hidden=64, int_steps=7,
+            variance=True, work_size=64),
+}
+
+_FREQS = (1.0, 2.0, 4.0)
+
+
+def embed_lambda(lam: torch.Tensor) -> torch.Tensor:
+    """Embedding of the regularisation weight that stays informative at both ends of [0, 1].
+
+    Parameters
+    ----------
+    lam : (B,) tensor, values in [0, 1]
+
+    Returns
+    -------
+    (B, 3 + 2 * len(_FREQS)) tensor: ``[λ, 1 − λ, log10(λ + 10⁻³)/3, sin(π k λ), cos(π k λ) …]``.
+    Feeding ``1 − λ`` and the cosines keeps the input non-zero at λ = 0, so the hypernetwork's output does not
+    collapse to its biases there.
+    """
+    lam = lam.clamp(0.0, 1.0).reshape(-1, 1)
+    feats = [lam, 1.0 - lam, torch.log10(lam + 1e-3) / 3.0]
+    for f in _FREQS:
+        feats += [torch.sin(math.pi * f * lam), torch.cos(math.pi * f * lam)]
+    return torch.cat(feats, dim=1)
+
+
+def _conv(ndim):
+    return nn.Conv2d if ndim == 2 else nn.Conv3d
+
+
+class _FiLMConv(nn.Module):
+    """``LeakyReLU(γ ⊙ conv(x) + β)`` with ``γ = 1 + Δγ(λ)``, ``β = β(λ)`` supplied by the hypernetwork."""
+
+    def __init__(self, ndim, cin, cout, stride=1):
+        super().__init__()
+        self.conv = _conv(ndim)(cin, cout, 3, stride=stride, padding=1)
+        self.cout = cout
+
+    def forward(self, x, film):
+        # film: (B, 2 * cout)
+        view = (x.shape[0], self.cout) + (1,) * (x.dim() - 2)
+        g, b = film[:, : self.cout], film[:, self.cout:]
+        y = self.conv(x)
+        return F.leaky_relu(y * (1.0 + g).reshape(view) + b.reshape(view), 0.2)
+
+
+class HyperMorphModel(nn.Module):
+    """λ-conditioned U-Net predicting a stationary velocity field (and its log-variance) at half resolution.
+
+    Parameters
+    ----------
+    ndim : 2 or 3
+    enc : channel widths of the encoder; ``enc[0]`` at full resolution, ``enc[i]`` at ``1/2**i``
+        (downsampling by stride-2 convolutions). The working grid's sides must be multiples of
+        ``2 ** (len(enc) - 1)``.
+    dec : decoder widths, from ``1/2**(L-1)`` up to ``1/2`` (``len(dec) == len(enc) - 2``); each level
+        upsamples ×2 and concatenates the encoder features of that level.
+    final : width of the last convolution at half resolution, before the output heads.
+    hyper_hidden : width of the hypernetwork MLP.
+    int_steps : scaling-and-squaring steps.
+    variance : add a head predicting the log-variance of the velocity (probabilistic VoxelMorph).
+    work_size : long side of the working grid the model was trained at (metadata for inference).
+
+    Shapes
+    ------
+    ``forward(x, lam)``: ``x`` (B, 2, *S) fixed and moving in [0, 1], ``lam`` (B,) or a float →
+    ``(mean, logvar)``, each (B, D, *S/2) in half-grid voxels (``logvar`` is ``None`` without the head).
+    """
+
+    def __init__(self, ndim: int = 2, enc: Sequence[int] = (16, 32, 32, 32, 32), dec: Sequence[int] = (32, 32, 32),
+                 final: int = 16, hyper_hidden: int = 64, int_steps: int = 7, variance: bool = True,
+                 work_size: int = 128):
+        super().__init__()
+        if ndim not in (2, 3):
+            raise ValueError(f"HyperMorphModel: ndim must be 2 or 3, got {ndim}.")
+        enc, dec = tuple(int(c) for c in enc), tuple(int(c) for c in dec)
+        if len(enc) < 3 or len(dec) != len(enc) - 2:
+            raise ValueError(f"HyperMorphModel: need len(dec) == len(enc) - 2 (got enc={enc}, dec={dec}).")
+        self.ndim, self.enc_ch, self.dec_ch, self.final_ch = ndim, enc, dec, int(final)
+        self.int_steps, self.has_variance, self.work_size = int(int_steps), bool(variance), int(work_size)
+        self.levels = len(enc) - 1
+        self.config = dict(ndim=ndim, enc=enc, dec=dec, final=int(final), hyper_hidden=int(hyper_hidden),
+                           int_steps=int(int_steps), variance=bool(variance), work_size=int(work_size))
+        self.meta: dict = {}
+
+        layers = [_FiLMConv(ndim, 2, enc[0])]
+        for i in range(1, len(enc)):
+            layers.append(_FiLMConv(ndim, enc[i - 1], enc[i], stride=2))
+        self.encoder = nn.ModuleList(layers)
+        dlayers, cin = [], enc[-1]
+        for j, c in enumerate(dec):
+            skip = enc[self.levels - 1 - j]
+            dlayers.append(_FiLMConv(ndim, cin + skip, c))
+            cin = c
+        self.decoder = nn.ModuleList(dlayers)
+        self.final = _FiLMConv(ndim, cin, self.final_ch)
+        conv = _conv(ndim)
+        self.flow = conv(self.final_ch, ndim, 3, padding=1)
+        nn.init.normal_(self.flow.weight, 0.0, 1e-5)
+        nn.init.zeros_(self.flow.bias)
+        if self.has_variance:
+            self.logvar = conv(self.final_ch, ndim, 3, padding=1)
+            nn.init.normal_(self.logvar.weight, 0.0, 1e-5)
+            nn.init.constant_(self.logvar.bias, -2.0)
+        self._films = list(self.encoder) + list(self.decoder) + [self.final]
+        n_film = sum(2 * m.cout for m in self._films)
+        emb = embed_lambda(torch.zeros(1)).shape[1]
+        self.hyper = nn.Sequential(
+            nn.Linear(emb, hyper_hidden), nn.LeakyReLU(0.2),
+            nn.Linear(hyper_hidden, hyper_hidden), nn.LeakyReLU(0.2),
+            nn.Linear(hyper_hidden, n_film),
+        )
+        nn.init.normal_(self.hyper[-1].weight, 0.0, 1e-3)
+        nn.init.zeros_(self.hyper[-1].bias)
+
+    # ------------------------------------------------------------------ API
+    @property
+    def multiple(self) -> int:
+        """Every side of the working grid must be a multiple of this."""
+        return 2 ** self.levels
+
+    def modulations(self, lam) -> list:
+        """Per-layer FiLM parameters for ``lam`` ((B,) tensor or float): list of (B, 2·C) tensors."""
+        p = next(self.parameters())
+        lam = torch.as_tensor(lam, dtype=p.dtype, device=p.device).reshape(-1)
+        out = self.hyper(embed_lambda(lam))
+        films, k = [], 0
+        for m in self._films:
+            films.append(out[:, k: k + 2 * m.cout])
+            k += 2 * m.cout
+        return films
+
+    def forward(self, x: torch.Tensor, lam) -> tuple:
+        """``x`` (B, 2, *S), ``lam`` (B,) or float → ``(mean, logvar)`` velocity at half resolution (voxels)."""
+        d = self.ndim
+        if x.dim() != d + 2 or x.shape[1] != 2:
+            raise ValueError(f"HyperMorphModel.forward: x must be (B, 2, *S) with {d} spatial axes, got "
+                             f"{tuple(x.shape)}.")
+        if any(s % self.multiple for s in x.shape[2:]):
+            raise ValueError(f"HyperMorphModel.forward: spatial size {tuple(x.shape[2:])} must be a multiple of "
+                             f"{self.multiple}.")
+        films = self.modulations(lam)
+        if films[0].shape[0] == 1 and x.shape[0] > 1:
+            films = [f.expand(x.shape[0], -1) for f in films]
+        skips, h, k = [], x, 0
+        for layer in self.encoder:
+            h = layer(h, films[k])
+            k += 1
+            skips.append(h)
+        for j, layer in enumerate(self.decoder):
+            h = F.interpolate(h, scale_factor=2, mode="nearest")
+            h = layer(torch.cat([h, skips[self.levels - 1 - j]], dim=1), films[k])
+            k += 1
+        h = self.final(h, films[k])
+        mean = self.flow(h)
+        logvar = self.logvar(h).clamp(-10.0, 4.0) if self.has_variance else None
+        return mean, logvar
+
+    def displacement(self, velocity: torch.Tensor, shape=None) -> torch.Tensor:
+        """Integrate ``velocity`` (B, D, *S/2) and optionally resize to ``shape`` (vectors rescaled).
+
+        Returns (B, D, *shape) displacement in voxels of the output grid.
+        """
+        u = integrate_velocity(velocity, self.int_steps)
+        return u if shape is None else resize_vector_field(u, shape)
+
+    def describe(self) -> dict:
+        """Architecture and training metadata for reports."""
+        n = sum(p.numel() for p in self.parameters())
+        return {"architecture": "HyperMorph (FiLM-conditioned U-Net, SVF at 1/2 resolution)",
+                **{k: (list(v) if isinstance(v, tuple) else v) for k, v in self.config.items()},
+                "parameters": int(n), **{f"trained_{k}": v for k, v in self.meta.items()}}

@@ -1,0 +1,271 @@
+"""Register → evaluate → write: the one pipeline behind the ``regtool`` command and the GUI's export.
+
+Keeping it in one place is what makes the CLI's files and the GUI's files the same for the same inputs.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field as dc_field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import qc
+from .device import describe_device, resolve_device
+from .errors import Cancelled, FitError, InputError
+from .image import Image
+from .landmarks import LandmarkPairs
+from .space import Space
+from .transforms import LANDMARK_MODELS, MODELS, fit_landmarks, leave_one_out, min_pairs, residuals
+from .transforms.base import Transform
+from .transforms.field import jacobian_determinant, resample
+
+__all__ = ["RegistrationResult", "check_pair", "register", "evaluate", "warp_image", "write_outputs",
+           "OUTPUT_FILES"]
+
+#: files written by :func:`write_outputs` (``transform.tfm`` only for linear models, ``uncertainty`` when present)
+OUTPUT_FILES = ("warped.nii.gz", "displacement.nii.gz", "jacobian.nii.gz", "transform.tfm", "uncertainty.nii.gz",
+                "report.json")
+
+
+@dataclass
+class RegistrationResult:
+    fixed: Image
+    moving: Image
+    transform: Transform
+    model: str
+    device: str
+    runtime_s: float = 0.0
+    landmarks: LandmarkPairs | None = None
+    smoothing: float = 0.0
+    residuals: np.ndarray | None = None
+    loo: np.ndarray | None = None
+    warped: np.ndarray | None = None
+    displacement: torch.Tensor | None = None
+    jacobian: torch.Tensor | None = None
+    uncertainty: np.ndarray | None = None
+    jacobian_stats: dict = dc_field(default_factory=dict)
+    similarity_before: dict = dc_field(default_factory=dict)
+    similarity_after: dict = dc_field(default_factory=dict)
+    extra: dict = dc_field(default_factory=dict)
+    warnings: list = dc_field(default_factory=list)
+
+    def report(self) -> dict:
+        """JSON-serialisable summary (what ``report.json`` holds)."""
+        lm = []
+        if self.landmarks is not None and len(self.landmarks):
+            usable = self.landmarks.usable
+            k = 0
+            for i in range(len(self.landmarks)):
+                row = {"name": self.landmarks.names[i], "active": bool(self.landmarks.active[i])}
+                if usable[i] and self.residuals is not None:
+                    row["residual"] = _num(self.residuals[k])
+                    row["loo_error"] = _num(self.loo[k]) if self.loo is not None else None
+                    k += 1
+                lm.append(row)
+        res = self.residuals if self.residuals is not None else np.zeros(0)
+        loo = self.loo if self.loo is not None else np.zeros(0)
+        return {
+            "model": self.model,
+            "device": self.device,
+            "runtime_s": round(float(self.runtime_s), 4),
+            "ndim": self.fixed.ndim,
+            "fixed": {"shape": list(self.fixed.space.shape), "spacing": self.fixed.space.spacing.tolist(),
+                      "origin": self.fixed.space.origin.tolist(), "direction": self.fixed.space.direction.tolist()},
+            "moving": {"shape": list(self.moving.space.shape), "spacing": self.moving.space.spacing.tolist(),
+                       "origin": self.moving.space.origin.tolist()},
+            "transform": self.transform.describe(),
+            "smoothing": self.smoothing if self.model == "tps" else None,
+            "landmarks": lm,
+            "residual_mean": _num(res.mean()) if res.size else None,
+            "residual_max": _num(res.max()) if res.size else None,
+            "loo_mean": _num(np.nanmean(loo)) if loo.size and np.isfinite(loo).any() else None,
+            "loo_max": _num(np.nanmax(loo)) if loo.size and np.isfinite(loo).any() else None,
+            "folding_percent": _num(self.jacobian_stats.get("folding_percent")),
+            "jacobian": {k: _num(v) for k, v in self.jacobian_stats.items()},
+            "similarity_before": {k: _num(v) for k, v in self.similarity_before.items()},
+            "similarity_after": {k: _num(v) for k, v in self.similarity_after.items()},
+            **({"extra": self.extra} if self.extra else {}),
+            **({"warnings": self.warnings} if self.warnings else {}),
+        }
+
+
+def _num(v):
+    if v is None:
+        return None
+    v = float(v)
+    return v if np.isfinite(v) else None
+
+
+def check_pair(fixed: Image, moving: Image):
+    """Raise :class:`InputError` for pairs that cannot be registered (dimension mismatch, NaN, constant)."""
+    if fixed.ndim != moving.ndim:
+        raise InputError(f"The fixed image is {fixed.ndim}D but the moving image is {moving.ndim}D; both must be 2D "
+                         "or both 3D.")
+    for im in (fixed, moving):
+        im.check_finite()
+        im.check_not_constant()
+
+
+def warp_image(moving: Image, transform: Transform, fixed_space: Space, label: bool | None = None, device="cpu",
+               index_grid=None) -> np.ndarray:
+    """Moving image (all channels) resampled on ``fixed_space`` through ``transform``; labels by nearest
+    neighbour (values kept exactly), images linearly, in the moving image's dtype family (float32 for images)."""
+    label = moving.is_label if label is None else label
+    out = resample(moving.array, moving.space, transform, fixed_space, mode="nearest" if label else "linear",
+                   device=device, index_grid=index_grid)
+    arr = out.cpu().numpy()
+    if label:
+        return arr.astype(moving.array.dtype)
+    return arr.astype(np.float32)
+
+
+def evaluate(result: RegistrationResult, need_warped=True, uncertainty=None) -> RegistrationResult:
+    """Fill ``warped``, ``field``, ``jacobian`` and the metrics of ``result`` from its transform."""
+    dev = torch.device(result.device.split(" ")[0])
+    fs = result.fixed.space
+    t = result.transform
+    index_grid = t.moving_index_grid(fs, result.moving.space, device=dev)
+    if need_warped:
+        result.warped = warp_image(result.moving, t, fs, device=dev, index_grid=index_grid)
+    result.displacement = t.field(fs, device=dev, dtype=torch.float32)
+    result.jacobian = jacobian_determinant(result.displacement, fs)
+    result.jacobian_stats = qc.jacobian_stats(result.jacobian)
+    fixed_s = torch.as_tensor(result.fixed.scalar(), device=dev)
+    identity = torch.as_tensor(_identity_resample(result.moving, fs, dev), device=dev)
+    warped_s = resample(result.moving.scalar(), result.moving.space, t, fs, device=dev, index_grid=index_grid)
+    result.similarity_before = qc.similarity_metrics(fixed_s, identity)
+    result.similarity_after = qc.similarity_metrics(fixed_s, warped_s)
+    unc = getattr(t, "uncertainty", None) if uncertainty is None else uncertainty
+    if unc is not None:
+        result.uncertainty = np.asarray(unc.cpu().numpy() if torch.is_tensor(unc) else unc, dtype=np.float32)
+    return result
+
+
+def _identity_resample(moving: Image, space: Space, device):
+    from .transforms.base import IdentityTransform
+
+    return resample(moving.scalar(), moving.space, IdentityTransform(space.ndim), space, device=device)
+
+
+def register(fixed: Image, moving: Image, model: str, landmarks: LandmarkPairs | None = None,
+             smoothing: float = 0.0, device="auto", reg_weight: float | None = None, refine: int = 0,
+             uncertainty: bool = False, channel="mean", progress: Callable | None = None,
+             cancel: Callable | None = None, warn: Callable | None = None) -> RegistrationResult:
+    """Run one registration end to end and evaluate it (see :class:`RegistrationResult`).
+
+    ``model``: rigid, similarity, affine, tps (need ``landmarks``), deep, auto-rigid, auto-affine (landmarks
+    optional: used as initialisation / soft constraints). Raises :class:`InputError`/:class:`FitError` with a
+    plain message for unusable input, :class:`Cancelled` if ``cancel()`` turns true.
+    """
+    warnings_list = []
+
+    def _warn(msg):
+        warnings_list.append(msg)
+        if warn:
+            warn(msg)
+
+    if model not in MODELS:
+        raise InputError(f"Unknown model {model!r}; choose one of {', '.join(MODELS)}.")
+    check_pair(fixed, moving)
+    dev = resolve_device(device, warn=_warn)
+    if landmarks is not None:
+        if landmarks.ndim != fixed.ndim:
+            raise InputError(f"The landmarks are {landmarks.ndim}D but the images are {fixed.ndim}D.")
+        landmarks.check_inside(fixed.space, moving.space)
+        incomplete = int((~landmarks.complete).sum())
+        if incomplete:
+            _warn(f"{incomplete} landmark(s) are placed in one image only and were skipped.")
+    t0 = time.perf_counter()
+    lf = lm = None
+    if landmarks is not None:
+        lf, lm = landmarks.fit_points()
+    extra = {}
+    if model in LANDMARK_MODELS:
+        if landmarks is None:
+            raise FitError(f"The {model} model is fitted to landmark pairs; give a landmark CSV (--landmarks) with at "
+                           f"least {min_pairs(model, fixed.ndim)} pairs.")
+        transform = fit_landmarks(model, lf, lm, smoothing=smoothing)
+    elif model in ("auto-rigid", "auto-affine"):
+        from .autoreg import auto_linear
+
+        init = None
+        kind = model.split("-")[1]
+        if landmarks is not None and len(lf) >= min_pairs(kind, fixed.ndim):
+            init = fit_landmarks(kind, lf, lm)
+        transform = auto_linear(fixed, moving, model=kind, initial=init, progress=progress, cancel=cancel)
+    else:  # deep
+        from .deep.infer import DEFAULT_REG_WEIGHT, register_deep
+
+        init = None
+        if landmarks is not None and len(lf) >= min_pairs("affine", fixed.ndim):
+            init = fit_landmarks("affine", lf, lm)
+        lam = DEFAULT_REG_WEIGHT if reg_weight is None else float(reg_weight)
+        transform, extra = register_deep(fixed, moving, reg_weight=lam, refine_steps=refine, uncertainty=uncertainty,
+                                         device=dev, initial=init, progress=progress, cancel=cancel)
+        extra = dict(extra or {})
+        extra["reg_weight"] = lam
+    runtime = time.perf_counter() - t0
+    if cancel is not None and cancel():
+        raise Cancelled()
+    result = RegistrationResult(fixed, moving, transform, model, describe_device(dev), runtime, landmarks,
+                                smoothing, extra=extra, warnings=warnings_list)
+    if landmarks is not None and len(lf):
+        result.residuals = residuals(transform, lf, lm)
+        if model in LANDMARK_MODELS:
+            result.loo = leave_one_out(model, lf, lm, smoothing)
+    result.device = str(dev)
+    evaluate(result)
+    if result.jacobian_stats.get("folding_percent", 0) > 0:
+        _warn(f"The transform folds: {result.jacobian_stats['folding_percent']:.3g}% of voxels have a Jacobian "
+              "determinant ≤ 0 (see jacobian.nii.gz). Check landmark pairs near those places, or increase the "
+              "smoothing / regularization.")
+    return result
+
+
+def write_outputs(result: RegistrationResult, out_dir, extra_files: dict | None = None) -> list:
+    """Write the result into ``out_dir``: ``warped.nii.gz`` (moving on the fixed grid), ``displacement.nii.gz``
+    (ITK displacement field, fixed → moving, physical units), ``jacobian.nii.gz``, ``transform.tfm`` (linear
+    models), ``uncertainty.nii.gz`` (when computed), ``report.json``.
+
+    Files are first written to a temporary folder beside ``out_dir`` and moved in only when all succeeded, so a
+    failed run leaves nothing half-written. Returns the written paths.
+    """
+    from .io import write_displacement_field, write_image, write_transform
+
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if result.warped is None or result.displacement is None:
+        evaluate(result)
+    fs = result.fixed.space
+    tmp = Path(tempfile.mkdtemp(prefix=".regtool-", dir=out.parent))
+    try:
+        written = []
+        write_image(tmp / "warped.nii.gz", result.warped, fs)
+        written.append("warped.nii.gz")
+        write_displacement_field(tmp / "displacement.nii.gz", result.displacement.double().cpu().numpy(), fs)
+        written.append("displacement.nii.gz")
+        write_image(tmp / "jacobian.nii.gz", result.jacobian.cpu().numpy().astype(np.float32), fs)
+        written.append("jacobian.nii.gz")
+        if result.transform.is_linear:
+            write_transform(tmp / "transform.tfm", result.transform)
+            written.append("transform.tfm")
+        if result.uncertainty is not None:
+            write_image(tmp / "uncertainty.nii.gz", result.uncertainty.astype(np.float32), fs)
+            written.append("uncertainty.nii.gz")
+        for name, writer in (extra_files or {}).items():
+            writer(tmp / name)
+            written.append(name)
+        (tmp / "report.json").write_text(json.dumps(result.report(), indent=2))
+        written.append("report.json")
+        out.mkdir(parents=True, exist_ok=True)
+        for name in written:
+            shutil.move(str(tmp / name), str(out / name))
+        return [out / n for n in written]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

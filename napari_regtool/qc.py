@@ -1,0 +1,295 @@
+"""Quality-control metrics and maps, computed with torch on the chosen device.
+
+Scalar images are NumPy arrays or tensors in array order on the same grid. All maps come back as tensors on
+the device they were computed on; call ``.cpu().numpy()`` for display or writing.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .space import Space
+from .transforms.field import jacobian_determinant
+
+__all__ = [
+    "mse", "ncc", "lncc", "mutual_information", "similarity_metrics", "dice", "tre", "jacobian_stats",
+    "displacement_magnitude", "grid_image", "checkerboard", "difference", "normalise_intensity",
+    "landmark_uncertainty", "field_qc",
+]
+
+
+def _t(a, device=None, dtype=torch.float32):
+    t = a if torch.is_tensor(a) else torch.as_tensor(np.asarray(a))
+    return t.to(device=device or t.device, dtype=dtype)
+
+
+def _masked(a, b, mask):
+    a, b = _t(a), _t(b, a.device if torch.is_tensor(a) else None)
+    b = b.to(a.device)
+    if mask is not None:
+        m = _t(mask, a.device, torch.bool)
+        return a[m], b[m]
+    return a.reshape(-1), b.reshape(-1)
+
+
+def mse(a, b, mask=None) -> float:
+    """Mean squared difference."""
+    x, y = _masked(a, b, mask)
+    return float(((x - y) ** 2).mean()) if x.numel() else float("nan")
+
+
+def ncc(a, b, mask=None) -> float:
+    """Global normalised cross-correlation in [−1, 1] (Pearson correlation of the intensities)."""
+    x, y = _masked(a, b, mask)
+    x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
+    den = torch.sqrt((x * x).sum() * (y * y).sum())
+    return float((x * y).sum() / den) if den > 0 else 0.0
+
+
+def lncc(a, b, window: int = 9) -> float:
+    """Mean local normalised cross-correlation (squared, VoxelMorph style) over ``window``-wide boxes."""
+    x, y = _t(a), _t(b)
+    y = y.to(x.device)
+    d = x.dim()
+    x, y = x[None, None], y[None, None]
+    pool = F.avg_pool2d if d == 2 else F.avg_pool3d
+    kw = dict(kernel_size=window, stride=1, padding=window // 2, count_include_pad=False)
+    mx, my = pool(x, **kw), pool(y, **kw)
+    vx = pool(x * x, **kw) - mx * mx
+    vy = pool(y * y, **kw) - my * my
+    cxy = pool(x * y, **kw) - mx * my
+    cc = cxy * cxy / (vx * vy + 1e-5)
+    return float(cc.mean())
+
+
+def mutual_information(a, b, bins: int = 32, mask=None) -> float:
+    """Mutual information (nats) from a ``bins``×``bins`` joint histogram of the two intensity ranges."""
+    x, y = _masked(a, b, mask)
+    if x.numel() == 0:
+        return float("nan")
+
+    def q(v):
+        lo, hi = v.min(), v.max()
+        if hi <= lo:
+            return torch.zeros_like(v, dtype=torch.long)
+        return ((v - lo) / (hi - lo) * (bins - 1)).round().long().clamp(0, bins - 1)
+
+    joint = torch.bincount(q(x) * bins + q(y), minlength=bins * bins).reshape(bins, bins).double()
+    p = joint / joint.sum()
+    px, py = p.sum(1, keepdim=True), p.sum(0, keepdim=True)
+    nz = p > 0
+    return float((p[nz] * torch.log(p[nz] / (px @ py)[nz])).sum())
+
+
+def similarity_metrics(fixed, warped, mask=None) -> dict:
+    """``{"mse", "ncc", "mi"}`` between two scalar images on one grid."""
+    return {"mse": mse(fixed, warped, mask), "ncc": ncc(fixed, warped, mask),
+            "mi": mutual_information(fixed, warped, mask=mask)}
+
+
+def dice(a, b, labels=None) -> dict:
+    """Dice overlap per label (non-zero labels present in either map) and their mean: ``{label: d, "mean": m}``."""
+    x, y = _t(a, dtype=torch.int64).reshape(-1), _t(b, dtype=torch.int64).reshape(-1).to(_t(a).device)
+    if labels is None:
+        labels = sorted(set(torch.unique(x).tolist()) | set(torch.unique(y).tolist()))
+        labels = [l for l in labels if l != 0]
+    out = {}
+    for lab in labels:
+        ax, by = x == lab, y == lab
+        den = int(ax.sum()) + int(by.sum())
+        out[int(lab)] = 2.0 * int((ax & by).sum()) / den if den else float("nan")
+    vals = [v for v in out.values() if np.isfinite(v)]
+    out["mean"] = float(np.mean(vals)) if vals else float("nan")
+    return out
+
+
+def tre(transform, fixed_points, moving_points) -> np.ndarray:
+    """Target registration error ``|T(fixed_i) − moving_i|`` per pair (physical units)."""
+    fp = np.asarray(fixed_points, float)
+    if len(fp) == 0:
+        return np.zeros(0)
+    return np.linalg.norm(transform.map_points(fp) - np.asarray(moving_points, float), axis=1)
+
+
+def jacobian_stats(det, mask=None) -> dict:
+    """Folding and regularity summary of a Jacobian-determinant map.
+
+    ``folding_percent``: % of voxels with det ≤ 0; ``std_log_jacobian``: std of log(det) over voxels with
+    det > 0 (the usual Learn2Reg "SDlogJ"); ``min``/``max``/``mean``.
+    """
+    j = _t(det, dtype=torch.float64)
+    if mask is not None:
+        j = j[_t(mask, j.device, torch.bool)]
+    j = j.reshape(-1)
+    pos = j[j > 0]
+    return {
+        "folding_percent": float((j <= 0).double().mean() * 100.0) if j.numel() else 0.0,
+        "folding_voxels": int((j <= 0).sum()),
+        "std_log_jacobian": float(torch.log(pos).std()) if pos.numel() > 1 else 0.0,
+        "min": float(j.min()) if j.numel() else float("nan"),
+        "max": float(j.max()) if j.numel() else float("nan"),
+        "mean": float(j.mean()) if j.numel() else float("nan"),
+    }
+
+
+def displacement_magnitude(u: torch.Tensor) -> torch.Tensor:
+    """``|u|`` of a physical field ``(*S, D)`` → ``(*S)``."""
+    return torch.linalg.vector_norm(u, dim=-1)
+
+
+def field_qc(transform, space: Space, device="cpu") -> dict:
+    """Dense QC of a transform on ``space``: ``{"field", "jacobian", "magnitude", "stats"}`` (tensors + dict)."""
+    u = transform.field(space, device=device, dtype=torch.float32)
+    jac = jacobian_determinant(u, space)
+    return {"field": u, "jacobian": jac, "magnitude": displacement_magnitude(u), "stats": jacobian_stats(jac)}
+
+
+def grid_image(transform, space: Space, step: float | None = None, width: float = 0.12, device="cpu",
+               field: torch.Tensor | None = None) -> torch.Tensor:
+    """A deformation-grid picture on ``space``: lines of a regular physical grid carried through ``T``.
+
+    Each fixed voxel ``x`` is lit when ``T(x)`` lies near a grid plane ``k · step`` (physical units), so the
+    lines show where moving-space straight lines land in the fixed image — bent where the warp bends, crowded
+    where it compresses. ``step`` defaults to 1/16 of the largest extent. Values in [0, 1], ``space.shape``.
+    """
+    if step is None:
+        step = float(max(space.extent.max(), space.spacing.max())) / 16.0
+    if field is None:
+        field = transform.field(space, device=device, dtype=torch.float32)
+    pts = torch.as_tensor(space.grid_points(np.float32), device=field.device) + field
+    frac = torch.remainder(pts / step, 1.0)
+    dist = torch.minimum(frac, 1.0 - frac)  # (*S, D) distance to nearest plane in units of step
+    # line half-width ~ one voxel
+    hw = torch.as_tensor(np.maximum(space.spacing / step, 1e-6) * (0.5 + width), device=field.device, dtype=dist.dtype)
+    lines = torch.clamp(1.0 - dist / hw, min=0.0)
+    return lines.amax(-1)
+
+
+def normalise_intensity(a, lo_pct: float = 1.0, hi_pct: float = 99.0) -> torch.Tensor:
+    """Robust [0, 1] scaling between two percentiles (for comparison views)."""
+    t = _t(a)
+    flat = t.reshape(-1)
+    if flat.numel() > 1_000_000:
+        flat = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[:1_000_000].to(flat.device)]
+    lo, hi = torch.quantile(flat, torch.tensor([lo_pct / 100, hi_pct / 100], device=flat.device))
+    if hi <= lo:
+        hi = lo + 1
+    return ((t - lo) / (hi - lo)).clamp(0, 1)
+
+
+def checkerboard(a, b, tiles: int = 8) -> torch.Tensor:
+    """Alternate normalised ``a`` and ``b`` in a ``tiles``-per-axis checkerboard (same grid)."""
+    x, y = normalise_intensity(a), normalise_intensity(b).to(_t(a).device)
+    parity = torch.zeros(x.shape, dtype=torch.long, device=x.device)
+    for k, n in enumerate(x.shape):
+        idx = (torch.arange(n, device=x.device) * tiles // max(n, 1)).reshape([-1 if i == k else 1 for i in range(x.dim())])
+        parity = parity + idx
+    return torch.where(parity % 2 == 0, x, y)
+
+
+def difference(a, b) -> torch.Tensor:
+    """Signed difference of the normalised images, in [−1, 1]."""
+    return normalise_intensity(a) - normalise_intensity(b).to(_t(a).device)
+
+
+# ----------------------------------------------------------------- uncertainty
+def _uncertainty_grid(space: Space, max_points: int) -> Space:
+    """A coarser grid over the same region (the uncertainty maps are smooth)."""
+    factor = max(1.0, (space.n_voxels / max_points) ** (1.0 / space.ndim))
+    shape = tuple(max(2, int(round(s / factor))) if s > 1 else 1 for s in space.shape)
+    return space.with_shape(shape)
+
+
+def landmark_uncertainty(model: str, fixed_points, moving_points, space: Space, smoothing: float = 0.0,
+                         kernel: str | None = None, device="cpu", max_points: int = 65536):
+    """Expected registration error map (physical units) for a landmark model, and where it is largest.
+
+    * **TPS** seen as a Gaussian process (kriging with the spline kernel as generalised covariance and the
+      affine part as drift): the posterior variance ``σ²(x) = −[k; p]ᵀ L⁻¹ [k; p]`` (``L`` the spline system)
+      is zero at the landmarks (for smoothing 0) and grows away from them.
+    * **Linear models**: the least-squares prediction variance ``σ² pᵀ (PᵀP)⁻¹ p``, which grows away from the
+      landmarks' centroid.
+
+    The variance's scale is calibrated on the landmarks themselves: ``σ̂²`` = mean of (leave-one-out error² /
+    its predicted variance), so the map reads as an expected error in the images' units; with too few pairs
+    to calibrate (no redundancy) the scale is set to the RMS landmark displacement and ``calibrated`` is False.
+
+    Returns ``(map (space.shape) tensor, suggestion (D,) physical point of the maximum, info dict)``.
+    """
+    from .transforms.fit import leave_one_out
+    from .transforms.tps import _default_kernel, _normalisation, tps_kernel
+
+    f = np.asarray(fixed_points, float)
+    m = np.asarray(moving_points, float)
+    d = space.ndim
+    n = len(f)
+    coarse = _uncertainty_grid(space, max_points)
+    mu, s = _normalisation(f) if n else (np.zeros(d), 1.0)
+    fn = (f - mu) * s
+    pts = (coarse.grid_points().reshape(-1, d) - mu) * s
+    if model == "tps":
+        kernel = kernel or _default_kernel(d)
+        sign = 1.0  # both kernels (r² log r, −r) are conditionally positive definite: generalised covariances
+        lam = smoothing * (s ** 2 if kernel == "r2logr" else s)
+        r2 = ((fn[:, None] - fn[None]) ** 2).sum(-1)
+        kmat = sign * tps_kernel(r2, kernel) + sign * lam * np.eye(n)
+        pmat = np.hstack([np.ones((n, 1)), fn])
+        big = np.zeros((n + d + 1, n + d + 1))
+        big[:n, :n], big[:n, n:], big[n:, :n] = kmat, pmat, pmat.T
+        linv = np.linalg.pinv(big)
+
+        def var_at(x):
+            r2x = ((x[:, None, :] - fn[None]) ** 2).sum(-1)
+            b = np.hstack([sign * tps_kernel(r2x, kernel), np.ones((len(x), 1)), x])
+            return np.maximum(-np.einsum("ij,jk,ik->i", b, linv, b), 0.0)
+
+        def var_loo(i):
+            keep = np.arange(n) != i
+            sub = np.delete(np.delete(big, i, 0), i, 1)
+            sinv = np.linalg.pinv(sub)
+            r2x = ((fn[i][None, None] - fn[keep][None]) ** 2).sum(-1)
+            b = np.hstack([sign * tps_kernel(r2x, kernel), np.ones((1, 1)), fn[i][None]])
+            return float(max(-(b @ sinv @ b.T)[0, 0], 0.0))
+
+        n_params = d + 1
+    else:
+        p = np.hstack([np.ones((n, 1)), fn])
+        ptp_inv = np.linalg.pinv(p.T @ p)
+
+        def var_at(x):
+            b = np.hstack([np.ones((len(x), 1)), x])
+            return np.einsum("ij,jk,ik->i", b, ptp_inv, b)
+
+        def var_loo(i):
+            keep = np.arange(n) != i
+            pk = p[keep]
+            b = p[i]
+            return float(1.0 + b @ np.linalg.pinv(pk.T @ pk) @ b)  # prediction of a new observation
+
+        n_params = {"rigid": 3 if d == 2 else 6, "similarity": 4 if d == 2 else 7}.get(model, d * (d + 1))
+    calibrated = False
+    scale2 = None
+    if n > n_params / d:
+        loo = leave_one_out(model, f, m, smoothing, kernel)
+        ok = np.isfinite(loo)
+        ratios = [loo[i] ** 2 / var_loo(i) for i in np.nonzero(ok)[0] if var_loo(i) > 1e-12]
+        if ratios:
+            scale2 = float(np.mean(ratios))
+            calibrated = True
+    if scale2 is None:
+        disp = np.linalg.norm(m - f, axis=1) if n else np.zeros(1)
+        scale2 = float(np.mean(disp ** 2)) if n else 1.0
+    var = np.concatenate([var_at(pts[a:a + 8192]) for a in range(0, len(pts), 8192)]) if len(pts) else np.zeros(0)
+    coarse_map = torch.as_tensor(np.sqrt(var * scale2).reshape(coarse.shape), dtype=torch.float32, device=device)
+    if coarse.shape != space.shape:
+        mode = "bilinear" if d == 2 else "trilinear"
+        full = F.interpolate(coarse_map[None, None], size=space.shape, mode=mode, align_corners=True)[0, 0]
+    else:
+        full = coarse_map
+    arg = int(torch.argmax(coarse_map))
+    idx = np.unravel_index(arg, coarse.shape)
+    suggestion = coarse.array_index_to_physical(np.array(idx, float)[None])[0]
+    info = {"calibrated": calibrated, "sigma": float(np.sqrt(scale2)), "max": float(coarse_map.max()),
+            "grid": coarse.shape}
+    return full, suggestion, info
