@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -171,6 +172,12 @@ def main(argv=None) -> int:
         print("regtool: error: not enough memory for these images; try --device cpu or smaller images.",
               file=sys.stderr)
         return 3
+    except Exception as exc:  # a bug, not bad input: say so plainly, keep the trace for debugging
+        if os.environ.get("REGTOOL_DEBUG"):
+            raise
+        print(f"regtool: unexpected error ({type(exc).__name__}: {exc}). This is a bug; re-run with REGTOOL_DEBUG=1 "
+              "to see the traceback and report it.", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

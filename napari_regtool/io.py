@@ -43,6 +43,8 @@ def image_from_sitk(img, name: str = "image", is_label: bool = False) -> Image:
     """SimpleITK image → :class:`Image` (drops a singleton 3rd axis so a 1-slice volume is a 2D image)."""
     sitk = _sitk()
     dim = img.GetDimension()
+    if 0 in tuple(img.GetSize()):
+        raise InputError(f"{name}: the image is empty (size {tuple(img.GetSize())}).")
     if dim == 4:
         raise InputError(f"{name}: 4D images (time series) are not supported; extract one 3D volume first.")
     if dim == 3 and img.GetSize()[2] == 1:

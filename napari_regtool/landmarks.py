@@ -102,12 +102,13 @@ class LandmarkPairs:
 
     def add(self, fixed=None, moving=None, name=None, active=True) -> int:
         """Append a pair (either point may be None = not placed yet). Returns its index."""
+        name = name or self.next_name()
         nan = np.full(self.ndim, np.nan)
         f = nan if fixed is None else np.asarray(fixed, float).reshape(self.ndim)
         m = nan if moving is None else np.asarray(moving, float).reshape(self.ndim)
         self.fixed = np.vstack([self.fixed, f])
         self.moving = np.vstack([self.moving, m])
-        self.names.append(name or self.next_name())
+        self.names.append(name)
         self.active = np.append(self.active, bool(active))
         return len(self) - 1
 

@@ -1,0 +1,206 @@
+"""The regtool command: outputs, their agreement with SimpleITK, and every bad input."""
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from napari_regtool.cli import main
+from napari_regtool.io import read_image, write_image
+from napari_regtool.landmarks import read_bigwarp_csv, write_bigwarp_csv
+from napari_regtool.space import Space
+
+from .helpers import SAMPLES, smooth_test_image
+
+F2, M2, L2 = (SAMPLES / f"brain2d_{s}" for s in ("fixed.nii.gz", "moving.nii.gz", "landmarks.csv"))
+F3, M3, L3 = (SAMPLES / f"brain3d_{s}" for s in ("fixed.nii.gz", "moving.nii.gz", "landmarks.csv"))
+
+
+def run(*args):
+    return main([str(a) for a in args])
+
+
+def _sitk_warp_through_field(out, moving_path):
+    field = sitk.ReadImage(str(out / "displacement.nii.gz"), sitk.sitkVectorFloat64)
+    reference = sitk.Image(field.GetSize(), sitk.sitkFloat32)
+    reference.CopyInformation(field)
+    moving = sitk.ReadImage(str(moving_path), sitk.sitkFloat32)
+    tx = sitk.DisplacementFieldTransform(field)  # takes the field image over (leaves `field` empty)
+    return sitk.GetArrayFromImage(sitk.Resample(moving, reference, tx, sitk.sitkLinear, 0.0))
+
+
+@pytest.mark.parametrize("model", ["rigid", "similarity", "affine", "tps"])
+def test_register_2d_outputs_reproduced_by_simpleitk(tmp_path, model):
+    out = tmp_path / "out"
+    assert run("register", "--fixed", F2, "--moving", M2, "--model", model, "--landmarks", L2, "--device", "cpu",
+               "--out", out, "-q") == 0
+    expected = {"warped.nii.gz", "displacement.nii.gz", "jacobian.nii.gz", "report.json"}
+    if model != "tps":
+        expected.add("transform.tfm")
+    assert {p.name for p in out.iterdir()} == expected
+    warped = read_image(out / "warped.nii.gz")
+    fixed = read_image(F2)
+    assert warped.space == fixed.space
+    ref = _sitk_warp_through_field(out, M2)
+    assert np.abs(warped.array - ref).max() < 1e-3 * ref.max()
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["model"] == model and rep["device"] == "cpu" and rep["runtime_s"] >= 0
+    assert len(rep["landmarks"]) == 12 and all("residual" in r and "loo_error" in r for r in rep["landmarks"])
+    assert rep["folding_percent"] == 0
+    assert rep["similarity_after"]["ncc"] > rep["similarity_before"]["ncc"]
+    if model == "tps":
+        assert rep["residual_max"] < 1e-6
+    if model != "tps":
+        tx = sitk.ReadTransform(str(out / "transform.tfm"))
+        pairs = read_bigwarp_csv(L2)
+        mapped = np.array([tx.TransformPoint([float(v) for v in p]) for p in pairs.fixed])
+        res = np.linalg.norm(mapped - pairs.moving, axis=1)
+        np.testing.assert_allclose(res, [r["residual"] for r in rep["landmarks"]], atol=1e-9)
+
+
+def test_tps_on_sample_approaches_true_field(tmp_path):
+    out = tmp_path / "o"
+    run("register", "--fixed", F2, "--moving", M2, "--model", "tps", "--landmarks", L2, "--out", out, "-q")
+    u = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "displacement.nii.gz")))
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(SAMPLES / "brain2d_truth_displacement.nii.gz")))
+    brain = sitk.GetArrayFromImage(sitk.ReadImage(str(SAMPLES / "brain2d_fixed_labels.nii.gz"))) > 0
+    err = np.linalg.norm(u - truth, axis=-1)[brain].mean()
+    before = np.linalg.norm(truth, axis=-1)[brain].mean()
+    assert err < 0.25 * before
+
+
+def test_register_3d_affine_and_apply_labels(tmp_path):
+    out = tmp_path / "o3"
+    assert run("register", "--fixed", F3, "--moving", M3, "--model", "affine", "--landmarks", L3, "--out", out,
+               "-q") == 0
+    ref = _sitk_warp_through_field(out, M3)
+    assert np.abs(read_image(out / "warped.nii.gz").array - ref).max() < 1e-3 * ref.max()
+    # apply the saved .tfm to the label map; compare with SimpleITK nearest-neighbour resampling
+    lab_out = tmp_path / "labels.nii.gz"
+    assert run("apply", "--transform", out / "transform.tfm", "--moving", SAMPLES / "brain3d_moving_labels.nii.gz",
+               "--reference", F3, "--labels", "--out", lab_out, "-q") == 0
+    ours = read_image(lab_out).array
+    ref = sitk.GetArrayFromImage(sitk.Resample(sitk.ReadImage(str(SAMPLES / "brain3d_moving_labels.nii.gz")),
+                                               sitk.ReadImage(str(F3)), sitk.ReadTransform(str(out / "transform.tfm")),
+                                               sitk.sitkNearestNeighbor, 0))
+    assert set(np.unique(ours)) <= {0, 1, 2, 3}
+    assert np.mean(ours != ref) < 1e-3
+    # and the displacement field applies the same way
+    assert run("apply", "--transform", out / "displacement.nii.gz", "--moving", M3, "--reference", F3,
+               "--out", tmp_path / "w.nii.gz", "-q") == 0
+    np.testing.assert_allclose(read_image(tmp_path / "w.nii.gz").array, read_image(out / "warped.nii.gz").array,
+                               atol=1e-2)
+
+
+def test_entry_point_runs_as_a_command(tmp_path):
+    exe = shutil.which("regtool") or str(tmp_path / "missing")
+    cmd = [exe] if shutil.which("regtool") else [sys.executable, "-m", "napari_regtool.cli"]
+    r = subprocess.run(cmd + ["register", "--fixed", str(tmp_path / "nope.nii"), "--moving", str(M2), "--model",
+                              "affine", "--out", str(tmp_path / "x")], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "File not found" in r.stderr and "Traceback" not in r.stderr
+
+
+# ------------------------------------------------------------------ bad input
+def _bad(tmp_path, capsys, *args, match):
+    out = tmp_path / "never"
+    code = run("register", *args, "--out", out, "-q")
+    err = capsys.readouterr().err
+    assert code != 0
+    assert match in err, err
+    assert "Traceback" not in err
+    assert not out.exists()  # nothing half-written
+    leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".regtool-")]
+    assert not leftovers
+
+
+def _csv(tmp_path, text):
+    p = tmp_path / "lm.csv"
+    p.write_text(text)
+    return p
+
+
+def test_missing_and_unreadable_files(tmp_path, capsys):
+    _bad(tmp_path, capsys, "--fixed", tmp_path / "no.nii.gz", "--moving", M2, "--model", "rigid", "--landmarks", L2,
+         match="File not found")
+    junk = tmp_path / "junk.nii.gz"
+    junk.write_bytes(b"\x00garbage")
+    _bad(tmp_path, capsys, "--fixed", junk, "--moving", M2, "--model", "rigid", "--landmarks", L2,
+         match="Cannot read junk.nii.gz")
+
+
+def test_2d_vs_3d(tmp_path, capsys):
+    _bad(tmp_path, capsys, "--fixed", F2, "--moving", M3, "--model", "affine", "--landmarks", L2, match="2D but the moving image is 3D")
+    _bad(tmp_path, capsys, "--fixed", F3, "--moving", M3, "--model", "affine", "--landmarks", L2, match="landmarks are 2D")
+
+
+def test_too_few_pairs_and_no_landmarks(tmp_path, capsys):
+    pairs = read_bigwarp_csv(L2)
+    keep = pairs.copy()
+    keep.active[2:] = False
+    write_bigwarp_csv(tmp_path / "two.csv", keep)
+    _bad(tmp_path, capsys, "--fixed", F2, "--moving", M2, "--model", "affine", "--landmarks", tmp_path / "two.csv",
+         match="at least 3 active landmark pairs")
+    _bad(tmp_path, capsys, "--fixed", F2, "--moving", M2, "--model", "tps", match="landmark CSV")
+
+
+def test_collinear_and_coplanar(tmp_path, capsys):
+    pairs = read_bigwarp_csv(L2)
+    f = pairs.fixed[:4].copy()
+    f[:, 1] = f[:, 0] * 0.5 + 10  # on one line
+    line = _csv(tmp_path, "".join(f'"p{i}","true","{m[0]}","{m[1]}","{p[0]}","{p[1]}"\n'
+                                  for i, (p, m) in enumerate(zip(f, pairs.moving[:4]))))
+    _bad(tmp_path, capsys, "--fixed", F2, "--moving", M2, "--model", "affine", "--landmarks", line, match="collinear")
+    p3 = read_bigwarp_csv(L3)
+    f3 = p3.fixed[:5].copy()
+    f3[:, 2] = f3[0, 2]  # one plane
+    plane = _csv(tmp_path, "".join(f'"p{i}","true",{",".join(chr(34) + str(v) + chr(34) for v in [*m, *p])}\n'
+                                   for i, (p, m) in enumerate(zip(f3, p3.moving[:5]))))
+    _bad(tmp_path, capsys, "--fixed", F3, "--moving", M3, "--model", "tps", "--landmarks", plane, match="coplanar")
+
+
+def test_bad_csv_content(tmp_path, capsys):
+    for text, match in (('"a","true","1","2","3"\n', "6 (2D) or 8 (3D) columns"),
+                        ('"a","true","1","2","zz","4"\n', "'zz' is not a number"),
+                        ('"a","true","NaN","2","3","4"\n', "NaN"),
+                        ('"a","true","-Infinity","2","3","4"\n', "partly infinite")):
+        _bad(tmp_path, capsys, "--fixed", F2, "--moving", M2, "--model", "affine", "--landmarks", _csv(tmp_path, text),
+             match=match)
+
+
+def test_pairs_outside_the_image(tmp_path, capsys):
+    pairs = read_bigwarp_csv(L2)
+    pairs.fixed[3] += 5000
+    write_bigwarp_csv(tmp_path / "far.csv", pairs)
+    _bad(tmp_path, capsys, "--fixed", F2, "--moving", M2, "--model", "affine", "--landmarks", tmp_path / "far.csv",
+         match="Pt-3 (fixed)")
+
+
+def test_nan_intensities_constant_and_empty_images(tmp_path, capsys):
+    space = Space((20, 20), [1.0, 1.0])
+    a = smooth_test_image((20, 20))
+    a[3, 4] = np.nan
+    write_image(tmp_path / "nan.mha", a, space)  # (ITK's NIfTI reader turns NaN into 0)
+    lm = _csv(tmp_path, "".join(f'"p{i}","true","{x}","{y}","{x}","{y}"\n' for i, (x, y) in enumerate([(2, 2), (15, 3), (4, 16)])))
+    write_image(tmp_path / "ok.nii.gz", smooth_test_image((20, 20)), space)
+    _bad(tmp_path, capsys, "--fixed", tmp_path / "ok.nii.gz", "--moving", tmp_path / "nan.mha", "--model", "affine",
+         "--landmarks", lm, match="NaN or infinite")
+    write_image(tmp_path / "const.nii.gz", np.full((20, 20), 7, np.float32), space)
+    _bad(tmp_path, capsys, "--fixed", tmp_path / "const.nii.gz", "--moving", tmp_path / "ok.nii.gz", "--model", "affine",
+         "--landmarks", lm, match="constant")
+    (tmp_path / "empty.mha").write_text("ObjectType = Image\nNDims = 2\nDimSize = 0 0\nElementType = MET_FLOAT\n"
+                                        "ElementDataFile = LOCAL\n")
+    _bad(tmp_path, capsys, "--fixed", tmp_path / "empty.mha", "--moving", tmp_path / "ok.nii.gz", "--model", "affine",
+         "--landmarks", lm, match="empty")
+
+
+def test_existing_out_folder_is_kept_on_failure(tmp_path, capsys):
+    out = tmp_path / "res"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    code = run("register", "--fixed", F2, "--moving", M2, "--model", "tps", "--out", out, "-q")
+    assert code == 2
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]

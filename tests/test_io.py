@@ -1,0 +1,105 @@
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from napari_regtool.errors import InputError
+from napari_regtool.io import read_image, read_transform, write_image, write_transform
+from napari_regtool.space import Space
+from napari_regtool.transforms import AffineTransform, fit_tps
+
+from .helpers import rotation, smooth_test_image
+
+
+@pytest.mark.parametrize("ext", [".nii.gz", ".mha", ".nrrd"])
+@pytest.mark.parametrize("d", [2, 3])
+def test_image_round_trip_keeps_physical_metadata(tmp_path, ext, d):
+    space = Space((9, 11, 10)[:d], [0.7, 1.9, 2.5][:d], [-4.0, 8.5, 1.0][:d], rotation(d, [0.3, -0.2, 0.1]))
+    arr = smooth_test_image(space.shape)
+    p = tmp_path / f"img{ext}"
+    write_image(p, arr, space)
+    # read back with SimpleITK itself
+    ref = sitk.ReadImage(str(p))
+    np.testing.assert_allclose(ref.GetSpacing(), space.spacing, rtol=1e-6)
+    np.testing.assert_allclose(ref.GetOrigin(), space.origin, atol=1e-5)
+    np.testing.assert_allclose(np.array(ref.GetDirection()).reshape(d, d), space.direction, atol=1e-6)
+    img = read_image(p)
+    assert img.space == space
+    np.testing.assert_array_equal(img.array, arr)
+
+
+def test_png_rgb_is_multichannel_and_registers_on_mean(tmp_path):
+    rgb = (np.random.default_rng(0).uniform(0, 255, (12, 15, 3))).astype(np.uint8)
+    p = tmp_path / "rgb.png"
+    sitk.WriteImage(sitk.GetImageFromArray(rgb, isVector=True), str(p))
+    img = read_image(p)
+    assert img.ndim == 2 and img.n_channels == 3
+    np.testing.assert_allclose(img.scalar(), rgb.astype(np.float32).mean(-1), atol=1e-4)
+    np.testing.assert_array_equal(img.scalar(1), rgb[..., 1])
+    with pytest.raises(InputError, match="channel 5"):
+        img.scalar(5)
+
+
+def test_dicom_series_folder(tmp_path):
+    vol = (smooth_test_image((5, 16, 14)) * 10).astype(np.int16)
+    folder = tmp_path / "series"
+    folder.mkdir()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(vol.shape[0]):
+        sl = sitk.GetImageFromArray(vol[k])
+        sl.SetSpacing([0.8, 0.8])
+        for tag, val in (("0008|0060", "MR"), ("0020|000e", "1.2.826.0.1.3680043.2.1125.1"), ("0020|0013", str(k + 1)),
+                         ("0020|0032", f"-10\\-20\\{k * 2.5}"), ("0020|0037", "1\\0\\0\\0\\1\\0"),
+                         ("0028|0030", "0.8\\0.8"), ("0018|0050", "2.5")):
+            sl.SetMetaData(tag, val)
+        writer.SetFileName(str(folder / f"s{k:03d}.dcm"))
+        writer.Execute(sl)
+    img = read_image(folder)
+    assert img.space.shape == (5, 16, 14)
+    np.testing.assert_allclose(img.space.spacing, [0.8, 0.8, 2.5], atol=1e-4)
+    np.testing.assert_allclose(img.space.origin, [-10, -20, 0], atol=1e-4)
+    np.testing.assert_array_equal(img.array, vol)
+
+
+def test_unreadable_and_missing_files(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        read_image(tmp_path / "nope.nii.gz")
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes(b"this is not an image")
+    with pytest.raises(InputError, match="Cannot read bad.nii.gz"):
+        read_image(bad)
+    empty_dir = tmp_path / "empty"
+    empty_dir.mkdir()
+    with pytest.raises(InputError, match="without a DICOM series"):
+        read_image(empty_dir)
+
+
+@pytest.mark.parametrize("ext", [".tfm", ".h5"])
+@pytest.mark.parametrize("d", [2, 3])
+def test_linear_transform_file_read_by_simpleitk_maps_points_like_engine(tmp_path, ext, d):
+    a = AffineTransform(rotation(d, [0.2, 0.1, -0.3]) @ np.diag([1.1, 0.9, 1.2][:d]), np.linspace(1, 4, d))
+    p = tmp_path / f"t{ext}"
+    write_transform(p, a)
+    tx = sitk.ReadTransform(str(p))
+    pts = np.random.default_rng(0).uniform(-50, 50, (20, d))
+    ref = np.array([tx.TransformPoint([float(v) for v in q]) for q in pts])
+    np.testing.assert_allclose(ref, a.map_points(pts), atol=1e-9)
+    back = read_transform(p)
+    np.testing.assert_allclose(back.map_points(pts), a.map_points(pts), atol=1e-9)
+
+
+def test_nonlinear_transform_to_h5_and_field(tmp_path):
+    space = Space((20, 22), [1.0, 1.5], [3.0, 1.0])
+    f = np.array([[5, 5], [20, 5], [5, 25], [20, 25], [12, 15.0]])
+    t = fit_tps(f, f + [[0, 0], [1, 0], [0, 1], [1, 1], [2, -1]])
+    with pytest.raises(InputError, match="not linear"):
+        write_transform(tmp_path / "t.tfm", t, space)
+    write_transform(tmp_path / "t.h5", t, space)
+    write_transform(tmp_path / "t.nii.gz", t, space)
+    # at voxel centres the sampled field is exact; between them ITK interpolates it linearly
+    pts = space.index_to_physical(np.random.default_rng(0).integers(0, 19, (15, 2)))
+    tx = sitk.ReadTransform(str(tmp_path / "t.h5"))
+    ref = np.array([tx.TransformPoint([float(v) for v in q]) for q in pts])
+    np.testing.assert_allclose(ref, t.map_points(pts), atol=1e-6)
+    back = read_transform(tmp_path / "t.nii.gz")
+    np.testing.assert_allclose(back.map_points(pts), ref, atol=1e-9)

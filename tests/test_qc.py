@@ -1,0 +1,104 @@
+import numpy as np
+import pytest
+import torch
+
+from napari_regtool import qc
+from napari_regtool.space import Space
+from napari_regtool.transforms import AffineTransform, fit_landmarks
+
+from .helpers import smooth_test_image
+
+
+def test_similarity_metrics_against_numpy():
+    a = smooth_test_image((40, 50), 0)
+    b = smooth_test_image((40, 50), 1)
+    assert qc.ncc(a, a) == pytest.approx(1.0)
+    assert qc.ncc(a, b) == pytest.approx(np.corrcoef(a.ravel(), b.ravel())[0, 1], abs=1e-6)
+    assert qc.mse(a, b) == pytest.approx(float(np.mean((a.astype(float) - b) ** 2)), rel=1e-5)
+    assert qc.mutual_information(a, a) > qc.mutual_information(a, b) > 0
+    assert qc.mutual_information(a, b) == pytest.approx(qc.mutual_information(b, a), rel=1e-9)
+    assert qc.lncc(a, a) > 0.95 > qc.lncc(a, b)
+
+
+def test_dice_known_overlap():
+    a = np.zeros((10, 10), int)
+    b = np.zeros((10, 10), int)
+    a[0:4, 0:5] = 1  # 20 px
+    b[2:6, 0:5] = 1  # 20 px, overlap 10
+    a[8:, 8:] = 2
+    b[8:, 8:] = 2
+    d = qc.dice(a, b)
+    assert d[1] == pytest.approx(0.5)
+    assert d[2] == pytest.approx(1.0)
+    assert d["mean"] == pytest.approx(0.75)
+
+
+def test_jacobian_stats_counts_folds():
+    det = torch.ones(10, 10)
+    det[0, :5] = -0.5
+    det[1, 0] = 0.0
+    det[2, :] = np.e
+    s = qc.jacobian_stats(det)
+    assert s["folding_percent"] == pytest.approx(6.0)
+    assert s["folding_voxels"] == 6
+    assert s["min"] == pytest.approx(-0.5)
+    logs = np.log(det.numpy()[det.numpy() > 0])
+    assert s["std_log_jacobian"] == pytest.approx(logs.std(ddof=1), rel=1e-5)
+
+
+def test_grid_image_follows_the_transform():
+    space = Space((64, 64), [1.0, 1.0])
+    ident = AffineTransform(np.eye(2), [0.0, 0.0])
+    g0 = qc.grid_image(ident, space, step=8.0).numpy()
+    # lines on every 8th column/row (physical 0, 8, 16, ...)
+    assert g0[:, 16].mean() > 0.9 and g0[3:5, 3:5].max() == 0
+    shifted = qc.grid_image(AffineTransform(np.eye(2), [4.0, 0.0]), space, step=8.0).numpy()
+    # a shift of half a grid step along x moves the vertical lines by 4 voxels
+    assert shifted[:, 12].mean() > 0.9 and shifted[:, 16].mean() < 0.6
+
+
+def test_checkerboard_and_difference():
+    a = smooth_test_image((16, 16), 0)
+    b = smooth_test_image((16, 16), 1)
+    na, nb = qc.normalise_intensity(a).numpy(), qc.normalise_intensity(b).numpy()
+    cb = qc.checkerboard(a, b, tiles=4).numpy()
+    # 4×4 tiles of 4 px: tile (0,0) from a, (0,1) from b, (1,1) from a
+    np.testing.assert_array_equal(cb[:4, :4], na[:4, :4])
+    np.testing.assert_array_equal(cb[:4, 4:8], nb[:4, 4:8])
+    np.testing.assert_array_equal(cb[4:8, 4:8], na[4:8, 4:8])
+    np.testing.assert_allclose(qc.difference(a, b).numpy(), na - nb, atol=1e-6)
+    assert np.abs(qc.difference(a, a).numpy()).max() == 0
+
+
+@pytest.mark.parametrize("model", ["tps", "affine"])
+def test_landmark_uncertainty_grows_away_from_landmarks(model):
+    rng = np.random.default_rng(0)
+    space = Space((60, 80), [1.0, 1.0])
+    f = rng.uniform([10, 10], [40, 30], (10, 2))  # landmarks clustered in one corner
+    m = f + 2 * np.sin(f / 7.0) + rng.normal(0, 0.3, f.shape)
+    unc, suggestion, info = qc.landmark_uncertainty(model, f, m, space)
+    assert unc.shape == space.shape
+    assert info["calibrated"]
+    u = unc.numpy()
+    near = u[20, 25]  # inside the cluster (array order y, x)
+    far = u[55, 75]
+    assert far > 3 * near
+    # suggested next landmark lies far from the existing ones
+    assert np.linalg.norm(f - suggestion, axis=1).min() > 25
+    if model == "tps":
+        # zero variance exactly at a landmark (interpolation), checked on the dense grid near one
+        unc2, _, _ = qc.landmark_uncertainty(model, np.round(f), np.round(f) + 1.0 + 0.01 * np.round(f) ** 1.5,
+                                             space, max_points=10**6)
+        i = np.round(f[0]).astype(int)
+        assert unc2.numpy()[i[1], i[0]] < 1e-3 * unc2.numpy().max()
+
+
+def test_uncertainty_scale_follows_leave_one_out_error():
+    rng = np.random.default_rng(1)
+    space = Space((50, 50), [1.0, 1.0])
+    f = rng.uniform(5, 45, (12, 2))
+    lo = f + rng.normal(0, 0.2, f.shape)
+    hi = f + rng.normal(0, 2.0, f.shape)
+    a = qc.landmark_uncertainty("affine", f, lo, space)[0].mean()
+    b = qc.landmark_uncertainty("affine", f, hi, space)[0].mean()
+    assert b > 5 * a

@@ -1,0 +1,71 @@
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from napari_regtool.space import Space, to_array_order
+
+from .helpers import rotation, sitk_reference_image
+
+
+@pytest.mark.parametrize("d", [2, 3])
+def test_index_physical_matches_simpleitk(d):
+    rng = np.random.default_rng(d)
+    shape = (7, 9, 11)[:d]
+    space = Space(shape, rng.uniform(0.3, 2.5, d), rng.uniform(-50, 50, d), rotation(d, rng.uniform(-1, 1, 3)))
+    ref = sitk_reference_image(space)
+    idx = rng.uniform(-1, 10, (20, d))
+    phys = space.index_to_physical(idx)
+    expected = np.array([ref.TransformContinuousIndexToPhysicalPoint([float(v) for v in i]) for i in idx])
+    np.testing.assert_allclose(phys, expected, atol=1e-10)
+    np.testing.assert_allclose(space.physical_to_index(phys), idx, atol=1e-10)
+    # array order is the reverse of ITK's index order
+    np.testing.assert_allclose(space.array_index_to_physical(to_array_order(idx)), phys, atol=1e-10)
+    # grid_points agrees with SimpleITK at every voxel of a small grid
+    pts = space.grid_points()
+    k = tuple(rng.integers(0, s) for s in shape)
+    np.testing.assert_allclose(pts[k], ref.TransformIndexToPhysicalPoint([int(v) for v in k[::-1]]), atol=1e-10)
+
+
+@pytest.mark.parametrize("d", [2, 3])
+def test_napari_affine_maps_data_to_reversed_physical(d):
+    rng = np.random.default_rng(10 + d)
+    space = Space((5, 6, 7)[:d], rng.uniform(0.5, 2, d), rng.uniform(-9, 9, d), rotation(d, rng.uniform(-1, 1, 3)))
+    a = space.napari_affine()
+    data = rng.uniform(0, 5, (10, d))  # napari data coords (array order)
+    world = data @ a[:d, :d].T + a[:d, d]
+    np.testing.assert_allclose(world, to_array_order(space.array_index_to_physical(data)), atol=1e-10)
+    back = Space.from_napari(space.shape, affine=a)
+    assert back == space
+    # identity direction → plain scale/translate
+    plain = Space(space.shape, space.spacing, space.origin)
+    kw = plain.napari_kwargs()
+    assert set(kw) == {"scale", "translate"}
+    assert Space.from_napari(plain.shape, **kw) == plain
+
+
+def test_from_napari_rejects_shear():
+    a = np.eye(3)
+    a[0, 1] = 0.5
+    with pytest.raises(ValueError, match="shear"):
+        Space.from_napari((4, 4), affine=a)
+
+
+def test_bad_spaces_have_clear_messages():
+    with pytest.raises(ValueError, match="positive"):
+        Space((4, 4), [1, 0])
+    with pytest.raises(ValueError, match="empty"):
+        Space((0, 4), [1, 1])
+    with pytest.raises(ValueError, match="2D and 3D"):
+        Space((4,), [1])
+
+
+def test_contains_and_from_sitk():
+    img = sitk.Image([10, 20], sitk.sitkUInt8)
+    img.SetSpacing([0.5, 2.0])
+    img.SetOrigin([3.0, -4.0])
+    space = Space.from_sitk(img)
+    assert space.shape == (20, 10)
+    inside = space.index_to_physical([[0, 0], [9, 19], [9.4, 0]])
+    outside = space.index_to_physical([[-0.6, 0], [0, 19.6]])
+    assert space.contains(inside).all()
+    assert not space.contains(outside).any()
