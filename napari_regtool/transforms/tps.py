@@ -138,6 +138,8 @@ class ThinPlateSplineTransform(Transform):
             # log(0) never occurs (r² = 0 gives 1e-30 · log 1e-30 ≈ 0, and 1e-30 vanishes against any r² > 1e-22)
             w = w * 0.5
             arr_terms[0] = arr_terms[0] + 1e-30
+        else:
+            w = -w  # U = −r: fold the sign into the weights, evaluate plain r
         inner = int(np.prod(space.shape[1:]))
         rows = max(1, min(space.shape[0], _BLOCK_ELEMENTS // max(inner * nc, 1)))
         if d == 2:
@@ -164,10 +166,11 @@ class ThinPlateSplineTransform(Transform):
         return out
 
     def _kernel_raw(self, r2):
-        """``r² log r²`` (un-halved, floor already added) or ``−r``, reusing ``r2``'s memory where possible."""
+        """``r² log r²`` (un-halved, floor already added) or ``r`` (sign folded into the weights), reusing
+        ``r2``'s memory where possible."""
         if self.kernel == "r2logr":
             return torch.log(r2).mul_(r2)
-        return r2.sqrt_().neg_()
+        return r2.sqrt_()
 
     def inverse(self):
         from .numeric import NumericInverse
