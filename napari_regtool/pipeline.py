@@ -125,7 +125,7 @@ def warp_image(moving: Image, transform: Transform, fixed_space: Space, label: b
     return arr.astype(np.float32)
 
 
-def evaluate(result: RegistrationResult, need_warped=True, uncertainty=None) -> RegistrationResult:
+def evaluate(result: RegistrationResult, need_warped=True, uncertainty=None, channel="mean") -> RegistrationResult:
     """Fill ``warped``, ``field``, ``jacobian`` and the metrics of ``result`` from its transform."""
     dev = torch.device(result.device.split(" ")[0])
     fs = result.fixed.space
@@ -136,9 +136,10 @@ def evaluate(result: RegistrationResult, need_warped=True, uncertainty=None) -> 
     result.displacement = t.field(fs, device=dev, dtype=torch.float32)
     result.jacobian = jacobian_determinant(result.displacement, fs)
     result.jacobian_stats = qc.jacobian_stats(result.jacobian)
-    fixed_s = torch.as_tensor(result.fixed.scalar(), device=dev)
-    identity = torch.as_tensor(_identity_resample(result.moving, fs, dev), device=dev)
-    warped_s = resample(result.moving.scalar(), result.moving.space, t, fs, device=dev, index_grid=index_grid)
+    fixed_s = torch.as_tensor(result.fixed.scalar(channel), device=dev)
+    moving_s = result.moving.scalar(channel)
+    identity = _identity_resample(moving_s, result.moving.space, fs, dev)
+    warped_s = resample(moving_s, result.moving.space, t, fs, device=dev, index_grid=index_grid)
     result.similarity_before = qc.similarity_metrics(fixed_s, identity)
     result.similarity_after = qc.similarity_metrics(fixed_s, warped_s)
     unc = getattr(t, "uncertainty", None) if uncertainty is None else uncertainty
@@ -147,10 +148,11 @@ def evaluate(result: RegistrationResult, need_warped=True, uncertainty=None) -> 
     return result
 
 
-def _identity_resample(moving: Image, space: Space, device):
+def _identity_resample(array, moving_space: Space, space: Space, device):
+    """The moving image on the fixed grid without any transform (the "before" of the similarity report)."""
     from .transforms.base import IdentityTransform
 
-    return resample(moving.scalar(), moving.space, IdentityTransform(space.ndim), space, device=device)
+    return resample(array, moving_space, IdentityTransform(space.ndim), space, device=device)
 
 
 def register(fixed: Image, moving: Image, model: str, landmarks: LandmarkPairs | None = None,
@@ -181,6 +183,10 @@ def register(fixed: Image, moving: Image, model: str, landmarks: LandmarkPairs |
         incomplete = int((~landmarks.complete).sum())
         if incomplete:
             _warn(f"{incomplete} landmark(s) are placed in one image only and were skipped.")
+    # intensity-driven models and the similarity metrics see one scalar image per side (a channel or the mean);
+    # the warped output keeps every channel
+    fixed_s = fixed.with_array(fixed.scalar(channel)) if fixed.is_multichannel else fixed
+    moving_s = moving.with_array(moving.scalar(channel)) if moving.is_multichannel else moving
     t0 = time.perf_counter()
     lf = lm = None
     if landmarks is not None:
@@ -198,7 +204,7 @@ def register(fixed: Image, moving: Image, model: str, landmarks: LandmarkPairs |
         kind = model.split("-")[1]
         if landmarks is not None and len(lf) >= min_pairs(kind, fixed.ndim):
             init = fit_landmarks(kind, lf, lm)
-        transform = auto_linear(fixed, moving, model=kind, initial=init, progress=progress, cancel=cancel)
+        transform = auto_linear(fixed_s, moving_s, model=kind, initial=init, progress=progress, cancel=cancel)
     else:  # deep
         from .deep.infer import DEFAULT_REG_WEIGHT, register_deep
 
@@ -206,7 +212,7 @@ def register(fixed: Image, moving: Image, model: str, landmarks: LandmarkPairs |
         if landmarks is not None and len(lf) >= min_pairs("affine", fixed.ndim):
             init = fit_landmarks("affine", lf, lm)
         lam = DEFAULT_REG_WEIGHT if reg_weight is None else float(reg_weight)
-        transform, extra = register_deep(fixed, moving, reg_weight=lam, refine_steps=refine, uncertainty=uncertainty,
+        transform, extra = register_deep(fixed_s, moving_s, reg_weight=lam, refine_steps=refine, uncertainty=uncertainty,
                                          device=dev, initial=init, progress=progress, cancel=cancel)
         extra = dict(extra or {})
         extra["reg_weight"] = lam
@@ -220,7 +226,9 @@ def register(fixed: Image, moving: Image, model: str, landmarks: LandmarkPairs |
         if model in LANDMARK_MODELS:
             result.loo = leave_one_out(model, lf, lm, smoothing)
     result.device = str(dev)
-    evaluate(result)
+    if fixed.is_multichannel or moving.is_multichannel:
+        result.extra["channel"] = channel
+    evaluate(result, channel=channel)
     if result.jacobian_stats.get("folding_percent", 0) > 0:
         _warn(f"The transform folds: {result.jacobian_stats['folding_percent']:.3g}% of voxels have a Jacobian "
               "determinant ≤ 0 (see jacobian.nii.gz). Check landmark pairs near those places, or increase the "

@@ -204,3 +204,21 @@ def test_existing_out_folder_is_kept_on_failure(tmp_path, capsys):
     code = run("register", "--fixed", F2, "--moving", M2, "--model", "tps", "--out", out, "-q")
     assert code == 2
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_rgb_png_pair_warps_every_channel(tmp_path):
+    rgb = np.stack([smooth_test_image((40, 50), s) for s in range(3)], -1).astype(np.uint8)
+    moved = np.roll(rgb, (3, -2), axis=(0, 1))  # moved[y, x] = rgb[y − 3, x + 2]: fixed (x, y) ↔ moving (x − 2, y + 3)
+    sitk.WriteImage(sitk.GetImageFromArray(rgb, isVector=True), str(tmp_path / "f.png"))
+    sitk.WriteImage(sitk.GetImageFromArray(moved, isVector=True), str(tmp_path / "m.png"))
+    pts = np.array([[10, 10], [30, 12], [15, 30], [35, 33.0]])
+    lm = _csv(tmp_path, "".join(f'"p{i}","true","{x - 2}","{y + 3}","{x}","{y}"\n' for i, (x, y) in enumerate(pts)))
+    out = tmp_path / "o"
+    assert run("register", "--fixed", tmp_path / "f.png", "--moving", tmp_path / "m.png", "--model", "rigid",
+               "--landmarks", lm, "--channel", "1", "--out", out, "-q") == 0
+    w = read_image(out / "warped.nii.gz")
+    assert w.n_channels == 3
+    np.testing.assert_allclose(w.array[5:-5, 5:-5], rgb[5:-5, 5:-5], atol=1e-3)
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["extra"]["channel"] == "1"
+    assert rep["similarity_after"]["ncc"] > 0.999
