@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ..transforms.field import integrate_velocity, resize_vector_field
 
-__all__ = ["HyperMorphModel", "embed_lambda", "DEFAULT_CONFIG", "FORMAT"]
+__all__ = ["HyperMorphModel", "embed_lambda", "save_model", "read_model", "DEFAULT_CONFIG", "FORMAT"]
 
 #: tag stored in every weight file
 FORMAT = "napari-regtool-hypermorph"
@@ -70,6 +70,9 @@ class _FiLMConv(nn.Module):
     def __init__(self, ndim, cin, cout, stride=1):
         super().__init__()
         self.conv = _conv(ndim)(cin, cout, 3, stride=stride, padding=1)
+        # variance-preserving init for LeakyReLU(0.2), so features keep unit scale through the depth
+        nn.init.kaiming_normal_(self.conv.weight, a=0.2, nonlinearity="leaky_relu")
+        nn.init.zeros_(self.conv.bias)
         self.cout = cout
 
     def forward(self, x, film):
@@ -94,7 +97,9 @@ class HyperMorphModel(nn.Module):
     final : width of the last convolution at half resolution, before the output heads.
     hyper_hidden : width of the hypernetwork MLP.
     int_steps : scaling-and-squaring steps.
-    variance : add a head predicting the log-variance of the velocity (probabilistic VoxelMorph).
+    variance : add a head predicting the log-variance of the velocity (probabilistic VoxelMorph). The head has
+        its own two convolutions and reads the trunk's last features detached, so training it leaves the mean
+        velocity untouched.
     work_size : long side of the working grid the model was trained at (metadata for inference).
 
     Shapes
@@ -135,9 +140,11 @@ class HyperMorphModel(nn.Module):
         nn.init.normal_(self.flow.weight, 0.0, 1e-5)
         nn.init.zeros_(self.flow.bias)
         if self.has_variance:
-            self.logvar = conv(self.final_ch, ndim, 3, padding=1)
-            nn.init.normal_(self.logvar.weight, 0.0, 1e-5)
-            nn.init.constant_(self.logvar.bias, -2.0)
+            # its own two layers on detached features: training the uncertainty never changes the mean field
+            self.logvar = nn.Sequential(conv(self.final_ch, self.final_ch, 3, padding=1), nn.LeakyReLU(0.2),
+                                        conv(self.final_ch, ndim, 3, padding=1))
+            nn.init.normal_(self.logvar[-1].weight, 0.0, 1e-5)
+            nn.init.constant_(self.logvar[-1].bias, -2.0)
         self._films = list(self.encoder) + list(self.decoder) + [self.final]
         n_film = sum(2 * m.cout for m in self._films)
         emb = embed_lambda(torch.zeros(1)).shape[1]
@@ -189,7 +196,7 @@ class HyperMorphModel(nn.Module):
             k += 1
         h = self.final(h, films[k])
         mean = self.flow(h)
-        logvar = self.logvar(h).clamp(-10.0, 4.0) if self.has_variance else None
+        logvar = self.logvar(h.detach()).clamp(-10.0, 4.0) if self.has_variance else None
         return mean, logvar
 
     def displacement(self, velocity: torch.Tensor, shape=None) -> torch.Tensor:
@@ -206,3 +213,78 @@ class HyperMorphModel(nn.Module):
         return {"architecture": "HyperMorph (FiLM-conditioned U-Net, SVF at 1/2 resolution)",
                 **{k: (list(v) if isinstance(v, tuple) else v) for k, v in self.config.items()},
                 "parameters": int(n), **{f"trained_{k}": v for k, v in self.meta.items()}}
+
+
+# ------------------------------------------------------------------------------------------- weight files
+def _plain(obj):
+    """JSON-like copy (dicts, lists, str, numbers) so the file loads with ``weights_only=True``."""
+    import json
+
+    return json.loads(json.dumps(obj, default=str))
+
+
+def save_model(model: HyperMorphModel, path, extra: dict | None = None) -> None:
+    """Write ``model`` (architecture, weights, ``model.meta``) to ``path`` atomically (temp file + rename).
+
+    ``extra`` adds keys to the saved dict (a training checkpoint stores its optimiser state there).
+    """
+    import os
+    import tempfile
+    from pathlib import Path
+
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": FORMAT, "version": 1,
+               "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in model.config.items()},
+               "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+               "meta": _plain(model.meta)}
+    payload.update(extra or {})
+    fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=".pt", dir=p.parent)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, p)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_model(path, device="cpu", ndim: int | None = None, return_payload: bool = False):
+    """Load a weight file written by :func:`save_model`.
+
+    Raises :class:`~napari_regtool.errors.InputError` with a plain sentence when the file is missing, is not a
+    regtool HyperMorph file, is corrupt or truncated, does not match its architecture, or is for the wrong
+    dimension (``ndim``). With ``return_payload`` the whole saved dict comes back as well.
+    """
+    from pathlib import Path
+
+    from ..errors import InputError
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"Weight file not found: {p}.")
+    try:
+        payload = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for damaged files
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{p.name} is not a readable model weight file (corrupt or truncated?): {reason}. "
+                         "Re-download or retrain it.") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise InputError(f"{p.name} is not a napari-regtool HyperMorph weight file.")
+    cfg = dict(payload.get("config") or {})
+    try:
+        model = HyperMorphModel(**cfg)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{p.name} describes an architecture this version cannot build ({exc}).") from None
+    if ndim is not None and model.ndim != int(ndim):
+        raise InputError(f"{p.name} holds a {model.ndim}D model, but the images are {ndim}D.")
+    try:
+        model.load_state_dict(payload["state_dict"], strict=True)
+    except (KeyError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0][:160]
+        raise InputError(f"{p.name}: the stored weights do not match the stored architecture ({first}).") from None
+    if not all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point()):
+        raise InputError(f"{p.name}: the stored weights contain NaN or infinite values.")
+    model.meta = dict(payload.get("meta") or {})
+    model = model.to(device).eval()
+    return (model, payload) if return_payload else model

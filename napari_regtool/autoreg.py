@@ -1,0 +1,217 @@
+"""Automatic (intensity-based) rigid, similarity and affine registration with SimpleITK.
+
+:func:`auto_linear` runs ``SimpleITK.ImageRegistrationMethod`` in physical space (spacing, origin and direction
+of both images are honoured): Mattes mutual information or correlation, random sampling, gradient descent with
+parameter scales estimated from physical shifts, and a multi-resolution pyramid whose coarsest level keeps at
+least 32 voxels per axis. It starts from a centred initialisation (image centres or centres of mass) or from a
+given transform (e.g. a landmark fit), and returns an :class:`~napari_regtool.transforms.linear.AffineTransform`
+mapping fixed points to moving points, like every transform in the package.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import Cancelled, FitError, InputError
+from .image import Image
+from .transforms.base import Transform
+from .transforms.linear import AffineTransform
+
+__all__ = ["auto_linear", "AUTO_MODELS", "AUTO_METRICS", "pyramid_schedule"]
+
+AUTO_MODELS = ("rigid", "similarity", "affine")
+AUTO_METRICS = ("mattes", "correlation")
+
+
+def pyramid_schedule(shape, min_size: int = 32, max_levels: int = 4) -> tuple:
+    """Shrink factors (e.g. ``(4, 2, 1)``) and smoothing sigmas in voxels (``(2, 1, 0)``) for an image of
+    ``shape``: the coarsest level keeps at least ``min_size`` voxels along the shortest axis."""
+    n = int(min(shape))
+    factors = [1]
+    while len(factors) < max_levels and n // (factors[-1] * 2) >= min_size:
+        factors.append(factors[-1] * 2)
+    factors = factors[::-1]
+    sigmas = [f / 2.0 if f > 1 else 0.0 for f in factors]
+    return tuple(factors), tuple(sigmas)
+
+
+def _sitk_transform(model: str, d: int):
+    import SimpleITK as sitk
+
+    if model == "rigid":
+        return sitk.Euler2DTransform() if d == 2 else sitk.Euler3DTransform()
+    if model == "similarity":
+        return sitk.Similarity2DTransform() if d == 2 else sitk.Similarity3DTransform()
+    return sitk.AffineTransform(d)
+
+
+def _project(matrix: np.ndarray, model: str) -> np.ndarray:
+    """Closest matrix of the model's family: rotation (rigid), scaled rotation (similarity) or itself."""
+    if model == "affine":
+        return matrix
+    u, s, vt = np.linalg.svd(matrix)
+    r = u @ vt
+    if np.linalg.det(r) < 0:
+        u[:, -1] *= -1
+        r = u @ vt
+    if model == "rigid":
+        return r
+    return r * float(np.abs(np.linalg.det(matrix)) ** (1.0 / matrix.shape[0]))
+
+
+def _as_affine(initial: Transform, fixed: Image) -> AffineTransform:
+    """A linear approximation of ``initial``: exact for linear transforms, else a least-squares affine fit of its
+    mapping of a coarse lattice of fixed-grid points."""
+    if initial.is_linear:
+        return initial.as_affine()
+    sp = fixed.space
+    axes = [np.linspace(0, n - 1, 7) for n in sp.size_xyz]
+    idx = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, sp.ndim)
+    pts = sp.index_to_physical(idx)
+    moved = initial.map_points(pts)
+    from .transforms.linear import fit_affine
+
+    return fit_affine(pts, moved)
+
+
+def _from_sitk(tx, d: int, kind: str) -> AffineTransform:
+    """Any linear SimpleITK transform → AffineTransform, from how it maps the origin and the unit vectors (this
+    includes the transform's centre and offset exactly)."""
+    o = np.array(tx.TransformPoint([0.0] * d))
+    a = np.stack([np.array(tx.TransformPoint([float(v) for v in np.eye(d)[k]])) - o for k in range(d)], axis=1)
+    return AffineTransform(a, o, kind)
+
+
+def _scalar_sitk(img: Image):
+    import SimpleITK as sitk
+
+    from .io import image_to_sitk
+
+    out = image_to_sitk(img.scalar(), img.space, is_vector=False)
+    return sitk.Cast(out, sitk.sitkFloat32)
+
+
+def auto_linear(fixed: Image, moving: Image, model: str = "rigid", initial: Transform | None = None,
+                metric: str = "mattes", progress=None, cancel=None, init: str = "geometry",
+                iterations: int = 200, sampling: float = 0.25, bins: int = 50, seed: int = 1,
+                shrink_factors=None, smoothing_sigmas=None) -> AffineTransform:
+    """Intensity-based linear registration of ``moving`` to ``fixed``.
+
+    Parameters
+    ----------
+    fixed, moving : Image (2D or 3D; multi-channel images are averaged)
+    model : ``"rigid"``, ``"similarity"`` or ``"affine"``
+    initial : optional Transform (fixed → moving) to start from, e.g. a landmark fit; projected onto the model
+        (nearest rotation / scaled rotation); a non-linear one is first approximated by an affine
+    metric : ``"mattes"`` (Mattes mutual information, any contrast) or ``"correlation"`` (same contrast)
+    progress : ``progress(fraction, message)`` called every optimiser iteration
+    cancel : ``cancel() → bool``; True stops the optimiser and raises :class:`~napari_regtool.errors.Cancelled`
+    init : ``"geometry"`` (image centres) or ``"moments"`` (centres of mass), used when ``initial`` is None
+    iterations : maximum gradient-descent iterations per pyramid level
+    sampling : fraction of fixed voxels sampled (randomly, seeded by ``seed``) for the metric
+    bins : histogram bins of Mattes mutual information
+    shrink_factors, smoothing_sigmas : pyramid (voxels); default from :func:`pyramid_schedule`
+
+    Returns
+    -------
+    AffineTransform (``kind`` = ``model``), fixed → moving physical points, with an ``info`` dict attribute
+    (final metric value, optimiser stop condition, iterations per level).
+    """
+    import SimpleITK as sitk
+
+    if model not in AUTO_MODELS:
+        raise InputError(f"Unknown model {model!r} for automatic registration; use rigid, similarity or affine.")
+    if metric not in AUTO_METRICS:
+        raise InputError(f"Unknown metric {metric!r}; use mattes (mutual information) or correlation.")
+    if init not in ("geometry", "moments"):
+        raise InputError(f"Unknown initialisation {init!r}; use geometry or moments.")
+    if fixed.ndim != moving.ndim:
+        raise InputError(f"The fixed image is {fixed.ndim}D and the moving image is {moving.ndim}D; both must have "
+                         "the same dimension.")
+    for img in (fixed, moving):
+        img.check_finite().check_not_constant()
+        if min(img.space.shape) < 4:
+            raise InputError(f"{img.name} is too small for automatic registration (at least 4 voxels per axis).")
+    d = fixed.ndim
+    f_img, m_img = _scalar_sitk(fixed), _scalar_sitk(moving)
+    tx = _sitk_transform(model, d)
+    if initial is None:
+        mode = (sitk.CenteredTransformInitializerFilter.GEOMETRY if init == "geometry"
+                else sitk.CenteredTransformInitializerFilter.MOMENTS)
+        tx = sitk.CenteredTransformInitializer(f_img, m_img, tx, mode)
+    else:
+        if initial.ndim != d:
+            raise InputError(f"The initial transform is {initial.ndim}D but the images are {d}D.")
+        aff = _as_affine(initial, fixed)
+        a = _project(aff.matrix, model)
+        lo, hi = fixed.space.physical_bounds()
+        c = (lo + hi) / 2
+        tx.SetCenter([float(v) for v in c])
+        tx.SetMatrix([float(v) for v in a.ravel()])
+        # T(x) = A (x − c) + c + t' must equal A x + t at the centre: t' = A c + t − c
+        tx.SetTranslation([float(v) for v in (a @ c + aff.translation - c)])
+
+    if shrink_factors is None or smoothing_sigmas is None:
+        sf, ss = pyramid_schedule(fixed.space.shape)
+        shrink_factors = shrink_factors or sf
+        smoothing_sigmas = smoothing_sigmas or ss
+    if len(shrink_factors) != len(smoothing_sigmas):
+        raise InputError("shrink_factors and smoothing_sigmas need the same number of levels.")
+
+    reg = sitk.ImageRegistrationMethod()
+    if metric == "mattes":
+        reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=int(bins))
+    else:
+        reg.SetMetricAsCorrelation()
+    reg.SetMetricSamplingStrategy(reg.RANDOM)
+    reg.SetMetricSamplingPercentage(float(sampling), int(seed))
+    reg.SetInterpolator(sitk.sitkLinear)
+    reg.SetOptimizerAsGradientDescent(learningRate=1.0, numberOfIterations=int(iterations),
+                                      convergenceMinimumValue=1e-6, convergenceWindowSize=10)
+    reg.SetOptimizerScalesFromPhysicalShift()
+    reg.SetShrinkFactorsPerLevel([int(v) for v in shrink_factors])
+    reg.SetSmoothingSigmasPerLevel([float(v) for v in smoothing_sigmas])
+    reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
+    reg.SetInitialTransform(tx, inPlace=False)
+
+    n_levels = len(shrink_factors)
+    state = {"level": -1, "cancelled": False, "iterations": []}
+
+    def on_level():
+        state["level"] += 1
+        state["iterations"].append(0)
+        if cancel is not None and cancel():
+            state["cancelled"] = True
+            reg.StopRegistration()
+
+    def on_iteration():
+        state["iterations"][-1] += 1
+        if cancel is not None and cancel():
+            state["cancelled"] = True
+            reg.StopRegistration()
+            return
+        if progress is not None:
+            lvl = max(state["level"], 0)
+            frac = (lvl + min(reg.GetOptimizerIteration() / max(iterations, 1), 1.0)) / n_levels
+            progress(float(frac), f"{model} registration: level {lvl + 1}/{n_levels}, iteration "
+                                  f"{reg.GetOptimizerIteration()}, metric {reg.GetMetricValue():.5f}")
+
+    reg.AddCommand(sitk.sitkMultiResolutionIterationEvent, on_level)
+    reg.AddCommand(sitk.sitkIterationEvent, on_iteration)
+    try:
+        out = reg.Execute(f_img, m_img)
+    except RuntimeError as exc:
+        if state["cancelled"]:
+            raise Cancelled("Automatic registration cancelled.") from None
+        last = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else "unknown error"
+        raise FitError(f"Automatic {model} registration failed ({last}). Check that the images overlap in "
+                       "physical space, or start from a landmark fit.") from None
+    if state["cancelled"]:
+        raise Cancelled("Automatic registration cancelled.")
+    result = _from_sitk(out, d, model)
+    result.info = {"metric": metric, "metric_value": float(reg.GetMetricValue()),
+                   "stop_condition": reg.GetOptimizerStopConditionDescription(),
+                   "iterations_per_level": list(state["iterations"]), "shrink_factors": list(shrink_factors),
+                   "smoothing_sigmas": list(smoothing_sigmas)}
+    if progress is not None:
+        progress(1.0, f"{model} registration done (metric {result.info['metric_value']:.5f})")
+    return result

@@ -1,0 +1,357 @@
+"""Deep deformable registration of real images with the shipped (or a given) HyperMorph model.
+
+Pipeline (everything that does not depend on λ happens once, in :class:`DeepRegistration`):
+
+1. The moving image is resampled into the fixed image's space through ``initial`` (an affine pre-alignment,
+   or the identity), and both images are resampled onto the model's **working grid**: isotropic voxels, the
+   long side of the fixed image's physical extent spread over ``work_size`` voxels, every side a multiple of 16,
+   centred on the fixed image (the margin is padded with the image's border intensity). Intensities are scaled
+   by robust percentiles (0.5 %, 99.5 %) to [0, 1]; images are smoothed before downsampling.
+2. :meth:`DeepRegistration.predict` runs the network for a regularisation weight λ, integrates the half-resolution
+   velocity (scaling and squaring) and samples the displacement, in physical units, onto every voxel of the fixed
+   grid; composed with ``initial``, the returned field maps fixed points all the way to moving points.
+3. :meth:`DeepRegistration.refine` optimises the velocity for the pair (see :mod:`.refine`).
+
+The uncertainty map is ``sqrt(trace Cov[u(x)])`` in physical units, estimated from velocity samples drawn from
+the network's predicted Gaussian posterior (mean and log-variance), pushed through the same integration. It is
+a relative confidence map under the model's prior, not a calibrated error bar.
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import Cancelled, InputError
+from ..image import Image
+from ..space import Space
+from ..transforms.base import IdentityTransform, Transform, affine_index_grid
+from ..transforms.field import DisplacementFieldTransform, integrate_velocity, resample, sample_at_index
+from .hypermorph import HyperMorphModel, read_model
+
+__all__ = ["load_model", "weights_path", "DeepRegistration", "register_deep", "DEFAULT_REG_WEIGHT", "MIN_SIZE",
+           "working_space"]
+
+#: default regularisation weight λ: the smallest value of a sweep that left no folded voxel on the real pairs
+#: of ``benchmarks/bench_deep.py`` (2D and 3D)
+DEFAULT_REG_WEIGHT = 0.5
+#: smallest number of voxels along any axis of an image the model accepts
+MIN_SIZE = 16
+#: velocity samples drawn for the uncertainty map
+UNCERTAINTY_SAMPLES = 8
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+_CACHE: dict = {}
+
+
+def weights_path(ndim: int) -> Path:
+    """Path of the shipped weight file for ``ndim`` (it may not exist)."""
+    return WEIGHTS_DIR / f"hypermorph{int(ndim)}d.pt"
+
+
+def load_model(ndim: int, device="cpu", path=None) -> HyperMorphModel:
+    """The HyperMorph model for ``ndim``-D images: the shipped weights, or the file ``path``.
+
+    Loaded models are cached per (file, modification time, device). Raises :class:`InputError` when no model
+    exists for ``ndim`` or the file is unusable (corrupt, wrong dimension, foreign format).
+    """
+    from ..device import resolve_device
+
+    ndim = int(ndim)
+    if ndim not in (2, 3):
+        raise InputError(f"Only 2D and 3D images can be registered (got {ndim}D).")
+    dev = resolve_device(device, warn=lambda m: warnings.warn(m, stacklevel=3))
+    p = Path(path).expanduser() if path is not None else weights_path(ndim)
+    if not p.is_file():
+        if path is None:
+            raise InputError(f"No {ndim}D deep model is available ({p.name} is not installed). Train one with "
+                             f"`regtool train --ndim {ndim}` and pass it with --weights, or use another model.")
+        raise InputError(f"Weight file not found: {p}.")
+    key = (str(p.resolve()), p.stat().st_mtime_ns, str(dev))
+    model = _CACHE.get(key)
+    if model is None:
+        model = read_model(p, dev, ndim=ndim)
+        _CACHE[key] = model
+    return model
+
+
+# ------------------------------------------------------------------------------------------------ grids
+def working_space(space: Space, size: int, multiple: int = 16) -> Space:
+    """Isotropic grid covering ``space``'s physical extent, long side ``size`` voxels, sides multiples of
+    ``multiple`` (at least ``2 * multiple``), centred on ``space`` and sharing its direction."""
+    ext = np.maximum(space.extent, 1e-9)
+    s = float(ext.max()) / (size - 1)
+    n_xyz = np.maximum(np.ceil((ext / s + 1) / multiple) * multiple, 2 * multiple).astype(int)
+    pad = ((n_xyz - 1) * s - space.extent) / 2
+    origin = space.origin - space.direction @ pad
+    return Space(tuple(n_xyz[::-1]), np.full(space.ndim, s), origin, space.direction)
+
+
+def _corner_aligned(space: Space, shape) -> Space:
+    """The same region as ``space`` (first and last voxel centres kept) sampled with ``shape`` voxels."""
+    return space.with_shape(shape, keep_extent=True)
+
+
+def _index_map(src: Space, dst: Space):
+    """(L, c): continuous indices of ``src`` voxels in ``dst``'s index space, ``idx_dst = L idx_src + c``."""
+    minv = np.linalg.inv(dst.index_to_physical_matrix)
+    return minv @ src.index_to_physical_matrix, minv @ (src.origin - dst.origin)
+
+
+def _smooth_for(array: np.ndarray, spacing_xyz, target_spacing: float) -> np.ndarray:
+    """Gaussian anti-aliasing before resampling ``array`` (array order) to voxels of ``target_spacing``."""
+    from scipy.ndimage import gaussian_filter
+
+    ratio = target_spacing / np.asarray(spacing_xyz, dtype=float)[::-1]
+    sigma = np.where(ratio > 1, 0.5 * np.sqrt(np.maximum(ratio ** 2 - 1, 0)), 0.0)
+    if np.all(sigma < 0.2):
+        return array
+    return gaussian_filter(array, sigma=sigma, mode="nearest")
+
+
+def _robust_range(a: np.ndarray, name: str):
+    lo, hi = np.percentile(a, [0.5, 99.5])
+    if not hi > lo:
+        lo, hi = float(a.min()), float(a.max())
+    if not hi > lo:
+        raise InputError(f"{name}: the image is constant; there is nothing to register.")
+    return float(lo), float(hi)
+
+
+def _border_value(a: np.ndarray) -> float:
+    """Median of the outermost voxels (the padding value of the working grid)."""
+    faces = []
+    for ax in range(a.ndim):
+        faces += [np.take(a, 0, axis=ax).ravel(), np.take(a, -1, axis=ax).ravel()]
+    return float(np.median(np.concatenate(faces)))
+
+
+def check_pair(fixed: Image, moving: Image) -> tuple:
+    """Validate a pair for the deep model; returns their float32 scalar arrays.
+
+    Raises :class:`InputError` for mismatched dimensions, NaN/inf values, constant images and images smaller
+    than :data:`MIN_SIZE` voxels along an axis.
+    """
+    if not isinstance(fixed, Image) or not isinstance(moving, Image):
+        raise InputError("The deep model needs two images (napari_regtool.image.Image).")
+    if fixed.ndim != moving.ndim:
+        raise InputError(f"The fixed image is {fixed.ndim}D and the moving image is {moving.ndim}D; both must "
+                         "have the same dimension.")
+    out = []
+    for img, role in ((fixed, "fixed"), (moving, "moving")):
+        img.check_finite()
+        small = [s for s in img.space.shape if s < MIN_SIZE]
+        if small:
+            raise InputError(f"The {role} image ({img.name}, {'×'.join(map(str, img.space.shape))} voxels) is too "
+                             f"small for the deep model: it needs at least {MIN_SIZE} voxels along every axis.")
+        a = img.scalar()
+        if float(a.max()) == float(a.min()):
+            raise InputError(f"The {role} image ({img.name}) is constant (every voxel is {float(a.min()):g}); "
+                             "there is nothing to register.")
+        out.append(a)
+    return tuple(out)
+
+
+class DeepRegistration:
+    """A fixed/moving pair prepared for the HyperMorph model; :meth:`predict` is cheap enough for a slider.
+
+    Parameters
+    ----------
+    fixed, moving : Image (2D or 3D, any size ≥ 16 per axis, any spacing/origin/direction; channels averaged)
+    device : "cpu", "cuda", "auto", … (CUDA requested but absent falls back to the CPU with a warning)
+    initial : optional Transform (fixed → moving), e.g. an affine pre-alignment; ``None`` = identity
+    model : a :class:`HyperMorphModel` to use instead of the shipped weights
+
+    Attributes
+    ----------
+    work_space : Space — the working grid; ``x`` : (1, 2, *work) tensor of the normalised fixed and moving images
+    """
+
+    def __init__(self, fixed: Image, moving: Image, device="cpu", initial: Transform | None = None,
+                 model: HyperMorphModel | None = None):
+        from ..device import resolve_device
+
+        f_arr, m_arr = check_pair(fixed, moving)
+        d = fixed.ndim
+        if initial is not None and initial.ndim != d:
+            raise InputError(f"The initial transform is {initial.ndim}D but the images are {d}D.")
+        self.device = resolve_device(device, warn=lambda m: warnings.warn(m, stacklevel=2))
+        self.model = (model.to(self.device).eval() if model is not None else load_model(d, self.device))
+        if self.model.ndim != d:
+            raise InputError(f"The model is {self.model.ndim}D but the images are {d}D.")
+        self.fixed, self.moving, self.initial = fixed, moving, initial
+        self.ndim = d
+        self._affine = None
+        if initial is not None and initial.is_linear:
+            self._affine = initial.as_affine()
+        self._pre = self._affine if self._affine is not None else (initial or IdentityTransform(d).as_affine())
+
+        t0 = time.perf_counter()
+        self.work_space = working_space(fixed.space, self.model.work_size, self.model.multiple)
+        s = float(self.work_space.spacing[0])
+        self.norm = {"fixed": _robust_range(f_arr, fixed.name), "moving": _robust_range(m_arr, moving.name)}
+        self._f01 = self._normalise(f_arr, "fixed")
+        self._m01 = self._normalise(m_arr, "moving")
+        self._fill = {"fixed": _border_value(self._f01), "moving": _border_value(self._m01)}
+        xf = self._to_grid(self._f01, fixed.space, IdentityTransform(d).as_affine(), self.work_space, s, "fixed")
+        xm = self._to_grid(self._m01, moving.space, self._pre, self.work_space, s, "moving")
+        self.x = torch.stack([xf, xm])[None].to(self.device)  # (1, 2, *work)
+        half = tuple(n // 2 for n in self.work_space.shape)
+        self.half_space = _corner_aligned(self.work_space, half)
+        self.prep_s = time.perf_counter() - t0
+        self._last = None  # (λ, mean velocity, logvar) of the last network run
+
+    # ----------------------------------------------------------------------------------------- helpers
+    def _normalise(self, a, role):
+        lo, hi = self.norm[role]
+        return np.clip((a - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+    def _to_grid(self, a01, space, transform, grid: Space, spacing: float, role) -> torch.Tensor:
+        """Resample a normalised image onto ``grid`` (anti-aliased), padding with its border value."""
+        a = _smooth_for(a01, space.spacing, spacing)
+        return resample(a, space, transform, grid, fill=self._fill[role], dtype=torch.float32).float()
+
+    def velocity(self, reg_weight: float) -> tuple:
+        """Network output for λ = ``reg_weight``: (mean, logvar), each (1, D, *half) in half-grid voxels."""
+        lam = float(reg_weight)
+        if not (0.0 <= lam <= 1.0) or not math.isfinite(lam):
+            raise InputError(f"The regularisation weight must be between 0 and 1, got {reg_weight}.")
+        if self._last is not None and self._last[0] == lam:
+            return self._last[1], self._last[2]
+        with torch.no_grad():
+            mean, logvar = self.model(self.x, lam)
+        self._last = (lam, mean, logvar)
+        return mean, logvar
+
+    def field_on_fixed(self, u: torch.Tensor, grid: Space) -> torch.Tensor:
+        """Total physical displacement on the fixed grid from an index-space field on ``grid``.
+
+        ``u``: (1, D, *grid.shape) displacement in ``grid`` voxels (x, y, z channels), defined as the
+        fixed → pre-aligned-moving map; ``grid`` shares the working grid's corners. Returns a CPU float32
+        tensor (*fixed.shape, D): ``T_init(x + u(x)) − x`` in physical units, x, y, z components.
+        """
+        fs = self.fixed.space
+        d = self.ndim
+        m = torch.as_tensor(grid.index_to_physical_matrix, dtype=u.dtype, device=u.device)
+        phys = torch.einsum("ij,bj...->bi...", m, u)  # (1, D, *grid) physical vectors
+        lin, off = _index_map(fs, grid)
+        out = torch.empty((*fs.shape, d), dtype=torch.float32)
+        n0 = fs.shape[0]
+        slab = max(1, int(2 ** 21 // max(1, int(np.prod(fs.shape[1:])))))
+        for a in range(0, n0, slab):
+            b = min(n0, a + slab)
+            sub = Space((b - a,) + tuple(fs.shape[1:]), fs.spacing, fs.index_to_physical(
+                np.array([[0] * (d - 1) + [a]], float))[0], fs.direction)
+            lin_s, off_s = _index_map(sub, grid)
+            idx = affine_index_grid(sub.shape, lin_s, off_s, u.device, u.dtype)
+            disp = sample_at_index(phys, idx[None], padding="border")[0].movedim(0, -1)  # (*sub, D)
+            if self._affine is not None:
+                a_mat = torch.as_tensor(self._affine.matrix, dtype=u.dtype, device=u.device)
+                total = self._affine.field(sub, device=u.device, dtype=u.dtype) + disp @ a_mat.T
+            elif self.initial is not None:
+                pts = torch.as_tensor(sub.grid_points(np.float64), device=u.device).reshape(-1, d)
+                moved = self.initial.map_points_torch(pts + disp.reshape(-1, d).to(torch.float64))
+                total = (moved - pts).reshape(*sub.shape, d)
+            else:
+                total = disp
+            out[a:b] = total.to(device="cpu", dtype=torch.float32)
+        return out
+
+    def uncertainty_on_fixed(self, mean: torch.Tensor, logvar: torch.Tensor, grid: Space,
+                             samples: int = UNCERTAINTY_SAMPLES) -> torch.Tensor:
+        """``sqrt(trace Cov[u(x)])`` (physical units) on the fixed grid, from ``samples`` velocity draws.
+
+        ``mean``, ``logvar``: (1, D, *grid.shape). Returns a CPU float32 tensor of ``fixed.shape``.
+        """
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        eps = torch.randn((samples, *mean.shape[1:]), generator=gen).to(mean.device, mean.dtype)
+        v = mean + torch.exp(0.5 * logvar) * eps
+        u = integrate_velocity(v, self.model.int_steps)
+        m = torch.as_tensor(grid.index_to_physical_matrix, dtype=u.dtype, device=u.device)
+        if self._affine is not None:
+            m = torch.as_tensor(self._affine.matrix, dtype=u.dtype, device=u.device) @ m
+        phys = torch.einsum("ij,bj...->bi...", m, u)
+        std = phys.var(0, unbiased=True).sum(0).sqrt()[None, None]  # (1, 1, *grid)
+        fs = self.fixed.space
+        lin, off = _index_map(fs, grid)
+        idx = affine_index_grid(fs.shape, lin, off, std.device, std.dtype)
+        return sample_at_index(std, idx[None], padding="border")[0, 0].to(device="cpu", dtype=torch.float32)
+
+    # --------------------------------------------------------------------------------------------- API
+    def predict(self, reg_weight: float, uncertainty: bool = False) -> DisplacementFieldTransform:
+        """Single network pass for λ = ``reg_weight`` ∈ [0, 1].
+
+        Returns a :class:`DisplacementFieldTransform` on the fixed grid (physical units, fixed → moving, composed
+        with ``initial``), ``kind="deep"``; with ``uncertainty`` its ``.uncertainty`` is a ``fixed.shape`` map
+        in physical units (requires a model with a variance head).
+        """
+        mean, logvar = self.velocity(reg_weight)
+        with torch.no_grad():
+            u = integrate_velocity(mean, self.model.int_steps)
+            field = self.field_on_fixed(u, self.half_space)
+            unc = None
+            if uncertainty:
+                if logvar is None:
+                    raise InputError("This model has no uncertainty head; retrain it without --no-variance.")
+                unc = self.uncertainty_on_fixed(mean, logvar, self.half_space)
+        return DisplacementFieldTransform(field, self.fixed.space, kind="deep", uncertainty=unc)
+
+    def refine(self, reg_weight: float, steps: int = 50, landmarks=None, similarity: str = "lncc", progress=None,
+               cancel=None, **options) -> DisplacementFieldTransform:
+        """Optimise the velocity for this pair, starting from the network's prediction at λ = ``reg_weight``.
+
+        ``landmarks``: optional ``(fixed_points, moving_points)``, (N, D) physical arrays, soft constraints
+        ``T(fixed_i) ≈ moving_i``. ``similarity``: ``"lncc"`` or ``"mse"``. ``progress(fraction, message)`` is
+        called every step; ``cancel()`` returning True raises :class:`~napari_regtool.errors.Cancelled`.
+        Further keyword options go to :func:`~napari_regtool.deep.refine.refine_velocity` (``lr``,
+        ``landmark_weight``, ``max_voxels``). Returns a :class:`DisplacementFieldTransform` (``kind="deep+refined"``)
+        whose ``refine_info`` attribute holds the similarity before and after.
+        """
+        from .refine import refine_registration
+
+        return refine_registration(self, reg_weight, steps=steps, landmarks=landmarks, similarity=similarity,
+                                   progress=progress, cancel=cancel, **options)
+
+
+def register_deep(fixed: Image, moving: Image, reg_weight: float = DEFAULT_REG_WEIGHT, refine_steps: int = 0,
+                  uncertainty: bool = False, device="cpu", initial: Transform | None = None, progress=None,
+                  cancel=None, landmarks=None, model: HyperMorphModel | None = None) -> tuple:
+    """Deep deformable registration in one call.
+
+    Returns ``(transform, info)``: a :class:`DisplacementFieldTransform` on the fixed grid (fixed → moving,
+    composed with ``initial``) and a dict with ``runtime_s``, ``device``, ``model`` (architecture and training
+    metadata), ``reg_weight``, ``work_grid``, ``refine_steps`` and, after refinement, the similarity before and
+    after it. With ``uncertainty`` the transform carries the network's uncertainty map.
+    """
+    from ..device import describe_device
+
+    t0 = time.perf_counter()
+
+    def report(frac, msg):
+        if progress is not None:
+            progress(float(frac), msg)
+        if cancel is not None and cancel():
+            raise Cancelled("Deep registration cancelled.")
+
+    report(0.0, "Preparing images")
+    reg = DeepRegistration(fixed, moving, device=device, initial=initial, model=model)
+    report(0.1, "Running the network")
+    tx = reg.predict(reg_weight, uncertainty=uncertainty)
+    info = {"model": reg.model.describe(), "reg_weight": float(reg_weight), "refine_steps": int(refine_steps),
+            "work_grid": {"shape": list(reg.work_space.shape), "spacing": float(reg.work_space.spacing[0])}}
+    if refine_steps > 0:
+        def sub(frac, msg):
+            report(0.15 + 0.85 * frac, msg)
+
+        refined = reg.refine(reg_weight, steps=refine_steps, landmarks=landmarks, progress=sub, cancel=cancel)
+        refined.uncertainty = tx.uncertainty
+        info["refine"] = dict(getattr(refined, "refine_info", {}))
+        tx = refined
+    report(1.0, "Done")
+    info["runtime_s"] = round(time.perf_counter() - t0, 4)
+    info["device"] = describe_device(reg.device)
+    return tx, info

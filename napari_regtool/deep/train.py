@@ -1,0 +1,390 @@
+"""Training HyperMorph on synthetic pairs (and optionally real images): ``regtool train``.
+
+Loss per pair, with λ drawn uniformly from [0, 1] for every pair of every step::
+
+    (1 − λ) · (1 − Dice(labels_moving ∘ φ, labels_fixed)) + λ · ‖∇v‖²
+
+``φ = exp(v)`` is the predicted transform, ``v`` the mean velocity (half resolution), ``‖∇v‖²`` the mean
+squared forward difference of ``v`` (half-grid voxels). The Dice is the soft Dice of the linearly warped one-hot
+moving labels, so the model never sees an intensity loss and learns to ignore contrast (SynthMorph's idea).
+
+The variance head is trained with the evidence lower bound of probabilistic VoxelMorph: a velocity sample
+``v ~ N(μ, σ²)`` (``μ`` detached, so the head does not change the mean prediction) must still map the moving
+one-hot labels onto the fixed ones (Gaussian likelihood, σₙ = 0.5), and a KL term pulls ``σ²`` towards the
+prior of a Laplacian-smoothness Gaussian (prior precision 1/(2·D) per neighbour, i.e. σ = 1 half-grid voxel
+where the labels carry no information).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..transforms.field import warp
+from .hypermorph import DEFAULT_CONFIG, HyperMorphModel, read_model, save_model
+from .synth import RealImageSource, SynthConfig, synth_pair
+
+__all__ = ["TrainConfig", "train", "loss_terms", "soft_dice", "grad_l2", "add_train_arguments", "run_train",
+           "evaluate_synthetic"]
+
+#: Gaussian likelihood width of the one-hot label match in the variance loss
+_SIGMA_N = 0.5
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on (stored in the weight file's metadata).
+
+    ``size``: long side of the working grid (a multiple of 16); ``steps``: optimiser steps; ``batch``: pairs per
+    step; ``lr``: Adam learning rate, cosine-decayed to ``lr/10`` over the run (or over ``max_minutes`` when that
+    ends the run first); ``images``: optional folder of real images mixed in with probability ``real_fraction``;
+    ``resume``: continue from ``<out>.ckpt``; ``checkpoint_every``: steps between checkpoints; ``warmup``:
+    fraction of the run during which a supervised term on the known synthetic displacement (weight decaying
+    linearly from 1 to 0) speeds up the start; the rest of the run uses the HyperMorph loss alone.
+    """
+
+    ndim: int = 2
+    steps: int = 10000
+    size: int | None = None
+    batch: int | None = None
+    lr: float = 1e-3
+    seed: int = 0
+    out: str = "hypermorph2d.pt"
+    images: str | None = None
+    real_fraction: float = 0.5
+    resume: bool = False
+    device: str = "cpu"
+    threads: int = 1
+    checkpoint_every: int = 250
+    log_every: int = 50
+    max_minutes: float | None = None
+    warmup: float = 0.2
+    variance: bool = True
+    enc: tuple | None = None
+    dec: tuple | None = None
+
+    def resolved(self) -> "TrainConfig":
+        """Fill the ndim-dependent defaults (size 128/64, batch 4/1, channel widths)."""
+        c = TrainConfig(**asdict(self))
+        base = DEFAULT_CONFIG[int(c.ndim)]
+        c.size = int(c.size or base["work_size"])
+        c.batch = int(c.batch or (4 if c.ndim == 2 else 1))
+        c.enc = tuple(c.enc or base["enc"])
+        c.dec = tuple(c.dec or base["dec"])
+        return c
+
+
+# --------------------------------------------------------------------------------------------- losses
+def soft_dice(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean soft Dice over the labels present in either map, per pair.
+
+    ``a``, ``b``: (B, K, *S) one-hot (or soft) label maps → (B,) in [0, 1].
+    """
+    dims = tuple(range(2, a.dim()))
+    inter = (a * b).sum(dims)
+    denom = a.sum(dims) + b.sum(dims)
+    present = (denom > 1e-6).to(a.dtype)
+    dice = 2 * inter / denom.clamp(min=1e-6)
+    return (dice * present).sum(1) / present.sum(1).clamp(min=1)
+
+
+def grad_l2(v: torch.Tensor) -> torch.Tensor:
+    """Mean squared forward difference of a field ``v`` (B, D, *S), averaged over axes → (B,)."""
+    d = v.dim() - 2
+    terms = []
+    for k in range(d):
+        diff = torch.diff(v, dim=2 + k)
+        terms.append((diff ** 2).flatten(1).mean(1))
+    return torch.stack(terms, 0).mean(0)
+
+
+def _one_hot(labels: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, *S) int64 → (B, K, *S) float32."""
+    return F.one_hot(labels, k).movedim(-1, 1).to(torch.float32)
+
+
+def loss_terms(model: HyperMorphModel, batch: dict, lam: torch.Tensor, gen: torch.Generator | None = None,
+               sup_weight: float = 0.0) -> dict:
+    """Forward pass and every loss term for one batch.
+
+    Parameters
+    ----------
+    model : HyperMorphModel
+    batch : dict from :func:`~napari_regtool.deep.synth.synth_pair` (tensors on the model's device)
+    lam : (B,) regularisation weights in [0, 1]
+    gen : generator for the velocity samples of the variance loss (CPU)
+    sup_weight : weight of the warm-up term ``(1 − λ) · 0.02 · mean |u − u_true|²`` (needs ``true_disp``)
+
+    Returns
+    -------
+    dict of scalars: ``loss`` (to minimise), ``dice`` (mean Dice after warping), ``smooth`` (‖∇v‖²),
+    ``var`` (variance-head loss, 0 without the head), ``sup`` (warm-up term before weighting), ``dice0``
+    (Dice before warping).
+    """
+    fixed, moving = batch["fixed"], batch["moving"]
+    k = int(batch["n_labels"])
+    shape = tuple(fixed.shape[2:])
+    d = len(shape)
+    oh_f = _one_hot(batch["fixed_labels"], k)
+    oh_m = _one_hot(batch["moving_labels"], k)
+    mean, logvar = model(torch.cat([fixed, moving], 1), lam)
+    u = model.displacement(mean, shape)
+    dice = soft_dice(warp(oh_m, u), oh_f)
+    smooth = grad_l2(mean)
+    lam = lam.to(mean.dtype).reshape(-1)
+    loss = ((1 - lam) * (1 - dice) + lam * smooth).mean()
+    sup = torch.zeros((), device=mean.device)
+    if sup_weight > 0 and "true_disp" in batch:
+        err = ((u - batch["true_disp"]) ** 2).sum(1).flatten(1).mean(1)
+        sup = (0.02 * (1 - lam) * err).mean()
+        loss = loss + sup_weight * sup
+    var = torch.zeros((), device=mean.device)
+    if logvar is not None:
+        eps = torch.randn(mean.shape, generator=gen).to(mean.device)
+        vs = mean.detach() + torch.exp(0.5 * logvar) * eps
+        ws = warp(oh_m, model.displacement(vs, shape))
+        data = ((ws - oh_f) ** 2).sum(1).flatten(1).mean(1) / (2 * _SIGMA_N ** 2)
+        kl = 0.5 * (torch.exp(logvar) - logvar).sum(1).flatten(1).mean(1) / (2 ** d)
+        var = (data + kl).mean()
+        loss = loss + var
+    with torch.no_grad():
+        dice0 = soft_dice(oh_m, oh_f).mean()
+    return {"loss": loss, "dice": dice.mean(), "smooth": smooth.mean(), "var": var, "sup": sup, "dice0": dice0}
+
+
+# ------------------------------------------------------------------------------------------ training
+def _progress_line(step, total, t0, start_step, ema, extra=""):
+    done = step / max(total, 1)
+    width = 24
+    bar = "#" * int(width * done) + "-" * (width - int(width * done))
+    rate = (step - start_step) / max(time.perf_counter() - t0, 1e-9)
+    eta = (total - step) / rate if rate > 0 else float("nan")
+    eta_s = str(_dt.timedelta(seconds=int(eta))) if math.isfinite(eta) else "?"
+    terms = " ".join(f"{k} {v:.4f}" for k, v in ema.items())
+    return f"[{bar}] {step}/{total} {terms} {rate:.2f} it/s ETA {eta_s}{extra}"
+
+
+def evaluate_synthetic(model: HyperMorphModel, cfg: SynthConfig, n: int = 8, seed: int = 12345,
+                       lams=(0.1, 0.3, 0.5, 0.7, 0.9)) -> dict:
+    """Mean Dice, loss and folding of ``model`` on ``n`` held-out synthetic pairs (seed ``seed``) per λ."""
+    from ..transforms.field import jacobian_determinant_index
+
+    gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    batches = [synth_pair(1, gen, cfg) for _ in range(n)]
+    out = {"pairs": n}
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        out["dice_before"] = float(sum(float(terms_of(b, device)["dice0"]) for b in batches) / n)
+        for lam in lams:
+            dice = loss = fold = 0.0
+            for b in batches:
+                bb = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()}
+                t = loss_terms(model, bb, torch.full((1,), float(lam), device=device), torch.Generator())
+                dice += float(t["dice"])
+                loss += float((1 - lam) * (1 - t["dice"]) + lam * t["smooth"])
+                mean, _ = model(torch.cat([bb["fixed"], bb["moving"]], 1), lam)
+                jd = jacobian_determinant_index(model.displacement(mean, bb["fixed"].shape[2:]))
+                fold += float((jd <= 0).float().mean()) * 100
+            out[f"lambda_{lam:g}"] = {"dice": round(dice / n, 4), "loss": round(loss / n, 5),
+                                      "folding_percent": round(fold / n, 4)}
+    model.train(was_training)
+    return out
+
+
+def terms_of(batch, device):
+    """Dice of the unregistered pair (helper of :func:`evaluate_synthetic`)."""
+    k = int(batch["n_labels"])
+    return {"dice0": soft_dice(_one_hot(batch["moving_labels"], k), _one_hot(batch["fixed_labels"], k)).mean()}
+
+
+def _synth_config(cfg: TrainConfig) -> SynthConfig:
+    shape = (cfg.size,) * cfg.ndim
+    if cfg.ndim == 3:
+        return SynthConfig(shape=shape, label_res=(2, 8), labels=(6, 16))
+    return SynthConfig(shape=shape)
+
+
+def train(config: TrainConfig, log=print) -> Path:
+    """Train (or resume) a HyperMorph model and write its weight file; returns the file's path.
+
+    A checkpoint with the optimiser and random-generator state is written atomically to ``<out>.ckpt`` every
+    ``checkpoint_every`` steps and when the run stops (end, ``max_minutes``, Ctrl-C); ``resume=True`` continues
+    from it. The final file ``out`` holds the architecture, the weights and a ``meta`` dict: ndim, working size,
+    channel widths, steps, seed, date, data description, wall time, final loss and a held-out synthetic
+    evaluation.
+    """
+    from ..device import resolve_device
+    from ..errors import InputError
+
+    cfg = config.resolved()
+    if cfg.ndim not in (2, 3):
+        raise InputError(f"--ndim must be 2 or 3, got {cfg.ndim}.")
+    if cfg.size % 16 or cfg.size < 32:
+        raise InputError(f"--size must be a multiple of 16 and at least 32, got {cfg.size}.")
+    if cfg.steps < 1 or cfg.batch < 1 or not cfg.lr > 0:
+        raise InputError("--steps, --batch and --lr must be positive.")
+    device = resolve_device(cfg.device, warn=log)
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    out = Path(cfg.out).expanduser()
+    ckpt = out.with_name(out.name + ".ckpt")
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    arch = dict(DEFAULT_CONFIG[cfg.ndim])
+    arch.update(enc=cfg.enc, dec=cfg.dec, work_size=cfg.size, variance=cfg.variance)
+    model = HyperMorphModel(**arch).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    step, elapsed, history = 0, 0.0, []
+    if cfg.resume and ckpt.exists():
+        model, payload = read_model(ckpt, device, ndim=cfg.ndim, return_payload=True)
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        opt.load_state_dict(payload["optimizer"])
+        gen.set_state(payload["generator"])
+        step, elapsed = int(payload["step"]), float(payload.get("elapsed_s", 0.0))
+        history = list(payload.get("history", []))
+        log(f"Resuming from {ckpt} at step {step}.")
+    elif cfg.resume:
+        log(f"No checkpoint at {ckpt}; starting from scratch.")
+    model.train()
+    scfg = _synth_config(cfg)
+    real = RealImageSource(cfg.images, cfg.ndim) if cfg.images else None
+    data_desc = (f"synthetic SynthMorph-style label maps ({scfg.labels[0]}-{scfg.labels[1]} labels) and images "
+                 f"on a {cfg.size}^{cfg.ndim} grid, random contrast/noise/blur/bias/gamma, random SVF + mild affine "
+                 "warps")
+    if real is not None:
+        data_desc += f"; {100 * cfg.real_fraction:.0f}% of steps from {len(real)} real image(s) in {cfg.images}"
+
+    def checkpoint():
+        model.meta = _meta(cfg, step, elapsed, history, data_desc)
+        save_model(model, ckpt, extra={"optimizer": opt.state_dict(), "generator": gen.get_state(), "step": step,
+                                       "elapsed_s": float(elapsed), "history": history})
+
+    ema, t0, start_step, t_last = {}, time.perf_counter(), step, time.perf_counter()
+    limit_s = None if cfg.max_minutes is None else 60.0 * float(cfg.max_minutes)
+    log(f"Training a {cfg.ndim}D HyperMorph ({sum(p.numel() for p in model.parameters())} parameters) on "
+        f"{device} for {cfg.steps} steps, batch {cfg.batch}, grid {cfg.size}^{cfg.ndim}"
+        + (f", at most {cfg.max_minutes} min" if limit_s else "") + ".")
+    stopped = "completed"
+    try:
+        while step < cfg.steps:
+            now = time.perf_counter()
+            elapsed += now - t_last
+            t_last = now
+            if limit_s is not None and elapsed >= limit_s:
+                stopped = f"time limit ({cfg.max_minutes} min)"
+                break
+            frac = max(step / cfg.steps, elapsed / limit_s if limit_s else 0.0)
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+            use_real = real is not None and float(torch.rand(1, generator=gen)) < cfg.real_fraction
+            batch = real.sample(cfg.batch, gen, scfg) if use_real else synth_pair(cfg.batch, gen, scfg)
+            batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+            lam = torch.rand(cfg.batch, generator=gen).to(device)
+            sup_w = max(0.0, 1.0 - frac / cfg.warmup) if cfg.warmup > 0 else 0.0
+            terms = loss_terms(model, batch, lam, gen, sup_weight=sup_w)
+            opt.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            opt.step()
+            step += 1
+            for key in ("loss", "dice0", "dice", "smooth", "var", "sup"):
+                val = float(terms[key].detach())
+                ema[key] = val if key not in ema else 0.98 * ema[key] + 0.02 * val
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                history.append({"step": step, **{k: round(v, 5) for k, v in ema.items()}})
+                log(_progress_line(step, cfg.steps, t0, start_step, ema))
+            if step % cfg.checkpoint_every == 0:
+                checkpoint()
+    except KeyboardInterrupt:
+        stopped = "interrupted"
+        log("Interrupted; writing a checkpoint.")
+    elapsed += time.perf_counter() - t_last
+    checkpoint()
+    model.eval()
+    evaluation = evaluate_synthetic(model, scfg, n=8 if cfg.ndim == 2 else 3)
+    model.meta = _meta(cfg, step, elapsed, history, data_desc)
+    model.meta.update(stopped=stopped, synthetic_eval=evaluation)
+    save_model(model, out)
+    log(f"Wrote {out} after {step} steps ({elapsed / 60:.1f} min, {stopped}); held-out synthetic Dice "
+        f"{evaluation['dice_before']:.3f} → {evaluation['lambda_0.5']['dice']:.3f} at λ=0.5.")
+    return out
+
+
+def _meta(cfg: TrainConfig, step, elapsed, history, data_desc) -> dict:
+    final = history[-1] if history else {}
+    return {"ndim": cfg.ndim, "work_size": cfg.size, "enc": list(cfg.enc), "dec": list(cfg.dec), "steps": step,
+            "batch": cfg.batch, "lr": cfg.lr, "seed": cfg.seed,
+            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "data": data_desc,
+            "wall_time_min": round(elapsed / 60, 2), "warmup": cfg.warmup, "final_loss": final.get("loss"), "final_dice": final.get("dice"),
+            "final_smooth": final.get("smooth"), "torch": str(torch.__version__), "device": str(cfg.device),
+            "threads": cfg.threads, "command": _command_line(cfg)}
+
+
+def _command_line(cfg: TrainConfig) -> str:
+    parts = [f"regtool train --ndim {cfg.ndim} --steps {cfg.steps} --size {cfg.size} --batch {cfg.batch} "
+             f"--lr {cfg.lr:g} --seed {cfg.seed}"]
+    if cfg.max_minutes:
+        parts.append(f"--max-minutes {cfg.max_minutes:g}")
+    parts.append(f"--warmup {cfg.warmup:g}")
+    if cfg.images:
+        parts.append(f"--images {cfg.images} --real-fraction {cfg.real_fraction:g}")
+    parts.append(f"--out {Path(cfg.out).name}")
+    return " ".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``regtool train`` options to ``parser`` (an ``argparse`` parser or sub-parser)."""
+    parser.add_argument("--ndim", type=int, choices=(2, 3), default=2, help="2D or 3D model (default 2)")
+    parser.add_argument("--steps", type=int, default=10000, help="optimiser steps (default 10000)")
+    parser.add_argument("--size", type=int, default=None,
+                        help="working grid side, a multiple of 16 (default 128 in 2D, 64 in 3D)")
+    parser.add_argument("--batch", type=int, default=None, help="pairs per step (default 4 in 2D, 1 in 3D)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate, cosine-decayed to lr/10")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the data and the initial weights")
+    parser.add_argument("--out", default=None, help="output weight file (default ./hypermorph<ndim>d.pt)")
+    parser.add_argument("--images", default=None, help="optional folder of real images mixed into training")
+    parser.add_argument("--real-fraction", type=float, default=0.5,
+                        help="share of steps drawn from --images (default 0.5)")
+    parser.add_argument("--resume", action="store_true", help="continue from <out>.ckpt if it exists")
+    parser.add_argument("--device", default="cpu", help="auto, cpu, cuda, cuda:N or mps (default cpu)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1)")
+    parser.add_argument("--checkpoint-every", type=int, default=250, help="steps between checkpoints")
+    parser.add_argument("--log-every", type=int, default=50, help="steps between progress lines")
+    parser.add_argument("--max-minutes", type=float, default=None,
+                        help="stop (and save) after this much training time; the learning-rate schedule follows it")
+    parser.add_argument("--warmup", type=float, default=0.2,
+                        help="fraction of the run with a decaying supervised term on the synthetic truth (0 = off)")
+    parser.add_argument("--no-variance", action="store_true", help="train without the uncertainty head")
+    return parser
+
+
+def run_train(args: argparse.Namespace, log=None) -> Path:
+    """Run ``regtool train`` from parsed arguments; returns the path of the written weight file."""
+    out = args.out or f"hypermorph{args.ndim}d.pt"
+    cfg = TrainConfig(ndim=args.ndim, steps=args.steps, size=args.size, batch=args.batch, lr=args.lr,
+                      seed=args.seed, out=out, images=args.images, real_fraction=args.real_fraction,
+                      resume=args.resume, device=args.device, threads=args.threads,
+                      checkpoint_every=args.checkpoint_every, log_every=args.log_every,
+                      max_minutes=args.max_minutes, warmup=args.warmup,
+                      variance=not getattr(args, "no_variance", False))
+    return train(cfg, log=log or (lambda m: print(m, flush=True)))
+
+
+def main(argv=None):
+    parser = add_train_arguments(argparse.ArgumentParser(prog="python -m napari_regtool.deep.train",
+                                                         description="Train the HyperMorph model."))
+    run_train(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
