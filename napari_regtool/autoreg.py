@@ -1,8 +1,8 @@
 """Automatic (intensity-based) rigid, similarity and affine registration with SimpleITK.
 
 :func:`auto_linear` runs ``SimpleITK.ImageRegistrationMethod`` in physical space (spacing, origin and direction
-of both images are honoured): Mattes mutual information or correlation, random sampling, gradient descent with
-parameter scales estimated from physical shifts, and a multi-resolution pyramid whose coarsest level keeps at
+of both images are honoured): Mattes mutual information or correlation, random sampling, regular-step gradient
+descent with parameter scales estimated from physical shifts, and a multi-resolution pyramid whose coarsest level keeps at
 least 32 voxels per axis. It starts from a centred initialisation (image centres or centres of mass) or from a
 given transform (e.g. a landmark fit), and returns an :class:`~napari_regtool.transforms.linear.AffineTransform`
 mapping fixed points to moving points, like every transform in the package.
@@ -165,8 +165,12 @@ def auto_linear(fixed: Image, moving: Image, model: str = "rigid", initial: Tran
     reg.SetMetricSamplingStrategy(reg.RANDOM)
     reg.SetMetricSamplingPercentage(float(sampling), int(seed))
     reg.SetInterpolator(sitk.sitkLinear)
-    reg.SetOptimizerAsGradientDescent(learningRate=1.0, numberOfIterations=int(iterations),
-                                      convergenceMinimumValue=1e-6, convergenceWindowSize=10)
+    # regular-step descent with scales from physical shifts: the step is about a physical distance, so it
+    # starts at two voxels and stops below a thousandth of one
+    h = float(np.mean(fixed.space.spacing))
+    reg.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0 * h, minStep=1e-3 * h,
+                                                 numberOfIterations=int(iterations), relaxationFactor=0.5,
+                                                 gradientMagnitudeTolerance=1e-8)
     reg.SetOptimizerScalesFromPhysicalShift()
     reg.SetShrinkFactorsPerLevel([int(v) for v in shrink_factors])
     reg.SetSmoothingSigmasPerLevel([float(v) for v in smoothing_sigmas])
