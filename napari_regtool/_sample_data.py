@@ -1,0 +1,49 @@
+"""Sample data: the 2D and 3D brain pairs of ``sample_data/`` (fixed, moving and their landmark pairs)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import InputError
+
+__all__ = ["sample_dir", "brain2d", "brain3d", "sample_files"]
+
+
+def sample_dir() -> Path:
+    """The repository's ``sample_data`` folder (next to the package in a source checkout / editable install)."""
+    return Path(__file__).resolve().parents[1] / "sample_data"
+
+
+def sample_files(prefix: str) -> dict:
+    folder = sample_dir()
+    files = {"fixed": folder / f"{prefix}_fixed.nii.gz", "moving": folder / f"{prefix}_moving.nii.gz",
+             "landmarks": folder / f"{prefix}_landmarks.csv"}
+    missing = [str(p) for p in files.values() if not p.exists()]
+    if missing:
+        raise InputError(f"The napari-regtool sample data is missing ({', '.join(missing)}). The samples ship with "
+                         "the source repository: install the plugin from a clone (pip install -e .) to use them.")
+    return files
+
+
+def _sample(prefix: str) -> list:
+    from ._reader import image_layer_data, landmark_layer_data
+    from .io import read_image
+    from .landmarks import read_bigwarp_csv
+
+    files = sample_files(prefix)
+    fixed = read_image(files["fixed"])
+    moving = read_image(files["moving"])
+    pairs = read_bigwarp_csv(files["landmarks"])
+    fd, fk, ft = image_layer_data(fixed, files["fixed"], role="fixed", sample=True)
+    md, mk, mt = image_layer_data(moving, files["moving"], role="moving", sample=True)
+    fk["name"], mk["name"] = f"{prefix} fixed", f"{prefix} moving"
+    return [(fd, fk, ft), (md, mk, mt), *landmark_layer_data(pairs, files["landmarks"])]
+
+
+def brain2d():
+    """2D pair: an axial MRI slice and a rotated, scaled, bent copy on another grid, with 12 landmark pairs."""
+    return _sample("brain2d")
+
+
+def brain3d():
+    """3D pair: an MRI volume (2 mm) and a warped copy on a rotated 2.2×1.9×2.5 mm grid, with 14 pairs."""
+    return _sample("brain3d")

@@ -1,0 +1,172 @@
+"""Conversions between napari layers and engine objects (images, points, transforms applied to layers)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError
+from ..image import Image
+from ..space import Space, to_array_order, to_physical_order
+
+__all__ = ["PALETTE", "META_KEY", "image_from_layer", "layer_space", "layer_role", "layer_path", "world_matrix",
+           "image_layer_kwargs", "jacobian_colormap", "map_layer_points", "apply_to_layer"]
+
+#: metadata key under which the plugin marks layers it made or understands
+META_KEY = "regtool"
+
+#: pair colours, the same pair has the same colour in both landmark layers
+PALETTE = np.array([
+    (0.12, 0.47, 0.71), (1.00, 0.50, 0.05), (0.17, 0.63, 0.17), (0.84, 0.15, 0.16), (0.58, 0.40, 0.74),
+    (0.55, 0.34, 0.29), (0.89, 0.47, 0.76), (0.74, 0.74, 0.13), (0.09, 0.75, 0.81), (1.00, 0.85, 0.20),
+    (0.40, 0.76, 0.65), (0.99, 0.55, 0.38),
+])
+
+
+def layer_role(layer) -> dict:
+    """The plugin's metadata of a layer (``{}`` for foreign layers)."""
+    md = getattr(layer, "metadata", None) or {}
+    r = md.get(META_KEY)
+    return r if isinstance(r, dict) else {}
+
+
+def layer_path(layer) -> Path | None:
+    """The file a layer was read from, when known (plugin metadata, else napari's ``layer.source``)."""
+    p = layer_role(layer).get("path")
+    if not p:
+        src = getattr(layer, "source", None)
+        p = getattr(src, "path", None)
+    return Path(p) if p else None
+
+
+def world_matrix(layer) -> np.ndarray:
+    """``(D+1, D+1)`` homogeneous data → world matrix of a layer (scale, translate, rotate, shear and affine)."""
+    d = layer.ndim
+    o = np.asarray(layer.data_to_world(np.zeros(d)), float)
+    m = np.eye(d + 1)
+    for k in range(d):
+        e = np.zeros(d)
+        e[k] = 1.0
+        m[:d, k] = np.asarray(layer.data_to_world(e), float) - o
+    m[:d, d] = o
+    return m
+
+
+def layer_space(layer) -> Space:
+    """The physical grid of an image/labels layer, from its data shape and its data → world transform."""
+    d = layer.ndim
+    data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+    shape = tuple(data.shape[:d])
+    if d not in (2, 3):
+        raise InputError(f"Layer {layer.name!r} is {d}D; only 2D and 3D images can be registered.")
+    try:
+        return Space.from_napari(shape, affine=world_matrix(layer))
+    except ValueError as exc:
+        raise InputError(f"Layer {layer.name!r}: {exc}") from None
+
+
+def image_from_layer(layer, is_label: bool | None = None) -> Image:
+    """An :class:`Image` (array + physical grid) from a napari image or labels layer."""
+    from napari.layers import Image as ImageLayer, Labels
+
+    if not isinstance(layer, (ImageLayer, Labels)):
+        raise InputError(f"Layer {layer.name!r} is a {type(layer).__name__} layer; choose an image layer.")
+    data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+    arr = np.asarray(data)
+    space = layer_space(layer)
+    label = isinstance(layer, Labels) if is_label is None else is_label
+    return Image(arr, space, name=layer.name, is_label=label)
+
+
+def image_layer_kwargs(space: Space) -> dict:
+    """Layer keyword arguments placing an array of ``space`` in world (= physical, array order) coordinates."""
+    return dict(space.napari_kwargs())
+
+
+def jacobian_colormap():
+    """Jacobian determinant colours for contrast limits (−1, 3): det ≤ 0 (folding) red, compression blue,
+    1 (volume kept) white, expansion orange."""
+    from napari.utils.colormaps import Colormap
+
+    # value v ↦ (v + 1) / 4 on [0, 1]: 0 → 0.25, 1 → 0.5, 3 → 1
+    controls = [0.0, 0.2499, 0.25, 0.5, 1.0]
+    colors = [[1.0, 0.0, 0.0, 1.0], [1.0, 0.0, 0.0, 1.0], [0.05, 0.15, 0.7, 1.0], [1.0, 1.0, 1.0, 1.0],
+              [0.85, 0.35, 0.0, 1.0]]
+    return Colormap(colors=colors, controls=controls, name="regtool_jacobian", interpolation="linear")
+
+
+def _points_world(layer, data) -> np.ndarray:
+    """World coordinates of a points/shapes vertex array given in layer data coordinates."""
+    m = world_matrix(layer)
+    d = m.shape[0] - 1
+    pts = np.asarray(data, float)[:, -d:]
+    return pts @ m[:d, :d].T + m[:d, d]
+
+
+def map_layer_points(world_pts: np.ndarray, inverse_transform) -> np.ndarray:
+    """Carry world points from moving space to fixed space: ``T⁻¹`` applied in physical (x, y, z) order."""
+    if len(world_pts) == 0:
+        return np.zeros((0, world_pts.shape[1]))
+    phys = to_physical_order(np.asarray(world_pts, float))
+    return to_array_order(inverse_transform.map_points(phys))
+
+
+def apply_to_layer(layer, transform, fixed_space: Space, device="cpu"):
+    """Warp a layer of the moving image into the fixed image's space.
+
+    Images are resampled linearly and labels by nearest neighbour onto the fixed grid (``moving(T(x))``);
+    points and shapes, which are positions in moving space, are carried by the inverse transform ``T⁻¹``.
+    Returns a napari layer-data tuple ``(data, kwargs, layer_type)``.
+    """
+    from napari.layers import Image as ImageLayer, Labels, Points, Shapes
+
+    from ..pipeline import warp_image
+
+    name = f"{layer.name} (registered)"
+    if isinstance(layer, (ImageLayer, Labels)):
+        im = image_from_layer(layer)
+        if im.ndim != fixed_space.ndim:
+            raise InputError(f"Layer {layer.name!r} is {im.ndim}D but the registration is {fixed_space.ndim}D.")
+        label = isinstance(layer, Labels)
+        arr = warp_image(im, transform, fixed_space, label=label, device=device)
+        kw = dict(name=name, **image_layer_kwargs(fixed_space))
+        if label:
+            return arr, kw, "labels"
+        kw.update(colormap=layer.colormap.name, contrast_limits=tuple(layer.contrast_limits), rgb=layer.rgb,
+                  blending=layer.blending)
+        return arr, kw, "image"
+    if isinstance(layer, (Points, Shapes)):
+        d = fixed_space.ndim
+        if layer.ndim != d:
+            raise InputError(f"Layer {layer.name!r} is {layer.ndim}D but the registration is {d}D.")
+        inv = transform.inverse()
+        if isinstance(layer, Points):
+            pts = map_layer_points(_points_world(layer, layer.data), inv)
+            kw = dict(name=name, features=layer.features.copy(), size=np.asarray(layer.size),
+                      face_color=np.asarray(layer.face_color), border_color=np.asarray(layer.border_color),
+                      symbol=np.asarray([str(s) for s in layer.symbol]) if np.ndim(layer.symbol) else str(layer.symbol))
+            return pts, kw, "points"
+        shapes, types = [], []
+        for verts, kind in zip(layer.data, layer.shape_type):
+            v = np.asarray(verts, float)
+            if kind == "ellipse":
+                v = _ellipse_polygon(v)
+                kind = "polygon"
+            elif kind == "rectangle":
+                kind = "polygon"  # a warped rectangle is a general quadrilateral
+            shapes.append(map_layer_points(_points_world(layer, v), inv))
+            types.append(kind)
+        kw = dict(name=name, shape_type=types, edge_color=np.asarray(layer.edge_color),
+                  face_color=np.asarray(layer.face_color), edge_width=np.asarray(layer.edge_width))
+        return shapes, kw, "shapes"
+    raise InputError(f"Layer {layer.name!r} is a {type(layer).__name__} layer; images, labels, points and shapes "
+                     "can be registered.")
+
+
+def _ellipse_polygon(corners: np.ndarray, n: int = 64) -> np.ndarray:
+    """napari's ellipse (4 bounding-box corners) → ``n`` vertices on the ellipse."""
+    c = corners.mean(0)
+    a = (corners[1] - corners[0]) / 2.0
+    b = (corners[3] - corners[0]) / 2.0
+    t = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    return c + np.cos(t)[:, None] * a + np.sin(t)[:, None] * b

@@ -1,0 +1,39 @@
+"""A small widget that applies a saved transform file to a layer — ``regtool apply`` inside napari."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from magicgui import magic_factory
+
+__all__ = ["apply_transform_file"]
+
+
+@magic_factory(
+    call_button="Apply",
+    transform_file={"label": "Transform", "mode": "r",
+                    "filter": "Transforms (*.tfm *.h5 *.hdf5 *.txt *.mat *.nii *.nii.gz *.mha *.nrrd)"},
+    invert={"label": "Invert (moving ← fixed)"},
+)
+def apply_transform_file(layer: "napari.layers.Layer", reference: "napari.layers.Image",
+                         transform_file: Path = Path(), invert: bool = False) -> "napari.types.LayerDataTuple":
+    """Warp ``layer`` (image, labels, points, shapes in moving space) into ``reference``'s grid through an ITK
+    transform or displacement-field file, the same as ``regtool apply``."""
+    from napari.utils.notifications import show_error
+
+    from ..errors import RegtoolError
+    from ..io import read_transform
+    from ._layers import apply_to_layer, layer_space
+
+    try:
+        if not str(transform_file) or not Path(transform_file).is_file():
+            raise RegtoolError("Choose a transform file (.tfm, .h5, or a displacement field image).")
+        t = read_transform(transform_file)
+        space = layer_space(reference)
+        if t.ndim != space.ndim:
+            raise RegtoolError(f"The transform is {t.ndim}D but {reference.name!r} is {space.ndim}D.")
+        if invert:
+            t = t.inverse()
+        return apply_to_layer(layer, t, space)
+    except RegtoolError as exc:
+        show_error(str(exc))
+        return None
