@@ -62,12 +62,17 @@ def user_data_dir() -> Path:
         return Path.home() / ".local" / "share" / "napari-regtool"
 
 
-def deep_available() -> tuple[bool, str]:
-    """``(True, "")`` when the deep model can be imported, else ``(False, reason)``."""
+def deep_available(ndim: int | None = None) -> tuple[bool, str]:
+    """``(True, "")`` when the deep model can be used (for ``ndim``-D images), else ``(False, reason)``."""
     try:
-        from .deep import infer  # noqa: F401
+        from .deep import infer
     except Exception as exc:  # ImportError, or a broken install
         return False, f"The deep model is not available in this installation ({type(exc).__name__}: {exc})."
+    if ndim is not None:
+        wp = getattr(infer, "weights_path", None)
+        if wp is not None and not wp(ndim).is_file():
+            return False, (f"The deep model is not available: no {ndim}D weights are installed ({wp(ndim).name}). "
+                           f"Train them with `regtool train --ndim {ndim}`, or choose another model.")
     return True, ""
 
 

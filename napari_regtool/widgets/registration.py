@@ -1028,7 +1028,7 @@ class RegistrationWidget(QWidget):
         if model == self.session.model:
             return
         if model == "deep":
-            ok, why = deep_available()
+            ok, why = deep_available(self.session.ndim)
             if not ok:
                 self._notify("error", why)
                 self._revert_model_combo()
@@ -1116,7 +1116,7 @@ class RegistrationWidget(QWidget):
 
     def predict(self):
         """Run the deep model for the current λ (network only, fast once the pair is prepared)."""
-        ok, why = deep_available()
+        ok, why = deep_available(self.session.ndim)
         if not ok:
             self._notify("error", why)
             return
@@ -1138,7 +1138,7 @@ class RegistrationWidget(QWidget):
 
     def refine(self):
         """Optimise the deep deformation for this pair (cancellable, with progress)."""
-        ok, why = deep_available()
+        ok, why = deep_available(self.session.ndim)
         if not ok:
             self._notify("error", why)
             return
@@ -1149,13 +1149,15 @@ class RegistrationWidget(QWidget):
         init = self._deep_initial_transform()
         key = (id(self.session.fixed), id(self.session.moving), str(dev),
                None if init is None else np.round(init.homogeneous, 9).tobytes())
-        f, m = self.session.landmark_fit_points()
         steps = int(self.refine_steps.value())
+        self.session.refine_steps = steps
+        prev = self.session.computed.get("deep", {}).get("transform")
         self.deep_status.setText(f"Refining ({steps} steps) on {desc}…")
         self._show_progress(True)
+        # landmarks are not passed, as in `regtool register --model deep --refine N`, so both give the same result
         self._deep_runner.request(_deep_refine_job, self._deep_cache, key, self.session.fixed, self.session.moving,
-                                  str(dev), init, self.reg_weight, steps, (f, m) if len(f) else None,
-                                  self._progress, cancellable=True)
+                                  str(dev), init, self.reg_weight, steps, None, self._progress,
+                                  getattr(prev, "uncertainty", None), cancellable=True)
 
     def auto_align(self, kind: str | None = None):
         """Intensity-based linear alignment (rigid for the rigid model, else affine), in the background."""
@@ -1673,10 +1675,13 @@ def _deep_predict_job(cache, key, fixed, moving, device, initial, lam):
     return ("predict", t, {"reg_weight": lam, "runtime_s": time.perf_counter() - t0})
 
 
-def _deep_refine_job(cache, key, fixed, moving, device, initial, lam, steps, landmarks, progress, cancel=None):
+def _deep_refine_job(cache, key, fixed, moving, device, initial, lam, steps, landmarks, progress, uncertainty=None,
+                     cancel=None):
     t0 = time.perf_counter()
     reg = _deep_registration(cache, key, fixed, moving, device, initial)
     t = reg.refine(lam, steps=steps, landmarks=landmarks, progress=progress, cancel=cancel)
+    if getattr(t, "uncertainty", None) is None and uncertainty is not None:
+        t.uncertainty = uncertainty  # the network's map, as `regtool register --refine N --uncertainty` keeps it
     if cancel is not None and cancel():
         raise Cancelled()
     return ("refine", t, {"reg_weight": lam, "refine_steps": steps, "runtime_s": time.perf_counter() - t0})
