@@ -84,6 +84,16 @@ def autoreg_available() -> tuple[bool, str]:
     return True, ""
 
 
+def _is_sample_folder(folder: Path) -> bool:
+    """The plugin's own sample data folder is never written to (autosaves go to the user folder instead)."""
+    from ._sample_data import sample_dir
+
+    try:
+        return Path(folder).resolve() == sample_dir().resolve()
+    except OSError:
+        return False
+
+
 def outlier_mask(errors: np.ndarray, factor: float = 3.0) -> np.ndarray:
     """(N,) bool: leave-one-out errors far above the others (median + ``factor``·1.4826·MAD, and > 2× median).
 
@@ -135,7 +145,7 @@ class Session:
     Landmark edits (add, place, move, delete, toggle, rename, load, clear) are commands with undo/redo; each
     one autosaves the pairs as a BigWarp CSV (see :attr:`autosave_path`). Listeners registered with
     :meth:`connect` are called with ``(event, info)`` for events ``"images"``, ``"landmarks"``, ``"model"``,
-    ``"transform"``, ``"history"``.
+    ``"transform"`` (a new transform), ``"fit"`` (after every refit, with its ``message``), ``"history"``.
     """
 
     def __init__(self, autosave: bool = True, autosave_dir=None):
@@ -248,8 +258,8 @@ class Session:
             return self._autosave_override
         if not self.ready:
             return None
-        if self.moving_path is not None and self.moving_path.parent.is_dir() and os.access(self.moving_path.parent,
-                                                                                           os.W_OK):
+        if self.moving_path is not None and self.moving_path.parent.is_dir() and os.access(
+                self.moving_path.parent, os.W_OK) and not _is_sample_folder(self.moving_path.parent):
             name = self.moving_path.name
             for ext in (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".tiff", ".tif", ".png"):
                 if name.lower().endswith(ext):
@@ -560,6 +570,7 @@ class Session:
                 self.transform = run["transform"]
         if self.transform is not old:
             self._emit("transform")
+        self._emit("fit", message=self.fit_message)
         return self.transform
 
     def set_computed(self, model: str, transform: Transform, **info):

@@ -107,7 +107,8 @@ def map_layer_points(world_pts: np.ndarray, inverse_transform) -> np.ndarray:
     """Carry world points from moving space to fixed space: ``T⁻¹`` applied in physical (x, y, z) order."""
     if len(world_pts) == 0:
         return np.zeros((0, world_pts.shape[1]))
-    phys = to_physical_order(np.asarray(world_pts, float))
+    # contiguous copy: Transform.map_points hands the array to torch, which refuses the reversed (negative-stride) view
+    phys = np.ascontiguousarray(to_physical_order(np.asarray(world_pts, float)))
     return to_array_order(inverse_transform.map_points(phys))
 
 

@@ -43,6 +43,7 @@ class LatestRunner(QObject):
         self._worker = None
         self._running_gen = 0
         self._dropped = 0
+        self.closed = False
         self._cancel_event: threading.Event | None = None
 
     @property
@@ -55,6 +56,8 @@ class LatestRunner(QObject):
 
     def request(self, func: Callable, *args, cancellable: bool = False, **kwargs) -> int:
         self.generation += 1
+        if self.closed:
+            return self.generation
         self._queued = (self.generation, func, args, kwargs, cancellable)
         if self._worker is None:
             self._start_next()
@@ -85,30 +88,47 @@ class LatestRunner(QObject):
         worker = create_worker(func, *args, _start_thread=False, **kwargs)
         self._worker = worker
         self._running_gen = gen
-        worker.yielded.connect(lambda value, g=gen: self._yielded(g, value))
+        if hasattr(worker, "yielded"):  # generator jobs report every yield; plain functions only their result
+            worker.yielded.connect(lambda value, g=gen: self._yielded(g, value))
         worker.returned.connect(lambda value, g=gen: self._yielded(g, value) if value is not None else None)
         worker.errored.connect(lambda exc, g=gen: self._errored(g, exc))
         worker.finished.connect(lambda w=worker: self._finished(w))
         self.idle_changed.emit(False)
         worker.start()
 
+    def close(self):
+        """Stop for good (the widget is going away): nothing more is started or delivered."""
+        self.cancel()
+        self.closed = True
+
     def _yielded(self, gen, value):
-        if gen < self.shown or gen <= self._dropped:
+        if self.closed or gen < self.shown or gen <= self._dropped:
             return
         self.shown = gen
-        self._on_result(gen, value)
+        try:
+            self._on_result(gen, value)
+        except RuntimeError:  # the widget's Qt objects were deleted while the job ran
+            self.closed = True
 
     def _errored(self, gen, exc):
-        if gen < self.shown or gen <= self._dropped:
+        if self.closed or gen < self.shown or gen <= self._dropped:
             return
-        self._on_error(exc)
+        try:
+            self._on_error(exc)
+        except RuntimeError:
+            self.closed = True
 
     def _finished(self, worker):
         if worker is not self._worker:
             return
         self._worker = None
         self._cancel_event = None
-        if self._queued is not None:
-            self._start_next()
-        else:
-            self.idle_changed.emit(True)
+        if self.closed:
+            return
+        try:
+            if self._queued is not None:
+                self._start_next()
+            else:
+                self.idle_changed.emit(True)
+        except RuntimeError:
+            self.closed = True

@@ -112,6 +112,7 @@ class RegistrationWidget(QWidget):
         self.last_latency_s: float | None = None
         self._was_folding = False
         self._last_fit_message = ""
+        self._too_few_notified = None
         self._add_mode = False
         self._view = "side"
         self._deep_cache: dict = {}
@@ -121,9 +122,12 @@ class RegistrationWidget(QWidget):
         self._combo_lock = False
         self._picks: dict = {"fixed": None, "moving": None}
 
-        self._preview = LatestRunner(self._show_preview, self._job_error, "preview", self)
-        self._deep_runner = LatestRunner(self._deep_result, self._job_error, "deep", self)
-        self._jobs = LatestRunner(self._job_result, self._job_error, "job", self)
+        # runners are not Qt children of the widget: a job finishing after the widget is gone must find them alive
+        self._preview = LatestRunner(self._show_preview, self._job_error, "preview")
+        self._deep_runner = LatestRunner(self._deep_result, self._job_error, "deep")
+        self._jobs = LatestRunner(self._job_result, self._job_error, "job")
+        runners = (self._preview, self._deep_runner, self._jobs)
+        self.destroyed.connect(lambda *_: [r.close() for r in runners])
         self._progress = ProgressBridge(self)
         self._progress.progressed.connect(self._on_progress)
         for r in (self._deep_runner, self._jobs):
@@ -653,6 +657,8 @@ class RegistrationWidget(QWidget):
             self._update_model_ui()
         elif event == "transform":
             self.schedule_preview()
+        elif event == "fit":
+            self._update_status_from_fit()
 
     def _update_autosave_label(self):
         p = self.session.autosave_path
@@ -902,11 +908,16 @@ class RegistrationWidget(QWidget):
     def toggle_add_mode(self):
         self.set_add_mode(not self._add_mode)
 
+    @property
+    def _grid(self):
+        canvas = getattr(self.viewer, "canvas", None)  # napari ≥ 0.9 keeps the grid on viewer.canvas
+        return canvas.grid if canvas is not None and hasattr(canvas, "grid") else self.viewer.grid
+
     def _side_for_click(self, event) -> str:
-        if self.viewer.grid.enabled and self._moving_layer is not None:
+        if self._grid.enabled and self._moving_layer is not None:
             vb = getattr(event, "viewbox", None)
             if vb is not None and tuple(vb) != (-1, -1):
-                inside = self.viewer.grid.contents_at(tuple(vb), self.viewer.layers)
+                inside = self._grid.contents_at(tuple(vb), self.viewer.layers)
                 layers = [self.viewer.layers[i] for i in inside]
                 if self._moving_layer in layers or self._layer("landmarks-moving") in layers:
                     return "moving"
@@ -987,11 +998,11 @@ class RegistrationWidget(QWidget):
                     layers.move(cur, k)
             if self._view == "side" and moving_group:
                 n_fixed = len(layers) - len(moving_group)
-                self.viewer.grid.stride = max(1, n_fixed)
-                self.viewer.grid.shape = (-1, -1)
-                self.viewer.grid.enabled = True
+                self._grid.stride = max(1, n_fixed)
+                self._grid.shape = (-1, -1)
+                self._grid.enabled = True
             else:
-                self.viewer.grid.enabled = False
+                self._grid.enabled = False
         finally:
             self._mute -= 1
 
@@ -1238,15 +1249,22 @@ class RegistrationWidget(QWidget):
                                     self._wanted_maps(), landmarks, s.model, s.smoothing, s.pairs.copy(),
                                     s._drag_before is None, s.transform is not None)
         self._preview_gen_t0[gen] = time.perf_counter()
-        self._update_status_from_fit()
 
     def _update_status_from_fit(self):
         s = self.session
         msg = s.fit_message
+        if not s.ready:
+            return
         if msg and msg != self._last_fit_message and s.model in LANDMARK_MODELS and len(s.pairs):
-            n_usable = int(s.pairs.usable.sum())
-            # "too few pairs" while placing the first pairs is expected: say it in the status line, notify once
-            self._notify("warning", msg) if n_usable >= 1 else None
+            too_few = "needs at least" in msg
+            # "too few pairs" while the first pairs are being placed is expected: notify it once per model (again
+            # after a fit succeeded), every other reason each time it appears
+            if not too_few or self._too_few_notified != s.model:
+                self._notify("warning", msg)
+            if too_few:
+                self._too_few_notified = s.model
+        if not msg:
+            self._too_few_notified = None
         self._last_fit_message = msg
         if msg:
             self._set_status(msg)
@@ -1442,7 +1460,8 @@ class RegistrationWidget(QWidget):
         for ax in range(nd):
             if ax not in self.viewer.dims.displayed:
                 self.viewer.dims.set_point(ax, full[ax])
-        self.viewer.camera.center = tuple(full[ax] for ax in self.viewer.dims.displayed)
+        camera = self.viewer.scene.camera if hasattr(self.viewer, "scene") else self.viewer.camera
+        camera.center = tuple(full[ax] for ax in self.viewer.dims.displayed)
 
     def go_to_pair(self, index: int):
         """Centre the view on pair ``index`` (its fixed point, else its moving point) and select it."""
@@ -1632,9 +1651,12 @@ class RegistrationWidget(QWidget):
         if self._closing:
             return
         self._closing = True
-        self._flicker_timer.stop()
         for r in (self._preview, self._deep_runner, self._jobs):
-            r.cancel()
+            r.close()
+        try:
+            self._flicker_timer.stop()
+        except RuntimeError:
+            pass
         try:
             self.viewer.mouse_drag_callbacks.remove(self._on_canvas_click)
         except ValueError:
