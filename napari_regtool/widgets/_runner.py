@@ -19,7 +19,7 @@ class ProgressBridge(QObject):
 
 
 class LatestRunner(QObject):
-    """Runs jobs on napari worker threads, at most one at a time.
+    """Runs jobs on worker threads (superqt workers in Qt's thread pool), at most one at a time.
 
     :meth:`request` queues a job (a generator function and its arguments) under a new generation number. If a
     job is running, the queued one waits and is replaced by any newer request, so a burst of requests (a
@@ -75,7 +75,9 @@ class LatestRunner(QObject):
         self._dropped = self.generation
 
     def _start_next(self):
-        from napari.qt.threading import create_worker
+        # superqt's worker, not napari's: napari's relays errors to its notification manager with a traceback,
+        # while errors here become one plain-sentence message through ``on_error``
+        from superqt.utils import create_worker
 
         gen, func, args, kwargs, cancellable = self._queued
         self._queued = None
@@ -85,7 +87,7 @@ class LatestRunner(QObject):
             kwargs = dict(kwargs, cancel=ev.is_set)
         else:
             self._cancel_event = None
-        worker = create_worker(func, *args, _start_thread=False, **kwargs)
+        worker = create_worker(func, *args, _start_thread=False, _ignore_errors=True, **kwargs)
         self._worker = worker
         self._running_gen = gen
         if hasattr(worker, "yielded"):  # generator jobs report every yield; plain functions only their result

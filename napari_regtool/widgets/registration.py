@@ -113,6 +113,7 @@ class RegistrationWidget(QWidget):
         self._was_folding = False
         self._last_fit_message = ""
         self._too_few_notified = None
+        self._deep_long = False
         self._add_mode = False
         self._view = "side"
         self._deep_cache: dict = {}
@@ -1164,6 +1165,7 @@ class RegistrationWidget(QWidget):
         self.session.refine_steps = steps
         prev = self.session.computed.get("deep", {}).get("transform")
         self.deep_status.setText(f"Refining ({steps} steps) on {desc}…")
+        self._deep_long = True
         self._show_progress(True)
         # landmarks are not passed, as in `regtool register --model deep --refine N`, so both give the same result
         self._deep_runner.request(_deep_refine_job, self._deep_cache, key, self.session.fixed, self.session.moving,
@@ -1229,8 +1231,9 @@ class RegistrationWidget(QWidget):
             self.progress.setFormat(f"{message} %p%")
 
     def _update_busy(self, _=None):
-        busy = self._jobs.busy or (self._deep_runner.busy and self.progress.isVisible())
-        if not busy:
+        if not self._deep_runner.busy:
+            self._deep_long = False
+        if not self._jobs.busy and not self._deep_long:
             self._show_progress(False)
 
     # ============================================================ preview

@@ -1,0 +1,164 @@
+"""The deep deformable model and automatic alignment in the Registration widget: model list, λ slider with live
+overlays, Refine (progress, cancel), Auto-align, device selector, export equal to the CLI.
+
+A small untrained HyperMorph network stands in for the shipped weights, so the GUI path is tested quickly and
+whether or not weights are installed; the numbers are checked against the engine and SimpleITK.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import QFileDialog
+
+from napari_regtool.cli import main
+from napari_regtool.io import read_image
+from napari_regtool.landmarks import read_bigwarp_csv
+from napari_regtool.transforms import fit_landmarks
+from napari_regtool.transforms.field import jacobian_determinant
+
+from .helpers import SAMPLES
+from .test_gui import F2, L2, M2, assert_close_image, click_checkbox, notifications, open_with_widget, wait_idle, \
+    warped
+
+pytestmark = pytest.mark.gui
+
+infer = pytest.importorskip("napari_regtool.deep.infer")
+
+
+@pytest.fixture
+def tiny_model(tmp_path_factory, monkeypatch):
+    """A small 2D HyperMorph network in place of the shipped weights (seeded, so runs are reproducible)."""
+    from napari_regtool.deep.hypermorph import HyperMorphModel, save_model
+
+    path = tmp_path_factory.mktemp("weights") / "hypermorph2d.pt"
+    torch.manual_seed(0)
+    net = HyperMorphModel(ndim=2, enc=(4, 8, 8), dec=(8,), final=4, work_size=32)
+    with torch.no_grad():  # make the untrained network produce a visible, λ-dependent deformation
+        for p in net.parameters():
+            p.mul_(4.0)
+    save_model(net, path)
+    real = infer.weights_path
+    monkeypatch.setattr(infer, "weights_path", lambda ndim: path if int(ndim) == 2 else real(ndim))
+    return path
+
+
+def field_resample(transform, fixed_path, moving_path):
+    """Warp with SimpleITK through the transform's displacement field (independent resampler)."""
+    fixed = sitk.ReadImage(str(fixed_path))
+    field = sitk.GetImageFromArray(transform.u.double().numpy(), isVector=True)
+    field.CopyInformation(fixed)
+    moving = sitk.ReadImage(str(moving_path), sitk.sitkFloat32)
+    return sitk.GetArrayFromImage(sitk.Resample(moving, fixed, sitk.DisplacementFieldTransform(field),
+                                                sitk.sitkLinear, 0.0))
+
+
+@pytest.fixture
+def deep2d(make_napari_viewer, qtbot, tiny_model):
+    viewer = make_napari_viewer()
+    w = open_with_widget(viewer, qtbot, "brain2d")
+    w.model_combo.setCurrentIndex(w.model_combo.findData("deep"))
+    wait_idle(qtbot, w)
+    return viewer, w
+
+
+def test_deep_model_live_lambda_and_overlays(deep2d, qtbot):
+    viewer, w = deep2d
+    t = w.session.transform
+    assert w.session.model == "deep" and t is not None and t.kind == "deep"
+    assert w.device_label.text().startswith("in use: cpu")
+    fixed = read_image(F2)
+    lm = read_bigwarp_csv(L2)
+    # the same prediction made directly with the engine (affine start from the landmarks, as the CLI does)
+    reg = infer.DeepRegistration(fixed, read_image(M2), device="cpu",
+                                 initial=fit_landmarks("affine", lm.fixed, lm.moving))
+    ref = reg.predict(infer.DEFAULT_REG_WEIGHT, uncertainty=True)
+    np.testing.assert_allclose(t.u.numpy(), ref.u.numpy(), atol=1e-4)
+    assert_close_image(warped(viewer), field_resample(t, F2, M2))
+    # overlays on
+    w.tabs.setCurrentIndex(w.tabs.indexOf(w.qc_checks["grid"].parentWidget()))
+    for key in ("grid", "jacobian", "uncertainty"):
+        click_checkbox(qtbot, w.qc_checks[key])
+    wait_idle(qtbot, w)
+    np.testing.assert_allclose(viewer.layers["uncertainty"].data, t.uncertainty.numpy(), rtol=1e-5)
+    # move the λ slider: a new prediction, and every overlay follows it
+    w.tabs.setCurrentIndex(1)
+    w.lambda_slider.setValue(w.lambda_slider.minimum() + 20)
+    wait_idle(qtbot, w)
+    lam = w.reg_weight
+    t2 = w.session.transform
+    assert t2 is not t and abs(lam - infer.DEFAULT_REG_WEIGHT) > 0.1
+    assert w.session.computed["deep"]["reg_weight"] == pytest.approx(lam)
+    np.testing.assert_allclose(t2.u.numpy(), reg.predict(lam).u.numpy(), atol=1e-4)
+    assert np.abs(t2.u.numpy() - t.u.numpy()).max() > 1e-3
+    assert_close_image(warped(viewer), field_resample(t2, F2, M2))
+    np.testing.assert_allclose(viewer.layers["Jacobian determinant"].data,
+                               jacobian_determinant(t2.u, fixed.space).numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(viewer.layers["uncertainty"].data, t2.uncertainty.numpy(), rtol=1e-5)
+    assert "folding_percent" in w.readouts
+
+
+def test_refine_progress_cancel_and_export_equal_to_cli(deep2d, qtbot, tmp_path, monkeypatch):
+    viewer, w = deep2d
+    before = w.session.transform
+    # a long refinement, cancelled: nothing changes
+    w.refine_steps.setValue(5000)
+    qtbot.mouseClick(w.refine_btn, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: w.progress.isVisibleTo(w), timeout=5000)
+    qtbot.wait(200)
+    qtbot.mouseClick(w.cancel_btn, Qt.MouseButton.LeftButton)
+    wait_idle(qtbot, w)
+    assert w.session.transform is before and not w.progress.isVisibleTo(w)
+    # a short refinement
+    w.refine_steps.setValue(3)
+    qtbot.mouseClick(w.refine_btn, Qt.MouseButton.LeftButton)
+    wait_idle(qtbot, w)
+    t = w.session.transform
+    assert t is not before and "refined" in t.kind
+    assert_close_image(warped(viewer), field_resample(t, F2, M2))
+    # export: the same files as `regtool register --model deep --refine 3 --uncertainty` for the same λ
+    gui, cli = tmp_path / "gui", tmp_path / "cli"
+    monkeypatch.setattr(QFileDialog, "getExistingDirectory", lambda *a, **k: str(gui))
+    w.tabs.setCurrentIndex(w.tabs.indexOf(w.export_btn.parentWidget()))
+    qtbot.mouseClick(w.export_btn, Qt.MouseButton.LeftButton)
+    wait_idle(qtbot, w)
+    assert main(["register", "--fixed", str(F2), "--moving", str(M2), "--model", "deep", "--landmarks", str(L2),
+                 "--reg-weight", repr(w.reg_weight), "--refine", "3", "--uncertainty", "--device", "cpu",
+                 "--out", str(cli), "-q"]) == 0
+    assert sorted(p.name for p in gui.iterdir()) == sorted(p.name for p in cli.iterdir())
+    for name in ("warped.nii.gz", "displacement.nii.gz", "jacobian.nii.gz", "uncertainty.nii.gz"):
+        a = sitk.GetArrayFromImage(sitk.ReadImage(str(gui / name)))
+        b = sitk.GetArrayFromImage(sitk.ReadImage(str(cli / name)))
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(b).max())))
+
+
+def test_auto_align_and_device_selector(make_napari_viewer, qtbot):
+    pytest.importorskip("napari_regtool.autoreg")
+    from napari_regtool.autoreg import auto_linear
+
+    viewer = make_napari_viewer()
+    w = open_with_widget(viewer, qtbot, "brain2d")
+    w.set_model("rigid")
+    wait_idle(qtbot, w)
+    w.tabs.setCurrentIndex(1)
+    qtbot.mouseClick(w.auto_btn, Qt.MouseButton.LeftButton)
+    wait_idle(qtbot, w, timeout=120000)
+    assert w.session.model == "auto-rigid" and w.model_combo.currentData() == "auto-rigid"
+    t = w.session.transform
+    lm = read_bigwarp_csv(L2)
+    fixed, moving = read_image(F2), read_image(M2)
+    ref = auto_linear(fixed, moving, model="rigid", initial=fit_landmarks("rigid", lm.fixed, lm.moving))
+    # ITK's multi-threaded metric sums in varying order: runs agree to ~1e-3 mm, not to the last bit
+    np.testing.assert_allclose(t.homogeneous, ref.homogeneous, atol=5e-3)
+    mov = sitk.ReadImage(str(M2), sitk.sitkFloat32)
+    expect = sitk.GetArrayFromImage(sitk.Resample(mov, sitk.ReadImage(str(F2)), t.to_sitk(), sitk.sitkLinear, 0.0))
+    assert_close_image(warped(viewer), expect)
+    # CUDA asked for on a machine without it: a warning, and the label says what is really used
+    n = len(notifications())
+    w.device_combo.setCurrentIndex(w.device_combo.findData("cuda"))
+    if not torch.cuda.is_available():
+        assert any("CUDA" in m for m in notifications()[n:])
+        assert w.device_label.text().startswith("in use: cpu")
+    w.device_combo.setCurrentIndex(w.device_combo.findData("auto"))
