@@ -1,5 +1,4 @@
 """A small widget that applies a saved transform file to a layer — ``regtool apply`` inside napari."""
-from __future__ import annotations
 
 from pathlib import Path
 

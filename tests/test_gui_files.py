@@ -1,0 +1,136 @@
+"""The npe2 contributions: manifest, readers, writers, sample data, the launcher."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from napari_regtool import _sample_data
+from napari_regtool._reader import get_image_reader, get_landmark_reader
+from napari_regtool.errors import InputError
+from napari_regtool.io import read_image
+from napari_regtool.landmarks import read_bigwarp_csv, write_napari_points_csv
+from napari_regtool.space import to_array_order
+
+from .test_gui import F2, F3, L2, L3, M2, PLUGIN, WIDGET, open_with_widget, wait_idle
+
+pytestmark = pytest.mark.gui
+
+
+def test_manifest_is_valid():
+    from npe2 import PluginManifest
+
+    pm = PluginManifest.from_distribution(PLUGIN)
+    pm.validate_imports()
+    assert {w.display_name for w in pm.contributions.widgets} == {"Registration", "Apply transform file"}
+    assert {s.key for s in pm.contributions.sample_data} == {"brain2d", "brain3d"}
+
+
+def test_landmark_reader_only_takes_bigwarp_csvs(tmp_path):
+    reader = get_landmark_reader(str(L3))
+    layers = reader(str(L3))
+    pairs = read_bigwarp_csv(L3)
+    (mdata, mkw, mtype), (fdata, fkw, ftype) = layers
+    assert mtype == ftype == "points" and mkw["name"] == "moving landmarks"
+    np.testing.assert_allclose(mdata, to_array_order(pairs.moving))
+    np.testing.assert_allclose(fdata, to_array_order(pairs.fixed))
+    write_napari_points_csv(tmp_path / "pts.csv", pairs.fixed)
+    assert get_landmark_reader(str(tmp_path / "pts.csv")) is None
+    assert get_landmark_reader(str(F2)) is None
+
+
+def test_image_reader_keeps_physical_placement():
+    (data, kw, kind), = get_image_reader(str(M2))(str(M2))
+    im = read_image(M2)
+    assert kind == "image" and data.shape == im.space.shape
+    np.testing.assert_allclose(kw["affine"], im.space.napari_affine())
+
+
+def test_open_files_in_the_viewer_and_write_them_back(make_napari_viewer, qtbot, tmp_path):
+    viewer = make_napari_viewer()
+    fixed = viewer.open(str(F2), plugin=PLUGIN)[0]
+    moving = viewer.open(str(M2), plugin=PLUGIN)[0]
+    w = open_with_widget(viewer, qtbot)
+    w.fixed_combo.setCurrentIndex(w.fixed_combo.findData(fixed))
+    w.moving_combo.setCurrentIndex(w.moving_combo.findData(moving))
+    wait_idle(qtbot, w)
+    assert w.session.ready and len(w.session.pairs) == 0
+    # a BigWarp CSV opened through File ▸ Open goes into the session (one undo step), not into extra layers
+    viewer.open(str(L2), plugin=PLUGIN)
+    qtbot.waitUntil(lambda: len(w.session.pairs) == 12, timeout=5000)
+    wait_idle(qtbot, w)
+    assert w.session.pairs == read_bigwarp_csv(L2)
+    assert [l.name for l in viewer.layers].count("fixed landmarks") == 1
+    # writers: the two landmark layers → one BigWarp CSV; an image layer → NIfTI with spacing/origin/direction
+    w.session.set_active(2, False)
+    w.session.rename(0, "left")
+    lms = [viewer.layers["moving landmarks"], viewer.layers["fixed landmarks"]]
+    out = tmp_path / "saved.csv"
+    from napari_regtool._writer import write_landmarks, write_image
+
+    write_landmarks(str(out), [l.as_layer_data_tuple() for l in lms])
+    assert read_bigwarp_csv(out) == w.session.pairs
+    write_image(str(tmp_path / "m.nii.gz"), moving.data, moving.as_layer_data_tuple()[1])
+    a, b = sitk.ReadImage(str(tmp_path / "m.nii.gz")), sitk.ReadImage(str(M2))
+    assert a.GetSize() == b.GetSize()
+    np.testing.assert_allclose(a.GetSpacing(), b.GetSpacing(), rtol=1e-6)
+    np.testing.assert_allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-5)
+    np.testing.assert_allclose(a.GetDirection(), b.GetDirection(), atol=1e-6)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b))
+    # and through napari's own save, picking the plugin's writer
+    viewer.layers.selection = set(lms)
+    viewer.layers.save(str(tmp_path / "via_napari.csv"), selected=True, plugin=PLUGIN)
+    assert read_bigwarp_csv(tmp_path / "via_napari.csv") == w.session.pairs
+
+
+def test_sample_data_missing_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(_sample_data, "sample_dir", lambda: tmp_path)
+    with pytest.raises(InputError, match="sample data is missing"):
+        _sample_data.brain2d()
+
+
+def test_samples_give_fixed_moving_and_landmarks():
+    layers = _sample_data.brain3d()
+    assert [kw["name"] for _, kw, _ in layers] == ["brain3d fixed", "brain3d moving", "moving landmarks",
+                                                   "fixed landmarks"]
+    assert layers[0][0].shape == read_image(F3).space.shape
+
+
+def test_launch_docks_the_widget_with_a_sample(make_napari_viewer, qtbot):
+    from napari_regtool.launch import launch
+
+    viewer = make_napari_viewer()
+    v, w = launch(sample="2d", block=False, viewer=viewer)
+    wait_idle(qtbot, w)
+    assert v is viewer and w.session.ready and len(w.session.pairs) == 12
+    assert type(w).__name__ == "RegistrationWidget"
+
+
+def test_launch_with_files(make_napari_viewer, qtbot):
+    from napari_regtool.launch import launch
+
+    viewer = make_napari_viewer()
+    _, w = launch(sample="none", files=[F2, M2, L2], block=False, viewer=viewer)
+    wait_idle(qtbot, w)
+    assert w.session.ready and w.session.pairs == read_bigwarp_csv(L2)
+    with pytest.raises(InputError, match="two images"):
+        launch(files=[F2], block=False, viewer=viewer)
+
+
+def test_apply_transform_file_widget(make_napari_viewer, tmp_path):
+    from napari_regtool.io import write_transform
+    from napari_regtool.transforms import fit_landmarks
+    from napari_regtool.widgets import apply_transform_file
+
+    viewer = make_napari_viewer()
+    f, m = read_image(F2), read_image(M2)
+    ref_layer = viewer.add_image(f.array, name="fixed", **f.space.napari_kwargs())
+    mov_layer = viewer.add_image(m.array.astype(np.float32), name="moving", **m.space.napari_kwargs())
+    pairs = read_bigwarp_csv(L2)
+    t = fit_landmarks("affine", pairs.fixed, pairs.moving)
+    write_transform(tmp_path / "t.tfm", t)
+    widget = apply_transform_file()
+    data, kw, kind = widget(layer=mov_layer, reference=ref_layer, transform_file=tmp_path / "t.tfm")
+    mov = sitk.ReadImage(str(M2), sitk.sitkFloat32)
+    ref = sitk.GetArrayFromImage(sitk.Resample(mov, sitk.ReadImage(str(F2)), t.to_sitk(), sitk.sitkLinear, 0.0))
+    assert kind == "image" and np.abs(data - ref).max() < 1e-3 * ref.max()
