@@ -41,6 +41,8 @@ def _cmd_register(args) -> int:
     from .landmarks import read_landmarks
     from .pipeline import register, write_outputs
 
+    if args.fixed_points and not args.landmarks:
+        raise RegtoolError("--fixed-points pairs with the moving image's points given by --landmarks; give both.")
     fixed = read_image(args.fixed)
     moving = read_image(args.moving)
     landmarks = read_landmarks(args.landmarks, args.fixed_points) if args.landmarks else None
@@ -51,7 +53,9 @@ def _cmd_register(args) -> int:
     def warn(msg):
         print(f"warning: {msg}", file=sys.stderr)
 
-    result = register(fixed, moving, args.model, landmarks=landmarks, smoothing=args.smoothing, device=args.device,
+    kernel = None if args.kernel == "auto" else args.kernel
+    result = register(fixed, moving, args.model, landmarks=landmarks, smoothing=args.smoothing, kernel=kernel,
+                      device=args.device,
                       reg_weight=args.reg_weight, refine=args.refine, uncertainty=args.uncertainty,
                       channel=args.channel, progress=_progress_printer(args.quiet), warn=warn)
     paths = write_outputs(result, out)
@@ -69,9 +73,10 @@ def _cmd_register(args) -> int:
 
 
 def _cmd_apply(args) -> int:
-    from .io import read_image, read_transform, write_image
+    from .io import check_image_extension, read_image, read_transform, write_image
     from .pipeline import warp_image
 
+    check_image_extension(args.out)
     moving = read_image(args.moving, is_label=args.labels)
     reference = read_image(args.reference)
     transform = read_transform(args.transform)
@@ -118,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "--fixed-points)")
     r.add_argument("--fixed-points", help="napari points CSV of the fixed image (pairs matched by row)")
     r.add_argument("--smoothing", type=float, default=0.0, help="TPS smoothing weight (0 = exact interpolation)")
+    r.add_argument("--kernel", choices=("auto", "r2logr", "r"), default="auto",
+                   help="TPS kernel: auto = r² log r in 2D, −r in 3D; r2logr = BigWarp's choice in 3D")
     r.add_argument("--reg-weight", type=float, default=None, help="deep model regularization weight λ in [0, 1]")
     r.add_argument("--refine", type=int, default=0, help="deep model: refinement iterations after the network")
     r.add_argument("--uncertainty", action="store_true", help="deep model: also write uncertainty.nii.gz")
@@ -168,6 +175,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("regtool: interrupted.", file=sys.stderr)
         return 130
+    except OSError as exc:  # file-system trouble: permissions, a file where a folder should be, a full disk
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        print(f"regtool: error: {exc.strerror or exc}{where}.", file=sys.stderr)
+        return 2
     except MemoryError:
         print("regtool: error: not enough memory for these images; try --device cpu or smaller images.",
               file=sys.stderr)

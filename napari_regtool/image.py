@@ -52,7 +52,11 @@ class Image:
             if channel in (None, "mean"):
                 a = a.astype(np.float32).mean(-1)
             else:
-                c = int(channel)
+                try:
+                    c = int(channel)
+                except (TypeError, ValueError):
+                    raise InputError(f"{self.name}: channel must be a number from 0 to {self.n_channels - 1} or "
+                                     f"'mean', got {channel!r}.") from None
                 if not 0 <= c < self.n_channels:
                     raise InputError(f"{self.name}: channel {c} does not exist (the image has {self.n_channels}).")
                 a = a[..., c]

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,9 @@ __all__ = [
 
 IMAGE_EXTENSIONS = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr", ".tif", ".tiff", ".png", ".jpg", ".jpeg",
                     ".bmp", ".dcm", ".gipl", ".hdr", ".img", ".vtk", ".mnc")
+#: file types an output image may have (physical metadata survives in the first five)
+WRITE_EXTENSIONS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".tif", ".tiff", ".png", ".jpg", ".jpeg",
+                    ".bmp", ".gipl", ".hdr", ".vtk")
 
 
 def _sitk():
@@ -55,7 +60,10 @@ def image_from_sitk(img, name: str = "image", is_label: bool = False) -> Image:
     if dim not in (2, 3):
         raise InputError(f"{name}: only 2D and 3D images are supported (this one is {dim}D).")
     arr = sitk.GetArrayFromImage(img)
-    space = Space.from_sitk(img)
+    try:
+        space = Space.from_sitk(img)
+    except ValueError as exc:
+        raise InputError(f"{name}: unusable image geometry — {exc}") from None
     if arr.size == 0:
         raise InputError(f"{name}: the image is empty.")
     return Image(arr, space, name=name, is_label=is_label)
@@ -101,25 +109,34 @@ def image_to_sitk(array, space: Space, is_vector: bool | None = None):
     return img
 
 
+@contextmanager
 def atomic_output(path):
-    """Context manager yielding a temporary path in the same folder; renamed onto ``path`` only on success."""
-    from contextlib import contextmanager
+    """Context manager yielding a path with ``path``'s file name inside a fresh hidden folder beside it.
 
-    @contextmanager
-    def _cm():
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        suffix = "".join(p.suffixes) or ".tmp"
-        fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=suffix, dir=p.parent)
-        os.close(fd)
-        try:
-            yield tmp
-            os.replace(tmp, p)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+    Everything written there (a header and its data file too, e.g. ``.mhd`` + ``.zraw`` or ``.hdr`` + ``.img``)
+    is moved next to ``path`` only when the block succeeds, so a failed write leaves nothing behind and
+    formats whose header names its data file keep a valid reference. Files get the usual umask permissions.
+    """
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmpdir = Path(tempfile.mkdtemp(prefix=".partial-", dir=p.parent))
+    try:
+        yield str(tmpdir / p.name)
+        umask = os.umask(0)
+        os.umask(umask)
+        for f in sorted(tmpdir.iterdir()):
+            os.chmod(f, 0o666 & ~umask)
+            os.replace(f, p.parent / f.name)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
 
-    return _cm()
+
+def check_image_extension(path, what="image"):
+    """Raise :class:`InputError` unless ``path`` ends with a file type SimpleITK can write."""
+    low = Path(path).name.lower()
+    if not low.endswith(WRITE_EXTENSIONS):
+        raise InputError(f"Cannot write {what} to {Path(path).name}: use a file name ending in "
+                         f"{', '.join(WRITE_EXTENSIONS[:6])} or another SimpleITK format.")
 
 
 def write_image(path, image_or_array, space: Space | None = None, compress: bool = True):
@@ -133,9 +150,16 @@ def write_image(path, image_or_array, space: Space | None = None, compress: bool
             raise ValueError("write_image: a Space is needed to write a bare array.")
     if hasattr(arr, "detach"):
         arr = arr.detach().cpu().numpy()
+    check_image_extension(path)
     img = image_to_sitk(arr, space)
     with atomic_output(path) as tmp:
-        sitk.WriteImage(img, tmp, useCompression=compress)
+        try:
+            sitk.WriteImage(img, tmp, useCompression=compress)
+        except RuntimeError as exc:
+            last = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
+            raise InputError(f"Cannot write {Path(path).name} ({last[:160]}); this file type may not hold "
+                             f"{img.GetNumberOfComponentsPerPixel()}-component {img.GetPixelIDTypeAsString()} "
+                             "images — use .nii.gz or .mha.") from None
 
 
 def field_to_sitk_image(field: np.ndarray, space: Space):
@@ -158,6 +182,7 @@ def write_displacement_field(path, field, space: Space):
     on the fixed grid, ``u(x) = T(x) − x`` (fixed → moving) — readable by ANTs, elastix/transformix,
     3D Slicer and SimpleITK's ``DisplacementFieldTransform``."""
     sitk = _sitk()
+    check_image_extension(path, "a displacement field")
     img = field_to_sitk_image(field, space)
     with atomic_output(path) as tmp:
         sitk.WriteImage(img, tmp, useCompression=True)

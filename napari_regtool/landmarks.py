@@ -118,14 +118,15 @@ class LandmarkPairs:
         self.names = [n for i, n in enumerate(self.names) if i != index]
 
     def check_inside(self, fixed_space=None, moving_space=None, margin: float = 0.5):
-        """Raise :class:`InputError` naming the pairs whose points fall outside their image."""
+        """Raise :class:`InputError` naming the active pairs whose points fall outside their image (inactive
+        pairs are not used, so they may lie anywhere)."""
         bad = []
         for pts, space, which in ((self.fixed, fixed_space, "fixed"), (self.moving, moving_space, "moving")):
             if space is None:
                 continue
             if space.ndim != self.ndim:
                 raise InputError(f"The landmarks are {self.ndim}D but the {which} image is {space.ndim}D.")
-            ok = np.all(np.isfinite(pts), 1)
+            ok = np.all(np.isfinite(pts), 1) & self.active
             inside = np.ones(len(pts), bool)
             if ok.any():
                 inside[ok] = space.contains(pts[ok], margin=margin)
@@ -134,6 +135,22 @@ class LandmarkPairs:
             raise InputError(f"{len(bad)} landmark(s) lie outside their image: {', '.join(bad[:8])}"
                              f"{' …' if len(bad) > 8 else ''}. Check that the CSV belongs to these images and uses "
                              "physical coordinates.")
+
+
+def _read_text(p: Path) -> str:
+    if not p.exists():
+        raise InputError(f"File not found: {p}. Check the path.")
+    if p.is_dir():
+        raise InputError(f"{p} is a folder; give the landmark CSV file.")
+    try:
+        return p.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        try:
+            return p.read_text(encoding="latin-1")
+        except Exception:
+            raise InputError(f"{p.name} is not a text CSV file.") from None
+    except OSError as exc:
+        raise InputError(f"Cannot read {p.name}: {exc.strerror}.") from None
 
 
 # ----------------------------------------------------------------- BigWarp CSV
@@ -160,12 +177,7 @@ def read_bigwarp_csv(path_or_text, from_text: bool = False) -> LandmarkPairs:
         text, where = path_or_text, "landmark text"
     else:
         p = Path(path_or_text)
-        if not p.exists():
-            raise InputError(f"File not found: {p}. Check the path.")
-        try:
-            text = p.read_text(encoding="utf-8-sig")
-        except UnicodeDecodeError:
-            raise InputError(f"{p.name} is not a text CSV file.") from None
+        text = _read_text(p)
         where = p.name
     rows = [r for r in csv.reader(_io.StringIO(text)) if any(c.strip() for c in r)]
     if not rows:
@@ -223,15 +235,18 @@ def write_bigwarp_csv(path, pairs: LandmarkPairs):
 
 
 # ------------------------------------------------------------ napari points CSV
-def read_napari_points_csv(path) -> np.ndarray:
-    """napari's points CSV (``index,axis-0,axis-1[,axis-2]``, world coordinates in z, y, x order) →
-    ``(N, D)`` physical points in x, y, z order."""
+def read_napari_points_csv(path, scale=None, translate=None) -> np.ndarray:
+    """napari's points CSV (``index,axis-0,axis-1[,axis-2]``, z, y, x order) → ``(N, D)`` physical points (x, y, z).
+
+    napari writes a points layer's *data* coordinates. They are physical coordinates when the layer has scale 1
+    and no translate — true of the plugin's landmark layers, but not of a layer made with napari's "new points"
+    button over a scaled image (its data is then in that image's voxel units): pass that layer's ``scale`` and
+    ``translate`` (array order, as napari shows them) to convert.
+    """
     from .space import to_physical_order
 
     p = Path(path)
-    if not p.exists():
-        raise InputError(f"File not found: {p}. Check the path.")
-    rows = list(csv.reader(_io.StringIO(p.read_text(encoding="utf-8-sig"))))
+    rows = list(csv.reader(_io.StringIO(_read_text(p))))
     if not rows:
         raise InputError(f"{p.name} is empty.")
     header = [h.strip() for h in rows[0]]
@@ -242,10 +257,16 @@ def read_napari_points_csv(path) -> np.ndarray:
     for i, r in enumerate(rows[1:], start=2):
         if not any(c.strip() for c in r):
             continue
+        if len(r) <= max(axes):
+            raise InputError(f"{p.name}: row {i} has {len(r)} columns; the header has {len(header)}.")
         pts.append([_parse_float(r[j], i, j + 1) for j in axes])
     arr = np.array(pts, dtype=float).reshape(-1, len(axes))
     if not np.all(np.isfinite(arr)):
         raise InputError(f"{p.name} contains NaN or infinite coordinates.")
+    if scale is not None:
+        arr = arr * np.asarray(scale, float)[-arr.shape[1]:]
+    if translate is not None:
+        arr = arr + np.asarray(translate, float)[-arr.shape[1]:]
     return to_physical_order(arr)
 
 
@@ -275,7 +296,7 @@ def read_landmarks(path, fixed_points_csv=None) -> LandmarkPairs:
                              "pairs are matched by row.")
         return LandmarkPairs(fix, mov)
     if p.exists():
-        head = p.read_text(encoding="utf-8-sig", errors="replace").lstrip()[:200]
+        head = _read_text(p).lstrip()[:200]
         if head.startswith("index,axis-") or head.startswith("index, axis-"):
             raise InputError(f"{p.name} is a napari points file (one image's points); pairs need a BigWarp CSV or "
                              "two points files (moving and fixed).")

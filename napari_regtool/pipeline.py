@@ -22,7 +22,7 @@ from .image import Image
 from .landmarks import LandmarkPairs
 from .space import Space
 from .transforms import LANDMARK_MODELS, MODELS, fit_landmarks, leave_one_out, min_pairs, residuals
-from .transforms.base import Transform
+from .transforms.base import Transform, index_grid_from_field
 from .transforms.field import jacobian_determinant, resample
 
 __all__ = ["RegistrationResult", "check_pair", "register", "evaluate", "warp_image", "write_outputs",
@@ -78,7 +78,7 @@ class RegistrationResult:
             "fixed": {"shape": list(self.fixed.space.shape), "spacing": self.fixed.space.spacing.tolist(),
                       "origin": self.fixed.space.origin.tolist(), "direction": self.fixed.space.direction.tolist()},
             "moving": {"shape": list(self.moving.space.shape), "spacing": self.moving.space.spacing.tolist(),
-                       "origin": self.moving.space.origin.tolist()},
+                       "origin": self.moving.space.origin.tolist(), "direction": self.moving.space.direction.tolist()},
             "transform": self.transform.describe(),
             "smoothing": self.smoothing if self.model == "tps" else None,
             "landmarks": lm,
@@ -130,10 +130,12 @@ def evaluate(result: RegistrationResult, need_warped=True, uncertainty=None, cha
     dev = torch.device(result.device.split(" ")[0])
     fs = result.fixed.space
     t = result.transform
-    index_grid = t.moving_index_grid(fs, result.moving.space, device=dev)
+    result.displacement = t.field(fs, device=dev, dtype=torch.float32)
+    # linear transforms build the index map directly; the others reuse the field just computed
+    index_grid = (t.moving_index_grid(fs, result.moving.space, device=dev) if t.is_linear
+                  else index_grid_from_field(result.displacement, fs, result.moving.space))
     if need_warped:
         result.warped = warp_image(result.moving, t, fs, device=dev, index_grid=index_grid)
-    result.displacement = t.field(fs, device=dev, dtype=torch.float32)
     result.jacobian = jacobian_determinant(result.displacement, fs)
     result.jacobian_stats = qc.jacobian_stats(result.jacobian)
     fixed_s = torch.as_tensor(result.fixed.scalar(channel), device=dev)
@@ -157,6 +159,7 @@ def _identity_resample(array, moving_space: Space, space: Space, device):
 
 def register(fixed: Image, moving: Image, model: str, landmarks: LandmarkPairs | None = None,
              smoothing: float = 0.0, device="auto", reg_weight: float | None = None, refine: int = 0,
+             kernel: str | None = None,
              uncertainty: bool = False, channel="mean", progress: Callable | None = None,
              cancel: Callable | None = None, warn: Callable | None = None) -> RegistrationResult:
     """Run one registration end to end and evaluate it (see :class:`RegistrationResult`).
@@ -174,6 +177,8 @@ def register(fixed: Image, moving: Image, model: str, landmarks: LandmarkPairs |
 
     if model not in MODELS:
         raise InputError(f"Unknown model {model!r}; choose one of {', '.join(MODELS)}.")
+    if smoothing and model != "tps":
+        _warn(f"The smoothing weight applies to the TPS model only; it is ignored for {model}.")
     check_pair(fixed, moving)
     dev = resolve_device(device, warn=_warn)
     if landmarks is not None:
@@ -196,7 +201,7 @@ def register(fixed: Image, moving: Image, model: str, landmarks: LandmarkPairs |
         if landmarks is None:
             raise FitError(f"The {model} model is fitted to landmark pairs; give a landmark CSV (--landmarks) with at "
                            f"least {min_pairs(model, fixed.ndim)} pairs.")
-        transform = fit_landmarks(model, lf, lm, smoothing=smoothing)
+        transform = fit_landmarks(model, lf, lm, smoothing=smoothing, kernel=kernel)
     elif model in ("auto-rigid", "auto-affine"):
         from .autoreg import auto_linear
 
@@ -224,7 +229,7 @@ def register(fixed: Image, moving: Image, model: str, landmarks: LandmarkPairs |
     if landmarks is not None and len(lf):
         result.residuals = residuals(transform, lf, lm)
         if model in LANDMARK_MODELS:
-            result.loo = leave_one_out(model, lf, lm, smoothing)
+            result.loo = leave_one_out(model, lf, lm, smoothing, kernel)
     result.device = str(dev)
     if fixed.is_multichannel or moving.is_multichannel:
         result.extra["channel"] = channel
@@ -272,6 +277,9 @@ def write_outputs(result: RegistrationResult, out_dir, extra_files: dict | None 
         (tmp / "report.json").write_text(json.dumps(result.report(), indent=2))
         written.append("report.json")
         out.mkdir(parents=True, exist_ok=True)
+        for name in OUTPUT_FILES:  # a file of an earlier run that this run does not write would mislead
+            if name not in written and (out / name).is_file():
+                (out / name).unlink()
         for name in written:
             shutil.move(str(tmp / name), str(out / name))
         return [out / n for n in written]

@@ -218,7 +218,7 @@ def landmark_uncertainty(model: str, fixed_points, moving_points, space: Space, 
     Returns ``(map (space.shape) tensor, suggestion (D,) physical point of the maximum, info dict)``.
     """
     from .transforms.fit import leave_one_out
-    from .transforms.tps import _default_kernel, _normalisation, tps_kernel
+    from .transforms.tps import _default_kernel, _normalisation, tps_kernel, tps_system
 
     f = np.asarray(fixed_points, float)
     m = np.asarray(moving_points, float)
@@ -230,27 +230,22 @@ def landmark_uncertainty(model: str, fixed_points, moving_points, space: Space, 
     pts = (coarse.grid_points().reshape(-1, d) - mu) * s
     if model == "tps":
         kernel = kernel or _default_kernel(d)
-        sign = 1.0  # both kernels (r² log r, −r) are conditionally positive definite: generalised covariances
-        lam = smoothing * (s ** 2 if kernel == "r2logr" else s)
-        r2 = ((fn[:, None] - fn[None]) ** 2).sum(-1)
-        kmat = sign * tps_kernel(r2, kernel) + sign * lam * np.eye(n)
-        pmat = np.hstack([np.ones((n, 1)), fn])
-        big = np.zeros((n + d + 1, n + d + 1))
-        big[:n, :n], big[:n, n:], big[n:, :n] = kmat, pmat, pmat.T
-        linv = np.linalg.pinv(big)
+        # both kernels (r² log r, −r) are conditionally positive definite: they serve as generalised covariances
+        big, _, _ = tps_system(f, smoothing, kernel)  # same normalisation (mu, s) as above
+        linv = np.linalg.inv(big)
 
         def var_at(x):
+            """Posterior variance of the latent spline (no nugget): 0 at the landmarks when smoothing is 0."""
             r2x = ((x[:, None, :] - fn[None]) ** 2).sum(-1)
-            b = np.hstack([sign * tps_kernel(r2x, kernel), np.ones((len(x), 1)), x])
-            return np.maximum(-np.einsum("ij,jk,ik->i", b, linv, b), 0.0)
+            b = np.hstack([tps_kernel(r2x, kernel), np.ones((len(x), 1)), x])
+            return np.maximum(-((b @ linv) * b).sum(1), 0.0)
+
+        diag = np.diag(linv)
 
         def var_loo(i):
-            keep = np.arange(n) != i
-            sub = np.delete(np.delete(big, i, 0), i, 1)
-            sinv = np.linalg.pinv(sub)
-            r2x = ((fn[i][None, None] - fn[keep][None]) ** 2).sum(-1)
-            b = np.hstack([sign * tps_kernel(r2x, kernel), np.ones((1, 1)), fn[i][None]])
-            return float(max(-(b @ sinv @ b.T)[0, 0], 0.0))
+            """Variance of the leave-one-out prediction error at landmark i against its observation (nugget
+            included): 1 / (L⁻¹)_ii — the same identity that gives the closed-form leave-one-out error."""
+            return float(1.0 / diag[i]) if diag[i] > 0 else 0.0
 
         n_params = d + 1
     else:
@@ -259,7 +254,7 @@ def landmark_uncertainty(model: str, fixed_points, moving_points, space: Space, 
 
         def var_at(x):
             b = np.hstack([np.ones((len(x), 1)), x])
-            return np.einsum("ij,jk,ik->i", b, ptp_inv, b)
+            return ((b @ ptp_inv) * b).sum(1)
 
         def var_loo(i):
             keep = np.arange(n) != i
@@ -273,7 +268,7 @@ def landmark_uncertainty(model: str, fixed_points, moving_points, space: Space, 
     if n > n_params / d:
         loo = leave_one_out(model, f, m, smoothing, kernel)
         ok = np.isfinite(loo)
-        ratios = [loo[i] ** 2 / var_loo(i) for i in np.nonzero(ok)[0] if var_loo(i) > 1e-12]
+        ratios = [loo[i] ** 2 / v for i in np.nonzero(ok)[0] if (v := var_loo(i)) > 1e-12]
         if ratios:
             scale2 = float(np.mean(ratios))
             calibrated = True

@@ -222,3 +222,39 @@ def test_rgb_png_pair_warps_every_channel(tmp_path):
     rep = json.loads((out / "report.json").read_text())
     assert rep["extra"]["channel"] == "1"
     assert rep["similarity_after"]["ncc"] > max(0.97, rep["similarity_before"]["ncc"])  # rolled edges differ
+
+
+def test_second_run_leaves_no_stale_outputs(tmp_path):
+    out = tmp_path / "o"
+    run("register", "--fixed", F2, "--moving", M2, "--model", "rigid", "--landmarks", L2, "--out", out, "-q")
+    assert (out / "transform.tfm").exists()
+    (out / "notes.txt").write_text("mine")
+    run("register", "--fixed", F2, "--moving", M2, "--model", "tps", "--landmarks", L2, "--out", out, "-q")
+    assert not (out / "transform.tfm").exists()  # the TPS result has no .tfm; the rigid one must not linger
+    assert (out / "notes.txt").exists()  # files that are not ours are left alone
+    assert json.loads((out / "report.json").read_text())["model"] == "tps"
+
+
+def test_more_bad_input_gets_plain_messages(tmp_path, capsys):
+    code = run("apply", "--transform", SAMPLES / "brain2d_truth_displacement.nii.gz", "--moving", M2,
+               "--reference", F2, "--out", tmp_path / "result", "-q")
+    err = capsys.readouterr().err
+    assert code == 2 and "file name ending in" in err
+    _bad(tmp_path, capsys, "--fixed", F2, "--moving", M2, "--model", "rigid", "--landmarks", tmp_path,
+         match="is a folder")
+    _bad(tmp_path, capsys, "--fixed", F2, "--moving", M2, "--model", "rigid", "--fixed-points", L2,
+         match="--fixed-points pairs with")
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    code = run("register", "--fixed", F2, "--moving", M2, "--model", "rigid", "--landmarks", L2,
+               "--out", blocker / "sub", "-q")
+    err = capsys.readouterr().err
+    assert code == 2 and "regtool: error:" in err and "bug" not in err
+
+
+def test_bad_channel_name(tmp_path, capsys):
+    rgb = np.stack([smooth_test_image((30, 30), s) for s in range(3)], -1).astype(np.uint8)
+    sitk.WriteImage(sitk.GetImageFromArray(rgb, isVector=True), str(tmp_path / "c.png"))
+    lm = _csv(tmp_path, '"a","true","3","3","3","3"\n"b","true","20","4","20","4"\n"c","true","5","22","5","22"\n')
+    _bad(tmp_path, capsys, "--fixed", tmp_path / "c.png", "--moving", tmp_path / "c.png", "--model", "affine",
+         "--landmarks", lm, "--channel", "green", match="channel must be a number")

@@ -47,18 +47,44 @@ def test_field_export_reproduces_warp_through_simpleitk(d):
     assert np.abs(ours - ref).max() < 1e-3 * np.abs(ref).max()
 
 
-def test_nearest_resample_keeps_label_values():
-    space = Space((20, 20), [1.0, 1.0])
-    labels = np.zeros((20, 20), np.uint16)
-    labels[5:12, 4:9] = 7
-    labels[13:18, 10:19] = 300
-    a = AffineTransform(rotation(2, [0.3]), [1.5, -0.7])
-    out = resample(labels, space, a, space, mode="nearest").numpy()
-    assert out.dtype == np.uint16
-    assert set(np.unique(out)) <= {0, 7, 300}
-    ref = sitk.GetArrayFromImage(sitk.Resample(sitk.GetImageFromArray(labels), sitk.GetImageFromArray(labels),
-                                               a.to_sitk(), sitk.sitkNearestNeighbor, 0))
-    assert np.mean(out != ref) < 0.01  # ties at exact half-voxels may round differently
+@pytest.mark.parametrize("shift", [0.0, 0.5, 1.5, -0.5])
+def test_nearest_resample_equals_simpleitk_exactly(shift):
+    """Labels: ITK's rounding at half-voxel ties, ITK's outside rule, and values kept exactly (uint32 > 2**24)."""
+    from napari_regtool.image import Image
+    from napari_regtool.pipeline import warp_image
+
+    space = Space((20, 22), [1.0, 2.0], [0.5, -3.0])
+    labels = np.zeros((20, 22), np.uint32)
+    labels[5:12, 4:9] = 16_777_217
+    labels[13:18, 10:19] = 4_000_000_001
+    labels[:, 0] = np.arange(20) + 1
+    a = AffineTransform(np.eye(2), [shift, 2 * shift])
+    out = warp_image(Image(labels, space, is_label=True), a, space)
+    assert out.dtype == np.uint32
+    img = sitk.GetImageFromArray(labels)
+    img.SetSpacing([1.0, 2.0])
+    img.SetOrigin([0.5, -3.0])
+    ref = sitk.GetArrayFromImage(sitk.Resample(img, img, a.to_sitk(), sitk.sitkNearestNeighbor, 0))
+    np.testing.assert_array_equal(out, ref)
+    # downsampling ×2 with a half-voxel offset: every output voxel centre falls on a tie
+    coarse = Space((10, 11), [2.0, 4.0], [1.0, -2.0])
+    ident = AffineTransform(np.eye(2), [0.0, 0.0])
+    ref_img = sitk.Image([11, 10], sitk.sitkUInt32)
+    ref_img.SetSpacing([2.0, 4.0])
+    ref_img.SetOrigin([1.0, -2.0])
+    ref2 = sitk.GetArrayFromImage(sitk.Resample(img, ref_img, ident.to_sitk(), sitk.sitkNearestNeighbor, 0))
+    np.testing.assert_array_equal(warp_image(Image(labels, space, is_label=True), ident, coarse), ref2)
+
+
+def test_linear_resample_boundary_equals_simpleitk():
+    arr = smooth_test_image((12, 14)) + 10
+    space = Space((12, 14), [1.0, 1.0])
+    img = sitk.GetImageFromArray(arr)
+    for shift in (0.49, 0.5, 0.51, 13.5, -0.5):
+        a = AffineTransform(np.eye(2), [shift, 0.0])
+        ours = resample(arr, space, a, space).numpy()
+        ref = sitk.GetArrayFromImage(sitk.Resample(img, img, a.to_sitk(), sitk.sitkLinear, 0.0))
+        np.testing.assert_allclose(ours, ref, atol=1e-4)
 
 
 def test_multichannel_resample_warps_every_channel():
@@ -136,6 +162,10 @@ def test_displacement_field_transform_maps_points_like_simpleitk():
     pts = space.index_to_physical(np.random.default_rng(1).uniform(0, 18, (40, 2)))
     ref = np.array([tx.TransformPoint([float(v) for v in p]) for p in pts])
     np.testing.assert_allclose(t.map_points(pts), ref, atol=1e-9)
+    # outside the field's grid ITK leaves points where they are (zero displacement beyond half a voxel)
+    far = space.index_to_physical(np.array([[-0.4, 3.0], [25.0, 5.0], [-3.0, -3.0], [10.0, 23.7]]))
+    ref = np.array([tx.TransformPoint([float(v) for v in p]) for p in far])
+    np.testing.assert_allclose(t.map_points(far), ref, atol=1e-9)
 
 
 def test_displacement_field_inverse_composes_to_identity():

@@ -103,3 +103,27 @@ def test_nonlinear_transform_to_h5_and_field(tmp_path):
     np.testing.assert_allclose(ref, t.map_points(pts), atol=1e-6)
     back = read_transform(tmp_path / "t.nii.gz")
     np.testing.assert_allclose(back.map_points(pts), ref, atol=1e-9)
+
+
+@pytest.mark.parametrize("ext,data_ext", [(".mhd", ".zraw"), (".hdr", ".img"), (".nii.gz", None)])
+def test_header_data_formats_and_permissions(tmp_path, ext, data_ext):
+    import os
+    import stat
+
+    space = Space((6, 7), [0.5, 1.5], [1.0, 2.0])
+    arr = smooth_test_image(space.shape)
+    old = os.umask(0o022)
+    try:
+        write_image(tmp_path / f"out{ext}", arr, space)
+    finally:
+        os.umask(old)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == sorted([f"out{ext}"] + ([f"out{data_ext}"] if data_ext else []))  # no leftovers
+    back = read_image(tmp_path / f"out{ext}")
+    np.testing.assert_allclose(back.array, arr, atol=1e-5)
+    assert stat.S_IMODE(os.stat(tmp_path / f"out{ext}").st_mode) == 0o644
+
+
+def test_unwritable_file_types_are_refused(tmp_path):
+    with pytest.raises(InputError, match="file name ending in"):
+        write_image(tmp_path / "result", np.zeros((3, 3), np.float32), Space((3, 3), [1, 1]))

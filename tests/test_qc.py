@@ -102,3 +102,15 @@ def test_uncertainty_scale_follows_leave_one_out_error():
     a = qc.landmark_uncertainty("affine", f, lo, space)[0].mean()
     b = qc.landmark_uncertainty("affine", f, hi, space)[0].mean()
     assert b > 5 * a
+
+
+def test_tps_uncertainty_with_heavy_smoothing_tends_to_the_affine_one():
+    """A TPS with a huge smoothing weight is the affine least-squares fit; its calibrated uncertainty (nugget
+    included in the leave-one-out variance) must tend to the affine model's."""
+    rng = np.random.default_rng(3)
+    space = Space((40, 40), [1.0, 1.0])
+    f = rng.uniform(5, 35, (15, 2))
+    m = f @ np.array([[1.05, 0.1], [-0.05, 0.95]]).T + 2 + rng.normal(0, 0.4, f.shape)
+    aff = qc.landmark_uncertainty("affine", f, m, space)[0].mean().item()
+    tps = qc.landmark_uncertainty("tps", f, m, space, smoothing=1e9)[0].mean().item()
+    assert tps == pytest.approx(aff, rel=0.05)

@@ -174,3 +174,40 @@ def test_affine_field_and_index_grid_are_consistent():
     np.testing.assert_allclose(u, a.map_points(pts.reshape(-1, 2)).reshape(pts.shape) - pts, atol=1e-10)
     idx = a.moving_index_grid(space, moving, dtype=torch.float64).numpy()
     np.testing.assert_allclose(idx.reshape(-1, 2), moving.physical_to_index(a.map_points(pts.reshape(-1, 2))), atol=1e-9)
+
+
+@pytest.mark.parametrize("smoothing,kernel,d", [(0.0, None, 2), (30.0, None, 2), (0.0, "r", 3), (4.0, "r2logr", 3)])
+def test_tps_closed_form_leave_one_out_equals_refits(smoothing, kernel, d):
+    rng = np.random.default_rng(6)
+    f = rng.uniform(0, 80, (14, d))
+    m = f + 3 * np.sin(f / 11.0) + rng.normal(0, 0.5, f.shape)
+    fast = leave_one_out("tps", f, m, smoothing, kernel)
+    slow = [np.linalg.norm(fit_tps(np.delete(f, i, 0), np.delete(m, i, 0), smoothing, kernel).map_points(f[i:i + 1])[0]
+                           - m[i]) for i in range(len(f))]
+    np.testing.assert_allclose(fast, slow, rtol=1e-7, atol=1e-9)
+
+
+def test_leave_one_out_marks_undetermined_pairs():
+    f = np.array([[0, 0], [10, 0], [0, 10], [10, 10.0]])  # removing any leaves 3 non-collinear: fine
+    assert np.isfinite(leave_one_out("tps", f, f + 1)).all()
+    f = np.array([[0, 0], [10, 0], [20, 0], [5, 10.0]])  # removing the last leaves a line
+    loo = leave_one_out("tps", f, f + 1)
+    assert np.isnan(loo[3]) and np.isfinite(loo[:3]).all()
+
+
+def test_tps_3d_block_paths_agree(monkeypatch):
+    """The plane/row-block path (large grids or many landmarks) gives the same field as the whole-plane path."""
+    from napari_regtool.transforms import tps as tps_mod
+
+    rng = np.random.default_rng(7)
+    space = Space((9, 17, 13), [1.0, 0.7, 1.3], [2.0, -1.0, 0.5], rotation(3, [0.1, -0.2, 0.3]))
+    lo, hi = space.physical_bounds()
+    f = rng.uniform(lo, hi, (25, 3))
+    t = fit_tps(f, f + rng.normal(0, 1, f.shape))
+    whole = t.field(space, dtype=torch.float64).numpy()
+    monkeypatch.setattr(tps_mod, "_BLOCK_ELEMENTS", 300)  # forces plane-by-plane, row blocks
+    blocks = t.field(space, dtype=torch.float64).numpy()
+    monkeypatch.setattr(tps_mod, "_REST_LIMIT", 10)  # and the y+x term rebuilt per block
+    rebuilt = t.field(space, dtype=torch.float64).numpy()
+    np.testing.assert_allclose(blocks, whole, atol=1e-10)
+    np.testing.assert_allclose(rebuilt, whole, atol=1e-10)

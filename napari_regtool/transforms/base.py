@@ -95,12 +95,7 @@ class Transform(ABC):
         :meth:`field`; linear transforms override it with one broadcast affine map.
         """
         self._check_space(fixed)
-        minv = np.linalg.inv(moving.index_to_physical_matrix)
-        lin = minv @ fixed.index_to_physical_matrix
-        off = minv @ (fixed.origin - moving.origin)
-        grid = affine_index_grid(fixed.shape, lin, off, device, dtype)
-        u = self.field(fixed, device=device, dtype=dtype, chunk=chunk)
-        return grid.add_(u @ torch.as_tensor(minv.T, dtype=dtype, device=device))
+        return index_grid_from_field(self.field(fixed, device=device, dtype=dtype, chunk=chunk), fixed, moving)
 
     # ------------------------------------------------------------- algebra
     def inverse(self) -> "Transform":
@@ -223,3 +218,13 @@ def affine_index_grid(shape, matrix, offset, device="cpu", dtype=torch.float32) 
         view[k] = shape[k]
         out += (ramp[:, None] * m[:, d - 1 - k][None, :]).reshape(view).to(dtype)
     return out
+
+
+def index_grid_from_field(u: torch.Tensor, fixed: Space, moving: Space) -> torch.Tensor:
+    """Continuous moving indices ``M_moving⁻¹ (x + u(x) − origin_moving)`` for a physical field ``u`` on
+    ``fixed`` (``(*fixed.shape, D)``, x, y, z components) → ``(*fixed.shape, D)`` (x, y, z order)."""
+    minv = np.linalg.inv(moving.index_to_physical_matrix)
+    lin = minv @ fixed.index_to_physical_matrix
+    off = minv @ (fixed.origin - moving.origin)
+    grid = affine_index_grid(fixed.shape, lin, off, u.device, u.dtype)
+    return grid.add_(u @ torch.as_tensor(minv.T, dtype=u.dtype, device=u.device))

@@ -39,27 +39,53 @@ def index_to_normalized(idx: torch.Tensor, size_xyz) -> torch.Tensor:
     return idx * scale - (n > 1).to(idx.dtype)
 
 
+def _outside_itk(idx: torch.Tensor, size_xyz) -> torch.Tensor:
+    """(B, *out) bool: continuous indices outside ITK's buffer, i.e. not in ``[−0.5, n − 0.5)`` on every axis."""
+    n = torch.as_tensor(size_xyz, dtype=idx.dtype, device=idx.device)
+    return ((idx < -0.5) | (idx >= n - 0.5)).any(-1)
+
+
+def _gather_nearest(src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Nearest-neighbour lookup with ITK's rounding (``floor(i + 0.5)``, halves round up), edge-clamped, by
+    integer indexing so the values (any dtype) are returned exactly. ``src`` (B, C, *S), ``idx`` (B, *out, D)."""
+    b, c = src.shape[:2]
+    spatial = src.shape[2:]
+    d = len(spatial)
+    size_xyz = spatial[::-1]
+    flat = torch.zeros(idx.shape[:-1], dtype=torch.int64, device=idx.device)
+    stride = 1
+    for j in range(d):  # ITK axis j = array axis d-1-j; x is the fastest-varying
+        k = torch.floor(idx[..., j] + 0.5).to(torch.int64).clamp_(0, size_xyz[j] - 1)
+        flat += k * stride
+        stride *= size_xyz[j]
+    src_flat = src.reshape(b, c, -1)
+    gathered = torch.gather(src_flat, 2, flat.reshape(b, 1, -1).expand(b, c, -1))
+    return gathered.reshape(b, c, *idx.shape[1:-1])
+
+
 def sample_at_index(src: torch.Tensor, idx: torch.Tensor, mode: str = "linear", padding: str = "itk",
                     fill: float = 0.0) -> torch.Tensor:
     """Sample ``src`` ``(B, C, *S)`` at continuous indices ``idx`` ``(B, *out, D)`` (x, y, z order).
 
-    ``mode``: ``linear`` or ``nearest``. ``padding``:
+    ``mode``: ``linear`` or ``nearest`` (ITK rounding, values returned exactly in ``src``'s dtype).
+    ``padding``:
 
-    * ``itk`` — SimpleITK ``Resample`` semantics: points within half a voxel of the grid interpolate with the
-      edge clamped, points further out get ``fill``;
+    * ``itk`` — SimpleITK ``Resample`` semantics: points in ``[−0.5, n − 0.5)`` along every axis interpolate with
+      the edge clamped, points outside get ``fill``;
     * ``border`` — clamp to the edge everywhere (used for fields);
-    * ``zeros`` — ``grid_sample``'s zero padding.
+    * ``zeros`` — ``grid_sample``'s zero padding (linear mode only).
     """
-    d = idx.shape[-1]
     size_xyz = tuple(src.shape[2:])[::-1]
-    grid = index_to_normalized(idx, size_xyz).to(src.dtype)
-    gmode = {"linear": "bilinear", "nearest": "nearest"}[mode]
-    pad = "zeros" if padding == "zeros" else "border"
-    out = F.grid_sample(src, grid, mode=gmode, padding_mode=pad, align_corners=True)
+    if mode == "nearest":
+        out = _gather_nearest(src, idx)
+    elif mode == "linear":
+        grid = index_to_normalized(idx, size_xyz).to(src.dtype)
+        pad = "zeros" if padding == "zeros" else "border"
+        out = F.grid_sample(src, grid, mode="bilinear", padding_mode=pad, align_corners=True)
+    else:
+        raise ValueError(f"sample_at_index: mode must be 'linear' or 'nearest', got {mode!r}.")
     if padding == "itk":
-        n = torch.as_tensor(size_xyz, dtype=idx.dtype, device=idx.device)
-        outside = ((idx < -0.5) | (idx > n - 0.5)).any(-1)  # (B, *out)
-        out = out.masked_fill(outside.unsqueeze(1), fill)
+        out = out.masked_fill(_outside_itk(idx, size_xyz).unsqueeze(1), fill)
     return out
 
 
@@ -167,33 +193,48 @@ def resample(moving_array, moving_space: Space, transform: Transform, fixed_spac
 
     ``moving_array``: ``(*S)`` or ``(*S, C)`` array/tensor in array order on ``moving_space``. Returns a tensor
     on ``device`` of shape ``(*fixed.shape)`` or ``(*fixed.shape, C)``. ``mode``: ``linear`` (images) or
-    ``nearest`` (label maps; values are preserved exactly). ``index_grid`` (from
-    ``transform.moving_index_grid``) may be passed to reuse it across several images.
+    ``nearest`` (label maps; values are preserved exactly, ITK's rounding; ``uint16``/``uint32`` come back as
+    ``int32``/``int64``). ``index_grid`` (from ``transform.moving_index_grid``) may be passed to reuse it across
+    several images (nearest mode recomputes it in float64 unless it already is).
     """
-    arr = torch.as_tensor(np.asarray(moving_array) if not torch.is_tensor(moving_array) else moving_array)
+    if not torch.is_tensor(moving_array):
+        a = np.asarray(moving_array)
+        # dtypes torch cannot index exactly are widened (uint16 → int32, uint32 → int64); callers cast back
+        if a.dtype == np.uint16:
+            a = a.astype(np.int32)
+        elif a.dtype == np.uint32:
+            a = a.astype(np.int64)
+        elif a.dtype == np.uint64:
+            if a.size and a.max() > np.iinfo(np.int64).max:
+                raise ValueError("resample: uint64 labels above 2**63 are not supported.")
+            a = a.astype(np.int64)
+        arr = torch.as_tensor(a)
+    else:
+        arr = moving_array
     d = moving_space.ndim
     multichannel = arr.dim() == d + 1
     if tuple(arr.shape[:d]) != tuple(moving_space.shape):
         raise ValueError(f"resample: array shape {tuple(arr.shape)} does not match its grid {moving_space.shape}.")
-    orig_dtype = arr.dtype
-    work_dtype = torch.float64 if (mode == "nearest" and orig_dtype in (torch.int64, torch.int32, torch.float64)) else dtype
-    src = arr.to(device=device, dtype=work_dtype)
+    if mode == "nearest":
+        src = arr.to(device=device)  # exact values, any dtype
+        grid_dtype = torch.float64  # ITK rounds indices computed in double; float32 would move ties
+    else:
+        src = arr.to(device=device, dtype=dtype)
+        grid_dtype = dtype
     src = src.movedim(-1, 0).unsqueeze(0) if multichannel else src[None, None]
-    if index_grid is None:
-        index_grid = transform.moving_index_grid(fixed_space, moving_space, device=device, dtype=torch.float32)
-    out = sample_at_index(src, index_grid.to(device=device, dtype=work_dtype).unsqueeze(0), mode=mode,
-                          padding="itk", fill=fill)[0]
-    out = out.movedim(0, -1) if multichannel else out[0]
-    if mode == "nearest" and not orig_dtype.is_floating_point:
-        out = out.round().to(orig_dtype)
-    return out
+    if index_grid is None or (mode == "nearest" and index_grid.dtype != torch.float64):
+        index_grid = transform.moving_index_grid(fixed_space, moving_space, device=device, dtype=grid_dtype)
+    out = sample_at_index(src, index_grid.to(device=device, dtype=grid_dtype if mode == "nearest" else src.dtype)
+                          .unsqueeze(0), mode=mode, padding="itk", fill=fill)[0]
+    return out.movedim(0, -1) if multichannel else out[0]
 
 
 class DisplacementFieldTransform(Transform):
     """``T(x) = x + u(x)`` with ``u`` a dense physical field on a grid (an ITK displacement field).
 
-    Between voxels ``u`` is interpolated linearly; outside the grid the nearest edge value is used, as ITK's
-    ``DisplacementFieldTransform`` does. ``uncertainty`` (optional, ``space.shape``) is carried along for QC.
+    Between voxels ``u`` is interpolated linearly (edge-clamped within half a voxel of the grid); farther out the
+    displacement is zero — exactly what ITK's ``DisplacementFieldTransform::TransformPoint`` does. ``uncertainty``
+    (optional, ``space.shape``) is carried along for QC.
     """
 
     kind = "field"
@@ -218,7 +259,7 @@ class DisplacementFieldTransform(Transform):
                               device=points.device)
         src = self._field_index(points.device, points.dtype)
         shape = (1,) + (1,) * (self.ndim - 1) + (idx.shape[0], self.ndim)
-        vals = sample_at_index(src, idx.reshape(shape), mode="linear", padding="border")
+        vals = sample_at_index(src, idx.reshape(shape), mode="linear", padding="itk", fill=0.0)
         return points + vals.reshape(self.ndim, -1).T
 
     def field(self, space: Space, device="cpu", dtype=torch.float32, chunk=DEFAULT_CHUNK):

@@ -5,7 +5,7 @@ import numpy as np
 
 from ..errors import FitError
 from .linear import fit_affine, fit_rigid, fit_similarity
-from .tps import fit_tps
+from .tps import fit_tps, tps_leave_one_out
 
 __all__ = ["LANDMARK_MODELS", "MODELS", "fit_landmarks", "min_pairs", "residuals", "leave_one_out"]
 
@@ -54,6 +54,8 @@ def leave_one_out(model: str, fixed, moving, smoothing: float = 0.0, kernel: str
     Entries are NaN where the remaining pairs cannot determine the model (too few or degenerate).
     """
     fixed, moving = np.asarray(fixed, float), np.asarray(moving, float)
+    if model == "tps":
+        return tps_leave_one_out(fixed, moving, smoothing, kernel)
     n = len(fixed)
     out = np.full(n, np.nan)
     for i in range(n):

@@ -21,12 +21,14 @@ from ..space import Space
 from .base import DEFAULT_CHUNK, Transform
 from .linear import AffineTransform, check_points
 
-__all__ = ["ThinPlateSplineTransform", "fit_tps", "tps_kernel"]
+__all__ = ["ThinPlateSplineTransform", "fit_tps", "tps_kernel", "tps_system", "tps_leave_one_out"]
 
 KERNELS = ("r2logr", "r")
 
 # elements of the (points × landmarks) kernel block held at once during dense evaluation
 _BLOCK_ELEMENTS = 1 << 18  # ~1 MiB of float32: the kernel block stays in cache (measured fastest)
+# largest (H, W, N) squared-distance term kept whole in 3D (64 MiB of float32); beyond it, rebuilt per block
+_REST_LIMIT = 1 << 24
 
 
 def _default_kernel(ndim):
@@ -124,7 +126,8 @@ class ThinPlateSplineTransform(Transform):
 
         The affine part is built by broadcasting; the kernel sum is evaluated block by block over the first
         array axis from separable squared distances, one ``(block, N)`` kernel matrix times the ``(N, D)``
-        weights per block (peak extra memory ≈ ``_BLOCK_ELEMENTS`` values).
+        weights per block. Peak extra memory: a few ``_BLOCK_ELEMENTS`` blocks, plus in 3D the ``(H, W, N)``
+        y + x term while it is under ``_REST_LIMIT`` values (it is rebuilt per block beyond that).
         """
         self._check_space(space)
         out = self.affine.field(space, device, dtype)  # (A − I) x + b
@@ -142,22 +145,21 @@ class ThinPlateSplineTransform(Transform):
             w = -w  # U = −r: fold the sign into the weights, evaluate plain r
         inner = int(np.prod(space.shape[1:]))
         rows = max(1, min(space.shape[0], _BLOCK_ELEMENTS // max(inner * nc, 1)))
-        if d == 2:
-            rest = arr_terms[1][None, :, :]  # (1, W, N)
-        else:
-            rest = (arr_terms[1][:, None, :] + arr_terms[2][None, :, :])[None]  # (1, H, W, N)
         flat = out.view(space.shape[0], inner, d)
         with torch.no_grad():
-            if rows == 1 and d == 3 and inner * nc > _BLOCK_ELEMENTS:
-                rest = rest[0]  # (H, W, N): evaluate one z-plane in row blocks
-                hrows = max(1, _BLOCK_ELEMENTS // max(space.shape[2] * nc, 1))
-                for z in range(space.shape[0]):
-                    for h0 in range(0, space.shape[1], hrows):
-                        h1 = min(space.shape[1], h0 + hrows)
-                        r2 = (arr_terms[0][z] + rest[h0:h1]).reshape(-1, nc)
-                        dst = flat[z, h0 * space.shape[2]:h1 * space.shape[2]]
-                        dst.addmm_(self._kernel_raw(r2), w)
+            if d == 3 and rows == 1 and inner * nc > _BLOCK_ELEMENTS:
+                # one z-plane at a time, in row blocks; the (H, W, N) y+x term is kept only while it is small
+                h_all, w_all = space.shape[1], space.shape[2]
+                hrows = max(1, _BLOCK_ELEMENTS // max(w_all * nc, 1))
+                yx = (arr_terms[1][:, None, :] + arr_terms[2][None, :, :]) if inner * nc <= _REST_LIMIT else None
+                for h0 in range(0, h_all, hrows):
+                    h1 = min(h_all, h0 + hrows)
+                    rest = yx[h0:h1] if yx is not None else arr_terms[1][h0:h1, None, :] + arr_terms[2][None, :, :]
+                    for z in range(space.shape[0]):
+                        r2 = (arr_terms[0][z] + rest).reshape(-1, nc)
+                        flat[z, h0 * w_all:h1 * w_all].addmm_(self._kernel_raw(r2), w)
             else:
+                rest = arr_terms[1][None, :, :] if d == 2 else (arr_terms[1][:, None, :] + arr_terms[2][None, :, :])[None]
                 for a in range(0, space.shape[0], rows):
                     b = min(space.shape[0], a + rows)
                     head = arr_terms[0][a:b].reshape(b - a, *([1] * (d - 1)), nc)
@@ -219,22 +221,63 @@ def fit_tps(fixed, moving, smoothing: float = 0.0, kernel: str | None = None) ->
     if len(np.unique(np.round(f, 9), axis=0)) < n and smoothing == 0:
         raise FitError("Two fixed landmarks are at the same position; an interpolating spline cannot map one point "
                        "to two places. Delete the duplicate pair or use a smoothing weight > 0.")
+    lhs, mu, s = tps_system(f, smoothing, kernel)
+    rhs = np.zeros((n + d + 1, d))
+    rhs[:n] = m
+    try:
+        sol = np.linalg.solve(lhs, rhs)
+        bad = not np.all(np.isfinite(sol)) or (
+            np.linalg.norm(lhs @ sol - rhs) > 1e-8 * max(np.linalg.norm(rhs), 1e-300))
+    except np.linalg.LinAlgError:
+        bad = True
+    if bad:
+        raise FitError("The thin-plate spline system is singular for these landmarks (duplicates or degenerate "
+                       "layout); remove duplicate pairs or add a smoothing weight.")
+    return ThinPlateSplineTransform(f, sol[:n], sol[n:], mu, s, kernel=kernel, smoothing=smoothing)
+
+
+def tps_system(fixed, smoothing: float, kernel: str):
+    """The spline's linear system in normalised coordinates: ``(L, mu, s)`` with
+    ``L = [[K + λ_n I, P], [Pᵀ, 0]]`` (``(N + D + 1)²``), ``P = [1, x_n]``, ``x_n = (x − mu) s`` and
+    ``λ_n = smoothing · s^p`` (p = 2 for r² log r, 1 for −r), equivalent to the physical-coordinate system."""
+    f = np.asarray(fixed, float)
+    n, d = f.shape
     mu, s = _normalisation(f)
     fn = (f - mu) * s
     # the physical system (K + λI)W + Pa = Y equals the normalised one with λ_n = λ s^p (p = 2 for r² log r, 1 for r)
     lam_n = smoothing * (s ** 2 if kernel == "r2logr" else s)
     r2 = ((fn[:, None, :] - fn[None, :, :]) ** 2).sum(-1)
-    k = tps_kernel(r2, kernel) + lam_n * np.eye(n)
-    p = np.hstack([np.ones((n, 1)), fn])
     lhs = np.zeros((n + d + 1, n + d + 1))
-    lhs[:n, :n], lhs[:n, n:], lhs[n:, :n] = k, p, p.T
+    lhs[:n, :n] = tps_kernel(r2, kernel) + lam_n * np.eye(n)
+    lhs[:n, n] = lhs[n, :n] = 1.0
+    lhs[:n, n + 1:] = fn
+    lhs[n + 1:, :n] = fn.T
+    return lhs, mu, s
+
+
+def tps_leave_one_out(fixed, moving, smoothing: float = 0.0, kernel: str | None = None) -> np.ndarray:
+    """``(N,)`` leave-one-out errors of the spline in closed form (Rippa): with ``C = L⁻¹ [Y; 0]``, the error of
+    predicting pair *i* from the others is ``|C_i| / (L⁻¹)_ii`` — one inverse instead of N refits. Pairs whose
+    removal leaves an undetermined spline (fewer than D + 1 pairs, or a collinear/coplanar rest) get NaN."""
+    f, m = np.asarray(fixed, float), np.asarray(moving, float)
+    n, d = f.shape
+    kernel = kernel or _default_kernel(d)
+    out = np.full(n, np.nan)
+    if n < d + 2:
+        return out
+    lhs, _, _ = tps_system(f, smoothing, kernel)
+    try:
+        linv = np.linalg.inv(lhs)
+    except np.linalg.LinAlgError:
+        return out
     rhs = np.zeros((n + d + 1, d))
     rhs[:n] = m
-    try:
-        sol = np.linalg.solve(lhs, rhs)
-    except np.linalg.LinAlgError:
-        sol = None
-    if sol is None or not np.all(np.isfinite(sol)) or np.linalg.cond(lhs) > 1e13:
-        raise FitError("The thin-plate spline system is singular for these landmarks (duplicates or degenerate "
-                       "layout); remove duplicate pairs or add a smoothing weight.")
-    return ThinPlateSplineTransform(f, sol[:n], sol[n:], mu, s, kernel=kernel, smoothing=smoothing)
+    c = linv @ rhs
+    diag = np.diag(linv)[:n]
+    for i in range(n):
+        rest = np.delete(f, i, axis=0)
+        sv = np.linalg.svd(rest - rest.mean(0), compute_uv=False)
+        if sv[0] <= 0 or np.sum(sv > 1e-7 * sv[0]) < d or abs(diag[i]) < 1e-300:
+            continue
+        out[i] = float(np.linalg.norm(c[i]) / abs(diag[i]))
+    return out
