@@ -649,7 +649,7 @@ class PreviewResult:
     warped: np.ndarray | None = None
     maps: dict = dc_field(default_factory=dict)
     jacobian_stats: dict | None = None
-    suggestion: np.ndarray | None = None  # physical point where the uncertainty is largest
+    suggestion: np.ndarray | None = None  # physical point of largest uncertainty on the fixed image's foreground
     uncertainty_info: dict | None = None
     errors: tuple | None = None  # (residual, loo) per pair, see pair_errors
     timings: dict = dc_field(default_factory=dict)
@@ -680,6 +680,7 @@ class Previewer:
         src = torch.as_tensor(np.asarray(a, dtype=np.float32), device=self.device)
         self._src = src.movedim(-1, 0).unsqueeze(0) if moving.is_multichannel else src[None, None]
         self._fixed_scalar = None
+        self._foreground = None
         self._grid_points = None
 
     def index_grid(self, transform: Transform, field: torch.Tensor | None = None) -> torch.Tensor:
@@ -749,22 +750,39 @@ class Previewer:
         suggestion = info = None
         if "uncertainty" in want:
             unc = getattr(transform, "uncertainty", None)
+            umap = None
             if unc is not None:
                 u = unc if torch.is_tensor(unc) else torch.as_tensor(np.asarray(unc))
                 if tuple(u.shape) == tuple(fs.shape):
-                    maps["uncertainty"] = u.float().cpu().numpy()
-                    arg = int(torch.argmax(u))
-                    suggestion = fs.array_index_to_physical(np.array(np.unravel_index(arg, fs.shape), float)[None])[0]
-                    info = {"calibrated": False, "max": float(u.max())}
+                    umap = u.float().to(self.device)
+                    info = {"calibrated": False}
             elif landmarks is not None and model in LANDMARK_MODELS and len(landmarks[0]) >= min_pairs(
                     model, fs.ndim):
-                umap, suggestion, info = qc.landmark_uncertainty(model, landmarks[0], landmarks[1], fs,
-                                                                 smoothing=smoothing, device=self.device,
-                                                                 max_points=16384)
+                umap, _, info = qc.landmark_uncertainty(model, landmarks[0], landmarks[1], fs, smoothing=smoothing,
+                                                        device=self.device, max_points=16384)
+            if umap is not None:
                 maps["uncertainty"] = umap.cpu().numpy()
+                suggestion, value = self.suggest(umap)
+                info = dict(info or {}, max=value)
         t2 = time.perf_counter()
         yield PreviewResult(generation, maps=maps, jacobian_stats=stats, suggestion=suggestion,
                             uncertainty_info=info, timings={"qc_s": t2 - t1})
+
+    def foreground(self) -> torch.Tensor:
+        """(fixed.shape) bool: voxels of the fixed image with signal (above 15 % of its robust intensity range)."""
+        if self._foreground is None:
+            self._foreground = self.fixed_normalised() > 0.15
+        return self._foreground
+
+    def suggest(self, umap: torch.Tensor):
+        """``(point, value)``: the physical point of largest uncertainty *inside the fixed image's foreground*
+        (where a landmark can be placed on anatomy, not in the empty margin), or anywhere if there is none."""
+        fs = self.fixed.space
+        fg = self.foreground().to(umap.device)
+        masked = torch.where(fg, umap, torch.full_like(umap, -torch.inf)) if bool(fg.any()) else umap
+        arg = int(torch.argmax(masked))
+        idx = np.array(np.unravel_index(arg, fs.shape), float)
+        return fs.array_index_to_physical(idx[None])[0], float(umap.reshape(-1)[arg])
 
     def _grid(self, field):
         """Deformation grid (:func:`napari_regtool.qc.grid_image`) reusing the cached voxel coordinates."""

@@ -15,7 +15,10 @@ OUTLIER_BG = QColor(200, 40, 40, 140)
 
 
 def _fmt(v) -> str:
-    return "" if v is None or not np.isfinite(v) else f"{v:.3g}"
+    """Errors in physical units: three decimals (sub-micron noise of an exact fit reads 0.000)."""
+    if v is None or not np.isfinite(v):
+        return ""
+    return f"{v:.3f}" if abs(v) < 1000 else f"{v:.4g}"
 
 
 class PairTable(QTableWidget):

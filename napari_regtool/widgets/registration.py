@@ -33,7 +33,7 @@ from ._layers import (
     layer_role,
 )
 from ._runner import LatestRunner, ProgressBridge
-from ._table import PairTable
+from ._table import PairTable, _fmt
 
 __all__ = ["RegistrationWidget"]
 
@@ -969,6 +969,11 @@ class RegistrationWidget(QWidget):
             self.view_combo.setCurrentIndex(i)
             self.view_combo.blockSignals(False)
         self._arrange()
+        if self.session.ready:
+            try:
+                self.viewer.reset_view()
+            except Exception:  # pragma: no cover - canvas not ready
+                pass
 
     def toggle_view(self):
         self.set_view("overlay" if self._view == "side" else "side")
@@ -1322,10 +1327,10 @@ class RegistrationWidget(QWidget):
         errs = getattr(self, "_errors", None)
         if errs is not None and np.isfinite(errs[0]).any():
             r = errs[0][np.isfinite(errs[0])]
-            parts.append(f"Landmark error: mean {r.mean():.3g}, max {r.max():.3g}")
+            parts.append(f"Landmark error: mean {_fmt(r.mean())}, max {_fmt(r.max())}")
             loo = errs[1][np.isfinite(errs[1])]
             if len(loo):
-                parts.append(f"leave-one-out mean {loo.mean():.3g}")
+                parts.append(f"leave-one-out mean {_fmt(loo.mean())}")
         st = getattr(self, "_stats", None)
         if st is not None and self.session.transform is not None:
             parts.append(f"folding {float(st.get('folding_percent') or 0):.3g}%")
