@@ -24,16 +24,17 @@ import torch.nn.functional as F
 
 from ..transforms.field import integrate_velocity, resize_vector_field
 
-__all__ = ["HyperMorphModel", "embed_lambda", "save_model", "read_model", "DEFAULT_CONFIG", "FORMAT"]
+__all__ = ["HyperMorphModel", "embed_lambda", "save_model", "read_model", "inflate_from", "DEFAULT_CONFIG", "FORMAT"]
 
 #: tag stored in every weight file
 FORMAT = "napari-regtool-hypermorph"
 
 #: default architecture; ``work_size`` is the long side of the working grid used in training and inference
+#: (2D and 3D share the channel widths, so trained 2D kernels can initialise a 3D model by inflation)
 DEFAULT_CONFIG = {
-    2: dict(ndim=2, enc=(16, 32, 32, 32, 32), dec=(32, 32, 32), final=16, hyper_hidden=64, int_steps=7,
+    2: dict(ndim=2, enc=(8, 32, 32, 32, 32), dec=(32, 32, 16), final=16, hyper_hidden=64, int_steps=7,
             variance=True, work_size=128),
-    3: dict(ndim=3, enc=(8, 16, 32, 32, 32), dec=(32, 32, 24), final=16, hyper_hidden=64, int_steps=7,
+    3: dict(ndim=3, enc=(8, 32, 32, 32, 32), dec=(32, 32, 16), final=16, hyper_hidden=64, int_steps=7,
             variance=True, work_size=64),
 }
 
@@ -288,3 +289,33 @@ def read_model(path, device="cpu", ndim: int | None = None, return_payload: bool
     model.meta = dict(payload.get("meta") or {})
     model = model.to(device).eval()
     return (model, payload) if return_payload else model
+
+
+def inflate_from(model: HyperMorphModel, source: HyperMorphModel) -> int:
+    """Initialise ``model`` from ``source`` in place; returns the number of tensors taken over.
+
+    Tensors of equal shape are copied. A 2D ``source`` initialises a 3D ``model`` by *inflation*: every 3×3
+    kernel is repeated along the new (z) axis and divided by 3, so on data that is constant along z the 3D
+    network computes what the 2D one did; the output heads' z component starts at zero.
+    """
+    dst = model.state_dict()
+    n = 0
+    with torch.no_grad():
+        for key, w in source.state_dict().items():
+            if key not in dst:
+                continue
+            t = dst[key]
+            if w.shape == t.shape:
+                t.copy_(w)
+            elif w.dim() == 4 and t.dim() == 5 and t.shape[2:] == (3, 3, 3) and w.shape[1] == t.shape[1]:
+                k = w.unsqueeze(2).repeat(1, 1, 3, 1, 1) / 3.0
+                t.zero_()
+                c = min(k.shape[0], t.shape[0])
+                t[:c] = k[:c]
+            elif w.dim() == 1 and t.dim() == 1 and w.shape[0] == 2 and t.shape[0] == 3:  # head biases (x, y → x, y, z)
+                t.zero_()
+                t[:2] = w
+            else:
+                continue
+            n += 1
+    return n

@@ -12,9 +12,10 @@ Pipeline (everything that does not depend on λ happens once, in :class:`DeepReg
    grid; composed with ``initial``, the returned field maps fixed points all the way to moving points.
 3. :meth:`DeepRegistration.refine` optimises the velocity for the pair (see :mod:`.refine`).
 
-The uncertainty map is ``sqrt(trace Cov[u(x)])`` in physical units, estimated from velocity samples drawn from
-the network's predicted Gaussian posterior (mean and log-variance), pushed through the same integration. It is
-a relative confidence map under the model's prior, not a calibrated error bar.
+The uncertainty map is ``sqrt(trace Cov[u(x)])`` in physical units: the network's predicted Gaussian posterior
+over the velocity (probabilistic VoxelMorph: a mean and a per-voxel log-variance), propagated to the displacement
+to first order. It is low where image structure pins the correspondence down (edges) and high in flat regions;
+it is a relative confidence map under the model's prior, not a calibrated error bar.
 """
 from __future__ import annotations
 
@@ -41,8 +42,6 @@ __all__ = ["load_model", "weights_path", "DeepRegistration", "register_deep", "D
 DEFAULT_REG_WEIGHT = 0.5
 #: smallest number of voxels along any axis of an image the model accepts
 MIN_SIZE = 16
-#: velocity samples drawn for the uncertainty map
-UNCERTAINTY_SAMPLES = 8
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 _CACHE: dict = {}
@@ -261,21 +260,21 @@ class DeepRegistration:
             out[a:b] = total.to(device="cpu", dtype=torch.float32)
         return out
 
-    def uncertainty_on_fixed(self, mean: torch.Tensor, logvar: torch.Tensor, grid: Space,
-                             samples: int = UNCERTAINTY_SAMPLES) -> torch.Tensor:
-        """``sqrt(trace Cov[u(x)])`` (physical units) on the fixed grid, from ``samples`` velocity draws.
+    def uncertainty_on_fixed(self, logvar: torch.Tensor, grid: Space) -> torch.Tensor:
+        """``sqrt(trace Cov[u(x)])`` in physical units on the fixed grid, from the velocity log-variance.
 
-        ``mean``, ``logvar``: (1, D, *grid.shape). Returns a CPU float32 tensor of ``fixed.shape``.
+        The network's posterior over the velocity is a Gaussian with per-voxel, per-component variance
+        ``σ²`` (index units of ``grid``); to first order ``exp(v) ≈ id + v``, so the displacement has the same
+        covariance, mapped to physical units (and through the affine ``initial``, when there is one):
+        ``Σ_c σ_c² |A M e_c|²`` with ``M`` the grid's index → physical matrix. ``logvar``: (1, D, *grid.shape).
+        Returns a CPU float32 tensor of ``fixed.shape``.
         """
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        eps = torch.randn((samples, *mean.shape[1:]), generator=gen).to(mean.device, mean.dtype)
-        v = mean + torch.exp(0.5 * logvar) * eps
-        u = integrate_velocity(v, self.model.int_steps)
-        m = torch.as_tensor(grid.index_to_physical_matrix, dtype=u.dtype, device=u.device)
+        m = np.asarray(grid.index_to_physical_matrix, dtype=float)
         if self._affine is not None:
-            m = torch.as_tensor(self._affine.matrix, dtype=u.dtype, device=u.device) @ m
-        phys = torch.einsum("ij,bj...->bi...", m, u)
-        std = phys.var(0, unbiased=True).sum(0).sqrt()[None, None]  # (1, 1, *grid)
+            m = self._affine.matrix @ m
+        col2 = torch.as_tensor((m ** 2).sum(0), dtype=logvar.dtype, device=logvar.device)  # |A M e_c|²
+        var = (torch.exp(logvar) * col2.view(1, -1, *([1] * self.ndim))).sum(1, keepdim=True)
+        std = var.sqrt()  # (1, 1, *grid)
         fs = self.fixed.space
         lin, off = _index_map(fs, grid)
         idx = affine_index_grid(fs.shape, lin, off, std.device, std.dtype)
@@ -297,7 +296,7 @@ class DeepRegistration:
             if uncertainty:
                 if logvar is None:
                     raise InputError("This model has no uncertainty head; retrain it without --no-variance.")
-                unc = self.uncertainty_on_fixed(mean, logvar, self.half_space)
+                unc = self.uncertainty_on_fixed(logvar, self.half_space)
         return DisplacementFieldTransform(field, self.fixed.space, kind="deep", uncertainty=unc)
 
     def refine(self, reg_weight: float, steps: int = 50, landmarks=None, similarity: str = "lncc", progress=None,

@@ -117,8 +117,8 @@ def refine_registration(reg, reg_weight: float, steps: int = 50, landmarks=None,
                         max_voxels: int | None = None) -> DisplacementFieldTransform:
     """Refine a :class:`~napari_regtool.deep.infer.DeepRegistration` at λ = ``reg_weight``.
 
-    ``landmarks``: ``(fixed_points, moving_points)``, (N, D) physical arrays (or an object with ``fixed`` and
-    ``moving`` attributes), soft constraints ``T(fixed_i) ≈ moving_i``. Returns a
+    ``landmarks``: ``(fixed_points, moving_points)``, (N, D) physical arrays, or a
+    :class:`~napari_regtool.landmarks.LandmarkPairs` (its active complete pairs), soft constraints ``T(fixed_i) ≈ moving_i``. Returns a
     :class:`DisplacementFieldTransform` on the fixed grid (``kind="deep+refined"``) with a ``refine_info`` dict.
     """
     d = reg.ndim
@@ -169,7 +169,9 @@ def refine_registration(reg, reg_weight: float, steps: int = 50, landmarks=None,
 
 def _landmark_term(reg, landmarks, vel_space, h: float, weight: float):
     """Callable ``u (1, D, *V) → weight · mean |f + u(f) − q|² / h²`` with ``q = T_init⁻¹(moving points)``."""
-    if hasattr(landmarks, "fixed") and hasattr(landmarks, "moving"):
+    if hasattr(landmarks, "fit_points"):  # LandmarkPairs: the active, complete pairs
+        f, m = landmarks.fit_points()
+    elif hasattr(landmarks, "fixed") and hasattr(landmarks, "moving"):
         f, m = landmarks.fixed, landmarks.moving
     else:
         f, m = landmarks

@@ -43,7 +43,9 @@ class SynthConfig:
     deformations; ``warp_std``: maximum standard deviation of their velocity, as a fraction of the side.
     ``affine``: maximum rotation (degrees), log-scale and translation (fraction of the side) of the mild affine
     part. ``p_background``: probability of a blob foreground on a background label. ``p_same_contrast``:
-    probability that fixed and moving share the label intensities.
+    probability that fixed and moving share the label intensities. ``p_identical``: probability that the moving
+    anatomy is the fixed one (same labels and contrast, new noise; the true displacement is zero), which teaches
+    the model to leave aligned images alone.
     """
 
     shape: tuple = (128, 128)
@@ -54,6 +56,7 @@ class SynthConfig:
     affine: tuple = (4.0, 0.04, 0.015)
     p_background: float = 0.6
     p_same_contrast: float = 0.5
+    p_identical: float = 0.05
     noise_std: float = 0.08
     blur_sigma: float = 1.2
     bias_std: float = 0.35
@@ -259,8 +262,15 @@ def synth_pair(batch: int, gen: torch.Generator, cfg: SynthConfig | None = None)
     true_disp = inverse_warp_at(parts_m, grid + phi_f, shape) - grid
     lf = warp(z, phi_f, padding="border").argmax(1)
     lm = warp(z, phi_m, padding="border").argmax(1)
+    ident = torch.zeros(batch, dtype=torch.bool, device=device)
+    if cfg.p_identical > 0:
+        ident = (_rand(gen, batch) < cfg.p_identical).to(device)
+    if bool(ident.any()):
+        view = (batch,) + (1,) * len(shape)
+        lm = torch.where(ident.reshape(view), lf, lm)
+        true_disp = torch.where(ident.reshape(batch, 1, *view[1:]), torch.zeros_like(true_disp), true_disp)
     fixed, means = _images_from_labels(lf, k, gen, cfg)
-    same = (_rand(gen, batch) < cfg.p_same_contrast).to(device)
+    same = ((_rand(gen, batch) < cfg.p_same_contrast).to(device)) | ident
     means_m = torch.where(same[:, None], means, _rand(gen, batch, k).to(device))
     moving, _ = _images_from_labels(lm, k, gen, cfg, means=means_m)
     return {"fixed": fixed, "moving": moving, "fixed_labels": lf, "moving_labels": lm, "n_labels": k,

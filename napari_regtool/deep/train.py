@@ -37,6 +37,8 @@ __all__ = ["TrainConfig", "train", "loss_terms", "soft_dice", "grad_l2", "add_tr
 
 #: Gaussian likelihood width of the one-hot label match in the variance loss
 _SIGMA_N = 0.5
+#: Gaussian blur (voxels) of the one-hot label maps in the Dice loss
+LABEL_SIGMA = 1.0
 
 
 @dataclass
@@ -48,7 +50,9 @@ class TrainConfig:
     ends the run first); ``images``: optional folder of real images mixed in with probability ``real_fraction``;
     ``resume``: continue from ``<out>.ckpt``; ``checkpoint_every``: steps between checkpoints; ``warmup``:
     fraction of the run during which a supervised term on the known synthetic displacement (weight decaying
-    linearly from 1 to 0) speeds up the start; the rest of the run uses the HyperMorph loss alone.
+    linearly from 1 to 0) speeds up the start; the rest of the run uses the HyperMorph loss alone; ``init_from``:
+    a weight file to start from (a 2D file initialises a 3D model by kernel inflation); ``label_sigma``: blur of the
+    label maps in the Dice term; ``p_identical``: share of pairs whose moving anatomy is the fixed one.
     """
 
     ndim: int = 2
@@ -67,6 +71,9 @@ class TrainConfig:
     log_every: int = 50
     max_minutes: float | None = None
     warmup: float = 0.2
+    init_from: str | None = None
+    label_sigma: float = LABEL_SIGMA
+    p_identical: float = 0.05
     variance: bool = True
     enc: tuple | None = None
     dec: tuple | None = None
@@ -111,8 +118,22 @@ def _one_hot(labels: torch.Tensor, k: int) -> torch.Tensor:
     return F.one_hot(labels, k).movedim(-1, 1).to(torch.float32)
 
 
+def _soft_labels(labels: torch.Tensor, k: int, sigma: float = LABEL_SIGMA) -> torch.Tensor:
+    """One-hot labels blurred by a Gaussian of ``sigma`` voxels, (B, K, *S).
+
+    Linear interpolation of sharp one-hot maps makes the Dice largest at zero displacement whatever the true
+    alignment (any shift blurs the maps), which stalls early training; blurred maps keep a useful gradient there.
+    """
+    from .synth import gaussian_blur
+
+    oh = _one_hot(labels, k)
+    if sigma <= 0:
+        return oh
+    return gaussian_blur(oh, torch.full((oh.shape[0],), float(sigma), device=oh.device))
+
+
 def loss_terms(model: HyperMorphModel, batch: dict, lam: torch.Tensor, gen: torch.Generator | None = None,
-               sup_weight: float = 0.0) -> dict:
+               sup_weight: float = 0.0, label_sigma: float = LABEL_SIGMA) -> dict:
     """Forward pass and every loss term for one batch.
 
     Parameters
@@ -122,6 +143,7 @@ def loss_terms(model: HyperMorphModel, batch: dict, lam: torch.Tensor, gen: torc
     lam : (B,) regularisation weights in [0, 1]
     gen : generator for the velocity samples of the variance loss (CPU)
     sup_weight : weight of the warm-up term ``(1 − λ) · 0.02 · mean |u − u_true|²`` (needs ``true_disp``)
+    label_sigma : Gaussian blur (voxels) of the one-hot maps in the Dice term (0 = sharp one-hot)
 
     Returns
     -------
@@ -133,8 +155,8 @@ def loss_terms(model: HyperMorphModel, batch: dict, lam: torch.Tensor, gen: torc
     k = int(batch["n_labels"])
     shape = tuple(fixed.shape[2:])
     d = len(shape)
-    oh_f = _one_hot(batch["fixed_labels"], k)
-    oh_m = _one_hot(batch["moving_labels"], k)
+    oh_f = _soft_labels(batch["fixed_labels"], k, label_sigma)
+    oh_m = _soft_labels(batch["moving_labels"], k, label_sigma)
     mean, logvar = model(torch.cat([fixed, moving], 1), lam)
     u = model.displacement(mean, shape)
     dice = soft_dice(warp(oh_m, u), oh_f)
@@ -189,7 +211,8 @@ def evaluate_synthetic(model: HyperMorphModel, cfg: SynthConfig, n: int = 8, see
             dice = loss = fold = 0.0
             for b in batches:
                 bb = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()}
-                t = loss_terms(model, bb, torch.full((1,), float(lam), device=device), torch.Generator())
+                t = loss_terms(model, bb, torch.full((1,), float(lam), device=device), torch.Generator(),
+                               label_sigma=0.0)
                 dice += float(t["dice"])
                 loss += float((1 - lam) * (1 - t["dice"]) + lam * t["smooth"])
                 mean, _ = model(torch.cat([bb["fixed"], bb["moving"]], 1), lam)
@@ -210,8 +233,8 @@ def terms_of(batch, device):
 def _synth_config(cfg: TrainConfig) -> SynthConfig:
     shape = (cfg.size,) * cfg.ndim
     if cfg.ndim == 3:
-        return SynthConfig(shape=shape, label_res=(2, 8), labels=(6, 16))
-    return SynthConfig(shape=shape)
+        return SynthConfig(shape=shape, label_res=(2, 8), labels=(6, 16), p_identical=cfg.p_identical)
+    return SynthConfig(shape=shape, p_identical=cfg.p_identical)
 
 
 def train(config: TrainConfig, log=print) -> Path:
@@ -253,8 +276,14 @@ def train(config: TrainConfig, log=print) -> Path:
         step, elapsed = int(payload["step"]), float(payload.get("elapsed_s", 0.0))
         history = list(payload.get("history", []))
         log(f"Resuming from {ckpt} at step {step}.")
-    elif cfg.resume:
-        log(f"No checkpoint at {ckpt}; starting from scratch.")
+    else:
+        if cfg.resume:
+            log(f"No checkpoint at {ckpt}; starting from scratch.")
+        if cfg.init_from:
+            from .hypermorph import inflate_from
+
+            n = inflate_from(model, read_model(cfg.init_from))
+            log(f"Initialised {n} tensors from {cfg.init_from}.")
     model.train()
     scfg = _synth_config(cfg)
     real = RealImageSource(cfg.images, cfg.ndim) if cfg.images else None
@@ -263,6 +292,8 @@ def train(config: TrainConfig, log=print) -> Path:
                  "warps")
     if real is not None:
         data_desc += f"; {100 * cfg.real_fraction:.0f}% of steps from {len(real)} real image(s) in {cfg.images}"
+    if cfg.init_from:
+        data_desc += f"; initialised from {Path(cfg.init_from).name}"
 
     def checkpoint():
         model.meta = _meta(cfg, step, elapsed, history, data_desc)
@@ -291,7 +322,7 @@ def train(config: TrainConfig, log=print) -> Path:
             batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
             lam = torch.rand(cfg.batch, generator=gen).to(device)
             sup_w = max(0.0, 1.0 - frac / cfg.warmup) if cfg.warmup > 0 else 0.0
-            terms = loss_terms(model, batch, lam, gen, sup_weight=sup_w)
+            terms = loss_terms(model, batch, lam, gen, sup_weight=sup_w, label_sigma=cfg.label_sigma)
             opt.zero_grad(set_to_none=True)
             terms["loss"].backward()
             opt.step()
@@ -324,7 +355,8 @@ def _meta(cfg: TrainConfig, step, elapsed, history, data_desc) -> dict:
     return {"ndim": cfg.ndim, "work_size": cfg.size, "enc": list(cfg.enc), "dec": list(cfg.dec), "steps": step,
             "batch": cfg.batch, "lr": cfg.lr, "seed": cfg.seed,
             "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "data": data_desc,
-            "wall_time_min": round(elapsed / 60, 2), "warmup": cfg.warmup, "final_loss": final.get("loss"), "final_dice": final.get("dice"),
+            "wall_time_min": round(elapsed / 60, 2), "warmup": cfg.warmup, "label_sigma": cfg.label_sigma,
+            "p_identical": cfg.p_identical, "final_loss": final.get("loss"), "final_dice": final.get("dice"),
             "final_smooth": final.get("smooth"), "torch": str(torch.__version__), "device": str(cfg.device),
             "threads": cfg.threads, "command": _command_line(cfg)}
 
@@ -334,7 +366,9 @@ def _command_line(cfg: TrainConfig) -> str:
              f"--lr {cfg.lr:g} --seed {cfg.seed}"]
     if cfg.max_minutes:
         parts.append(f"--max-minutes {cfg.max_minutes:g}")
-    parts.append(f"--warmup {cfg.warmup:g}")
+    parts.append(f"--warmup {cfg.warmup:g} --label-sigma {cfg.label_sigma:g} --p-identical {cfg.p_identical:g}")
+    if cfg.init_from:
+        parts.append(f"--init-from {Path(cfg.init_from).name}")
     if cfg.images:
         parts.append(f"--images {cfg.images} --real-fraction {cfg.real_fraction:g}")
     parts.append(f"--out {Path(cfg.out).name}")
@@ -364,6 +398,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help="stop (and save) after this much training time; the learning-rate schedule follows it")
     parser.add_argument("--warmup", type=float, default=0.2,
                         help="fraction of the run with a decaying supervised term on the synthetic truth (0 = off)")
+    parser.add_argument("--label-sigma", type=float, default=LABEL_SIGMA,
+                        help="Gaussian blur (voxels) of the label maps in the Dice loss (default 1; 0 = sharp)")
+    parser.add_argument("--p-identical", type=float, default=0.05,
+                        help="share of pairs showing the same anatomy twice (true displacement 0; default 0.05)")
+    parser.add_argument("--init-from", default=None,
+                        help="weight file to start from; a 2D file initialises a 3D model by kernel inflation")
     parser.add_argument("--no-variance", action="store_true", help="train without the uncertainty head")
     return parser
 
@@ -375,7 +415,9 @@ def run_train(args: argparse.Namespace, log=None) -> Path:
                       seed=args.seed, out=out, images=args.images, real_fraction=args.real_fraction,
                       resume=args.resume, device=args.device, threads=args.threads,
                       checkpoint_every=args.checkpoint_every, log_every=args.log_every,
-                      max_minutes=args.max_minutes, warmup=args.warmup,
+                      max_minutes=args.max_minutes, warmup=args.warmup, init_from=getattr(args, "init_from", None),
+                      label_sigma=getattr(args, "label_sigma", LABEL_SIGMA),
+                      p_identical=getattr(args, "p_identical", 0.05),
                       variance=not getattr(args, "no_variance", False))
     return train(cfg, log=log or (lambda m: print(m, flush=True)))
 

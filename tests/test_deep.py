@@ -1,0 +1,375 @@
+"""The deep deformable model: shipped weights on real images, exported fields, training, errors, refinement.
+
+Real data: the brain sample pairs in ``sample_data/`` (ICBM 2009a template slices/volume and known warps of
+them, with tissue labels); the model was trained on synthetic label maps only, so these are held-out images.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from napari_regtool import qc
+from napari_regtool.errors import Cancelled, InputError
+from napari_regtool.image import Image
+from napari_regtool.io import field_to_sitk_transform, image_to_sitk, read_image
+from napari_regtool.space import Space
+from napari_regtool.transforms.field import DisplacementFieldTransform, jacobian_determinant, resample
+from napari_regtool.transforms.linear import AffineTransform, fit_affine
+
+from napari_regtool.deep import hypermorph, infer
+from napari_regtool.deep.hypermorph import HyperMorphModel, read_model, save_model
+from napari_regtool.deep.infer import DEFAULT_REG_WEIGHT, MIN_SIZE, DeepRegistration, register_deep, working_space
+from napari_regtool.deep.synth import SynthConfig, synth_pair
+from napari_regtool.deep.train import TrainConfig, _one_hot, loss_terms, soft_dice, train
+from napari_regtool.transforms.field import warp
+
+SAMPLES = Path(__file__).resolve().parents[1] / "sample_data"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _threads():
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(n)
+
+
+def _need(*names):
+    for n in names:
+        if not (SAMPLES / n).exists():
+            pytest.skip(f"sample data {n} is missing")
+
+
+def _need_weights(ndim):
+    if not infer.weights_path(ndim).exists():
+        pytest.skip(f"no shipped {ndim}D weights")
+
+
+def _landmarks(path):
+    from napari_regtool.landmarks import read_bigwarp_csv
+
+    return read_bigwarp_csv(path).fit_points()
+
+
+@pytest.fixture(scope="module")
+def pair2d():
+    """Real 2D pair with tissue labels and its landmark-based affine pre-alignment (fixed → moving)."""
+    _need("brain2d_fixed.nii.gz", "brain2d_moving.nii.gz", "brain2d_fixed_labels.nii.gz",
+          "brain2d_moving_labels.nii.gz", "brain2d_landmarks.csv")
+    f = read_image(SAMPLES / "brain2d_fixed.nii.gz")
+    m = read_image(SAMPLES / "brain2d_moving.nii.gz")
+    fl = read_image(SAMPLES / "brain2d_fixed_labels.nii.gz", is_label=True)
+    ml = read_image(SAMPLES / "brain2d_moving_labels.nii.gz", is_label=True)
+    lf, lm = _landmarks(SAMPLES / "brain2d_landmarks.csv")
+    return f, m, fl, ml, fit_affine(lf, lm), (lf, lm)
+
+
+@pytest.fixture(scope="module")
+def reg2d(pair2d):
+    _need_weights(2)
+    f, m, _, _, aff, _ = pair2d
+    return DeepRegistration(f, m, initial=aff)
+
+
+def _warp_labels(ml, tx, space):
+    return resample(ml.array, ml.space, tx, space, mode="nearest").numpy()
+
+
+def _warp(m, tx, space):
+    return resample(m.scalar(), m.space, tx, space).numpy()
+
+
+def _smoothness(tx: DisplacementFieldTransform) -> float:
+    """Mean squared spatial derivative of the physical field (dimensionless)."""
+    u = tx.u.double()
+    sp = tx.space.spacing[::-1]
+    return float(sum(((torch.diff(u, dim=k) / sp[k]) ** 2).mean() for k in range(tx.ndim)))
+
+
+# -------------------------------------------------------------------------------------- model & grids
+def test_model_shapes_2d_3d_and_lambda_conditioning():
+    for d, shape in ((2, (32, 48)), (3, (32, 32, 16))):
+        net = HyperMorphModel(ndim=d, enc=(4, 8, 8), dec=(8,), final=4, work_size=32)
+        x = torch.rand(2, 2, *shape)
+        mean, logvar = net(x, torch.tensor([0.0, 1.0]))
+        assert mean.shape == (2, d, *[s // 2 for s in shape]) and logvar.shape == mean.shape
+        # the hypernetwork sees distinct, non-degenerate inputs at both ends of [0, 1]
+        f0, f1 = net.modulations(0.0), net.modulations(1.0)
+        assert any(not torch.allclose(a, b) for a, b in zip(f0, f1))
+    with pytest.raises(ValueError, match="multiple of 4"):
+        net(torch.rand(1, 2, 30, 30, 30), 0.5)
+
+
+def test_working_space_is_isotropic_centred_and_covers_the_image():
+    sp = Space((100, 300), [0.5, 0.8], [10.0, -4.0], np.array([[0.0, -1.0], [1.0, 0.0]]))
+    ws = working_space(sp, 128, 16)
+    assert np.allclose(ws.spacing, ws.spacing[0])
+    assert all(n % 16 == 0 for n in ws.shape) and max(ws.shape) == 128
+    lo, hi = sp.physical_bounds()
+    wlo, whi = ws.physical_bounds()
+    assert np.all(wlo <= lo + 1e-9) and np.all(whi >= hi - 1e-9)
+    assert np.allclose((wlo + whi) / 2, (lo + hi) / 2)
+
+
+# --------------------------------------------------------------------------------------- synthetic data
+def test_synthetic_pairs_are_seeded_and_their_truth_aligns_the_labels():
+    cfg = SynthConfig(shape=(64, 64))
+    a = synth_pair(2, torch.Generator().manual_seed(5), cfg)
+    b = synth_pair(2, torch.Generator().manual_seed(5), cfg)
+    assert torch.equal(a["fixed"], b["fixed"]) and torch.equal(a["moving_labels"], b["moving_labels"])
+    assert a["fixed"].min() >= 0 and a["fixed"].max() <= 1
+    for i in range(2):  # the known displacement maps the moving labels onto the fixed ones (hard labels)
+        fl, ml = a["fixed_labels"][i], a["moving_labels"][i]
+        back = warp(ml[None, None].float(), a["true_disp"][i:i + 1], mode="nearest")[0, 0].long()
+        before = qc.dice(fl + 1, ml + 1)["mean"]
+        after = qc.dice(fl + 1, back + 1)["mean"]
+        assert after > 0.85 and after > before + 0.2, (before, after)
+    c3 = synth_pair(1, torch.Generator().manual_seed(1), SynthConfig(shape=(32, 32, 32)))
+    assert c3["fixed"].shape == (1, 1, 32, 32, 32) and c3["true_disp"].shape == (1, 3, 32, 32, 32)
+
+
+# ------------------------------------------------------------------------------------------- training
+def test_training_steps_lower_the_loss():
+    """Three Adam steps on one fixed synthetic batch (fixed seeds) lower the training loss each time."""
+    _need_weights(2)
+    import copy
+
+    net = copy.deepcopy(infer.load_model(2)).train()
+    batch = synth_pair(2, torch.Generator().manual_seed(0), SynthConfig(shape=(64, 64)))
+    lam = torch.tensor([0.2, 0.6])
+    opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+
+    def loss():
+        return loss_terms(net, batch, lam, torch.Generator().manual_seed(1))["loss"]
+
+    values = []
+    for _ in range(3):
+        value = loss()
+        values.append(float(value))
+        opt.zero_grad()
+        value.backward()
+        opt.step()
+    with torch.no_grad():
+        values.append(float(loss()))
+    assert all(b < a for a, b in zip(values, values[1:])), values
+
+
+def test_supervised_warmup_term_trains_a_tiny_model():
+    torch.manual_seed(0)
+    net = HyperMorphModel(ndim=2, enc=(8, 16, 16), dec=(16,), final=8, work_size=32, variance=False)
+    batch = synth_pair(4, torch.Generator().manual_seed(0), SynthConfig(shape=(32, 32)))
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    lam = torch.zeros(4)
+    first = float(loss_terms(net, batch, lam, sup_weight=1.0)["sup"])
+    for _ in range(30):
+        opt.zero_grad()
+        loss_terms(net, batch, lam, sup_weight=1.0)["sup"].backward()
+        opt.step()
+    assert float(loss_terms(net, batch, lam, sup_weight=1.0)["sup"]) < 0.8 * first
+
+
+def test_train_writes_resumable_weights_with_metadata(tmp_path):
+    out = tmp_path / "m.pt"
+    cfg = TrainConfig(ndim=2, steps=3, size=32, batch=1, out=str(out), checkpoint_every=2, log_every=1,
+                      enc=(4, 8, 8), dec=(8,))
+    logs = []
+    train(cfg, log=logs.append)
+    model = read_model(out, ndim=2)
+    assert model.meta["steps"] == 3 and model.meta["seed"] == 0 and model.meta["work_size"] == 32
+    assert "synthetic" in model.meta["data"] and model.meta["final_loss"] is not None
+    cfg.steps, cfg.resume = 5, True
+    train(cfg, log=logs.append)
+    assert any("Resuming" in line for line in logs)
+    assert read_model(out).meta["steps"] == 5
+
+
+# ------------------------------------------------------------------------------------------- errors
+def test_corrupt_and_mismatched_weight_files(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a torch file at all")
+    with pytest.raises(InputError, match="not a readable model weight file"):
+        read_model(bad)
+    net = HyperMorphModel(ndim=2, enc=(4, 8, 8), dec=(8,), final=4, work_size=32)
+    good = tmp_path / "good.pt"
+    save_model(net, good)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(InputError, match="corrupt or truncated"):
+        read_model(cut)
+    with pytest.raises(InputError, match="2D model, but the images are 3D"):
+        infer.load_model(3, path=good)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(InputError, match="not a napari-regtool HyperMorph"):
+        read_model(foreign)
+    payload = torch.load(good, weights_only=True)
+    payload["state_dict"]["flow.weight"] = torch.zeros(3, 3)
+    torch.save(payload, foreign)
+    with pytest.raises(InputError, match="do not match"):
+        read_model(foreign)
+    with pytest.raises(InputError, match="not found"):
+        infer.load_model(2, path=tmp_path / "missing.pt")
+
+
+def test_bad_images_give_clear_errors(monkeypatch):
+    net = HyperMorphModel(ndim=2, enc=(4, 8, 8), dec=(8,), final=4, work_size=32)
+    sp = Space((40, 40), [1, 1])
+    rng = np.random.default_rng(0)
+    img = Image(rng.random((40, 40), np.float32), sp, "img")
+    small = Image(rng.random((10, 40), np.float32), Space((10, 40), [1, 1]), "small")
+    with pytest.raises(InputError, match=f"at least {MIN_SIZE} voxels"):
+        DeepRegistration(img, small, model=net)
+    with pytest.raises(InputError, match="constant"):
+        DeepRegistration(img, Image(np.full((40, 40), 3.0, np.float32), sp, "flat"), model=net)
+    nan = rng.random((40, 40)).astype(np.float32)
+    nan[3, 4] = np.nan
+    with pytest.raises(InputError, match="NaN"):
+        DeepRegistration(Image(nan, sp, "nan"), img, model=net)
+    vol = Image(rng.random((20, 20, 20), np.float32), Space((20, 20, 20), [1, 1, 1]), "vol")
+    with pytest.raises(InputError, match="same dimension"):
+        DeepRegistration(img, vol, model=net)
+    monkeypatch.setattr(infer, "WEIGHTS_DIR", Path("/nonexistent"))
+    with pytest.raises(InputError, match="No 3D deep model is available"):
+        DeepRegistration(vol, vol)
+    with pytest.raises(InputError, match="between 0 and 1"):
+        DeepRegistration(img, img, model=net).predict(1.5)
+
+
+# ---------------------------------------------------------------------------- shipped weights, real data
+def test_identical_images_give_a_near_zero_field(pair2d):
+    _need_weights(2)
+    f = pair2d[0]
+    tx = DeepRegistration(f, f.with_array(f.array, name="copy")).predict(DEFAULT_REG_WEIGHT)
+    mag = tx.u.norm(dim=-1)
+    assert float(mag.mean()) < 0.15 * float(f.space.spacing.min())
+    assert float(mag.max()) < 1.0 * float(f.space.spacing.min())
+
+
+def test_larger_lambda_gives_smoother_fields_and_fewer_folds(reg2d):
+    lams = [0.0, 0.1, 0.3, 0.5, 0.8, 1.0]
+    smooth, folds, sdlogj = [], [], []
+    for lam in lams:
+        tx = reg2d.predict(lam)
+        aff = reg2d._affine
+        deform = DisplacementFieldTransform(tx.u - aff.field(tx.space), tx.space)  # the deformable part
+        smooth.append(_smoothness(deform))
+        st = qc.jacobian_stats(jacobian_determinant(tx.u.double(), tx.space) / np.linalg.det(aff.matrix))
+        folds.append(st["folding_percent"])
+        sdlogj.append(st["std_log_jacobian"])
+    assert all(a > b for a, b in zip(smooth, smooth[1:])), smooth
+    assert all(a >= b for a, b in zip(folds, folds[1:])), folds
+    assert sdlogj[0] > sdlogj[-1]
+    assert smooth[-1] < 0.01 * smooth[0]
+
+
+def test_shipped_2d_model_beats_the_affine_prealignment_on_real_labels(pair2d, reg2d):
+    f, m, fl, ml, aff, _ = pair2d
+    tx = reg2d.predict(DEFAULT_REG_WEIGHT)
+    d_aff = qc.dice(fl.array, _warp_labels(ml, aff, f.space))["mean"]
+    d_deep = qc.dice(fl.array, _warp_labels(ml, tx, f.space))["mean"]
+    assert d_deep > d_aff + 0.02, (d_aff, d_deep)
+    n_aff = qc.ncc(f.scalar(), _warp(m, aff, f.space))
+    n_deep = qc.ncc(f.scalar(), _warp(m, tx, f.space))
+    assert n_deep > n_aff
+    det = jacobian_determinant(tx.u.double(), f.space)
+    assert qc.jacobian_stats(det)["folding_percent"] == 0.0
+
+
+def test_composition_with_an_initial_transform_is_exact(pair2d):
+    """moving = fixed seen through a known rotation; with that rotation as ``initial`` the deep part has nothing
+    left to do, so the returned field must be the rotation's own field (analytic reference)."""
+    _need_weights(2)
+    f = pair2d[0]
+    lo, hi = f.space.physical_bounds()
+    c = (lo + hi) / 2
+    a = np.array([[np.cos(0.2), -np.sin(0.2)], [np.sin(0.2), np.cos(0.2)]])
+    rot = AffineTransform(a, c - a @ c + np.array([5.0, -3.0]))
+    mspace = Space((230, 230), [0.9, 0.9], rot.map_points(c)[0] - 0.9 * 114.5, None)
+    moving = Image(resample(f.scalar(), f.space, rot.inverse(), mspace).numpy(), mspace, "rotated")
+    tx = DeepRegistration(f, moving, initial=rot).predict(DEFAULT_REG_WEIGHT)
+    err = (tx.u - rot.field(f.space)).norm(dim=-1)
+    assert float(err.mean()) < 0.2 and float(err.max()) < 1.5  # mm, 1 mm voxels
+    pts = np.array([[0.0, 0.0], [20.0, -30.0]])
+    assert np.allclose(tx.map_points(pts), rot.map_points(pts), atol=1.0)
+
+
+def test_exported_field_reproduces_the_warp_in_simpleitk(pair2d, reg2d):
+    import SimpleITK as sitk
+
+    f, m = pair2d[0], pair2d[1]
+    tx = reg2d.predict(DEFAULT_REG_WEIGHT)
+    sitk_tx = field_to_sitk_transform(tx.u.double().numpy(), f.space)
+    ref = image_to_sitk(f.scalar(), f.space)
+    mov = sitk.Cast(image_to_sitk(m.scalar(), m.space), sitk.sitkFloat32)
+    out = sitk.GetArrayFromImage(sitk.Resample(mov, ref, sitk_tx, sitk.sitkLinear, 0.0, sitk.sitkFloat32))
+    ours = _warp(m, tx, f.space)
+    rng = float(m.scalar().max() - m.scalar().min())
+    assert np.abs(out - ours).max() < 1e-3 * rng
+    # and it is not trivially the identity warp
+    assert np.abs(ours - _warp(m, AffineTransform(np.eye(2), np.zeros(2)), f.space)).max() > 0.1 * rng
+
+
+def test_uncertainty_map_is_physical_and_lower_on_edges(pair2d, reg2d):
+    f = pair2d[0]
+    tx = reg2d.predict(DEFAULT_REG_WEIGHT, uncertainty=True)
+    unc = tx.uncertainty.numpy()
+    assert unc.shape == f.space.shape and np.all(np.isfinite(unc)) and unc.min() > 0
+    # physical units: the same pair on a grid with every spacing doubled gives twice the uncertainty
+    big = Space(f.space.shape, 2 * f.space.spacing, f.space.origin, f.space.direction)
+    f2 = Image(f.array, big, "f2")
+    m2 = Image(f.array, big, "m2")
+    unc2 = DeepRegistration(f2, m2).predict(DEFAULT_REG_WEIGHT, uncertainty=True).uncertainty.numpy()
+    unc1 = DeepRegistration(f, f.with_array(f.array)).predict(DEFAULT_REG_WEIGHT, uncertainty=True).uncertainty.numpy()
+    assert np.allclose(unc2, 2 * unc1, rtol=1e-3)
+    # edges pin the correspondence down: less uncertain than flat regions
+    a = f.scalar()
+    g = np.hypot(*np.gradient(a / a.max()))
+    edges, flat = g > np.percentile(g, 90), g < np.percentile(g, 30)
+    assert np.median(unc[flat]) > 1.1 * np.median(unc[edges]), (np.median(unc[flat]), np.median(unc[edges]))
+
+
+def test_refinement_improves_similarity_and_honours_landmarks(pair2d, reg2d):
+    f, m, fl, ml, aff, (lf, lm) = pair2d
+    single = reg2d.predict(DEFAULT_REG_WEIGHT)
+    fine = reg2d.refine(DEFAULT_REG_WEIGHT, steps=40)
+    fs = f.scalar()
+    assert qc.lncc(fs, _warp(m, fine, f.space)) > qc.lncc(fs, _warp(m, single, f.space)) + 0.01
+    assert fine.refine_info["lncc_after"] > fine.refine_info["lncc_before"]
+    det = jacobian_determinant(fine.u.double(), f.space)
+    assert qc.jacobian_stats(det)["folding_percent"] < 0.1
+    with_lm = reg2d.refine(DEFAULT_REG_WEIGHT, steps=40, landmarks=(lf, lm), landmark_weight=0.5)
+    assert qc.tre(with_lm, lf, lm).mean() < qc.tre(fine, lf, lm).mean()
+
+
+def test_register_deep_reports_and_cancels(pair2d):
+    _need_weights(2)
+    f, m, *_ = pair2d
+    seen = []
+    tx, info = register_deep(f, m, progress=lambda p, msg: seen.append(p))
+    assert isinstance(tx, DisplacementFieldTransform) and tx.kind == "deep" and tx.space == f.space
+    assert {"runtime_s", "device", "model", "reg_weight"} <= set(info)
+    assert info["model"]["ndim"] == 2 and info["model"]["trained_steps"] > 0
+    assert seen[0] == 0.0 and seen[-1] == 1.0
+    with pytest.raises(Cancelled):
+        register_deep(f, m, refine_steps=20, cancel=lambda: len(seen) > 10 or seen.append(0) is None and False)
+
+
+def test_shipped_3d_model_on_the_real_volume_pair():
+    _need_weights(3)
+    _need("brain3d_fixed.nii.gz", "brain3d_moving.nii.gz", "brain3d_fixed_labels.nii.gz",
+          "brain3d_moving_labels.nii.gz", "brain3d_landmarks.csv")
+    f = read_image(SAMPLES / "brain3d_fixed.nii.gz")
+    m = read_image(SAMPLES / "brain3d_moving.nii.gz")
+    fl = read_image(SAMPLES / "brain3d_fixed_labels.nii.gz", is_label=True)
+    ml = read_image(SAMPLES / "brain3d_moving_labels.nii.gz", is_label=True)
+    aff = fit_affine(*_landmarks(SAMPLES / "brain3d_landmarks.csv"))
+    tx, info = register_deep(f, m, initial=aff, uncertainty=True)
+    assert tx.u.shape == (*f.space.shape, 3) and tx.uncertainty.shape == f.space.shape
+    d_aff = qc.dice(fl.array, _warp_labels(ml, aff, f.space))["mean"]
+    d_deep = qc.dice(fl.array, _warp_labels(ml, tx, f.space))["mean"]
+    assert d_deep > d_aff + 0.01, (d_aff, d_deep)
+    det = jacobian_determinant(tx.u.double(), f.space)
+    assert qc.jacobian_stats(det)["folding_percent"] < 0.05
