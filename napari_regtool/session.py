@@ -322,10 +322,12 @@ class Session:
         self._after_change(label, **info)
 
     def _after_change(self, reason: str, **info):
-        self._autosave()
+        # refit first: listeners that start the (threaded) warp on "transform" get going before the ones that
+        # redraw points and tables on "landmarks"
+        self.refit()
         self._emit("landmarks", reason=reason, **info)
         self._emit("history")
-        self.refit()
+        self._autosave()
 
     def pending(self, missing: str | None = None) -> int | None:
         """Index of the newest pair placed in one image only (missing ``missing`` when given), or None."""
@@ -386,14 +388,32 @@ class Session:
             if self._drag_before is None:
                 self._drag_before = self.pairs.copy()
             getattr(self.pairs, side)[index] = p
-            self._emit("landmarks", reason="drag", index=index, side=side)
             self.refit()
+            self._emit("landmarks", reason="drag", index=index, side=side)
             return
         before = self._drag_before if self._drag_before is not None else self.pairs.copy()
         self._drag_before = None
         new = self.pairs.copy()
         getattr(new, side)[index] = p
         self._apply("move", new, before=before, index=index, side=side)
+
+    def move_many(self, side: str, indices, points):
+        """Move several points of one image in one step (one undo entry), e.g. a multi-point drag."""
+        self._require()
+        idx = [int(i) for i in indices]
+        for i in idx:
+            self._check_index(i)
+        pts = [self._check_inside(side, p) for p in points]
+        if len(idx) != len(pts):
+            raise ValueError("move_many: as many points as indices are needed.")
+        if not idx:
+            return
+        before = self._drag_before if self._drag_before is not None else self.pairs.copy()
+        self._drag_before = None
+        new = self.pairs.copy()
+        for i, p in zip(idx, pts):
+            getattr(new, side)[i] = p
+        self._apply("move", new, before=before, index=idx[0] if len(idx) == 1 else idx, side=side)
 
     def cancel_drag(self):
         """Put a dragged point back where the drag started."""

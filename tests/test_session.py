@@ -336,3 +336,12 @@ def test_snapshot_is_detached(session):
     session.delete(0)
     assert len(snap.pairs) == 12 and len(session.pairs) == 11
     assert not snap.autosave and not snap.can_undo
+
+
+def test_move_many_is_one_step(session):
+    session.load_csv(L2)
+    before = session.pairs.copy()
+    session.move_many("fixed", [1, 2], [before.fixed[1] + 1.0, before.fixed[2] - 1.0])
+    np.testing.assert_allclose(session.pairs.fixed[[1, 2]], before.fixed[[1, 2]] + [[1.0], [-1.0]])
+    session.undo()
+    assert session.pairs == before

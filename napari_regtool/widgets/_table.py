@@ -37,7 +37,9 @@ class PairTable(QTableWidget):
         self.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
         self.setSelectionMode(QAbstractItemView.SelectionMode.ExtendedSelection)
         hdr = self.horizontalHeader()
-        hdr.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        # fixed widths sized once per change of the row count: ResizeToContents would re-measure every cell on
+        # every live update
+        hdr.setSectionResizeMode(QHeaderView.ResizeMode.Interactive)
         hdr.setSectionResizeMode(1, QHeaderView.ResizeMode.Stretch)
         self.setMinimumHeight(150)
         self._updating = False
@@ -53,6 +55,8 @@ class PairTable(QTableWidget):
         outliers = np.zeros(n, bool) if outliers is None or len(outliers) != n else outliers
         selected = self.selected_rows()
         self._updating = True
+        self.setUpdatesEnabled(False)
+        resized = self.rowCount() != n
         try:
             self.setRowCount(n)
             if n == 0:
@@ -60,14 +64,17 @@ class PairTable(QTableWidget):
             placed_f = np.all(np.isfinite(pairs.fixed), 1)
             placed_m = np.all(np.isfinite(pairs.moving), 1)
             for i in range(n):
+                new_row = self.item(i, 0) is None
                 num = self._item(i, 0, str(i + 1), editable=False)
-                c = PALETTE[i % len(PALETTE)]
-                num.setBackground(QBrush(QColor.fromRgbF(float(c[0]), float(c[1]), float(c[2]), 1.0)))
-                num.setForeground(QBrush(QColor("white")))
+                if new_row:
+                    c = PALETTE[i % len(PALETTE)]
+                    num.setBackground(QBrush(QColor.fromRgbF(float(c[0]), float(c[1]), float(c[2]), 1.0)))
+                    num.setForeground(QBrush(QColor("white")))
                 self._item(i, 1, pairs.names[i], editable=True)
                 act = self._item(i, 2, "", editable=False)
-                act.setFlags(act.flags() | Qt.ItemFlag.ItemIsUserCheckable)
-                act.setCheckState(Qt.CheckState.Checked if pairs.active[i] else Qt.CheckState.Unchecked)
+                state = Qt.CheckState.Checked if pairs.active[i] else Qt.CheckState.Unchecked
+                if act.checkState() != state:
+                    act.setCheckState(state)
                 if placed_f[i] and placed_m[i]:
                     rtext = _fmt(residual[i])
                 else:
@@ -76,11 +83,16 @@ class PairTable(QTableWidget):
                 self._item(i, 4, _fmt(loo[i]), editable=False)
                 bg = QBrush(OUTLIER_BG) if outliers[i] else QBrush()
                 for col in (1, 3, 4):
-                    self.item(i, col).setBackground(bg)
-                if outliers[i]:
-                    self.item(i, 4).setToolTip("Outlier: this pair disagrees with the others (large leave-one-out "
-                                               "error). Check that both points mark the same feature.")
+                    if self.item(i, col).background() != bg:
+                        self.item(i, col).setBackground(bg)
+                self.item(i, 4).setToolTip("Outlier: this pair disagrees with the others (large leave-one-out "
+                                           "error). Check that both points mark the same feature." if outliers[i]
+                                           else "")
+            if resized:
+                for col in (0, 2, 3, 4):
+                    self.resizeColumnToContents(col)
         finally:
+            self.setUpdatesEnabled(True)
             self._updating = False
         if selected and max(selected) < n:
             self.select_rows(selected)
@@ -90,11 +102,15 @@ class PairTable(QTableWidget):
         if it is None:
             it = QTableWidgetItem()
             self.setItem(row, col, it)
-        it.setText(text)
+        if it.text() != text:
+            it.setText(text)
         flags = Qt.ItemFlag.ItemIsSelectable | Qt.ItemFlag.ItemIsEnabled
         if editable:
             flags |= Qt.ItemFlag.ItemIsEditable
-        it.setFlags(flags)
+        if col == 2:
+            flags |= Qt.ItemFlag.ItemIsUserCheckable
+        if it.flags() != flags:
+            it.setFlags(flags)
         return it
 
     def selected_rows(self) -> list:

@@ -114,6 +114,7 @@ class RegistrationWidget(QWidget):
         self._last_fit_message = ""
         self._too_few_notified = None
         self._deep_long = False
+        self._synced: dict = {}  # side → (layer id, what was last written into it)
         self._add_mode = False
         self._view = "side"
         self._deep_cache: dict = {}
@@ -643,13 +644,20 @@ class RegistrationWidget(QWidget):
         if self._closing:
             return
         if event == "images":
+            # results still in flight belong to the previous pair of images
+            self._preview.cancel()
+            self._deep_runner.cancel()
+            self._deep_cache.clear()
+            self._deep_initial = None
+            self._suggestion = None
             self._previewer = Previewer(self.session.fixed, self.session.moving, device="cpu")
             self._was_folding = False
             self._setup_layers()
             self._update_autosave_label()
         elif event == "landmarks":
-            if info.get("reason") != "drag":
-                self._sync_points()
+            if info.get("reason") == "drag":
+                return  # the dragged point is already where napari shows it; table and files follow on release
+            self._sync_points()
             self._update_table_structure()
             self._update_autosave_label()
         elif event == "history":
@@ -774,6 +782,17 @@ class RegistrationWidget(QWidget):
         layer.events.data.connect(lambda ev, s=side, l=layer: self._on_points_data(s, l, ev))
         layer.mouse_drag_callbacks.append(lambda l, ev, s=side: self._on_points_drag(s, l, ev))
 
+    def _points_in_sync(self, layer, side, placed, pts) -> bool:
+        """True when the layer already shows exactly these points, numbers and active states (e.g. after napari
+        itself moved a point): rewriting it would only cost time."""
+        if len(layer.data) != len(placed) or self._synced.get(side) != (id(layer), self._signature(placed)):
+            return False
+        return bool(np.allclose(np.asarray(layer.data)[:, -pts.shape[1]:], to_array_order(pts[placed])))
+
+    def _signature(self, placed):
+        pairs = self.session.pairs
+        return placed.tobytes(), pairs.active[placed].tobytes(), tuple(pairs.names[i] for i in placed)
+
     def _sync_points(self):
         """Write the session's pairs into the two landmark layers (numbers and colours per pair)."""
         if not self.session.ready:
@@ -785,6 +804,8 @@ class RegistrationWidget(QWidget):
                 layer = self._ensure_points_layer(side)
                 pts = getattr(pairs, side)
                 placed = np.nonzero(np.all(np.isfinite(pts), 1))[0]
+                if self._points_in_sync(layer, side, placed, pts):
+                    continue
                 colors = np.ones((len(placed), 4))
                 colors[:, :3] = PALETTE[placed % len(PALETTE)]
                 inactive = ~pairs.active[placed]
@@ -800,6 +821,7 @@ class RegistrationWidget(QWidget):
                     layer.size = self._points_size()
                 layer.selected_data = {i for i in selected if i < len(placed)}
                 layer.refresh()
+                self._synced[side] = (id(layer), self._signature(placed))
         finally:
             self._mute -= 1
 
@@ -824,10 +846,11 @@ class RegistrationWidget(QWidget):
         try:
             if len(new) == len(expected):
                 moved = [k for k in range(len(new)) if not np.allclose(new[k], expected[k])]
-                for k in moved:  # one undo step per moved point (napari drags one selection at a time)
-                    self.session.move(int(placed[k]), side, to_physical_order(new[k]))
+                if moved:  # one undo step for all points moved together
                     self._drag_active.pop(side, None)
-                if not moved:
+                    self.session.move_many(side, [int(placed[k]) for k in moved],
+                                           [to_physical_order(new[k]) for k in moved])
+                else:
                     self._sync_points()
             elif len(new) > len(expected):
                 n0 = len(expected)
@@ -1284,10 +1307,19 @@ class RegistrationWidget(QWidget):
     def _show_preview(self, gen, res):
         if self._closing or not self.session.ready:
             return
+        if res.warped is not None and tuple(res.warped.shape[:self.session.ndim]) != tuple(self.session.fixed.space.shape):
+            return
         if res.warped is not None:
             layer = self._layer("warped")
             if layer is not None and layer.data.shape == res.warped.shape:
-                layer.data = res.warped
+                data = layer.data
+                if isinstance(data, np.ndarray) and data.dtype == res.warped.dtype and data.flags.writeable:
+                    # same grid: copy into the layer's array and refresh, which skips napari's re-evaluation of
+                    # the layer's dimensions and of the viewer's dims that assigning a new array triggers
+                    np.copyto(data, res.warped)
+                    layer.refresh()
+                else:
+                    layer.data = res.warped
                 if self._moving_layer is not None and not layer.rgb and not self._moving_layer.rgb:
                     if tuple(layer.contrast_limits) != tuple(self._moving_layer.contrast_limits):
                         layer.contrast_limits = tuple(self._moving_layer.contrast_limits)
@@ -1364,6 +1396,8 @@ class RegistrationWidget(QWidget):
         name = QC_LAYERS[key][0]
         layer = self._layer(f"qc-{key}")
         fs = self.session.fixed.space
+        if tuple(arr.shape) != tuple(fs.shape):
+            return  # a map of images that are no longer registered
         if layer is not None and layer.data.shape != arr.shape:
             self.viewer.layers.remove(layer)
             layer = None
