@@ -672,6 +672,7 @@ class PreviewResult:
     suggestion: np.ndarray | None = None  # physical point of largest uncertainty on the fixed image's foreground
     uncertainty_info: dict | None = None
     errors: tuple | None = None  # (residual, loo) per pair, see pair_errors
+    warped_plane: tuple | None = None  # (k, image of plane k) of a 3D warped image, ahead of the whole volume
     timings: dict = dc_field(default_factory=dict)
 
 
@@ -724,16 +725,42 @@ class Previewer:
             self._fixed_scalar = qc.normalise_intensity(torch.as_tensor(self.fixed.scalar(), device=self.device))
         return self._fixed_scalar
 
+    def warp_plane(self, transform: Transform, k: int) -> np.ndarray:
+        """The warped image on plane ``k`` (first array axis) of a 3D fixed grid only: ``fixed.shape[1:]``."""
+        fs = self.fixed.space
+        k = int(np.clip(k, 0, fs.shape[0] - 1))
+        origin = fs.array_index_to_physical(np.array([[k] + [0] * (fs.ndim - 1)], float))[0]
+        sub = Space((1,) + tuple(fs.shape[1:]), fs.spacing, origin, fs.direction)
+        if transform.is_linear:
+            idx = transform.moving_index_grid(sub, self.moving.space, device=self.device)
+        else:
+            u = transform.field(sub, device=self.device, dtype=torch.float32)
+            base = self._base[k:k + 1]
+            idx = torch.addmm(base.reshape(-1, base.shape[-1]), u.reshape(-1, u.shape[-1]),
+                              self._minv_t).reshape(base.shape)
+        out = sample_at_index(self._src, idx.unsqueeze(0), mode="linear", padding="itk")[0]
+        out = out.movedim(0, -1) if self.moving.is_multichannel else out[0]
+        return out[0].cpu().numpy()
+
     def run(self, generation: int, transform: Transform, want=(), landmarks=None, model: str = "tps",
-            smoothing: float = 0.0, need_stats: bool = True) -> Iterator[PreviewResult]:
+            smoothing: float = 0.0, need_stats: bool = True, plane: int | None = None,
+            plane_only: bool = False) -> Iterator[PreviewResult]:
         """Yield a :class:`PreviewResult` with ``warped``, then (if anything more is wanted) one with the maps.
 
         ``want``: names from :data:`QC_MAPS`. ``landmarks``: ``(fixed, moving)`` fit points for the uncertainty
         of landmark models. ``need_stats``: compute the Jacobian (folding %) even when its map is not shown.
+        ``plane`` (3D): first yield only that plane of the warped image (``warped_plane``), which is what a 2D
+        view shows, so the slice on screen follows a dragged landmark at once; ``plane_only`` stops there.
         """
         fs = self.fixed.space
         want = set(want)
         t0 = time.perf_counter()
+        if plane is not None and fs.ndim == 3:
+            k = int(np.clip(plane, 0, fs.shape[0] - 1))
+            yield PreviewResult(generation, warped_plane=(k, self.warp_plane(transform, k)),
+                                timings={"plane_s": time.perf_counter() - t0})
+            if plane_only:
+                return
         nonlinear = not transform.is_linear
         field = None
         if nonlinear:

@@ -272,7 +272,15 @@ def test_previewer_3d_and_multichannel():
     rng = np.random.default_rng(0)
     f = rng.uniform(lo + 3, hi - 3, (8, 3))
     t = fit_landmarks("tps", f, f + rng.normal(0, 0.7, f.shape))
-    warped = next(Previewer(fixed, moving).run(0, t))
+    pv = Previewer(fixed, moving)
+    warped = next(pv.run(0, t))
+    # the plane on screen, computed alone ahead of the volume, is the same plane
+    np.testing.assert_allclose(pv.warp_plane(t, 5), warped.warped[5], rtol=1e-5, atol=1e-4)
+    first = next(pv.run(0, t, plane=7, plane_only=True))
+    assert first.warped_plane[0] == 7 and first.warped is None
+    np.testing.assert_allclose(first.warped_plane[1], warped.warped[7], rtol=1e-5, atol=1e-4)
+    affine = fit_landmarks("affine", f, f + 0.5)
+    np.testing.assert_allclose(pv.warp_plane(affine, 3), pv.warp(affine)[3], rtol=1e-5, atol=1e-4)
     ref_img = sitk.GetImageFromArray(arr)
     ms.apply_to_sitk(ref_img)
     ref = sitk.GetArrayFromImage(sitk.Resample(ref_img, sitk_reference_image(fs), t.to_sitk(fs), sitk.sitkLinear, 0.0))

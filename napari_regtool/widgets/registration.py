@@ -82,12 +82,13 @@ def _message(exc: BaseException) -> str:
 
 
 def _preview_job(previewer: Previewer, generation, transform, want, landmarks, model, smoothing, pairs,
-                 with_loo, fitted=True):
-    """Worker body of a live update: warped image, then QC maps, then the pair errors."""
+                 with_loo, fitted=True, plane=None, plane_only=False):
+    """Worker body of a live update: warped image (the plane on screen first, in 3D), QC maps, pair errors."""
     from ..session import PreviewResult, pair_errors
 
-    yield from previewer.run(generation, transform, want, landmarks, model, smoothing)
-    if pairs is not None:
+    yield from previewer.run(generation, transform, want, landmarks, model, smoothing, plane=plane,
+                             plane_only=plane_only)
+    if pairs is not None and not plane_only:
         t0 = time.perf_counter()
         errors = pair_errors(pairs, model, smoothing, transform if fitted else None, with_loo=with_loo)
         yield PreviewResult(generation, errors=errors, timings={"errors_s": time.perf_counter() - t0})
@@ -96,7 +97,8 @@ def _preview_job(previewer: Previewer, generation, transform, want, landmarks, m
 class RegistrationWidget(QWidget):
     """Dock widget for landmark (and deep) registration of a moving image onto a fixed image."""
 
-    #: emitted after the warped layer received a new image (for benchmarks and tests)
+    #: emitted after the warped layer received a new image, or (3D) the plane on screen ahead of the volume;
+    #: :attr:`last_shown` says which ("image" or "plane")
     previewShown = Signal(int)
 
     def __init__(self, napari_viewer, session: Session | None = None, parent=None):
@@ -110,6 +112,7 @@ class RegistrationWidget(QWidget):
         self._previewer: Previewer | None = None
         self._preview_gen_t0: dict = {}
         self.last_latency_s: float | None = None
+        self.last_shown = ""
         self._was_folding = False
         self._last_fit_message = ""
         self._too_few_notified = None
@@ -1276,10 +1279,31 @@ class RegistrationWidget(QWidget):
             return
         t = s.transform or IdentityTransform(s.ndim)
         landmarks = s.landmark_fit_points()
+        dragging = s._drag_before is not None
+        plane = self._plane_on_screen()
         gen = self._preview.request(_preview_job, self._previewer, self._preview.generation + 1, t,
                                     self._wanted_maps(), landmarks, s.model, s.smoothing, s.pairs.copy(),
-                                    s._drag_before is None, s.transform is not None)
+                                    not dragging, s.transform is not None, plane, dragging and plane is not None)
         self._preview_gen_t0[gen] = time.perf_counter()
+
+    def _plane_on_screen(self):
+        """Index of the warped layer's plane shown in a 2D view of a 3D registration, when the first array axis
+        is the sliced one and maps to world axis 0 alone (else None: the whole volume is computed at once)."""
+        layer = self._layer("warped")
+        if layer is None or self.session.ndim != 3 or self.viewer.dims.ndisplay != 2:
+            return None
+        nd = self.viewer.dims.ndim
+        if list(self.viewer.dims.displayed) != [nd - 2, nd - 1]:
+            return None
+        from ._layers import world_matrix
+
+        m = world_matrix(layer)
+        if np.abs(m[0, 1:3]).max() > 1e-9 or np.abs(m[1:3, 0]).max() > 1e-9:
+            return None
+        k = float(layer.world_to_data(self.viewer.dims.point)[0])
+        if not -0.5 <= k <= layer.data.shape[0] - 0.5:
+            return None
+        return int(round(k))
 
     def _update_status_from_fit(self):
         s = self.session
@@ -1309,6 +1333,19 @@ class RegistrationWidget(QWidget):
             return
         if res.warped is not None and tuple(res.warped.shape[:self.session.ndim]) != tuple(self.session.fixed.space.shape):
             return
+        if res.warped_plane is not None:
+            k, img = res.warped_plane
+            layer = self._layer("warped")
+            if layer is not None and tuple(layer.data.shape[1:]) == tuple(img.shape) and \
+                    isinstance(layer.data, np.ndarray) and layer.data.flags.writeable:
+                layer.data[k] = img
+                layer.refresh()
+                t0 = self._preview_gen_t0.get(gen)
+                if t0 is not None:
+                    self.last_latency_s = time.perf_counter() - t0
+                self.last_shown = "plane"
+                self.previewShown.emit(gen)
+            return
         if res.warped is not None:
             layer = self._layer("warped")
             if layer is not None and layer.data.shape == res.warped.shape:
@@ -1328,6 +1365,7 @@ class RegistrationWidget(QWidget):
                 self._preview_gen_t0.pop(g, None)
             if t0 is not None:
                 self.last_latency_s = time.perf_counter() - t0
+            self.last_shown = "image"
             self.previewShown.emit(gen)
         for key, arr in res.maps.items():
             self._show_map(key, arr)
