@@ -98,37 +98,49 @@ def test_readme_screenshots(make_napari_viewer, qtbot):
     viewer.window._qt_window.resize(1500, 950)
     w = open_with_widget(viewer, qtbot, "brain2d")
 
-    def shot(name):
+    def shot(name, reset=True):
         wait_idle(qtbot, w)
+        if reset:
+            viewer.reset_view()
         qtbot.wait(300)
         viewer.screenshot(str(out / name), canvas_only=False, flash=False)
 
+    # 1. side by side: fixed + warped moving (left), moving (right), numbered colour-matched pairs, the table
     viewer.layers.selection.active = viewer.layers["fixed landmarks"]
     w.table.selectRow(3)
     shot("side_by_side.png")
+    # 2. overlay with the deformation grid
     w.set_view("overlay")
-    viewer.layers["brain2d moving"].visible = False
+    for name in ("brain2d moving", "moving landmarks"):
+        viewer.layers[name].visible = False
     w.tabs.setCurrentIndex(2)
     w.set_overlay("grid")
     shot("overlay_grid.png")
+    # 3. uncertainty and the suggested next landmark
     w.set_overlay("grid", False)
     w.set_overlay("uncertainty")
     shot("uncertainty.png")
+    # 4. a folding spline: warning, Jacobian map with the folded area in red
     w.set_overlay("uncertainty", False)
     lm = read_bigwarp_csv(L2)
     p, q = lm.fixed[0], lm.moving[0]
     w.session.add_pair(p + [6.0, 0.0], q + [-8.0, 0.0])
     w.session.add_pair(p + [12.0, 0.0], q + [-14.0, 0.0])
-    wait_idle(qtbot, w)
     shot("jacobian_folding.png")
     w.undo()
     w.undo()
+    w.set_overlay("jacobian", False)
+    # 5. the 3D sample, side by side
+    from napari._qt.dialogs.qt_notification import NapariQtNotification
+
+    for toast in viewer.window._qt_window.findChildren(NapariQtNotification):
+        toast.close()
     viewer.layers.clear()
-    w2 = w
     viewer.open_sample("napari-regtool", "brain3d")
-    qtbot.wait(200)
-    wait_idle(qtbot, w2)
-    if w2.session.ndim == 3:
-        w2.set_view("side")
-        w2.tabs.setCurrentIndex(0)
-        shot("side_by_side_3d.png")
+    qtbot.waitUntil(lambda: w.session.ndim == 3, timeout=10000)
+    w.set_view("side")
+    w.tabs.setCurrentIndex(0)
+    z = float(np.median(read_bigwarp_csv(str(L2).replace("brain2d", "brain3d")).fixed[:, 2]))
+    viewer.reset_view()
+    viewer.dims.set_point(0, z)
+    shot("side_by_side_3d.png", reset=False)

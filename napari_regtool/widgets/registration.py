@@ -557,7 +557,7 @@ class RegistrationWidget(QWidget):
     def _adopt_layers(self):
         """Use layers marked by the plugin's reader or sample data: a fixed and a moving image, and the landmark
         pairs that came with them."""
-        if self.session.ready:
+        if self._attached():
             return
         fixed = [l for l in self._image_layers() if layer_role(l).get("role") == "fixed"]
         moving = [l for l in self._image_layers() if layer_role(l).get("role") == "moving"]
@@ -573,6 +573,10 @@ class RegistrationWidget(QWidget):
                     continue
                 self._adopt_points_layer(l, r.get("side"))
         self.set_layers(fixed[-1], moving[-1], landmarks=pairs)
+
+    def _attached(self) -> bool:
+        """True while a registration runs on two layers that are still in the viewer."""
+        return self.session.ready and self._fixed_layer is not None and self._moving_layer is not None
 
     def _adopt_points_layer(self, layer, side):
         if side in SIDES and f"landmarks-{side}" not in self._layers:
@@ -593,11 +597,11 @@ class RegistrationWidget(QWidget):
         r = layer_role(layer)
         if r.get("role") == "landmarks" and r.get("pairs_csv") and not r.get("managed"):
             # a BigWarp CSV opened through File ▸ Open: load its pairs into the session
-            if self.session.ready:
+            if self._attached():
                 QTimer.singleShot(0, lambda l=layer: self._import_landmark_layer(l))
             else:
                 QTimer.singleShot(0, self._adopt_layers)
-        elif r.get("role") in ("fixed", "moving") and not self.session.ready:
+        elif r.get("role") in ("fixed", "moving") and not self._attached():
             QTimer.singleShot(0, self._adopt_layers)
         if self._view == "side" and r.get("role") not in ("landmarks",):
             QTimer.singleShot(0, self._arrange)
@@ -674,7 +678,8 @@ class RegistrationWidget(QWidget):
 
     def _update_autosave_label(self):
         p = self.session.autosave_path
-        self.autosave_label.setText(f"Autosave: {p}" if p else "")
+        self.autosave_label.setText(f"Autosaved as {p.name}" if p else "")
+        self.autosave_label.setToolTip(f"Every change of the pairs is saved to {p} (BigWarp CSV)." if p else "")
 
     def _update_history_ui(self):
         s = self.session
@@ -726,6 +731,7 @@ class RegistrationWidget(QWidget):
             self._set_slice_margins()
         finally:
             self._mute -= 1
+        self.table.clearSelection()
         self._sync_points()
         self._update_table_structure()
         self._arrange()
