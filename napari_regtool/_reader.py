@@ -2,8 +2,6 @@
 and direction as the layer's scale/translate or affine)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from .errors import RegtoolError

@@ -78,7 +78,7 @@ def deep_available(ndim: int | None = None) -> tuple[bool, str]:
 
 def autoreg_available() -> tuple[bool, str]:
     try:
-        from . import autoreg  # noqa: F401
+        from . import autoreg  # noqa: F401  (import check only)
     except Exception as exc:
         return False, f"Automatic (intensity-based) alignment is not available ({type(exc).__name__}: {exc})."
     return True, ""

@@ -19,7 +19,6 @@ from napari_regtool.landmarks import read_bigwarp_csv
 from napari_regtool.transforms import fit_landmarks
 from napari_regtool.transforms.field import jacobian_determinant
 
-from .helpers import SAMPLES
 from .test_gui import F2, L2, M2, assert_close_image, click_checkbox, notifications, open_with_widget, wait_idle, \
     warped
 

@@ -12,7 +12,7 @@ from napari_regtool.io import read_image
 from napari_regtool.landmarks import read_bigwarp_csv, write_napari_points_csv
 from napari_regtool.space import to_array_order
 
-from .test_gui import F2, F3, L2, L3, M2, PLUGIN, WIDGET, open_with_widget, wait_idle
+from .test_gui import F2, F3, L2, L3, M2, PLUGIN, open_with_widget, wait_idle
 
 pytestmark = pytest.mark.gui
 

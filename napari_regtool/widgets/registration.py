@@ -23,7 +23,7 @@ from .. import io as rio
 from ..errors import Cancelled, RegtoolError
 from ..landmarks import LandmarkPairs, read_bigwarp_csv
 from ..session import (
-    MODEL_LABELS, ON_DEMAND_MODELS, SIDES, Previewer, Session, autoreg_available, deep_available, outlier_mask,
+    MODEL_LABELS, SIDES, Previewer, Session, autoreg_available, deep_available, outlier_mask,
 )
 from ..space import to_array_order, to_physical_order
 from ..transforms import LANDMARK_MODELS
@@ -667,6 +667,11 @@ class RegistrationWidget(QWidget):
             self._sync_points()
             self._update_table_structure()
             self._update_autosave_label()
+            m = self.session.model
+            if m == "deep" and info.get("reason") != "images" and self._deep_initial is None:
+                self.predict()  # the landmarks' affine is the network's starting point: follow it
+            elif m in ("auto-rigid", "auto-affine") and m in self.session.computed:
+                self.deep_status.setText("The landmarks changed; press Auto-align to start again from them.")
         elif event == "history":
             self._update_history_ui()
         elif event == "model":
