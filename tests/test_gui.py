@@ -491,6 +491,13 @@ def test_apply_to_labels_points_and_shapes(sample2d, qtbot):
     new = w.apply_to_layer(shp)
     np.testing.assert_allclose(to_array_order(np.asarray(new.data[0])), lm.fixed[:3], atol=1e-3)
     assert list(new.shape_type) == ["polygon", "path"]
+    # another image of the moving space (here the moving image itself): linear, equal to the warped layer
+    from napari.layers import Image as ImageLayer
+
+    img = w.apply_to_layer(viewer.layers["brain2d moving"])
+    assert isinstance(viewer.layers["brain2d moving (registered)"], ImageLayer)
+    assert_close_image(np.asarray(img.data), warped(viewer))
+    np.testing.assert_allclose(img.affine.affine_matrix, viewer.layers["brain2d fixed"].affine.affine_matrix)
 
 
 def test_export_all_matches_cli_and_single_files(sample2d, qtbot, tmp_path, monkeypatch):
