@@ -76,12 +76,14 @@ def test_deep_model_live_lambda_and_overlays(deep2d, qtbot):
     ref = reg.predict(infer.DEFAULT_REG_WEIGHT, uncertainty=True)
     np.testing.assert_allclose(t.u.numpy(), ref.u.numpy(), atol=1e-4)
     assert_close_image(warped(viewer), field_resample(t, F2, M2))
-    # overlays on
+    assert t.uncertainty is None  # not asked for yet
+    # overlays on; the uncertainty overlay makes the prediction carry its map
     w.tabs.setCurrentIndex(w.tabs.indexOf(w.qc_checks["grid"].parentWidget()))
     for key in ("grid", "jacobian", "uncertainty"):
         click_checkbox(qtbot, w.qc_checks[key])
     wait_idle(qtbot, w)
-    np.testing.assert_allclose(viewer.layers["uncertainty"].data, t.uncertainty.numpy(), rtol=1e-5)
+    t = w.session.transform
+    np.testing.assert_allclose(viewer.layers["uncertainty"].data, ref.uncertainty.numpy(), rtol=1e-5, atol=1e-6)
     # move the λ slider: a new prediction, and every overlay follows it
     w.tabs.setCurrentIndex(1)
     w.lambda_slider.setValue(w.lambda_slider.minimum() + 20)
@@ -101,6 +103,9 @@ def test_deep_model_live_lambda_and_overlays(deep2d, qtbot):
 
 def test_refine_progress_cancel_and_export_equal_to_cli(deep2d, qtbot, tmp_path, monkeypatch):
     viewer, w = deep2d
+    before = w.session.transform
+    w.set_overlay("uncertainty")  # exported as uncertainty.nii.gz, as with the CLI's --uncertainty
+    wait_idle(qtbot, w)
     before = w.session.transform
     # a long refinement, cancelled: nothing changes
     w.refine_steps.setValue(5000)

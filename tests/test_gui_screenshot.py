@@ -130,7 +130,19 @@ def test_readme_screenshots(make_napari_viewer, qtbot):
     w.undo()
     w.undo()
     w.set_overlay("jacobian", False)
-    # 5. the 3D sample, side by side
+    # 5. the deep model with its λ slider (only with installed weights: a picture of an untrained net is no use)
+    from napari_regtool.session import deep_available
+
+    if deep_available(2)[0]:
+        for name in ("fixed landmarks",):
+            viewer.layers[name].visible = False
+        w.set_model("deep")
+        w.set_reg_weight(0.05)
+        w.set_overlay("grid")
+        w.tabs.setCurrentIndex(1)
+        shot("deep_lambda.png")
+        w.set_overlay("grid", False)
+    # 6. the 3D sample, side by side
     from napari._qt.dialogs.qt_notification import NapariQtNotification
 
     for toast in viewer.window._qt_window.findChildren(NapariQtNotification):

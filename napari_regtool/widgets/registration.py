@@ -1181,8 +1181,9 @@ class RegistrationWidget(QWidget):
         key = (id(self.session.fixed), id(self.session.moving), str(dev),
                None if init is None else np.round(init.homogeneous, 9).tobytes())
         self.deep_status.setText(f"Predicting (λ = {self.reg_weight:.3g}) on {desc}…")
+        # the uncertainty map costs several extra network samples: computed while its overlay is shown
         self._deep_runner.request(_deep_predict_job, self._deep_cache, key, self.session.fixed, self.session.moving,
-                                  str(dev), init, self.reg_weight)
+                                  str(dev), init, self.reg_weight, self.qc_checks["uncertainty"].isChecked())
 
     def _deep_result(self, gen, value):
         kind, t, info = value
@@ -1495,6 +1496,10 @@ class RegistrationWidget(QWidget):
                 sl.visible = layer.visible
 
     def _on_qc_toggled(self, key, on):
+        if key == "uncertainty" and on and self.session.model == "deep" and self.session.transform is not None \
+                and getattr(self.session.transform, "uncertainty", None) is None and "refined" not in \
+                self.session.transform.kind:
+            self.predict()  # the deep model's map comes with a prediction
         layer = self._layer(f"qc-{key}")
         if layer is not None:
             layer.visible = on
@@ -1781,10 +1786,10 @@ def _deep_registration(cache, key, fixed, moving, device, initial):
     return reg
 
 
-def _deep_predict_job(cache, key, fixed, moving, device, initial, lam):
+def _deep_predict_job(cache, key, fixed, moving, device, initial, lam, uncertainty=True):
     t0 = time.perf_counter()
     reg = _deep_registration(cache, key, fixed, moving, device, initial)
-    t = reg.predict(lam, uncertainty=True)
+    t = reg.predict(lam, uncertainty=uncertainty)
     return ("predict", t, {"reg_weight": lam, "runtime_s": time.perf_counter() - t0})
 
 
