@@ -63,7 +63,7 @@ class Transform(ABC):
 
     def map_points(self, points) -> np.ndarray:
         """``(N, D)`` array of fixed physical points → ``(N, D)`` moving physical points (float64)."""
-        p = np.atleast_2d(np.asarray(points, dtype=np.float64))
+        p = np.ascontiguousarray(np.atleast_2d(np.asarray(points, dtype=np.float64)))  # torch refuses negative strides
         if p.shape[-1] != self.ndim:
             raise ValueError(f"map_points: expected (N, {self.ndim}) points, got {p.shape}.")
         with torch.no_grad():
