@@ -292,16 +292,30 @@ def main(argv=None):
 
     print(f"torch {torch.__version__}, {args.threads} thread(s); SimpleITK {sitk.Version.VersionString()}; "
           f"default λ = {DEFAULT_REG_WEIGHT}")
+    from napari_regtool.errors import InputError
+
+    have = {}
     for d in (2, 3):
-        meta = load_model(d).meta
+        try:
+            meta = load_model(d).meta
+        except InputError as exc:
+            print(f"{d}D model: not available ({exc})")
+            have[d] = False
+            continue
+        have[d] = True
         print(f"{d}D model: {meta.get('steps')} steps, {meta.get('wall_time_min')} min, trained {meta.get('date')} on "
               f"{meta.get('data')}")
-    pairs = sample_pairs() + template_pairs(args.template_dir) + [volume_pair()]
+    pairs = (sample_pairs() + template_pairs(args.template_dir) if have[2] else []) + (
+        [volume_pair()] if have[3] else [])
     methods = [("initial (affine/identity)", lambda p: (p.initial, 0.0)),
                ("deep single pass", lambda p: run_deep(p)),
                (f"deep + refine {args.refine_steps}", lambda p: run_deep(p, args.refine_steps)),
                ("SimpleITK demons", run_demons),
                ("SimpleITK B-spline", run_bspline)]
+    if pairs:  # load the models and warm up torch before anything is timed
+        run_deep(pairs[0])
+        if have[3]:
+            run_deep(pairs[-1])
     results = []
     widths = (22, 26, 7, 7, 7, 8, 9, 9)
     print()
@@ -334,14 +348,17 @@ def main(argv=None):
               f"time {s['time_s']:.2f} s  Dice/demons {s['dice_ratio_vs_demons']:.3f}  "
               f"time/demons {s['time_ratio_vs_demons']:.3f}")
     print()
-    timings = timing_2d(pairs[0])
-    timings.update(timing_3d(pairs[-1]))
-    print("Latency (median): 256² single pass (prep + network + field) {single_pass_256_s:.3f} s; λ change on a "
-          "prepared 256² pair {lambda_change_256_s:.3f} s (max {lambda_change_256_max_s:.3f} s); with uncertainty "
-          "{with_uncertainty_256_s:.3f} s".format(**timings))
-    print(f"~100³ volume single pass: {timings['single_pass_100^3_s']:.2f} s")
+    timings = {}
+    if have[2]:
+        timings.update(timing_2d(pairs[0]))
+        print("Latency (median): 256² single pass (prep + network + field) {single_pass_256_s:.3f} s; λ change on a "
+              "prepared 256² pair {lambda_change_256_s:.3f} s (max {lambda_change_256_max_s:.3f} s); with "
+              "uncertainty {with_uncertainty_256_s:.3f} s".format(**timings))
+    if have[3]:
+        timings.update(timing_3d(pairs[-1]))
+        print(f"~100³ volume single pass: {timings['single_pass_100^3_s']:.2f} s")
     mem = None
-    if not args.skip_memory:
+    if not args.skip_memory and have[3]:
         mem = peak_memory(256, args.threads)
         r, b = mem["registration"], mem["imports_only"]
         print(f"256³ pair: peak RSS {r['peak_mib']:.0f} MiB (process after imports and image preparation "

@@ -39,7 +39,7 @@ __all__ = ["load_model", "weights_path", "DeepRegistration", "register_deep", "D
 
 #: default regularisation weight λ: the smallest value of a sweep that left no folded voxel on the real pairs
 #: of ``benchmarks/bench_deep.py`` (2D and 3D)
-DEFAULT_REG_WEIGHT = 0.5
+DEFAULT_REG_WEIGHT = 0.3
 #: smallest number of voxels along any axis of an image the model accepts
 MIN_SIZE = 16
 

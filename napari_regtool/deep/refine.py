@@ -104,7 +104,7 @@ def refine_velocity(v0: torch.Tensor, fixed: torch.Tensor, moving: torch.Tensor,
         loss.backward()
         opt.step()
         if progress is not None:
-            progress((i + 1) / steps, f"Refining: step {i + 1}/{steps}, {similarity} {float(s):.4f}")
+            progress((i + 1) / steps, f"Refining: step {i + 1}/{steps}, {similarity} {float(s.detach()):.4f}")
     with torch.no_grad():
         s1 = float(sim_of(v)[0])
     info = {"similarity": similarity, f"{similarity}_before": round(s0, 6), f"{similarity}_after": round(s1, 6),
