@@ -218,7 +218,8 @@ def register(fixed: Image, moving: Image, model: str, landmarks: LandmarkPairs |
             init = fit_landmarks("affine", lf, lm)
         lam = DEFAULT_REG_WEIGHT if reg_weight is None else float(reg_weight)
         transform, extra = register_deep(fixed_s, moving_s, reg_weight=lam, refine_steps=refine, uncertainty=uncertainty,
-                                         device=dev, initial=init, progress=progress, cancel=cancel)
+                                         device=dev, initial=init, progress=progress, cancel=cancel,
+                                         landmarks=(lf, lm) if landmarks is not None and len(lf) else None)
         extra = dict(extra or {})
         extra["reg_weight"] = lam
     runtime = time.perf_counter() - t0

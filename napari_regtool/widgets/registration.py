@@ -1210,9 +1210,11 @@ class RegistrationWidget(QWidget):
         self.deep_status.setText(f"Refining ({steps} steps) on {desc}…")
         self._deep_long = True
         self._show_progress(True)
-        # landmarks are not passed, as in `regtool register --model deep --refine N`, so both give the same result
+        # the active pairs are soft constraints, as in `regtool register --model deep --refine N --landmarks L`
+        pairs = self.session.pairs
+        lms = pairs.fit_points() if pairs is not None and pairs.usable.any() else None
         self._deep_runner.request(_deep_refine_job, self._deep_cache, key, self.session.fixed, self.session.moving,
-                                  str(dev), init, self.reg_weight, steps, None, self._progress,
+                                  str(dev), init, self.reg_weight, steps, lms, self._progress,
                                   getattr(prev, "uncertainty", None), cancellable=True)
 
     def auto_align(self, kind: str | None = None):
