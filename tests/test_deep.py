@@ -19,11 +19,11 @@ from napari_regtool.space import Space
 from napari_regtool.transforms.field import DisplacementFieldTransform, jacobian_determinant, resample
 from napari_regtool.transforms.linear import AffineTransform, fit_affine
 
-from napari_regtool.deep import hypermorph, infer
+from napari_regtool.deep import infer
 from napari_regtool.deep.hypermorph import HyperMorphModel, read_model, save_model
 from napari_regtool.deep.infer import DEFAULT_REG_WEIGHT, MIN_SIZE, DeepRegistration, register_deep, working_space
 from napari_regtool.deep.synth import SynthConfig, synth_pair
-from napari_regtool.deep.train import TrainConfig, _one_hot, loss_terms, soft_dice, train
+from napari_regtool.deep.train import TrainConfig, loss_terms, train
 from napari_regtool.transforms.field import warp
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_data"
@@ -266,6 +266,18 @@ def test_identical_images_give_a_near_zero_field(pair2d):
     assert float(mag.max()) < 1.0 * float(f.space.spacing.min())
 
 
+def test_swapping_the_images_negates_the_velocity(pair2d):
+    """Symmetric inference: v(fixed, moving) = −v(moving, fixed), so the two maps are exact inverses."""
+    _need_weights(2)
+    f = pair2d[0]
+    rng = np.random.default_rng(1)
+    shifted = f.with_array(np.roll(f.scalar(), (3, -2), axis=(0, 1)) + rng.normal(0, 2, f.space.shape).astype(np.float32))
+    a = DeepRegistration(f, shifted).velocity(DEFAULT_REG_WEIGHT)[0]
+    b = DeepRegistration(shifted, f).velocity(DEFAULT_REG_WEIGHT)[0]
+    assert float(a.abs().max()) > 0.5  # a real displacement was found (half-grid voxels) …
+    assert torch.allclose(a, -b, atol=1e-5)  # … and it is exactly antisymmetric
+
+
 def test_larger_lambda_gives_smoother_fields_and_fewer_folds(reg2d):
     lams = [0.0, 0.1, 0.3, 0.5, 0.8, 1.0]
     smooth, folds, sdlogj = [], [], []
@@ -288,10 +300,13 @@ def test_shipped_2d_model_beats_the_affine_prealignment_on_real_labels(pair2d, r
     tx = reg2d.predict(DEFAULT_REG_WEIGHT)
     d_aff = qc.dice(fl.array, _warp_labels(ml, aff, f.space))["mean"]
     d_deep = qc.dice(fl.array, _warp_labels(ml, tx, f.space))["mean"]
-    assert d_deep > d_aff + 0.02, (d_aff, d_deep)
+    assert d_deep > d_aff + 0.08, (d_aff, d_deep)
     n_aff = qc.ncc(f.scalar(), _warp(m, aff, f.space))
     n_deep = qc.ncc(f.scalar(), _warp(m, tx, f.space))
-    assert n_deep > n_aff
+    assert n_deep > n_aff + 0.02
+    # the landmarks are exact correspondences of the known warp: an independent error measure
+    lf, lm = pair2d[5]
+    assert qc.tre(tx, lf, lm).mean() < 0.75 * qc.tre(aff, lf, lm).mean()
     det = jacobian_determinant(tx.u.double(), f.space)
     assert qc.jacobian_stats(det)["folding_percent"] == 0.0
 
@@ -358,12 +373,13 @@ def test_refinement_improves_similarity_and_honours_landmarks(pair2d, reg2d):
     single = reg2d.predict(DEFAULT_REG_WEIGHT)
     fine = reg2d.refine(DEFAULT_REG_WEIGHT, steps=40)
     fs = f.scalar()
-    assert qc.lncc(fs, _warp(m, fine, f.space)) > qc.lncc(fs, _warp(m, single, f.space)) + 0.01
+    assert qc.lncc(fs, _warp(m, fine, f.space)) > qc.lncc(fs, _warp(m, single, f.space)) + 0.05
     assert fine.refine_info["lncc_after"] > fine.refine_info["lncc_before"]
     det = jacobian_determinant(fine.u.double(), f.space)
     assert qc.jacobian_stats(det)["folding_percent"] < 0.1
     with_lm = reg2d.refine(DEFAULT_REG_WEIGHT, steps=40, landmarks=(lf, lm), landmark_weight=0.5)
-    assert qc.tre(with_lm, lf, lm).mean() < qc.tre(fine, lf, lm).mean()
+    assert qc.tre(with_lm, lf, lm).mean() < 0.5 * qc.tre(fine, lf, lm).mean()
+    assert qc.tre(with_lm, lf, lm).max() < 0.5  # mm
 
 
 def test_register_deep_reports_and_cancels(pair2d):
@@ -392,6 +408,6 @@ def test_shipped_3d_model_on_the_real_volume_pair():
     assert tx.u.shape == (*f.space.shape, 3) and tx.uncertainty.shape == f.space.shape
     d_aff = qc.dice(fl.array, _warp_labels(ml, aff, f.space))["mean"]
     d_deep = qc.dice(fl.array, _warp_labels(ml, tx, f.space))["mean"]
-    assert d_deep > d_aff + 0.01, (d_aff, d_deep)
+    assert d_deep > d_aff + 0.04, (d_aff, d_deep)
     det = jacobian_determinant(tx.u.double(), f.space)
     assert qc.jacobian_stats(det)["folding_percent"] < 0.05

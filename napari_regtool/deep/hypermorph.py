@@ -244,6 +244,9 @@ def save_model(model: HyperMorphModel, path, extra: dict | None = None) -> None:
     os.close(fd)
     try:
         torch.save(payload, tmp)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes the file private; give it the usual permissions
         os.replace(tmp, p)
     finally:
         if os.path.exists(tmp):

@@ -2,7 +2,7 @@
 
 The velocity lives on a grid covering the same region as the model's working grid, at half the resolution of a
 **refinement grid** that is up to 4× finer than the working grid (about the fixed image's own resolution,
-limited to ``max_voxels``). Each Adam step integrates the velocity (scaling and squaring), resamples the moving
+limited to ``max_voxels``: 512² in 2D, 112³ in 3D by default). Each Adam step integrates the velocity (scaling and squaring), resamples the moving
 image through it on the refinement grid and minimises::
 
     (1 − λ) · D(fixed, moving ∘ φ) + λ · ‖∇v‖² + w_L · mean_i |T(f_i) − m_i|² / h²
@@ -27,7 +27,7 @@ __all__ = ["lncc", "refine_velocity", "refine_registration", "SIMILARITIES"]
 
 SIMILARITIES = ("lncc", "mse")
 #: default limits of the refinement grid (voxels)
-MAX_VOXELS = {2: 512 * 512, 3: 96 ** 3}
+MAX_VOXELS = {2: 512 * 512, 3: 112 ** 3}
 
 
 def lncc(a: torch.Tensor, b: torch.Tensor, window: int = 9, eps: float = 1e-5) -> torch.Tensor:
@@ -127,10 +127,12 @@ def refine_registration(reg, reg_weight: float, steps: int = 50, landmarks=None,
     ws = reg.work_space
     s_w = float(ws.spacing[0])
     cap = int(max_voxels or MAX_VOXELS[d])
-    r = int(np.clip(round(s_w / float(np.min(reg.fixed.space.spacing))), 1, 4))
-    while r > 1 and np.prod([(n - 1) * r + 1 for n in ws.shape]) > cap:
-        r -= 1
-    ref_shape = tuple((n - 1) * r + 1 for n in ws.shape)
+    # refinement voxels about the fixed image's own size, at most 4× finer than the working grid and at most
+    # ``cap`` voxels in all (the grid keeps the working grid's corners, so any voxel count fits)
+    n_work = float(np.prod(ws.shape))
+    r = min(s_w / float(np.min(reg.fixed.space.spacing)), 4.0, (cap / n_work) ** (1.0 / d))
+    r = max(r, 1.0)
+    ref_shape = tuple(int(round((n - 1) * r)) + 1 for n in ws.shape)
     ref_space = ws.with_shape(ref_shape, keep_extent=True)
     vel_shape = tuple((n - 1) // 2 + 1 for n in ref_shape)
     vel_space = ws.with_shape(vel_shape, keep_extent=True)

@@ -19,10 +19,9 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import math
-import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
