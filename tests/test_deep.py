@@ -148,7 +148,7 @@ def test_training_steps_lower_the_loss():
     values = []
     for _ in range(3):
         value = loss()
-        values.append(float(value))
+        values.append(float(value.detach()))
         opt.zero_grad()
         value.backward()
         opt.step()
