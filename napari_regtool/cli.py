@@ -56,7 +56,7 @@ def _cmd_register(args) -> int:
     kernel = None if args.kernel == "auto" else args.kernel
     result = register(fixed, moving, args.model, landmarks=landmarks, smoothing=args.smoothing, kernel=kernel,
                       device=args.device,
-                      reg_weight=args.reg_weight, refine=args.refine, uncertainty=args.uncertainty,
+                      reg_weight=args.reg_weight, refine=args.refine, uncertainty=args.uncertainty, weights=args.weights,
                       channel=args.channel, progress=_progress_printer(args.quiet), warn=warn)
     paths = write_outputs(result, out)
     rep = result.report()
@@ -128,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--reg-weight", type=float, default=None, help="deep model regularization weight λ in [0, 1]")
     r.add_argument("--refine", type=int, default=0, help="deep model: refinement iterations after the network")
     r.add_argument("--uncertainty", action="store_true", help="deep model: also write uncertainty.nii.gz")
+    r.add_argument("--weights", help="deep model: a weight file from `regtool train` instead of the shipped one")
     r.add_argument("--channel", default="mean", help="multi-channel images: channel index to register on, or mean")
     r.add_argument("--device", default="auto", help="auto, cpu or cuda (auto: CUDA when present)")
     r.add_argument("--out", required=True, help="output folder")

@@ -159,13 +159,14 @@ def _identity_resample(array, moving_space: Space, space: Space, device):
 
 def register(fixed: Image, moving: Image, model: str, landmarks: LandmarkPairs | None = None,
              smoothing: float = 0.0, device="auto", reg_weight: float | None = None, refine: int = 0,
-             kernel: str | None = None,
+             kernel: str | None = None, weights=None,
              uncertainty: bool = False, channel="mean", progress: Callable | None = None,
              cancel: Callable | None = None, warn: Callable | None = None) -> RegistrationResult:
     """Run one registration end to end and evaluate it (see :class:`RegistrationResult`).
 
     ``model``: rigid, similarity, affine, tps (need ``landmarks``), deep, auto-rigid, auto-affine (landmarks
-    optional: used as initialisation / soft constraints). Raises :class:`InputError`/:class:`FitError` with a
+    optional: used as initialisation / soft constraints). ``weights``: a deep-model weight file to use instead
+    of the shipped one. Raises :class:`InputError`/:class:`FitError` with a
     plain message for unusable input, :class:`Cancelled` if ``cancel()`` turns true.
     """
     warnings_list = []
@@ -211,7 +212,7 @@ def register(fixed: Image, moving: Image, model: str, landmarks: LandmarkPairs |
             init = fit_landmarks(kind, lf, lm)
         transform = auto_linear(fixed_s, moving_s, model=kind, initial=init, progress=progress, cancel=cancel)
     else:  # deep
-        from .deep.infer import DEFAULT_REG_WEIGHT, register_deep
+        from .deep.infer import DEFAULT_REG_WEIGHT, load_model, register_deep
 
         init = None
         if landmarks is not None and len(lf) >= min_pairs("affine", fixed.ndim):
@@ -219,7 +220,8 @@ def register(fixed: Image, moving: Image, model: str, landmarks: LandmarkPairs |
         lam = DEFAULT_REG_WEIGHT if reg_weight is None else float(reg_weight)
         transform, extra = register_deep(fixed_s, moving_s, reg_weight=lam, refine_steps=refine, uncertainty=uncertainty,
                                          device=dev, initial=init, progress=progress, cancel=cancel,
-                                         landmarks=(lf, lm) if landmarks is not None and len(lf) else None)
+                                         landmarks=(lf, lm) if landmarks is not None and len(lf) else None,
+                                         model=load_model(fixed.ndim, dev, weights) if weights else None)
         extra = dict(extra or {})
         extra["reg_weight"] = lam
     runtime = time.perf_counter() - t0

@@ -258,3 +258,46 @@ def test_bad_channel_name(tmp_path, capsys):
     lm = _csv(tmp_path, '"a","true","3","3","3","3"\n"b","true","20","4","20","4"\n"c","true","5","22","5","22"\n')
     _bad(tmp_path, capsys, "--fixed", tmp_path / "c.png", "--moving", tmp_path / "c.png", "--model", "affine",
          "--landmarks", lm, "--channel", "green", match="channel must be a number")
+
+
+def test_deep_model_from_the_command_line_with_weights_option(tmp_path, capsys):
+    out = tmp_path / "deep"
+    assert run("register", "--fixed", F2, "--moving", M2, "--model", "deep", "--landmarks", L2, "--uncertainty",
+               "--out", out, "-q") == 0
+    assert {"warped.nii.gz", "displacement.nii.gz", "jacobian.nii.gz", "uncertainty.nii.gz", "report.json"} == {
+        p.name for p in out.iterdir()}
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["model"] == "deep" and rep["folding_percent"] == 0
+    assert rep["similarity_after"]["ncc"] > rep["similarity_before"]["ncc"]
+    ref = _sitk_warp_through_field(out, M2)
+    assert np.abs(read_image(out / "warped.nii.gz").array - ref).max() < 1e-3 * ref.max()
+    # an explicit weight file: the shipped one gives the same result; a broken one a plain message
+    from napari_regtool.deep.infer import weights_path
+
+    out2 = tmp_path / "deep2"
+    assert run("register", "--fixed", F2, "--moving", M2, "--model", "deep", "--landmarks", L2, "--weights",
+               weights_path(2), "--out", out2, "-q") == 0
+    np.testing.assert_allclose(read_image(out2 / "warped.nii.gz").array, read_image(out / "warped.nii.gz").array,
+                               atol=1e-4)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a model")
+    _bad(tmp_path, capsys, "--fixed", F2, "--moving", M2, "--model", "deep", "--weights", bad, match="bad.pt")
+
+
+@pytest.mark.parametrize("model", ["auto-rigid", "auto-affine"])
+def test_automatic_linear_models_from_the_command_line(tmp_path, model):
+    out = tmp_path / model
+    assert run("register", "--fixed", F2, "--moving", M2, "--model", model, "--out", out, "-q") == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert (out / "transform.tfm").exists()
+    assert rep["similarity_after"]["mi"] > rep["similarity_before"]["mi"] + 0.2
+    # no landmarks were used, yet the result brings the sample's landmark pairs about as close as the least-squares
+    # fit of the same model to those landmarks does (the true map is a scaled rotation plus a bend)
+    from napari_regtool.transforms import fit_landmarks
+
+    tx = sitk.ReadTransform(str(out / "transform.tfm"))
+    pairs = read_bigwarp_csv(L2)
+    err = np.linalg.norm(np.array([tx.TransformPoint([float(v) for v in p]) for p in pairs.fixed]) - pairs.moving, axis=1)
+    lsq = fit_landmarks(model.split("-")[1], pairs.fixed, pairs.moving)
+    best = np.linalg.norm(lsq.map_points(pairs.fixed) - pairs.moving, axis=1)
+    assert err.mean() < 1.25 * best.mean()
