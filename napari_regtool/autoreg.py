@@ -13,6 +13,7 @@ import numpy as np
 
 from .errors import Cancelled, FitError, InputError
 from .image import Image
+from .io import affine_from_sitk
 from .transforms.base import Transform
 from .transforms.linear import AffineTransform
 
@@ -71,14 +72,6 @@ def _as_affine(initial: Transform, fixed: Image) -> AffineTransform:
     from .transforms.linear import fit_affine
 
     return fit_affine(pts, moved)
-
-
-def _from_sitk(tx, d: int, kind: str) -> AffineTransform:
-    """Any linear SimpleITK transform → AffineTransform, from how it maps the origin and the unit vectors (this
-    includes the transform's centre and offset exactly)."""
-    o = np.array(tx.TransformPoint([0.0] * d))
-    a = np.stack([np.array(tx.TransformPoint([float(v) for v in np.eye(d)[k]])) - o for k in range(d)], axis=1)
-    return AffineTransform(a, o, kind)
 
 
 def _scalar_sitk(img: Image):
@@ -222,7 +215,7 @@ def auto_linear(fixed: Image, moving: Image, model: str = "rigid", initial: Tran
                        "physical space, or start from a landmark fit.") from None
     if state["cancelled"]:
         raise Cancelled("Automatic registration cancelled.")
-    result = _from_sitk(out, d, model)
+    result = affine_from_sitk(out, model)
     result.info = {"metric": metric, "metric_value": float(reg.GetMetricValue()),
                    "stop_condition": reg.GetOptimizerStopConditionDescription(),
                    "iterations_per_level": list(state["iterations"]), "shrink_factors": list(shrink_factors),

@@ -16,7 +16,7 @@ from .space import Space
 __all__ = [
     "read_image", "write_image", "image_to_sitk", "image_from_sitk", "field_to_sitk_image",
     "field_to_sitk_transform", "write_displacement_field", "read_displacement_field", "write_transform",
-    "read_transform", "atomic_output", "IMAGE_EXTENSIONS",
+    "read_transform", "affine_from_sitk", "atomic_output", "IMAGE_EXTENSIONS",
 ]
 
 IMAGE_EXTENSIONS = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr", ".tif", ".tiff", ".png", ".jpg", ".jpeg",
@@ -265,11 +265,18 @@ def _from_sitk_transform(tx):
     if tx.GetName() == "DisplacementFieldTransform":
         img = sitk.DisplacementFieldTransform(tx).GetDisplacementField()
         return DisplacementFieldTransform(sitk.GetArrayFromImage(img).astype(np.float64), Space.from_sitk(img))
-    d = tx.GetDimension()
     if not tx.IsLinear():
         raise InputError(f"ITK transform type {tx.GetName()} is not supported; use a linear transform or a "
                          "displacement field.")
-    # any linear ITK transform: recover matrix and translation from how it maps points
+    return affine_from_sitk(tx)
+
+
+def affine_from_sitk(tx, kind: str = "affine"):
+    """Any linear SimpleITK transform → :class:`AffineTransform`, from how it maps the origin and the unit
+    vectors (which includes the transform's centre and offset exactly)."""
+    from .transforms import AffineTransform
+
+    d = tx.GetDimension()
     o = np.array(tx.TransformPoint([0.0] * d))
-    a = np.stack([np.array(tx.TransformPoint(list(np.eye(d)[k]))) - o for k in range(d)], axis=1)
-    return AffineTransform(a, o, "affine")
+    a = np.stack([np.array(tx.TransformPoint([float(v) for v in np.eye(d)[k]])) - o for k in range(d)], axis=1)
+    return AffineTransform(a, o, kind)

@@ -13,7 +13,7 @@ from .space import Space
 from .transforms.field import jacobian_determinant
 
 __all__ = [
-    "mse", "ncc", "lncc", "mutual_information", "similarity_metrics", "dice", "tre", "jacobian_stats",
+    "mse", "ncc", "lncc", "local_ncc", "mutual_information", "similarity_metrics", "dice", "tre", "jacobian_stats",
     "displacement_magnitude", "grid_image", "checkerboard", "difference", "normalise_intensity",
     "landmark_uncertainty", "field_qc",
 ]
@@ -47,20 +47,27 @@ def ncc(a, b, mask=None) -> float:
     return float((x * y).sum() / den) if den > 0 else 0.0
 
 
+def local_ncc(a: torch.Tensor, b: torch.Tensor, window: int = 9, eps: float = 1e-5) -> torch.Tensor:
+    """Squared local normalised cross-correlation (VoxelMorph style) of ``a``, ``b`` ``(B, 1, *S)`` → ``(B,)``,
+    in [0, 1], differentiable. Local statistics are box averages over ``window`` voxels per axis (shrunk at the
+    border)."""
+    pool = F.avg_pool2d if a.dim() == 4 else F.avg_pool3d
+    k, p = int(window), int(window) // 2
+
+    def mean(x):
+        return pool(x, k, stride=1, padding=p, count_include_pad=False)
+
+    ma, mb = mean(a), mean(b)
+    cross = mean(a * b) - ma * mb
+    va = (mean(a * a) - ma * ma).clamp(min=0)
+    vb = (mean(b * b) - mb * mb).clamp(min=0)
+    return (cross * cross / (va * vb + eps)).flatten(1).mean(1)
+
+
 def lncc(a, b, window: int = 9) -> float:
     """Mean local normalised cross-correlation (squared, VoxelMorph style) over ``window``-wide boxes."""
     x, y = _t(a), _t(b)
-    y = y.to(x.device)
-    d = x.dim()
-    x, y = x[None, None], y[None, None]
-    pool = F.avg_pool2d if d == 2 else F.avg_pool3d
-    kw = dict(kernel_size=window, stride=1, padding=window // 2, count_include_pad=False)
-    mx, my = pool(x, **kw), pool(y, **kw)
-    vx = pool(x * x, **kw) - mx * mx
-    vy = pool(y * y, **kw) - my * my
-    cxy = pool(x * y, **kw) - mx * my
-    cc = cxy * cxy / (vx * vy + 1e-5)
-    return float(cc.mean())
+    return float(local_ncc(x[None, None], y.to(x.device)[None, None], window).mean())
 
 
 def mutual_information(a, b, bins: int = 32, mask=None) -> float:

@@ -259,11 +259,17 @@ def test_bad_images_give_clear_errors(monkeypatch):
 # ---------------------------------------------------------------------------- shipped weights, real data
 def test_identical_images_give_a_near_zero_field(pair2d):
     _need_weights(2)
-    f = pair2d[0]
-    tx = DeepRegistration(f, f.with_array(f.array, name="copy")).predict(DEFAULT_REG_WEIGHT)
-    mag = tx.u.norm(dim=-1)
-    assert float(mag.mean()) < 0.15 * float(f.space.spacing.min())
-    assert float(mag.max()) < 1.0 * float(f.space.spacing.min())
+    f, m = pair2d[0], pair2d[1]
+    copy = f.with_array(f.array, name="copy")
+    # the default, symmetric inference gives exactly the identity by construction (v = (v_fm − v_mf) / 2) …
+    tx = DeepRegistration(f, copy).predict(DEFAULT_REG_WEIGHT)
+    assert float(tx.u.norm(dim=-1).max()) == 0.0
+    # … which hides what the network itself does: one-directional, its field on identical images must still be
+    # small next to the field it finds on a real pair (measured: 0.60 mm vs 3.9 mm mean)
+    raw_same = DeepRegistration(f, copy, symmetric=False).predict(DEFAULT_REG_WEIGHT).u.norm(dim=-1)
+    raw_pair = DeepRegistration(f, m, symmetric=False).predict(DEFAULT_REG_WEIGHT).u.norm(dim=-1)
+    assert float(raw_same.mean()) < 0.25 * float(raw_pair.mean())
+    assert float(raw_same.mean()) < 1.0 * float(f.space.spacing.min())
 
 
 def test_swapping_the_images_negates_the_velocity(pair2d):
@@ -275,7 +281,11 @@ def test_swapping_the_images_negates_the_velocity(pair2d):
     a = DeepRegistration(f, shifted).velocity(DEFAULT_REG_WEIGHT)[0]
     b = DeepRegistration(shifted, f).velocity(DEFAULT_REG_WEIGHT)[0]
     assert float(a.abs().max()) > 0.5  # a real displacement was found (half-grid voxels) …
-    assert torch.allclose(a, -b, atol=1e-5)  # … and it is exactly antisymmetric
+    assert torch.allclose(a, -b, atol=1e-5)  # … and it is antisymmetric (by construction of the symmetric mode)
+    # the network's two directions agree on their own, too: the one-directional velocities roughly negate
+    a1 = DeepRegistration(f, shifted, symmetric=False).velocity(DEFAULT_REG_WEIGHT)[0]
+    b1 = DeepRegistration(shifted, f, symmetric=False).velocity(DEFAULT_REG_WEIGHT)[0]
+    assert float((a1 + b1).abs().mean()) < 0.5 * float(a1.abs().mean())
 
 
 def test_larger_lambda_gives_smoother_fields_and_fewer_folds(reg2d):

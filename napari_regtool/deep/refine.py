@@ -21,38 +21,15 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import Cancelled, InputError, NotInvertibleError
+from ..qc import local_ncc
+from .train import grad_l2
 from ..transforms.field import DisplacementFieldTransform, integrate_velocity, resize_vector_field, sample_at_index, warp
 
-__all__ = ["lncc", "refine_velocity", "refine_registration", "SIMILARITIES"]
+__all__ = ["refine_velocity", "refine_registration", "SIMILARITIES"]
 
 SIMILARITIES = ("lncc", "mse")
 #: default limits of the refinement grid (voxels)
 MAX_VOXELS = {2: 512 * 512, 3: 112 ** 3}
-
-
-def lncc(a: torch.Tensor, b: torch.Tensor, window: int = 9, eps: float = 1e-5) -> torch.Tensor:
-    """Mean squared local normalised cross-correlation of ``a`` and ``b`` (B, 1, *S) → (B,), in [0, 1].
-
-    Local means are box averages over ``window`` voxels per axis (shrunk at the border).
-    """
-    d = a.dim() - 2
-    pool = F.avg_pool2d if d == 2 else F.avg_pool3d
-    k, p = int(window), int(window) // 2
-
-    def mean(x):
-        return pool(x, k, stride=1, padding=p, count_include_pad=False)
-
-    ma, mb = mean(a), mean(b)
-    cross = mean(a * b) - ma * mb
-    va = (mean(a * a) - ma * ma).clamp(min=0)
-    vb = (mean(b * b) - mb * mb).clamp(min=0)
-    cc = cross * cross / (va * vb + eps)
-    return cc.flatten(1).mean(1)
-
-
-def _grad_l2(v):
-    d = v.dim() - 2
-    return torch.stack([(torch.diff(v, dim=2 + k) ** 2).mean() for k in range(d)]).mean()
 
 
 def refine_velocity(v0: torch.Tensor, fixed: torch.Tensor, moving: torch.Tensor, reg_weight: float, steps: int = 50,
@@ -80,13 +57,14 @@ def refine_velocity(v0: torch.Tensor, fixed: torch.Tensor, moving: torch.Tensor,
     window = 9 if d == 2 else 7
 
     def sim_of(v):
-        u = resize_vector_field(integrate_velocity(v, int_steps), shape)
-        w = warp(moving, u, padding="border")
+        """(similarity, data loss, displacement on v's own grid) — the latter also feeds the landmark term."""
+        u_v = integrate_velocity(v, int_steps)
+        w = warp(moving, resize_vector_field(u_v, shape), padding="border")
         if similarity == "lncc":
-            s = lncc(fixed, w, window).mean()
-            return s, 1.0 - s, u
+            s = local_ncc(fixed, w, window).mean()
+            return s, 1.0 - s, u_v
         s = ((fixed - w) ** 2).mean()
-        return s, 10.0 * s, u
+        return s, 10.0 * s, u_v
 
     v = v0.detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([v], lr=lr)
@@ -97,10 +75,10 @@ def refine_velocity(v0: torch.Tensor, fixed: torch.Tensor, moving: torch.Tensor,
         if cancel is not None and cancel():
             raise Cancelled("Refinement cancelled.")
         opt.zero_grad(set_to_none=True)
-        s, data, _ = sim_of(v)
-        loss = (1 - lam) * data + lam * _grad_l2(v)
+        s, data, u_v = sim_of(v)
+        loss = (1 - lam) * data + lam * grad_l2(v).mean()  # the smoothness term of training
         if landmark_fn is not None:
-            loss = loss + landmark_fn(integrate_velocity(v, int_steps))
+            loss = loss + landmark_fn(u_v)
         loss.backward()
         opt.step()
         if progress is not None:

@@ -337,7 +337,8 @@ class RealImageSource:
         out = {"n_labels": k, "true_disp": inverse_warp_at(parts_m, grid + phi_f, shape) - grid}
         for key, phi in (("fixed", phi_f), ("moving", phi_m)):
             img = warp(base, phi, padding="zeros")
-            lab = warp(labels[:, None].float(), phi, mode="nearest", padding="zeros")[:, 0].long()
+            # nearest lookup has no zero padding: ITK's outside rule gives label 0 beyond the source, like the image
+            lab = warp(labels[:, None].float(), phi, mode="nearest", padding="itk")[:, 0].long()
             noise = torch.randn(img.shape, generator=gen, device=device) * 0.03 * _rand(gen, 1).item()
             gamma = float(torch.exp(torch.randn(1, generator=gen) * cfg.gamma_std))
             out[key] = _minmax((img.clamp(0, 1) ** gamma) + noise)

@@ -248,9 +248,9 @@ def train(config: TrainConfig, log=print) -> Path:
     from ..device import resolve_device
     from ..errors import InputError
 
+    if config.ndim not in (2, 3):
+        raise InputError(f"--ndim must be 2 or 3, got {config.ndim}.")
     cfg = config.resolved()
-    if cfg.ndim not in (2, 3):
-        raise InputError(f"--ndim must be 2 or 3, got {cfg.ndim}.")
     if cfg.size % 16 or cfg.size < 32:
         raise InputError(f"--size must be a multiple of 16 and at least 32, got {cfg.size}.")
     if cfg.steps < 1 or cfg.batch < 1 or not cfg.lr > 0:
