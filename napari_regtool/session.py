@@ -317,6 +317,9 @@ class Session:
     def _apply(self, label: str, new: LandmarkPairs, before: LandmarkPairs | None = None, **info):
         before = self.pairs.copy() if before is None else before
         self.pairs = new
+        if new == before:  # e.g. a drag that came back to its start: nothing to undo
+            self._after_change(label, **info)
+            return
         self._undo.append(_Command(label, before, new.copy()))
         self._redo.clear()
         self._after_change(label, **info)
@@ -414,6 +417,14 @@ class Session:
         for i, p in zip(idx, pts):
             getattr(new, side)[i] = p
         self._apply("move", new, before=before, index=idx[0] if len(idx) == 1 else idx, side=side)
+
+    def end_drag(self):
+        """Finish a drag whatever the last event was: one undo step if a point is now elsewhere than where the
+        drag started, otherwise nothing to record (the points are where they were)."""
+        if self._drag_before is None:
+            return
+        before, self._drag_before = self._drag_before, None
+        self._apply("move", self.pairs.copy(), before=before)
 
     def cancel_drag(self):
         """Put a dragged point back where the drag started."""

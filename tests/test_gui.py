@@ -276,6 +276,35 @@ def test_layer_edits_drag_delete_undo_redo(sample2d, qtbot):
     np.testing.assert_allclose(w.session.pairs.fixed[1], lm.fixed[1])
 
 
+@pytest.mark.parametrize("steps,expected", [((1, 2, 3, 3), 3.0), ((1, 2, 0), 0.0)])
+def test_drag_keeps_the_final_position_whatever_the_last_events(sample2d, qtbot, steps, expected):
+    """A drag whose last mouse moves repeat a position must still be recorded (one undo step); one that comes
+    back to its start records nothing and leaves the point where it was."""
+    from napari.utils._test_utils import read_only_mouse_event
+    from napari.utils.interactions import mouse_move_callbacks, mouse_press_callbacks, mouse_release_callbacks
+
+    viewer, w = sample2d
+    lm = read_bigwarp_csv(L2)
+    fl = viewer.layers["fixed landmarks"]
+    fl.mode = "select"
+    viewer.layers.selection.active = fl
+    start = fl.data[1].copy()
+    mouse_press_callbacks(fl, read_only_mouse_event(type="mouse_press", position=tuple(start), button=1))
+    n_undo = len(w.session._undo)
+    for k in steps:
+        mouse_move_callbacks(fl, read_only_mouse_event(type="mouse_move", is_dragging=True,
+                                                      position=tuple(start + [0.0, float(k)]), button=1))
+        qtbot.wait(40)
+        wait_idle(qtbot, w)
+    mouse_release_callbacks(fl, read_only_mouse_event(type="mouse_release", position=tuple(start + [0.0, float(steps[-1])]),
+                                                      button=1))
+    qtbot.wait(20)
+    wait_idle(qtbot, w)
+    np.testing.assert_allclose(w.session.pairs.fixed[1], lm.fixed[1] + [expected, 0.0], atol=1e-9)
+    np.testing.assert_allclose(fl.data[1], start + [0.0, expected], atol=1e-9)
+    assert len(w.session._undo) == n_undo + (1 if expected else 0)
+
+
 def test_add_points_with_napari_tools_and_table_selection(sample2d, qtbot):
     viewer, w = sample2d
     lm = read_bigwarp_csv(L2)

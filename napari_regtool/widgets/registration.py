@@ -864,6 +864,9 @@ class RegistrationWidget(QWidget):
                     self._drag_active.pop(side, None)
                     self.session.move_many(side, [int(placed[k]) for k in moved],
                                            [to_physical_order(new[k]) for k in moved])
+                elif self._drag_active.pop(side, None):
+                    # the live drag already put the session's point where the layer's is: record that move
+                    self.session.end_drag()
                 else:
                     self._sync_points()
             elif len(new) > len(expected):
@@ -920,12 +923,12 @@ class RegistrationWidget(QWidget):
                             pass
             yield
         if self._drag_active.pop(side, None):
-            # a drag that ends where it started (or outside the image) puts the point back
+            # the release's data event did not finish the drag (the point did not move on release): finish it here
             QTimer.singleShot(0, self._finish_drag)
 
     def _finish_drag(self):
-        if self.session._drag_before is not None:
-            self.session.cancel_drag()
+        self.session.end_drag()
+        self._sync_points()
 
     # ============================================================ add mode
     def set_add_mode(self, on: bool):
