@@ -14,7 +14,7 @@ from .transforms.field import jacobian_determinant
 
 __all__ = [
     "mse", "ncc", "lncc", "local_ncc", "mutual_information", "similarity_metrics", "dice", "tre", "jacobian_stats",
-    "displacement_magnitude", "grid_image", "checkerboard", "difference", "normalise_intensity",
+    "displacement_magnitude", "grid_image", "checkerboard", "difference", "normalise_intensity", "intensity_window",
     "landmark_uncertainty", "field_qc",
 ]
 
@@ -173,21 +173,30 @@ def grid_image(transform, space: Space, step: float | None = None, width: float 
     return lines.amax(-1)
 
 
-def normalise_intensity(a, lo_pct: float = 1.0, hi_pct: float = 99.0) -> torch.Tensor:
-    """Robust [0, 1] scaling between two percentiles (for comparison views)."""
-    t = _t(a)
-    flat = t.reshape(-1)
+def intensity_window(a, lo_pct: float = 1.0, hi_pct: float = 99.0) -> tuple[float, float]:
+    """The two percentiles :func:`normalise_intensity` maps to 0 and 1 (a 1 M-voxel sample for large images)."""
+    flat = _t(a).reshape(-1)
     if flat.numel() > 1_000_000:
         flat = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[:1_000_000].to(flat.device)]
-    lo, hi = torch.quantile(flat, torch.tensor([lo_pct / 100, hi_pct / 100], device=flat.device))
-    if hi <= lo:
-        hi = lo + 1
+    lo, hi = torch.quantile(flat.float(), torch.tensor([lo_pct / 100, hi_pct / 100], device=flat.device)).tolist()
+    return lo, (hi if hi > lo else lo + 1.0)
+
+
+def normalise_intensity(a, lo_pct: float = 1.0, hi_pct: float = 99.0, window: tuple[float, float] | None = None
+                        ) -> torch.Tensor:
+    """Robust [0, 1] scaling between two percentiles (for comparison views). ``window``: a ``(lo, hi)`` from
+    :func:`intensity_window` to reuse, e.g. the moving image's for every warped version of it."""
+    t = _t(a)
+    lo, hi = intensity_window(t, lo_pct, hi_pct) if window is None else window
     return ((t - lo) / (hi - lo)).clamp(0, 1)
 
 
-def checkerboard(a, b, tiles: int = 8) -> torch.Tensor:
-    """Alternate normalised ``a`` and ``b`` in a ``tiles``-per-axis checkerboard (same grid)."""
-    x, y = normalise_intensity(a), normalise_intensity(b).to(_t(a).device)
+def checkerboard(a, b, tiles: int = 8, normalise: bool = True) -> torch.Tensor:
+    """Alternate ``a`` and ``b`` in a ``tiles``-per-axis checkerboard (same grid); ``normalise=False`` when both
+    are already on a common [0, 1] scale."""
+    x, y = _t(a), _t(b).to(_t(a).device)
+    if normalise:
+        x, y = normalise_intensity(x), normalise_intensity(y)
     parity = torch.zeros(x.shape, dtype=torch.long, device=x.device)
     for k, n in enumerate(x.shape):
         idx = (torch.arange(n, device=x.device) * tiles // max(n, 1)).reshape([-1 if i == k else 1 for i in range(x.dim())])
@@ -195,9 +204,10 @@ def checkerboard(a, b, tiles: int = 8) -> torch.Tensor:
     return torch.where(parity % 2 == 0, x, y)
 
 
-def difference(a, b) -> torch.Tensor:
-    """Signed difference of the normalised images, in [−1, 1]."""
-    return normalise_intensity(a) - normalise_intensity(b).to(_t(a).device)
+def difference(a, b, normalise: bool = True) -> torch.Tensor:
+    """Signed difference of the (normalised) images, in [−1, 1]."""
+    x, y = _t(a), _t(b).to(_t(a).device)
+    return normalise_intensity(x) - normalise_intensity(y) if normalise else x - y
 
 
 # ----------------------------------------------------------------- uncertainty

@@ -712,6 +712,7 @@ class Previewer:
         src = torch.as_tensor(np.asarray(a, dtype=np.float32), device=self.device)
         self._src = src.movedim(-1, 0).unsqueeze(0) if moving.is_multichannel else src[None, None]
         self._fixed_scalar = None
+        self._moving_window = None
         self._foreground = None
         self._grid_points = None
 
@@ -799,12 +800,14 @@ class Previewer:
             maps["grid"] = self._grid(field)
         if want & {"checkerboard", "difference"}:
             w = torch.as_tensor(warped if not self.moving.is_multichannel else warped.mean(-1), device=self.device)
-            wn = qc.normalise_intensity(w)
+            if self._moving_window is None:  # the moving image's window serves every warped version of it
+                self._moving_window = qc.intensity_window(torch.as_tensor(self.moving.scalar(), device=self.device))
+            wn = qc.normalise_intensity(w, window=self._moving_window)
             fn = self.fixed_normalised()
             if "checkerboard" in want:
-                maps["checkerboard"] = qc.checkerboard(fn, wn).cpu().numpy()
+                maps["checkerboard"] = qc.checkerboard(fn, wn, normalise=False).cpu().numpy()
             if "difference" in want:
-                maps["difference"] = (fn - wn).cpu().numpy()
+                maps["difference"] = qc.difference(fn, wn, normalise=False).cpu().numpy()
         suggestion = info = None
         if "uncertainty" in want:
             unc = getattr(transform, "uncertainty", None)

@@ -114,3 +114,21 @@ def test_tps_uncertainty_with_heavy_smoothing_tends_to_the_affine_one():
     aff = qc.landmark_uncertainty("affine", f, m, space)[0].mean().item()
     tps = qc.landmark_uncertainty("tps", f, m, space, smoothing=1e9)[0].mean().item()
     assert tps == pytest.approx(aff, rel=0.05)
+
+
+def test_normalise_intensity_matches_numpy_percentiles_and_reuses_a_window():
+    a = smooth_test_image((40, 30), 2).astype(np.float32) * 7 + 3
+    lo, hi = np.percentile(a, [1, 99])
+    np.testing.assert_allclose(qc.intensity_window(a), (lo, hi), rtol=1e-5)
+    np.testing.assert_allclose(qc.normalise_intensity(a).numpy(), np.clip((a - lo) / (hi - lo), 0, 1), atol=1e-6)
+    # a given window is used as is (the moving image's for a warped copy whose percentiles differ)
+    b = a[:10]
+    np.testing.assert_allclose(qc.normalise_intensity(b, window=(lo, hi)).numpy(),
+                               np.clip((b - lo) / (hi - lo), 0, 1), atol=1e-6)
+    # already-normalised inputs pass through checkerboard/difference unchanged with normalise=False
+    x, y = np.full((8, 8), 0.25, np.float32), np.full((8, 8), 0.75, np.float32)
+    cb = qc.checkerboard(x, y, tiles=2, normalise=False).numpy()
+    assert cb[0, 0] == 0.25 and cb[0, 7] == 0.75 and cb[7, 7] == 0.25
+    np.testing.assert_allclose(qc.difference(x, y, normalise=False).numpy(), -0.5)
+    # a constant image does not divide by zero
+    assert np.isfinite(qc.normalise_intensity(np.ones((4, 4))).numpy()).all()
