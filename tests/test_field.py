@@ -176,3 +176,37 @@ def test_displacement_field_inverse_composes_to_identity():
     inv = t.inverse()
     y = space.index_to_physical(np.random.default_rng(0).uniform(6, 34, (100, 2)))
     assert np.abs(t.map_points(inv.map_points(y)) - y).max() < 0.02  # vs displacements up to 1.5
+
+
+def test_numeric_inverse_of_a_field_holding_a_large_rotation():
+    """A deep model's field carries its affine pre-alignment; a 70° rotation with scaling makes the plain
+    iteration ``x ← y − u(x)`` diverge (|1 − 1.1·e^{i·70°}| > 1), the least-squares affine start does not."""
+    from napari_regtool.transforms.numeric import NumericInverse
+
+    space = Space((60, 64), [0.9, 1.1], [-30.0, -28.0])
+    pts = space.grid_points()
+    a = 1.1 * rotation(2, [np.deg2rad(70.0)])
+    centre = pts.reshape(-1, 2).mean(0)
+    lin = (pts - centre) @ a.T + centre - pts
+    bump = np.stack([1.5 * np.sin(pts[..., 1] / 9.0), 1.0 * np.cos(pts[..., 0] / 8.0)], -1)
+    t = DisplacementFieldTransform(lin + bump, space)
+    inv = NumericInverse(t)
+    x_true = space.index_to_physical(np.random.default_rng(3).uniform(10, 50, (50, 2)))
+    y = t.map_points(x_true)
+    np.testing.assert_allclose(inv.map_points(y), x_true, atol=1e-4)
+    # the starting affine is the rotation-scaling (within the bump's size)
+    np.testing.assert_allclose(np.linalg.inv(inv._affine_inv.matrix), a, atol=0.05)
+
+
+def test_inverse_field_of_a_rotated_field_composes_to_identity():
+    space = Space((50, 54), [1.0, 0.8], [-25.0, -21.0])
+    pts = space.grid_points()
+    a = rotation(2, [np.deg2rad(75.0)])
+    centre = pts.reshape(-1, 2).mean(0)
+    u = (pts - centre) @ a.T + centre - pts + np.stack([np.sin(pts[..., 1] / 7.0), np.cos(pts[..., 0] / 6.0)], -1)
+    t = DisplacementFieldTransform(u, space)
+    inv = t.inverse()
+    # grid points whose preimage lies well inside the field's grid (a disc around the centre)
+    y = space.grid_points().reshape(-1, 2)
+    y = y[np.linalg.norm(y - centre, axis=1) < 15]
+    assert np.abs(t.map_points(inv.map_points(y)) - y).max() < 1e-3

@@ -268,15 +268,18 @@ class DisplacementFieldTransform(Transform):
         return super().field(space, device, dtype, chunk)
 
     def inverse(self, space: Space | None = None, iterations: int = 30) -> "DisplacementFieldTransform":
-        """Approximate inverse field on ``space`` (default: the same grid) by fixed-point iteration
-        ``v(y) = −u(y + v(y))``. Accurate where the field does not fold."""
+        """Approximate inverse field on ``space`` (default: the same grid): at every grid point ``y`` the
+        :class:`NumericInverse` iteration (started from the field's best-fitting affine, so a large rotation in
+        the field does not stop it), ``v(y) = T⁻¹(y) − y``. Accurate where the field does not fold."""
+        from .numeric import NumericInverse
+
         space = space or self.space
-        device = self.u.device
-        grid = torch.as_tensor(space.grid_points(np.float32), device=device)
-        flat = grid.reshape(-1, self.ndim).to(torch.float64)
-        v = torch.zeros_like(flat)
-        for _ in range(iterations):
-            v = -(self.map_points_torch(flat + v) - (flat + v))
+        solver = NumericInverse(self, iterations=iterations)
+        flat = torch.as_tensor(space.grid_points(np.float64), device=self.u.device).reshape(-1, self.ndim)
+        v = torch.empty_like(flat)
+        for i in range(0, len(flat), DEFAULT_CHUNK):
+            x, _ = solver.solve(flat[i:i + DEFAULT_CHUNK])
+            v[i:i + DEFAULT_CHUNK] = x - flat[i:i + DEFAULT_CHUNK]
         return DisplacementFieldTransform(v.reshape(*space.shape, self.ndim).to(self.u.dtype), space,
                                           kind=f"inverse({self.kind})")
 

@@ -1,6 +1,7 @@
 """Numerical inverse of a non-linear transform, point by point."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..errors import NotInvertibleError
@@ -27,14 +28,11 @@ class NumericInverse(Transform):
         self.kind = f"inverse({forward.kind})"
         aff = getattr(forward, "affine", None)
         if aff is None:
-            import numpy as np
-
-            from .linear import AffineTransform
-
-            aff = AffineTransform(np.eye(self.ndim), np.zeros(self.ndim))
+            aff = _affine_part(forward)
         self._affine_inv = aff.inverse()
 
-    def map_points_torch(self, points):
+    def solve(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Iterate for ``T(x) = points``; return ``x`` and the remaining error ``|T(x) − y|`` per point."""
         y = points
         ai = torch.as_tensor(self._affine_inv.matrix, dtype=y.dtype, device=y.device)
         x = self._affine_inv.map_points_torch(y)
@@ -42,10 +40,13 @@ class NumericInverse(Transform):
             r = self.forward.map_points_torch(x) - y
             err = r.norm(dim=1)
             if len(err) == 0 or float(err.max()) < self.tol:
-                return x
+                return x, err
             x = x - r @ ai.T
-        err = (self.forward.map_points_torch(x) - y).norm(dim=1)
-        if not bool(torch.isfinite(err).all()) or float(err.max()) > 100 * self.tol:
+        return x, (self.forward.map_points_torch(x) - y).norm(dim=1)
+
+    def map_points_torch(self, points):
+        x, err = self.solve(points)
+        if not bool(torch.isfinite(err).all()) or (len(err) and float(err.max()) > 100 * self.tol):
             raise NotInvertibleError(
                 "The transform could not be inverted at some points (it may fold there); check the Jacobian map."
             )
@@ -53,3 +54,26 @@ class NumericInverse(Transform):
 
     def inverse(self):
         return self.forward
+
+
+def _affine_part(forward: Transform):
+    """The affine that best matches ``forward`` (least squares) over its own grid when it has one (a dense field,
+    which may hold a large rotation or scaling), else the identity. It starts and preconditions the iteration,
+    which with the identity would diverge wherever ``T`` is far from a shift."""
+    from .linear import AffineTransform
+
+    d = forward.ndim
+    space = getattr(forward, "space", None)
+    if space is None:
+        return AffineTransform(np.eye(d), np.zeros(d))
+    # a lattice of at most ~9 points per axis over the grid (corners included)
+    axes = [np.unique(np.linspace(0, n - 1, min(n, 9)).round()) for n in space.shape]
+    idx = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, d)
+    x = space.array_index_to_physical(idx.astype(float))
+    y = forward.map_points(x)
+    design = np.hstack([x, np.ones((len(x), 1))])
+    sol, *_ = np.linalg.lstsq(design, y, rcond=None)
+    m, t = sol[:d].T, sol[d]
+    if not np.all(np.isfinite(m)) or abs(np.linalg.det(m)) < 1e-8:
+        return AffineTransform(np.eye(d), np.zeros(d))
+    return AffineTransform(m, t)

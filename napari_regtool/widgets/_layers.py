@@ -8,6 +8,7 @@ import numpy as np
 from ..errors import InputError
 from ..image import Image
 from ..space import Space, to_array_order, to_physical_order
+from ..transforms.numeric import NumericInverse
 
 __all__ = ["PALETTE", "META_KEY", "image_from_layer", "layer_space", "layer_role", "layer_path", "world_matrix",
            "image_layer_kwargs", "jacobian_colormap", "map_layer_points", "apply_to_layer"]
@@ -107,9 +108,7 @@ def map_layer_points(world_pts: np.ndarray, inverse_transform) -> np.ndarray:
     """Carry world points from moving space to fixed space: ``T⁻¹`` applied in physical (x, y, z) order."""
     if len(world_pts) == 0:
         return np.zeros((0, world_pts.shape[1]))
-    # contiguous copy: Transform.map_points hands the array to torch, which refuses the reversed (negative-stride) view
-    phys = np.ascontiguousarray(to_physical_order(np.asarray(world_pts, float)))
-    return to_array_order(inverse_transform.map_points(phys))
+    return to_array_order(inverse_transform.map_points(to_physical_order(np.asarray(world_pts, float))))
 
 
 def apply_to_layer(layer, transform, fixed_space: Space, device="cpu"):
@@ -140,7 +139,8 @@ def apply_to_layer(layer, transform, fixed_space: Space, device="cpu"):
         d = fixed_space.ndim
         if layer.ndim != d:
             raise InputError(f"Layer {layer.name!r} is {layer.ndim}D but the registration is {d}D.")
-        inv = transform.inverse()
+        # linear: the exact inverse; otherwise point by point (no whole-grid inverse for a handful of vertices)
+        inv = transform.inverse() if transform.is_linear else NumericInverse(transform)
         if isinstance(layer, Points):
             pts = map_layer_points(_points_world(layer, layer.data), inv)
             kw = dict(name=name, features=layer.features.copy(), size=np.asarray(layer.size),
