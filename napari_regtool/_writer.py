@@ -53,7 +53,11 @@ def write_landmarks(path: str, layer_data: list) -> list:
         if side is None or side in sides:
             raise InputError("Select exactly two landmark layers, one named or marked 'fixed' and one 'moving', "
                              "to save a BigWarp CSV.")
-        sides[side] = (np.asarray(data, float), meta.get("features"))
+        pts = np.asarray(data, float).reshape(len(data), -1)
+        if len(pts):  # layer data → world (= physical, z, y, x) through the layer's scale/translate/affine
+            m = _world_matrix(meta, pts.shape[1])
+            pts = pts @ m[:-1, :-1].T + m[:-1, -1]
+        sides[side] = (pts, meta.get("features"))
     if set(sides) != {"fixed", "moving"}:
         raise InputError("Select the fixed and the moving landmark layers together to save a BigWarp CSV.")
     d = sides["fixed"][0].shape[1] if len(sides["fixed"][0]) else sides["moving"][0].shape[1]

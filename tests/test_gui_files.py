@@ -134,3 +134,23 @@ def test_apply_transform_file_widget(make_napari_viewer, tmp_path):
     mov = sitk.ReadImage(str(M2), sitk.sitkFloat32)
     ref = sitk.GetArrayFromImage(sitk.Resample(mov, sitk.ReadImage(str(F2)), t.to_sitk(), sitk.sitkLinear, 0.0))
     assert kind == "image" and np.abs(data - ref).max() < 1e-3 * ref.max()
+
+
+def test_landmark_writer_maps_scaled_layers_to_world_coordinates(tmp_path):
+    """Points layers a user made themselves (pixel data with a scale and translate) are saved in world
+    (physical) coordinates, as BigWarp expects, not in layer-data units."""
+    from napari.layers import Points
+
+    from napari_regtool._writer import write_landmarks
+
+    fixed_px = np.array([[10.0, 20.0], [30.0, 5.0], [7.0, 40.0]])  # (row, col) pixel positions
+    moving_px = fixed_px + [1.0, -2.0]
+    fx = Points(fixed_px, name="fixed points", scale=(0.5, 0.25), translate=(3.0, -4.0))
+    mv = Points(moving_px, name="moving points", scale=(2.0, 2.0), translate=(0.0, 10.0))
+    out = tmp_path / "lm.csv"
+    write_landmarks(str(out), [fx.as_layer_data_tuple(), mv.as_layer_data_tuple()])
+    pairs = read_bigwarp_csv(out)
+    # physical (x, y) = (col·sx + tx, row·sy + ty)
+    np.testing.assert_allclose(pairs.fixed, np.c_[fixed_px[:, 1] * 0.25 - 4.0, fixed_px[:, 0] * 0.5 + 3.0])
+    np.testing.assert_allclose(pairs.moving, np.c_[moving_px[:, 1] * 2.0 + 10.0, moving_px[:, 0] * 2.0])
+    np.testing.assert_allclose(fx.data_to_world(fixed_px[0])[::-1], pairs.fixed[0])
