@@ -504,6 +504,8 @@ def test_apply_to_labels_points_and_shapes(sample2d, qtbot):
     w.tabs.setCurrentIndex(w.tabs.indexOf(w.apply_btn.parentWidget()))
     w.apply_combo.setCurrentIndex(w.apply_combo.findData(lab))
     qtbot.mouseClick(w.apply_btn, Qt.MouseButton.LeftButton)
+    assert w.busy  # images and labels are resampled in the background
+    wait_idle(qtbot, w)
     out = viewer.layers["moving labels (registered)"]
     ref = sitk_resample(SAMPLES / "brain2d_moving_labels.nii.gz", F2, w.session.transform.to_sitk(fixed.space),
                         sitk.sitkNearestNeighbor, sitk.sitkUInt8)
@@ -526,8 +528,10 @@ def test_apply_to_labels_points_and_shapes(sample2d, qtbot):
     # another image of the moving space (here the moving image itself): linear, equal to the warped layer
     from napari.layers import Image as ImageLayer
 
-    img = w.apply_to_layer(viewer.layers["brain2d moving"])
-    assert isinstance(viewer.layers["brain2d moving (registered)"], ImageLayer)
+    assert w.apply_to_layer(viewer.layers["brain2d moving"]) is None
+    wait_idle(qtbot, w)
+    img = viewer.layers["brain2d moving (registered)"]
+    assert isinstance(img, ImageLayer)
     assert_close_image(np.asarray(img.data), warped(viewer))
     np.testing.assert_allclose(img.affine.affine_matrix, viewer.layers["brain2d fixed"].affine.affine_matrix)
 
@@ -557,6 +561,7 @@ def test_export_all_matches_cli_and_single_files(sample2d, qtbot, tmp_path, monk
                       (w.save_lm_btn, "lm.csv")):
         monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, n=name, **k: (str(tmp_path / n), ""))
         qtbot.mouseClick(btn, Qt.MouseButton.LeftButton)
+        wait_idle(qtbot, w)
         assert (tmp_path / name).exists()
     tx = sitk.ReadTransform(str(tmp_path / "t.h5"))
     lm = read_bigwarp_csv(L2)
@@ -571,6 +576,7 @@ def test_export_all_matches_cli_and_single_files(sample2d, qtbot, tmp_path, monk
     wait_idle(qtbot, w)
     monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(tmp_path / "field.nii.gz"), ""))
     qtbot.mouseClick(w.save_tfm_btn, Qt.MouseButton.LeftButton)
+    wait_idle(qtbot, w)
     field_img = sitk.ReadImage(str(tmp_path / "field.nii.gz"), sitk.sitkVectorFloat64)
     ref = sitk_resample(M2, F2, sitk.DisplacementFieldTransform(field_img))
     assert_close_image(warped(viewer), ref)
@@ -578,6 +584,7 @@ def test_export_all_matches_cli_and_single_files(sample2d, qtbot, tmp_path, monk
     n = len(notifications())
     monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(tmp_path / "bad.tfm"), ""))
     qtbot.mouseClick(w.save_tfm_btn, Qt.MouseButton.LeftButton)
+    wait_idle(qtbot, w)
     assert not (tmp_path / "bad.tfm").exists() and any("not linear" in m for m in notifications()[n:])
 
 

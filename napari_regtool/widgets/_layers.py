@@ -111,6 +111,31 @@ def map_layer_points(world_pts: np.ndarray, inverse_transform) -> np.ndarray:
     return to_array_order(inverse_transform.map_points(to_physical_order(np.asarray(world_pts, float))))
 
 
+def prepare_image_layer(layer, fixed_space: Space):
+    """What resampling an image or labels layer needs, read from the layer (on the GUI thread): its
+    :class:`Image`, whether it is a label map, and the new layer's keyword arguments."""
+    from napari.layers import Labels
+
+    im = image_from_layer(layer)
+    if im.ndim != fixed_space.ndim:
+        raise InputError(f"Layer {layer.name!r} is {im.ndim}D but the registration is {fixed_space.ndim}D.")
+    label = isinstance(layer, Labels)
+    kw = dict(name=f"{layer.name} (registered)", **image_layer_kwargs(fixed_space))
+    if not label:
+        kw.update(colormap=layer.colormap.name, contrast_limits=tuple(layer.contrast_limits), rgb=layer.rgb,
+                  blending=layer.blending)
+    return im, label, kw
+
+
+def warp_prepared(prepared, transform, fixed_space: Space, device="cpu"):
+    """Resample a :func:`prepare_image_layer` result onto the fixed grid (any thread): a layer-data tuple."""
+    from ..pipeline import warp_image
+
+    im, label, kw = prepared
+    arr = warp_image(im, transform, fixed_space, label=label, device=device)
+    return arr, kw, "labels" if label else "image"
+
+
 def apply_to_layer(layer, transform, fixed_space: Space, device="cpu"):
     """Warp a layer of the moving image into the fixed image's space.
 
@@ -120,21 +145,9 @@ def apply_to_layer(layer, transform, fixed_space: Space, device="cpu"):
     """
     from napari.layers import Image as ImageLayer, Labels, Points, Shapes
 
-    from ..pipeline import warp_image
-
     name = f"{layer.name} (registered)"
     if isinstance(layer, (ImageLayer, Labels)):
-        im = image_from_layer(layer)
-        if im.ndim != fixed_space.ndim:
-            raise InputError(f"Layer {layer.name!r} is {im.ndim}D but the registration is {fixed_space.ndim}D.")
-        label = isinstance(layer, Labels)
-        arr = warp_image(im, transform, fixed_space, label=label, device=device)
-        kw = dict(name=name, **image_layer_kwargs(fixed_space))
-        if label:
-            return arr, kw, "labels"
-        kw.update(colormap=layer.colormap.name, contrast_limits=tuple(layer.contrast_limits), rgb=layer.rgb,
-                  blending=layer.blending)
-        return arr, kw, "image"
+        return warp_prepared(prepare_image_layer(layer, fixed_space), transform, fixed_space, device)
     if isinstance(layer, (Points, Shapes)):
         d = fixed_space.ndim
         if layer.ndim != d:

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import threading
+from collections import deque
 from typing import Callable
 
 from qtpy.QtCore import QObject, Signal
 
-__all__ = ["LatestRunner", "ProgressBridge"]
+__all__ = ["LatestRunner", "ProgressBridge", "QueueRunner"]
 
 
 class ProgressBridge(QObject):
@@ -48,7 +49,14 @@ class LatestRunner(QObject):
 
     @property
     def idle(self) -> bool:
-        return self._worker is None and self._queued is None
+        return self._worker is None and not self._has_next()
+
+    def _has_next(self) -> bool:
+        return self._queued is not None
+
+    def _take_next(self):
+        job, self._queued = self._queued, None
+        return job
 
     @property
     def busy(self) -> bool:
@@ -79,8 +87,7 @@ class LatestRunner(QObject):
         # while errors here become one plain-sentence message through ``on_error``
         from superqt.utils import create_worker
 
-        gen, func, args, kwargs, cancellable = self._queued
-        self._queued = None
+        gen, func, args, kwargs, cancellable = self._take_next()
         if cancellable:
             ev = threading.Event()
             self._cancel_event = ev
@@ -128,9 +135,37 @@ class LatestRunner(QObject):
         if self.closed:
             return
         try:
-            if self._queued is not None:
+            if self._has_next():
                 self._start_next()
             else:
                 self.idle_changed.emit(True)
         except RuntimeError:
             self.closed = True
+
+
+class QueueRunner(LatestRunner):
+    """Like :class:`LatestRunner`, but every request runs, in the order made, and every result is delivered:
+    for file writes and layer warps, none of which may be replaced by a later one. :meth:`cancel` drops the
+    waiting jobs and asks the running one to stop."""
+
+    def __init__(self, on_result: Callable, on_error: Callable, name: str = "queue", parent=None):
+        super().__init__(on_result, on_error, name, parent)
+        self._pending: deque = deque()
+
+    def request(self, func: Callable, *args, cancellable: bool = False, **kwargs) -> int:
+        self.generation += 1
+        if not self.closed:
+            self._pending.append((self.generation, func, args, kwargs, cancellable))
+            if self._worker is None:
+                self._start_next()
+        return self.generation
+
+    def _has_next(self) -> bool:
+        return bool(self._pending)
+
+    def _take_next(self):
+        return self._pending.popleft()
+
+    def cancel(self):
+        self._pending.clear()
+        super().cancel()

@@ -30,9 +30,9 @@ from ..transforms import LANDMARK_MODELS
 from ..transforms.base import IdentityTransform
 from ._layers import (
     META_KEY, PALETTE, apply_to_layer, image_from_layer, image_layer_kwargs, jacobian_colormap, layer_path,
-    layer_role,
+    layer_role, prepare_image_layer, warp_prepared,
 )
-from ._runner import LatestRunner, ProgressBridge
+from ._runner import LatestRunner, ProgressBridge, QueueRunner
 from ._table import PairTable, _fmt
 
 __all__ = ["RegistrationWidget"]
@@ -131,11 +131,13 @@ class RegistrationWidget(QWidget):
         self._preview = LatestRunner(self._show_preview, self._job_error, "preview")
         self._deep_runner = LatestRunner(self._deep_result, self._job_error, "deep")
         self._jobs = LatestRunner(self._job_result, self._job_error, "job")
-        runners = (self._preview, self._deep_runner, self._jobs)
+        # file writes and layer warps: each request runs, none replaces another
+        self._files = QueueRunner(self._job_result, self._job_error, "files")
+        runners = (self._preview, self._deep_runner, self._jobs, self._files)
         self.destroyed.connect(lambda *_: [r.close() for r in runners])
         self._progress = ProgressBridge(self)
         self._progress.progressed.connect(self._on_progress)
-        for r in (self._deep_runner, self._jobs):
+        for r in (self._deep_runner, self._jobs, self._files):
             r.idle_changed.connect(self._update_busy)
 
         self._flicker_timer = QTimer(self)
@@ -1259,9 +1261,14 @@ class RegistrationWidget(QWidget):
             _, paths, out = value
             self._notify("info", f"Wrote {len(paths)} files to {out}: {', '.join(p.name for p in paths)}.")
             self._set_status(f"Exported to {out}.")
+        elif kind == "saved":
+            self._set_status(f"Saved {value[1]}.")
+        elif kind == "applied":
+            self._add_applied(*value[1])
 
     def cancel(self):
         self._jobs.cancel()
+        self._files.cancel()
         self._deep_runner.cancel()
         self._show_progress(False)
         self._set_status("Cancelled.")
@@ -1281,7 +1288,7 @@ class RegistrationWidget(QWidget):
     def _update_busy(self, _=None):
         if not self._deep_runner.busy:
             self._deep_long = False
-        if not self._jobs.busy and not self._deep_long:
+        if not self._jobs.busy and not self._files.busy and not self._deep_long:
             self._show_progress(False)
 
     # ============================================================ preview
@@ -1672,12 +1679,8 @@ class RegistrationWidget(QWidget):
                                                         "(*.nii.gz *.mha *.nrrd)", "transform.tfm")
         if not path:
             return False
-        try:
-            self.session.write_transform(path)
-        except (RegtoolError, OSError) as exc:
-            self._notify("error", str(exc))
-            return False
-        self._set_status(f"Saved the transform to {path}.")
+        self._start_file_job(f"Saving the transform to {path}…", _write_transform_job, path,
+                             self.session.transform, self.session.fixed.space)
         return True
 
     def save_map(self, what: str, path=None) -> bool:
@@ -1689,24 +1692,16 @@ class RegistrationWidget(QWidget):
         path = path or self._save_path(title, "Images (*.nii.gz *.nii *.mha *.nrrd *.tif)", f"{what}.nii.gz")
         if not path:
             return False
-        try:
-            import torch
-
-            from ..pipeline import warp_image
-            from ..transforms.field import jacobian_determinant
-
-            s = self.session
-            if what == "warped":
-                rio.write_image(path, warp_image(s.moving, s.transform, s.fixed.space), s.fixed.space)
-            else:
-                u = s.transform.field(s.fixed.space, dtype=torch.float32)
-                rio.write_image(path, jacobian_determinant(u, s.fixed.space).numpy().astype(np.float32),
-                                s.fixed.space)
-        except (RegtoolError, OSError) as exc:
-            self._notify("error", str(exc))
-            return False
-        self._set_status(f"Saved {path}.")
+        s = self.session
+        self._start_file_job(f"Saving {Path(path).name}…", _save_map_job, what, path, s.moving, s.transform,
+                             s.fixed.space)
         return True
+
+    def _start_file_job(self, status: str, func, *args):
+        """Run a file write or layer warp in the background (in order; the progress bar shows while it runs)."""
+        self._show_progress(True)
+        self._set_status(status)
+        self._files.request(func, *args)
 
     def export_all(self, folder=None) -> bool:
         """Write the same files as ``regtool register`` into a folder (in the background)."""
@@ -1717,14 +1712,14 @@ class RegistrationWidget(QWidget):
             folder = QFileDialog.getExistingDirectory(self, "Export the registration into a folder")
             if not folder:
                 return False
-        self._show_progress(True)
-        self._set_status(f"Exporting to {folder}…")
-        self._jobs.request(_export_job, self.session.snapshot(), folder)
+        self._start_file_job(f"Exporting to {folder}…", _export_job, self.session.snapshot(), folder)
         return True
 
     # ===================================================== apply to layers
     def apply_to_layer(self, layer=None):
-        """Warp another layer of the moving image into the fixed space (new layer)."""
+        """Carry another layer of the moving image into the fixed space as a new layer: points and shapes at once
+        (returns the new layer), images and labels resampled in the background (returns None; the layer
+        appears when done)."""
         layer = layer or self.apply_combo.currentData()
         if layer is None:
             self._notify("warning", "Choose a layer to apply the transform to.")
@@ -1732,11 +1727,26 @@ class RegistrationWidget(QWidget):
         if self.session.transform is None:
             self._notify("warning", self.session.fit_message or "There is no transform yet.")
             return None
+        from napari.layers import Image as ImageLayer, Labels
+
+        s = self.session
+        if isinstance(layer, (ImageLayer, Labels)):
+            try:
+                prepared = prepare_image_layer(layer, s.fixed.space)
+            except RegtoolError as exc:
+                self._notify("error", str(exc))
+                return None
+            self._start_file_job(f"Resampling {layer.name!r} onto the fixed grid…", _apply_job, prepared,
+                                 s.transform, s.fixed.space)
+            return None
         try:
-            data, kw, kind = apply_to_layer(layer, self.session.transform, self.session.fixed.space)
+            data, kw, kind = apply_to_layer(layer, s.transform, s.fixed.space)
         except RegtoolError as exc:
             self._notify("error", str(exc))
             return None
+        return self._add_applied(data, kw, kind)
+
+    def _add_applied(self, data, kw, kind):
         new = getattr(self.viewer, f"add_{kind}")(data, **kw)
         self._set_status(f"Added {new.name!r}.")
         return new
@@ -1745,14 +1755,14 @@ class RegistrationWidget(QWidget):
     @property
     def busy(self) -> bool:
         """True while a live update or a background job is running or queued."""
-        return self._preview.busy or self._deep_runner.busy or self._jobs.busy
+        return self._preview.busy or self._deep_runner.busy or self._jobs.busy or self._files.busy
 
     def close_session(self):
         """Stop background work and detach from the viewer (called when the widget closes)."""
         if self._closing:
             return
         self._closing = True
-        for r in (self._preview, self._deep_runner, self._jobs):
+        for r in (self._preview, self._deep_runner, self._jobs, self._files):
             r.close()
         try:
             self._flicker_timer.stop()
@@ -1818,6 +1828,31 @@ def _auto_job(fixed, moving, kind, initial, progress, cancel=None):
     if cancel is not None and cancel():
         raise Cancelled()
     return ("auto", f"auto-{kind}", t, time.perf_counter() - t0)
+
+
+def _write_transform_job(path, transform, space):
+    from ..io import write_transform
+
+    write_transform(path, transform, space)
+    return ("saved", f"the transform to {path}")
+
+
+def _save_map_job(what, path, moving, transform, space):
+    import torch
+
+    from ..pipeline import warp_image
+    from ..transforms.field import jacobian_determinant
+
+    if what == "warped":
+        rio.write_image(path, warp_image(moving, transform, space), space)
+    else:
+        u = transform.field(space, dtype=torch.float32)
+        rio.write_image(path, jacobian_determinant(u, space).numpy().astype(np.float32), space)
+    return ("saved", path)
+
+
+def _apply_job(prepared, transform, space):
+    return ("applied", warp_prepared(prepared, transform, space))
 
 
 def _export_job(session, folder):
