@@ -21,7 +21,8 @@ from .errors import Cancelled, FitError, InputError
 from .image import Image
 from .landmarks import LandmarkPairs
 from .space import Space
-from .transforms import LANDMARK_MODELS, MODELS, fit_landmarks, leave_one_out, min_pairs, residuals
+from .transforms import (LANDMARK_MODELS, MODELS, fit_landmarks, initial_from_landmarks, leave_one_out, min_pairs,
+                         residuals)
 from .transforms.base import Transform, index_grid_from_field
 from .transforms.field import jacobian_determinant, resample
 
@@ -206,17 +207,13 @@ def register(fixed: Image, moving: Image, model: str, landmarks: LandmarkPairs |
     elif model in ("auto-rigid", "auto-affine"):
         from .autoreg import auto_linear
 
-        init = None
         kind = model.split("-")[1]
-        if landmarks is not None and len(lf) >= min_pairs(kind, fixed.ndim):
-            init = fit_landmarks(kind, lf, lm)
+        init = None if landmarks is None else initial_from_landmarks(kind, lf, lm, fixed.ndim)
         transform = auto_linear(fixed_s, moving_s, model=kind, initial=init, progress=progress, cancel=cancel)
     else:  # deep
         from .deep.infer import DEFAULT_REG_WEIGHT, load_model, register_deep
 
-        init = None
-        if landmarks is not None and len(lf) >= min_pairs("affine", fixed.ndim):
-            init = fit_landmarks("affine", lf, lm)
+        init = None if landmarks is None else initial_from_landmarks("affine", lf, lm, fixed.ndim)
         lam = DEFAULT_REG_WEIGHT if reg_weight is None else float(reg_weight)
         transform, extra = register_deep(fixed_s, moving_s, reg_weight=lam, refine_steps=refine, uncertainty=uncertainty,
                                          device=dev, initial=init, progress=progress, cancel=cancel,

@@ -101,6 +101,30 @@ def test_deep_model_live_lambda_and_overlays(deep2d, qtbot):
     assert "folding_percent" in w.readouts
 
 
+def test_degenerate_pairs_are_said_and_not_used_as_a_start(deep2d, qtbot, tmp_path):
+    """Enough pairs for an affine start but all on one line: a warning, and the network runs unaligned (as the
+    engine does with no start), rather than silently ignoring them or failing."""
+    from napari_regtool.landmarks import LandmarkPairs, write_bigwarp_csv
+
+    viewer, w = deep2d
+    fixed = read_image(F2)
+    c = fixed.space.index_to_physical(np.array([[20.0, 20.0]]))[0]
+    line = c + np.arange(5)[:, None] * np.array([[3.0, 2.0]])
+    path = tmp_path / "collinear.csv"
+    write_bigwarp_csv(path, LandmarkPairs(line, line + 1.0))
+    n = len(notifications())
+    assert w.load_landmarks(str(path))
+    wait_idle(qtbot, w)
+    said = [m for m in notifications()[n:] if "not used as a starting affine" in m]
+    assert len(said) == 1
+    ref = infer.DeepRegistration(fixed, read_image(M2), device="cpu").predict(infer.DEFAULT_REG_WEIGHT)
+    np.testing.assert_allclose(w.session.transform.u.numpy(), ref.u.numpy(), atol=1e-4)
+    # moving the λ slider does not repeat the warning
+    w.lambda_slider.setValue(w.lambda_slider.minimum() + 20)
+    wait_idle(qtbot, w)
+    assert len([m for m in notifications()[n:] if "not used as a starting affine" in m]) == 1
+
+
 def test_refine_progress_cancel_and_export_equal_to_cli(deep2d, qtbot, tmp_path, monkeypatch):
     viewer, w = deep2d
     before = w.session.transform

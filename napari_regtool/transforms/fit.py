@@ -7,7 +7,8 @@ from ..errors import FitError
 from .linear import fit_affine, fit_rigid, fit_similarity
 from .tps import fit_tps, tps_leave_one_out
 
-__all__ = ["LANDMARK_MODELS", "MODELS", "fit_landmarks", "min_pairs", "residuals", "leave_one_out"]
+__all__ = ["LANDMARK_MODELS", "MODELS", "fit_landmarks", "initial_from_landmarks", "min_pairs", "residuals",
+           "leave_one_out"]
 
 LANDMARK_MODELS = ("rigid", "similarity", "affine", "tps")
 #: every model name the CLI and the GUI accept
@@ -38,6 +39,16 @@ def fit_landmarks(model: str, fixed, moving, smoothing: float = 0.0, kernel: str
     if model == "tps":
         return fit_tps(fixed, moving, smoothing=smoothing, kernel=kernel)
     raise FitError(f"Unknown landmark model {model!r}; choose one of {', '.join(LANDMARK_MODELS)}.")
+
+
+def initial_from_landmarks(kind: str, fixed, moving, ndim: int):
+    """A linear start (``kind``: rigid, similarity or affine) for an intensity-based registration from the active
+    pairs: ``None`` when there are too few pairs for it; a :class:`~napari_regtool.errors.FitError` (with its
+    message) when there are enough but they are degenerate, so the caller can say the start was not used."""
+    fixed = np.asarray(fixed, float).reshape(-1, ndim)
+    if len(fixed) < min_pairs(kind, ndim):
+        return None
+    return fit_landmarks(kind, fixed, moving)
 
 
 def residuals(transform, fixed, moving) -> np.ndarray:

@@ -122,6 +122,7 @@ class RegistrationWidget(QWidget):
         self._view = "side"
         self._deep_cache: dict = {}
         self._deep_initial = None
+        self._start_warning = None  # last message about landmark pairs unusable as a linear start
         self._drag_active = {}
         self._closing = False
         self._combo_lock = False
@@ -1163,15 +1164,24 @@ class RegistrationWidget(QWidget):
     def _deep_initial_transform(self):
         if self._deep_initial is not None:
             return self._deep_initial
-        f, m = self.session.landmark_fit_points()
-        from ..transforms import fit_landmarks, min_pairs
+        return self._landmark_start("affine")
 
-        if len(f) >= min_pairs("affine", self.session.ndim):
-            try:
-                return fit_landmarks("affine", f, m)
-            except RegtoolError:
-                return None
-        return None
+    def _landmark_start(self, kind: str):
+        """The linear start from the active pairs for the deep model or auto-align; degenerate pairs are
+        said once (in the status line and a notification) and the run goes on without them."""
+        from ..transforms import initial_from_landmarks
+
+        f, m = self.session.landmark_fit_points()
+        try:
+            init = initial_from_landmarks(kind, f, m, self.session.ndim)
+            self._start_warning = None
+        except RegtoolError as exc:
+            msg = f"The landmark pairs are not used as a starting {kind} alignment: {exc}"
+            if msg != self._start_warning:
+                self._notify("warning", msg)
+            self._start_warning = msg
+            init = None
+        return init
 
     def predict(self):
         """Run the deep model for the current λ (network only, fast once the pair is prepared)."""
@@ -1232,15 +1242,7 @@ class RegistrationWidget(QWidget):
             self._notify("warning", "Choose a fixed and a moving image first.")
             return
         kind = kind or ("rigid" if self.session.model in ("rigid", "auto-rigid") else "affine")
-        f, m = self.session.landmark_fit_points()
-        init = None
-        from ..transforms import fit_landmarks, min_pairs
-
-        if len(f) >= min_pairs(kind, self.session.ndim):
-            try:
-                init = fit_landmarks(kind, f, m)
-            except RegtoolError:
-                init = None
+        init = self._landmark_start(kind)
         self.deep_status.setText(f"Auto-align ({kind}) running…")
         self._show_progress(True)
         self._jobs.request(_auto_job, self.session.fixed, self.session.moving, kind, init, self._progress,
