@@ -26,7 +26,7 @@ from .transforms import (LANDMARK_MODELS, MODELS, fit_landmarks, initial_from_la
 from .transforms.base import Transform, index_grid_from_field
 from .transforms.field import jacobian_determinant, resample
 
-__all__ = ["RegistrationResult", "check_pair", "register", "evaluate", "warp_image", "write_outputs",
+__all__ = ["RegistrationResult", "check_pair", "register", "finish_result", "evaluate", "warp_image", "write_outputs",
            "OUTPUT_FILES"]
 
 #: files written by :func:`write_outputs` (``transform.tfm`` only for linear models, ``uncertainty`` when present)
@@ -224,13 +224,33 @@ def register(fixed: Image, moving: Image, model: str, landmarks: LandmarkPairs |
     runtime = time.perf_counter() - t0
     if cancel is not None and cancel():
         raise Cancelled()
-    result = RegistrationResult(fixed, moving, transform, model, describe_device(dev), runtime, landmarks,
-                                smoothing, extra=extra, warnings=warnings_list)
-    if landmarks is not None and len(lf):
+    return finish_result(fixed, moving, transform, model, dev, runtime, landmarks, smoothing, kernel, extra,
+                         channel, warnings_list, _warn)
+
+
+def finish_result(fixed: Image, moving: Image, transform: Transform, model: str, device, runtime_s: float,
+                  landmarks: LandmarkPairs | None = None, smoothing: float = 0.0, kernel: str | None = None,
+                  extra: dict | None = None, channel="mean", warnings: list | None = None,
+                  warn: Callable | None = None) -> RegistrationResult:
+    """The evaluated :class:`RegistrationResult` of a transform however it was obtained (the CLI's run or the
+    widget's current state): landmark residuals (and leave-one-out errors for landmark models), warped image,
+    field, Jacobian, similarity, and the folding warning — so both write the same report."""
+    warnings = [] if warnings is None else warnings
+
+    def _warn(msg):
+        if msg not in warnings:
+            warnings.append(msg)
+        if warn:
+            warn(msg)
+
+    dev = torch.device(device)
+    result = RegistrationResult(fixed, moving, transform, model, str(dev), runtime_s, landmarks, smoothing,
+                                extra=dict(extra or {}), warnings=warnings)
+    lf, lm = landmarks.fit_points() if landmarks is not None else (np.zeros((0, fixed.ndim)),) * 2
+    if len(lf):
         result.residuals = residuals(transform, lf, lm)
         if model in LANDMARK_MODELS:
             result.loo = leave_one_out(model, lf, lm, smoothing, kernel)
-    result.device = str(dev)
     if fixed.is_multichannel or moving.is_multichannel:
         result.extra["channel"] = channel
     evaluate(result, channel=channel)

@@ -604,12 +604,13 @@ class Session:
         self._emit("fit", message=self.fit_message)
         return self.transform
 
-    def set_computed(self, model: str, transform: Transform, **info):
-        """Store the result of an on-demand run (deep / auto-align) made on a worker thread."""
-        if model not in ON_DEMAND_MODELS:
-            raise ValueError(f"{model} is computed live from the landmarks.")
-        self.computed[model] = dict(transform=transform, **info)
-        if self.model == model:
+    def set_computed(self, which: str, transform: Transform, /, **info):
+        """Store the result of an on-demand run (deep / auto-align) made on a worker thread; ``info`` is its
+        record (for the deep model :func:`~napari_regtool.deep.infer.run_info`, which has a ``model`` key too)."""
+        if which not in ON_DEMAND_MODELS:
+            raise ValueError(f"{which} is computed live from the landmarks.")
+        self.computed[which] = dict(transform=transform, **info)
+        if self.model == which:
             self.refit()
 
     def landmark_errors(self, transform: Transform | None = None, with_loo: bool = True):
@@ -633,7 +634,7 @@ class Session:
         Landmark models go through :func:`~napari_regtool.pipeline.register` exactly as the CLI does, so
         :meth:`export` writes the same files as ``regtool register`` for the same inputs.
         """
-        from .pipeline import RegistrationResult, evaluate, register
+        from .pipeline import finish_result, register
 
         self._require()
         lm = self.pairs if self.pairs is not None and len(self.pairs) else None
@@ -643,15 +644,10 @@ class Session:
         if self.transform is None:
             raise FitError(self.fit_message or "There is no transform to export yet.")
         run = self.computed.get(self.model, {})
-        res = RegistrationResult(self.fixed, self.moving, self.transform, self.model, str(torch.device(device)),
-                                 run.get("runtime_s", 0.0), lm, self.smoothing,
-                                 extra={k: v for k, v in run.items() if k in ("reg_weight", "refine_steps")})
-        if lm is not None:
-            f, m = lm.fit_points()
-            if len(f):
-                res.residuals = residuals(self.transform, f, m)
-        evaluate(res)
-        return res
+        # the deep run's record (network, λ, grid, refinement, device) as `regtool register --model deep` writes it
+        extra = {k: v for k, v in run.items() if k != "transform"} if self.model == "deep" else {}
+        return finish_result(self.fixed, self.moving, self.transform, self.model, device, run.get("runtime_s", 0.0),
+                             lm, extra=extra)
 
     def export(self, out_dir, device="cpu") -> list:
         """Write ``warped``, ``displacement``, ``jacobian`` (+ ``transform.tfm`` for linear models,

@@ -160,6 +160,17 @@ def test_refine_progress_cancel_and_export_equal_to_cli(deep2d, qtbot, tmp_path,
         a = sitk.GetArrayFromImage(sitk.ReadImage(str(gui / name)))
         b = sitk.GetArrayFromImage(sitk.ReadImage(str(cli / name)))
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(b).max())))
+    # and the same report, up to run times and the figures that depend on them
+    import json
+
+    rg, rc = (json.loads((d / "report.json").read_text()) for d in (gui, cli))
+    assert sorted(rg) == sorted(rc) and sorted(rg["extra"]) == sorted(rc["extra"])
+    for key in ("model", "device", "transform", "landmarks", "ndim"):
+        assert rg[key] == rc[key], key
+    for key in ("model", "reg_weight", "refine_steps", "work_grid", "device"):
+        assert rg["extra"][key] == rc["extra"][key], key
+    assert sorted(rg["extra"]["refine"]) == sorted(rc["extra"]["refine"])
+    assert rg["folding_percent"] == pytest.approx(rc["folding_percent"], abs=1e-3)
 
 
 def test_auto_align_and_device_selector(make_napari_viewer, qtbot, request):

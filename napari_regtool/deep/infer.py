@@ -337,8 +337,6 @@ def register_deep(fixed: Image, moving: Image, reg_weight: float = DEFAULT_REG_W
     metadata), ``reg_weight``, ``work_grid``, ``refine_steps`` and, after refinement, the similarity before and
     after it. With ``uncertainty`` the transform carries the network's uncertainty map.
     """
-    from ..device import describe_device
-
     t0 = time.perf_counter()
 
     def report(frac, msg):
@@ -351,17 +349,26 @@ def register_deep(fixed: Image, moving: Image, reg_weight: float = DEFAULT_REG_W
     reg = DeepRegistration(fixed, moving, device=device, initial=initial, model=model)
     report(0.1, "Running the network")
     tx = reg.predict(reg_weight, uncertainty=uncertainty)
-    info = {"model": reg.model.describe(), "reg_weight": float(reg_weight), "refine_steps": int(refine_steps),
-            "work_grid": {"shape": list(reg.work_space.shape), "spacing": float(reg.work_space.spacing[0])}}
     if refine_steps > 0:
         def sub(frac, msg):
             report(0.15 + 0.85 * frac, msg)
 
         refined = reg.refine(reg_weight, steps=refine_steps, landmarks=landmarks, progress=sub, cancel=cancel)
         refined.uncertainty = tx.uncertainty
-        info["refine"] = dict(getattr(refined, "refine_info", {}))
         tx = refined
     report(1.0, "Done")
-    info["runtime_s"] = round(time.perf_counter() - t0, 4)
+    return tx, run_info(reg, tx, reg_weight, refine_steps, time.perf_counter() - t0)
+
+
+def run_info(reg: DeepRegistration, transform, reg_weight: float, refine_steps: int, runtime_s: float) -> dict:
+    """What a deep run records in ``report.json`` (``extra``), the same for the CLI and the widget: network
+    description, λ, working grid, refinement figures, runtime and device."""
+    from ..device import describe_device
+
+    info = {"model": reg.model.describe(), "reg_weight": float(reg_weight), "refine_steps": int(refine_steps),
+            "work_grid": {"shape": list(reg.work_space.shape), "spacing": float(reg.work_space.spacing[0])}}
+    if refine_steps > 0:
+        info["refine"] = dict(getattr(transform, "refine_info", {}))
+    info["runtime_s"] = round(float(runtime_s), 4)
     info["device"] = describe_device(reg.device)
-    return tx, info
+    return info

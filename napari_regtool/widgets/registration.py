@@ -1805,9 +1805,11 @@ def _deep_registration(cache, key, fixed, moving, device, initial):
 
 def _deep_predict_job(cache, key, fixed, moving, device, initial, lam, uncertainty=True):
     t0 = time.perf_counter()
+    from ..deep.infer import run_info
+
     reg = _deep_registration(cache, key, fixed, moving, device, initial)
     t = reg.predict(lam, uncertainty=uncertainty)
-    return ("predict", t, {"reg_weight": lam, "runtime_s": time.perf_counter() - t0})
+    return ("predict", t, run_info(reg, t, lam, 0, time.perf_counter() - t0))
 
 
 def _deep_refine_job(cache, key, fixed, moving, device, initial, lam, steps, landmarks, progress, uncertainty=None,
@@ -1819,7 +1821,9 @@ def _deep_refine_job(cache, key, fixed, moving, device, initial, lam, steps, lan
         t.uncertainty = uncertainty  # the network's map, as `regtool register --refine N --uncertainty` keeps it
     if cancel is not None and cancel():
         raise Cancelled()
-    return ("refine", t, {"reg_weight": lam, "refine_steps": steps, "runtime_s": time.perf_counter() - t0})
+    from ..deep.infer import run_info
+
+    return ("refine", t, run_info(reg, t, lam, steps, time.perf_counter() - t0))
 
 
 def _auto_job(fixed, moving, kind, initial, progress, cancel=None):
