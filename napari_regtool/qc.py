@@ -153,7 +153,7 @@ def field_qc(transform, space: Space, device="cpu") -> dict:
 
 
 def grid_image(transform, space: Space, step: float | None = None, width: float = 0.12, device="cpu",
-               field: torch.Tensor | None = None) -> torch.Tensor:
+               field: torch.Tensor | None = None, points: torch.Tensor | None = None) -> torch.Tensor:
     """A deformation-grid picture on ``space``: lines of a regular physical grid carried through ``T``.
 
     Each fixed voxel ``x`` is lit when ``T(x)`` lies near a grid plane ``k · step`` (physical units), so the
@@ -164,7 +164,9 @@ def grid_image(transform, space: Space, step: float | None = None, width: float 
         step = float(max(space.extent.max(), space.spacing.max())) / 16.0
     if field is None:
         field = transform.field(space, device=device, dtype=torch.float32)
-    pts = torch.as_tensor(space.grid_points(np.float32), device=field.device) + field
+    if points is None:  # ``points``: the voxel positions ``space.grid_points()`` when the caller keeps them
+        points = torch.as_tensor(space.grid_points(np.float32), device=field.device)
+    pts = points + field
     frac = torch.remainder(pts / step, 1.0)
     dist = torch.minimum(frac, 1.0 - frac)  # (*S, D) distance to nearest plane in units of step
     # line half-width ~ one voxel

@@ -846,10 +846,4 @@ class Previewer:
         fs = self.fixed.space
         if self._grid_points is None:
             self._grid_points = torch.as_tensor(fs.grid_points(np.float32), device=self.device)
-        step = float(max(fs.extent.max(), fs.spacing.max())) / 16.0
-        pts = self._grid_points + field
-        frac = torch.remainder(pts / step, 1.0)
-        dist = torch.minimum(frac, 1.0 - frac)
-        hw = torch.as_tensor(np.maximum(fs.spacing / step, 1e-6) * (0.5 + 0.12), device=field.device,
-                             dtype=dist.dtype)
-        return torch.clamp(1.0 - dist / hw, min=0.0).amax(-1).cpu().numpy()
+        return qc.grid_image(None, fs, field=field, points=self._grid_points).cpu().numpy()
