@@ -392,6 +392,26 @@ def test_refinement_improves_similarity_and_honours_landmarks(pair2d, reg2d):
     assert qc.tre(with_lm, lf, lm).max() < 0.5  # mm
 
 
+def test_coarse_to_fine_refinement(pair2d, reg2d):
+    """Part of the steps on a coarser grid (the 3D default): the same gain in similarity, progress across both
+    levels, and before/after measured on the final grid."""
+    f, m, *_ = pair2d
+    seen = []
+    single = reg2d.predict(DEFAULT_REG_WEIGHT)
+    tx = reg2d.refine(DEFAULT_REG_WEIGHT, steps=40, coarse_fraction=0.5, progress=lambda p, msg: seen.append(p))
+    info = tx.refine_info
+    assert [lv["steps"] for lv in info["levels"]] == [20, 20]
+    coarse, fine = (np.prod(lv["grid"]) for lv in info["levels"])
+    assert coarse < fine and info["levels"][1]["grid"] == info["refine_grid"]
+    assert np.all(np.diff(seen) > 0) and seen[-1] == pytest.approx(1.0) and len(seen) == 40
+    fs = f.scalar()
+    assert qc.lncc(fs, _warp(m, tx, f.space)) > qc.lncc(fs, _warp(m, single, f.space)) + 0.05
+    one_level = reg2d.refine(DEFAULT_REG_WEIGHT, steps=2, coarse_fraction=0.0).refine_info
+    assert len(one_level["levels"]) == 1
+    assert info["lncc_before"] == pytest.approx(one_level["lncc_before"], abs=1e-6)  # same grid, same start
+    assert info["lncc_after"] > info["lncc_before"]
+
+
 def test_register_deep_reports_and_cancels(pair2d):
     _need_weights(2)
     f, m, *_ = pair2d

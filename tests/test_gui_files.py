@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from qtpy.QtCore import Qt
 
 from napari_regtool import _sample_data
 from napari_regtool._reader import get_image_reader, get_landmark_reader
@@ -117,7 +118,7 @@ def test_launch_with_files(make_napari_viewer, qtbot):
         launch(files=[F2], block=False, viewer=viewer)
 
 
-def test_apply_transform_file_widget(make_napari_viewer, tmp_path):
+def test_apply_transform_file_widget(make_napari_viewer, qtbot, tmp_path):
     from napari_regtool.io import write_transform
     from napari_regtool.transforms import fit_landmarks
     from napari_regtool.widgets import apply_transform_file
@@ -130,10 +131,29 @@ def test_apply_transform_file_widget(make_napari_viewer, tmp_path):
     t = fit_landmarks("affine", pairs.fixed, pairs.moving)
     write_transform(tmp_path / "t.tfm", t)
     widget = apply_transform_file()
-    data, kw, kind = widget(layer=mov_layer, reference=ref_layer, transform_file=tmp_path / "t.tfm")
+    viewer.window.add_dock_widget(widget)
+    widget.layer.value, widget.reference.value = mov_layer, ref_layer
+    widget.transform_file.value = tmp_path / "t.tfm"
+    qtbot.mouseClick(widget.call_button.native, Qt.MouseButton.LeftButton)  # resampled on a worker thread
+    qtbot.waitUntil(lambda: "moving (registered)" in viewer.layers, timeout=20000)
+    data = np.asarray(viewer.layers["moving (registered)"].data)
     mov = sitk.ReadImage(str(M2), sitk.sitkFloat32)
     ref = sitk.GetArrayFromImage(sitk.Resample(mov, sitk.ReadImage(str(F2)), t.to_sitk(), sitk.sitkLinear, 0.0))
-    assert kind == "image" and np.abs(data - ref).max() < 1e-3 * ref.max()
+    assert np.abs(data - ref).max() < 1e-3 * ref.max()
+    # points through the inverse of a displacement field: T(new) == old
+    write_transform(tmp_path / "t.nii.gz", t, f.space)
+    pts = viewer.add_points(to_array_order(pairs.moving[:4]), name="pts")
+    widget.layer.value, widget.transform_file.value = pts, tmp_path / "t.nii.gz"
+    qtbot.mouseClick(widget.call_button.native, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: "pts (registered)" in viewer.layers, timeout=20000)
+    np.testing.assert_allclose(to_array_order(np.asarray(viewer.layers["pts (registered)"].data)),
+                               t.inverse().map_points(pairs.moving[:4]), atol=1e-3)  # the analytic inverse
+    # a missing file is a message, and nothing is added
+    n = len(viewer.layers)
+    widget.transform_file.value = tmp_path / "missing.tfm"
+    qtbot.mouseClick(widget.call_button.native, Qt.MouseButton.LeftButton)
+    qtbot.wait(200)
+    assert len(viewer.layers) == n
 
 
 def test_landmark_writer_maps_scaled_layers_to_world_coordinates(tmp_path):

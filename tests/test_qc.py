@@ -132,3 +132,34 @@ def test_normalise_intensity_matches_numpy_percentiles_and_reuses_a_window():
     np.testing.assert_allclose(qc.difference(x, y, normalise=False).numpy(), -0.5)
     # a constant image does not divide by zero
     assert np.isfinite(qc.normalise_intensity(np.ones((4, 4))).numpy()).all()
+
+
+@pytest.mark.parametrize("shape,window", [((9, 11), 5), ((6, 7, 8), 3)])
+def test_local_ncc_matches_a_direct_computation(shape, window):
+    """Box statistics shrunk at the border, computed voxel by voxel with NumPy (independent of the pooling)."""
+    rng = np.random.default_rng(4)
+    a = rng.random(shape).astype(np.float64)
+    b = (a + 0.5 * rng.random(shape)).astype(np.float64)
+    h = window // 2
+    vals = []
+    for idx in np.ndindex(*shape):
+        sl = tuple(slice(max(0, i - h), min(n, i + h + 1)) for i, n in zip(idx, shape))
+        x, y = a[sl], b[sl]
+        cross = (x * y).mean() - x.mean() * y.mean()
+        vals.append(cross ** 2 / (max(x.var(), 0) * max(y.var(), 0) + 1e-5))
+    got = qc.local_ncc(torch.as_tensor(a)[None, None], torch.as_tensor(b)[None, None], window)
+    np.testing.assert_allclose(float(got[0]), np.mean(vals), rtol=1e-6)
+
+
+@pytest.mark.parametrize("contrast", [50.0, 1.0])
+def test_local_ncc_float32_keeps_precision_on_large_offset_intensities(contrast):
+    """Raw scanner values (offset 3000) in float32 on a 512-wide image agree with float64 (box sums of
+    uncentred squares in float32 would lose the local variance entirely at low contrast)."""
+    rng = np.random.default_rng(5)
+    a = 3000 + contrast * smooth_test_image((64, 512), 6) + rng.normal(0, 1, (64, 512))
+    b = 3000 + contrast * smooth_test_image((64, 512), 7) + rng.normal(0, 1, (64, 512))
+    t64 = qc.local_ncc(torch.as_tensor(a)[None, None], torch.as_tensor(b)[None, None], 9)
+    t32 = qc.local_ncc(torch.as_tensor(a, dtype=torch.float32)[None, None],
+                       torch.as_tensor(b, dtype=torch.float32)[None, None], 9)
+    assert 0.3 < float(t64[0]) < 0.9
+    assert abs(float(t32[0]) - float(t64[0])) < 1e-3

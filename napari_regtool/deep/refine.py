@@ -2,8 +2,10 @@
 
 The velocity lives on a grid covering the same region as the model's working grid, at half the resolution of a
 **refinement grid** that is up to 4× finer than the working grid (about the fixed image's own resolution,
-limited to ``max_voxels``: 512² in 2D, 112³ in 3D by default). Each Adam step integrates the velocity (scaling and squaring), resamples the moving
-image through it on the refinement grid and minimises::
+limited to ``max_voxels``: 512² in 2D, 112³ in 3D by default). In 3D most steps (80 %) first run on a grid with
+half as many voxels per axis, then the velocity is upsampled and the rest run on the refinement grid (coarse to
+fine: about the accuracy of all steps on the fine grid in 60 % of the time). Each Adam step integrates the
+velocity (scaling and squaring), resamples the moving image through it on the refinement grid and minimises::
 
     (1 − λ) · D(fixed, moving ∘ φ) + λ · ‖∇v‖² + w_L · mean_i |T(f_i) − m_i|² / h²
 
@@ -92,11 +94,15 @@ def refine_velocity(v0: torch.Tensor, fixed: torch.Tensor, moving: torch.Tensor,
 
 def refine_registration(reg, reg_weight: float, steps: int = 50, landmarks=None, similarity: str = "lncc",
                         progress=None, cancel=None, lr: float = 0.1, landmark_weight: float = 0.05,
-                        max_voxels: int | None = None) -> DisplacementFieldTransform:
+                        max_voxels: int | None = None, coarse_fraction: float | None = None
+                        ) -> DisplacementFieldTransform:
     """Refine a :class:`~napari_regtool.deep.infer.DeepRegistration` at λ = ``reg_weight``.
 
     ``landmarks``: ``(fixed_points, moving_points)``, (N, D) physical arrays, or a
-    :class:`~napari_regtool.landmarks.LandmarkPairs` (its active complete pairs), soft constraints ``T(fixed_i) ≈ moving_i``. Returns a
+    :class:`~napari_regtool.landmarks.LandmarkPairs` (its active complete pairs), soft constraints
+    ``T(fixed_i) ≈ moving_i``. Coarse to fine: the first ``coarse_fraction`` of the steps (default 0.8 in 3D,
+    0 in 2D) run on a grid with half the voxels per axis of the refinement grid (at least the working grid's),
+    the rest on the refinement grid, starting from the coarse velocity. Returns a
     :class:`DisplacementFieldTransform` on the fixed grid (``kind="deep+refined"``) with a ``refine_info`` dict.
     """
     d = reg.ndim
@@ -110,41 +116,75 @@ def refine_registration(reg, reg_weight: float, steps: int = 50, landmarks=None,
     n_work = float(np.prod(ws.shape))
     r = min(s_w / float(np.min(reg.fixed.space.spacing)), 4.0, (cap / n_work) ** (1.0 / d))
     r = max(r, 1.0)
-    ref_shape = tuple(int(round((n - 1) * r)) + 1 for n in ws.shape)
-    ref_space = ws.with_shape(ref_shape, keep_extent=True)
-    vel_shape = tuple((n - 1) // 2 + 1 for n in ref_shape)
-    vel_space = ws.with_shape(vel_shape, keep_extent=True)
-    cache = getattr(reg, "_refine_cache", {})
-    if cache.get("shape") != ref_shape:
-        from ..transforms.base import IdentityTransform
+    fine = tuple(int(round((n - 1) * r)) + 1 for n in ws.shape)
+    frac = (0.8 if d == 3 else 0.0) if coarse_fraction is None else float(coarse_fraction)
+    n_coarse = int(round(steps * frac)) if r > 1.0 else 0
+    coarse = tuple(max(w, (n - 1) // 2 + 1) for n, w in zip(fine, ws.shape))
+    levels = [(coarse, n_coarse), (fine, steps - n_coarse)] if n_coarse and coarse != fine else [(fine, steps)]
 
-        s_r = float(ref_space.spacing[0])
-        fr = reg._to_grid(reg._f01, reg.fixed.space, IdentityTransform(d).as_affine(), ref_space, s_r, "fixed")
-        mr = reg._to_grid(reg._m01, reg.moving.space, reg._pre, ref_space, s_r, "moving")
-        cache = {"shape": ref_shape, "fixed": fr[None, None].to(reg.device), "moving": mr[None, None].to(reg.device)}
-        reg._refine_cache = cache
+    def vel_space_of(shape):
+        return ws.with_shape(tuple((n - 1) // 2 + 1 for n in shape), keep_extent=True)
+
     mean, _ = reg.velocity(reg_weight)
-    v0 = resize_vector_field(mean, vel_shape)
-
-    landmark_fn = None
-    if landmarks is not None:
-        landmark_fn = _landmark_term(reg, landmarks, vel_space, float(ref_space.spacing[0]), landmark_weight)
-
+    v = resize_vector_field(mean, vel_space_of(levels[0][0]).shape)
     t0 = time.perf_counter()
-    if steps == 0:
-        v, info = v0, {"similarity": similarity, "steps": 0}
-    else:
+    info = {"similarity": similarity, "steps": int(steps)}
+    done = 0
+    for k, (shape, n) in enumerate(levels):
+        vel_space = vel_space_of(shape)
+        v = resize_vector_field(v, vel_space.shape)
+        if n == 0:
+            continue
+        images = _refine_images(reg, shape)
+        landmark_fn = None
+        if landmarks is not None:
+            landmark_fn = _landmark_term(reg, landmarks, vel_space, float(images["space"].spacing[0]),
+                                         landmark_weight)
+
+        def sub(f, msg, done=done, n=n):
+            if progress is not None:
+                progress((done + f * n) / steps, msg)
+
         with torch.enable_grad():
-            v, info = refine_velocity(v0, cache["fixed"], cache["moving"], reg_weight, steps=steps,
-                                      similarity=similarity, lr=lr, int_steps=reg.model.int_steps,
-                                      landmark_fn=landmark_fn, progress=progress, cancel=cancel)
+            v, lev = refine_velocity(v, images["fixed"], images["moving"], reg_weight, steps=n, similarity=similarity,
+                                     lr=lr, int_steps=reg.model.int_steps, landmark_fn=landmark_fn, progress=sub,
+                                     cancel=cancel)
+        done += n
+        if k == 0:
+            info[f"{similarity}_before"] = lev[f"{similarity}_before"]
+        info[f"{similarity}_after"] = lev[f"{similarity}_after"]
+        info["lr"] = lev["lr"]
+    if len(levels) > 1 and steps:  # before and after on the same (refinement) grid
+        images = _refine_images(reg, fine)
+        _, first = refine_velocity(resize_vector_field(mean, vel_space_of(fine).shape), images["fixed"],
+                                   images["moving"], reg_weight, steps=0, similarity=similarity,
+                                   int_steps=reg.model.int_steps)
+        info[f"{similarity}_before"] = first[f"{similarity}_before"]
+    vel_space = vel_space_of(levels[-1][0])
     with torch.no_grad():
         u = integrate_velocity(v, reg.model.int_steps)
         field = reg.field_on_fixed(u, vel_space)
-    info.update(refine_grid=list(ref_shape), velocity_grid=list(vel_shape), total_s=round(time.perf_counter() - t0, 3))
+    info.update(refine_grid=list(fine), velocity_grid=list(vel_space.shape),
+                levels=[{"grid": list(sh), "steps": int(n)} for sh, n in levels],
+                total_s=round(time.perf_counter() - t0, 3), time_s=round(time.perf_counter() - t0, 3))
     tx = DisplacementFieldTransform(field, reg.fixed.space, kind="deep+refined")
     tx.refine_info = info
     return tx
+
+
+def _refine_images(reg, shape) -> dict:
+    """The normalised fixed and pre-aligned moving images on a refinement grid of ``shape`` (kept per shape)."""
+    from ..transforms.base import IdentityTransform
+
+    cache = reg.__dict__.setdefault("_refine_cache", {})
+    if shape not in cache:
+        space = reg.work_space.with_shape(shape, keep_extent=True)
+        s_r = float(space.spacing[0])
+        fr = reg._to_grid(reg._f01, reg.fixed.space, IdentityTransform(reg.ndim).as_affine(), space, s_r, "fixed")
+        mr = reg._to_grid(reg._m01, reg.moving.space, reg._pre, space, s_r, "moving")
+        cache[shape] = {"space": space, "fixed": fr[None, None].to(reg.device),
+                        "moving": mr[None, None].to(reg.device)}
+    return cache[shape]
 
 
 def _landmark_term(reg, landmarks, vel_space, h: float, weight: float):

@@ -14,14 +14,34 @@ __all__ = ["apply_transform_file"]
     invert={"label": "Invert (moving ← fixed)"},
 )
 def apply_transform_file(layer: "napari.layers.Layer", reference: "napari.layers.Image",
-                         transform_file: Path = Path(), invert: bool = False) -> "napari.types.LayerDataTuple":
+                         transform_file: Path = Path(), invert: bool = False
+                         ) -> "napari.qt.threading.FunctionWorker[napari.types.LayerDataTuple]":
     """Warp ``layer`` (image, labels, points, shapes in moving space) into ``reference``'s grid through an ITK
-    transform or displacement-field file, the same as ``regtool apply``."""
+    transform or displacement-field file, the same as ``regtool apply``.
+
+    The file is read and checked here; inverting a field and resampling run on a worker thread (napari's
+    activity indicator shows it), and the new layer is added when done. Problems are notifications, not
+    tracebacks."""
+    from napari.layers import Image as ImageLayer, Labels
+    from napari.qt.threading import thread_worker
     from napari.utils.notifications import show_error
 
     from ..errors import RegtoolError
     from ..io import read_transform
-    from ._layers import apply_to_layer, layer_space
+    from ._layers import apply_to_layer, layer_space, prepare_image_layer, warp_prepared
+
+    failure = []
+
+    def work(t, space, prepared):
+        try:
+            if invert:
+                t = t.inverse()
+            if prepared is not None:
+                return warp_prepared(prepared, t, space)
+            return apply_to_layer(layer, t, space)
+        except RegtoolError as exc:
+            failure.append(str(exc))
+            return None
 
     try:
         if not str(transform_file) or not Path(transform_file).is_file():
@@ -30,9 +50,12 @@ def apply_transform_file(layer: "napari.layers.Layer", reference: "napari.layers
         space = layer_space(reference)
         if t.ndim != space.ndim:
             raise RegtoolError(f"The transform is {t.ndim}D but {reference.name!r} is {space.ndim}D.")
-        if invert:
-            t = t.inverse()
-        return apply_to_layer(layer, t, space)
+        # image data are read from the layer here, on the GUI thread; points and shapes are small
+        prepared = prepare_image_layer(layer, space) if isinstance(layer, (ImageLayer, Labels)) else None
     except RegtoolError as exc:
         show_error(str(exc))
         return None
+    worker = thread_worker(work, progress={"total": 0, "desc": f"Applying {Path(transform_file).name}"})(
+        t, space, prepared)
+    worker.finished.connect(lambda: [show_error(m) for m in failure])
+    return worker
