@@ -206,6 +206,37 @@ def test_click_pairs_on_the_canvas_side_by_side_and_overlay(make_napari_viewer, 
     wait_idle(qtbot, w)
 
 
+def test_overlay_clicks_on_the_warped_image(sample2d, qtbot):
+    """BigWarp's way: in the overlay view a moving-side click on the warped image places the moving landmark at
+    the moving point that the warped image shows there."""
+    viewer, w = sample2d
+    fixed = read_image(F2)
+    assert not w.on_warped_check.isEnabled()  # side by side: not applicable
+    w.view_combo.setCurrentIndex(w.view_combo.findData("overlay"))
+    assert w.on_warped_check.isEnabled()
+    click_checkbox(qtbot, w.on_warped_check)
+    assert w.on_warped_check.isChecked()
+    qtbot.mouseClick(w.add_btn, Qt.MouseButton.LeftButton)
+    wait_idle(qtbot, w)
+    r, c = 70, 95  # a fixed voxel in the brain
+    x = fixed.space.array_index_to_physical(np.array([[r, c]], float))[0]
+    shown = float(np.asarray(warped(viewer))[r, c])
+    n = len(w.session.pairs)
+    w.click(to_array_order(x), side="moving")
+    placed = w.session.pairs.moving[n]
+    # the moving image at the placed point (SimpleITK's own linear interpolation) is what the warped layer showed
+    moving = sitk.ReadImage(str(M2), sitk.sitkFloat64)
+    value = moving.EvaluateAtPhysicalPoint([float(v) for v in placed], sitk.sitkLinear)
+    assert value == pytest.approx(shown, rel=1e-3, abs=1e-3 * float(np.abs(warped(viewer)).max()))
+    assert np.linalg.norm(placed - x) > 1.0  # not the click position itself: the sample's warp moves it
+    # unticked, the click is on the moving image as it lies in world space
+    click_checkbox(qtbot, w.on_warped_check)
+    w.click(to_array_order(x), side="fixed")
+    w.click(to_array_order(x), side="moving")
+    np.testing.assert_allclose(w.session.pairs.moving[n + 1], x, atol=1e-9)
+    wait_idle(qtbot, w)
+
+
 def test_layer_edits_drag_delete_undo_redo(sample2d, qtbot):
     viewer, w = sample2d
     lm = read_bigwarp_csv(L2)

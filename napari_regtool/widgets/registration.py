@@ -222,6 +222,13 @@ class RegistrationWidget(QWidget):
         row.addWidget(self.add_btn)
         row.addWidget(self.first_combo)
         v.addLayout(row)
+        self.on_warped_check = QCheckBox("Moving clicks on the warped image")
+        self.on_warped_check.setToolTip(
+            "Overlay view: a click meant for the moving image lands on the warped image shown over the fixed one, "
+            "and the moving landmark goes to the moving point T(x) that the warped image shows there (as in "
+            "BigWarp's fixed-image window). Hide the moving layer to see only the warped image.")
+        self.on_warped_check.setEnabled(False)
+        v.addWidget(self.on_warped_check)
         self.table = PairTable()
         v.addWidget(self.table, 1)
         row = QHBoxLayout()
@@ -993,7 +1000,12 @@ class RegistrationWidget(QWidget):
         d = self.session.ndim
         pos = np.asarray(world_position, float)[-d:]
         side = side or self.session.next_side(self.first_combo.currentData())
-        i = self._call(self.session.place, side, to_physical_order(pos))
+        phys = to_physical_order(pos)
+        if side == "moving" and self._view == "overlay" and self.on_warped_check.isChecked():
+            # the click is on the warped image: the moving point it shows is T(x)
+            t = self.session.transform or IdentityTransform(d)
+            phys = t.map_points(phys[None])[0]
+        i = self._call(self.session.place, side, phys)
         if i is not None:
             other = self.session.next_side(self.first_combo.currentData())
             pending = self.session.pending()
@@ -1006,6 +1018,7 @@ class RegistrationWidget(QWidget):
         if view not in ("side", "overlay"):
             return
         self._view = view
+        self.on_warped_check.setEnabled(view == "overlay")
         i = self.view_combo.findData(view)
         if self.view_combo.currentIndex() != i:
             self.view_combo.blockSignals(True)
