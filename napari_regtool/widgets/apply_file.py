@@ -24,6 +24,7 @@ def apply_transform_file(layer: "napari.layers.Layer", reference: "napari.layers
     tracebacks."""
     from napari.layers import Image as ImageLayer, Labels
     from napari.qt.threading import thread_worker
+    from qtpy.QtCore import QTimer
     from napari.utils.notifications import show_error
 
     from ..errors import RegtoolError
@@ -54,8 +55,11 @@ def apply_transform_file(layer: "napari.layers.Layer", reference: "napari.layers
         prepared = prepare_image_layer(layer, space) if isinstance(layer, (ImageLayer, Labels)) else None
     except RegtoolError as exc:
         show_error(str(exc))
-        return None
-    worker = thread_worker(work, progress={"total": 0, "desc": f"Applying {Path(transform_file).name}"})(
-        t, space, prepared)
+        worker = thread_worker(lambda: None)()  # napari expects a worker; this one adds nothing
+    else:
+        worker = thread_worker(work, progress={"total": 0, "desc": f"Applying {Path(transform_file).name}"})(
+            t, space, prepared)
     worker.finished.connect(lambda: [show_error(m) for m in failure])
+    # started from the event loop, after napari has connected the layer-adding slot to ``returned``
+    QTimer.singleShot(0, worker.start)
     return worker
