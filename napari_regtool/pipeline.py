@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from . import qc
-from .device import describe_device, resolve_device
+from .device import resolve_device
 from .errors import Cancelled, FitError, InputError
 from .image import Image
 from .landmarks import LandmarkPairs
@@ -225,7 +225,7 @@ def register(fixed: Image, moving: Image, model: str, landmarks: LandmarkPairs |
     if cancel is not None and cancel():
         raise Cancelled()
     return finish_result(fixed, moving, transform, model, dev, runtime, landmarks, smoothing, kernel, extra,
-                         channel, warnings_list, _warn)
+                         channel, warnings_list, warn)
 
 
 def finish_result(fixed: Image, moving: Image, transform: Transform, model: str, device, runtime_s: float,

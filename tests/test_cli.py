@@ -307,3 +307,25 @@ def test_automatic_linear_models_from_the_command_line(tmp_path, model):
         # repeated runs end between 4.8 and 5.8 mm (multi-threaded metric sums); require a large gain instead
         before = np.linalg.norm(pairs.fixed - pairs.moving, axis=1)
         assert err.mean() < 0.45 * before.mean() and err.mean() < 1.6 * best.mean()
+
+
+def test_folding_tps_is_reported_once_and_warned(tmp_path, capsys):
+    """Two close pairs with swapped moving points make the spline fold: the run succeeds, says so on stderr and
+    in report.json (once), and jacobian.nii.gz has the voxels with det ≤ 0 the report counts."""
+    lm = read_bigwarp_csv(L2)
+    p, q = lm.fixed[0], lm.moving[0]
+    from napari_regtool.landmarks import LandmarkPairs
+
+    bad = LandmarkPairs(np.vstack([lm.fixed, p + [6.0, 0.0], p + [12.0, 0.0]]),
+                        np.vstack([lm.moving, q + [-8.0, 0.0], q + [-14.0, 0.0]]))
+    csv = tmp_path / "fold.csv"
+    write_bigwarp_csv(csv, bad)
+    out = tmp_path / "out"
+    assert main(["register", "--fixed", str(F2), "--moving", str(M2), "--model", "tps", "--landmarks", str(csv),
+                 "--device", "cpu", "--out", str(out), "-q"]) == 0
+    assert "folds" in capsys.readouterr().err
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["folding_percent"] > 0
+    assert sum("folds" in w for w in rep["warnings"]) == 1
+    jac = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "jacobian.nii.gz")))
+    assert 100.0 * np.mean(jac <= 0) == pytest.approx(rep["folding_percent"], rel=1e-6)

@@ -1181,7 +1181,7 @@ class RegistrationWidget(QWidget):
 
     def _landmark_start(self, kind: str):
         """The linear start from the active pairs for the deep model or auto-align; degenerate pairs are
-        said once (in the status line and a notification) and the run goes on without them."""
+        said once (a notification, repeated only when the reason changes) and the run goes on without them."""
         from ..transforms import initial_from_landmarks
 
         f, m = self.session.landmark_fit_points()
