@@ -131,7 +131,13 @@ def test_readme_screenshots(make_napari_viewer, qtbot):
     w.undo()
     w.set_overlay("jacobian", False)
     # 5. the deep model with its λ slider (only with installed weights: a picture of an untrained net is no use)
+    from napari._qt.dialogs.qt_notification import NapariQtNotification
+
     from napari_regtool.session import deep_available
+
+    def close_toasts():  # the folding warning of the previous picture is not about this one
+        for toast in viewer.window._qt_window.findChildren(NapariQtNotification):
+            toast.close()
 
     if deep_available(2)[0]:
         for name in ("fixed landmarks",):
@@ -140,13 +146,12 @@ def test_readme_screenshots(make_napari_viewer, qtbot):
         w.set_reg_weight(0.05)
         w.set_overlay("grid")
         w.tabs.setCurrentIndex(1)
+        wait_idle(qtbot, w)
+        close_toasts()
         shot("deep_lambda.png")
         w.set_overlay("grid", False)
     # 6. the 3D sample, side by side
-    from napari._qt.dialogs.qt_notification import NapariQtNotification
-
-    for toast in viewer.window._qt_window.findChildren(NapariQtNotification):
-        toast.close()
+    close_toasts()
     viewer.layers.clear()
     viewer.open_sample("napari-regtool", "brain3d")
     qtbot.waitUntil(lambda: w.session.ndim == 3, timeout=10000)
