@@ -701,8 +701,7 @@ class Previewer:
         fs, ms = fixed.space, moving.space
         minv = np.linalg.inv(ms.index_to_physical_matrix)
         self._minv_t = torch.as_tensor(minv.T, dtype=torch.float32, device=self.device)
-        lin = minv @ fs.index_to_physical_matrix
-        off = minv @ (fs.origin - ms.origin)
+        lin, off = fs.index_map_to(ms)
         self._base = affine_index_grid(fs.shape, lin, off, self.device, torch.float32)
         a = moving.array
         src = torch.as_tensor(np.asarray(a, dtype=np.float32), device=self.device)

@@ -130,6 +130,12 @@ class Space:
         p = np.asarray(points, dtype=float)
         return (p - self.origin) @ np.linalg.inv(self.index_to_physical_matrix).T
 
+    def index_map_to(self, other: "Space") -> tuple[np.ndarray, np.ndarray]:
+        """``(L, c)`` with ``other_index = L @ self_index + c`` (continuous ITK indices, x, y, z order): where the
+        voxels of this grid fall in ``other``'s index space, the same physical point on both sides."""
+        minv = np.linalg.inv(other.index_to_physical_matrix)
+        return minv @ self.index_to_physical_matrix, minv @ (self.origin - other.origin)
+
     def array_index_to_physical(self, index_zyx) -> np.ndarray:
         """(N, D) array/napari data coordinates (z, y, x) → physical points (x, y, z)."""
         return self.index_to_physical(to_physical_order(np.asarray(index_zyx, dtype=float)))

@@ -69,3 +69,14 @@ def test_contains_and_from_sitk():
     outside = space.index_to_physical([[-0.6, 0], [0, 19.6]])
     assert space.contains(inside).all()
     assert not space.contains(outside).any()
+
+
+def test_index_map_to_matches_physical_round_trip():
+    """Voxels of one oblique grid located in another through physical space, against the two conversions."""
+    from .helpers import rotation
+
+    a = Space((7, 9, 11), [0.7, 1.2, 2.0], [3.0, -4.0, 5.0], rotation(3, [0.2, -0.1, 0.4]))
+    b = Space((5, 6, 8), [1.5, 0.9, 1.1], [-2.0, 1.0, 0.5], rotation(3, [-0.3, 0.25, 0.1]))
+    lin, off = a.index_map_to(b)
+    idx = np.random.default_rng(2).uniform(0, 6, (20, 3))
+    np.testing.assert_allclose(idx @ lin.T + off, b.physical_to_index(a.index_to_physical(idx)), atol=1e-10)

@@ -96,12 +96,6 @@ def _corner_aligned(space: Space, shape) -> Space:
     return space.with_shape(shape, keep_extent=True)
 
 
-def _index_map(src: Space, dst: Space):
-    """(L, c): continuous indices of ``src`` voxels in ``dst``'s index space, ``idx_dst = L idx_src + c``."""
-    minv = np.linalg.inv(dst.index_to_physical_matrix)
-    return minv @ src.index_to_physical_matrix, minv @ (src.origin - dst.origin)
-
-
 def _smooth_for(array: np.ndarray, spacing_xyz, target_spacing: float) -> np.ndarray:
     """Gaussian anti-aliasing before resampling ``array`` (array order) to voxels of ``target_spacing``."""
     from scipy.ndimage import gaussian_filter
@@ -256,7 +250,7 @@ class DeepRegistration:
             b = min(n0, a + slab)
             sub = Space((b - a,) + tuple(fs.shape[1:]), fs.spacing, fs.index_to_physical(
                 np.array([[0] * (d - 1) + [a]], float))[0], fs.direction)
-            lin_s, off_s = _index_map(sub, grid)
+            lin_s, off_s = sub.index_map_to(grid)
             idx = affine_index_grid(sub.shape, lin_s, off_s, u.device, u.dtype)
             disp = sample_at_index(phys, idx[None], padding="border")[0].movedim(0, -1)  # (*sub, D)
             if self._affine is not None:
@@ -287,7 +281,7 @@ class DeepRegistration:
         var = (torch.exp(logvar) * col2.view(1, -1, *([1] * self.ndim))).sum(1, keepdim=True)
         std = var.sqrt()  # (1, 1, *grid)
         fs = self.fixed.space
-        lin, off = _index_map(fs, grid)
+        lin, off = fs.index_map_to(grid)
         idx = affine_index_grid(fs.shape, lin, off, std.device, std.dtype)
         return sample_at_index(std, idx[None], padding="border")[0, 0].to(device="cpu", dtype=torch.float32)
 

@@ -224,7 +224,6 @@ def index_grid_from_field(u: torch.Tensor, fixed: Space, moving: Space) -> torch
     """Continuous moving indices ``M_moving⁻¹ (x + u(x) − origin_moving)`` for a physical field ``u`` on
     ``fixed`` (``(*fixed.shape, D)``, x, y, z components) → ``(*fixed.shape, D)`` (x, y, z order)."""
     minv = np.linalg.inv(moving.index_to_physical_matrix)
-    lin = minv @ fixed.index_to_physical_matrix
-    off = minv @ (fixed.origin - moving.origin)
+    lin, off = fixed.index_map_to(moving)
     grid = affine_index_grid(fixed.shape, lin, off, u.device, u.dtype)
     return grid.add_(u @ torch.as_tensor(minv.T, dtype=u.dtype, device=u.device))
