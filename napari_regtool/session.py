@@ -418,6 +418,11 @@ class Session:
             getattr(new, side)[i] = p
         self._apply("move", new, before=before, index=idx[0] if len(idx) == 1 else idx, side=side)
 
+    @property
+    def dragging(self) -> bool:
+        """True between the first transient move of a drag and its end (or cancellation)."""
+        return self._drag_before is not None
+
     def end_drag(self):
         """Finish a drag whatever the last event was: one undo step if a point is now elsewhere than where the
         drag started, otherwise nothing to record (the points are where they were)."""

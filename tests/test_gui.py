@@ -336,6 +336,37 @@ def test_drag_keeps_the_final_position_whatever_the_last_events(sample2d, qtbot,
     assert len(w.session._undo) == n_undo + (1 if expected else 0)
 
 
+def test_drag_ending_outside_the_image_puts_the_point_back(sample2d, qtbot):
+    """Dragged through the image and released outside it: a message, the point back where the drag started, no
+    undo step, and the history still works (a later add + undo removes only the added point)."""
+    from napari.utils._test_utils import read_only_mouse_event
+    from napari.utils.interactions import mouse_move_callbacks, mouse_press_callbacks, mouse_release_callbacks
+
+    viewer, w = sample2d
+    lm = read_bigwarp_csv(L2)
+    fl = viewer.layers["fixed landmarks"]
+    fl.mode = "select"
+    viewer.layers.selection.active = fl
+    start = fl.data[1].copy()
+    n_undo, n = len(w.session._undo), len(notifications())
+    mouse_press_callbacks(fl, read_only_mouse_event(type="mouse_press", position=tuple(start), button=1))
+    for pos in (start + [0.0, 3.0], start + [0.0, 6.0], np.array([-400.0, -400.0])):
+        mouse_move_callbacks(fl, read_only_mouse_event(type="mouse_move", is_dragging=True, position=tuple(pos),
+                                                      button=1))
+        qtbot.wait(40)
+        wait_idle(qtbot, w)
+    mouse_release_callbacks(fl, read_only_mouse_event(type="mouse_release", position=(-400.0, -400.0), button=1))
+    qtbot.wait(20)
+    wait_idle(qtbot, w)
+    assert any("outside" in m for m in notifications()[n:])
+    np.testing.assert_allclose(w.session.pairs.fixed[1], lm.fixed[1], atol=1e-9)
+    np.testing.assert_allclose(fl.data[1], start, atol=1e-9)
+    assert len(w.session._undo) == n_undo and not w.session.dragging
+    w.session.add_pair(lm.fixed[0] + 3.0, lm.moving[0] + 3.0)
+    w.undo()
+    assert w.session.pairs == lm
+
+
 def test_add_points_with_napari_tools_and_table_selection(sample2d, qtbot):
     viewer, w = sample2d
     lm = read_bigwarp_csv(L2)

@@ -893,6 +893,10 @@ class RegistrationWidget(QWidget):
                         # deleting several points deletes their pairs (one undo step)
                         self.session.delete(idx)
         except RegtoolError as exc:
+            if self.session.dragging:  # a drag that ends outside the image puts the point back where it started
+                self._drag_active.pop(side, None)
+                self.session.cancel_drag()
+                exc = RegtoolError(f"{exc} The point is back where the drag started.")
             self._notify("warning", str(exc))
             self._sync_points()
 
@@ -937,7 +941,7 @@ class RegistrationWidget(QWidget):
             QTimer.singleShot(0, self._finish_drag)
 
     def _finish_drag(self):
-        self.session.end_drag()
+        self.session.end_drag()  # nothing to do when the release's data event already ended or cancelled it
         self._sync_points()
 
     # ============================================================ add mode
