@@ -410,6 +410,11 @@ def test_coarse_to_fine_refinement(pair2d, reg2d):
     assert len(one_level["levels"]) == 1
     assert info["lncc_before"] == pytest.approx(one_level["lncc_before"], abs=1e-6)  # same grid, same start
     assert info["lncc_after"] > info["lncc_before"]
+    # however few the steps or large the fraction, the last step is on the refinement grid
+    for steps, frac in ((2, 0.8), (5, 1.0), (1, 0.8)):
+        lv = reg2d.refine(DEFAULT_REG_WEIGHT, steps=steps, coarse_fraction=frac).refine_info["levels"]
+        assert lv[-1]["grid"] == info["refine_grid"] and lv[-1]["steps"] >= 1
+        assert sum(x["steps"] for x in lv) == steps
 
 
 def test_register_deep_reports_and_cancels(pair2d):

@@ -118,7 +118,8 @@ def refine_registration(reg, reg_weight: float, steps: int = 50, landmarks=None,
     r = max(r, 1.0)
     fine = tuple(int(round((n - 1) * r)) + 1 for n in ws.shape)
     frac = (0.8 if d == 3 else 0.0) if coarse_fraction is None else float(coarse_fraction)
-    n_coarse = int(round(steps * frac)) if r > 1.0 else 0
+    # at least one step on the refinement grid, so the result (and "after") is that grid's
+    n_coarse = min(int(round(steps * frac)), steps - 1) if r > 1.0 and steps > 1 else 0
     coarse = tuple(max(w, (n - 1) // 2 + 1) for n, w in zip(fine, ws.shape))
     levels = [(coarse, n_coarse), (fine, steps - n_coarse)] if n_coarse and coarse != fine else [(fine, steps)]
 
@@ -166,7 +167,7 @@ def refine_registration(reg, reg_weight: float, steps: int = 50, landmarks=None,
         field = reg.field_on_fixed(u, vel_space)
     info.update(refine_grid=list(fine), velocity_grid=list(vel_space.shape),
                 levels=[{"grid": list(sh), "steps": int(n)} for sh, n in levels],
-                total_s=round(time.perf_counter() - t0, 3), time_s=round(time.perf_counter() - t0, 3))
+                time_s=round(time.perf_counter() - t0, 3))
     tx = DisplacementFieldTransform(field, reg.fixed.space, kind="deep+refined")
     tx.refine_info = info
     return tx
