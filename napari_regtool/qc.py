@@ -70,24 +70,33 @@ def _box_mean_fn(d: int, k: int):
 
 def local_ncc(a: torch.Tensor, b: torch.Tensor, window: int = 9, eps: float = 1e-5) -> torch.Tensor:
     """Squared local normalised cross-correlation (VoxelMorph style) of ``a``, ``b`` ``(B, 1, *S)`` → ``(B,)``,
-    in [0, 1], differentiable. Local statistics are box averages over ``window`` voxels per axis (shrunk at the
-    border)."""
-    mean = _box_mean_fn(a.dim() - 2, int(window))
-    # NCC does not change when a constant is added to an image; centred images keep the running sums of the
-    # box means small, so float32 loses nothing of the local differences
+    in [0, 1], differentiable. Local statistics are box averages over ``window`` (odd) voxels per axis, shrunk
+    at the border.
+
+    The box means are running sums along each axis, so their rounding error grows with the sums along a whole
+    row: in float32 they are accurate for images scaled to about [0, 1] (what refinement uses, where ``eps``
+    dominates any residue); pass float64 for raw intensities with large offsets or edges (:func:`lncc` does).
+    """
+    window = int(window)
+    if window < 1 or window % 2 == 0:
+        raise ValueError(f"local_ncc: the window must be an odd number of voxels, got {window}.")
+    mean = _box_mean_fn(a.dim() - 2, window)
+    # NCC does not change when a constant is added to an image; centred images keep the running sums small
     a = a - a.flatten(1).mean(1).view(-1, *([1] * (a.dim() - 1))).detach()
     b = b - b.flatten(1).mean(1).view(-1, *([1] * (b.dim() - 1))).detach()
-    # the five local means in one batch of channels: one pooling call per axis
+    # the five local means in one batch of channels: one pass per axis
     ma, mb, mab, maa, mbb = mean(torch.cat([a, b, a * b, a * a, b * b], 1)).split(a.shape[1], 1)
     cross = mab - ma * mb
     va = (maa - ma * ma).clamp(min=0)
     vb = (mbb - mb * mb).clamp(min=0)
-    return (cross * cross / (va * vb + eps)).flatten(1).mean(1)
+    # ≤ 1 exactly (Cauchy–Schwarz); the clamp only removes rounding residue
+    return (cross * cross / (va * vb + eps)).clamp(max=1.0).flatten(1).mean(1)
 
 
 def lncc(a, b, window: int = 9) -> float:
-    """Mean local normalised cross-correlation (squared, VoxelMorph style) over ``window``-wide boxes."""
-    x, y = _t(a), _t(b)
+    """Mean local normalised cross-correlation (squared, VoxelMorph style) over ``window``-wide boxes, computed
+    in float64 (raw intensities: offsets and sharp edges)."""
+    x, y = _t(a).double(), _t(b).double()
     return float(local_ncc(x[None, None], y.to(x.device)[None, None], window).mean())
 
 

@@ -163,3 +163,24 @@ def test_local_ncc_float32_keeps_precision_on_large_offset_intensities(contrast)
                        torch.as_tensor(b, dtype=torch.float32)[None, None], 9)
     assert 0.3 < float(t64[0]) < 0.9
     assert abs(float(t32[0]) - float(t64[0])) < 1e-3
+
+
+def test_lncc_on_raw_intensities_with_a_sharp_edge():
+    """Background 0, tissue 255, texture ±1 (the case where float32 running sums fail): qc.lncc equals a
+    voxel-by-voxel NumPy computation; even windows are refused."""
+    rng = np.random.default_rng(8)
+    a = np.zeros((40, 300))
+    a[:, 150:] = 255.0
+    a += rng.normal(0, 1, a.shape)
+    b = a + rng.normal(0, 1, a.shape)
+    h = 4
+    vals = []
+    for i in range(a.shape[0]):
+        for j in range(a.shape[1]):
+            x = a[max(0, i - h):i + h + 1, max(0, j - h):j + h + 1]
+            y = b[max(0, i - h):i + h + 1, max(0, j - h):j + h + 1]
+            cross = (x * y).mean() - x.mean() * y.mean()
+            vals.append(cross ** 2 / (x.var() * y.var() + 1e-5))
+    assert qc.lncc(a.astype(np.float32), b.astype(np.float32), 9) == pytest.approx(np.mean(vals), rel=1e-6)
+    with pytest.raises(ValueError, match="odd"):
+        qc.local_ncc(torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 8, 8), 8)
