@@ -26,10 +26,12 @@ class NumericInverse(Transform):
         self.iterations = iterations
         self.tol = tol
         self.kind = f"inverse({forward.kind})"
-        aff = getattr(forward, "affine", None)
-        if aff is None:
-            aff = _affine_part(forward)
-        self._affine_inv = aff.inverse()
+        self._affine_inv = _affine_part(forward).inverse()
+
+    @property
+    def affine(self):
+        """The linear part of ``T⁻¹`` (the inverse of ``T``'s), so chains holding an inverse start well too."""
+        return self._affine_inv
 
     def solve(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Iterate for ``T(x) = points``; return ``x`` and the remaining error ``|T(x) − y|`` per point."""
@@ -57,12 +59,25 @@ class NumericInverse(Transform):
 
 
 def _affine_part(forward: Transform):
-    """The affine that best matches ``forward`` (least squares) over its own grid when it has one (a dense field,
-    which may hold a large rotation or scaling), else the identity. It starts and preconditions the iteration,
-    which with the identity would diverge wherever ``T`` is far from a shift."""
+    """The affine that best matches ``forward``: its own linear part where it has one, a least-squares fit over
+    its grid for a dense field (which may hold a large rotation or scaling), the product of the parts' for a
+    chain, else the identity. It starts and preconditions the iteration, which with the identity would diverge
+    wherever ``T`` is far from a shift."""
+    from .base import CompositeTransform
     from .linear import AffineTransform
 
     d = forward.ndim
+    if forward.is_linear:
+        return forward.as_affine()
+    aff = getattr(forward, "affine", None)
+    if aff is not None:
+        return aff
+    if isinstance(forward, CompositeTransform):
+        a, t = np.eye(d), np.zeros(d)
+        for part in forward.transforms:
+            p = _affine_part(part)
+            a, t = p.matrix @ a, p.matrix @ t + p.translation
+        return AffineTransform(a, t)
     space = getattr(forward, "space", None)
     if space is None:
         return AffineTransform(np.eye(d), np.zeros(d))
