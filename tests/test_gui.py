@@ -642,6 +642,13 @@ def test_export_all_matches_cli_and_single_files(sample2d, qtbot, tmp_path, monk
     field_img = sitk.ReadImage(str(tmp_path / "field.nii.gz"), sitk.sitkVectorFloat64)
     ref = sitk_resample(M2, F2, sitk.DisplacementFieldTransform(field_img))
     assert_close_image(warped(viewer), ref)
+    # Cancel while a file is being written: the write finishes and is reported, not silently dropped
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(tmp_path / "w2.nii.gz"), ""))
+    qtbot.mouseClick(w.save_warped_btn, Qt.MouseButton.LeftButton)
+    qtbot.mouseClick(w.cancel_btn, Qt.MouseButton.LeftButton)
+    wait_idle(qtbot, w)
+    assert (tmp_path / "w2.nii.gz").exists() and w.status_label.text().startswith("Saved")
+    assert_close_image(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "w2.nii.gz"))), warped(viewer))
     # .tfm cannot hold a TPS: a message, no file
     n = len(notifications())
     monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(tmp_path / "bad.tfm"), ""))

@@ -11,7 +11,8 @@ from ..space import Space, to_array_order, to_physical_order
 from ..transforms.numeric import NumericInverse
 
 __all__ = ["PALETTE", "META_KEY", "image_from_layer", "layer_space", "layer_role", "layer_path", "world_matrix",
-           "image_layer_kwargs", "jacobian_colormap", "map_layer_points", "apply_to_layer"]
+           "image_layer_kwargs", "jacobian_colormap", "map_layer_points", "apply_to_layer", "prepare_layer",
+           "warp_prepared"]
 
 #: metadata key under which the plugin marks layers it made or understands
 META_KEY = "regtool"
@@ -111,55 +112,33 @@ def map_layer_points(world_pts: np.ndarray, inverse_transform) -> np.ndarray:
     return to_array_order(inverse_transform.map_points(to_physical_order(np.asarray(world_pts, float))))
 
 
-def prepare_image_layer(layer, fixed_space: Space):
-    """What resampling an image or labels layer needs, read from the layer (on the GUI thread): its
-    :class:`Image`, whether it is a label map, and the new layer's keyword arguments."""
-    from napari.layers import Labels
-
-    im = image_from_layer(layer)
-    if im.ndim != fixed_space.ndim:
-        raise InputError(f"Layer {layer.name!r} is {im.ndim}D but the registration is {fixed_space.ndim}D.")
-    label = isinstance(layer, Labels)
-    kw = dict(name=f"{layer.name} (registered)", **image_layer_kwargs(fixed_space))
-    if not label:
-        kw.update(colormap=layer.colormap.name, contrast_limits=tuple(layer.contrast_limits), rgb=layer.rgb,
-                  blending=layer.blending)
-    return im, label, kw
-
-
-def warp_prepared(prepared, transform, fixed_space: Space, device="cpu"):
-    """Resample a :func:`prepare_image_layer` result onto the fixed grid (any thread): a layer-data tuple."""
-    from ..pipeline import warp_image
-
-    im, label, kw = prepared
-    arr = warp_image(im, transform, fixed_space, label=label, device=device)
-    return arr, kw, "labels" if label else "image"
-
-
-def apply_to_layer(layer, transform, fixed_space: Space, device="cpu"):
-    """Warp a layer of the moving image into the fixed image's space.
-
-    Images are resampled linearly and labels by nearest neighbour onto the fixed grid (``moving(T(x))``);
-    points and shapes, which are positions in moving space, are carried by the inverse transform ``T⁻¹``.
-    Returns a napari layer-data tuple ``(data, kwargs, layer_type)``.
-    """
+def prepare_layer(layer, fixed_space: Space) -> tuple:
+    """Everything carrying ``layer`` into the fixed space needs, read from the layer on the GUI thread (so the
+    work itself can run on any thread, see :func:`warp_prepared`): ``(kind, data, kwargs)`` with, by kind,
+    an :class:`Image` (``image``/``labels``), world points (``points``) or a list of world vertex arrays and
+    their shape types (``shapes``)."""
     from napari.layers import Image as ImageLayer, Labels, Points, Shapes
 
     name = f"{layer.name} (registered)"
+    d = fixed_space.ndim
     if isinstance(layer, (ImageLayer, Labels)):
-        return warp_prepared(prepare_image_layer(layer, fixed_space), transform, fixed_space, device)
+        im = image_from_layer(layer)
+        if im.ndim != d:
+            raise InputError(f"Layer {layer.name!r} is {im.ndim}D but the registration is {d}D.")
+        label = isinstance(layer, Labels)
+        kw = dict(name=name, **image_layer_kwargs(fixed_space))
+        if not label:
+            kw.update(colormap=layer.colormap.name, contrast_limits=tuple(layer.contrast_limits), rgb=layer.rgb,
+                      blending=layer.blending)
+        return ("labels" if label else "image"), im, kw
     if isinstance(layer, (Points, Shapes)):
-        d = fixed_space.ndim
         if layer.ndim != d:
             raise InputError(f"Layer {layer.name!r} is {layer.ndim}D but the registration is {d}D.")
-        # linear: the exact inverse; otherwise point by point (no whole-grid inverse for a handful of vertices)
-        inv = transform.inverse() if transform.is_linear else NumericInverse(transform)
         if isinstance(layer, Points):
-            pts = map_layer_points(_points_world(layer, layer.data), inv)
             kw = dict(name=name, features=layer.features.copy(), size=np.asarray(layer.size),
                       face_color=np.asarray(layer.face_color), border_color=np.asarray(layer.border_color),
                       symbol=np.asarray([str(s) for s in layer.symbol]) if np.ndim(layer.symbol) else str(layer.symbol))
-            return pts, kw, "points"
+            return "points", _points_world(layer, layer.data), kw
         shapes, types = [], []
         for verts, kind in zip(layer.data, layer.shape_type):
             v = np.asarray(verts, float)
@@ -168,13 +147,37 @@ def apply_to_layer(layer, transform, fixed_space: Space, device="cpu"):
                 kind = "polygon"
             elif kind == "rectangle":
                 kind = "polygon"  # a warped rectangle is a general quadrilateral
-            shapes.append(map_layer_points(_points_world(layer, v), inv))
+            shapes.append(_points_world(layer, v))
             types.append(kind)
         kw = dict(name=name, shape_type=types, edge_color=np.asarray(layer.edge_color),
                   face_color=np.asarray(layer.face_color), edge_width=np.asarray(layer.edge_width))
-        return shapes, kw, "shapes"
+        return "shapes", shapes, kw
     raise InputError(f"Layer {layer.name!r} is a {type(layer).__name__} layer; images, labels, points and shapes "
                      "can be registered.")
+
+
+def warp_prepared(prepared, transform, fixed_space: Space, device="cpu"):
+    """Carry a :func:`prepare_layer` result into the fixed space (any thread): a napari layer-data tuple.
+
+    Images are resampled linearly and labels by nearest neighbour onto the fixed grid (``moving(T(x))``);
+    points and shapes, which are positions in moving space, are carried by the inverse transform ``T⁻¹`` —
+    exact for linear transforms, point by point otherwise (no whole-grid inverse for a few vertices).
+    """
+    kind, data, kw = prepared
+    if kind in ("image", "labels"):
+        from ..pipeline import warp_image
+
+        return warp_image(data, transform, fixed_space, label=kind == "labels", device=device), kw, kind
+    inv = transform.inverse() if transform.is_linear else NumericInverse(transform)
+    if kind == "points":
+        return map_layer_points(data, inv), kw, kind
+    return [map_layer_points(v, inv) for v in data], kw, kind
+
+
+def apply_to_layer(layer, transform, fixed_space: Space, device="cpu"):
+    """Warp a layer of the moving image into the fixed image's space (:func:`prepare_layer` then
+    :func:`warp_prepared`). Returns a napari layer-data tuple ``(data, kwargs, layer_type)``."""
+    return warp_prepared(prepare_layer(layer, fixed_space), transform, fixed_space, device)
 
 
 def _ellipse_polygon(corners: np.ndarray, n: int = 64) -> np.ndarray:

@@ -22,14 +22,13 @@ def apply_transform_file(layer: "napari.layers.Layer", reference: "napari.layers
     The file is read and checked here; inverting a field and resampling run on a worker thread (napari's
     activity indicator shows it), and the new layer is added when done. Problems are notifications, not
     tracebacks."""
-    from napari.layers import Image as ImageLayer, Labels
     from napari.qt.threading import thread_worker
-    from qtpy.QtCore import QTimer
     from napari.utils.notifications import show_error
+    from qtpy.QtCore import QTimer
 
     from ..errors import RegtoolError
     from ..io import read_transform
-    from ._layers import apply_to_layer, layer_space, prepare_image_layer, warp_prepared
+    from ._layers import layer_space, prepare_layer, warp_prepared
 
     failure = []
 
@@ -37,11 +36,9 @@ def apply_transform_file(layer: "napari.layers.Layer", reference: "napari.layers
         try:
             if invert:
                 t = t.inverse()
-            if prepared is not None:
-                return warp_prepared(prepared, t, space)
-            return apply_to_layer(layer, t, space)
-        except RegtoolError as exc:
-            failure.append(str(exc))
+            return warp_prepared(prepared, t, space)
+        except (RegtoolError, MemoryError, OSError, RuntimeError) as exc:  # a message, not a traceback
+            failure.append(str(exc) if isinstance(exc, RegtoolError) else f"{type(exc).__name__}: {exc}")
             return None
 
     try:
@@ -51,8 +48,7 @@ def apply_transform_file(layer: "napari.layers.Layer", reference: "napari.layers
         space = layer_space(reference)
         if t.ndim != space.ndim:
             raise RegtoolError(f"The transform is {t.ndim}D but {reference.name!r} is {space.ndim}D.")
-        # image data are read from the layer here, on the GUI thread; points and shapes are small
-        prepared = prepare_image_layer(layer, space) if isinstance(layer, (ImageLayer, Labels)) else None
+        prepared = prepare_layer(layer, space)  # read from the layer here, on the GUI thread
     except RegtoolError as exc:
         show_error(str(exc))
         worker = thread_worker(lambda: None)()  # napari expects a worker; this one adds nothing

@@ -29,8 +29,8 @@ from ..space import to_array_order, to_physical_order
 from ..transforms import LANDMARK_MODELS
 from ..transforms.base import IdentityTransform
 from ._layers import (
-    META_KEY, PALETTE, apply_to_layer, image_from_layer, image_layer_kwargs, jacobian_colormap, layer_path,
-    layer_role, prepare_image_layer, warp_prepared,
+    META_KEY, PALETTE, image_from_layer, image_layer_kwargs, jacobian_colormap, layer_path,
+    layer_role, prepare_layer, warp_prepared,
 )
 from ._runner import LatestRunner, ProgressBridge, QueueRunner
 from ._table import PairTable, _fmt
@@ -1286,11 +1286,15 @@ class RegistrationWidget(QWidget):
             self._add_applied(*value[1])
 
     def cancel(self):
+        """Stop the running computation (refinement, auto-align, …). File writes and layer resampling are not
+        stopped half-way: they finish and report, so a saved file is never left half-written or unreported."""
         self._jobs.cancel()
-        self._files.cancel()
         self._deep_runner.cancel()
-        self._show_progress(False)
-        self._set_status("Cancelled.")
+        if self._files.busy:
+            self._set_status("Cancelled; the files being written are finished first.")
+        else:
+            self._show_progress(False)
+            self._set_status("Cancelled.")
 
     def _show_progress(self, on: bool):
         self.progress.setVisible(on)
@@ -1746,20 +1750,14 @@ class RegistrationWidget(QWidget):
         if self.session.transform is None:
             self._notify("warning", self.session.fit_message or "There is no transform yet.")
             return None
-        from napari.layers import Image as ImageLayer, Labels
-
         s = self.session
-        if isinstance(layer, (ImageLayer, Labels)):
-            try:
-                prepared = prepare_image_layer(layer, s.fixed.space)
-            except RegtoolError as exc:
-                self._notify("error", str(exc))
-                return None
-            self._start_file_job(f"Resampling {layer.name!r} onto the fixed grid…", _apply_job, prepared,
-                                 s.transform, s.fixed.space)
-            return None
         try:
-            data, kw, kind = apply_to_layer(layer, s.transform, s.fixed.space)
+            prepared = prepare_layer(layer, s.fixed.space)
+            if prepared[0] in ("image", "labels"):
+                self._start_file_job(f"Resampling {layer.name!r} onto the fixed grid…", _apply_job, prepared,
+                                     s.transform, s.fixed.space)
+                return None
+            data, kw, kind = warp_prepared(prepared, s.transform, s.fixed.space)
         except RegtoolError as exc:
             self._notify("error", str(exc))
             return None
