@@ -111,6 +111,8 @@ class RegistrationWidget(QWidget):
         self._fixed_layer = self._moving_layer = None
         self._previewer: Previewer | None = None
         self._preview_gen_t0: dict = {}
+        self._preview_transforms: dict = {}  # generation → transform of the live updates not shown yet
+        self._shown_transform = None  # the transform the warped layer on screen was made with
         self.last_latency_s: float | None = None
         self.last_shown = ""
         self._was_folding = False
@@ -668,6 +670,8 @@ class RegistrationWidget(QWidget):
             self._deep_initial = None
             self._suggestion = None
             self._previewer = Previewer(self.session.fixed, self.session.moving, device="cpu")
+            self._shown_transform = None
+            self._preview_transforms.clear()
             self._was_folding = False
             self._setup_layers()
             self._update_autosave_label()
@@ -1006,8 +1010,9 @@ class RegistrationWidget(QWidget):
         side = side or self.session.next_side(self.first_combo.currentData())
         phys = to_physical_order(pos)
         if side == "moving" and self._view == "overlay" and self.on_warped_check.isChecked():
-            # the click is on the warped image: the moving point it shows is T(x)
-            t = self.session.transform or IdentityTransform(d)
+            # the click is on the warped image: the moving point it shows is T(x), T the transform that made the
+            # warped image on screen (a newer one may still be on its way)
+            t = self._shown_transform or self.session.transform or IdentityTransform(d)
             phys = t.map_points(phys[None])[0]
         i = self._call(self.session.place, side, phys)
         if i is not None:
@@ -1332,6 +1337,7 @@ class RegistrationWidget(QWidget):
                                     self._wanted_maps(), landmarks, s.model, s.smoothing, s.pairs.copy(),
                                     not dragging, s.transform is not None, plane, dragging and plane is not None)
         self._preview_gen_t0[gen] = time.perf_counter()
+        self._preview_transforms[gen] = t
 
     def _plane_on_screen(self):
         """Index of the warped layer's plane shown in a 2D view of a 3D registration, when the first array axis
@@ -1387,6 +1393,7 @@ class RegistrationWidget(QWidget):
                     isinstance(layer.data, np.ndarray) and layer.data.flags.writeable:
                 layer.data[k] = img
                 layer.refresh()
+                self._shown_transform = self._preview_transforms.get(gen, self._shown_transform)
                 t0 = self._preview_gen_t0.get(gen)
                 if t0 is not None:
                     self.last_latency_s = time.perf_counter() - t0
@@ -1410,6 +1417,9 @@ class RegistrationWidget(QWidget):
             t0 = self._preview_gen_t0.pop(gen, None)
             for g in [g for g in self._preview_gen_t0 if g < gen]:
                 self._preview_gen_t0.pop(g, None)
+            self._shown_transform = self._preview_transforms.pop(gen, self._shown_transform)
+            for g in [g for g in self._preview_transforms if g < gen]:
+                self._preview_transforms.pop(g, None)
             if t0 is not None:
                 self.last_latency_s = time.perf_counter() - t0
             self.last_shown = "image"
