@@ -10,7 +10,7 @@ from .errors import InputError
 from .landmarks import LandmarkPairs, write_bigwarp_csv
 from .space import Space, to_physical_order
 
-__all__ = ["write_image", "write_landmarks"]
+__all__ = ["write_image", "write_labels", "write_landmarks"]
 
 
 def _world_matrix(meta: dict, ndim: int) -> np.ndarray:
@@ -38,6 +38,15 @@ def write_image(path: str, data, meta: dict) -> list:
         raise InputError(str(exc)) from None
     _write(path, arr, space)
     return [path]
+
+
+def write_labels(path: str, data, meta: dict) -> list:
+    """Write a labels layer like :func:`write_image`, keeping its integer label values (e.g. a label map carried
+    into the fixed space by the Registration widget's Apply)."""
+    arr = np.asarray(data[0] if meta.get("multiscale") else data)
+    if arr.dtype.kind not in "iub":
+        raise InputError(f"A label map must hold integers, this one is {arr.dtype}.")
+    return write_image(path, arr, dict(meta, rgb=False, multiscale=False))
 
 
 def write_landmarks(path: str, layer_data: list) -> list:

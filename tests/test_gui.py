@@ -558,7 +558,7 @@ def test_folding_tps_warns_and_shows_where(sample2d, qtbot):
     assert "folding" in w.readout_label.text()
 
 
-def test_apply_to_labels_points_and_shapes(sample2d, qtbot):
+def test_apply_to_labels_points_and_shapes(sample2d, qtbot, tmp_path):
     viewer, w = sample2d
     fixed = read_image(F2)
     labels = read_image(SAMPLES / "brain2d_moving_labels.nii.gz")
@@ -575,6 +575,16 @@ def test_apply_to_labels_points_and_shapes(sample2d, qtbot):
     mismatch = np.mean(np.asarray(out.data) != ref)
     assert mismatch < 1e-3  # ties of nearest-neighbour rounding at exact half-voxels may differ
     assert set(np.unique(out.data)) <= set(np.unique(labels.array))
+    # saved through napari with the plugin's writer: integer labels on the fixed image's grid
+    saved = str(tmp_path / "labels.nii.gz")
+    viewer.layers.selection = {out}
+    viewer.layers.save(saved, selected=True, plugin=PLUGIN)
+    back, ref_img = sitk.ReadImage(saved), sitk.ReadImage(str(F2))
+    assert np.issubdtype(sitk.GetArrayViewFromImage(back).dtype, np.integer)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), np.asarray(out.data))
+    np.testing.assert_allclose(back.GetSpacing(), ref_img.GetSpacing(), rtol=1e-6)
+    np.testing.assert_allclose(back.GetOrigin(), ref_img.GetOrigin(), atol=1e-5)
+    np.testing.assert_allclose(back.GetDirection(), ref_img.GetDirection(), atol=1e-6)
     # points in moving space are carried into fixed space: T(new) == old
     lm = read_bigwarp_csv(L2)
     pts = viewer.add_points(to_array_order(lm.moving[:5]), name="moving pts")
