@@ -19,3 +19,14 @@ class NotInvertibleError(RegtoolError):
 
 class Cancelled(Exception):
     """Raised inside long work when the user asked to stop it."""
+
+
+def user_message(exc: BaseException) -> str:
+    """One line for the notification area: a :class:`RegtoolError`'s own sentence, plain words for running out
+    of memory, else the exception's type and last message line (never a traceback)."""
+    if isinstance(exc, RegtoolError):
+        return str(exc)
+    if isinstance(exc, MemoryError):
+        return "Not enough memory for this operation; try smaller images or the CPU device."
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[-1] if text else ''}"

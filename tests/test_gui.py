@@ -237,6 +237,26 @@ def test_overlay_clicks_on_the_warped_image(sample2d, qtbot):
     wait_idle(qtbot, w)
 
 
+def test_warped_image_click_uses_the_transform_on_screen(sample2d, qtbot):
+    """A click on the warped image right after an edit, before the live update has shown the new warp, maps
+    through the transform of the image the user sees, not the newer one."""
+    viewer, w = sample2d
+    fixed = read_image(F2)
+    w.view_combo.setCurrentIndex(w.view_combo.findData("overlay"))
+    click_checkbox(qtbot, w.on_warped_check)
+    wait_idle(qtbot, w)
+    t_old = w.session.transform
+    x = fixed.space.array_index_to_physical(np.array([[70, 95]], float))[0]
+    w.session.move(0, "moving", w.session.pairs.moving[0] + [4.0, -3.0])  # the update is queued, not shown yet
+    t_new = w.session.transform
+    assert not np.allclose(t_new.map_points(x[None]), t_old.map_points(x[None]), atol=1e-3)
+    n = len(w.session.pairs)
+    w.click(to_array_order(x), side="moving")
+    np.testing.assert_allclose(w.session.pairs.moving[n], t_old.map_points(x[None])[0], atol=1e-9)
+    wait_idle(qtbot, w)
+    assert not w._preview_transforms  # nothing kept once shown
+
+
 def test_layer_edits_drag_delete_undo_redo(sample2d, qtbot):
     viewer, w = sample2d
     lm = read_bigwarp_csv(L2)

@@ -117,7 +117,7 @@ def refine_registration(reg, reg_weight: float, steps: int = 50, landmarks=None,
     r = min(s_w / float(np.min(reg.fixed.space.spacing)), 4.0, (cap / n_work) ** (1.0 / d))
     r = max(r, 1.0)
     fine = tuple(int(round((n - 1) * r)) + 1 for n in ws.shape)
-    frac = (0.8 if d == 3 else 0.0) if coarse_fraction is None else float(coarse_fraction)
+    frac = (0.8 if d == 3 else 0.0) if coarse_fraction is None else min(max(float(coarse_fraction), 0.0), 1.0)
     # at least one step on the refinement grid, so the result (and "after") is that grid's
     n_coarse = min(int(round(steps * frac)), steps - 1) if r > 1.0 and steps > 1 else 0
     coarse = tuple(max(w, (n - 1) // 2 + 1) for n, w in zip(fine, ws.shape))

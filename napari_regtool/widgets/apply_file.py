@@ -26,7 +26,7 @@ def apply_transform_file(layer: "napari.layers.Layer", reference: "napari.layers
     from napari.utils.notifications import show_error
     from qtpy.QtCore import QTimer
 
-    from ..errors import RegtoolError
+    from ..errors import RegtoolError, user_message
     from ..io import read_transform
     from ._layers import layer_space, prepare_layer, warp_prepared
 
@@ -37,8 +37,8 @@ def apply_transform_file(layer: "napari.layers.Layer", reference: "napari.layers
             if invert:
                 t = t.inverse()
             return warp_prepared(prepared, t, space)
-        except (RegtoolError, MemoryError, OSError, RuntimeError) as exc:  # a message, not a traceback
-            failure.append(str(exc) if isinstance(exc, RegtoolError) else f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # noqa: BLE001 — a message in the notification area, never a traceback
+            failure.append(user_message(exc))
             return None
 
     try:
@@ -49,8 +49,8 @@ def apply_transform_file(layer: "napari.layers.Layer", reference: "napari.layers
         if t.ndim != space.ndim:
             raise RegtoolError(f"The transform is {t.ndim}D but {reference.name!r} is {space.ndim}D.")
         prepared = prepare_layer(layer, space)  # read from the layer here, on the GUI thread
-    except RegtoolError as exc:
-        show_error(str(exc))
+    except (RegtoolError, MemoryError, OSError, ValueError) as exc:
+        show_error(user_message(exc))
         worker = thread_worker(lambda: None)()  # napari expects a worker; this one adds nothing
     else:
         worker = thread_worker(work, progress={"total": 0, "desc": f"Applying {Path(transform_file).name}"})(

@@ -20,7 +20,7 @@ from qtpy.QtWidgets import (
 )
 
 from .. import io as rio
-from ..errors import Cancelled, RegtoolError
+from ..errors import Cancelled, RegtoolError, user_message
 from ..landmarks import LandmarkPairs, read_bigwarp_csv
 from ..session import (
     MODEL_LABELS, SIDES, Previewer, Session, autoreg_available, deep_available, outlier_mask,
@@ -70,15 +70,6 @@ def _slider_to_lambda(v: int) -> float:
 def _lambda_to_slider(lam: float) -> int:
     lam = min(max(float(lam), LAMBDA_MIN), 1.0)
     return int(round(SLIDER_STEPS * (1 - math.log10(lam) / math.log10(LAMBDA_MIN))))
-
-
-def _message(exc: BaseException) -> str:
-    if isinstance(exc, RegtoolError):
-        return str(exc)
-    if isinstance(exc, MemoryError):
-        return "Not enough memory for this operation; try smaller images or the CPU device."
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[-1] if text else ''}"
 
 
 def _preview_job(previewer: Previewer, generation, transform, want, landmarks, model, smoothing, pairs,
@@ -450,7 +441,7 @@ class RegistrationWidget(QWidget):
         if isinstance(exc, Cancelled):
             self._set_status("Cancelled.")
             return
-        self._notify("error", _message(exc))
+        self._notify("error", user_message(exc))
 
     def _set_status(self, text: str):
         self.status_label.setText(text)
@@ -1296,7 +1287,7 @@ class RegistrationWidget(QWidget):
         self._jobs.cancel()
         self._deep_runner.cancel()
         if self._files.busy:
-            self._set_status("Cancelled; the files being written are finished first.")
+            self._set_status("Cancelled. Saving and layer resampling already requested are finished first.")
         else:
             self._show_progress(False)
             self._set_status("Cancelled.")
@@ -1393,6 +1384,7 @@ class RegistrationWidget(QWidget):
                     isinstance(layer.data, np.ndarray) and layer.data.flags.writeable:
                 layer.data[k] = img
                 layer.refresh()
+                # (strictly only this plane shows it until the volume arrives, tens to hundreds of ms later)
                 self._shown_transform = self._preview_transforms.get(gen, self._shown_transform)
                 t0 = self._preview_gen_t0.get(gen)
                 if t0 is not None:
