@@ -7,6 +7,7 @@ dropped.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 import math
 import time
 from pathlib import Path
@@ -586,11 +587,17 @@ class RegistrationWidget(QWidget):
             layer.metadata[META_KEY] = dict(layer_role(layer), managed=True)
             self._register_landmark_layer(layer, side)
         else:
-            self._mute += 1
-            try:
+            with self._muted():
                 self.viewer.layers.remove(layer)
-            finally:
-                self._mute -= 1
+
+    @contextmanager
+    def _muted(self):
+        """Layer-list changes made by the widget itself: its own layer event handlers ignore them."""
+        self._mute += 1
+        try:
+            yield
+        finally:
+            self._mute -= 1
 
     def _on_layers_inserted(self, event):
         if self._mute:
@@ -620,11 +627,8 @@ class RegistrationWidget(QWidget):
                 self.session.set_pairs(pairs, "load")
         except RegtoolError as exc:
             self._notify("error", str(exc))
-        self._mute += 1
-        try:
+        with self._muted():
             self.viewer.layers.remove(layer)
-        finally:
-            self._mute -= 1
 
     def _has_partner(self, layer):
         src = layer_role(layer).get("source")
@@ -713,8 +717,7 @@ class RegistrationWidget(QWidget):
         blank = np.zeros(s.fixed.space.shape + ((s.moving.n_channels,) if s.moving.is_multichannel else ()),
                          np.float32)
         kw = image_layer_kwargs(fs)
-        self._mute += 1
-        try:
+        with self._muted():
             if warped is not None and (warped.data.shape != blank.shape or warped.rgb != s.moving.is_multichannel):
                 self.viewer.layers.remove(warped)
                 warped = None
@@ -739,8 +742,6 @@ class RegistrationWidget(QWidget):
             for side in SIDES:
                 self._ensure_points_layer(side)
             self._set_slice_margins()
-        finally:
-            self._mute -= 1
         self.table.clearSelection()
         self._sync_points()
         self._update_table_structure()
@@ -817,8 +818,7 @@ class RegistrationWidget(QWidget):
         if not self.session.ready:
             return
         pairs = self.session.pairs
-        self._mute += 1
-        try:
+        with self._muted():
             for side in SIDES:
                 layer = self._ensure_points_layer(side)
                 pts = getattr(pairs, side)
@@ -841,8 +841,6 @@ class RegistrationWidget(QWidget):
                 layer.selected_data = {i for i in selected if i < len(placed)}
                 layer.refresh()
                 self._synced[side] = (id(layer), self._signature(placed))
-        finally:
-            self._mute -= 1
 
     def _points_rows(self, side):
         pts = getattr(self.session.pairs, side)
@@ -1052,8 +1050,7 @@ class RegistrationWidget(QWidget):
             order = [l for l in order if l in layers]
             order += top_fixed + [l for l in moving_group if l is not self._moving_layer]
             order += [l for l in layers if l not in order]
-        self._mute += 1
-        try:
+        with self._muted():
             for k, l in enumerate(order):
                 cur = layers.index(l)
                 if cur != k:
@@ -1065,8 +1062,6 @@ class RegistrationWidget(QWidget):
                 self._grid.enabled = True
             else:
                 self._grid.enabled = False
-        finally:
-            self._mute -= 1
 
     # ======================================================= model & deep
     def _default_lambda(self):
@@ -1502,11 +1497,8 @@ class RegistrationWidget(QWidget):
                 kw.update(colormap="gray", contrast_limits=(0.0, 1.0))
             elif key == "uncertainty":
                 kw.update(colormap="inferno", opacity=0.6)
-            self._mute += 1
-            try:
+            with self._muted():
                 layer = self.viewer.add_image(arr, **kw)
-            finally:
-                self._mute -= 1
             self._layers[f"qc-{key}"] = layer
             layer.events.visible.connect(lambda ev, k=key: self._on_qc_layer_visible(k))
             self._arrange()
@@ -1557,14 +1549,11 @@ class RegistrationWidget(QWidget):
         layer = self._layer("suggestion")
         self._suggestion = np.asarray(point, float)
         if layer is None:
-            self._mute += 1
-            try:
+            with self._muted():
                 layer = self.viewer.add_points(world, name="suggested landmark", symbol="star", face_color="yellow",
                                                border_color="red", size=self._points_size() * 1.6,
                                                projection_mode="rescale_spherical",
                                                metadata={META_KEY: {"role": "suggestion"}})
-            finally:
-                self._mute -= 1
             self._layers["suggestion"] = layer
             self._arrange()
         else:
