@@ -54,17 +54,21 @@ def _landmarks(path):
     return read_bigwarp_csv(path).fit_points()
 
 
+def _sample_pair(name):
+    """A shipped sample pair (``brain2d``/``brain3d``) with tissue labels and its landmark-based affine
+    pre-alignment (fixed → moving): ``(fixed, moving, fixed_labels, moving_labels, affine, (lf, lm))``."""
+    files = [f"{name}_{s}" for s in ("fixed.nii.gz", "moving.nii.gz", "fixed_labels.nii.gz", "moving_labels.nii.gz",
+                                      "landmarks.csv")]
+    _need(*files)
+    f, m = (read_image(SAMPLES / n) for n in files[:2])
+    fl, ml = (read_image(SAMPLES / n, is_label=True) for n in files[2:4])
+    lf, lm = _landmarks(SAMPLES / files[4])
+    return f, m, fl, ml, fit_affine(lf, lm), (lf, lm)
+
+
 @pytest.fixture(scope="module")
 def pair2d():
-    """Real 2D pair with tissue labels and its landmark-based affine pre-alignment (fixed → moving)."""
-    _need("brain2d_fixed.nii.gz", "brain2d_moving.nii.gz", "brain2d_fixed_labels.nii.gz",
-          "brain2d_moving_labels.nii.gz", "brain2d_landmarks.csv")
-    f = read_image(SAMPLES / "brain2d_fixed.nii.gz")
-    m = read_image(SAMPLES / "brain2d_moving.nii.gz")
-    fl = read_image(SAMPLES / "brain2d_fixed_labels.nii.gz", is_label=True)
-    ml = read_image(SAMPLES / "brain2d_moving_labels.nii.gz", is_label=True)
-    lf, lm = _landmarks(SAMPLES / "brain2d_landmarks.csv")
-    return f, m, fl, ml, fit_affine(lf, lm), (lf, lm)
+    return _sample_pair("brain2d")
 
 
 @pytest.fixture(scope="module")
@@ -432,13 +436,7 @@ def test_register_deep_reports_and_cancels(pair2d):
 
 def test_shipped_3d_model_on_the_real_volume_pair():
     _need_weights(3)
-    _need("brain3d_fixed.nii.gz", "brain3d_moving.nii.gz", "brain3d_fixed_labels.nii.gz",
-          "brain3d_moving_labels.nii.gz", "brain3d_landmarks.csv")
-    f = read_image(SAMPLES / "brain3d_fixed.nii.gz")
-    m = read_image(SAMPLES / "brain3d_moving.nii.gz")
-    fl = read_image(SAMPLES / "brain3d_fixed_labels.nii.gz", is_label=True)
-    ml = read_image(SAMPLES / "brain3d_moving_labels.nii.gz", is_label=True)
-    aff = fit_affine(*_landmarks(SAMPLES / "brain3d_landmarks.csv"))
+    f, m, fl, ml, aff, _ = _sample_pair("brain3d")
     tx, info = register_deep(f, m, initial=aff, uncertainty=True)
     assert tx.u.shape == (*f.space.shape, 3) and tx.uncertainty.shape == f.space.shape
     d_aff = qc.dice(fl.array, _warp_labels(ml, aff, f.space))["mean"]

@@ -327,30 +327,38 @@ def test_layer_edits_drag_delete_undo_redo(sample2d, qtbot):
     np.testing.assert_allclose(w.session.pairs.fixed[1], lm.fixed[1])
 
 
+def drag_point(qtbot, w, layer, index, positions):
+    """Drag point ``index`` of a landmark layer in select mode through ``positions`` (world, array order) with
+    napari's own mouse callbacks, releasing at the last one; returns where the point started."""
+    from napari.utils._test_utils import read_only_mouse_event
+    from napari.utils.interactions import mouse_move_callbacks, mouse_press_callbacks, mouse_release_callbacks
+
+    layer.mode = "select"
+    w.viewer.layers.selection.active = layer
+    start = layer.data[index].copy()
+    mouse_press_callbacks(layer, read_only_mouse_event(type="mouse_press", position=tuple(start), button=1))
+    for pos in positions:
+        mouse_move_callbacks(layer, read_only_mouse_event(type="mouse_move", is_dragging=True,
+                                                         position=tuple(pos), button=1))
+        qtbot.wait(40)
+        wait_idle(qtbot, w)
+    mouse_release_callbacks(layer, read_only_mouse_event(type="mouse_release", position=tuple(positions[-1]),
+                                                         button=1))
+    qtbot.wait(20)
+    wait_idle(qtbot, w)
+    return start
+
+
 @pytest.mark.parametrize("steps,expected", [((1, 2, 3, 3), 3.0), ((1, 2, 0), 0.0)])
 def test_drag_keeps_the_final_position_whatever_the_last_events(sample2d, qtbot, steps, expected):
     """A drag whose last mouse moves repeat a position must still be recorded (one undo step); one that comes
     back to its start records nothing and leaves the point where it was."""
-    from napari.utils._test_utils import read_only_mouse_event
-    from napari.utils.interactions import mouse_move_callbacks, mouse_press_callbacks, mouse_release_callbacks
-
     viewer, w = sample2d
     lm = read_bigwarp_csv(L2)
     fl = viewer.layers["fixed landmarks"]
-    fl.mode = "select"
-    viewer.layers.selection.active = fl
-    start = fl.data[1].copy()
-    mouse_press_callbacks(fl, read_only_mouse_event(type="mouse_press", position=tuple(start), button=1))
     n_undo = len(w.session._undo)
-    for k in steps:
-        mouse_move_callbacks(fl, read_only_mouse_event(type="mouse_move", is_dragging=True,
-                                                      position=tuple(start + [0.0, float(k)]), button=1))
-        qtbot.wait(40)
-        wait_idle(qtbot, w)
-    mouse_release_callbacks(fl, read_only_mouse_event(type="mouse_release", position=tuple(start + [0.0, float(steps[-1])]),
-                                                      button=1))
-    qtbot.wait(20)
-    wait_idle(qtbot, w)
+    start = fl.data[1].copy()
+    drag_point(qtbot, w, fl, 1, [start + [0.0, float(k)] for k in steps])
     np.testing.assert_allclose(w.session.pairs.fixed[1], lm.fixed[1] + [expected, 0.0], atol=1e-9)
     np.testing.assert_allclose(fl.data[1], start + [0.0, expected], atol=1e-9)
     assert len(w.session._undo) == n_undo + (1 if expected else 0)
@@ -359,25 +367,12 @@ def test_drag_keeps_the_final_position_whatever_the_last_events(sample2d, qtbot,
 def test_drag_ending_outside_the_image_puts_the_point_back(sample2d, qtbot):
     """Dragged through the image and released outside it: a message, the point back where the drag started, no
     undo step, and the history still works (a later add + undo removes only the added point)."""
-    from napari.utils._test_utils import read_only_mouse_event
-    from napari.utils.interactions import mouse_move_callbacks, mouse_press_callbacks, mouse_release_callbacks
-
     viewer, w = sample2d
     lm = read_bigwarp_csv(L2)
     fl = viewer.layers["fixed landmarks"]
-    fl.mode = "select"
-    viewer.layers.selection.active = fl
-    start = fl.data[1].copy()
     n_undo, n = len(w.session._undo), len(notifications())
-    mouse_press_callbacks(fl, read_only_mouse_event(type="mouse_press", position=tuple(start), button=1))
-    for pos in (start + [0.0, 3.0], start + [0.0, 6.0], np.array([-400.0, -400.0])):
-        mouse_move_callbacks(fl, read_only_mouse_event(type="mouse_move", is_dragging=True, position=tuple(pos),
-                                                      button=1))
-        qtbot.wait(40)
-        wait_idle(qtbot, w)
-    mouse_release_callbacks(fl, read_only_mouse_event(type="mouse_release", position=(-400.0, -400.0), button=1))
-    qtbot.wait(20)
-    wait_idle(qtbot, w)
+    start = fl.data[1].copy()
+    drag_point(qtbot, w, fl, 1, [start + [0.0, 3.0], start + [0.0, 6.0], np.array([-400.0, -400.0])])
     assert any("outside" in m for m in notifications()[n:])
     np.testing.assert_allclose(w.session.pairs.fixed[1], lm.fixed[1], atol=1e-9)
     np.testing.assert_allclose(fl.data[1], start, atol=1e-9)
