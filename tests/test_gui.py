@@ -580,6 +580,11 @@ def test_apply_to_labels_points_and_shapes(sample2d, qtbot, tmp_path):
     lab = viewer.add_labels(labels.array, name="moving labels", **labels.space.napari_kwargs())
     w.tabs.setCurrentIndex(w.tabs.indexOf(w.apply_btn.parentWidget()))
     w.apply_combo.setCurrentIndex(w.apply_combo.findData(lab))
+    # Cancel drops a resampling: no layer appears
+    qtbot.mouseClick(w.apply_btn, Qt.MouseButton.LeftButton)
+    qtbot.mouseClick(w.cancel_btn, Qt.MouseButton.LeftButton)
+    wait_idle(qtbot, w)
+    assert "moving labels (registered)" not in viewer.layers and w.status_label.text() == "Cancelled."
     qtbot.mouseClick(w.apply_btn, Qt.MouseButton.LeftButton)
     assert w.busy  # images and labels are resampled in the background
     wait_idle(qtbot, w)

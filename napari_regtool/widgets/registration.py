@@ -128,11 +128,13 @@ class RegistrationWidget(QWidget):
         self._jobs = LatestRunner(self._job_result, self._job_error, "job")
         # file writes and layer warps: each request runs, none replaces another
         self._files = QueueRunner(self._job_result, self._job_error, "files")
-        runners = (self._preview, self._deep_runner, self._jobs, self._files)
+        # layers resampled into fixed space: in order too, but Cancel drops them (nothing is half-written)
+        self._resample = QueueRunner(self._job_result, self._job_error, "resample")
+        runners = (self._preview, self._deep_runner, self._jobs, self._files, self._resample)
         self.destroyed.connect(lambda *_: [r.close() for r in runners])
         self._progress = ProgressBridge(self)
         self._progress.progressed.connect(self._on_progress)
-        for r in (self._deep_runner, self._jobs, self._files):
+        for r in (self._deep_runner, self._jobs, self._files, self._resample):
             r.idle_changed.connect(self._update_busy)
 
         self._flicker_timer = QTimer(self)
@@ -1277,12 +1279,14 @@ class RegistrationWidget(QWidget):
             self._add_applied(*value[1])
 
     def cancel(self):
-        """Stop the running computation (refinement, auto-align, …). File writes and layer resampling are not
-        stopped half-way: they finish and report, so a saved file is never left half-written or unreported."""
+        """Stop the running computation (refinement, auto-align, …) and drop the layers being resampled (no layer
+        is added). File writes are not stopped half-way: they finish and report, so a saved file is never left
+        half-written or unreported."""
         self._jobs.cancel()
         self._deep_runner.cancel()
+        self._resample.cancel()
         if self._files.busy:
-            self._set_status("Cancelled. Saving and layer resampling already requested are finished first.")
+            self._set_status("Cancelled. Files already being saved are finished first.")
         else:
             self._show_progress(False)
             self._set_status("Cancelled.")
@@ -1302,7 +1306,7 @@ class RegistrationWidget(QWidget):
     def _update_busy(self, _=None):
         if not self._deep_runner.busy:
             self._deep_long = False
-        if not self._jobs.busy and not self._files.busy and not self._deep_long:
+        if not (self._jobs.busy or self._files.busy or self._resample.busy or self._deep_long):
             self._show_progress(False)
 
     # ============================================================ preview
@@ -1711,11 +1715,12 @@ class RegistrationWidget(QWidget):
                              s.fixed.space)
         return True
 
-    def _start_file_job(self, status: str, func, *args):
-        """Run a file write or layer warp in the background (in order; the progress bar shows while it runs)."""
+    def _start_file_job(self, status: str, func, *args, runner=None):
+        """Run a file write (or, with ``runner=self._resample``, a layer warp) in the background, in order; the
+        progress bar shows while it runs."""
         self._show_progress(True)
         self._set_status(status)
-        self._files.request(func, *args)
+        (runner or self._files).request(func, *args)
 
     def export_all(self, folder=None) -> bool:
         """Write the same files as ``regtool register`` into a folder (in the background)."""
@@ -1746,7 +1751,7 @@ class RegistrationWidget(QWidget):
             prepared = prepare_layer(layer, s.fixed.space)
             if prepared[0] in ("image", "labels"):
                 self._start_file_job(f"Resampling {layer.name!r} onto the fixed grid…", _apply_job, prepared,
-                                     s.transform, s.fixed.space)
+                                     s.transform, s.fixed.space, runner=self._resample)
                 return None
             data, kw, kind = warp_prepared(prepared, s.transform, s.fixed.space)
         except RegtoolError as exc:
@@ -1763,14 +1768,14 @@ class RegistrationWidget(QWidget):
     @property
     def busy(self) -> bool:
         """True while a live update or a background job is running or queued."""
-        return self._preview.busy or self._deep_runner.busy or self._jobs.busy or self._files.busy
+        return any(r.busy for r in (self._preview, self._deep_runner, self._jobs, self._files, self._resample))
 
     def close_session(self):
         """Stop background work and detach from the viewer (called when the widget closes)."""
         if self._closing:
             return
         self._closing = True
-        for r in (self._preview, self._deep_runner, self._jobs, self._files):
+        for r in (self._preview, self._deep_runner, self._jobs, self._files, self._resample):
             r.close()
         try:
             self._flicker_timer.stop()
