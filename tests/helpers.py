@@ -39,3 +39,12 @@ def smooth_test_image(shape, seed=0):
         w = rng.uniform(0.05, 0.2)
         out += rng.uniform(0.5, 1.5) * np.exp(-sum((g - ci) ** 2 for g, ci in zip(grids, c)) / (2 * w * w))
     return (100 * out / out.max()).astype(np.float32)
+
+
+def foreground_argmax(umap, fixed):
+    """Physical point of the largest value of ``umap`` where the fixed image is above 15 % of its 1–99 % range."""
+    a = fixed.scalar()
+    lo, hi = np.percentile(a, [1, 99])
+    fg = (a - lo) / (hi - lo) > 0.15
+    idx = np.unravel_index(np.argmax(np.where(fg, umap, -np.inf)), umap.shape)
+    return fixed.space.array_index_to_physical(np.array(idx, float)[None])[0]

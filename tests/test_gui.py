@@ -17,7 +17,7 @@ from napari_regtool.landmarks import read_bigwarp_csv
 from napari_regtool.space import to_array_order
 from napari_regtool.transforms import fit_landmarks
 
-from .helpers import SAMPLES
+from .helpers import SAMPLES, foreground_argmax
 
 pytestmark = pytest.mark.gui
 
@@ -97,15 +97,6 @@ def canvas_click(qtbot, viewer, world, layer):
 def click_checkbox(qtbot, cb):
     """Click a check box on its indicator (a click beyond its text does not toggle it)."""
     qtbot.mouseClick(cb, Qt.MouseButton.LeftButton, pos=QPoint(6, cb.height() // 2))
-
-
-def foreground_argmax(umap, fixed):
-    """Physical point of the largest value of ``umap`` where the fixed image is above 15 % of its 1–99 % range."""
-    a = fixed.scalar()
-    lo, hi = np.percentile(a, [1, 99])
-    fg = (a - lo) / (hi - lo) > 0.15
-    idx = np.unravel_index(np.argmax(np.where(fg, umap, -np.inf)), umap.shape)
-    return fixed.space.array_index_to_physical(np.array(idx, float)[None])[0]
 
 
 def notifications():

@@ -18,7 +18,7 @@ from napari_regtool.space import Space
 from napari_regtool.transforms import fit_landmarks
 from napari_regtool.transforms.field import jacobian_determinant
 
-from .helpers import SAMPLES, sitk_reference_image, smooth_test_image
+from .helpers import SAMPLES, foreground_argmax, sitk_reference_image, smooth_test_image
 
 F2, M2, L2 = (SAMPLES / f"brain2d_{s}" for s in ("fixed.nii.gz", "moving.nii.gz", "landmarks.csv"))
 F3, M3, L3 = (SAMPLES / f"brain3d_{s}" for s in ("fixed.nii.gz", "moving.nii.gz", "landmarks.csv"))
@@ -221,15 +221,6 @@ def test_autosave_without_file_goes_to_user_folder(tmp_path, images2d, monkeypat
     lm = read_bigwarp_csv(L2)
     s.add_pair(lm.fixed[0], lm.moving[0])
     assert p.exists() and read_bigwarp_csv(p) == s.pairs
-
-
-def foreground_argmax(umap, fixed):
-    """Physical point of the largest value of ``umap`` where the fixed image is above 15 % of its 1–99 % range."""
-    a = fixed.scalar()
-    lo, hi = np.percentile(a, [1, 99])
-    fg = (a - lo) / (hi - lo) > 0.15
-    idx = np.unravel_index(np.argmax(np.where(fg, umap, -np.inf)), umap.shape)
-    return fixed.space.array_index_to_physical(np.array(idx, float)[None])[0]
 
 
 def _sitk_resample(moving_path, fixed_path, tx):
