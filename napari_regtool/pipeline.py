@@ -162,11 +162,14 @@ def register(fixed: Image, moving: Image, model: str, landmarks: LandmarkPairs |
              smoothing: float = 0.0, device="auto", reg_weight: float | None = None, refine: int = 0,
              kernel: str | None = None, weights=None,
              uncertainty: bool = False, channel="mean", progress: Callable | None = None,
-             cancel: Callable | None = None, warn: Callable | None = None) -> RegistrationResult:
+             cancel: Callable | None = None, warn: Callable | None = None, iterations=None,
+             similarity: str = "lncc") -> RegistrationResult:
     """Run one registration end to end and evaluate it (see :class:`RegistrationResult`).
 
-    ``model``: rigid, similarity, affine, tps (need ``landmarks``), deep, auto-rigid, auto-affine (landmarks
-    optional: used as initialisation / soft constraints). ``weights``: a deep-model weight file to use instead
+    ``model``: rigid, similarity, affine, tps (need ``landmarks``), deep, deformable, auto-rigid, auto-affine
+    (landmarks optional: used as initialisation / soft constraints). ``iterations`` (per pyramid level, coarsest
+    first) and ``similarity`` (lncc, mse, mi) set the deformable optimiser of ``deformable`` and of the deep
+    model's refinement; ``reg_weight`` λ sets their smoothness (and the network's). ``weights``: a deep-model weight file to use instead
     of the shipped one. Raises :class:`InputError`/:class:`FitError` with a
     plain message for unusable input, :class:`Cancelled` if ``cancel()`` turns true.
     """
@@ -181,6 +184,12 @@ def register(fixed: Image, moving: Image, model: str, landmarks: LandmarkPairs |
         raise InputError(f"Unknown model {model!r}; choose one of {', '.join(MODELS)}.")
     if smoothing and model != "tps":
         _warn(f"The smoothing weight applies to the TPS model only; it is ignored for {model}.")
+    optimiser_used = model == "deformable" or (model == "deep" and refine > 0)
+    if (iterations is not None or similarity != "lncc") and not optimiser_used:
+        _warn(f"Iterations and similarity apply to the deformable model and to the deep model's refinement; they "
+              f"are ignored for {model}" + (" without --refine." if model == "deep" else "."))
+    if reg_weight is not None and model not in ("deep", "deformable"):
+        _warn(f"The regularization weight applies to the deep and deformable models; it is ignored for {model}.")
     check_pair(fixed, moving)
     dev = resolve_device(device, warn=_warn)
     if landmarks is not None:
@@ -210,12 +219,27 @@ def register(fixed: Image, moving: Image, model: str, landmarks: LandmarkPairs |
         kind = model.split("-")[1]
         init = None if landmarks is None else initial_from_landmarks(kind, lf, lm, fixed.ndim)
         transform = auto_linear(fixed_s, moving_s, model=kind, initial=init, progress=progress, cancel=cancel)
+    elif model == "deformable":
+        from .deformable import DEFAULT_ITERATIONS, register_deformable, sigmas_for_reg_weight
+        from .deep.infer import DEFAULT_REG_WEIGHT
+
+        init = None if landmarks is None else initial_from_landmarks("affine", lf, lm, fixed.ndim)
+        lam = DEFAULT_REG_WEIGHT if reg_weight is None else float(reg_weight)
+        sig_u, sig_f = sigmas_for_reg_weight(lam)
+        its = DEFAULT_ITERATIONS if iterations is None else iterations
+        transform = register_deformable(fixed_s, moving_s, initial=init, similarity=similarity, iterations=its,
+                                        sigma_update=sig_u, sigma_field=sig_f,
+                                        landmarks=(lf, lm) if landmarks is not None and len(lf) else None,
+                                        device=dev, progress=progress, cancel=cancel)
+        extra = {"reg_weight": lam, "start": "landmark affine" if init is not None else "identity",
+                 "optimiser": dict(transform.refine_info)}
     else:  # deep
         from .deep.infer import DEFAULT_REG_WEIGHT, load_model, register_deep
 
         init = None if landmarks is None else initial_from_landmarks("affine", lf, lm, fixed.ndim)
         lam = DEFAULT_REG_WEIGHT if reg_weight is None else float(reg_weight)
         transform, extra = register_deep(fixed_s, moving_s, reg_weight=lam, refine_steps=refine, uncertainty=uncertainty,
+                                         refine_options={"iterations": iterations, "similarity": similarity},
                                          device=dev, initial=init, progress=progress, cancel=cancel,
                                          landmarks=(lf, lm) if landmarks is not None and len(lf) else None,
                                          model=load_model(fixed.ndim, dev, weights) if weights else None)

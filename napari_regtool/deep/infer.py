@@ -232,6 +232,24 @@ class DeepRegistration:
         self._last = (lam, mean, logvar)
         return mean, logvar
 
+    @property
+    def prealignment(self) -> Transform | None:
+        """The linear pre-alignment the network runs after (an affine ``initial``), or ``None`` (identity, or a
+        non-linear ``initial``, which :meth:`predict` composes with the network's displacement instead)."""
+        return self._affine
+
+    def prealigned_displacement(self, reg_weight: float) -> torch.Tensor:
+        """The network's displacement for λ = ``reg_weight`` **before** the linear pre-alignment: ``d`` with
+        ``T(x) = A(x + d(x))`` (``A`` = :attr:`prealignment`, or the identity), on the fixed grid, physical units,
+        ``(*fixed.shape, D)`` CPU float32. Available when the pre-alignment is linear (or absent)."""
+        if self.initial is not None and self._affine is None:
+            raise InputError("The network's displacement before a non-linear starting transform is not defined; "
+                             "use predict().")
+        mean, _ = self.velocity(reg_weight)
+        with torch.no_grad():
+            u = integrate_velocity(mean, self.model.int_steps)
+            return self._displacement_on_fixed(u, self.half_space, compose=False)
+
     def field_on_fixed(self, u: torch.Tensor, grid: Space) -> torch.Tensor:
         """Total physical displacement on the fixed grid from an index-space field on ``grid``.
 
@@ -239,6 +257,9 @@ class DeepRegistration:
         fixed → pre-aligned-moving map; ``grid`` shares the working grid's corners. Returns a CPU float32
         tensor (*fixed.shape, D): ``T_init(x + u(x)) − x`` in physical units, x, y, z components.
         """
+        return self._displacement_on_fixed(u, grid, compose=True)
+
+    def _displacement_on_fixed(self, u: torch.Tensor, grid: Space, compose: bool) -> torch.Tensor:
         fs = self.fixed.space
         d = self.ndim
         m = torch.as_tensor(grid.index_to_physical_matrix, dtype=u.dtype, device=u.device)
@@ -253,7 +274,9 @@ class DeepRegistration:
             lin_s, off_s = sub.index_map_to(grid)
             idx = affine_index_grid(sub.shape, lin_s, off_s, u.device, u.dtype)
             disp = sample_at_index(phys, idx[None], padding="border")[0].movedim(0, -1)  # (*sub, D)
-            if self._affine is not None:
+            if not compose:
+                total = disp
+            elif self._affine is not None:
                 a_mat = torch.as_tensor(self._affine.matrix, dtype=u.dtype, device=u.device)
                 total = self._affine.field(sub, device=u.device, dtype=u.dtype) + disp @ a_mat.T
             elif self.initial is not None:
@@ -311,8 +334,8 @@ class DeepRegistration:
         ``landmarks``: optional ``(fixed_points, moving_points)``, (N, D) physical arrays, soft constraints
         ``T(fixed_i) ≈ moving_i``. ``similarity``: ``"lncc"`` or ``"mse"``. ``progress(fraction, message)`` is
         called every step; ``cancel()`` returning True raises :class:`~napari_regtool.errors.Cancelled`.
-        Further keyword options go to :func:`~napari_regtool.deep.refine.refine_velocity` (``lr``,
-        ``landmark_weight``, ``max_voxels``). Returns a :class:`DisplacementFieldTransform` (``kind="deep+refined"``)
+        Further keyword options go to :func:`~napari_regtool.deep.refine.refine_registration`
+        (``landmark_weight``, ``max_voxels``, ``iterations``). Returns a :class:`DisplacementFieldTransform` (``kind="deep+refined"``)
         whose ``refine_info`` attribute holds the similarity before and after.
         """
         from .refine import refine_registration
@@ -323,13 +346,15 @@ class DeepRegistration:
 
 def register_deep(fixed: Image, moving: Image, reg_weight: float = DEFAULT_REG_WEIGHT, refine_steps: int = 0,
                   uncertainty: bool = False, device="cpu", initial: Transform | None = None, progress=None,
-                  cancel=None, landmarks=None, model: HyperMorphModel | None = None) -> tuple:
+                  cancel=None, landmarks=None, model: HyperMorphModel | None = None,
+                  refine_options: dict | None = None) -> tuple:
     """Deep deformable registration in one call.
 
     Returns ``(transform, info)``: a :class:`DisplacementFieldTransform` on the fixed grid (fixed → moving,
     composed with ``initial``) and a dict with ``runtime_s``, ``device``, ``model`` (architecture and training
     metadata), ``reg_weight``, ``work_grid``, ``refine_steps`` and, after refinement, the similarity before and
-    after it. With ``uncertainty`` the transform carries the network's uncertainty map.
+    after it. With ``uncertainty`` the transform carries the network's uncertainty map. ``refine_options``:
+    ``iterations`` (per level; overrides the split of ``refine_steps``) and ``similarity`` for the refinement.
     """
     t0 = time.perf_counter()
 
@@ -347,7 +372,8 @@ def register_deep(fixed: Image, moving: Image, reg_weight: float = DEFAULT_REG_W
         def sub(frac, msg):
             report(0.15 + 0.85 * frac, msg)
 
-        refined = reg.refine(reg_weight, steps=refine_steps, landmarks=landmarks, progress=sub, cancel=cancel)
+        opts = {k: v for k, v in (refine_options or {}).items() if v is not None}
+        refined = reg.refine(reg_weight, steps=refine_steps, landmarks=landmarks, progress=sub, cancel=cancel, **opts)
         refined.uncertainty = tx.uncertainty
         tx = refined
     report(1.0, "Done")

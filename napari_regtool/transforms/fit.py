@@ -12,7 +12,7 @@ __all__ = ["LANDMARK_MODELS", "MODELS", "fit_landmarks", "initial_from_landmarks
 
 LANDMARK_MODELS = ("rigid", "similarity", "affine", "tps")
 #: every model name the CLI and the GUI accept
-MODELS = LANDMARK_MODELS + ("deep", "auto-rigid", "auto-affine")
+MODELS = LANDMARK_MODELS + ("deep", "deformable", "auto-rigid", "auto-affine")
 
 
 def min_pairs(model: str, ndim: int) -> int:

@@ -1,0 +1,223 @@
+"""The deformable optimiser (napari_regtool.deformable) against known warps built independently with SciPy,
+and its exported field against SimpleITK's own resampling."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from scipy.ndimage import gaussian_filter, map_coordinates
+
+from napari_regtool import qc
+from napari_regtool.deformable import (LNCC_EPS, _Metric, gaussian_smooth, register_deformable,
+                                       sigmas_for_reg_weight)
+from napari_regtool.errors import Cancelled, InputError
+from napari_regtool.image import Image
+from napari_regtool.io import read_image, write_displacement_field
+from napari_regtool.space import Space
+from napari_regtool.transforms.field import jacobian_determinant, resample
+
+SAMPLES = Path(__file__).resolve().parents[1] / "sample_data"
+
+
+def _exp_numpy(v: np.ndarray, steps: int = 7) -> np.ndarray:
+    """Scaling and squaring of a velocity ``v`` (D, *S) in voxels, array-order components (SciPy, not the engine)."""
+    u = v / 2 ** steps
+    grid = np.mgrid[tuple(slice(0, n) for n in v.shape[1:])].astype(float)
+    for _ in range(steps):
+        pts = grid + u
+        u = u + np.stack([map_coordinates(u[c], pts, order=1, mode="nearest") for c in range(len(u))])
+    return u
+
+
+def _warped_pair(fixed: Image, max_vox: float, seed: int = 0, gamma: float = 0.85):
+    """``(moving, true_field)``: moving(y) = fixed(T⁻¹(y)) for T = exp(v) with a smooth random ``v`` of about
+    ``max_vox`` voxels, a contrast change and noise; ``true_field`` (*S, D) physical x, y(, z) components."""
+    a = fixed.array.astype(float)
+    d = a.ndim
+    rng = np.random.default_rng(seed)
+    v = np.stack([gaussian_filter(rng.standard_normal(a.shape), min(a.shape) / 8) for _ in range(d)])
+    v *= max_vox / np.abs(v).max()
+    fwd, bwd = _exp_numpy(v), _exp_numpy(-v)
+    grid = np.mgrid[tuple(slice(0, n) for n in a.shape)].astype(float)
+    mov = map_coordinates(a, grid + bwd, order=3, mode="nearest")
+    lo, hi = np.percentile(a, [1, 99])
+    mov = lo + (hi - lo) * np.clip((mov - lo) / (hi - lo), 0, 1) ** gamma + rng.normal(0, 0.01 * (hi - lo), a.shape)
+    # array-order index displacement → physical x, y(, z) (spacing/direction of the fixed grid)
+    idx_xyz = np.moveaxis(fwd[::-1], 0, -1)
+    phys = idx_xyz @ fixed.space.index_to_physical_matrix.T
+    return Image(mov.astype(np.float32), fixed.space, "moving"), phys
+
+
+@pytest.fixture(scope="module")
+def brain2d():
+    return read_image(SAMPLES / "brain2d_fixed.nii.gz")
+
+
+def _epe(field, truth, mask):
+    e = np.linalg.norm(np.asarray(field) - truth, axis=-1)
+    return float(np.median(e[mask])), float(np.percentile(e[mask], 90))
+
+
+def _brain_mask(img: Image, margin: int = 6):
+    m = gaussian_filter(img.array.astype(float), 2) > np.percentile(img.array, 30)
+    inner = np.zeros_like(m)
+    inner[(slice(margin, -margin),) * img.ndim] = True
+    return m & inner
+
+
+def test_recovers_a_known_smooth_warp_to_subvoxel_error(brain2d):
+    moving, truth = _warped_pair(brain2d, max_vox=6.0)
+    mask = _brain_mask(brain2d)
+    ident = _epe(np.zeros_like(truth), truth, mask)
+    tx = register_deformable(brain2d, moving)
+    med, p90 = _epe(tx.u.numpy(), truth, mask)
+    assert ident[0] > 1.2  # the warp is real (voxels of 1 mm)
+    assert med < 0.35 and p90 < 0.9, (med, p90, ident)
+    det = jacobian_determinant(tx.u.double(), brain2d.space)
+    assert float((det <= 0).float().mean()) == 0.0
+    info = tx.refine_info
+    assert info["lncc_after"] > info["lncc_before"] and len(info["levels"]) == 3
+
+
+def test_exported_field_reproduces_the_warp_through_simpleitk(brain2d, tmp_path):
+    moving, _ = _warped_pair(brain2d, max_vox=4.0, seed=1)
+    tx = register_deformable(brain2d, moving, iterations=(30, 20, 10))
+    path = tmp_path / "disp.nii.gz"
+    write_displacement_field(path, tx.u.double().numpy(), brain2d.space)
+    disp = sitk.ReadImage(str(path), sitk.sitkVectorFloat64)
+    ref = sitk.GetImageFromArray(brain2d.array.astype(np.float32))
+    brain2d.space.apply_to_sitk(ref)
+    mov = sitk.GetImageFromArray(moving.array)
+    moving.space.apply_to_sitk(mov)
+    by_itk = sitk.GetArrayFromImage(sitk.Resample(mov, ref, sitk.DisplacementFieldTransform(disp), sitk.sitkLinear,
+                                                  0.0, sitk.sitkFloat32))
+    ours = resample(moving.array, moving.space, tx, brain2d.space).numpy()
+    rng = np.ptp(moving.array)
+    assert np.abs(by_itk - ours).max() < 1e-4 * rng
+
+
+def test_identical_images_give_the_identity(brain2d):
+    tx = register_deformable(brain2d, brain2d, iterations=(20, 10, 5))
+    assert float(tx.u.abs().max()) < 1e-3
+
+
+def test_larger_reg_weight_gives_a_smoother_field(brain2d):
+    moving, _ = _warped_pair(brain2d, max_vox=5.0, seed=2)
+    sd = []
+    for lam in (0.0, 0.2, 0.6):
+        su, sf = sigmas_for_reg_weight(lam)
+        tx = register_deformable(brain2d, moving, iterations=(30, 20, 15), sigma_update=su, sigma_field=sf)
+        det = jacobian_determinant(tx.u.double(), brain2d.space)
+        sd.append(qc.jacobian_stats(det)["std_log_jacobian"])
+    assert sd[0] > sd[1] > sd[2], sd
+    with pytest.raises(InputError, match="between 0 and 1"):
+        sigmas_for_reg_weight(1.5)
+
+
+def test_mutual_information_registers_an_inverted_contrast(brain2d):
+    moving, truth = _warped_pair(brain2d, max_vox=4.0, seed=3)
+    inverted = moving.with_array((moving.array.max() - moving.array).astype(np.float32))
+    mask = _brain_mask(brain2d)
+    med_mi = _epe(register_deformable(brain2d, inverted, similarity="mi").u.numpy(), truth, mask)[0]
+    assert med_mi < 0.6, med_mi
+    # signed local NCC does not reward an anti-correlation: it cannot register the inverted image as well
+    med_ncc = _epe(register_deformable(brain2d, inverted, iterations=(30, 20, 10)).u.numpy(), truth, mask)[0]
+    assert med_ncc > 2 * med_mi
+
+
+def test_landmarks_pull_where_the_images_say_nothing():
+    """A flat image carries no information; the soft landmark constraint alone moves the field."""
+    sp = Space((64, 64), (1.0, 1.0), (0.0, 0.0), np.eye(2))
+    rng = np.random.default_rng(0)
+    a = gaussian_filter(rng.standard_normal((64, 64)), 1).astype(np.float32)
+    a[20:44, 20:44] = 0.0  # a flat hole in the middle
+    img = Image(a, sp, "img")
+    f = np.array([[32.0, 32.0]])
+    m = np.array([[34.0, 31.0]])
+    tx = register_deformable(img, img, landmarks=(f, m), iterations=(20, 20, 40))
+    assert np.linalg.norm(tx.map_points(f) - m) < 0.3
+    free = register_deformable(img, img, iterations=(20, 20, 40))
+    assert np.linalg.norm(free.map_points(f) - m) > 2.0
+
+
+def test_lncc_gradient_is_exact():
+    torch.manual_seed(0)
+    for shape in ((14, 17), (7, 9, 8)):
+        f = torch.rand(1, 1, *shape, dtype=torch.float64)
+        w = torch.rand(1, 1, *shape, dtype=torch.float64)
+        mask = (torch.rand(1, 1, *shape) > 0.3).double()
+        met = _Metric("lncc", f, 2, mask)
+        val, g = met.value_and_grad(w)
+        ww = w.clone().requires_grad_(True)
+        # the same local NCC written out densely: window sums by an explicit loop over offsets
+        wc = ww - ww.mean()
+        fc = f - f.mean()
+        d = len(shape)
+        pad = [2, 2] * d
+        ones = torch.ones_like(f)
+        sums = []
+        for x in (fc, wc, fc * wc, fc * fc, wc * wc, ones):
+            xp = torch.nn.functional.pad(x, pad)
+            tot = 0
+            for off in np.ndindex(*(5,) * d):
+                sl = (slice(None), slice(None)) + tuple(slice(o, o + n) for o, n in zip(off, shape))
+                tot = tot + xp[sl]
+            sums.append(tot)
+        sf, sw, sfw, sff, sww, cnt = sums
+        cross = sfw / cnt - sf * sw / cnt ** 2
+        vf = sff / cnt - (sf / cnt) ** 2
+        vw = sww / cnt - (sw / cnt) ** 2
+        ref = ((cross * cross.abs() / (vf * vw + LNCC_EPS)) * mask).sum() / mask.sum()
+        (g_ref,) = torch.autograd.grad(ref, ww)
+        assert val == pytest.approx(float(ref.detach()), rel=1e-9)
+        assert float((g - g_ref).abs().max() / g_ref.abs().max()) < 1e-9
+
+
+def test_gaussian_smoothing_matches_scipy():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((2, 23, 31))
+    out = gaussian_smooth(torch.as_tensor(a)[None], [1.7, 0.9])[0].numpy()
+    # kernel radius ceil(3σ) per axis, edges replicated: SciPy's "nearest" mode with the same radii
+    ref = np.stack([gaussian_filter(gaussian_filter(c, [1.7, 0], mode="nearest", truncate=6 / 1.7),
+                                    [0, 0.9], mode="nearest", truncate=3 / 0.9) for c in a])
+    assert np.abs(out - ref).max() < 1e-9
+
+
+def test_progress_cancel_and_divergence(brain2d):
+    moving, _ = _warped_pair(brain2d, max_vox=3.0, seed=4)
+    seen = []
+    register_deformable(brain2d, moving, iterations=(10, 10, 10), progress=lambda p, m: seen.append(p))
+    assert seen[0] == 0.0 and seen[-1] == 1.0 and np.all(np.diff(seen) >= 0)
+    with pytest.raises(Cancelled):
+        register_deformable(brain2d, moving, iterations=(50, 50, 50), cancel=lambda: len(seen) > 40 or
+                            seen.append(0) is None and False)
+    # absurd steps: every level keeps its best iterate, so the result is never worse than the start
+    wild = register_deformable(brain2d, moving, iterations=(10, 10, 10), step=40.0, sigma_update=0.0,
+                               sigma_field=0.0)
+    info = wild.refine_info
+    assert info["lncc_after"] >= info["lncc_before"] - 1e-6
+    assert info["diverged"] and info["rejected_updates"] > 0
+
+
+def test_bad_input_is_refused_with_a_message(brain2d):
+    tiny = Image(np.random.rand(6, 40).astype(np.float32), Space((6, 40), (1, 1), (0, 0), np.eye(2)), "tiny")
+    with pytest.raises(InputError, match="too small"):
+        register_deformable(tiny, tiny)
+    flat = brain2d.with_array(np.full(brain2d.array.shape, 3.0, np.float32), name="flat")
+    with pytest.raises(InputError, match="constant"):
+        register_deformable(brain2d, flat)
+    with pytest.raises(InputError, match="selects no voxel"):
+        register_deformable(brain2d, brain2d, fixed_mask=np.zeros(brain2d.array.shape, bool))
+    with pytest.raises(InputError, match="outside the fixed image"):
+        register_deformable(brain2d, brain2d, landmarks=(np.array([[1e4, 0.0]]), np.array([[0.0, 0.0]])))
+    nan = brain2d.array.astype(np.float32).copy()
+    nan[3, 3] = np.nan
+    with pytest.raises(InputError, match="NaN"):
+        register_deformable(brain2d, brain2d.with_array(nan))
+    with pytest.raises(InputError, match="similarity"):
+        register_deformable(brain2d, brain2d, similarity="ssd")
+    with pytest.raises(InputError, match="limit"):
+        register_deformable(brain2d, brain2d, iterations=(10 ** 6,))
