@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Continue training the deep model on a CUDA machine for MINUTES minutes, from the checkpoint committed in
+# training/ (or, the first time, from the shipped weights), and write the new checkpoint, weights and log under
+# $OUT (the device tool's output folder; ./out/gpu-train elsewhere). Commit what comes back:
+#   training/hypermorph<N>d.pt.ckpt  <- $OUT/hypermorph<N>d.pt.ckpt   (resumable state: weights, optimiser, RNG)
+#   training/LOG.md                  <- append $OUT/train<N>d.log's summary (what ran, where, how long)
+#   napari_regtool/deep/weights/hypermorph<N>d.pt <- $OUT/hypermorph<N>d.pt, only after the benchmark shows it helps
+#
+#   bash scripts/gpu-train.sh MINUTES [2|3]        (default 3D)
+# Needs python3 with torch (the device machine has it); no other package is used by training.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MIN=${1:?usage: scripts/gpu-train.sh MINUTES [2|3]}
+NDIM=${2:-3}
+OUTDIR=${OUT:-$PWD/out/gpu-train}
+mkdir -p "$OUTDIR"
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=.venv/bin/python
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+DEVICE=${DEVICE:-cuda}
+BATCH=${BATCH:-$([ "$NDIM" = 3 ] && echo 4 || echo 32)}
+ckpt=training/hypermorph${NDIM}d.pt.ckpt
+out="$OUTDIR/hypermorph${NDIM}d.pt"
+init=()
+if [ -f "$ckpt" ]; then
+  cp "$ckpt" "$out.ckpt"
+else
+  init=(--init-from "napari_regtool/deep/weights/hypermorph${NDIM}d.pt")
+fi
+{
+  echo "# $(date -u +%FT%TZ) gpu-train ${MIN} min, ${NDIM}D, device ${DEVICE}, batch ${BATCH}, git $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+  command -v nvidia-smi >/dev/null && nvidia-smi -L || true
+  "$PY" -m napari_regtool.deep.train --ndim "$NDIM" --device "$DEVICE" --threads 8 --batch "$BATCH" --resume \
+    --steps 1000000 --warmup 0 --max-minutes "$MIN" --checkpoint-every 200 --log-every 100 --out "$out" "${init[@]}"
+} 2>&1 | tee "$OUTDIR/train${NDIM}d.log"
+ls -la "$OUTDIR"
