@@ -1,8 +1,8 @@
 """``regtool``: the registration engine from the command line (batch work, no GUI needed).
 
-    regtool register --fixed F --moving M --model {rigid,similarity,affine,tps,deep,auto-rigid,auto-affine}
-                     [--landmarks L.csv] [--smoothing S] [--reg-weight λ] [--refine N] [--uncertainty]
-                     [--device auto|cpu|cuda] --out DIR
+    regtool register --fixed F --moving M --model {rigid,similarity,affine,tps,deep,deformable,auto-rigid,
+                     auto-affine} [--landmarks L.csv] [--smoothing S] [--reg-weight λ] [--refine N] [--uncertainty]
+                     [--iterations 100x70x50] [--similarity lncc|mse|mi] [--device auto|cpu|cuda] --out DIR
     regtool apply    --transform T --moving M --reference F [--labels] [--invert] --out FILE
     regtool train    ...   (trains the deep model; see ``regtool train --help``)
     regtool gui      [--sample 2d|3d]
@@ -54,8 +54,12 @@ def _cmd_register(args) -> int:
         print(f"warning: {msg}", file=sys.stderr)
 
     kernel = None if args.kernel == "auto" else args.kernel
+    iterations = _parse_iterations(args.iterations) if args.iterations else None
+    if not 0 <= args.refine <= MAX_REFINE:
+        raise RegtoolError(f"--refine {args.refine}: give 0 (no refinement) to {MAX_REFINE} iterations; the result "
+                           "stops changing after a few hundred.")
     result = register(fixed, moving, args.model, landmarks=landmarks, smoothing=args.smoothing, kernel=kernel,
-                      device=args.device,
+                      device=args.device, iterations=iterations, similarity=args.similarity,
                       reg_weight=args.reg_weight, refine=args.refine, uncertainty=args.uncertainty, weights=args.weights,
                       channel=args.channel, progress=_progress_printer(args.quiet), warn=warn)
     paths = write_outputs(result, out)
@@ -70,6 +74,26 @@ def _cmd_register(args) -> int:
               f"folding {rep['folding_percent']:.4g}%")
         print("wrote " + ", ".join(str(p) for p in paths))
     return 0
+
+
+#: upper bound of --refine: well past convergence (a 2D pair converges within ~200 iterations, a 3D pair ~300)
+MAX_REFINE = 2000
+
+
+def _parse_iterations(text: str) -> tuple:
+    """``"100x70x50"`` → ``(100, 70, 50)`` (iterations per pyramid level, coarsest first)."""
+    try:
+        its = tuple(int(t) for t in str(text).lower().split("x"))
+    except ValueError:
+        raise RegtoolError(f"--iterations {text}: give iterations per level separated by x, coarsest first, e.g. "
+                           "100x70x50.") from None
+    if not its or any(n < 0 for n in its) or sum(its) == 0 or len(its) > 6:
+        raise RegtoolError(f"--iterations {text}: give 1 to 6 levels of 0 or more iterations (not all 0), e.g. "
+                           "100x70x50.")
+    if sum(its) > MAX_REFINE * 2:
+        raise RegtoolError(f"--iterations {text}: {sum(its)} iterations is more than the limit of {MAX_REFINE * 2}; "
+                           "the result stops changing long before.")
+    return its
 
 
 def _cmd_apply(args) -> int:
@@ -125,8 +149,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--smoothing", type=float, default=0.0, help="TPS smoothing weight (0 = exact interpolation)")
     r.add_argument("--kernel", choices=("auto", "r2logr", "r"), default="auto",
                    help="TPS kernel: auto = r² log r in 2D, −r in 3D; r2logr = BigWarp's choice in 3D")
-    r.add_argument("--reg-weight", type=float, default=None, help="deep model regularization weight λ in [0, 1]")
-    r.add_argument("--refine", type=int, default=0, help="deep model: refinement iterations after the network")
+    r.add_argument("--reg-weight", type=float, default=None,
+                   help="deep and deformable models: regularization weight λ in [0, 1] (default 0.2)")
+    r.add_argument("--refine", type=int, default=0,
+                   help="deep model: iterations of the deformable optimiser started from the network (e.g. 220)")
+    r.add_argument("--iterations", help="deformable model (and deep refinement): iterations per pyramid level, "
+                                        "coarsest first, e.g. 100x70x50 (the default)")
+    r.add_argument("--similarity", choices=("lncc", "mse", "mi"), default="lncc",
+                   help="deformable model / refinement: local NCC (default; any monotone contrast change), mean "
+                        "squared difference (same contrast) or mutual information (other modalities)")
     r.add_argument("--uncertainty", action="store_true", help="deep model: also write uncertainty.nii.gz")
     r.add_argument("--weights", help="deep model: a weight file from `regtool train` instead of the shipped one")
     r.add_argument("--channel", default="mean", help="multi-channel images: channel index to register on, or mean")
@@ -180,11 +211,30 @@ def main(argv=None) -> int:
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
         print(f"regtool: error: {exc.strerror or exc}{where}.", file=sys.stderr)
         return 2
-    except MemoryError:
-        print("regtool: error: not enough memory for these images; try --device cpu or smaller images.",
-              file=sys.stderr)
-        return 3
-    except Exception as exc:  # a bug, not bad input: say so plainly, keep the trace for debugging
+    except Exception as exc:  # a bug, not bad input (unless memory ran out): say so plainly, keep the trace
+        import re
+
+        text = " ".join(str(exc).split())
+        # torch raises RuntimeError/torch.OutOfMemoryError ("CUDA out of memory. Tried to allocate 2.00 GiB",
+        # "DefaultCPUAllocator: can't allocate memory: you tried to allocate 68719476736 bytes"), SimpleITK a
+        # RuntimeError, NumPy a MemoryError ("Unable to allocate 1.00 TiB for an array …")
+        if isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and re.search(
+                r"out of memory|can't allocate memory|not enough memory|failed to allocate memory", text, re.I)):
+            m = re.search(r"allocate (?:memory: you tried to allocate )?(\d+) bytes|(?:tried to|unable to) allocate "
+                          r"([\d.]+ ?[KMGTP]?i?B)\b", text, re.I)
+            asked = ""
+            if m and m.group(1):
+                size, unit = float(m.group(1)), "bytes"
+                for u in ("KiB", "MiB", "GiB", "TiB", "PiB"):
+                    if size < 1024:
+                        break
+                    size, unit = size / 1024, u
+                asked = f" (an allocation of {size:.3g} {unit} failed)"
+            elif m:
+                asked = f" (an allocation of {m.group(2)} failed)"
+            print(f"regtool: error: not enough memory for these images{asked}; try --device cpu or smaller images.",
+                  file=sys.stderr)
+            return 3
         if os.environ.get("REGTOOL_DEBUG"):
             raise
         print(f"regtool: unexpected error ({type(exc).__name__}: {exc}). This is a bug; re-run with REGTOOL_DEBUG=1 "

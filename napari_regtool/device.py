@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from .errors import InputError
+
 __all__ = ["resolve_device", "describe_device", "DEVICE_CHOICES"]
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
@@ -18,7 +20,8 @@ def resolve_device(name: str | torch.device | None = "auto", warn=None) -> torch
 
     ``auto`` picks CUDA, then MPS, then CPU. Asking for CUDA (or MPS) where it is absent falls back to the CPU
     and reports it through ``warn(message)`` (a callable, e.g. ``warnings.warn`` or a GUI notifier) so the
-    user learns that the run is not on the device they asked for.
+    user learns that the run is not on the device they asked for. An unknown name raises :class:`InputError`
+    (a :class:`ValueError`) listing the choices.
     """
     if isinstance(name, torch.device):
         name = str(name)
@@ -30,8 +33,13 @@ def resolve_device(name: str | torch.device | None = "auto", warn=None) -> torch
             return torch.device("mps")
         return torch.device("cpu")
     if name.startswith("cuda"):
-        if torch.cuda.is_available():
+        try:
             dev = torch.device(name)
+        except (RuntimeError, ValueError):
+            dev = None
+        if dev is None or dev.type != "cuda" or (dev.index is not None and dev.index < 0):
+            raise _unknown(name)
+        if torch.cuda.is_available():
             if dev.index is not None and dev.index >= torch.cuda.device_count():
                 if warn:
                     warn(f"{name} does not exist ({torch.cuda.device_count()} CUDA device(s)); using cuda:0.")
@@ -48,7 +56,12 @@ def resolve_device(name: str | torch.device | None = "auto", warn=None) -> torch
         return torch.device("cpu")
     if name == "cpu":
         return torch.device("cpu")
-    raise ValueError(f"Unknown device {name!r}: use one of auto, cpu, cuda (or cuda:N, mps).")
+    raise _unknown(name)
+
+
+def _unknown(name: str) -> InputError:
+    return InputError(f"Unknown device {name!r}: use one of auto, cpu, cuda (or cuda:N for one GPU) or mps (Apple "
+                      "GPUs); auto picks CUDA, then MPS, then the CPU.")
 
 
 def describe_device(device: torch.device) -> str:

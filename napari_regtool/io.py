@@ -1,10 +1,14 @@
 """Images, transforms and displacement fields on disk, through SimpleITK (physical metadata preserved)."""
 from __future__ import annotations
 
+import bz2
+import math
 import os
 import shutil
+import struct
 import tempfile
-from contextlib import contextmanager
+import zlib
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +20,7 @@ from .space import Space
 __all__ = [
     "read_image", "write_image", "image_to_sitk", "image_from_sitk", "field_to_sitk_image",
     "field_to_sitk_transform", "write_displacement_field", "read_displacement_field", "write_transform",
-    "read_transform", "affine_from_sitk", "atomic_output", "IMAGE_EXTENSIONS",
+    "read_transform", "affine_from_sitk", "atomic_output", "verify_image_file", "IMAGE_EXTENSIONS",
 ]
 
 IMAGE_EXTENSIONS = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr", ".tif", ".tiff", ".png", ".jpg", ".jpeg",
@@ -69,10 +73,406 @@ def image_from_sitk(img, name: str = "image", is_label: bool = False) -> Image:
     return Image(arr, space, name=name, is_label=is_label)
 
 
+# ------------------------------------------------------------------------------------------- payload checks
+# SimpleITK trusts a file's header: a cut or short payload is read with the missing part as zeros (NIfTI), NaN/inf
+# in NIfTI data become 0 and a zero NIfTI spacing becomes 1.0. These checks read the header themselves and stream
+# the (decompressed) payload once, in chunks, before SimpleITK reads the file.
+_CHUNK = 1 << 22  # 4 MiB of decompressed data at a time
+_AGAIN = "copy or export the file again from its source"
+
+
+def _truncated(p: Path, expected: int, found: int, error: str | None = None, data: Path | None = None) -> InputError:
+    """The one-sentence message for image data that is short, or whose compressed stream broke off (``error``
+    from :class:`_Chunks`)."""
+    where = f" in {data.name}" if data is not None and data != p else ""
+    if error is None:
+        detail = f"expected {expected} bytes of image data{where}, found {found}"
+    elif error == "ends" and found < expected:
+        detail = f"expected {expected} bytes of image data{where}, found {found} before the compressed data ends"
+    elif error == "ends":
+        detail = f"the compressed data{where} ends before its end-of-stream marker and checksum"
+    else:
+        detail = (f"the compressed data{where} is corrupt after {min(found, expected)} of {expected} bytes of image "
+                  f"data: {error}")
+    return InputError(f"{p.name} is truncated or damaged ({detail}); {_AGAIN}.")
+
+
+def _file_chunks(f, stop: int | None = None):
+    left = stop
+    while left is None or left > 0:
+        chunk = f.read(_CHUNK if left is None else min(_CHUNK, left))
+        if not chunk:
+            return
+        if left is not None:
+            left -= len(chunk)
+        yield chunk
+
+
+def _inflate_chunks(f, gzip_members: bool = True, limit: int | None = None):
+    """Decompressed chunks (at most ``_CHUNK`` bytes each) of the gzip member(s) — or the one zlib stream when
+    ``gzip_members`` is false — read from ``f`` (at most ``limit`` bytes). Raises ``EOFError`` when the compressed
+    data ends before its end-of-stream marker and ``zlib.error`` when it is corrupt (zlib checks gzip's CRC and
+    length); a gzip file may hold several members and trailing zero padding, as Python's gzip module allows."""
+    src = _file_chunks(f, limit)
+    buf = next(src, b"")
+    while True:
+        d = zlib.decompressobj(31 if gzip_members else 47)  # 47: zlib or gzip header, detected
+        while not d.eof:
+            if not buf:
+                buf = next(src, b"")
+                if not buf:
+                    tail = d.flush()  # output held back by the size limit (small)
+                    if tail:
+                        yield tail
+                    if not d.eof:
+                        raise EOFError("compressed data ends early")
+                    break
+            out = d.decompress(buf, _CHUNK)
+            if out:
+                yield out
+            buf = d.unconsumed_tail
+        if not gzip_members:
+            return
+        buf = d.unused_data
+        while not buf.strip(b"\0"):  # end of file, or zero padding before it
+            buf = next(src, None)
+            if buf is None:
+                return
+
+
+class _Chunks:
+    """A chunk iterator read as a stream: ``take(n)`` bytes, ``skip(n)``, then ``rest()``. A compressed stream that
+    breaks off or is corrupt ends the data; ``error`` is then ``"ends"`` or the decompressor's reason."""
+
+    def __init__(self, chunks):
+        self.it, self.buf, self.error = iter(chunks), b"", None
+
+    def _next(self):
+        if self.error is not None:
+            return None
+        try:
+            return next(self.it)
+        except StopIteration:
+            return None
+        except EOFError:
+            self.error = "ends"
+        except (zlib.error, OSError, ValueError) as exc:
+            self.error = str(exc).strip() or type(exc).__name__
+        return None
+
+    def take(self, n: int) -> bytes:
+        parts, have = [self.buf], len(self.buf)
+        while have < n:
+            chunk = self._next()
+            if chunk is None:
+                break
+            parts.append(chunk)
+            have += len(chunk)
+        data = b"".join(parts)
+        self.buf = data[n:]
+        return data[:n]
+
+    def skip(self, n: int) -> int:
+        done = 0
+        while done < n:
+            got = len(self.take(min(_CHUNK, n - done)))
+            if not got:
+                break
+            done += got
+        return done
+
+    def rest(self):
+        if self.buf:
+            chunk, self.buf = self.buf, b""
+            yield chunk
+        while (chunk := self._next()) is not None:
+            yield chunk
+
+
+def _scan(chunks, dtype=None, check_bytes: int = 0):
+    """Count the bytes of ``chunks`` (consuming them) → ``(n_bytes, all_finite)``; the first ``check_bytes`` bytes
+    are checked for NaN/inf as ``dtype`` when one is given (bytes after them are not the image's)."""
+    item = np.dtype(dtype).itemsize if dtype is not None else 1
+    n, finite, checked, carry = 0, True, 0, b""  # carry: the start of an element split between two chunks
+    for chunk in chunks:
+        n += len(chunk)
+        if dtype is None or not finite or checked >= check_bytes:
+            continue
+        end = min(n, check_bytes)
+        end -= end % item
+        off = 0
+        if carry:
+            off = item - len(carry)
+            if len(chunk) < off:
+                carry += chunk
+                continue
+            if checked + item <= end and not np.isfinite(np.frombuffer(carry + chunk[:off], dtype)).all():
+                finite = False
+            checked += item
+        count = max(0, (end - checked) // item)
+        if count and not np.isfinite(np.frombuffer(chunk, dtype, count=count, offset=off)).all():
+            finite = False
+        checked += count * item
+        carry = chunk[off + count * item:]
+    return n, finite
+
+
+def _open_maybe_gzip(stack: ExitStack, path: Path) -> tuple:
+    """(open file, its decompressed chunks or None when it is not gzip — found by the magic number, not the name)."""
+    f = stack.enter_context(open(path, "rb"))
+    gz = f.read(2) == b"\x1f\x8b"
+    f.seek(0)
+    return f, (_Chunks(_inflate_chunks(f)) if gz else None)
+
+
+_NIFTI_FLOAT = {16: "f4", 32: "f4", 64: "f8", 1792: "f8"}  # float32, complex64, float64, complex128
+
+
+def _verify_nifti(p: Path) -> None:
+    low = p.name.lower()
+    if low.endswith(".img"):
+        hdr_path = p.with_name(p.name[:-4] + (".HDR" if p.name.endswith(".IMG") else ".hdr"))
+        if not hdr_path.is_file():
+            return
+    else:
+        hdr_path = p
+    with ExitStack() as stack:
+        f, chunks = _open_maybe_gzip(stack, hdr_path)
+        head = chunks.take(348) if chunks else f.read(348)
+        if len(head) < 348 and chunks and chunks.error:
+            what = "ends" if chunks.error == "ends" else f"is corrupt: {chunks.error}"
+            raise InputError(f"{p.name} is truncated or damaged (its compressed data {what}); {_AGAIN}.")
+        if len(head) < 4 or 348 not in (struct.unpack_from("<i", head)[0], struct.unpack_from(">i", head)[0]):
+            return  # not a NIfTI-1/Analyze header (junk, NIfTI-2): SimpleITK decides and says so
+        if len(head) < 348:
+            raise InputError(f"{p.name} is truncated or damaged (its NIfTI header holds {len(head)} of 348 bytes); "
+                             f"{_AGAIN}.")
+        for e in "<>":
+            if struct.unpack_from(e + "i", head, 0)[0] == 348:
+                break
+        else:
+            return
+        dim = struct.unpack_from(e + "8h", head, 40)
+        datatype, bitpix = struct.unpack_from(e + "hh", head, 70)
+        pixdim = struct.unpack_from(e + "8f", head, 76)
+        vox_offset = struct.unpack_from(e + "f", head, 108)[0]
+        single = head[344:348] == b"n+1\x00" or low.endswith((".nii", ".nii.gz"))
+        nd = dim[0]
+        if not 1 <= nd <= 7 or any(d < 1 for d in dim[1: nd + 1]) or bitpix <= 0 or bitpix % 8:
+            return  # an unusual header: SimpleITK reports it (or image_from_sitk finds it empty)
+        for i in range(1, min(nd, 3) + 1):
+            if dim[i] > 1 and not (math.isfinite(pixdim[i]) and pixdim[i] != 0):
+                axis = "xyz"[i - 1]
+                raise InputError(f"{p.name} has no usable voxel spacing along {axis} (pixdim[{i}] = {pixdim[i]} in "
+                                 "its NIfTI header, which readers silently replace by 1.0); set the correct spacing "
+                                 "in the program that wrote it and save the image again.")
+        expected = math.prod(dim[1: nd + 1]) * bitpix // 8
+        offset = max(int(vox_offset), 348) if single else max(int(vox_offset), 0)
+        dtype = _NIFTI_FLOAT.get(datatype)
+        dtype = np.dtype(e + dtype) if dtype else None
+        data_path = p
+        if not single:  # .hdr + .img pair
+            data_path = hdr_path.with_name(hdr_path.name[:-4] + (".IMG" if hdr_path.name.endswith(".HDR") else ".img"))
+            if not data_path.is_file():
+                data_path = data_path.with_name(data_path.name + ".gz")
+                if not data_path.is_file():
+                    return  # SimpleITK reports the missing data file
+            stack.close()
+            f, chunks = _open_maybe_gzip(stack, data_path)
+        at = 348 if single else 0
+        if chunks:  # gzip: read the stream to its end (a cut one raises), checking float data on the way
+            at += chunks.skip(offset - at)
+            found, finite = _scan(chunks.rest(), dtype, expected) if at >= offset else (0, True)
+            err = chunks.error
+        else:
+            found = max(0, os.fstat(f.fileno()).st_size - offset)
+            finite, err = True, None
+            if found >= expected and dtype is not None:
+                f.seek(offset)
+                _, finite = _scan(_file_chunks(f, expected), dtype, expected)
+    if found < expected or err:
+        raise _truncated(p, expected, found, err, data_path)
+    if not finite:
+        raise InputError(f"{p.name} contains NaN or infinite values in its image data; replace them (e.g. by 0 or "
+                         "the background value) and save the image again.")
+
+
+def _header_lines(f, stop, valid, limit=4096):
+    """``(lines, found)``: the text lines of a header up to (and including) the one ``stop(line)`` accepts;
+    ``found`` is false when the file ends, or a line that ``valid`` rejects comes, before it."""
+    lines = []
+    for _ in range(limit):
+        raw = f.readline(1 << 16)
+        if not raw:
+            return lines, False
+        line = raw.decode("latin-1").rstrip("\r\n")
+        lines.append(line)
+        if stop(line):
+            return lines, True
+        if not valid(line):
+            return lines, False
+    return lines, False
+
+
+_MET_SIZES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
+              "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4, "MET_DOUBLE": 8}
+
+
+def _verify_payload(p: Path, data: Path, start: int, expected: int, encoding: str, limit: int | None = None,
+                    at_end: bool = False) -> None:
+    """Check that ``data`` from ``start`` holds ``expected`` bytes (raw) or a complete stream that does."""
+    size = data.stat().st_size
+    if encoding == "raw":
+        found = size if at_end else size - start
+        if found < expected:
+            raise _truncated(p, expected, max(found, 0), data=data)
+        return
+    with ExitStack() as stack:
+        f = stack.enter_context(open(data, "rb"))
+        f.seek(start)
+        if encoding == "zlib":
+            if limit is not None and size - start < limit:
+                raise InputError(f"{p.name} is truncated or damaged (expected {limit} bytes of compressed data"
+                                 f"{' in ' + data.name if data != p else ''}, found {max(size - start, 0)}); {_AGAIN}.")
+            chunks = _Chunks(_inflate_chunks(f, gzip_members=False, limit=limit))
+        elif encoding == "gzip":
+            chunks = _Chunks(_inflate_chunks(f))
+        else:  # bzip2
+            bz = stack.enter_context(bz2.BZ2File(f, mode="rb"))
+            chunks = _Chunks(iter(lambda: bz.read(_CHUNK), b""))
+        n, _ = _scan(chunks.rest())
+        err = chunks.error
+    if n < expected or err:
+        raise _truncated(p, expected, n, err, data)
+
+
+def _verify_metaimage(p: Path) -> None:
+    with open(p, "rb") as f:
+        lines, ok = _header_lines(f, lambda s: s.split("=")[0].strip().lower() == "elementdatafile",
+                                  lambda s: "=" in s or not s.strip())
+        start = f.tell()
+    if not ok:
+        return
+    fields = {}
+    for line in lines:
+        if "=" in line:
+            k, v = line.split("=", 1)
+            fields[k.strip().lower()] = v.strip()
+    try:
+        ndims = int(fields["ndims"])
+        dims = [int(v) for v in fields["dimsize"].split()][:ndims]
+        channels = int(fields.get("elementnumberofchannels", "1"))
+        item = _MET_SIZES[fields["elementtype"].upper()]
+        header_size = int(fields.get("headersize", "0"))
+        csize = int(fields["compresseddatasize"]) if "compresseddatasize" in fields else None
+    except (KeyError, ValueError):
+        return  # an unusual or broken header: SimpleITK reports it
+    if fields.get("binarydata", "true").lower() not in ("true", "1") or len(dims) != ndims or min(dims + [1]) < 1:
+        return
+    compressed = fields.get("compresseddata", "false").lower() in ("true", "1")
+    target = fields["elementdatafile"]
+    if target.upper() == "LOCAL":
+        data = p
+    elif target.upper().startswith("LIST") or "%" in target or len(target.split()) > 1:
+        return
+    else:
+        data = p.parent / target
+        if not data.is_file():
+            raise InputError(f"{p.name} names its data file {target}, which is missing; keep the header and its data "
+                             "file together in one folder.")
+        start = max(header_size, 0)
+    expected = math.prod(dims) * channels * item
+    if compressed:
+        _verify_payload(p, data, start, expected, "zlib", limit=csize or None)
+    else:
+        _verify_payload(p, data, start, expected, "raw", at_end=header_size == -1)
+
+
+_NRRD_SIZES = {}
+for _names, _size in ((("signed char", "int8", "int8_t", "uchar", "unsigned char", "uint8", "uint8_t"), 1),
+                      (("short", "short int", "signed short", "signed short int", "int16", "int16_t", "ushort",
+                        "unsigned short", "unsigned short int", "uint16", "uint16_t"), 2),
+                      (("int", "signed int", "int32", "int32_t", "uint", "unsigned int", "uint32", "uint32_t",
+                        "float"), 4),
+                      (("longlong", "long long", "long long int", "signed long long", "signed long long int", "int64",
+                        "int64_t", "ulonglong", "unsigned long long", "unsigned long long int", "uint64", "uint64_t",
+                        "double"), 8)):
+    _NRRD_SIZES.update(dict.fromkeys(_names, _size))
+_NRRD_ENCODINGS = {"raw": "raw", "gzip": "gzip", "gz": "gzip", "bzip2": "bzip2", "bz2": "bzip2"}
+
+
+def _verify_nrrd(p: Path) -> None:
+    with open(p, "rb") as f:
+        if not f.read(8).startswith(b"NRRD000"):
+            return
+        f.readline()
+        lines, ended = _header_lines(f, lambda s: s == "", lambda s: ":" in s or s.startswith("#"))
+        start = f.tell()
+    fields = {}
+    for line in lines:
+        if line.startswith("#") or ":=" in line or ":" not in line:
+            continue
+        k, v = line.split(":", 1)
+        fields[k.strip().lower()] = v.strip()
+    try:
+        sizes = [int(v) for v in fields["sizes"].split()]
+        item = _NRRD_SIZES[fields["type"].lower()]
+        encoding = _NRRD_ENCODINGS[fields["encoding"].lower()]
+        byte_skip = int(fields.get("byte skip", fields.get("byteskip", "0")))
+        line_skip = int(fields.get("line skip", fields.get("lineskip", "0")))
+    except (KeyError, ValueError):
+        return  # ascii/hex/block data, or a header SimpleITK will report
+    if line_skip or not sizes or min(sizes) < 1 or byte_skip < -1:
+        return
+    target = fields.get("data file", fields.get("datafile"))
+    if target is None:
+        if not ended:
+            return  # no blank line after the header: SimpleITK reports it
+        data = p
+    elif target.upper().startswith("LIST") or len(target.split()) > 1:
+        return
+    else:
+        data = p.parent / target
+        start = 0
+        if not data.is_file():
+            raise InputError(f"{p.name} names its data file {target}, which is missing; keep the header and its data "
+                             "file together in one folder.")
+    expected = math.prod(sizes) * item
+    if encoding == "raw":
+        _verify_payload(p, data, start + max(byte_skip, 0), expected, "raw", at_end=byte_skip == -1)
+    else:
+        _verify_payload(p, data, start, expected + max(byte_skip, 0), encoding)
+
+
+def verify_image_file(path) -> None:
+    """Check an image file's payload against its header before SimpleITK reads it.
+
+    NIfTI (``.nii``, ``.nii.gz``, ``.hdr``/``.img``): the data size from ``dim`` × ``bitpix`` after
+    ``vox_offset`` (a gzip stream read to its end), finite float data and a non-zero spacing. MetaImage
+    (``.mha``/``.mhd``) and NRRD (``.nrrd``/``.nhdr``): the raw payload size, or a complete compressed stream that
+    holds it. Other formats are left to SimpleITK. Raises :class:`InputError` naming the file.
+    """
+    p = Path(path)
+    low = p.name.lower()
+    try:
+        if low.endswith((".nii", ".nii.gz", ".hdr", ".img")):
+            _verify_nifti(p)
+        elif low.endswith((".mha", ".mhd")):
+            _verify_metaimage(p)
+        elif low.endswith((".nrrd", ".nhdr")):
+            _verify_nrrd(p)
+    except InputError:
+        raise
+    except (OSError, struct.error, ValueError, OverflowError):
+        return  # unreadable in a way SimpleITK reports in its own words (permissions, a folder, …)
+
+
 def read_image(path, is_label: bool = False) -> Image:
     """Read any image SimpleITK reads (NIfTI, MHA/MHD, NRRD, TIFF, PNG, JPEG, DICOM file or series folder).
 
-    Raises :class:`InputError` with a plain sentence for a missing, unreadable or unsupported file.
+    Raises :class:`InputError` with a plain sentence for a missing, unreadable or unsupported file, and — checked
+    by :func:`verify_image_file` before SimpleITK reads it — for a truncated or damaged NIfTI/MetaImage/NRRD payload,
+    NaN/inf in NIfTI float data and a zero NIfTI spacing (which SimpleITK would silently read as 0 and 1.0).
     """
     p = Path(path).expanduser()
     if not p.exists():
@@ -83,6 +483,8 @@ def read_image(path, is_label: bool = False) -> Image:
         if name.lower().endswith(ext):
             name = name[: -len(ext)]
             break
+    if not p.is_dir():
+        verify_image_file(p)
     try:
         img = _read_dicom_series(p) if p.is_dir() else sitk.ReadImage(str(p))
     except InputError:
@@ -189,11 +591,15 @@ def write_displacement_field(path, field, space: Space):
 
 
 def read_displacement_field(path):
-    """→ ``(field (*S, D) float64, space)`` from a vector image written by any ITK tool."""
+    """→ ``(field (*S, D) float64, space)`` from a vector image written by any ITK tool.
+
+    Raises :class:`InputError` for a truncated file, or a field with NaN or infinite vectors.
+    """
     sitk = _sitk()
     p = Path(path)
     if not p.exists():
         raise InputError(f"File not found: {p}. Check the path.")
+    verify_image_file(p)
     try:
         img = sitk.ReadImage(str(p))
     except Exception:
@@ -201,8 +607,19 @@ def read_displacement_field(path):
     if img.GetNumberOfComponentsPerPixel() != img.GetDimension():
         raise InputError(f"{p.name} is not a displacement field: it has {img.GetNumberOfComponentsPerPixel()} "
                          f"component(s) per voxel, a {img.GetDimension()}D field needs {img.GetDimension()}.")
-    arr = sitk.GetArrayFromImage(img).astype(np.float64)
-    return arr, Space.from_sitk(img)
+    return _field_from_sitk_image(img, p.name)
+
+
+def _field_from_sitk_image(img, name: str):
+    arr = _sitk().GetArrayFromImage(img).astype(np.float64, copy=False)
+    if not np.isfinite(arr).all():
+        raise InputError(f"{name} contains NaN or infinite displacement vectors; it cannot be applied — recompute "
+                         "the field, or replace those vectors by 0 and save it again.")
+    try:
+        space = Space.from_sitk(img)
+    except ValueError as exc:
+        raise InputError(f"{name}: unusable displacement field geometry — {exc}") from None
+    return arr, space
 
 
 def write_transform(path, transform, space: Space | None = None):
@@ -234,10 +651,155 @@ def write_transform(path, transform, space: Space | None = None):
         sitk.WriteTransform(tx, tmp)
 
 
+# ------------------------------------------------------------------------------------------- transform file checks
+# ITK reads a .tfm whose Parameters line was cut as the identity and a cut .mat with garbage fixed parameters, so the
+# numbers in the file are counted against what the transform type needs. (number of parameters, allowed numbers of
+# fixed parameters) per ITK class, for dimension d; BSpline types are checked from their fixed parameters.
+_TRANSFORM_COUNTS = {
+    "AffineTransform": lambda d: (d * d + d, (d,)),
+    "MatrixOffsetTransformBase": lambda d: (d * d + d, (d,)),
+    "TranslationTransform": lambda d: (d, (0,)),
+    "ScaleTransform": lambda d: (d, (d,)),
+    "ScaleLogarithmicTransform": lambda d: (d, (d,)),
+    "IdentityTransform": lambda d: (0, (0,)),
+    "Euler2DTransform": lambda d: (3, (2,)),
+    "Rigid2DTransform": lambda d: (3, (2,)),
+    "Similarity2DTransform": lambda d: (4, (2,)),
+    "Euler3DTransform": lambda d: (6, (3, 4)),  # ITK ≥ 5 adds a 4th fixed parameter (ZYX order flag)
+    "Rigid3DTransform": lambda d: (12, (3,)),
+    "VersorTransform": lambda d: (3, (3,)),
+    "VersorRigid3DTransform": lambda d: (6, (3,)),
+    "Similarity3DTransform": lambda d: (7, (3,)),
+    "QuaternionRigidTransform": lambda d: (7, (3,)),
+    "ScaleVersor3DTransform": lambda d: (9, (3,)),
+    "ScaleSkewVersor3DTransform": lambda d: (15, (3,)),
+    "ComposeScaleSkewVersor3DTransform": lambda d: (12, (3,)),
+}
+
+
+def _needs(kind: str, fixed: list):
+    """(parameters, allowed fixed-parameter counts) that the ITK type ``kind`` needs, or None when unknown."""
+    base, _, rest = kind.partition("_")
+    tail = rest.split("_")
+    try:
+        d = int(tail[-1])
+    except ValueError:
+        return None
+    if base in _TRANSFORM_COUNTS:
+        return _TRANSFORM_COUNTS[base](d)
+    if base in ("BSplineTransform", "BSplineDeformableTransform"):
+        nf = d * (3 + d)
+        if len(fixed) != nf or not all(math.isfinite(v) and v >= 1 and float(v).is_integer() for v in fixed[:d]):
+            return (None, (nf,))
+        return (d * math.prod(int(v) for v in fixed[:d]), (nf,))
+    return None
+
+
+def _check_transform_numbers(p: Path, kind: str, params: list, fixed: list) -> None:
+    """Raise :class:`InputError` when ``params``/``fixed`` do not fit ITK type ``kind`` or are not finite."""
+    for what, values in (("parameters", params), ("fixed parameters", fixed)):
+        bad = next((v for v in values if not math.isfinite(v)), None)
+        if bad is not None:
+            raise InputError(f"{p.name} is damaged: the {what} of its {kind} hold {bad}, not a finite number; save "
+                             "the transform again from the program that computed it.")
+    need = _needs(kind, fixed)
+    if need is None:
+        return
+    n, nf = need
+    if (n is not None and len(params) != n) or len(fixed) not in nf:
+        fixed_text = " or ".join(str(v) for v in nf)
+        what = f"{fixed_text} fixed parameters" if n is None else f"{n} parameters and {fixed_text} fixed parameters"
+        raise InputError(f"{p.name} is truncated or damaged: {kind} needs {what}, the file holds {len(params)} and "
+                         f"{len(fixed)}; save the transform again from the program that computed it.")
+
+
+def _verify_text_transform(p: Path) -> None:
+    """Count and parse the numbers of every transform in an ITK text transform file (.tfm/.txt)."""
+    try:
+        if p.stat().st_size > 64 << 20:
+            return  # a dense B-spline grid in text: left to ReadTransform
+        text = p.read_bytes().decode("latin-1")
+    except OSError:
+        return
+    if not text.lstrip().startswith("#Insight Transform File"):
+        return  # not ITK's text format: ReadTransform reports it
+    blocks = []
+    for line in text.splitlines():
+        tag, sep, value = line.partition(":")
+        tag = tag.strip().lower()
+        if not sep or line.lstrip().startswith("#"):
+            continue
+        if tag == "transform":
+            blocks.append({"kind": value.strip(), "parameters": None, "fixedparameters": None})
+        elif tag in ("parameters", "fixedparameters") and blocks:
+            blocks[-1][tag] = value
+    for b in blocks:
+        kind = b["kind"]
+        if kind.startswith("CompositeTransform"):
+            continue
+        numbers = {}
+        for tag in ("parameters", "fixedparameters"):
+            values = []
+            for tok in (b[tag] or "").split():
+                try:
+                    values.append(float(tok))
+                except ValueError:
+                    raise InputError(f"{p.name} is truncated or damaged: '{tok[:20]}' in the {kind} "
+                                     f"{'fixed ' if tag == 'fixedparameters' else ''}parameters is not a number; "
+                                     "save the transform again from the program that computed it.") from None
+            numbers[tag] = values
+        _check_transform_numbers(p, kind, numbers["parameters"], numbers["fixedparameters"])
+
+
+_MAT_TYPES = {0: "f8", 1: "f4", 2: "i4", 3: "i2", 4: "u2", 5: "u1"}
+
+
+def _verify_matlab_transform(p: Path) -> None:
+    """Walk the MATLAB v4 records of an ITK .mat transform file (parameters named by the type, then 'fixed')."""
+    try:
+        data = p.read_bytes()
+    except OSError:
+        return
+    records, off = [], 0
+    while off < len(data):
+        if len(data) - off < 20:
+            raise InputError(f"{p.name} is truncated or damaged (a record header holds {len(data) - off} of 20 bytes); "
+                             "save the transform again from the program that computed it.")
+        for e in "<>":
+            mopt, rows, cols, imag, namelen = struct.unpack_from(e + "5i", data, off)
+            if 0 <= mopt < 5000 and rows >= 0 and cols >= 0 and imag in (0, 1) and 0 < namelen < 4096:
+                break
+        else:
+            return  # not MATLAB v4: ReadTransform reports it
+        code = _MAT_TYPES.get((mopt // 10) % 10)
+        if code is None or (mopt // 1000) > 1:
+            return
+        dtype = np.dtype((">" if mopt // 1000 else "<") + code)
+        size = rows * cols * dtype.itemsize * (2 if imag else 1)
+        end = off + 20 + namelen + size
+        if end > len(data):
+            raise InputError(f"{p.name} is truncated or damaged (expected {end} bytes, found {len(data)}); save the "
+                             "transform again from the program that computed it.")
+        name = data[off + 20: off + 20 + namelen].split(b"\x00")[0].decode("latin-1")
+        values = np.frombuffer(data, dtype, count=rows * cols, offset=off + 20 + namelen).astype(float).tolist()
+        records.append((name, values))
+        off = end
+    if not records:
+        return
+    kind, params = records[0]
+    fixed = records[1][1] if len(records) > 1 else []
+    _check_transform_numbers(p, kind, params, fixed)
+
+
 def read_transform(path):
-    """Read an ITK transform file (.tfm/.h5/.mat) or a displacement-field image as a :class:`Transform`."""
+    """Read an ITK transform file (.tfm/.h5/.mat) or a displacement-field image as a :class:`Transform`.
+
+    The numbers in the file are checked first: a .tfm/.txt or .mat whose parameter counts do not fit its transform
+    type (a cut file, which ITK would read as the identity or with garbage), non-finite parameters, and NaN/inf
+    displacement vectors raise :class:`InputError` naming the file.
+    """
     sitk = _sitk()
-    from .transforms import AffineTransform, DisplacementFieldTransform, CompositeTransform
+    from .transforms import DisplacementFieldTransform
 
     p = Path(path)
     if not p.exists():
@@ -246,28 +808,38 @@ def read_transform(path):
     if low.endswith((".nii", ".nii.gz", ".mha", ".mhd", ".nrrd")):
         field, space = read_displacement_field(p)
         return DisplacementFieldTransform(field, space, kind="field")
+    if low.endswith((".tfm", ".txt")):
+        _verify_text_transform(p)
+    elif low.endswith(".mat"):
+        _verify_matlab_transform(p)
     try:
         tx = sitk.ReadTransform(str(p))
     except Exception:
         raise InputError(f"Cannot read {p.name} as an ITK transform file.") from None
-    return _from_sitk_transform(tx)
+    return _from_sitk_transform(tx, p)
 
 
-def _from_sitk_transform(tx):
+def _from_sitk_transform(tx, p: Path):
     sitk = _sitk()
-    from .transforms import AffineTransform, CompositeTransform, DisplacementFieldTransform
+    from .transforms import CompositeTransform, DisplacementFieldTransform
 
     if tx.GetName() == "CompositeTransform":
         comp = sitk.CompositeTransform(tx)
-        parts = [_from_sitk_transform(comp.GetNthTransform(i)) for i in range(comp.GetNumberOfTransforms())]
+        parts = [_from_sitk_transform(comp.GetNthTransform(i), p) for i in range(comp.GetNumberOfTransforms())]
         # ITK applies the last-added transform first
         return parts[0] if len(parts) == 1 else CompositeTransform(parts[::-1])
     if tx.GetName() == "DisplacementFieldTransform":
         img = sitk.DisplacementFieldTransform(tx).GetDisplacementField()
-        return DisplacementFieldTransform(sitk.GetArrayFromImage(img).astype(np.float64), Space.from_sitk(img))
+        return DisplacementFieldTransform(*_field_from_sitk_image(img, p.name))
     if not tx.IsLinear():
         raise InputError(f"ITK transform type {tx.GetName()} is not supported; use a linear transform or a "
                          "displacement field.")
+    params, fixed = list(tx.GetParameters()), list(tx.GetFixedParameters())
+    if len(params) != tx.GetNumberOfParameters() or len(fixed) != tx.GetNumberOfFixedParameters():
+        raise InputError(f"{p.name} is truncated or damaged: its {tx.GetName()} holds {len(params)} parameters and "
+                         f"{len(fixed)} fixed parameters instead of {tx.GetNumberOfParameters()} and "
+                         f"{tx.GetNumberOfFixedParameters()}; save the transform again.")
+    _check_transform_numbers(p, tx.GetName(), params, fixed)
     return affine_from_sitk(tx)
 
 

@@ -253,6 +253,41 @@ def save_model(model: HyperMorphModel, path, extra: dict | None = None) -> None:
             os.remove(tmp)
 
 
+#: allowed ranges of the numbers in a weight file's architecture (``config``): a hand-edited file must not make
+#: inference allocate terabytes (``work_size``) or loop for ever (``int_steps``); the ranges hold every model
+#: ``regtool train`` can write with room to spare
+CONFIG_LIMITS = {"int_steps": (0, 16), "work_size": (16, 4096), "final": (1, 1024), "hyper_hidden": (1, 4096),
+                 "enc": (1, 1024), "dec": (1, 1024)}
+WORK_SIZE_MAX_3D = 512
+
+
+def _whole(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and float(v).is_integer()
+
+
+def _check_config(name: str, cfg: dict) -> None:
+    """Raise :class:`InputError` when a weight file's architecture holds numbers out of range (hand-made files)."""
+    from ..errors import InputError
+
+    again = "use a weight file written by `regtool train`, or retrain"
+    ndim = cfg.get("ndim", 2)
+    for key, (lo, hi) in CONFIG_LIMITS.items():
+        if key not in cfg:
+            continue
+        if key == "work_size" and ndim == 3:
+            hi = WORK_SIZE_MAX_3D
+        values = cfg[key] if key in ("enc", "dec") else [cfg[key]]
+        if not isinstance(values, (list, tuple)) or (key == "enc" and not 3 <= len(values) <= 8):
+            raise InputError(f"{name}: the architecture's {key} must be a list of 3 to 8 channel widths, got "
+                             f"{str(values)[:60]}; {again}.")
+        for v in values:
+            if not _whole(v) or not lo <= v <= hi:
+                what = f"the channel widths in {key} must be whole numbers" if key in ("enc", "dec") else \
+                    f"{key} must be a whole number"
+                limit = " for a 3D model" if key == "work_size" and ndim == 3 else ""
+                raise InputError(f"{name}: {what} from {lo} to {hi}{limit}, but the file says {v!r}; {again}.")
+
+
 def read_model(path, device="cpu", ndim: int | None = None, return_payload: bool = False):
     """Load a weight file written by :func:`save_model`.
 
@@ -276,6 +311,7 @@ def read_model(path, device="cpu", ndim: int | None = None, return_payload: bool
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise InputError(f"{p.name} is not a napari-regtool HyperMorph weight file.")
     cfg = dict(payload.get("config") or {})
+    _check_config(p.name, cfg)
     try:
         model = HyperMorphModel(**cfg)
     except (TypeError, ValueError) as exc:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..errors import FitError
+from ..errors import NotInvertibleError, FitError
 from ..space import Space
 from .base import DEFAULT_CHUNK, Transform, affine_index_grid
 
@@ -69,6 +69,9 @@ class AffineTransform(Transform):
         return lin, off
 
     def inverse(self):
+        if not np.all(np.isfinite(self.matrix)) or np.linalg.cond(self.matrix) > 1e12:
+            raise NotInvertibleError("The transform's matrix is singular (it flattens space onto a plane or a line), "
+                                     "so it has no inverse; apply it without inverting, or fit it again.")
         ai = np.linalg.inv(self.matrix)
         return AffineTransform(ai, -ai @ self.translation, self.kind)
 
