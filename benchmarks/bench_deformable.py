@@ -57,16 +57,22 @@ PEERS = ("greedy", "syn", "demons")
 
 
 # ------------------------------------------------------------------------------------------------- our tools
+DEVICE = "cpu"
+
+
 def _run_ours(tool, pair):
     from napari_regtool.deep.infer import DEFAULT_REG_WEIGHT, register_deep
 
     with peers._Measure() as m:
         if tool == "deformable":
-            tx = register_deformable(pair.fixed, pair.moving)
+            tx = register_deformable(pair.fixed, pair.moving, device=DEVICE)
         elif tool == "deep":
-            tx, _ = register_deep(pair.fixed, pair.moving, reg_weight=DEFAULT_REG_WEIGHT)
+            tx, _ = register_deep(pair.fixed, pair.moving, reg_weight=DEFAULT_REG_WEIGHT, device=DEVICE)
         else:
-            tx, _ = register_deep(pair.fixed, pair.moving, reg_weight=DEFAULT_REG_WEIGHT, refine_steps=220)
+            tx, _ = register_deep(pair.fixed, pair.moving, reg_weight=DEFAULT_REG_WEIGHT, refine_steps=220,
+                                  device=DEVICE)
+        if DEVICE.startswith("cuda"):
+            torch.cuda.synchronize()
     labels = None
     if pair.moving_labels is not None:
         labels = resample(pair.moving_labels.array, pair.moving_labels.space, tx, pair.fixed.space,
@@ -148,7 +154,10 @@ def main(argv=None):
     ap.add_argument("--slow", action="store_true", help="also ANTs SyN on 3D pairs (minutes each)")
     ap.add_argument("--load", action="store_true", help="add the competing-process timing section")
     ap.add_argument("--json", help="write every number to this file")
+    ap.add_argument("--device", default="cpu", help="device of our tools (cpu, cuda); the peers run on the CPU")
     args = ap.parse_args(argv)
+    global DEVICE
+    DEVICE = args.device
 
     torch.set_num_threads(args.threads)
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.threads)

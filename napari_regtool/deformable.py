@@ -372,7 +372,9 @@ def register_deformable(fixed: Image, moving: Image, initial: Transform | None =
     """
     from .threads import threads_for, torch_threads
 
-    dev = options.get("device", "cpu")
+    from .device import resolve_device
+
+    dev = resolve_device(options.get("device", "cpu"))
     cap = int(options.get("max_voxels") or MAX_VOXELS[fixed.ndim]) if isinstance(fixed, Image) else 0
     n = min(fixed.space.n_voxels, cap) if isinstance(fixed, Image) else 0
     with torch_threads(threads_for(n, dev)):
@@ -418,7 +420,9 @@ def _register_deformable(fixed: Image, moving: Image, initial: Transform | None 
         if small:
             raise InputError(f"The {role} image ({img.name}, {'×'.join(map(str, img.space.shape))} voxels) is too "
                              f"small: deformable registration needs at least {MIN_SIZE} voxels along every axis.")
-    dev = torch.device(device) if not isinstance(device, torch.device) else device
+    from .device import resolve_device
+
+    dev = resolve_device(device)
     initial = initial if initial is not None else IdentityTransform(d)
 
     def report(frac, msg):

@@ -1,6 +1,8 @@
 """Choice of the torch device: CUDA when present, then Apple MPS, else CPU; always overridable."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .errors import InputError
@@ -21,8 +23,12 @@ def resolve_device(name: str | torch.device | None = "auto", warn=None) -> torch
     ``auto`` picks CUDA, then MPS, then CPU. Asking for CUDA (or MPS) where it is absent falls back to the CPU
     and reports it through ``warn(message)`` (a callable, e.g. ``warnings.warn`` or a GUI notifier) so the
     user learns that the run is not on the device they asked for. An unknown name raises :class:`InputError`
-    (a :class:`ValueError`) listing the choices.
+    (a :class:`ValueError`) listing the choices. The environment variable ``REGTOOL_FORCE_DEVICE`` (e.g.
+    ``cuda``), when set, replaces every request (the GPU check runs the whole test suite that way).
     """
+    forced = os.environ.get("REGTOOL_FORCE_DEVICE", "").strip()
+    if forced:  # the GPU check (scripts/gpu-check.sh) runs every engine path on one device, whatever was asked
+        name = forced
     if isinstance(name, torch.device):
         name = str(name)
     name = (name or "auto").strip().lower()

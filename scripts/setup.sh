@@ -7,11 +7,13 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-stamp=.venv/.regtool-installed
+# extras to install (REGTOOL_EXTRAS=testing,peers for the tests; bench for benchmarks/bench_deformable.py)
+EXTRAS=${REGTOOL_EXTRAS:-testing}
+stamp=".venv/.regtool-installed-${EXTRAS//,/-}"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   # torch first and pinned: on Linux this picks the CPU/CUDA wheel for this Python; the project accepts >=2.1,<2.15
   .venv/bin/python -m pip install -q "torch==2.13.0"
-  .venv/bin/python -m pip install -q -e ".[testing]"
+  .venv/bin/python -m pip install -q -e ".[${EXTRAS}]"
   touch "$stamp"
 fi

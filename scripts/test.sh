@@ -13,7 +13,8 @@ if ! command -v xvfb-run >/dev/null 2>&1; then
     exit 1
   fi
 fi
-bash scripts/setup.sh
+# the tests include the peer wrappers of the benchmark (Greedy and ANTs against known maps)
+REGTOOL_EXTRAS=testing,peers bash scripts/setup.sh
 export XDG_CONFIG_HOME="$PWD/.build/xdg/config" XDG_CACHE_HOME="$PWD/.build/xdg/cache" XDG_RUNTIME_DIR="$PWD/.build/xdg/run"
 mkdir -p "$XDG_CONFIG_HOME" "$XDG_CACHE_HOME" "$XDG_RUNTIME_DIR"
 chmod 700 "$XDG_RUNTIME_DIR"
