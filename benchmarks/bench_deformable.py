@@ -43,6 +43,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
+import napari_regtool  # noqa: E402,F401  (first, as the regtool command does: its OpenMP settings reach torch)
 import torch  # noqa: E402
 
 from napari_regtool.deformable import register_deformable  # noqa: E402
@@ -139,6 +140,63 @@ def _with_load(fn, n_procs=2):
             p.join()
 
 
+# ---------------------------------------------------------------------------------------------------- memory
+def _memory_child(pair_file, tool, threads, conn):
+    """In a fresh process: load the pair, note the resident high-water mark, run one tool, report the increase."""
+    import pickle
+
+    torch.set_num_threads(threads)
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)
+    with open(pair_file, "rb") as fh:
+        pair = pickle.load(fh)
+    if tool in OURS:
+        from napari_regtool.deep.infer import load_model
+
+        if tool != "deformable":
+            load_model(pair.ndim)  # the weights are part of the baseline, as an import would be
+    import gc
+
+    gc.collect()
+    # the kernel's high-water mark is reset here (Linux: "5" to clear_refs), so that what imports and loading
+    # needed before does not hide the registration's own peak
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    base = _status_kb("VmRSS")
+    if tool in OURS:
+        _run_ours(tool, pair)
+    else:
+        _run_peer(tool, pair, threads, (100, 70, 50))
+    conn.send((_status_kb("VmHWM") - base) / 1024.0)
+    conn.close()
+
+
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{key} is not in /proc/self/status")
+
+
+def _peak_memory(pair, tool, threads) -> float:
+    """Peak resident-memory increase (MB) of one registration, measured in a fresh process from the kernel's
+    high-water mark (an in-process measure misses memory reused from earlier runs)."""
+    import pickle
+    import tempfile
+
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "pair.pkl"
+        with open(path, "wb") as fh:
+            pickle.dump(pair, fh)
+        parent, child = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=_memory_child, args=(str(path), tool, threads, child))
+        p.start()
+        value = parent.recv() if parent.poll(1800) else float("nan")
+        p.join()
+    return float(value)
+
+
 # ------------------------------------------------------------------------------------------------------- main
 def _fmt(row, key, fmt):
     v = row.get(key)
@@ -153,6 +211,9 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--slow", action="store_true", help="also ANTs SyN on 3D pairs (minutes each)")
     ap.add_argument("--load", action="store_true", help="add the competing-process timing section")
+    ap.add_argument("--memory", action="store_true",
+                    help="add peak memory per tool (one pair per family, each run in a fresh process; Linux)")
+    ap.add_argument("--memory-only", action="store_true", help="only the peak-memory section")
     ap.add_argument("--json", help="write every number to this file")
     ap.add_argument("--device", default="cpu", help="device of our tools (cpu, cuda); the peers run on the CPU")
     args = ap.parse_args(argv)
@@ -174,7 +235,7 @@ def main(argv=None):
         except Exception:
             pass
     results = []
-    for pair in bench_pairs.make_pairs(args.families, args.magnitudes):
+    for pair in ([] if args.memory_only else bench_pairs.make_pairs(args.families, args.magnitudes)):
         rows = {"identity": _identity_row(pair)}
         for tool in args.tools:
             if tool == "syn" and pair.ndim == 3 and not args.slow:
@@ -215,7 +276,7 @@ def main(argv=None):
         print(f"| {res['pair']} | " + " | ".join(cells) + " |")
 
     # summary against Greedy: medians over the pairs of each family
-    if "greedy" in args.tools:
+    if "greedy" in args.tools and results:
         print("\n## Against Greedy (medians over magnitudes; EPE ratio < 1 and Dice difference ≥ 0 favour the tool)\n")
         print("| family | tool | EPE / Greedy | Dice − Greedy | time / Greedy | folding % (max) | SDlogJ |")
         print("|---|---|---|---|---|---|---|")
@@ -262,8 +323,28 @@ def main(argv=None):
                 load_rows.append({"pair": pair.name, "tool": tool, "alone_s": alone, "loaded_s": loaded})
                 print(f"| {pair.name} | {tool} | {alone:.2f} | {loaded:.2f} | {loaded / alone:.2f}× |", flush=True)
 
+    mem_rows = []
+    if args.memory or args.memory_only:
+        print("\n## Peak memory: resident high-water increase of one registration in a fresh process (MB)\n")
+        print("| pair | " + " | ".join(args.tools) + " |")
+        print("|---" * (len(args.tools) + 1) + "|")
+        for fam in args.families:
+            pair = bench_pairs.make_pairs([fam], ["5"])[0]
+            cells = {}
+            for tool in args.tools:
+                if tool == "syn" and pair.ndim == 3 and not args.slow:
+                    continue
+                try:
+                    cells[tool] = _peak_memory(pair, tool, args.threads)
+                except Exception as exc:
+                    print(f"  {pair.name} {tool}: memory run failed ({exc})")
+            mem_rows.append({"pair": pair.name, **cells})
+            print(f"| {pair.name} | " + " | ".join(f"{cells[t]:.0f}" if t in cells else "–" for t in args.tools)
+                  + " |", flush=True)
+
     if args.json:
-        Path(args.json).write_text(json.dumps({"threads": args.threads, "results": results, "load": load_rows},
+        Path(args.json).write_text(json.dumps({"threads": args.threads, "results": results, "load": load_rows,
+                                               "memory": mem_rows},
                                               indent=1))
         print(f"\nwrote {args.json}")
 

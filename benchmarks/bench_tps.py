@@ -30,10 +30,8 @@ def _best(fn, repeat):
     return best, out
 
 
-def _case(shape, n, kernel, scipy_kernel, repeat, seed=0):
-    import torch
-    from scipy.interpolate import RBFInterpolator
-
+def _problem(shape, n, kernel, seed=0):
+    """(fitted TPS, grid, fixed points, moving points) of one benchmark case."""
     from napari_regtool.space import Space
     from napari_regtool.transforms import fit_tps
 
@@ -43,13 +41,62 @@ def _case(shape, n, kernel, scipy_kernel, repeat, seed=0):
     lo, hi = space.physical_bounds()
     fixed = rng.uniform(lo, hi, (n, d))
     moving = fixed + 4.0 * np.sin(fixed[:, ::-1] / 17.0) + rng.normal(0, 0.5, (n, d))
-    t = fit_tps(fixed, moving, kernel=kernel)
+    return fit_tps(fixed, moving, kernel=kernel), space, fixed, moving
+
+
+def _case(shape, n, kernel, scipy_kernel, repeat, seed=0):
+    import torch
+    from scipy.interpolate import RBFInterpolator
+
+    d = len(shape)
+    t, space, fixed, moving = _problem(shape, n, kernel, seed)
     ours, field = _best(lambda: t.field(space, dtype=torch.float32), repeat)
     pts = space.grid_points().reshape(-1, d)
     rbf = RBFInterpolator(fixed, moving, kernel=scipy_kernel, degree=1)
     theirs, ref = _best(lambda: rbf(pts) - pts, max(1, repeat // 2))
     err = float(np.abs(field.numpy().reshape(-1, d) - ref).max())
     return ours, theirs, err
+
+
+def _spin(stop_at):
+    x = 0
+    while time.time() < stop_at:
+        x += 1
+
+
+def _ours_only(shape, n, kernel, repeat, seed=0):
+    import torch
+
+    t, space, _, _ = _problem(shape, n, kernel, seed)
+    times = []
+    t.field(space, dtype=torch.float32)
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        t.field(space, dtype=torch.float32)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def _under_load(cases, repeat):
+    """Our dense TPS alone and with two CPU-bound processes competing for the two cores (medians)."""
+    import multiprocessing as mp
+
+    print("\nunder load (two other processes spinning on the CPU), median of the repeats:")
+    print(f"{'case':<34}{'alone (s)':>12}{'loaded (s)':>12}{'slowdown':>10}")
+    for shape, n, k, _sk, label in cases:
+        alone = _ours_only(shape, n, k, repeat)
+        ctx = mp.get_context("spawn")
+        procs = [ctx.Process(target=_spin, args=(time.time() + 3600,), daemon=True) for _ in range(2)]
+        for p in procs:
+            p.start()
+        time.sleep(1.0)
+        try:
+            loaded = _ours_only(shape, n, k, repeat)
+        finally:
+            for p in procs:
+                p.terminate()
+                p.join()
+        print(f"{label:<34}{alone:>12.4f}{loaded:>12.4f}{loaded / alone:>9.2f}×")
 
 
 def _proc_status_mb(key):
@@ -86,8 +133,11 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--load", action="store_true",
+                    help="also time our side again while two other processes keep both cores busy")
     ap.add_argument("--memory-child", nargs=2, type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    import napari_regtool  # noqa: F401  (first, as the regtool command does: its OpenMP settings apply to torch)
     import torch
 
     if args.threads:
@@ -108,6 +158,8 @@ def main(argv=None):
         ratios.append(theirs / ours)
         print(f"{label:<34}{ours:>12.4f}{theirs:>12.4f}{theirs / ours:>8.1f}×{err:>13.2e}")
     print(f"smallest speed-up: {min(ratios):.1f}× (target ≥ 10×)")
+    if args.load:
+        _under_load(cases, args.repeat)
     if not args.skip_memory:
         cmd = [sys.executable, __file__, "--memory-child", "256", "100"]
         if args.threads:

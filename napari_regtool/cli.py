@@ -134,7 +134,13 @@ def _cmd_train(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .transforms import MODELS
+    from . import registry
+
+    def describe(spec) -> str:  # one model in --model's help: its label where it says more, the pairs it needs
+        text = [spec.label.lower()] if spec.label.lower() != spec.name else []
+        if spec.min_pairs_2d:
+            text.append(f"≥ {spec.min_pairs_2d}/{spec.min_pairs_3d} landmark pairs (2D/3D)")
+        return f"{spec.name}: {', '.join(text)}"
 
     p = argparse.ArgumentParser(prog="regtool", description="Image registration in physical space.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -142,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("register", help="register a moving image to a fixed image")
     r.add_argument("--fixed", required=True, help="fixed image (any format SimpleITK reads, or a DICOM folder)")
     r.add_argument("--moving", required=True, help="moving image")
-    r.add_argument("--model", required=True, choices=MODELS)
+    r.add_argument("--model", required=True, choices=registry.names(),
+                   help="; ".join(describe(s) for s in registry.MODELS.values()))
     r.add_argument("--landmarks", help="BigWarp landmark CSV (or a napari points CSV of the moving image with "
                                        "--fixed-points)")
     r.add_argument("--fixed-points", help="napari points CSV of the fixed image (pairs matched by row)")

@@ -36,9 +36,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .device import resolve_device
 from .errors import Cancelled, InputError
 from .image import Image
 from .space import Space
+from .threads import threads_for, torch_threads
 from .transforms.base import IdentityTransform, Transform, affine_index_grid
 from .transforms.field import DisplacementFieldTransform, resample, resize_vector_field, sample_at_index, warp
 
@@ -57,6 +59,8 @@ MAX_ITERATIONS = 5000
 #: local NCC: ε in the denominator ``var F · var W + ε`` (images scaled to [0, 1]); small, so that faint texture
 #: counts (a window with standard deviations of 1 % in both images has var F · var W = 1e-8)
 LNCC_EPS = 1e-9
+#: a level stops early once its similarity has not improved by this relative amount for ``patience`` iterations
+STOP_TOLERANCE = 1e-4
 
 
 # ------------------------------------------------------------------------------------------ dense helpers
@@ -345,8 +349,11 @@ def register_deformable(fixed: Image, moving: Image, initial: Transform | None =
         Local NCC over ``(2·radius + 1)``-voxel boxes (any monotone contrast change), mean squared difference
         (same contrast) or Parzen-window mutual information (any contrast, 32 bins).
     iterations : sequence of int
-        Iterations per pyramid level, coarsest first (levels whose grid would be smaller than ``MIN_SIZE``
-        voxels along an axis are dropped with their iterations).
+        Largest number of iterations per pyramid level, coarsest first (levels whose grid would be smaller than
+        ``MIN_SIZE`` voxels along an axis are dropped with their iterations).
+    patience : int
+        A level ends early when its similarity has not improved by a relative 1e-4 for this many iterations
+        (0: always run every iteration). Not used with landmarks.
     sigma_update, sigma_field : float
         Gaussian smoothing (voxels) of each update and of the whole field after each update.
     step : float
@@ -370,10 +377,6 @@ def register_deformable(fixed: Image, moving: Image, initial: Transform | None =
         On the fixed grid, ``kind`` as given, with a ``refine_info`` dict: similarity before and after (finest
         level), per-level iterations and best values, whether an update was rejected, runtime.
     """
-    from .threads import threads_for, torch_threads
-
-    from .device import resolve_device
-
     dev = resolve_device(options.get("device", "cpu"))
     cap = int(options.get("max_voxels") or MAX_VOXELS[fixed.ndim]) if isinstance(fixed, Image) else 0
     n = min(fixed.space.n_voxels, cap) if isinstance(fixed, Image) else 0
@@ -386,7 +389,8 @@ def _register_deformable(fixed: Image, moving: Image, initial: Transform | None 
                         sigma_update: float = math.sqrt(3.0), sigma_field: float = math.sqrt(0.5),
                         step: float = 1.0, fixed_mask=None, landmarks=None, landmark_weight: float = 0.5,
                         max_voxels: int | None = None, device="cpu", progress=None, cancel=None,
-                        kind: str = "deformable", start_field=None) -> DisplacementFieldTransform:
+                        kind: str = "deformable", start_field=None, patience: int = 15
+                        ) -> DisplacementFieldTransform:
     """The implementation of :func:`register_deformable` (its thread count already set)."""
     t_start = time.perf_counter()
     if not isinstance(fixed, Image) or not isinstance(moving, Image):
@@ -420,8 +424,6 @@ def _register_deformable(fixed: Image, moving: Image, initial: Transform | None 
         if small:
             raise InputError(f"The {role} image ({img.name}, {'×'.join(map(str, img.space.shape))} voxels) is too "
                              f"small: deformable registration needs at least {MIN_SIZE} voxels along every axis.")
-    from .device import resolve_device
-
     dev = resolve_device(device)
     initial = initial if initial is not None else IdentityTransform(d)
 
@@ -480,7 +482,6 @@ def _register_deformable(fixed: Image, moving: Image, initial: Transform | None 
     # ---- pyramid
     shapes = _level_shapes(work.shape, len(iterations))
     iters = iterations[len(iterations) - len(shapes):]
-    spacing_arr = np.asarray(work.spacing, float)[::-1]  # array order
     total = max(1, sum(iters))
     done = 0
     if start_field is None:
@@ -528,6 +529,7 @@ def _register_deformable(fixed: Image, moving: Image, initial: Transform | None 
             return metric.value(wp(ml, uu))
 
         best_val, best_u = -math.inf, u
+        last_gain = 0
         val0 = None
         for it in range(n_it):
             wg = wp(mg, u)
@@ -539,7 +541,12 @@ def _register_deformable(fixed: Image, moving: Image, initial: Transform | None 
                 info["rejected_updates"] += 1
                 break
             if val > best_val:
+                if val > best_val + STOP_TOLERANCE * max(abs(best_val), 1e-3):
+                    last_gain = it
                 best_val, best_u = val, u
+            elif patience and lm_idx is None and it - last_gain >= patience:
+                done += n_it - it  # converged: the rest of the level's iterations are not needed
+                break
             g = gaussian_smooth(gw * grad_w, sig_u)
             norm = float(torch.sqrt(((g * scale_xyz) ** 2).sum(1)).max())
             if not math.isfinite(norm):
@@ -572,7 +579,7 @@ def _register_deformable(fixed: Image, moving: Image, initial: Transform | None 
             if math.isfinite(best_val) and (not math.isfinite(last) or last < best_val - 1e-4):
                 info["rejected_updates"] += 1
             u, last = best_u, best_val if math.isfinite(best_val) else last
-        info["levels"].append({"grid": list(shape), "iterations": int(n_it),
+        info["levels"].append({"grid": list(shape), "iterations": int(n_it), "iterations_run": int(it + 1),
                                f"{similarity}_start": None if val0 is None else round(val0, 6),
                                f"{similarity}_end": None if not math.isfinite(last) else round(last, 6)})
     # "before" and "after" on the finest grid

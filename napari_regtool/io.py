@@ -15,6 +15,8 @@ import numpy as np
 
 from .errors import InputError
 from .image import Image
+# the SimpleITK conversions live in sitk_convert (which transforms use too); io re-exports them
+from .sitk_convert import field_to_sitk_image, field_to_sitk_transform, image_to_sitk, linear_map_from_sitk
 from .space import Space
 
 __all__ = [
@@ -496,21 +498,6 @@ def read_image(path, is_label: bool = False) -> Image:
     return image_from_sitk(img, name=name, is_label=is_label)
 
 
-def image_to_sitk(array, space: Space, is_vector: bool | None = None):
-    """Array (array order, optional trailing channel axis) + Space → SimpleITK image with full metadata."""
-    sitk = _sitk()
-    a = np.asarray(array)
-    if a.dtype == bool:
-        a = a.astype(np.uint8)
-    if a.dtype == np.float16:
-        a = a.astype(np.float32)
-    if is_vector is None:
-        is_vector = a.ndim == space.ndim + 1
-    img = sitk.GetImageFromArray(a, isVector=is_vector)
-    space.apply_to_sitk(img)
-    return img
-
-
 @contextmanager
 def atomic_output(path):
     """Context manager yielding a path with ``path``'s file name inside a fresh hidden folder beside it.
@@ -562,21 +549,6 @@ def write_image(path, image_or_array, space: Space | None = None, compress: bool
             raise InputError(f"Cannot write {Path(path).name} ({last[:160]}); this file type may not hold "
                              f"{img.GetNumberOfComponentsPerPixel()}-component {img.GetPixelIDTypeAsString()} "
                              "images — use .nii.gz or .mha.") from None
-
-
-def field_to_sitk_image(field: np.ndarray, space: Space):
-    """``(*S, D)`` physical displacement (x, y, z components) → float64 vector image on ``space``."""
-    f = np.asarray(field.detach().cpu().numpy() if hasattr(field, "detach") else field, dtype=np.float64)
-    if f.shape != (*space.shape, space.ndim):
-        raise ValueError(f"Field shape {f.shape} does not match grid {space.shape} with {space.ndim} components.")
-    return image_to_sitk(f, space, is_vector=True)
-
-
-def field_to_sitk_transform(field: np.ndarray, space: Space):
-    """``sitk.DisplacementFieldTransform`` (fixed → moving) from a physical field on ``space``."""
-    sitk = _sitk()
-    img = field_to_sitk_image(field, space)
-    return sitk.DisplacementFieldTransform(img)
 
 
 def write_displacement_field(path, field, space: Space):
@@ -848,7 +820,4 @@ def affine_from_sitk(tx, kind: str = "affine"):
     vectors (which includes the transform's centre and offset exactly)."""
     from .transforms import AffineTransform
 
-    d = tx.GetDimension()
-    o = np.array(tx.TransformPoint([0.0] * d))
-    a = np.stack([np.array(tx.TransformPoint([float(v) for v in np.eye(d)[k]])) - o for k in range(d)], axis=1)
-    return AffineTransform(a, o, kind)
+    return AffineTransform(*linear_map_from_sitk(tx), kind)

@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import qc
+from . import qc, registry
 from .device import resolve_device
 from .errors import Cancelled, FitError, InputError
 from .image import Image
@@ -182,13 +182,15 @@ def register(fixed: Image, moving: Image, model: str, landmarks: LandmarkPairs |
 
     if model not in MODELS:
         raise InputError(f"Unknown model {model!r}; choose one of {', '.join(MODELS)}.")
-    if smoothing and model != "tps":
+    options = registry.get(model).options
+    if smoothing and "smoothing" not in options:
         _warn(f"The smoothing weight applies to the TPS model only; it is ignored for {model}.")
-    optimiser_used = model == "deformable" or (model == "deep" and refine > 0)
+    # iterations and similarity set the deformable optimiser: the model's own run, or the deep model's refinement
+    optimiser_used = "iterations" in options and ("refine" not in options or refine > 0)
     if (iterations is not None or similarity != "lncc") and not optimiser_used:
         _warn(f"Iterations and similarity apply to the deformable model and to the deep model's refinement; they "
               f"are ignored for {model}" + (" without --refine." if model == "deep" else "."))
-    if reg_weight is not None and model not in ("deep", "deformable"):
+    if reg_weight is not None and "reg_weight" not in options:
         _warn(f"The regularization weight applies to the deep and deformable models; it is ignored for {model}.")
     check_pair(fixed, moving)
     dev = resolve_device(device, warn=_warn)

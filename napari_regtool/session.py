@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from . import qc
+from . import qc, registry
 from .errors import FitError, InputError, RegtoolError
 from .image import Image
 from .landmarks import LandmarkPairs, read_bigwarp_csv, write_bigwarp_csv
@@ -34,19 +34,12 @@ __all__ = ["Session", "Previewer", "PreviewResult", "pair_errors", "SIDES", "MOD
 
 SIDES = ("fixed", "moving")
 
-#: every model the GUI offers, with the label shown in the model list (keys are the CLI's ``--model`` names)
-MODEL_LABELS = {
-    "rigid": "Rigid",
-    "similarity": "Similarity",
-    "affine": "Affine",
-    "tps": "Thin-plate spline",
-    "deep": "Deep deformable",
-    "auto-rigid": "Auto rigid (intensity)",
-    "auto-affine": "Auto affine (intensity)",
-}
+#: every model the GUI offers, with the label shown in the model list (keys are the CLI's ``--model`` names);
+#: read from :mod:`napari_regtool.registry`
+MODEL_LABELS = registry.labels(gui_only=True)
 
-#: models whose transform is computed on request (seconds), not live from the landmarks
-ON_DEMAND_MODELS = ("deep", "auto-rigid", "auto-affine")
+#: models whose transform is computed on request (seconds), not live from the landmarks (from the registry)
+ON_DEMAND_MODELS = registry.on_demand_names()
 
 
 def user_data_dir() -> Path:
@@ -549,6 +542,10 @@ class Session:
     # ------------------------------------------------------------------ model
     def set_model(self, model: str, smoothing: float | None = None):
         if model not in MODEL_LABELS:
+            if model in registry.MODELS:
+                raise InputError(f"The {registry.get(model).label.lower()} model is not offered here yet; run it "
+                                 f"with `regtool register --model {model}`, or choose one of "
+                                 f"{', '.join(MODEL_LABELS)}.")
             raise InputError(f"Unknown model {model!r}; choose one of {', '.join(MODEL_LABELS)}.")
         changed = model != self.model
         self.model = model
@@ -600,7 +597,7 @@ class Session:
         else:
             run = self.computed.get(self.model)
             if run is None:
-                verb = {"deep": "Predict", "auto-rigid": "Auto-align", "auto-affine": "Auto-align"}[self.model]
+                verb = registry.get(self.model).action
                 self.fit_message = f"Press {verb} to compute the {MODEL_LABELS[self.model].lower()} transform."
             else:
                 self.transform = run["transform"]

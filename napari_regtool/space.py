@@ -15,7 +15,6 @@ or the methods below; nothing else in the package reverses axes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 

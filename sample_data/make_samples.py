@@ -214,7 +214,8 @@ def make_pair(ndim, src, out, rng):
     # ground truth displacement on the fixed grid (fixed → moving): u(x) = G⁻¹(x) − x
     truth = (g.inverse(fpts) - fpts).reshape(*f_size[::-1], d)
     tv = sitk.GetImageFromArray(truth.astype(np.float32), isVector=True)
-    tv.SetSpacing([float(v) for v in f_spacing]); tv.SetOrigin([float(v) for v in f_origin])
+    tv.SetSpacing([float(v) for v in f_spacing])
+    tv.SetOrigin([float(v) for v in f_origin])
     tv.SetDirection([float(v) for v in f_dir.ravel()])
     sitk.WriteImage(tv, str(out / f"{stem}_truth_displacement.nii.gz"), True)
     print(stem, "fixed", tuple(f_size), "moving", tuple(m_size), "landmarks", len(fl))

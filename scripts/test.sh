@@ -18,4 +18,10 @@ REGTOOL_EXTRAS=testing,peers bash scripts/setup.sh
 export XDG_CONFIG_HOME="$PWD/.build/xdg/config" XDG_CACHE_HOME="$PWD/.build/xdg/cache" XDG_RUNTIME_DIR="$PWD/.build/xdg/run"
 mkdir -p "$XDG_CONFIG_HOME" "$XDG_CACHE_HOME" "$XDG_RUNTIME_DIR"
 chmod 700 "$XDG_RUNTIME_DIR"
+# the full run (as CI runs it) starts with the static checks configured in pyproject.toml: lint (ruff) and the
+# import contracts (import-linter: no Qt/napari in the engine, no torch in the views, transforms never import io)
+if [ "$#" -eq 0 ]; then
+  .venv/bin/ruff check .
+  .venv/bin/lint-imports --no-cache
+fi
 exec xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python -m pytest -q "$@"

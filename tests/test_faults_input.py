@@ -156,7 +156,7 @@ def test_corrupt_compressed_payload_is_refused(tmp_path, ext, where):
 
 @pytest.mark.parametrize("header, data", [(".mhd", ".raw"), (".mhd", ".zraw"), (".nhdr", ".raw.gz")])
 def test_truncated_detached_data_file_is_refused(tmp_path, header, data):
-    good = _image_3d(tmp_path, "img" + header, compress=data != ".raw")
+    _image_3d(tmp_path, "img" + header, compress=data != ".raw")
     payload = tmp_path / ("img" + data)
     assert payload.exists()
     _cut(payload, payload, 0.5)

@@ -4,7 +4,7 @@ import torch
 
 from napari_regtool import qc
 from napari_regtool.space import Space
-from napari_regtool.transforms import AffineTransform, fit_landmarks
+from napari_regtool.transforms import AffineTransform
 
 from .helpers import smooth_test_image
 

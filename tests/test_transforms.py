@@ -1,4 +1,6 @@
 """Landmark models against analytic transforms and SciPy; dense evaluation against point evaluation."""
+import zlib
+
 import numpy as np
 import pytest
 import torch
@@ -24,7 +26,7 @@ def _grid_landmarks(d, n, seed):
 @pytest.mark.parametrize("d", [2, 3])
 @pytest.mark.parametrize("model", ["rigid", "similarity", "affine"])
 def test_linear_models_recover_analytic_transform(d, model):
-    rng = np.random.default_rng(hash((d, model)) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(f"{d}-{model}".encode()))  # hash() of a str differs per process
     space, fixed = _grid_landmarks(d, 9, seed=d)
     r = rotation(d, rng.uniform(-0.6, 0.6, 3))
     a = {"rigid": r, "similarity": 1.37 * r, "affine": r @ np.diag(rng.uniform(0.7, 1.4, d)) @ rotation(d, [0.2, 0.5, -0.3])}[model]

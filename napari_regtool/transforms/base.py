@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..errors import NotInvertibleError
+from ..sitk_convert import field_to_sitk_transform
 from ..space import Space
 
 __all__ = ["Transform", "IdentityTransform", "CompositeTransform", "iter_grid_chunks"]
@@ -113,8 +114,6 @@ class Transform(ABC):
         Linear models give an exact ``AffineTransform`` (or ``Euler``/``Similarity``); the rest a
         ``DisplacementFieldTransform`` sampled on ``space`` (required for them).
         """
-        from ..io import field_to_sitk_transform
-
         if space is None:
             raise ValueError(f"Exporting a {self.kind} transform to ITK needs a grid (the fixed image's space).")
         return field_to_sitk_transform(self.field(space, dtype=torch.float64).cpu().numpy(), space)

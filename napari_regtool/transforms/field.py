@@ -284,10 +284,8 @@ class DisplacementFieldTransform(Transform):
                                           kind=f"inverse({self.kind})")
 
     def to_sitk(self, space=None):
-        from ..io import field_to_sitk_transform
-
-        space = space or self.space
-        return field_to_sitk_transform(self.field(space, dtype=torch.float64).cpu().numpy(), space)
+        """A SimpleITK ``DisplacementFieldTransform`` sampled on ``space`` (default: the field's own grid)."""
+        return super().to_sitk(space or self.space)
 
     def describe(self):
         return {"kind": self.kind, "ndim": self.ndim, "grid": repr(self.space)}

@@ -3,42 +3,42 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import registry
 from ..errors import FitError
-from .linear import fit_affine, fit_rigid, fit_similarity
-from .tps import fit_tps, tps_leave_one_out
+from .tps import tps_leave_one_out
 
 __all__ = ["LANDMARK_MODELS", "MODELS", "fit_landmarks", "initial_from_landmarks", "min_pairs", "residuals",
            "leave_one_out"]
 
-LANDMARK_MODELS = ("rigid", "similarity", "affine", "tps")
-#: every model name the CLI and the GUI accept
-MODELS = LANDMARK_MODELS + ("deep", "deformable", "auto-rigid", "auto-affine")
+#: the models fitted to landmark pairs (from :mod:`napari_regtool.registry`)
+LANDMARK_MODELS = registry.landmark_names()
+#: every model name the CLI accepts (from :mod:`napari_regtool.registry`)
+MODELS = registry.names()
+
+
+def _landmark_spec(model: str, error=ValueError) -> registry.ModelSpec:
+    spec = registry.MODELS.get(model)
+    if spec is None or not spec.is_landmark:
+        what = f"Unknown landmark model {model!r}" if spec is None else f"{model!r} is not a landmark model"
+        raise error(f"{what}; choose one of {', '.join(LANDMARK_MODELS)}.")
+    return spec
 
 
 def min_pairs(model: str, ndim: int) -> int:
-    """Smallest number of (non-degenerate) pairs the model needs."""
-    if model in ("rigid", "similarity"):
-        return 2 if ndim == 2 else 3
-    if model in ("affine", "tps"):
-        return ndim + 1
-    raise ValueError(f"{model!r} is not a landmark model; choose one of {', '.join(LANDMARK_MODELS)}.")
+    """Smallest number of (non-degenerate) pairs the landmark model needs (:meth:`registry.ModelSpec.min_pairs`)."""
+    return _landmark_spec(model).min_pairs(ndim)
 
 
 def fit_landmarks(model: str, fixed, moving, smoothing: float = 0.0, kernel: str | None = None):
     """Fit ``model`` (rigid, similarity, affine, tps) so that ``T(fixed_i) ≈ moving_i``.
 
-    ``fixed``, ``moving``: ``(N, D)`` physical points of the *active* pairs. Raises :class:`FitError` with a
-    plain reason when the model cannot be fitted.
+    ``fixed``, ``moving``: ``(N, D)`` physical points of the *active* pairs. The fit is the registry's estimator
+    for the model; ``smoothing`` and ``kernel`` reach it where they are among its options (TPS). Raises
+    :class:`FitError` with a plain reason when the model cannot be fitted.
     """
-    if model == "rigid":
-        return fit_rigid(fixed, moving)
-    if model == "similarity":
-        return fit_similarity(fixed, moving)
-    if model == "affine":
-        return fit_affine(fixed, moving)
-    if model == "tps":
-        return fit_tps(fixed, moving, smoothing=smoothing, kernel=kernel)
-    raise FitError(f"Unknown landmark model {model!r}; choose one of {', '.join(LANDMARK_MODELS)}.")
+    spec = _landmark_spec(model, FitError)
+    given = {"smoothing": smoothing, "kernel": kernel}
+    return spec.resolve()(fixed, moving, **{k: v for k, v in given.items() if k in spec.options})
 
 
 def initial_from_landmarks(kind: str, fixed, moving, ndim: int):

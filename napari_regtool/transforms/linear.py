@@ -5,6 +5,7 @@ import numpy as np
 import torch
 
 from ..errors import NotInvertibleError, FitError
+from ..sitk_convert import affine_to_sitk
 from ..space import Space
 from .base import DEFAULT_CHUNK, Transform, affine_index_grid
 
@@ -76,12 +77,8 @@ class AffineTransform(Transform):
         return AffineTransform(ai, -ai @ self.translation, self.kind)
 
     def to_sitk(self, space=None):
-        import SimpleITK as sitk
-
-        tx = sitk.AffineTransform(self.ndim)
-        tx.SetMatrix([float(v) for v in self.matrix.ravel()])
-        tx.SetTranslation([float(v) for v in self.translation])
-        return tx
+        """The exact ``sitk.AffineTransform`` (``space`` is not needed)."""
+        return affine_to_sitk(self.matrix, self.translation)
 
     @property
     def scale(self) -> float:

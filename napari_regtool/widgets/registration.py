@@ -20,7 +20,7 @@ from qtpy.QtWidgets import (
     QProgressBar, QPushButton, QShortcut, QSlider, QSpinBox, QTabWidget, QVBoxLayout, QWidget,
 )
 
-from .. import io as rio
+from .. import io as rio, registry
 from ..errors import Cancelled, RegtoolError, user_message
 from ..landmarks import LandmarkPairs, read_bigwarp_csv
 from ..session import (
@@ -183,7 +183,7 @@ class RegistrationWidget(QWidget):
         g.addWidget(QLabel("View"), 2, 0)
         g.addWidget(self.view_combo, 2, 1, 1, 2)
         self.model_combo = QComboBox()
-        for key, label in MODEL_LABELS.items():
+        for key, label in registry.labels(gui_only=True).items():  # the models the registry says the GUI offers
             self.model_combo.addItem(label, key)
         self.model_combo.setToolTip("Rigid, similarity, affine and thin-plate spline follow the landmarks live; the "
                                     "deep and auto models are computed on request.")
