@@ -200,9 +200,54 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Terminated(BaseException):
+    """SIGTERM (or SIGHUP) turned into an exception, so ``finally`` blocks remove staging data on the way out."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _on_terminate(signum, frame):
+    raise _Terminated(signum)
+
+
+def _install_signal_handlers() -> dict:
+    """SIGTERM/SIGHUP raise :class:`_Terminated` (SIGINT already raises KeyboardInterrupt). Only the main thread
+    can set handlers; elsewhere (``main`` called from a thread) nothing changes. Returns the previous handlers."""
+    import signal
+
+    previous = {}
+    for name in ("SIGTERM", "SIGHUP"):
+        sig = getattr(signal, name, None)
+        if sig is None:
+            continue
+        try:
+            previous[sig] = signal.signal(sig, _on_terminate)
+        except (ValueError, OSError):  # not the main thread
+            pass
+    return previous
+
+
 def main(argv=None) -> int:
+    import signal
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous = _install_signal_handlers()
+    try:
+        return _run(args)
+    except _Terminated as exc:
+        print(f"regtool: terminated ({signal.Signals(exc.signum).name}); partial output was removed.",
+              file=sys.stderr)
+        return 128 + exc.signum
+    finally:
+        for sig, handler in previous.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+
+
+def _run(args) -> int:
     try:
         return int(args.func(args) or 0)
     except Cancelled:

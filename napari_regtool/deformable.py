@@ -331,7 +331,12 @@ def _landmark_targets(initial: Transform, fixed_pts, moving_pts, work: Space, d:
 
 
 # ------------------------------------------------------------------------------------------------ the API
-def register_deformable(fixed: Image, moving: Image, initial: Transform | None = None, **options
+def register_deformable(fixed: Image, moving: Image, initial: Transform | None = None, *,
+                        similarity: str = "lncc", iterations=DEFAULT_ITERATIONS, radius: int = 2,
+                        sigma_update: float = math.sqrt(3.0), sigma_field: float = math.sqrt(0.5),
+                        step: float = 1.0, fixed_mask=None, landmarks=None, landmark_weight: float = 0.5,
+                        max_voxels: int | None = None, device="cpu", progress=None, cancel=None,
+                        kind: str = "deformable", start_field=None, patience: int = 15
                         ) -> DisplacementFieldTransform:
     """Deformable registration of ``moving`` to ``fixed`` by greedy compositive gradient descent.
 
@@ -377,11 +382,15 @@ def register_deformable(fixed: Image, moving: Image, initial: Transform | None =
         On the fixed grid, ``kind`` as given, with a ``refine_info`` dict: similarity before and after (finest
         level), per-level iterations and best values, whether an update was rejected, runtime.
     """
-    dev = resolve_device(options.get("device", "cpu"))
-    cap = int(options.get("max_voxels") or MAX_VOXELS[fixed.ndim]) if isinstance(fixed, Image) else 0
+    dev = resolve_device(device)
+    cap = int(max_voxels or MAX_VOXELS[fixed.ndim]) if isinstance(fixed, Image) else 0
     n = min(fixed.space.n_voxels, cap) if isinstance(fixed, Image) else 0
     with torch_threads(threads_for(n, dev)):
-        return _register_deformable(fixed, moving, initial, **options)
+        return _register_deformable(fixed, moving, initial, similarity=similarity, iterations=iterations,
+                                    radius=radius, sigma_update=sigma_update, sigma_field=sigma_field, step=step,
+                                    fixed_mask=fixed_mask, landmarks=landmarks, landmark_weight=landmark_weight,
+                                    max_voxels=max_voxels, device=dev, progress=progress, cancel=cancel, kind=kind,
+                                    start_field=start_field, patience=patience)
 
 
 def _register_deformable(fixed: Image, moving: Image, initial: Transform | None = None, *,

@@ -4,9 +4,7 @@ from __future__ import annotations
 import bz2
 import math
 import os
-import shutil
 import struct
-import tempfile
 import zlib
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -503,21 +501,15 @@ def atomic_output(path):
     """Context manager yielding a path with ``path``'s file name inside a fresh hidden folder beside it.
 
     Everything written there (a header and its data file too, e.g. ``.mhd`` + ``.zraw`` or ``.hdr`` + ``.img``)
-    is moved next to ``path`` only when the block succeeds, so a failed write leaves nothing behind and
-    formats whose header names its data file keep a valid reference. Files get the usual umask permissions.
+    is synced to disk and moved next to ``path`` only when the block succeeds, so a failed write leaves nothing
+    behind and formats whose header names its data file keep a valid reference. Files get the usual umask
+    permissions. This is :func:`napari_regtool.publish.publish_files` (the one durable way to write, which also
+    removes staging folders that killed runs left in the same folder).
     """
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmpdir = Path(tempfile.mkdtemp(prefix=".partial-", dir=p.parent))
-    try:
-        yield str(tmpdir / p.name)
-        umask = os.umask(0)
-        os.umask(umask)
-        for f in sorted(tmpdir.iterdir()):
-            os.chmod(f, 0o666 & ~umask)
-            os.replace(f, p.parent / f.name)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+    from .publish import publish_files
+
+    with publish_files(path) as tmp:
+        yield tmp
 
 
 def check_image_extension(path, what="image"):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field as dc_field
 from pathlib import Path
@@ -287,47 +286,70 @@ def finish_result(fixed: Image, moving: Image, transform: Transform, model: str,
     return result
 
 
-def write_outputs(result: RegistrationResult, out_dir, extra_files: dict | None = None) -> list:
+def write_outputs(result: RegistrationResult, out_dir, extra_files: dict | None = None,
+                  warn: Callable | None = None) -> list:
     """Write the result into ``out_dir``: ``warped.nii.gz`` (moving on the fixed grid), ``displacement.nii.gz``
     (ITK displacement field, fixed → moving, physical units), ``jacobian.nii.gz``, ``transform.tfm`` (linear
     models), ``uncertainty.nii.gz`` (when computed), ``report.json``.
 
-    Files are first written to a temporary folder beside ``out_dir`` and moved in only when all succeeded, so a
-    failed run leaves nothing half-written. Returns the written paths.
+    The set is written through :func:`napari_regtool.publish.publish_folder`: staged on ``out_dir``'s file
+    system, synced, and published as a whole under a lock, so a reader (and a run after a crash) sees the old
+    complete set or the new complete set, never a mix; files of an earlier set that this one lacks go with the
+    old set, other files in ``out_dir`` stay. ``warn`` receives what recovery found (default: stderr). Returns
+    the written paths.
     """
-    from .io import write_displacement_field, write_image, write_transform
+    import errno
 
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
     if result.warped is None or result.displacement is None:
         evaluate(result)
     fs = result.fixed.space
-    tmp = Path(tempfile.mkdtemp(prefix=".regtool-", dir=out.parent))
+    names = set(OUTPUT_FILES) | set(extra_files or {})
+    kwargs = {"warn": warn} if warn is not None else {}
     try:
+        return _write_set(result, out, names, fs, extra_files, kwargs)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, f"No space left on device (disk full) while writing the results for {out}; "
+                                        "nothing there was changed — free some space or choose another folder") from None
+        raise
+
+
+def _write_set(result, out, names, fs, extra_files, kwargs) -> list:
+    import errno
+
+    from .io import write_displacement_field, write_image, write_transform
+    from .publish import publish_folder, test_hook
+
+    with publish_folder(out, names, **kwargs) as tmp:
         written = []
-        write_image(tmp / "warped.nii.gz", result.warped, fs)
-        written.append("warped.nii.gz")
-        write_displacement_field(tmp / "displacement.nii.gz", result.displacement.double().cpu().numpy(), fs)
-        written.append("displacement.nii.gz")
-        write_image(tmp / "jacobian.nii.gz", result.jacobian.cpu().numpy().astype(np.float32), fs)
-        written.append("jacobian.nii.gz")
-        if result.transform.is_linear:
-            write_transform(tmp / "transform.tfm", result.transform)
-            written.append("transform.tfm")
-        if result.uncertainty is not None:
-            write_image(tmp / "uncertainty.nii.gz", result.uncertainty.astype(np.float32), fs)
-            written.append("uncertainty.nii.gz")
-        for name, writer in (extra_files or {}).items():
-            writer(tmp / name)
-            written.append(name)
-        (tmp / "report.json").write_text(json.dumps(result.report(), indent=2))
-        written.append("report.json")
-        out.mkdir(parents=True, exist_ok=True)
-        for name in OUTPUT_FILES:  # a file of an earlier run that this run does not write would mislead
-            if name not in written and (out / name).is_file():
-                (out / name).unlink()
-        for name in written:
-            shutil.move(str(tmp / name), str(out / name))
-        return [out / n for n in written]
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            write_image(tmp / "warped.nii.gz", result.warped, fs)
+            written.append("warped.nii.gz")
+            test_hook("staging")
+            write_displacement_field(tmp / "displacement.nii.gz", result.displacement.double().cpu().numpy(), fs)
+            written.append("displacement.nii.gz")
+            write_image(tmp / "jacobian.nii.gz", result.jacobian.cpu().numpy().astype(np.float32), fs)
+            written.append("jacobian.nii.gz")
+            if result.transform.is_linear:
+                write_transform(tmp / "transform.tfm", result.transform)
+                written.append("transform.tfm")
+            if result.uncertainty is not None:
+                write_image(tmp / "uncertainty.nii.gz", result.uncertainty.astype(np.float32), fs)
+                written.append("uncertainty.nii.gz")
+            for name, writer in (extra_files or {}).items():
+                writer(tmp / name)
+                written.append(name)
+            (tmp / "report.json").write_text(json.dumps(result.report(), indent=2))
+            written.append("report.json")
+        except (RuntimeError, InputError):
+            # SimpleITK reports a full disk as a failed write; say what it is
+            try:
+                free = shutil.disk_usage(tmp).free
+            except OSError:
+                free = None
+            if free is not None and free < 1 << 20:
+                raise OSError(errno.ENOSPC, f"No space left on device: the disk holding {out} is full "
+                                            f"({free // 1024} KiB free)", str(out)) from None
+            raise
+    return [out / n for n in written]

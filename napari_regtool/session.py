@@ -125,6 +125,64 @@ def pair_errors(pairs: LandmarkPairs | None, model: str, smoothing: float, trans
     return res, loo
 
 
+def _autosave_sidecar(path: Path) -> Path:
+    return path.with_name(f".{path.name}.regtool-autosave.json")
+
+
+def _sha256(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def _read_sidecar(path: Path) -> dict:
+    import json
+
+    try:
+        rec = json.loads(_autosave_sidecar(path).read_text(encoding="utf-8"))
+        return rec if isinstance(rec, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _autosave_is_own(path: Path) -> bool:
+    """True when ``path`` holds exactly what the autosave last wrote there (hash recorded in its sidecar)."""
+    try:
+        digest = _sha256(path.read_bytes())
+    except OSError:
+        return False
+    return digest in _read_sidecar(path).get("sha256", [])
+
+
+def _write_autosave(path: Path, pairs: LandmarkPairs):
+    """Write the autosave through the durable single-file publish, keeping the previous own content as
+    ``<name>.bak`` (unless a ``.bak`` that is not the autosave's own is there) and recording hashes in the sidecar
+    first, so that a crash between the two writes still leaves a file the next session recognises."""
+    import json
+
+    from .io import atomic_output
+    from .landmarks import bigwarp_csv_text
+
+    data = bigwarp_csv_text(pairs).encode("utf-8")
+    rec = _read_sidecar(path)
+    new = {"sha256": [_sha256(data)], "backup": rec.get("backup"), "format": "BigWarp landmarks CSV",
+           "written_by": "napari-regtool autosave"}
+    if path.exists():
+        old = path.read_bytes()
+        if old == data:
+            return
+        new["sha256"].append(_sha256(old))
+        bak = path.with_name(path.name + ".bak")
+        if not bak.exists() or (rec.get("backup") and _sha256(bak.read_bytes()) == rec.get("backup")):
+            with atomic_output(bak) as tmp:
+                Path(tmp).write_bytes(old)
+            new["backup"] = _sha256(old)
+    with atomic_output(_autosave_sidecar(path)) as tmp:
+        Path(tmp).write_text(json.dumps(new), encoding="utf-8")
+    with atomic_output(path) as tmp:
+        Path(tmp).write_bytes(data)
+
+
 @dataclass
 class _Command:
     label: str
@@ -155,6 +213,9 @@ class Session:
         self.autosave = autosave
         self.autosave_dir = Path(autosave_dir) if autosave_dir else None
         self._autosave_override: Path | None = None
+        self._autosave_chosen: Path | None = None
+        #: a sentence for the user when the autosave does not go to its usual place (else "")
+        self.autosave_notice = ""
         self.transform: Transform | None = None
         self.fit_message = ""
         #: result of the last on-demand run (deep / auto-*), with the inputs it was computed from
@@ -207,18 +268,16 @@ class Session:
         self.fixed_path = Path(fixed_path) if fixed_path else None
         self.moving_path = Path(moving_path) if moving_path else None
         self._autosave_override = None
+        self._autosave_chosen = None
         msg = f"{fixed.ndim}D: fixed {fixed.name} {fixed.space.shape}, moving {moving.name} {moving.space.shape}."
         pairs = landmarks.copy() if landmarks is not None else None
-        if pairs is None and restore:
-            path = self.autosave_path
-            if path is not None and path.exists():
-                try:
-                    restored = read_bigwarp_csv(path)
-                    self._check_fits(restored, fixed.space, moving.space)
-                    pairs = restored
-                    msg += f" Restored {len(pairs)} landmark pair(s) from {path}."
-                except RegtoolError:
-                    pairs = None
+        restored, note = self._choose_autosave()
+        if pairs is None and restore and restored is not None:
+            pairs, where = restored
+            msg += f" Restored {len(pairs)} landmark pair(s) from {where}."
+        if note:
+            msg += " " + note
+        self.autosave_notice = note
         if pairs is None:
             pairs = LandmarkPairs.empty(fixed.ndim)
         self.pairs = pairs
@@ -231,6 +290,8 @@ class Session:
         self._emit("images")
         self._emit("landmarks", reason="images")
         self._emit("history")
+        if note:
+            self._emit("autosave", message=note)
         self.refit()
         return msg
 
@@ -246,9 +307,21 @@ class Session:
     @property
     def autosave_path(self) -> Path | None:
         """Where the pairs are autosaved: ``<moving file>.landmarks.csv`` next to the moving image's file when it
-        has one in a writable folder, else a file named after the two images in :func:`user_data_dir`."""
+        has one in a writable folder, else a file named after the two images in :func:`user_data_dir`.
+
+        The autosave never overwrites a file it did not write: each autosave file has a hidden sidecar
+        (``.<name>.regtool-autosave.json``) with the SHA-256 of what was last written, and a file at the usual
+        place that is not the session's own (or is its own but for other images) is left as it is — the pairs
+        then go to ``<moving>.regtool-autosave.csv`` (or ``…-2.csv``, …) and :attr:`autosave_notice` (also in the
+        sentence :meth:`set_images` returns, and the ``"autosave"`` event) says where. The previous content of an
+        own file is kept as ``<name>.bak`` (one generation)."""
         if self._autosave_override is not None:
             return self._autosave_override
+        if self._autosave_chosen is not None:
+            return self._autosave_chosen
+        return self._default_autosave_path()
+
+    def _default_autosave_path(self) -> Path | None:
         if not self.ready:
             return None
         if self.moving_path is not None and self.moving_path.parent.is_dir() and os.access(
@@ -267,8 +340,60 @@ class Session:
         return folder / f"{clean(self.moving.name)}__to__{clean(self.fixed.name)}.landmarks.csv"
 
     def set_autosave_path(self, path):
-        """Autosave to ``path`` instead of the default place (``None`` restores the default)."""
+        """Autosave to ``path`` instead of the default place (``None`` restores the default). An explicitly
+        chosen path is written even when its file was not written by the autosave (its ``.bak`` keeps the old)."""
         self._autosave_override = Path(path) if path else None
+
+    def _choose_autosave(self):
+        """Pick the autosave file for the current images: the first of the usual path and its alternatives that
+        is missing, or the session's own and restorable. Returns ``((pairs, path) or None, note)``: the pairs to
+        restore (the own file's, else a restorable file of someone else's at the usual path) and a sentence for
+        the user when the usual path is not used."""
+        default = self._default_autosave_path()
+        if default is None:
+            return None, ""
+        stem = default.name[: -len(".landmarks.csv")] if default.name.endswith(".landmarks.csv") else default.stem
+        cands = [default] + [default.with_name(f"{stem}.regtool-autosave{'' if k == 1 else f'-{k}'}.csv")
+                             for k in range(1, 10)]
+        foreign, skipped = None, []
+        for c in cands:
+            if not c.exists():
+                self._autosave_chosen = c
+                restored = foreign
+                break
+            own = _autosave_is_own(c)
+            if own and not c.read_bytes().strip():  # its own file after every pair was deleted
+                self._autosave_chosen = c
+                restored = foreign
+                break
+            try:
+                pairs = read_bigwarp_csv(c)
+                self._check_fits(pairs, self.fixed.space, self.moving.space)
+                why = None
+            except (RegtoolError, OSError, ValueError) as exc:
+                pairs, why = None, " ".join(str(exc).split())[:160]
+            if own and pairs is not None:
+                self._autosave_chosen = c
+                restored = (pairs, c)
+                break
+            if pairs is not None and foreign is None:
+                foreign = (pairs, c)
+            skipped.append((c, own, why))
+        else:  # every name taken: a file of its own in the per-user folder
+            folder = self.autosave_dir or (user_data_dir() / "autosave")
+            self._autosave_chosen = folder / f"{stem}.{os.getpid()}-{int(time.time())}.regtool-autosave.csv"
+            restored = foreign
+        if not skipped:
+            return restored, ""
+        where = self._autosave_chosen
+        parts = []
+        for c, own, why in skipped:
+            if why is not None:
+                whose = "an autosave of other images" if own else "not an autosave of this session's images"
+                parts.append(f"{c} could not be restored ({why}); it is {whose} and is left unchanged.")
+            else:
+                parts.append(f"{c} was not written by the autosave (or was changed since), so it is left unchanged.")
+        return restored, " ".join(parts) + f" Your landmark edits are autosaved to {where} instead."
 
     def _autosave(self):
         if not self.autosave or self.pairs is None:
@@ -276,14 +401,27 @@ class Session:
         path = self.autosave_path
         if path is None:
             return
+        explicit = self._autosave_override is not None
+        if not explicit and path.exists() and not _autosave_is_own(path):
+            # someone else's file appeared there since the images were opened: go elsewhere and say so
+            self._autosave_chosen = None
+            _, note = self._choose_autosave()
+            self.autosave_notice = note or f"Your landmark edits are autosaved to {self.autosave_path}."
+            self._emit("autosave", message=self.autosave_notice)
+            path = self.autosave_path
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            write_bigwarp_csv(path, self.pairs)
+            _write_autosave(path, self.pairs)
         except OSError:
             # a read-only place must never break editing: fall back to the per-user folder once
             fallback = user_data_dir() / "autosave" / path.name
             if path != fallback:
-                self._autosave_override = fallback
+                if fallback.exists() and not _autosave_is_own(fallback):
+                    fallback = fallback.with_name(f"{fallback.stem}.{os.getpid()}.regtool-autosave.csv")
+                self._autosave_override = None
+                self._autosave_chosen = fallback
+                self.autosave_notice = f"{path} cannot be written; your landmark edits are autosaved to {fallback}."
+                self._emit("autosave", message=self.autosave_notice)
                 self._autosave()
 
     # ------------------------------------------------------------ landmarks
