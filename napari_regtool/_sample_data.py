@@ -9,7 +9,16 @@ __all__ = ["sample_dir", "brain2d", "brain3d", "sample_files"]
 
 
 def sample_dir() -> Path:
-    """The repository's ``sample_data`` folder (next to the package in a source checkout / editable install)."""
+    """The folder of the sample pairs: the installed ``napari_regtool.samples`` package (a wheel carries them),
+    which in a source checkout or an editable install is the repository's ``sample_data`` folder."""
+    try:
+        from importlib.resources import files
+
+        folder = Path(str(files("napari_regtool.samples")))
+        if (folder / "brain2d_fixed.nii.gz").is_file():
+            return folder
+    except (ImportError, TypeError, ValueError):
+        pass
     return Path(__file__).resolve().parents[1] / "sample_data"
 
 
@@ -19,8 +28,8 @@ def sample_files(prefix: str) -> dict:
              "landmarks": folder / f"{prefix}_landmarks.csv"}
     missing = [str(p) for p in files.values() if not p.exists()]
     if missing:
-        raise InputError(f"The napari-regtool sample data is missing ({', '.join(missing)}). The samples ship with "
-                         "the source repository: install the plugin from a clone (pip install -e .) to use them.")
+        raise InputError(f"The napari-regtool sample data is missing ({', '.join(missing)}); the installation is "
+                         "incomplete: reinstall the plugin (pip install --force-reinstall napari-regtool).")
     return files
 
 
