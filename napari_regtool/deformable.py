@@ -29,6 +29,7 @@ physical space on anisotropic grids. :func:`sigmas_for_reg_weight` maps the prod
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 
@@ -64,6 +65,12 @@ STOP_TOLERANCE = 1e-4
 
 
 # ------------------------------------------------------------------------------------------ dense helpers
+@functools.lru_cache(maxsize=64)
+def _gauss_taps(sigma: float) -> tuple:
+    """Normalised Gaussian weights over ``±ceil(3σ)`` voxels, as Python floats (for :func:`gaussian_smooth`)."""
+    return tuple(_gauss_kernel(sigma, "cpu", torch.float64).tolist())
+
+
 def _gauss_kernel(sigma: float, device, dtype) -> torch.Tensor:
     r = max(1, int(math.ceil(3.0 * sigma)))
     x = torch.arange(-r, r + 1, device=device, dtype=dtype)
@@ -83,7 +90,7 @@ def gaussian_smooth(x: torch.Tensor, sigmas) -> torch.Tensor:
         n = x.shape[2 + ax]
         if s <= 0.05 or n < 2:
             continue
-        k = _gauss_kernel(float(s), "cpu", torch.float64).tolist()
+        k = _gauss_taps(float(s))
         r = (len(k) - 1) // 2
         pad = [0, 0] * d
         pad[2 * (d - 1 - ax)] = pad[2 * (d - 1 - ax) + 1] = r
@@ -143,6 +150,14 @@ def _downsample(x: torch.Tensor, shape) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------ metrics
+@functools.lru_cache(maxsize=256)
+def _window_counts(n: int, k: int, dtype, device) -> torch.Tensor:
+    """How many of ``k`` window positions centred on each of ``n`` voxels lie inside the axis, ``(n,)``."""
+    j = torch.arange(n, device=device)
+    p = k // 2
+    return (torch.clamp(j + p, max=n - 1) - torch.clamp(j - p, min=0) + 1).to(dtype)
+
+
 def _box_mean(d: int, k: int):
     """Box average over ``k`` (odd) voxels per axis, shrunk at the border, as a sum of ``k`` shifted copies per
     axis: float32-exact for any intensities (running sums lose the small variances of flat regions that local
@@ -159,8 +174,7 @@ def _box_mean(d: int, k: int):
             s = xp.narrow(ax, 0, n).clone()
             for j in range(1, k):
                 s += xp.narrow(ax, j, n)
-            j = torch.arange(n, device=x.device)
-            count = (torch.clamp(j + p, max=n - 1) - torch.clamp(j - p, min=0) + 1).to(x.dtype)
+            count = _window_counts(n, k, x.dtype, x.device)
             x = s / count.view([-1 if a == ax else 1 for a in range(x.dim())])
         return x
 
@@ -192,6 +206,7 @@ class _Metric:
             for c in counts[1:]:
                 cnt = cnt * c
             self.count = cnt[None, None]
+            self.inv_count = 1.0 / self.count
             self.mf = self.mean(self.f)
             self.vf = (self.mean(self.f * self.f) - self.mf * self.mf).clamp(min=0)
         elif kind == "mi":
@@ -246,7 +261,7 @@ class _Metric:
                 b = a * cross * self.vf / den
                 if self.mask is not None:
                     a, b = a * self.mask, b * self.mask
-                inv_k = 1.0 / self.count
+                inv_k = self.inv_count
                 sa, samf, sb, sbmw = (self.mean(torch.cat([a * inv_k, a * self.mf * inv_k, b * inv_k,
                                                            b * mw * inv_k], 1)) * self.count).split(1, 1)
                 g = (self.f * sa - samf - wc * sb + sbmw) / self.n
@@ -557,7 +572,7 @@ def _register_deformable(fixed: Image, moving: Image, initial: Transform | None 
                 done += n_it - it  # converged: the rest of the level's iterations are not needed
                 break
             g = gaussian_smooth(gw * grad_w, sig_u)
-            norm = float(torch.sqrt(((g * scale_xyz) ** 2).sum(1)).max())
+            norm = math.sqrt(float((g * scale_xyz).square().sum(1).max()))
             if not math.isfinite(norm):
                 info["rejected_updates"] += 1
                 break
