@@ -191,6 +191,20 @@ def register(fixed: Image, moving: Image, model: str, landmarks: LandmarkPairs |
               f"are ignored for {model}" + (" without --refine." if model == "deep" else "."))
     if reg_weight is not None and "reg_weight" not in options:
         _warn(f"The regularization weight applies to the deep and deformable models; it is ignored for {model}.")
+    for name, given, what in (("uncertainty", uncertainty, "The uncertainty map"), ("weights", weights is not None,
+                                                                                  "A weight file"),
+                              ("refine", bool(refine), "Refinement")):
+        if given and name not in options:
+            _warn(f"{what} applies to the deep model only; it is ignored for {model}.")
+    if kernel is not None and "kernel" not in options:
+        _warn(f"The TPS kernel applies to the TPS model only; it is ignored for {model}.")
+    if channel not in ("mean", None):
+        for img in (fixed, moving):
+            if img.is_multichannel:
+                img.scalar(channel)  # raises a plain message for a channel the image does not have
+            elif str(channel).strip() != "0":
+                raise InputError(f"Channel {channel}: {img.name} has a single channel; leave the channel option out "
+                                 "(or use 0).")
     check_pair(fixed, moving)
     dev = resolve_device(device, warn=_warn)
     if landmarks is not None:

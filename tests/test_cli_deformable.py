@@ -56,3 +56,12 @@ def test_optimiser_options_are_checked(tmp_path, capsys):
     # an option that does nothing for the model is said, not silently accepted
     assert main(base + ["--model", "affine", "--landmarks", str(L2), "--similarity", "mi"]) == 0
     assert "ignored for affine" in capsys.readouterr().err
+
+
+def test_channel_and_deep_only_options_on_other_models(tmp_path, capsys):
+    base = ["register", "--fixed", str(F2), "--moving", str(M2), "--landmarks", str(L2), "-q"]
+    assert main(base + ["--model", "affine", "--channel", "7", "--out", str(tmp_path / "a")]) == 2
+    assert "single channel" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    assert main(base + ["--model", "affine", "--uncertainty", "--refine", "5", "--out", str(tmp_path / "b")]) == 0
+    err = capsys.readouterr().err
+    assert "uncertainty map applies to the deep model only" in err and "Refinement applies" in err
