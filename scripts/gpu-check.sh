@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The prepared GPU check, one device call: the engine's tests with every registration forced onto CUDA, then our
-# tools of the deformable benchmark on CUDA. Logs under $OUT (the device tool's output folder; ./out/gpu-check
-# elsewhere): gpu.txt, tests.log, bench.log.
+# tools of the deformable benchmark on CUDA. Logs under $OUT (an output folder the caller names; ./out/gpu-check
+# by default): gpu.txt, tests.log, bench.log.
 #
 # The device image has torch, numpy, scipy and scikit-image but not SimpleITK or pydicom: fetch their wheels once
-# here with `bash scripts/gpu-wheels.sh` (into .whl/, ignored by git) and name .whl in the device call's `carry`.
-#   device run: bash scripts/gpu-check.sh        (carry: [".whl"], timeout about 540 s)
+# beforehand with `bash scripts/gpu-wheels.sh` (into .whl/, ignored by git) and copy .whl/ to the GPU machine with
+# the checkout; the script installs them from there. It runs in about 9 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUTDIR=${OUT:-$PWD/out/gpu-check}

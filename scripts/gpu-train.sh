@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Continue training the deep model on a CUDA machine for MINUTES minutes, from the checkpoint committed in
 # training/ (or, the first time, from the shipped weights), and write the new checkpoint, weights and log under
-# $OUT (the device tool's output folder; ./out/gpu-train elsewhere). Commit what comes back:
+# $OUT (an output folder the caller names; ./out/gpu-train by default). Commit what comes back:
 #   training/hypermorph<N>d.pt.ckpt  <- $OUT/hypermorph<N>d.pt.ckpt   (resumable state: weights, optimiser, RNG)
 #   training/LOG.md                  <- append $OUT/train<N>d.log's summary (what ran, where, how long)
 #   napari_regtool/deep/weights/hypermorph<N>d.pt <- $OUT/hypermorph<N>d.pt, only after the benchmark shows it helps
