@@ -28,7 +28,12 @@ def resolve_device(name: str | torch.device | None = "auto", warn=None) -> torch
     """
     forced = os.environ.get("REGTOOL_FORCE_DEVICE", "").strip()
     if forced:  # the GPU check (scripts/gpu-check.sh) runs every engine path on one device, whatever was asked
-        name = forced
+        _resolve(name, None)  # an unknown name is still an error
+        return _resolve(forced, warn)
+    return _resolve(name, warn)
+
+
+def _resolve(name, warn) -> torch.device:
     if isinstance(name, torch.device):
         name = str(name)
     name = (name or "auto").strip().lower()

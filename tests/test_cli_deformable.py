@@ -65,3 +65,16 @@ def test_channel_and_deep_only_options_on_other_models(tmp_path, capsys):
     assert main(base + ["--model", "affine", "--uncertainty", "--refine", "5", "--out", str(tmp_path / "b")]) == 0
     err = capsys.readouterr().err
     assert "uncertainty map applies to the deep model only" in err and "Refinement applies" in err
+
+
+def test_forced_device_overrides_every_request_but_not_an_unknown_name(monkeypatch):
+    import pytest
+    import torch
+
+    from napari_regtool.device import resolve_device
+    from napari_regtool.errors import InputError
+
+    monkeypatch.setenv("REGTOOL_FORCE_DEVICE", "cpu")
+    assert resolve_device("cuda") == torch.device("cpu") and resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(InputError, match="Unknown device"):
+        resolve_device("tpu")
