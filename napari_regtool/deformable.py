@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from .device import resolve_device
 from .errors import Cancelled, InputError
-from .image import Image
+from .image import Image, border_value, scaled_01
 from .space import Space
 from .threads import threads_for, torch_threads
 from .transforms.base import IdentityTransform, Transform, affine_index_grid
@@ -68,14 +68,9 @@ STOP_TOLERANCE = 1e-4
 @functools.lru_cache(maxsize=64)
 def _gauss_taps(sigma: float) -> tuple:
     """Normalised Gaussian weights over ``±ceil(3σ)`` voxels, as Python floats (for :func:`gaussian_smooth`)."""
-    return tuple(_gauss_kernel(sigma, "cpu", torch.float64).tolist())
-
-
-def _gauss_kernel(sigma: float, device, dtype) -> torch.Tensor:
     r = max(1, int(math.ceil(3.0 * sigma)))
-    x = torch.arange(-r, r + 1, device=device, dtype=dtype)
-    k = torch.exp(-0.5 * (x / sigma) ** 2)
-    return k / k.sum()
+    k = np.exp(-0.5 * (np.arange(-r, r + 1, dtype=np.float64) / sigma) ** 2)
+    return tuple(float(v) for v in k / k.sum())
 
 
 def gaussian_smooth(x: torch.Tensor, sigmas) -> torch.Tensor:
@@ -197,14 +192,10 @@ class _Metric:
             k = 2 * int(radius) + 1
             self.mean = _box_mean(d, k)
             # number of voxels in each (border-shrunk) window: the box mean's adjoint needs it
-            counts = []
+            cnt = torch.ones((), device=fixed.device, dtype=fixed.dtype)
             for ax, n in enumerate(fixed.shape[2:]):
-                j = torch.arange(n, device=fixed.device, dtype=fixed.dtype)
-                c = torch.clamp(j + k // 2, max=n - 1) - torch.clamp(j - k // 2, min=0) + 1
-                counts.append(c.view([-1 if a == ax else 1 for a in range(d)]))
-            cnt = counts[0]
-            for c in counts[1:]:
-                cnt = cnt * c
+                cnt = cnt * _window_counts(n, k, fixed.dtype, fixed.device).view([-1 if a == ax else 1
+                                                                                   for a in range(d)])
             self.count = cnt[None, None]
             self.inv_count = 1.0 / self.count
             self.mf = self.mean(self.f)
@@ -303,23 +294,6 @@ def _level_shapes(shape, n_levels: int) -> list:
     return out
 
 
-def _robust01(a: np.ndarray, name: str) -> np.ndarray:
-    lo, hi = np.percentile(a, [0.5, 99.5])
-    if not hi > lo:
-        lo, hi = float(a.min()), float(a.max())
-    if not hi > lo:
-        raise InputError(f"{name}: the image is constant (every voxel is {float(lo):g}); there is nothing to "
-                         "register.")
-    return np.clip((a - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
-
-
-def _border_value(a: np.ndarray) -> float:
-    faces = []
-    for ax in range(a.ndim):
-        faces += [np.take(a, 0, axis=ax).ravel(), np.take(a, -1, axis=ax).ravel()]
-    return float(np.median(np.concatenate(faces)))
-
-
 def _landmark_targets(initial: Transform, fixed_pts, moving_pts, work: Space, d: int):
     """Fixed points and their targets in work-grid voxels: ``q = T_init⁻¹(m)`` (point-wise inverse)."""
     from .errors import NotInvertibleError
@@ -346,6 +320,22 @@ def _landmark_targets(initial: Transform, fixed_pts, moving_pts, work: Space, d:
 
 
 # ------------------------------------------------------------------------------------------------ the API
+def _thread_policy(fn):
+    """Run ``fn(fixed, moving, …)`` with the torch thread count :mod:`napari_regtool.threads` chooses for its work
+    grid (one CPU thread for small grids)."""
+    @functools.wraps(fn)
+    def run(fixed, moving, *args, **kwargs):
+        dev = resolve_device(kwargs.get("device", "cpu"))
+        n = 0
+        if isinstance(fixed, Image) and fixed.ndim in MAX_VOXELS:
+            n = min(fixed.space.n_voxels, int(kwargs.get("max_voxels") or MAX_VOXELS[fixed.ndim]))
+        with torch_threads(threads_for(n, dev)):
+            return fn(fixed, moving, *args, **kwargs)
+
+    return run
+
+
+@_thread_policy
 def register_deformable(fixed: Image, moving: Image, initial: Transform | None = None, *,
                         similarity: str = "lncc", iterations=DEFAULT_ITERATIONS, radius: int = 2,
                         sigma_update: float = math.sqrt(3.0), sigma_field: float = math.sqrt(0.5),
@@ -397,25 +387,6 @@ def register_deformable(fixed: Image, moving: Image, initial: Transform | None =
         On the fixed grid, ``kind`` as given, with a ``refine_info`` dict: similarity before and after (finest
         level), per-level iterations and best values, whether an update was rejected, runtime.
     """
-    dev = resolve_device(device)
-    cap = int(max_voxels or MAX_VOXELS[fixed.ndim]) if isinstance(fixed, Image) else 0
-    n = min(fixed.space.n_voxels, cap) if isinstance(fixed, Image) else 0
-    with torch_threads(threads_for(n, dev)):
-        return _register_deformable(fixed, moving, initial, similarity=similarity, iterations=iterations,
-                                    radius=radius, sigma_update=sigma_update, sigma_field=sigma_field, step=step,
-                                    fixed_mask=fixed_mask, landmarks=landmarks, landmark_weight=landmark_weight,
-                                    max_voxels=max_voxels, device=dev, progress=progress, cancel=cancel, kind=kind,
-                                    start_field=start_field, patience=patience)
-
-
-def _register_deformable(fixed: Image, moving: Image, initial: Transform | None = None, *,
-                        similarity: str = "lncc", iterations=DEFAULT_ITERATIONS, radius: int = 2,
-                        sigma_update: float = math.sqrt(3.0), sigma_field: float = math.sqrt(0.5),
-                        step: float = 1.0, fixed_mask=None, landmarks=None, landmark_weight: float = 0.5,
-                        max_voxels: int | None = None, device="cpu", progress=None, cancel=None,
-                        kind: str = "deformable", start_field=None, patience: int = 15
-                        ) -> DisplacementFieldTransform:
-    """The implementation of :func:`register_deformable` (its thread count already set)."""
     t_start = time.perf_counter()
     if not isinstance(fixed, Image) or not isinstance(moving, Image):
         raise InputError("Deformable registration needs two images (napari_regtool.image.Image).")
@@ -444,10 +415,7 @@ def _register_deformable(fixed: Image, moving: Image, initial: Transform | None 
         raise InputError(f"The NCC radius must be between 1 and 20 voxels, got {radius}.")
     for img, role in ((fixed, "fixed"), (moving, "moving")):
         img.check_finite()
-        small = [s for s in img.space.shape if s < MIN_SIZE]
-        if small:
-            raise InputError(f"The {role} image ({img.name}, {'×'.join(map(str, img.space.shape))} voxels) is too "
-                             f"small: deformable registration needs at least {MIN_SIZE} voxels along every axis.")
+        img.check_min_size(MIN_SIZE, role, "deformable registration")
     dev = resolve_device(device)
     initial = initial if initial is not None else IdentityTransform(d)
 
@@ -466,8 +434,8 @@ def _register_deformable(fixed: Image, moving: Image, initial: Transform | None 
         work = fs.with_shape(tuple(max(MIN_SIZE, int((n - 1) * r) + 1) for n in fs.shape), keep_extent=True)
     else:
         work = fs
-    f01 = _robust01(fixed.scalar(), fixed.name)
-    m01 = _robust01(moving.scalar(), moving.name)
+    f01 = scaled_01(fixed.scalar(), fixed.name)
+    m01 = scaled_01(moving.scalar(), moving.name)
     if work is not fs:
         from scipy.ndimage import gaussian_filter
 
@@ -482,7 +450,7 @@ def _register_deformable(fixed: Image, moving: Image, initial: Transform | None 
                               mode="nearest")
     fw = resample(f01, fs, IdentityTransform(d), work, device=dev).float() if work is not fs else \
         torch.as_tensor(f01, device=dev)
-    mw = resample(m01, moving.space, initial, work, fill=_border_value(m01), device=dev).float()
+    mw = resample(m01, moving.space, initial, work, fill=border_value(m01), device=dev).float()
     mask = None
     if fixed_mask is not None:
         mk = np.asarray(fixed_mask)

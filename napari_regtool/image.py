@@ -71,6 +71,13 @@ class Image:
                              "registering.")
         return self
 
+    def check_min_size(self, n: int, role: str, purpose: str):
+        """Raise :class:`InputError` unless every axis has at least ``n`` voxels (``purpose``: what needs them)."""
+        if any(s < n for s in self.space.shape):
+            raise InputError(f"The {role} image ({self.name}, {'×'.join(map(str, self.space.shape))} voxels) is too "
+                             f"small for {purpose}: it needs at least {n} voxels along every axis.")
+        return self
+
     def check_not_constant(self):
         s = self.scalar()
         if float(s.max()) == float(s.min()):
@@ -81,3 +88,29 @@ class Image:
     def with_array(self, array, name=None, is_label=None) -> "Image":
         return Image(array, self.space, name or self.name, self.is_label if is_label is None else is_label,
                      dict(self.meta))
+
+
+def robust_range(a: np.ndarray, name: str) -> tuple[float, float]:
+    """The 0.5th and 99.5th percentiles of ``a`` (its extremes where those are equal). Raises
+    :class:`InputError` for a constant image."""
+    lo, hi = np.percentile(a, [0.5, 99.5])
+    if not hi > lo:
+        lo, hi = float(a.min()), float(a.max())
+    if not hi > lo:
+        raise InputError(f"{name}: the image is constant (every voxel is {float(lo):g}); there is nothing to "
+                         "register.")
+    return float(lo), float(hi)
+
+
+def scaled_01(a: np.ndarray, name: str) -> np.ndarray:
+    """``a`` scaled to [0, 1] over its :func:`robust_range`, clipped, float32."""
+    lo, hi = robust_range(a, name)
+    return np.clip((a - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+
+def border_value(a: np.ndarray) -> float:
+    """Median of the outermost voxels of ``a`` (a padding value that continues the image's surroundings)."""
+    faces = []
+    for ax in range(a.ndim):
+        faces += [np.take(a, 0, axis=ax).ravel(), np.take(a, -1, axis=ax).ravel()]
+    return float(np.median(np.concatenate(faces)))

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..errors import Cancelled, InputError
-from ..image import Image
+from ..image import Image, border_value, robust_range
 from ..space import Space
 from ..transforms.base import IdentityTransform, Transform, affine_index_grid
 from ..transforms.field import DisplacementFieldTransform, integrate_velocity, resample, sample_at_index
@@ -107,23 +107,6 @@ def _smooth_for(array: np.ndarray, spacing_xyz, target_spacing: float) -> np.nda
     return gaussian_filter(array, sigma=sigma, mode="nearest")
 
 
-def _robust_range(a: np.ndarray, name: str):
-    lo, hi = np.percentile(a, [0.5, 99.5])
-    if not hi > lo:
-        lo, hi = float(a.min()), float(a.max())
-    if not hi > lo:
-        raise InputError(f"{name}: the image is constant; there is nothing to register.")
-    return float(lo), float(hi)
-
-
-def _border_value(a: np.ndarray) -> float:
-    """Median of the outermost voxels (the padding value of the working grid)."""
-    faces = []
-    for ax in range(a.ndim):
-        faces += [np.take(a, 0, axis=ax).ravel(), np.take(a, -1, axis=ax).ravel()]
-    return float(np.median(np.concatenate(faces)))
-
-
 def check_pair(fixed: Image, moving: Image) -> tuple:
     """Validate a pair for the deep model; returns their float32 scalar arrays.
 
@@ -138,10 +121,7 @@ def check_pair(fixed: Image, moving: Image) -> tuple:
     out = []
     for img, role in ((fixed, "fixed"), (moving, "moving")):
         img.check_finite()
-        small = [s for s in img.space.shape if s < MIN_SIZE]
-        if small:
-            raise InputError(f"The {role} image ({img.name}, {'×'.join(map(str, img.space.shape))} voxels) is too "
-                             f"small for the deep model: it needs at least {MIN_SIZE} voxels along every axis.")
+        img.check_min_size(MIN_SIZE, role, "the deep model")
         a = img.scalar()
         if float(a.max()) == float(a.min()):
             raise InputError(f"The {role} image ({img.name}) is constant (every voxel is {float(a.min()):g}); "
@@ -190,10 +170,10 @@ class DeepRegistration:
         t0 = time.perf_counter()
         self.work_space = working_space(fixed.space, self.model.work_size, self.model.multiple)
         s = float(self.work_space.spacing[0])
-        self.norm = {"fixed": _robust_range(f_arr, fixed.name), "moving": _robust_range(m_arr, moving.name)}
+        self.norm = {"fixed": robust_range(f_arr, fixed.name), "moving": robust_range(m_arr, moving.name)}
         self._f01 = self._normalise(f_arr, "fixed")
         self._m01 = self._normalise(m_arr, "moving")
-        self._fill = {"fixed": _border_value(self._f01), "moving": _border_value(self._m01)}
+        self._fill = {"fixed": border_value(self._f01), "moving": border_value(self._m01)}
         xf = self._to_grid(self._f01, fixed.space, IdentityTransform(d).as_affine(), self.work_space, s, "fixed")
         xm = self._to_grid(self._m01, moving.space, self._pre, self.work_space, s, "moving")
         self.x = torch.stack([xf, xm])[None].to(self.device)  # (1, 2, *work)
