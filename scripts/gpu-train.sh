@@ -8,7 +8,7 @@
 #
 #   bash scripts/gpu-train.sh MINUTES [2|3]        (default 3D)
 # Needs python3 with torch (the device machine has it); no other package is used by training.
-set -euo pipefail
+set -euo pipefail  # pipefail: the exit status of training, not of tee
 cd "$(dirname "$0")/.."
 MIN=${1:?usage: scripts/gpu-train.sh MINUTES [2|3]}
 NDIM=${2:-3}
@@ -18,6 +18,9 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=.venv/bin/python
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 DEVICE=${DEVICE:-cuda}
+SYNTH_DEVICE=${SYNTH_DEVICE:-$DEVICE}  # where the synthetic pairs are made
+# the supervised term on the synthetic truth helps the first run after a change of data or architecture
+WARMUP=${WARMUP:-$([ -f "training/hypermorph${NDIM}d.pt.ckpt" ] && echo 0 || echo 0.3)}
 BATCH=${BATCH:-$([ "$NDIM" = 3 ] && echo 4 || echo 32)}
 ckpt=training/hypermorph${NDIM}d.pt.ckpt
 out="$OUTDIR/hypermorph${NDIM}d.pt"
@@ -30,7 +33,8 @@ fi
 {
   echo "# $(date -u +%FT%TZ) gpu-train ${MIN} min, ${NDIM}D, device ${DEVICE}, batch ${BATCH}, git $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
   command -v nvidia-smi >/dev/null && nvidia-smi -L || true
-  "$PY" -m napari_regtool.deep.train --ndim "$NDIM" --device "$DEVICE" --threads 8 --batch "$BATCH" --resume \
-    --steps 1000000 --warmup 0 --max-minutes "$MIN" --checkpoint-every 200 --log-every 100 --out "$out" "${init[@]}"
+  "$PY" -m napari_regtool.deep.train --ndim "$NDIM" --device "$DEVICE" --threads 4 --batch "$BATCH" --resume \
+    --steps 1000000 --warmup "$WARMUP" --max-minutes "$MIN" --checkpoint-every 200 --log-every 100 --out "$out" \
+    --synth-device "$SYNTH_DEVICE" "${init[@]}"
 } 2>&1 | tee "$OUTDIR/train${NDIM}d.log"
 ls -la "$OUTDIR"

@@ -11,6 +11,11 @@ sides are multiples of ``2 ** levels`` and predicts a stationary velocity field 
 plus, optionally, its log-variance (probabilistic VoxelMorph). :meth:`HyperMorphModel.displacement` integrates
 it by scaling and squaring with :func:`~napari_regtool.transforms.field.integrate_velocity`.
 
+Large displacements come from **recursion**: :meth:`HyperMorphModel.register` applies the same network
+``passes`` times, each time to the fixed image and the moving image warped by the transform found so far, and
+composes the steps (a recursive cascade with shared weights, trained end to end through every pass). Each pass
+only has to find what is left, a few voxels, which a small network learns well.
+
 2D and 3D share one code path: only the convolution class changes.
 """
 from __future__ import annotations
@@ -22,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..transforms.field import integrate_velocity, resize_vector_field
+from ..transforms.field import integrate_velocity, resize_vector_field, warp
 
 __all__ = ["HyperMorphModel", "embed_lambda", "save_model", "read_model", "inflate_from", "DEFAULT_CONFIG", "FORMAT"]
 
@@ -33,9 +38,9 @@ FORMAT = "napari-regtool-hypermorph"
 #: (2D and 3D share the channel widths, so trained 2D kernels can initialise a 3D model by inflation)
 DEFAULT_CONFIG = {
     2: dict(ndim=2, enc=(8, 32, 32, 32, 32), dec=(32, 32, 16), final=16, hyper_hidden=64, int_steps=7,
-            variance=True, work_size=128),
+            variance=True, work_size=128, passes=3),
     3: dict(ndim=3, enc=(8, 32, 32, 32, 32), dec=(32, 32, 16), final=16, hyper_hidden=64, int_steps=7,
-            variance=True, work_size=64),
+            variance=True, work_size=64, passes=2),
 }
 
 _FREQS = (1.0, 2.0, 4.0)
@@ -102,6 +107,8 @@ class HyperMorphModel(nn.Module):
         its own two convolutions and reads the trunk's last features detached, so training it leaves the mean
         velocity untouched.
     work_size : long side of the working grid the model was trained at (metadata for inference).
+    passes : how many times :meth:`register` applies the network (recursive cascade; 1 = a single pass, as in
+        weight files written before the cascade existed).
 
     Shapes
     ------
@@ -111,7 +118,7 @@ class HyperMorphModel(nn.Module):
 
     def __init__(self, ndim: int = 2, enc: Sequence[int] = (16, 32, 32, 32, 32), dec: Sequence[int] = (32, 32, 32),
                  final: int = 16, hyper_hidden: int = 64, int_steps: int = 7, variance: bool = True,
-                 work_size: int = 128):
+                 work_size: int = 128, passes: int = 1):
         super().__init__()
         if ndim not in (2, 3):
             raise ValueError(f"HyperMorphModel: ndim must be 2 or 3, got {ndim}.")
@@ -120,9 +127,13 @@ class HyperMorphModel(nn.Module):
             raise ValueError(f"HyperMorphModel: need len(dec) == len(enc) - 2 (got enc={enc}, dec={dec}).")
         self.ndim, self.enc_ch, self.dec_ch, self.final_ch = ndim, enc, dec, int(final)
         self.int_steps, self.has_variance, self.work_size = int(int_steps), bool(variance), int(work_size)
+        self.passes = int(passes)
+        if self.passes < 1:
+            raise ValueError(f"HyperMorphModel: passes must be at least 1, got {passes}.")
         self.levels = len(enc) - 1
         self.config = dict(ndim=ndim, enc=enc, dec=dec, final=int(final), hyper_hidden=int(hyper_hidden),
-                           int_steps=int(int_steps), variance=bool(variance), work_size=int(work_size))
+                           int_steps=int(int_steps), variance=bool(variance), work_size=int(work_size),
+                           passes=self.passes)
         self.meta: dict = {}
 
         layers = [_FiLMConv(ndim, 2, enc[0])]
@@ -200,6 +211,48 @@ class HyperMorphModel(nn.Module):
         logvar = self.logvar(h.detach()).clamp(-10.0, 4.0) if self.has_variance else None
         return mean, logvar
 
+    def register(self, fixed: torch.Tensor, moving: torch.Tensor, lam, passes: int | None = None,
+                 symmetric: bool = False) -> dict:
+        """The recursive cascade: ``passes`` network runs, each on (fixed, moving warped so far), composed.
+
+        Parameters
+        ----------
+        fixed, moving : (B, 1, *S) images in [0, 1] on the working grid
+        lam : float or (B,) tensor, the regularisation weight
+        passes : number of network runs (default: the model's ``passes``)
+        symmetric : run every pass on (fixed, warped) and (warped, fixed) and keep half the difference of the two
+            velocities, so each step is exactly antisymmetric and identical images give exactly the identity
+
+        Returns
+        -------
+        dict with ``disp`` (B, D, *S/2): the total fixed → moving displacement ``x ↦ x + disp(x)`` in half-grid
+        voxels; ``logvar``: the last pass's velocity log-variance (or ``None``); ``velocities``: every pass's mean
+        velocity; ``before_last``: the displacement composed before the last pass (``None`` for one pass).
+        """
+        passes = self.passes if passes is None else int(passes)
+        shape = tuple(fixed.shape[2:])
+        b = fixed.shape[0]
+        lam_t = torch.as_tensor(lam, dtype=fixed.dtype, device=fixed.device).reshape(-1)
+        if symmetric:
+            lam_t = torch.cat([lam_t, lam_t]) if lam_t.numel() > 1 else lam_t
+        total, before, logvar, velocities, warped = None, None, None, [], moving
+        for i in range(passes):
+            if symmetric:
+                both, lv = self(torch.cat([torch.cat([fixed, warped], 1), torch.cat([warped, fixed], 1)]), lam_t)
+                mean = 0.5 * (both[:b] - both[b:])
+                lv = None if lv is None else torch.log(0.5 * (lv[:b].exp() + lv[b:].exp()))
+            else:
+                mean, lv = self(torch.cat([fixed, warped], 1), lam_t)
+            step = integrate_velocity(mean, self.int_steps)
+            before = total
+            # x ↦ x + step(x), then the transform so far: total(x) = step(x) + total_before(x + step(x))
+            total = step if total is None else step + warp(total, step)
+            velocities.append(mean)
+            logvar = lv
+            if i + 1 < passes:
+                warped = warp(moving, resize_vector_field(total, shape))
+        return {"disp": total, "logvar": logvar, "velocities": velocities, "before_last": before}
+
     def displacement(self, velocity: torch.Tensor, shape=None) -> torch.Tensor:
         """Integrate ``velocity`` (B, D, *S/2) and optionally resize to ``shape`` (vectors rescaled).
 
@@ -211,7 +264,8 @@ class HyperMorphModel(nn.Module):
     def describe(self) -> dict:
         """Architecture and training metadata for reports."""
         n = sum(p.numel() for p in self.parameters())
-        return {"architecture": "HyperMorph (FiLM-conditioned U-Net, SVF at 1/2 resolution)",
+        return {"architecture": f"HyperMorph (FiLM-conditioned U-Net, SVF at 1/2 resolution, applied recursively "
+                                f"{self.passes}×)",
                 **{k: (list(v) if isinstance(v, tuple) else v) for k, v in self.config.items()},
                 "parameters": int(n), **{f"trained_{k}": v for k, v in self.meta.items()}}
 
@@ -256,8 +310,8 @@ def save_model(model: HyperMorphModel, path, extra: dict | None = None) -> None:
 #: allowed ranges of the numbers in a weight file's architecture (``config``): a hand-edited file must not make
 #: inference allocate terabytes (``work_size``) or loop for ever (``int_steps``); the ranges hold every model
 #: ``regtool train`` can write with room to spare
-CONFIG_LIMITS = {"int_steps": (0, 16), "work_size": (16, 4096), "final": (1, 1024), "hyper_hidden": (1, 4096),
-                 "enc": (1, 1024), "dec": (1, 1024)}
+CONFIG_LIMITS = {"int_steps": (0, 16), "passes": (1, 8), "work_size": (16, 4096), "final": (1, 1024),
+                 "hyper_hidden": (1, 4096), "enc": (1, 1024), "dec": (1, 1024)}
 WORK_SIZE_MAX_3D = 512
 
 

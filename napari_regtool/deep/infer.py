@@ -31,7 +31,7 @@ from ..errors import Cancelled, InputError
 from ..image import Image, border_value, robust_range
 from ..space import Space
 from ..transforms.base import IdentityTransform, Transform, affine_index_grid
-from ..transforms.field import DisplacementFieldTransform, integrate_velocity, resample, sample_at_index
+from ..transforms.field import DisplacementFieldTransform, resample, sample_at_index
 from .hypermorph import HyperMorphModel, read_model
 
 __all__ = ["load_model", "weights_path", "DeepRegistration", "register_deep", "DEFAULT_REG_WEIGHT", "MIN_SIZE",
@@ -180,7 +180,7 @@ class DeepRegistration:
         half = tuple(n // 2 for n in self.work_space.shape)
         self.half_space = _corner_aligned(self.work_space, half)
         self.prep_s = time.perf_counter() - t0
-        self._last = None  # (λ, mean velocity, logvar) of the last network run
+        self._last = None  # (λ, displacement, logvar) of the last network run
 
     # ----------------------------------------------------------------------------------------- helpers
     def _normalise(self, a, role):
@@ -192,25 +192,24 @@ class DeepRegistration:
         a = _smooth_for(a01, space.spacing, spacing)
         return resample(a, space, transform, grid, fill=self._fill[role], dtype=torch.float32).float()
 
-    def velocity(self, reg_weight: float) -> tuple:
-        """Network output for λ = ``reg_weight``: (mean, logvar), each (1, D, *half) in half-grid voxels."""
+    def network(self, reg_weight: float) -> tuple:
+        """Network output for λ = ``reg_weight``: ``(disp, logvar)``, each (1, D, *half) in half-grid voxels.
+
+        ``disp`` is the displacement of the model's recursive cascade (:meth:`HyperMorphModel.register`, every
+        pass symmetric when :attr:`symmetric`); ``logvar`` the last pass's velocity log-variance (or ``None``).
+        """
         lam = float(reg_weight)
         if not (0.0 <= lam <= 1.0) or not math.isfinite(lam):
             raise InputError(f"The regularisation weight must be between 0 and 1, got {reg_weight}.")
         if self._last is not None and self._last[0] == lam:
             return self._last[1], self._last[2]
         with torch.no_grad():
-            if self.symmetric:
-                # one batch of (fixed, moving) and (moving, fixed): exp(−v) is the inverse of exp(v), so
-                # v = (v_fm − v_mf) / 2 estimates the same velocity, is exactly antisymmetric in the two images
-                # and exactly zero for identical ones
-                both, lv = self.model(torch.cat([self.x, self.x.flip(1)]), lam)
-                mean = 0.5 * (both[:1] - both[1:])
-                logvar = None if lv is None else torch.log(0.5 * (lv[:1].exp() + lv[1:].exp()))
-            else:
-                mean, logvar = self.model(self.x, lam)
-        self._last = (lam, mean, logvar)
-        return mean, logvar
+            # symmetric: each pass runs on (fixed, warped) and (warped, fixed) as one batch; exp(−v) is the inverse
+            # of exp(v), so v = (v_fm − v_mf) / 2 estimates the same velocity, is exactly antisymmetric in the two
+            # images and exactly zero for identical ones
+            out = self.model.register(self.x[:, :1], self.x[:, 1:], lam, symmetric=self.symmetric)
+        self._last = (lam, out["disp"], out["logvar"])
+        return out["disp"], out["logvar"]
 
     @property
     def prealignment(self) -> Transform | None:
@@ -225,9 +224,8 @@ class DeepRegistration:
         if self.initial is not None and self._affine is None:
             raise InputError("The network's displacement before a non-linear starting transform is not defined; "
                              "use predict().")
-        mean, _ = self.velocity(reg_weight)
+        u, _ = self.network(reg_weight)
         with torch.no_grad():
-            u = integrate_velocity(mean, self.model.int_steps)
             return self._displacement_on_fixed(u, self.half_space, compose=False)
 
     def field_on_fixed(self, u: torch.Tensor, grid: Space) -> torch.Tensor:
@@ -290,15 +288,14 @@ class DeepRegistration:
 
     # --------------------------------------------------------------------------------------------- API
     def predict(self, reg_weight: float, uncertainty: bool = False) -> DisplacementFieldTransform:
-        """Single network pass for λ = ``reg_weight`` ∈ [0, 1].
+        """The network's prediction (its recursive cascade, no optimisation) for λ = ``reg_weight`` ∈ [0, 1].
 
         Returns a :class:`DisplacementFieldTransform` on the fixed grid (physical units, fixed → moving, composed
         with ``initial``), ``kind="deep"``; with ``uncertainty`` its ``.uncertainty`` is a ``fixed.shape`` map
         in physical units (requires a model with a variance head).
         """
-        mean, logvar = self.velocity(reg_weight)
+        u, logvar = self.network(reg_weight)
         with torch.no_grad():
-            u = integrate_velocity(mean, self.model.int_steps)
             field = self.field_on_fixed(u, self.half_space)
             unc = None
             if uncertainty:

@@ -3,7 +3,9 @@
 A pair is made from **one** random label map seen through two random smooth deformations:
 
 1. *Anatomy*: ``K`` channels of smooth noise (random resolution, two scales), optionally with a blob-shaped
-   foreground so that a background label surrounds the "object", as in most real images. The arg-max over
+   foreground so that a background label surrounds the "object", as in most real images, and optionally with
+   random ellipses and boxes at several scales painted over it (small, sharp objects as in microscopy and
+   photographs, not only brain-like regions). The arg-max over
    channels is a label map with irregular, nested regions.
 2. *Two views*: the noise channels are warped by two independent random diffeomorphisms (a random stationary
    velocity field at low resolution, integrated by scaling and squaring, composed with a mild random affine)
@@ -42,18 +44,24 @@ class SynthConfig:
     control points per side of the label noise. ``warp_res``: (min, max) control points per side of the pair
     deformations; ``warp_std``: maximum standard deviation of their velocity, as a fraction of the side.
     ``affine``: maximum rotation (degrees), log-scale and translation (fraction of the side) of the mild affine
-    part. ``p_background``: probability of a blob foreground on a background label. ``p_same_contrast``:
-    probability that fixed and moving share the label intensities. ``p_identical``: probability that the moving
-    anatomy is the fixed one (same labels and contrast, new noise; the true displacement is zero), which teaches
-    the model to leave aligned images alone.
+    part. ``p_shapes``: probability that a label map also gets ``shapes`` (min, max) random ellipses and boxes
+    painted over it, with radii log-uniform in ``shape_size`` (fractions of the side): small sharp objects
+    (cells, nuclei, photographed things) next to the large smooth regions of the noise labels.
+    ``p_background``: probability of a blob foreground on a background label. ``p_same_contrast``: probability
+    that fixed and moving share the label intensities. ``p_identical``: probability that the moving anatomy is
+    the fixed one (same labels and contrast, new noise; the true displacement is zero), which teaches the model
+    to leave aligned images alone.
     """
 
     shape: tuple = (128, 128)
     labels: tuple = (6, 20)
     label_res: tuple = (2, 12)
-    warp_res: tuple = (3, 10)
-    warp_std: float = 0.02
-    affine: tuple = (4.0, 0.04, 0.015)
+    warp_res: tuple = (2, 6)
+    warp_std: float = 0.04
+    affine: tuple = (6.0, 0.05, 0.03)
+    p_shapes: float = 0.5
+    shapes: tuple = (4, 40)
+    shape_size: tuple = (0.015, 0.25)
     p_background: float = 0.6
     p_same_contrast: float = 0.5
     p_identical: float = 0.05
@@ -63,13 +71,18 @@ class SynthConfig:
     gamma_std: float = 0.25
 
 
-def _rand(gen, *size, device="cpu"):
-    return torch.rand(*size, generator=gen, device=device)
+def _rand(gen, *size):
+    """Uniform [0, 1) draws on the generator's device (a CUDA generator makes the data on the GPU)."""
+    return torch.rand(*size, generator=gen, device=gen.device)
+
+
+def _randn(gen, *size):
+    return torch.randn(*size, generator=gen, device=gen.device)
 
 
 def _randint(gen, lo, hi) -> int:
     """Integer in [lo, hi] (inclusive)."""
-    return int(torch.randint(int(lo), int(hi) + 1, (1,), generator=gen).item())
+    return int(torch.randint(int(lo), int(hi) + 1, (1,), generator=gen, device=gen.device).item())
 
 
 def smooth_noise(batch: int, channels: int, shape, res: int, gen: torch.Generator, device="cpu") -> torch.Tensor:
@@ -80,7 +93,7 @@ def smooth_noise(batch: int, channels: int, shape, res: int, gen: torch.Generato
     shape = tuple(int(s) for s in shape)
     big = max(shape)
     low = tuple(max(2, int(round(res * s / big))) for s in shape)
-    z = torch.randn(batch, channels, *low, generator=gen, device=device)
+    z = _randn(gen, batch, channels, *low).to(device)
     mode = "bilinear" if len(shape) == 2 else "trilinear"
     return F.interpolate(z, size=shape, mode=mode, align_corners=True)
 
@@ -99,7 +112,7 @@ def _random_rotation(gen, d: int, max_deg: float, batch: int) -> torch.Tensor:
     if d == 2:
         c, s = torch.cos(ang[:, 0]), torch.sin(ang[:, 0])
         return torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
-    k = torch.zeros(batch, 3, 3)
+    k = torch.zeros(batch, 3, 3, device=ang.device)
     k[:, 0, 1], k[:, 0, 2], k[:, 1, 2] = -ang[:, 2], ang[:, 1], -ang[:, 0]
     k = k - k.transpose(1, 2)
     return torch.linalg.matrix_exp(k)
@@ -117,9 +130,14 @@ def random_warp(batch: int, shape, gen: torch.Generator, cfg: SynthConfig, devic
     shape = tuple(int(s) for s in shape)
     d = len(shape)
     half = tuple(max(4, s // 2) for s in shape)
+    # two scales: a coarse velocity that carries the large displacements (up to about ``warp_std`` of the side
+    # per view, so the pair's relative warp reaches ~15 % of the field of view) and a finer one whose amplitude
+    # shrinks with its resolution, so local detail never folds; ``u**1.5`` keeps many pairs small
     res = _randint(gen, *cfg.warp_res)
-    std = _rand(gen, batch) * cfg.warp_std * max(half)
+    fine_res = min(max(half), res + _randint(gen, 3, 8))
+    std = _rand(gen, batch) ** 1.5 * cfg.warp_std * max(half)
     v = random_velocity(batch, half, res, std, gen, device)
+    v = v + random_velocity(batch, half, fine_res, std * _rand(gen, batch) * 0.4 * res / fine_res, gen, device)
     u = resize_vector_field(integrate_velocity(v), shape)
     rot = _random_rotation(gen, d, cfg.affine[0], batch).to(device)
     scale = torch.exp((2 * _rand(gen, batch, d) - 1) * cfg.affine[1]).to(device)
@@ -204,6 +222,33 @@ def _label_logits(batch, k, shape, gen, cfg, device):
     return z
 
 
+def _paint_shapes(z: torch.Tensor, gen, cfg) -> torch.Tensor:
+    """Paint random ellipses and boxes (one random label each, later ones on top) into the logits ``z``."""
+    b, k = z.shape[:2]
+    shape = tuple(z.shape[2:])
+    d = len(shape)
+    device = z.device
+    use = _rand(gen, b) < cfg.p_shapes
+    if not bool(use.any()):
+        return z
+    grid = identity_index_grid(shape, device)  # (D, *S), x first
+    size_xyz = torch.as_tensor(shape[::-1], dtype=torch.float32, device=device)
+    lo, hi = (math.log(v) for v in cfg.shape_size)
+    n = _randint(gen, *cfg.shapes)
+    view = (b, d) + (1,) * d
+    for i in range(n):
+        c = _rand(gen, b, d).to(device) * size_xyz
+        radius = torch.exp(lo + (hi - lo) * _rand(gen, b, 1)).to(device) * size_xyz.max()
+        radii = radius * torch.exp((2 * _rand(gen, b, d).to(device) - 1) * 0.5)  # elongation up to e
+        r = ((grid.unsqueeze(0) - c.reshape(view)).abs() / radii.reshape(view))
+        box = (_rand(gen, b) < 0.3).to(device).reshape(b, *([1] * d))
+        inside = torch.where(box, r.amax(1) < 1.0, (r ** 2).sum(1) < 1.0) & use.to(device).reshape(b, *([1] * d))
+        label = torch.randint(0, k, (b,), generator=gen, device=gen.device).to(device)
+        hit = F.one_hot(label, k).bool().reshape(b, k, *([1] * d)) & inside.unsqueeze(1)
+        z = torch.where(hit, torch.full_like(z, 20.0 + i), z)
+    return z
+
+
 def _images_from_labels(labels, k, gen, cfg, means=None):
     """(B, *S) long labels → (B, 1, *S) image in [0, 1] and the per-label means used, (B, K)."""
     b = labels.shape[0]
@@ -215,13 +260,13 @@ def _images_from_labels(labels, k, gen, cfg, means=None):
     img = torch.gather(means, 1, labels.reshape(b, -1)).reshape(b, 1, *shape)
     tex = smooth_noise(b, 1, shape, _randint(gen, 8, 32), gen, device)
     img = img + tex * (_rand(gen, b).to(device) * 0.08).reshape(b, 1, *([1] * d))
-    img = img + torch.randn(img.shape, generator=gen, device=device) * (
+    img = img + _randn(gen, *img.shape).to(device) * (
         _rand(gen, b).to(device) * cfg.noise_std).reshape(b, 1, *([1] * d))
     img = gaussian_blur(img, _rand(gen, b).to(device) * cfg.blur_sigma)
     bias = smooth_noise(b, 1, shape, _randint(gen, 2, 5), gen, device)
     img = img * torch.exp(bias * (_rand(gen, b).to(device) * cfg.bias_std).reshape(b, 1, *([1] * d)))
     img = _minmax(img)
-    gamma = torch.exp(torch.randn(b, generator=gen) * cfg.gamma_std).to(device)
+    gamma = torch.exp(_randn(gen, b) * cfg.gamma_std).to(device)
     img = img.clamp(min=0) ** gamma.reshape(b, 1, *([1] * d))
     return _minmax(img), means
 
@@ -240,10 +285,9 @@ def synth_pair(batch: int, gen: torch.Generator, cfg: SynthConfig | None = None)
     Parameters
     ----------
     batch : number of pairs
-    gen : torch.Generator (CPU) — all randomness is drawn from it
+    gen : torch.Generator — all randomness is drawn from it, and the tensors are made on its device (a CUDA
+        generator makes the whole batch on the GPU)
     cfg : :class:`SynthConfig` (``cfg.shape`` gives the spatial shape, 2D or 3D)
-
-    The tensors are made on the CPU; move them to the training device afterwards.
 
     Returns
     -------
@@ -252,10 +296,10 @@ def synth_pair(batch: int, gen: torch.Generator, cfg: SynthConfig | None = None)
     (index space, voxels), ``φ_m⁻¹ ∘ φ_f − id``.
     """
     cfg = cfg or SynthConfig()
-    device = "cpu"
+    device = gen.device
     shape = tuple(int(s) for s in cfg.shape)
     k = _randint(gen, *cfg.labels)
-    z = _label_logits(batch, k, shape, gen, cfg, device)
+    z = _paint_shapes(_label_logits(batch, k, shape, gen, cfg, device), gen, cfg)
     phi_f = random_warp(batch, shape, gen, cfg, device)
     phi_m, parts_m = random_warp(batch, shape, gen, cfg, device, return_parts=True)
     grid = identity_index_grid(shape, device).unsqueeze(0)
@@ -313,7 +357,7 @@ class RealImageSource:
 
     def sample(self, batch: int, gen: torch.Generator, cfg: SynthConfig) -> dict:
         """Same keys as :func:`synth_pair` (CPU tensors)."""
-        device = "cpu"
+        device = gen.device
         shape = tuple(cfg.shape)
         d = len(shape)
         imgs = []
@@ -323,10 +367,10 @@ class RealImageSource:
             src_xyz = np.asarray(a.shape[2:][::-1], dtype=float)
             out_xyz = np.asarray(shape[::-1], dtype=float)
             scale = (src_xyz - 1) / (out_xyz - 1) / zoom
-            shift = (src_xyz - 1 - scale * (out_xyz - 1)) / 2 + (2 * _rand(gen, d).numpy() - 1) * 0.05 * src_xyz
+            shift = (src_xyz - 1 - scale * (out_xyz - 1)) / 2 + (2 * _rand(gen, d).cpu().numpy() - 1) * 0.05 * src_xyz
             grid = identity_index_grid(shape).movedim(0, -1) * torch.as_tensor(scale, dtype=torch.float32)
             grid = grid + torch.as_tensor(shift, dtype=torch.float32)
-            imgs.append(sample_at_index(a, grid[None], padding="zeros")[0])
+            imgs.append(sample_at_index(a, grid[None], padding="zeros")[0].to(device))
         base = torch.stack(imgs).to(device)  # (B, 1, *S)
         k = _randint(gen, 4, 8)
         qs = torch.quantile(base.reshape(batch, -1), torch.linspace(0, 1, k + 1)[1:-1].to(device), dim=1).T
@@ -339,8 +383,8 @@ class RealImageSource:
             img = warp(base, phi, padding="zeros")
             # nearest lookup has no zero padding: ITK's outside rule gives label 0 beyond the source, like the image
             lab = warp(labels[:, None].float(), phi, mode="nearest", padding="itk")[:, 0].long()
-            noise = torch.randn(img.shape, generator=gen, device=device) * 0.03 * _rand(gen, 1).item()
-            gamma = float(torch.exp(torch.randn(1, generator=gen) * cfg.gamma_std))
+            noise = _randn(gen, *img.shape) * 0.03 * _rand(gen, 1).item()
+            gamma = float(torch.exp(_randn(gen, 1) * cfg.gamma_std))
             out[key] = _minmax((img.clamp(0, 1) ** gamma) + noise)
             out[key + "_labels"] = lab
         return out

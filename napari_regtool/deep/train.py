@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..transforms.field import warp
+from ..transforms.field import integrate_velocity, resize_vector_field, warp
 from .hypermorph import DEFAULT_CONFIG, HyperMorphModel, read_model, save_model
 from .synth import RealImageSource, SynthConfig, synth_pair
 
@@ -51,7 +51,9 @@ class TrainConfig:
     fraction of the run during which a supervised term on the known synthetic displacement (weight decaying
     linearly from 1 to 0) speeds up the start; the rest of the run uses the HyperMorph loss alone; ``init_from``:
     a weight file to start from (a 2D file initialises a 3D model by kernel inflation); ``label_sigma``: blur of the
-    label maps in the Dice term; ``p_identical``: share of pairs whose moving anatomy is the fixed one.
+    label maps in the Dice term; ``p_identical``: share of pairs whose moving anatomy is the fixed one;
+    ``passes``: network runs of the recursive cascade (default 3 in 2D, 2 in 3D); ``synth_device``: where the
+    synthetic pairs are made (default: the training device, so a GPU run makes its data on the GPU).
     """
 
     ndim: int = 2
@@ -76,6 +78,8 @@ class TrainConfig:
     variance: bool = True
     enc: tuple | None = None
     dec: tuple | None = None
+    passes: int | None = None
+    synth_device: str | None = None
 
     def resolved(self) -> "TrainConfig":
         """Fill the ndim-dependent defaults (size 128/64, batch 4/1, channel widths)."""
@@ -85,6 +89,7 @@ class TrainConfig:
         c.batch = int(c.batch or (4 if c.ndim == 2 else 1))
         c.enc = tuple(c.enc or base["enc"])
         c.dec = tuple(c.dec or base["dec"])
+        c.passes = int(c.passes or base["passes"])
         return c
 
 
@@ -140,7 +145,7 @@ def loss_terms(model: HyperMorphModel, batch: dict, lam: torch.Tensor, gen: torc
     model : HyperMorphModel
     batch : dict from :func:`~napari_regtool.deep.synth.synth_pair` (tensors on the model's device)
     lam : (B,) regularisation weights in [0, 1]
-    gen : generator for the velocity samples of the variance loss (CPU)
+    gen : generator for the velocity samples of the variance loss (any device)
     sup_weight : weight of the warm-up term ``(1 − λ) · 0.02 · mean |u − u_true|²`` (needs ``true_disp``)
     label_sigma : Gaussian blur (voxels) of the one-hot maps in the Dice term (0 = sharp one-hot)
 
@@ -156,10 +161,11 @@ def loss_terms(model: HyperMorphModel, batch: dict, lam: torch.Tensor, gen: torc
     d = len(shape)
     oh_f = _soft_labels(batch["fixed_labels"], k, label_sigma)
     oh_m = _soft_labels(batch["moving_labels"], k, label_sigma)
-    mean, logvar = model(torch.cat([fixed, moving], 1), lam)
-    u = model.displacement(mean, shape)
+    out = model.register(fixed, moving, lam)
+    mean, logvar = out["velocities"][-1], out["logvar"]
+    u = resize_vector_field(out["disp"], shape)
     dice = soft_dice(warp(oh_m, u), oh_f)
-    smooth = grad_l2(mean)
+    smooth = sum(grad_l2(v) for v in out["velocities"])  # every pass's step is regularised
     lam = lam.to(mean.dtype).reshape(-1)
     loss = ((1 - lam) * (1 - dice) + lam * smooth).mean()
     sup = torch.zeros((), device=mean.device)
@@ -169,9 +175,14 @@ def loss_terms(model: HyperMorphModel, batch: dict, lam: torch.Tensor, gen: torc
         loss = loss + sup_weight * sup
     var = torch.zeros((), device=mean.device)
     if logvar is not None:
-        eps = torch.randn(mean.shape, generator=gen).to(mean.device)
+        eps = torch.randn(mean.shape, generator=gen, device=gen.device if gen is not None else "cpu")
+        eps = eps.to(mean.device)
         vs = mean.detach() + torch.exp(0.5 * logvar) * eps
-        ws = warp(oh_m, model.displacement(vs, shape))
+        step = integrate_velocity(vs, model.int_steps)
+        before = out["before_last"]
+        if before is not None:  # the sampled last step, after the (fixed) steps before it
+            step = step + warp(before.detach(), step)
+        ws = warp(oh_m, resize_vector_field(step, shape))
         data = ((ws - oh_f) ** 2).sum(1).flatten(1).mean(1) / (2 * _SIGMA_N ** 2)
         kl = 0.5 * (torch.exp(logvar) - logvar).sum(1).flatten(1).mean(1) / (2 ** d)
         var = (data + kl).mean()
@@ -214,8 +225,8 @@ def evaluate_synthetic(model: HyperMorphModel, cfg: SynthConfig, n: int = 8, see
                                label_sigma=0.0)
                 dice += float(t["dice"])
                 loss += float((1 - lam) * (1 - t["dice"]) + lam * t["smooth"])
-                mean, _ = model(torch.cat([bb["fixed"], bb["moving"]], 1), lam)
-                jd = jacobian_determinant_index(model.displacement(mean, bb["fixed"].shape[2:]))
+                disp = model.register(bb["fixed"], bb["moving"], lam)["disp"]
+                jd = jacobian_determinant_index(resize_vector_field(disp, bb["fixed"].shape[2:]))
                 fold += float((jd <= 0).float().mean()) * 100
             out[f"lambda_{lam:g}"] = {"dice": round(dice / n, 4), "loss": round(loss / n, 5),
                                       "folding_percent": round(fold / n, 4)}
@@ -258,12 +269,15 @@ def train(config: TrainConfig, log=print) -> Path:
     device = resolve_device(cfg.device, warn=log)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
+    synth_device = resolve_device(cfg.synth_device, warn=log) if cfg.synth_device else device
     out = Path(cfg.out).expanduser()
     ckpt = out.with_name(out.name + ".ckpt")
     torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator(device=synth_device).manual_seed(cfg.seed)
     arch = dict(DEFAULT_CONFIG[cfg.ndim])
-    arch.update(enc=cfg.enc, dec=cfg.dec, work_size=cfg.size, variance=cfg.variance)
+    arch.update(enc=cfg.enc, dec=cfg.dec, work_size=cfg.size, variance=cfg.variance, passes=cfg.passes)
     model = HyperMorphModel(**arch).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     step, elapsed, history = 0, 0.0, []
@@ -271,8 +285,14 @@ def train(config: TrainConfig, log=print) -> Path:
         model, payload = read_model(ckpt, device, ndim=cfg.ndim, return_payload=True)
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         opt.load_state_dict(payload["optimizer"])
-        gen.set_state(payload["generator"])
         step, elapsed = int(payload["step"]), float(payload.get("elapsed_s", 0.0))
+        try:
+            gen.set_state(payload["generator"])
+        except (RuntimeError, ValueError, TypeError):
+            # the checkpoint was written with its data made on another kind of device: the generator states
+            # differ in form, so the data stream restarts from a seed derived from the step
+            gen.manual_seed(cfg.seed + step)
+            log(f"The checkpoint's data generator was on another device; reseeded at step {step}.")
         history = list(payload.get("history", []))
         log(f"Resuming from {ckpt} at step {step}.")
     else:
@@ -316,10 +336,10 @@ def train(config: TrainConfig, log=print) -> Path:
             frac = max(step / cfg.steps, elapsed / limit_s if limit_s else 0.0)
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
-            use_real = real is not None and float(torch.rand(1, generator=gen)) < cfg.real_fraction
+            use_real = real is not None and float(torch.rand(1, generator=gen, device=gen.device)) < cfg.real_fraction
             batch = real.sample(cfg.batch, gen, scfg) if use_real else synth_pair(cfg.batch, gen, scfg)
             batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-            lam = torch.rand(cfg.batch, generator=gen).to(device)
+            lam = torch.rand(cfg.batch, generator=gen, device=gen.device).to(device)
             sup_w = max(0.0, 1.0 - frac / cfg.warmup) if cfg.warmup > 0 else 0.0
             terms = loss_terms(model, batch, lam, gen, sup_weight=sup_w, label_sigma=cfg.label_sigma)
             opt.zero_grad(set_to_none=True)
@@ -352,6 +372,7 @@ def train(config: TrainConfig, log=print) -> Path:
 def _meta(cfg: TrainConfig, step, elapsed, history, data_desc) -> dict:
     final = history[-1] if history else {}
     return {"ndim": cfg.ndim, "work_size": cfg.size, "enc": list(cfg.enc), "dec": list(cfg.dec), "steps": step,
+            "passes": cfg.passes,
             "batch": cfg.batch, "lr": cfg.lr, "seed": cfg.seed,
             "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "data": data_desc,
             "wall_time_min": round(elapsed / 60, 2), "warmup": cfg.warmup, "label_sigma": cfg.label_sigma,
@@ -362,7 +383,7 @@ def _meta(cfg: TrainConfig, step, elapsed, history, data_desc) -> dict:
 
 def _command_line(cfg: TrainConfig) -> str:
     parts = [f"regtool train --ndim {cfg.ndim} --steps {cfg.steps} --size {cfg.size} --batch {cfg.batch} "
-             f"--lr {cfg.lr:g} --seed {cfg.seed}"]
+             f"--lr {cfg.lr:g} --seed {cfg.seed} --passes {cfg.passes}"]
     if cfg.max_minutes:
         parts.append(f"--max-minutes {cfg.max_minutes:g}")
     parts.append(f"--warmup {cfg.warmup:g} --label-sigma {cfg.label_sigma:g} --p-identical {cfg.p_identical:g}")
@@ -404,6 +425,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--init-from", default=None,
                         help="weight file to start from; a 2D file initialises a 3D model by kernel inflation")
     parser.add_argument("--no-variance", action="store_true", help="train without the uncertainty head")
+    parser.add_argument("--passes", type=int, default=None,
+                        help="network runs of the recursive cascade (default 3 in 2D, 2 in 3D)")
+    parser.add_argument("--synth-device", default=None,
+                        help="device that makes the synthetic pairs (default: the training device)")
     return parser
 
 
@@ -417,7 +442,8 @@ def run_train(args: argparse.Namespace, log=None) -> Path:
                       max_minutes=args.max_minutes, warmup=args.warmup, init_from=getattr(args, "init_from", None),
                       label_sigma=getattr(args, "label_sigma", LABEL_SIGMA),
                       p_identical=getattr(args, "p_identical", 0.05),
-                      variance=not getattr(args, "no_variance", False))
+                      variance=not getattr(args, "no_variance", False), passes=getattr(args, "passes", None),
+                      synth_device=getattr(args, "synth_device", None))
     return train(cfg, log=log or (lambda m: print(m, flush=True)))
 
 
