@@ -158,7 +158,9 @@ def test_sigterm_mid_run_removes_staging_and_keeps_old_set(tmp_path, reference, 
 
 def test_two_runs_into_one_folder_second_waits(tmp_path, reference):
     out = tmp_path / "out"
-    first = start(out, "rigid", REGTOOL_TEST_SLEEP_AT="staged:4")
+    # the first holds the lock long enough for the second to start up and ask for it even on a loaded machine
+    # (4 s was too short with four test processes and two trainings on one machine)
+    first = start(out, "rigid", REGTOOL_TEST_SLEEP_AT="staged:12")
     deadline = time.time() + 60
     while not staging_left(tmp_path) and time.time() < deadline:
         time.sleep(0.05)

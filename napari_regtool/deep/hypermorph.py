@@ -249,7 +249,7 @@ class HyperMorphModel(nn.Module):
             total = step if total is None else step + warp(total, step)
             velocities.append(mean)
             logvar = lv
-            if i + 1 < passes:
+            if i + 1 < passes and bool(total.any()):  # (resampling is not exact at zero displacement)
                 warped = warp(moving, resize_vector_field(total, shape))
         return {"disp": total, "logvar": logvar, "velocities": velocities, "before_last": before}
 
