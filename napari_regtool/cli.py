@@ -4,6 +4,8 @@
                      auto-affine} [--landmarks L.csv] [--smoothing S] [--reg-weight λ] [--refine N] [--uncertainty]
                      [--iterations 100x70x50] [--similarity lncc|mse|mi] [--device auto|cpu|cuda] --out DIR
     regtool apply    --transform T --moving M --reference F [--labels] [--invert] --out FILE
+    regtool qc       --transform T --fixed F [--moving M] [--labels-fixed L --labels-moving L] [--landmarks P.csv]
+                     [--mask K] [--convention C] --out DIR
     regtool train    ...   (trains the deep model; see ``regtool train --help``)
     regtool gui      [--sample 2d|3d]
 """
@@ -119,6 +121,157 @@ def _cmd_apply(args) -> int:
     return 0
 
 
+#: files `regtool qc` writes (an earlier set's files of these names that this run does not write are dropped)
+QC_FILES = ("jacobian.nii.gz", "magnitude.nii.gz", "ndv.nii.gz", "warped.nii.gz", "warped_labels.nii.gz", "qc.png",
+            "report.json")
+
+
+def _finite_json(x):
+    """NaN/inf → None (strict JSON), recursively; NumPy scalars → Python numbers; dict keys → str."""
+    import math
+
+    import numpy as np
+
+    if isinstance(x, dict):
+        return {str(k): _finite_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite_json(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        return float(x) if math.isfinite(float(x)) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+def _cmd_qc(args) -> int:
+    import json
+
+    import numpy as np
+    import torch
+
+    from . import qc
+    from .device import resolve_device
+    from .io import load_transform_for_qc, read_image, write_image
+    from .pipeline import warp_image
+    from .publish import publish_folder
+
+    def warn(msg):
+        print(f"warning: {msg}", file=sys.stderr)
+
+    if bool(args.labels_fixed) != bool(args.labels_moving):
+        raise RegtoolError("--labels-fixed and --labels-moving go together (Dice compares the fixed labels with the "
+                           "moving labels warped); give both.")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise RegtoolError(f"--out {out} exists and is not a folder.")
+    fixed = read_image(args.fixed)
+    moving = read_image(args.moving) if args.moving else None
+    fs = fixed.space
+    if moving is not None and moving.ndim != fixed.ndim:
+        raise RegtoolError(f"Dimensions differ: fixed {fixed.ndim}D, moving {moving.ndim}D.")
+    lab_f = read_image(args.labels_fixed, is_label=True) if args.labels_fixed else None
+    lab_m = read_image(args.labels_moving, is_label=True) if args.labels_moving else None
+    if lab_f is not None and lab_f.space != fs:
+        raise RegtoolError("--labels-fixed must lie on the fixed image's grid (same size, spacing, origin and "
+                           "direction).")
+    mask = None
+    if args.mask:
+        m = read_image(args.mask, is_label=True)
+        if m.space != fs:
+            raise RegtoolError("--mask must lie on the fixed image's grid (same size, spacing, origin and direction).")
+        mask = np.asarray(m.array) != 0
+    pairs = None
+    if args.landmarks:
+        from .landmarks import read_landmarks
+
+        pairs = read_landmarks(args.landmarks)
+    dev = resolve_device(args.device, warn=warn)
+    loaded = load_transform_for_qc(args.transform, fixed, convention=args.convention)
+    for msg in loaded.warnings:
+        warn(msg)
+    t = loaded.transform
+    u = t.field(fs, device=dev, dtype=torch.float64)
+    stats, maps = qc.field_statistics(u, fs, mask=mask, labels=None if lab_f is None else lab_f.array)
+    report = {"transform": loaded.describe(), "fixed": str(args.fixed), "moving": args.moving,
+              "mask": args.mask, "statistics": stats,
+              "definitions": {
+                  "jacobian": "det of the Jacobian of x + u(x), central differences (one-sided at the edges), "
+                              "physical spacing and direction",
+                  "std_log_jacobian": "standard deviation of log det J over voxels with det J > 0",
+                  "ndv": "non-diffeomorphic volume: negative volume of the simplices of each cell (4 triangles in "
+                         "2D, 10 tetrahedra in 3D, two cuts averaged), physical units and % of the cells' volume"}}
+    warped = None
+    if moving is not None:
+        warped = warp_image(moving, t, fs, device=dev)
+        fsc, wsc = fixed.scalar(), _scalar(warped, fixed.ndim)
+        from .transforms import IdentityTransform
+
+        before = warp_image(moving, IdentityTransform(fixed.ndim), fs, device=dev)
+        report["similarity_before"] = qc.similarity_metrics(fsc, _scalar(before, fixed.ndim))
+        report["similarity_after"] = qc.similarity_metrics(fsc, wsc)
+        check = qc.check_convention(fixed, moving, loaded, device=dev)
+        report["convention_check"] = check.to_dict()
+        if check.flagged:
+            warn(check.message)
+    warped_labels = None
+    if lab_f is not None:
+        warped_labels = warp_image(lab_m, t, fs, label=True, device=dev)
+        report["dice"] = qc.dice(lab_f.array, warped_labels)
+    if pairs is not None:
+        fp, mp = pairs.fit_points()
+        if fp.shape[1] != fixed.ndim:
+            raise RegtoolError(f"--landmarks holds {fp.shape[1]}D points; the fixed image is {fixed.ndim}D.")
+        err = qc.tre(t, fp, mp)
+        before_err = np.linalg.norm(fp - mp, axis=1) if len(fp) else np.zeros(0)
+        report["tre"] = {"pairs": int(len(err)), "per_pair": err.tolist(),
+                         "mean": float(err.mean()) if len(err) else None,
+                         "median": float(np.median(err)) if len(err) else None,
+                         "max": float(err.max()) if len(err) else None,
+                         "mean_before": float(before_err.mean()) if len(err) else None}
+    grid = qc.grid_image(t, fs, field=u.to(torch.float32), device=dev).cpu().numpy()
+    panel = qc.qc_panel(fixed.scalar(), maps["jacobian"].cpu().numpy(), grid,
+                        None if warped is None else wsc)
+    names = set(QC_FILES)
+    with publish_folder(out, names) as tmp:
+        written = []
+        write_image(tmp / "jacobian.nii.gz", maps["jacobian"].cpu().numpy().astype(np.float32), fs)
+        write_image(tmp / "magnitude.nii.gz", maps["magnitude"].cpu().numpy().astype(np.float32), fs)
+        write_image(tmp / "ndv.nii.gz", maps["ndv"].cpu().numpy().astype(np.float32), fs)
+        written += ["jacobian.nii.gz", "magnitude.nii.gz", "ndv.nii.gz"]
+        if warped is not None:
+            write_image(tmp / "warped.nii.gz", warped, fs)
+            written.append("warped.nii.gz")
+        if warped_labels is not None:
+            write_image(tmp / "warped_labels.nii.gz", warped_labels, fs)
+            written.append("warped_labels.nii.gz")
+        _write_png(tmp / "qc.png", panel)
+        written.append("qc.png")
+        report["files"] = sorted(written + ["report.json"])
+        (tmp / "report.json").write_text(json.dumps(_finite_json(report), indent=2, allow_nan=False))
+    if not args.quiet:
+        j = stats["jacobian"]
+        print(f"det J ≤ 0: {j['folding_percent']:.4g}% of voxels; det J {j['min']:.4g} … {j['max']:.4g}; "
+              f"std log det J {j['std_log_jacobian']:.4g}; NDV {stats['ndv']['percent']:.4g}%; "
+              f"|u| max {stats['magnitude']['max']:.4g}")
+        if "similarity_after" in report:
+            print(f"NCC {report['similarity_before']['ncc']:.4f} -> {report['similarity_after']['ncc']:.4f}")
+        print("wrote " + ", ".join(str(out / n) for n in sorted(written + ["report.json"])))
+    return 0
+
+
+def _scalar(array, ndim: int):
+    """A warped array as one float32 scalar image (the channel mean of a multi-channel one)."""
+    a = array.astype("float32")
+    return a.mean(-1) if a.ndim == ndim + 1 else a
+
+
+def _write_png(path, rgb):
+    """An RGB ``uint8`` array ``(H, W, 3)`` → PNG (through SimpleITK, no plotting library needed)."""
+    import SimpleITK as sitk
+
+    sitk.WriteImage(sitk.GetImageFromArray(rgb, isVector=True), str(path))
+
+
 def _cmd_gui(args) -> int:
     from .launch import launch
 
@@ -183,6 +336,24 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out", required=True, help="output image file")
     a.add_argument("-q", "--quiet", action="store_true")
     a.set_defaults(func=_cmd_apply)
+
+    q = sub.add_parser("qc", help="QC of any transform or displacement field (ANTs, Greedy, elastix, "
+                                  "VoxelMorph, ITK): maps, statistics, convention check")
+    q.add_argument("--transform", required=True,
+                   help="ITK .tfm/.h5/.mat (composite too), displacement field .nii.gz/.mha/.nrrd, elastix "
+                        "TransformParameters.N.txt, or a .npy/.npz field (needs --convention)")
+    q.add_argument("--fixed", required=True, help="fixed image: the grid the maps are written on")
+    q.add_argument("--moving", help="moving image: warped image, similarity and the convention check")
+    q.add_argument("--labels-fixed", help="label map on the fixed grid (Dice; statistics per label)")
+    q.add_argument("--labels-moving", help="label map on the moving grid (warped by nearest neighbour)")
+    q.add_argument("--landmarks", help="BigWarp landmark CSV: target registration error of the pairs")
+    q.add_argument("--mask", help="mask on the fixed grid (non-zero voxels): restricts the field statistics")
+    q.add_argument("--convention", help="how a field's numbers are stored: physical|voxel, xyz|array, inverse, "
+                                        "ras — comma separated, e.g. voxel,array (default: ITK's physical,xyz)")
+    q.add_argument("--device", default="auto")
+    q.add_argument("--out", required=True, help="output folder")
+    q.add_argument("-q", "--quiet", action="store_true")
+    q.set_defaults(func=_cmd_qc)
 
     g = sub.add_parser("gui", help="open napari with the plugin (and a sample pair)")
     g.add_argument("--sample", choices=("2d", "3d", "none"), default="2d")

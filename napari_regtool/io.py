@@ -21,6 +21,7 @@ __all__ = [
     "read_image", "write_image", "image_to_sitk", "image_from_sitk", "field_to_sitk_image",
     "field_to_sitk_transform", "write_displacement_field", "read_displacement_field", "write_transform",
     "read_transform", "affine_from_sitk", "atomic_output", "verify_image_file", "IMAGE_EXTENSIONS",
+    "load_transform_for_qc",
 ]
 
 IMAGE_EXTENSIONS = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr", ".tif", ".tiff", ".png", ".jpg", ".jpeg",
@@ -796,8 +797,12 @@ def _from_sitk_transform(tx, p: Path):
         img = sitk.DisplacementFieldTransform(tx).GetDisplacementField()
         return DisplacementFieldTransform(*_field_from_sitk_image(img, p.name))
     if not tx.IsLinear():
-        raise InputError(f"ITK transform type {tx.GetName()} is not supported; use a linear transform or a "
-                         "displacement field.")
+        from .transforms.external import SitkTransform
+
+        if tx.GetNumberOfParameters() and not np.isfinite(np.asarray(tx.GetParameters(), dtype=float)).all():
+            raise InputError(f"{p.name} is damaged: the parameters of its {tx.GetName()} are not all finite numbers.")
+        # B-splines and other ITK kinds without a counterpart here: evaluated by SimpleITK itself
+        return SitkTransform(tx)
     params, fixed = list(tx.GetParameters()), list(tx.GetFixedParameters())
     if len(params) != tx.GetNumberOfParameters() or len(fixed) != tx.GetNumberOfFixedParameters():
         raise InputError(f"{p.name} is truncated or damaged: its {tx.GetName()} holds {len(params)} parameters and "
@@ -813,3 +818,172 @@ def affine_from_sitk(tx, kind: str = "affine"):
     from .transforms import AffineTransform
 
     return AffineTransform(*linear_map_from_sitk(tx), kind)
+
+
+# ------------------------------------------------------------------------------------------- transforms for QC
+_FIELD_IMAGE_EXT = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr")
+
+
+def _is_elastix_file(p: Path) -> bool:
+    try:
+        with open(p, "rb") as f:
+            head = f.read(4096).decode("latin-1")
+    except OSError:
+        return False
+    return not head.lstrip().startswith("#Insight") and "(Transform " in head
+
+
+def load_transform_for_qc(path, fixed, *, convention=None):
+    """Open a transform another tool wrote, as this package's :class:`Transform` (fixed → moving), for QC.
+
+    ``fixed``: the fixed :class:`Image` (or its :class:`Space`): fields are put on its grid. Formats:
+
+    * ITK transform files ``.tfm``/``.txt``/``.mat``/``.h5`` (composite ``.h5`` too: ANTs' affine + warp), read by
+      :func:`read_transform` (B-splines and other ITK kinds are evaluated by SimpleITK);
+    * ITK displacement-field images ``.nii(.gz)``/``.mha``/``.nrrd`` (ANTs, Greedy, transformix's
+      ``deformationField``): physical units, x, y, z components unless ``convention`` says otherwise;
+    * elastix ``TransformParameters.N.txt`` (translation, Euler, similarity, affine, B-spline and their chain of
+      initial transforms);
+    * plain-text ``(D+1) × (D+1)`` affine matrices as Greedy and c3d write them (RAS, converted to LPS);
+    * bare arrays ``.npy``/``.npz`` and 4D (3D for 2D images) scalar NIfTI fields as nibabel writes them
+      (VoxelMorph-style networks): ``convention`` is required (e.g. ``"voxel,array"``).
+
+    ``convention``: a :class:`~napari_regtool.transforms.external.FieldConvention` or its text form
+    (``"voxel,array"``, ``"physical,xyz,inverse"``, ``"ras"``); ``inverse`` (take the inverse) and ``ras`` (a linear
+    transform or field in RAS instead of ITK's LPS) also apply to ITK transform files.
+
+    Returns a :class:`~napari_regtool.transforms.external.LoadedTransform`; its ``warnings`` say what was done to
+    the file's content (a field resampled onto the fixed grid, axes transposed). Raises :class:`InputError` with a
+    plain sentence for a missing or damaged file, a field of the wrong dimension or component count, NaN values,
+    an unsupported elastix kind, or a bare array without a convention.
+    """
+    from .transforms.external import (FieldConvention, LoadedTransform, field_from_numbers,
+                                      field_numbers_from_array, load_elastix, on_fixed_grid, read_ras_matrix)
+
+    sitk = _sitk()
+    fspace = fixed.space if isinstance(fixed, Image) else fixed
+    if not isinstance(fspace, Space):
+        raise TypeError("load_transform_for_qc: fixed must be an Image or a Space.")
+    conv = FieldConvention.parse(convention) if isinstance(convention, str) or convention is None else convention
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise InputError(f"File not found: {p}. Check the path.")
+    name, low, d = p.name, p.name.lower(), fspace.ndim
+    notices: list = []
+
+    def need_convention(what):
+        if conv is None:
+            raise InputError(f"{name} is {what}: its units and component order cannot be read from the file. Say "
+                             "how it is stored, e.g. convention 'voxel,array' (VoxelMorph on NumPy/SimpleITK "
+                             "arrays), 'voxel,xyz' (arrays loaded with nibabel) or 'physical,xyz'.")
+        return conv
+
+    def finish_field(numbers, grid, conv_used, source):
+        if conv_used.units == "voxel" and grid != fspace and tuple(grid.shape) == tuple(fspace.shape):
+            notices.append(f"{name}: a field in voxels of the fixed image's shape; its own geometry ({grid!r}) is "
+                           "ignored and the fixed image's grid used.")
+            grid = fspace
+        t = field_from_numbers(numbers, grid, conv_used, kind="field")
+        t, more = on_fixed_grid(t, fspace, name)
+        return LoadedTransform(t, notices + more, source, str(p), conv_used, numbers, grid)
+
+    if low.endswith((".npy", ".npz")):
+        c = need_convention("a bare array")
+        try:
+            data = np.load(p, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise InputError(f"Cannot read {name} as a NumPy array ({str(exc).strip()[:120]}); save the field again "
+                             "with numpy.save.") from None
+        if isinstance(data, np.lib.npyio.NpzFile):
+            with data:
+                keys = list(data.files)
+                key = next((k for k in ("vol", "flow", "disp", "field", "warp", "deformation") if k in keys),
+                           keys[0] if len(keys) == 1 else None)
+                if key is None:
+                    raise InputError(f"{name} holds several arrays ({', '.join(keys[:8])}) and none is named vol, "
+                                     "flow, disp, field or warp; save the displacement field alone.")
+                arr = data[key]
+        else:
+            arr = data
+        numbers, grid, more = field_numbers_from_array(arr, fspace, name)
+        notices += more
+        return finish_field(numbers, grid, c, "array-field")
+    if low.endswith(_FIELD_IMAGE_EXT):
+        verify_image_file(p)
+        try:
+            img = sitk.ReadImage(str(p))
+        except Exception:
+            raise InputError(f"Cannot read {name} as a displacement field image.") from None
+        ncomp, dim = img.GetNumberOfComponentsPerPixel(), img.GetDimension()
+        if ncomp > 1:
+            if dim != d or ncomp != d:
+                raise InputError(f"{name} is a {dim}D image with {ncomp} components per voxel; a displacement field "
+                                 f"for this {d}D fixed image needs {d}D with {d} components. Check that the field "
+                                 "belongs to this image.")
+            numbers, grid = _field_from_sitk_image(img, name)
+            return finish_field(numbers, grid, conv or FieldConvention(), "itk-field")
+        size = tuple(img.GetSize())
+        if dim == d + 1 and size[-1] == d:  # nibabel's (X, Y[, Z], D): components on the last axis
+            c = need_convention("a scalar image whose last axis holds the components (as nibabel writes fields)")
+            arr = np.moveaxis(sitk.GetArrayFromImage(img), 0, -1).astype(np.float64, copy=False)
+            if not np.isfinite(arr).all():
+                raise InputError(f"{name} contains NaN or infinite displacement vectors; recompute the field, or "
+                                 "replace those vectors by 0 and save it again.")
+            direction = np.array(img.GetDirection()).reshape(dim, dim)[:d, :d]
+            try:
+                grid = Space(arr.shape[:d], np.array(img.GetSpacing())[:d], np.array(img.GetOrigin())[:d],
+                             direction)
+            except ValueError:
+                grid = Space(arr.shape[:d], np.ones(d))
+            return finish_field(arr, grid, c, "array-field")
+        raise InputError(f"{name} is a {dim}D image of size {size} with one component per voxel, not a displacement "
+                         f"field for this {d}D fixed image (which needs {d} components per voxel).")
+    ras_matrix = read_ras_matrix(p, d) if low.endswith((".mat", ".txt")) else None
+    if ras_matrix is not None:
+        t = ras_matrix
+        source = "ras-matrix"
+        notices.append(f"{name} is a plain-text affine matrix (Greedy, c3d): read in RAS coordinates, as those tools "
+                       "write it, and converted to ITK's LPS.")
+        if conv is not None and conv.ras:
+            raise InputError(f"{name} is a Greedy/c3d text matrix, which is always in RAS; drop 'ras' from the "
+                             "convention.")
+    elif low.endswith(".txt") and _is_elastix_file(p):
+        t, more = load_elastix(p)
+        notices += more
+        source = "elastix"
+    else:
+        t = read_transform(p)
+        source = "itk-transform"
+    if t.ndim != d:
+        raise InputError(f"{name} holds a {t.ndim}D transform; the fixed image is {d}D.")
+    from .transforms import DisplacementFieldTransform
+
+    if conv is not None and (conv.units != "physical" or conv.components != "xyz"):
+        if not isinstance(t, DisplacementFieldTransform):
+            raise InputError(f"{name} holds a {t.kind} transform: voxel units and array component order apply to "
+                             "displacement fields only.")
+        numbers, grid = t.u.detach().cpu().numpy().astype(np.float64), t.space
+        return finish_field(numbers, grid, conv, source)
+    if isinstance(t, DisplacementFieldTransform):
+        return finish_field(t.u.detach().cpu().numpy().astype(np.float64), t.space, conv or FieldConvention(), source)
+    if conv is not None and conv.ras:
+        from .transforms import AffineTransform, CompositeTransform
+
+        flip = np.diag([-1.0, -1.0] + [1.0] * (d - 2))
+        f = AffineTransform(flip, np.zeros(d), kind="ras")
+        t = CompositeTransform([f, t, f])  # RAS transform between LPS points: flip, apply, flip back
+        if t.is_linear:
+            t = t.as_affine()
+    if conv is not None and conv.inverse:
+        from .errors import NotInvertibleError
+
+        try:
+            t = t.inverse()
+        except NotInvertibleError:  # e.g. a B-spline: inverted numerically as a dense field on the fixed grid
+            import torch
+
+            t = DisplacementFieldTransform(t.field(fspace, dtype=torch.float64), fspace, kind=t.kind).inverse()
+            notices.append(f"{name}: the {t.kind} transform has no closed-form inverse; it was sampled on the fixed "
+                           "grid and inverted numerically (accurate where it does not fold).")
+    t, more = on_fixed_grid(t, fspace, name)
+    return LoadedTransform(t, notices + more, source, str(p), conv)

@@ -5,6 +5,9 @@ the device they were computed on; call ``.cpu().numpy()`` for display or writing
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -15,7 +18,8 @@ from .transforms.field import jacobian_determinant
 __all__ = [
     "mse", "ncc", "lncc", "local_ncc", "mutual_information", "similarity_metrics", "dice", "tre", "jacobian_stats",
     "displacement_magnitude", "grid_image", "checkerboard", "difference", "normalise_intensity", "intensity_window",
-    "landmark_uncertainty", "field_qc",
+    "landmark_uncertainty", "field_qc", "field_statistics", "non_diffeomorphic_volume", "check_convention",
+    "ConventionCheck", "PERCENTILES",
 ]
 
 
@@ -337,3 +341,342 @@ def landmark_uncertainty(model: str, fixed_points, moving_points, space: Space, 
     info = {"calibrated": calibrated, "sigma": float(np.sqrt(scale2)), "max": float(coarse_map.max()),
             "grid": coarse.shape}
     return full, suggestion, info
+
+
+# ------------------------------------------------------------------------------ statistics of any field
+#: percentiles reported for det J and |u|
+PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
+
+
+def _simplices(d: int):
+    """Vertex offsets (x, y[, z] order) of the simplices of a grid cell, by decomposition.
+
+    2D: a square cut along either diagonal: the two cuts give the four corner triangles (area ½ each).
+    3D: a cube cut into five tetrahedra in either of its two ways — four corner tetrahedra (volume ⅙ each) at the
+    corners of one parity and the central one (volume ⅓) spanned by the other four — ten in all.
+    """
+    corners = [tuple((k >> a) & 1 for a in range(d)) for k in range(2 ** d)]
+    out = []
+    for parity in (0, 1):
+        if d == 2:
+            for c in corners:
+                if sum(c) % 2 == parity:
+                    nb = [tuple(c[i] ^ (i == a) for i in range(d)) for a in range(d)]
+                    out.append((parity, (c, *nb)))
+        else:
+            same = [c for c in corners if sum(c) % 2 == parity]
+            for c in same:
+                nb = [tuple(c[i] ^ (i == a) for i in range(d)) for a in range(d)]
+                out.append((parity, (c, *nb)))
+            out.append((parity, tuple(c for c in corners if sum(c) % 2 != parity)))
+    return out
+
+
+def non_diffeomorphic_volume(u: torch.Tensor, space: Space) -> torch.Tensor:
+    """Per-cell non-diffeomorphic volume of ``x ↦ x + u(x)`` (physical field ``(*S, D)`` on ``space``).
+
+    The finite-element definition of Liu et al. (2024, "On finite difference Jacobian computation in deformable
+    image registration"), which Learn2Reg reports as NDV: every cell between ``2**D`` neighbouring voxel centres
+    is cut into simplices — 2D: the four corner triangles of its two diagonal cuts; 3D: the ten tetrahedra of its
+    two five-tetrahedron cuts — each simplex is mapped by the deformation, and a simplex whose orientation flips
+    contributes its deformed (negative) volume; the two cuts of a cell are averaged. This counts folding that a
+    central-difference Jacobian misses (checkerboard patterns) and is zero exactly when every simplex keeps its
+    orientation.
+
+    Returns ``space.shape`` (array order), in physical volume (area in 2D) per cell, the cell stored at its lowest
+    corner voxel (the last plane of each axis holds no cell and is 0).
+    """
+    d = space.ndim
+    if tuple(u.shape) != (*space.shape, d):
+        raise ValueError(f"non_diffeomorphic_volume: field must be {(*space.shape, d)}, got {tuple(u.shape)}.")
+    uf = u.to(torch.float64)
+    minv = torch.as_tensor(np.linalg.inv(space.index_to_physical_matrix), dtype=torch.float64, device=u.device)
+    # deformed positions in (x, y, z) voxel index units: the volume ratio is the same in any linear frame
+    from .transforms.field import _det, identity_index_grid
+
+    phi = identity_index_grid(space.shape, u.device, torch.float64).movedim(0, -1) + uf @ minv.T
+    cells = tuple(n - 1 for n in space.shape)
+    out = torch.zeros(space.shape, dtype=torch.float64, device=u.device)
+    if any(n < 1 for n in cells):
+        return out.to(u.dtype)
+
+    def corner(off):  # off in (x, y, z) order; array axis k is index axis d-1-k
+        sl = tuple(slice(off[d - 1 - k], off[d - 1 - k] + cells[k]) for k in range(d))
+        return phi[sl]
+
+    acc = torch.zeros(cells, dtype=torch.float64, device=u.device)
+    for _, verts in _simplices(d):
+        v0 = corner(verts[0])
+        edges = torch.stack([corner(v) - v0 for v in verts[1:]], dim=-1)  # (*cells, D comp, D edges)
+        ref = np.stack([np.asarray(v, float) - np.asarray(verts[0], float) for v in verts[1:]], axis=-1)
+        ref_det = float(np.linalg.det(ref))
+        vol = abs(ref_det) / math.factorial(d)  # the simplex's volume in voxels
+        ratio = _det(edges) / ref_det
+        acc += 0.5 * vol * torch.clamp(-ratio, min=0.0)
+    out[tuple(slice(0, c) for c in cells)] = acc
+    return (out * float(np.prod(space.spacing))).to(u.dtype)
+
+
+def _pct(values: np.ndarray, percentiles=PERCENTILES) -> dict:
+    if values.size == 0:
+        return {f"p{p}": float("nan") for p in percentiles}
+    q = np.percentile(values, percentiles)
+    return {f"p{p}": float(v) for p, v in zip(percentiles, q)}
+
+
+def field_statistics(u: torch.Tensor, space: Space, mask=None, labels=None) -> tuple[dict, dict]:
+    """The field statistics registration papers report, for a physical field ``u`` ``(*S, D)`` on ``space``.
+
+    ``jacobian`` (det J of ``x + u`` by :func:`~napari_regtool.transforms.field.jacobian_determinant`: central
+    differences, one-sided at the edges): ``folding_percent`` (% voxels with det J ≤ 0), ``folding_voxels``,
+    ``std_log_jacobian`` (over det J > 0), ``min``/``max``/``mean`` and percentiles; ``magnitude`` (|u|):
+    ``min``/``max``/``mean`` and percentiles; ``ndv``: the non-diffeomorphic volume of
+    :func:`non_diffeomorphic_volume` in physical units (``volume``) and as a percentage of the cells' volume
+    (``percent``). ``mask`` (``space.shape`` bool) restricts everything to its voxels (cells by their lowest
+    corner); ``labels`` (an integer map on ``space``) adds the same statistics per non-zero label under
+    ``"per_label"``. Returns ``(stats, maps)`` with maps ``{"jacobian", "magnitude", "ndv"}`` (tensors).
+    """
+    uf = torch.as_tensor(u)
+    jac = jacobian_determinant(uf.to(torch.float64), space)
+    mag = displacement_magnitude(uf.to(torch.float64))
+    ndv = non_diffeomorphic_volume(uf, space).to(torch.float64)
+    cell = torch.zeros(space.shape, dtype=torch.bool, device=uf.device)
+    cell[tuple(slice(0, max(0, n - 1)) for n in space.shape)] = True
+    cell_volume = float(np.prod(space.spacing))
+    maps = {"jacobian": jac, "magnitude": mag, "ndv": ndv}
+
+    def summary(m: torch.Tensor | None) -> dict:
+        if m is None:
+            m = torch.ones(space.shape, dtype=torch.bool, device=uf.device)
+        j = jac[m].cpu().numpy()
+        a = mag[m].cpu().numpy()
+        mc = m & cell
+        n_cells = int(mc.sum())
+        vol = float(ndv[mc].sum())
+        js = jacobian_stats(torch.as_tensor(j))
+        js.update(_pct(j))
+        ms = {"min": float(a.min()) if a.size else float("nan"), "max": float(a.max()) if a.size else float("nan"),
+              "mean": float(a.mean()) if a.size else float("nan")}
+        ms.update(_pct(a))
+        return {"voxels": int(j.size), "jacobian": js, "magnitude": ms,
+                "ndv": {"volume": vol, "percent": 100.0 * vol / (n_cells * cell_volume) if n_cells else 0.0}}
+
+    base = None if mask is None else _t(mask, uf.device, torch.bool)
+    stats = summary(base)
+    if labels is not None:
+        lab = _t(labels, uf.device, torch.int64)
+        per = {}
+        for v in sorted(set(torch.unique(lab).tolist()) - {0}):
+            m = lab == v
+            per[int(v)] = summary(m if base is None else m & base)
+        stats["per_label"] = per
+    return stats, maps
+
+
+# ------------------------------------------------------------------------------ convention mistakes
+@dataclass
+class ConventionCheck:
+    """Verdict of :func:`check_convention`.
+
+    ``scores``: reading → NCC of the fixed image and the moving image warped under that reading, over the voxels
+    the warp maps inside the moving image (``None`` for a reading that gives the same map as the one loaded, or
+    that cannot be built); ``as_loaded``: the loaded reading's score; ``identity``: the score without any
+    transform; ``best``: the best-scoring reading; ``flagged``: another reading fits much better; then
+    ``message`` is one plain sentence and ``suggestion`` the convention text to load the file with.
+    """
+
+    scores: dict
+    as_loaded: float
+    identity: float
+    best: str
+    flagged: bool
+    message: str | None = None
+    suggestion: str | None = None
+    grid: tuple = ()
+
+    def to_dict(self) -> dict:
+        return {"scores": dict(self.scores), "as_loaded": self.as_loaded, "identity": self.identity,
+                "best": self.best, "flagged": self.flagged, "message": self.message, "suggestion": self.suggestion,
+                "grid": list(self.grid)}
+
+
+#: how each alternative reading is named in the verdict: (what it looks like, the score's label)
+_READINGS = {
+    "inverse": ("the inverse", "as inverse"),
+    "voxel": ("it is in voxels", "read in voxels"),
+    "physical": ("it is in physical units", "read in physical units"),
+    "array": ("its components are in array (z, y, x) order", "in array order"),
+    "xyz": ("its components are in x, y, z order", "in x, y, z order"),
+    "ras": ("it is in RAS (x and y negated)", "with x, y negated"),
+    "lps": ("it is in ITK's LPS", "in LPS"),
+}
+
+
+def _check_grid(space: Space, max_voxels: int) -> Space:
+    factor = max(1.0, (space.n_voxels / max_voxels) ** (1.0 / space.ndim))
+    if factor <= 1.0:
+        return space
+    return space.with_shape(tuple(max(2, int(round(s / factor))) if s > 1 else 1 for s in space.shape))
+
+
+def check_convention(fixed, moving, loaded, max_voxels: int | None = None, margin: float = 0.1,
+                     device="cpu") -> ConventionCheck:
+    """Try the other readings of a loaded transform against the images and say when one fits much better.
+
+    ``fixed``, ``moving``: :class:`~napari_regtool.image.Image`; ``loaded``: a
+    :class:`~napari_regtool.transforms.external.LoadedTransform` (or a bare :class:`Transform`). Readings: the
+    inverse; for displacement fields also voxel ↔ physical units, x, y, z ↔ array component order and LPS ↔ RAS
+    (x, y negated); for other transforms RAS (conjugated by the x, y flip). Each is scored by the NCC of the fixed
+    image and the moving image warped under it, on a subsampled grid (``max_voxels``: 96² in 2D, 40³ in 3D by
+    default) over the voxels mapped inside the moving image (at least a fifth of them, else no score).
+
+    Flagged when the best other reading beats the loaded one by ``margin`` or more and halves its ``1 − NCC``.
+    """
+    from .transforms import DisplacementFieldTransform, IdentityTransform
+    from .transforms.base import CompositeTransform
+    from .transforms.external import FieldConvention, LoadedTransform, apply_convention_to_numbers
+    from .transforms.field import resample
+    from .transforms.linear import AffineTransform
+
+    if not isinstance(loaded, LoadedTransform):
+        loaded = LoadedTransform(loaded, [], "transform")
+    fs = fixed.space
+    d = fs.ndim
+    max_voxels = max_voxels or (96 * 96 if d == 2 else 40 ** 3)
+    grid = _check_grid(fs, max_voxels)
+    ident = IdentityTransform(d)
+    fixed_c = resample(fixed.scalar(), fs, ident, grid, device=device, dtype=torch.float64)
+    mov = moving.scalar()
+
+    def score(t) -> float | None:
+        try:
+            w = resample(mov, moving.space, t, grid, fill=float("nan"), device=device, dtype=torch.float64)
+        except Exception:  # a reading that cannot be evaluated is not a candidate
+            return None
+        ok = torch.isfinite(w)
+        if float(ok.double().mean()) < 0.2:
+            return None
+        return ncc(fixed_c, torch.nan_to_num(w), mask=ok)
+
+    candidates: dict = {}  # reading → (transform, convention text)
+    conv = loaded.convention
+    if loaded.numbers is not None and loaded.grid is not None and conv is not None:
+        n_c = DisplacementFieldTransform(loaded.numbers, loaded.grid).field(grid, dtype=torch.float64).cpu().numpy()
+        base_u = apply_convention_to_numbers(n_c, loaded.grid, conv)
+        scale = 1e-6 * (1.0 + float(np.abs(base_u).max()))
+
+        def reading(c: FieldConvention):
+            u = apply_convention_to_numbers(n_c, loaded.grid, c)
+            if c.inverse == conv.inverse and float(np.abs(u - base_u).max()) <= scale:
+                return None  # the same map as loaded: nothing to tell apart
+            t = DisplacementFieldTransform(u, grid)
+            return t.inverse() if c.inverse else t
+
+        alts = {"inverse": conv.replace(inverse=not conv.inverse)}
+        if conv.units == "physical":
+            alts["voxel"] = conv.replace(units="voxel", ras=False)
+        else:
+            alts["physical"] = conv.replace(units="physical")
+        alts["array" if conv.components == "xyz" else "xyz"] = conv.replace(
+            components="array" if conv.components == "xyz" else "xyz")
+        if conv.units == "physical":
+            alts["lps" if conv.ras else "ras"] = conv.replace(ras=not conv.ras)
+        loaded_t = DisplacementFieldTransform(base_u, grid)
+        loaded_t = loaded_t.inverse() if conv.inverse else loaded_t
+        for key, c in alts.items():
+            candidates[key] = (reading(c), c.describe())
+    else:
+        loaded_t = loaded.transform
+        try:
+            if loaded_t.is_linear:
+                inv = loaded_t.inverse()
+            else:  # a dense stand-in on the check's grid keeps the numeric inverse cheap
+                inv = DisplacementFieldTransform(loaded_t.field(grid, dtype=torch.float64), grid).inverse()
+        except Exception:
+            inv = None
+        candidates["inverse"] = (inv, "inverse")
+    if loaded.numbers is None and loaded.source != "ras-matrix":  # Greedy/c3d matrices are RAS by definition
+        flip = AffineTransform(np.diag([-1.0, -1.0] + [1.0] * (d - 2)), np.zeros(d), kind="ras")
+        candidates["ras"] = (CompositeTransform([flip, loaded_t, flip]), "ras")
+    s_loaded = score(loaded_t)
+    s_id = score(ident)
+    scores = {"as loaded": s_loaded, "identity": s_id}
+    for key, (t, _) in candidates.items():
+        scores[key] = None if t is None else score(t)
+    others = {k: v for k, v in scores.items() if k not in ("as loaded", "identity") and v is not None}
+    best = max(others, key=others.get) if others else "as loaded"
+    if s_loaded is not None and others and others[best] < s_loaded:
+        best = "as loaded"
+    flagged = False
+    message = suggestion = None
+    if others and best != "as loaded":
+        sb = others[best]
+        sl = -1.0 if s_loaded is None else s_loaded
+        if sb - sl >= margin and (1.0 - sb) <= 0.5 * (1.0 - sl):
+            flagged = True
+            what, as_what = _READINGS[best]
+            suggestion = candidates[best][1]
+            loaded_text = "no overlap" if s_loaded is None else f"{s_loaded:.2f}"
+            how = "as the inverse" if best == "inverse" else f"with convention '{suggestion}'"
+            noun = "field" if loaded.numbers is not None else "transform"
+            message = (f"this {noun} looks like {what}: warped NCC {loaded_text}, {as_what} {sb:.2f} — load it "
+                       f"{how}?")
+    return ConventionCheck(scores, float("nan") if s_loaded is None else s_loaded,
+                           float("nan") if s_id is None else s_id, best, flagged, message, suggestion,
+                           tuple(grid.shape))
+
+
+# ------------------------------------------------------------------------------ report panel
+def _slice_2d(a: np.ndarray, ndim: int) -> np.ndarray:
+    """The middle plane (array axis 0) of a 3D map, a 2D map as is."""
+    return a[a.shape[0] // 2] if ndim == 3 else a
+
+
+def _grey_rgb(a: np.ndarray) -> np.ndarray:
+    v = np.clip(np.asarray(a, dtype=np.float64), 0.0, 1.0)
+    return np.repeat((v * 255.0 + 0.5).astype(np.uint8)[..., None], 3, axis=-1)
+
+
+def jacobian_rgb(det: np.ndarray, span: float = 1.0) -> np.ndarray:
+    """det J as colours: white at 1, blue toward 1 − span (shrinking), red toward 1 + span (growing), black where
+    det J ≤ 0 (folding)."""
+    j = np.asarray(det, dtype=np.float64)
+    t = np.clip((j - 1.0) / span, -1.0, 1.0)
+    rgb = np.ones(j.shape + (3,))
+    grow, shrink = np.clip(t, 0, 1), np.clip(-t, 0, 1)
+    rgb[..., 1] -= grow + shrink
+    rgb[..., 2] -= grow
+    rgb[..., 0] -= shrink
+    rgb[j <= 0] = 0.0
+    return (np.clip(rgb, 0, 1) * 255.0 + 0.5).astype(np.uint8)
+
+
+def qc_panel(fixed: np.ndarray, jacobian: np.ndarray, grid: np.ndarray, warped: np.ndarray | None = None,
+             gap: int = 4, min_height: int = 192) -> np.ndarray:
+    """One RGB ``uint8`` picture for reports: fixed · warped moving · checkerboard · deformation grid on the fixed
+    image · Jacobian determinant (:func:`jacobian_rgb`), side by side (the middle plane of 3D maps; the warped
+    and checkerboard tiles only when ``warped`` is given), each enlarged by a whole factor to at least
+    ``min_height`` pixels. Arrays on the fixed grid in array order."""
+    d = np.asarray(fixed).ndim
+    win = intensity_window(torch.as_tensor(np.asarray(fixed, dtype=np.float32)))
+    f = _slice_2d(normalise_intensity(np.asarray(fixed, np.float32), window=win).numpy(), d)
+    tiles = [_grey_rgb(f)]
+    if warped is not None:
+        w = _slice_2d(normalise_intensity(np.asarray(warped, np.float32)).numpy(), d)
+        tiles.append(_grey_rgb(w))
+        tiles.append(_grey_rgb(checkerboard(f, w, normalise=False).numpy()))
+    g = _slice_2d(np.asarray(grid, np.float64), d)
+    over = _grey_rgb(f).astype(np.float64)
+    over[..., 0] = over[..., 0] * (1 - g) + 255.0 * g
+    over[..., 1] = over[..., 1] * (1 - g) + 200.0 * g
+    over[..., 2] = over[..., 2] * (1 - g)
+    tiles.append(np.clip(over + 0.5, 0, 255).astype(np.uint8))
+    tiles.append(jacobian_rgb(_slice_2d(np.asarray(jacobian), d)))
+    k = max(1, int(np.ceil(min_height / max(tiles[0].shape[0], 1))))  # small images: enlarged, nearest
+    tiles = [np.repeat(np.repeat(t, k, axis=0), k, axis=1) for t in tiles]
+    h = tiles[0].shape[0]
+    sep = np.full((h, gap, 3), 255, np.uint8)
+    row = []
+    for t in tiles:
+        row += [t, sep]
+    return np.concatenate(row[:-1], axis=1)  # row 0 at the top, as napari shows arrays
