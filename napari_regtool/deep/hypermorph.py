@@ -279,32 +279,24 @@ def _plain(obj):
 
 
 def save_model(model: HyperMorphModel, path, extra: dict | None = None) -> None:
-    """Write ``model`` (architecture, weights, ``model.meta``) to ``path`` atomically (temp file + rename).
+    """Write ``model`` (architecture, weights, ``model.meta``) to ``path`` durably: written and synced in a staging
+    folder beside it, then renamed over it (:func:`napari_regtool.publish.publish_files`, the one way this package
+    writes files), so a crash or a full disk never leaves a half-written weight file or checkpoint.
 
     ``extra`` adds keys to the saved dict (a training checkpoint stores its optimiser state there).
     """
-    import os
-    import tempfile
     from pathlib import Path
 
+    from ..publish import publish_files
+
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "version": 1,
                "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in model.config.items()},
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                "meta": _plain(model.meta)}
     payload.update(extra or {})
-    fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=".pt", dir=p.parent)
-    os.close(fd)
-    try:
+    with publish_files(p) as tmp:
         torch.save(payload, tmp)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes the file private; give it the usual permissions
-        os.replace(tmp, p)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 #: allowed ranges of the numbers in a weight file's architecture (``config``): a hand-edited file must not make
