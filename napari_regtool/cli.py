@@ -6,6 +6,8 @@
     regtool apply    --transform T --moving M --reference F [--labels] [--invert] --out FILE
     regtool qc       --transform T --fixed F [--moving M] [--labels-fixed L --labels-moving L] [--landmarks P.csv]
                      [--mask K] [--convention C] --out DIR
+    regtool batch    PAIRS.csv --out DIR [--scheduler local|ADDRESS] [--workers N] [--threads-per-worker M]
+                     [any register option, for every pair]   (a cohort on Dask; see ``regtool batch --help``)
     regtool train    ...   (trains the deep model; see ``regtool train --help``)
     regtool gui      [--sample 2d|3d]
 """
@@ -45,8 +47,9 @@ def _cmd_register(args) -> int:
 
     if args.fixed_points and not args.landmarks:
         raise RegtoolError("--fixed-points pairs with the moving image's points given by --landmarks; give both.")
-    fixed = read_image(args.fixed)
-    moving = read_image(args.moving)
+    level = getattr(args, "level", None)
+    fixed = read_image(args.fixed, level=level)
+    moving = read_image(args.moving, level=level)
     landmarks = read_landmarks(args.landmarks, args.fixed_points) if args.landmarks else None
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -102,9 +105,11 @@ def _cmd_apply(args) -> int:
     from .io import check_image_extension, read_image, read_transform, write_image
     from .pipeline import warp_image
 
-    check_image_extension(args.out)
-    moving = read_image(args.moving, is_label=args.labels)
-    reference = read_image(args.reference)
+    check_image_extension(args.out, zarr=True)
+    if str(args.out).lower().rstrip("/").endswith(".zarr"):
+        return _apply_blockwise(args)
+    moving = read_image(args.moving, is_label=args.labels, level=args.level or 0)
+    reference = read_image(args.reference, level=0)
     transform = read_transform(args.transform)
     if transform.ndim != reference.ndim or moving.ndim != reference.ndim:
         raise RegtoolError(f"Dimensions differ: transform {transform.ndim}D, moving {moving.ndim}D, reference "
@@ -116,6 +121,59 @@ def _cmd_apply(args) -> int:
     dev = resolve_device(args.device, warn=lambda m: print(f"warning: {m}", file=sys.stderr))
     warped = warp_image(moving, transform, reference.space, label=args.labels, device=dev)
     write_image(args.out, warped, reference.space)
+    if not args.quiet:
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _apply_blockwise(args) -> int:
+    """``regtool apply --out X.zarr``: block by block (dask), OME-Zarr pyramid out, memory bounded by the blocks."""
+    import dask
+
+    from . import ngff
+    from .blockwise import warp_lazy
+    from .io import read_image, read_transform
+    from .threads import torch_threads
+
+    def lazy(path, level, is_label):
+        if ngff.is_ngff(path):
+            img = ngff.open_ngff(path)
+            k = int(level or 0)
+            if not 0 <= k < len(img.levels):
+                raise RegtoolError(f"{Path(path).name} has {len(img.levels)} level(s); --level {k} does not exist.")
+            return img.lazy(k), img.levels[k].space, img.unit
+        im = read_image(path, is_label=is_label)
+        return im.scalar() if not is_label else im.array, im.space, None
+
+    moving, mspace, unit = lazy(args.moving, args.level, args.labels)
+    if ngff.is_ngff(args.reference):
+        rspace = ngff.open_ngff(args.reference).levels[0].space
+    else:
+        rspace = read_image(args.reference).space
+    transform = read_transform(args.transform)
+    if transform.ndim != rspace.ndim or len(mspace.shape) != rspace.ndim:
+        raise RegtoolError(f"Dimensions differ: transform {transform.ndim}D, moving {len(mspace.shape)}D, "
+                           f"reference {rspace.ndim}D.")
+    if args.invert:
+        transform = transform.inverse()
+    out = warp_lazy(moving, mspace, transform, rspace, label=args.labels, block=args.block)
+    n_blocks = 1
+    for n in out.numblocks:
+        n_blocks *= int(n)
+    if not args.quiet:
+        print(f"warping {'×'.join(map(str, rspace.shape))} voxels in {n_blocks} blocks of {args.block}", file=sys.stderr)
+
+    def progress(frac, msg):
+        if not args.quiet:
+            print(f"  {msg}", file=sys.stderr)
+
+    workers = max(1, min(int(args.workers or 1), os.cpu_count() or 1))
+    # one torch thread per block, the blocks in parallel: no oversubscription whatever the worker count
+    with torch_threads(1), dask.config.set(scheduler="threads", num_workers=workers):
+        notes = ngff.write_ngff(args.out, out, rspace, name=Path(args.moving).name, is_label=args.labels,
+                                block=args.block, unit=unit, progress=progress)
+    for n in notes:
+        print(f"note: {n}", file=sys.stderr)
     if not args.quiet:
         print(f"wrote {args.out}")
     return 0
@@ -272,6 +330,12 @@ def _write_png(path, rgb):
     sitk.WriteImage(sitk.GetImageFromArray(rgb, isVector=True), str(path))
 
 
+def _cmd_batch(args) -> int:
+    from .batch import batch_command
+
+    return batch_command(args)
+
+
 def _cmd_gui(args) -> int:
     from .launch import launch
 
@@ -321,10 +385,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--uncertainty", action="store_true", help="deep model: also write uncertainty.nii.gz")
     r.add_argument("--weights", help="deep model: a weight file from `regtool train` instead of the shipped one")
     r.add_argument("--channel", default="mean", help="multi-channel images: channel index to register on, or mean")
+    r.add_argument("--level", type=int, default=None,
+                   help="OME-Zarr inputs: pyramid level to register on (default: the finest level of at most 2^22 "
+                        "voxels in 2D, 2^24 in 3D); the outputs are on that level's grid")
     r.add_argument("--device", default="auto", help="auto, cpu or cuda (auto: CUDA when present)")
     r.add_argument("--out", required=True, help="output folder")
     r.add_argument("-q", "--quiet", action="store_true")
     r.set_defaults(func=_cmd_register)
+
+    b = sub.add_parser("batch", help="register a cohort: the pairs of a CSV file, one Dask task each (a local "
+                                     "cluster or a scheduler address); resumable")
+    from .batch import add_batch_arguments
+
+    add_batch_arguments(b, r)
+    b.set_defaults(func=_cmd_batch)
 
     a = sub.add_parser("apply", help="apply a saved transform or displacement field to an image or label map")
     a.add_argument("--transform", required=True, help=".tfm/.h5 ITK transform or displacement field image")
@@ -333,7 +407,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--labels", action="store_true", help="nearest-neighbour interpolation (label maps)")
     a.add_argument("--invert", action="store_true", help="apply the inverse transform")
     a.add_argument("--device", default="auto")
-    a.add_argument("--out", required=True, help="output image file")
+    a.add_argument("--out", required=True,
+                   help="output image file, or X.zarr: OME-Zarr written block by block (for images larger than memory)")
+    a.add_argument("--block", type=int, default=128, help="block side for .zarr output (default 128)")
+    a.add_argument("--level", type=int, default=None, help="OME-Zarr moving image: pyramid level to warp (default 0)")
+    a.add_argument("--workers", type=int, default=2, help="threads computing blocks for .zarr output (default 2)")
     a.add_argument("-q", "--quiet", action="store_true")
     a.set_defaults(func=_cmd_apply)
 

@@ -468,8 +468,10 @@ def verify_image_file(path) -> None:
         return  # unreadable in a way SimpleITK reports in its own words (permissions, a folder, …)
 
 
-def read_image(path, is_label: bool = False) -> Image:
-    """Read any image SimpleITK reads (NIfTI, MHA/MHD, NRRD, TIFF, PNG, JPEG, DICOM file or series folder).
+def read_image(path, is_label: bool = False, level: int | None = None) -> Image:
+    """Read any image SimpleITK reads (NIfTI, MHA/MHD, NRRD, TIFF, PNG, JPEG, DICOM file or series folder), or one
+    level of an OME-Zarr pyramid (``level``; default: the finest level of interactive size, see
+    :func:`napari_regtool.ngff.choose_level`).
 
     Raises :class:`InputError` with a plain sentence for a missing, unreadable or unsupported file, and — checked
     by :func:`verify_image_file` before SimpleITK reads it — for a truncated or damaged NIfTI/MetaImage/NRRD payload,
@@ -484,6 +486,10 @@ def read_image(path, is_label: bool = False) -> Image:
         if name.lower().endswith(ext):
             name = name[: -len(ext)]
             break
+    from . import ngff
+
+    if ngff.is_ngff(p):
+        return ngff.read_level(ngff.open_ngff(p), level, is_label=is_label or None)
     if not p.is_dir():
         verify_image_file(p)
     try:
@@ -513,9 +519,12 @@ def atomic_output(path):
         yield tmp
 
 
-def check_image_extension(path, what="image"):
-    """Raise :class:`InputError` unless ``path`` ends with a file type SimpleITK can write."""
-    low = Path(path).name.lower()
+def check_image_extension(path, what="image", zarr: bool = False):
+    """Raise :class:`InputError` unless ``path`` ends with a file type SimpleITK can write (or ``.zarr``, OME-Zarr,
+    where the caller writes it)."""
+    low = Path(path).name.lower().rstrip("/")
+    if zarr and low.endswith((".zarr", ".ome.zarr")):
+        return
     if not low.endswith(WRITE_EXTENSIONS):
         raise InputError(f"Cannot write {what} to {Path(path).name}: use a file name ending in "
                          f"{', '.join(WRITE_EXTENSIONS[:6])} or another SimpleITK format.")

@@ -1,0 +1,707 @@
+"""Cohorts: ``regtool batch PAIRS.csv --out DIR`` registers many pairs on Dask distributed, one task per pair.
+
+``PAIRS.csv`` has a header row: columns ``fixed`` and ``moving`` (required), ``landmarks``, ``model`` and ``name``
+(optional), and any other ``regtool register`` option as a column (``smoothing``, ``reg_weight`` or
+``reg-weight``, ``iterations``, ``uncertainty``, ``device`` …; an empty cell means "not given"). Paths are
+relative to the CSV's folder. Options given on the command line apply to every row (they replace a column of the
+same name). The folder of a pair is ``DIR/<name>`` (``name`` defaults to the moving image's file name without
+its extension).
+
+Each pair runs exactly the code of ``regtool register`` (:func:`napari_regtool.cli._cmd_register`) inside a
+Dask task, so its folder holds the same files, published as one set (:mod:`napari_regtool.publish`), plus
+``batch.json``: what the result was made from — each input file's size, modification time and SHA-256, the
+options, the regtool version and the SHA-256 of the published ``report.json``. A rerun skips a pair whose
+``batch.json`` still matches (same content of the inputs — a file touched without a change still matches —,
+same options, and the report it describes still in place) and redoes any other pair. A pair that fails is
+reported in the summary and does not stop the others. A worker process that dies while running a pair (killed,
+out of memory) has the pair retried on another worker up to the scheduler's ``allowed-failures`` count (Dask's
+``distributed.scheduler.allowed-failures``, default 3; ``DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES``), then
+reported as failed; its folder keeps its previous complete set (or does not exist) — never a partial one.
+
+Threads: every pair caps torch's and ITK's thread counts at ``--threads-per-worker`` (and a local cluster's worker
+processes start with ``OMP_NUM_THREADS`` etc. at that value), and each local worker process runs one pair at a
+time, so ``workers × threads`` never exceeds the cores given to the batch.
+
+Results: ``DIR/summary.csv`` and ``DIR/summary.json``, one row per pair in the pairs file's order (see
+:data:`SUMMARY_FIELDS`). Exit status 0 when every pair is ok or skipped, 1 when some failed, 2 for a bad pairs
+file or a scheduler that does not answer (nothing is started then).
+
+Test hook (fault-injection tests only; never set it in normal use): ``REGTOOL_TEST_BATCH_KILL=name=once,other=always``
+makes the worker running pair ``name`` SIGKILL itself while it stages the pair's files (``once``: on the first
+attempt only, remembered by a ``.regtool-test-killed-<name>`` file in ``DIR``).
+
+The engine part imports neither Qt nor napari; ``distributed`` is imported only when a batch runs.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field as dc_field
+from pathlib import Path
+from typing import Callable
+
+from .errors import RegtoolError, user_message
+
+__all__ = ["PairJob", "read_pairs", "run_batch", "run_pair", "pair_is_current", "write_summary", "SUMMARY_FIELDS",
+           "STAMP", "add_batch_arguments", "batch_command"]
+
+#: the file in each pair folder that says what the result was made from
+STAMP = "batch.json"
+#: columns of summary.csv (summary.json holds the same per pair, plus the pair's warnings): the paths as the pairs
+#: file gives them; status ok / skipped (already done) / failed; runtime_s: the pair's seconds in its worker
+#: (reading, registering, writing) — for a skipped pair, those of the run that made it; folding and similarity
+#: (NCC, MI before and after) from the pair's report.json; threads: torch's thread count in the pair; worker: the
+#: Dask worker that ran it; error: why a pair failed
+SUMMARY_FIELDS = ("name", "fixed", "moving", "model", "status", "runtime_s", "folding_percent", "ncc_before",
+                  "ncc_after", "mi_before", "mi_after", "threads", "worker", "error")
+#: register options that name files (resolved against the pairs file's folder; their content is fingerprinted)
+PATH_OPTIONS = ("fixed", "moving", "landmarks", "fixed_points", "weights")
+#: register options that are not per-pair settings
+NOT_COLUMNS = ("help", "out", "quiet")
+#: environment variables that size the thread pools of torch (OpenMP/MKL), BLAS and ITK in a new worker process
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS")
+_IMAGE_EXT = (".nii.gz", ".mha", ".mhd", ".nii", ".nrrd", ".tif", ".tiff", ".png", ".jpg", ".jpeg", ".dcm")
+_TRUE, _FALSE = ("1", "true", "yes", "y", "on", "x"), ("0", "false", "no", "n", "off")
+_NAME_RE = re.compile(r"^[^./\\\x00-\x1f][^/\\\x00-\x1f]{0,199}$")
+
+
+@dataclass
+class PairJob:
+    """One row of the pairs file: its folder name, the pairs file's line, the paths as written (for the summary)
+    and the parsed ``regtool register`` options (paths absolute, without ``out``)."""
+    name: str
+    line: int
+    fixed: str
+    moving: str
+    options: argparse.Namespace
+    model: str = ""
+    extra: dict = dc_field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------------ the pairs file
+def _register_actions(register_parser: argparse.ArgumentParser) -> dict:
+    """``dest → action`` of the register options a pairs file (or the batch command line) can set."""
+    return {a.dest: a for a in register_parser._actions if a.dest not in NOT_COLUMNS}
+
+
+def _moving_stem(path: str) -> str:
+    name = Path(path.rstrip("/\\")).name
+    for ext in _IMAGE_EXT:
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def read_pairs(pairs_csv, register_parser: argparse.ArgumentParser, cli_options: dict | None = None) -> list:
+    """Parse and check ``PAIRS.csv`` → a list of :class:`PairJob` (see the module docstring).
+
+    ``register_parser``: the ``regtool register`` argument parser (every value is parsed by it, so a column takes
+    exactly what the option takes). ``cli_options``: ``dest → value`` given on the batch command line, applied
+    to every row. Raises :class:`RegtoolError` naming the line for a missing header or column, an unknown column,
+    an empty ``fixed``/``moving`` cell, a row with extra or missing cells, no model, an invalid value, and for
+    duplicated names or duplicated pairs (same inputs, same options)."""
+    from .cli import MAX_REFINE, _parse_iterations
+
+    path = Path(pairs_csv)
+    if not path.is_file():
+        raise RegtoolError(f"Pairs file not found: {path}. Give a CSV file with a header row and the columns fixed, "
+                           "moving (optional: landmarks, model, name and any register option).")
+    actions = _register_actions(register_parser)
+    base = path.resolve().parent
+    cli_options = dict(cli_options or {})
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise RegtoolError(f"{path} is not a text (UTF-8) CSV file.") from None
+    rows = list(csv.reader(text.splitlines()))
+    lines = [(i + 1, r) for i, r in enumerate(rows) if any(c.strip() for c in r)]
+    if not lines:
+        raise RegtoolError(f"{path} is empty: give a header row (fixed,moving,…) and one row per pair.")
+    head_line, header = lines[0]
+    cols = [c.strip().lower().replace("-", "_") for c in header]
+    if "fixed" not in cols or "moving" not in cols:
+        raise RegtoolError(f"{path}, line {head_line}: the header row must name the columns fixed and moving (found "
+                           f"{', '.join(c or '(empty)' for c in cols)}).")
+    allowed = set(actions) | {"name"}
+    for c in cols:
+        if not c:
+            raise RegtoolError(f"{path}, line {head_line}: a column has no name; name every column of the header.")
+        if c not in allowed:
+            raise RegtoolError(f"{path}, line {head_line}: unknown column {c!r}; columns are fixed, moving, name and "
+                               f"the register options: {', '.join(sorted(set(actions) - {'fixed', 'moving'}))}.")
+    dup = sorted({c for c in cols if cols.count(c) > 1})
+    if dup:
+        raise RegtoolError(f"{path}, line {head_line}: column {dup[0]!r} appears more than once.")
+    if len(lines) == 1:
+        raise RegtoolError(f"{path} has a header but no pairs: add one row per pair.")
+    overridden = sorted(set(cols) & set(cli_options))
+
+    def fail(line, msg):
+        raise RegtoolError(f"{path}, line {line}: {msg}")
+
+    jobs, names, seen = [], {}, {}
+    for line, cells in lines[1:]:
+        if len(cells) != len(cols):
+            fail(line, f"{len(cells)} cells for {len(cols)} columns (a missing or extra comma?); give every row "
+                       "one cell per column (empty for none).")
+        row = {c: v.strip() for c, v in zip(cols, cells)}
+        for req in ("fixed", "moving"):
+            if not row[req]:
+                fail(line, f"the {req} image is missing; every row needs a fixed and a moving image.")
+        values = {}
+        for c, v in row.items():
+            if c == "name" or v == "":
+                continue
+            values[c] = str((base / Path(v).expanduser())) if c in PATH_OPTIONS else v
+        for c, v in cli_options.items():  # the command line applies to every row
+            values[c] = str(Path(v).expanduser().resolve()) if c in PATH_OPTIONS and isinstance(v, str) else v
+        if "model" not in values:
+            fail(line, "no model: give a model column or --model on the command line.")
+        argv = []
+        for c, v in values.items():
+            a = actions[c]
+            opt = max(a.option_strings, key=len)
+            if a.nargs == 0:  # a flag (store_true)
+                on = v if isinstance(v, bool) else str(v).lower()
+                if on in _TRUE or on is True:
+                    argv.append(opt)
+                elif on not in _FALSE and on is not False:
+                    fail(line, f"column {c}: {v!r} is not yes/no (give 1/0, true/false, yes/no or leave it empty).")
+            else:
+                argv.append(f"{opt}={v}")
+        ns = _parse_register(register_parser, argv + ["--out=."], lambda msg, ln=line: fail(ln, msg))
+        try:
+            if ns.iterations:
+                _parse_iterations(ns.iterations)
+            if not 0 <= ns.refine <= MAX_REFINE:
+                raise RegtoolError(f"refine {ns.refine}: give 0 (no refinement) to {MAX_REFINE} iterations.")
+        except RegtoolError as exc:
+            fail(line, str(exc))
+        for k in ("func", "out", "quiet"):
+            if hasattr(ns, k):
+                delattr(ns, k)
+        name = row.get("name") or _moving_stem(row["moving"])
+        if not _NAME_RE.match(name) or name in ("summary.csv", "summary.json"):
+            fail(line, f"the pair name {name!r} cannot be a folder name (no / or \\, not starting with a dot, at most "
+                       "200 characters); give a name column.")
+        key = name.casefold()
+        if key in names:
+            how = "" if row.get("name") else " (taken from the moving image's file name; add a name column)"
+            fail(line, f"the pair name {name!r}{how} is also the name of line {names[key]}; every pair needs its own "
+                       "name (it is the folder of its results).")
+        names[key] = line
+        ident = json.dumps(sorted((k, v) for k, v in vars(ns).items() if v not in (None, False)), default=str)
+        if ident in seen:
+            fail(line, f"the same pair with the same options as line {seen[ident]} (a duplicated row"
+                       + (", once the command line's options apply" if cli_options else "") + "); remove one.")
+        seen[ident] = line
+        jobs.append(PairJob(name=name, line=line, fixed=row["fixed"], moving=row["moving"], options=ns,
+                            model=ns.model, extra={"overridden": overridden}))
+    return jobs
+
+
+def _parse_register(parser: argparse.ArgumentParser, argv: list, fail: Callable) -> argparse.Namespace:
+    """``argv`` parsed by the register parser; its errors go to ``fail`` instead of exiting the process."""
+    p = copy.copy(parser)
+    p.error = fail  # argparse reports every bad value through error()
+    p.exit = lambda status=0, message=None: fail(message or "invalid value")
+    return p.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------------------ fingerprints
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files_of(path: Path) -> list:
+    """``path`` itself, or every file under a folder (a DICOM series), sorted."""
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.is_file())
+    return [path]
+
+
+def _input_state(path: Path, previous: dict | None = None) -> dict:
+    """Size, modification time and SHA-256 of each file of an input; the hash is reused from ``previous`` when
+    size and time are unchanged (hashing is then skipped)."""
+    files = {}
+    old = (previous or {}).get("files", {})
+    for f in _files_of(path):
+        st = f.stat()
+        rel = "." if f == path else str(f.relative_to(path))
+        o = old.get(rel)
+        if o and o.get("size") == st.st_size and o.get("mtime_ns") == st.st_mtime_ns:
+            digest = o["sha256"]
+        else:
+            digest = _sha256(f)
+        files[rel] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+    return {"files": files}
+
+
+def _content(state: dict) -> dict:
+    return {k: (v["size"], v["sha256"]) for k, v in state.get("files", {}).items()}
+
+
+def _options_of(job: PairJob) -> dict:
+    """The options that shape a pair's result (paths excluded: their content is fingerprinted instead)."""
+    from . import __version__
+
+    opts = {k: v for k, v in sorted(vars(job.options).items()) if k not in PATH_OPTIONS}
+    return json.loads(json.dumps({"regtool": __version__, **opts}, default=str))
+
+
+def _inputs_of(job: PairJob) -> dict:
+    return {k: Path(getattr(job.options, k)) for k in PATH_OPTIONS if getattr(job.options, k, None)}
+
+
+def pair_is_current(job: PairJob, out_dir) -> dict | None:
+    """The stamp of ``out_dir/<name>`` when that folder holds the finished result of ``job`` (same input content,
+    same options, its report and files in place), else None. Reads only (stats; hashes an input only when its
+    size or time changed)."""
+    target = Path(out_dir) / job.name
+    try:
+        stamp = json.loads((target / STAMP).read_text())
+    except (OSError, ValueError):
+        return None
+    try:
+        if stamp.get("options") != _options_of(job):
+            return None
+        inputs = _inputs_of(job)
+        if set(stamp.get("inputs", {})) != set(inputs):
+            return None
+        for k, p in inputs.items():
+            old = stamp["inputs"][k]
+            now = _input_state(p, old)
+            if _content(now) != _content(old):
+                return None
+        if _sha256(target / "report.json") != stamp.get("report_sha256"):
+            return None
+        if not all((target / f).is_file() for f in stamp.get("files", [])):
+            return None
+    except (OSError, KeyError, TypeError, AttributeError):
+        return None
+    return stamp
+
+
+# ------------------------------------------------------------------------------------------------ one pair (a task)
+def _cap_threads(n: int | None) -> int:
+    """torch (intra-op) and ITK thread counts of this process set to ``n``; returns torch's count."""
+    import SimpleITK as sitk
+    import torch
+
+    if n:
+        n = max(1, int(n))
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(n)
+    return torch.get_num_threads()
+
+
+def _worker_address() -> str:
+    try:
+        from distributed import get_worker
+
+        return get_worker().address
+    except (ImportError, ValueError):
+        return f"pid {os.getpid()}"
+
+
+def _metrics(report: dict) -> dict:
+    sb, sa = report.get("similarity_before") or {}, report.get("similarity_after") or {}
+    return {"model": report.get("model"), "folding_percent": report.get("folding_percent"),
+            "ncc_before": sb.get("ncc"), "ncc_after": sa.get("ncc"), "mi_before": sb.get("mi"),
+            "mi_after": sa.get("mi"), "warnings": report.get("warnings", [])}
+
+
+def _row(job: PairJob, **kw) -> dict:
+    row = {f: None for f in SUMMARY_FIELDS}
+    row.update(name=job.name, fixed=job.fixed, moving=job.moving, model=job.model, warnings=[])
+    row.update(kw)
+    return row
+
+
+def _test_kill_hook(name: str, out_dir: Path) -> bool:
+    """See the module docstring (fault-injection tests only). True when it armed the kill."""
+    spec = dict(p.split("=", 1) for p in os.environ.get("REGTOOL_TEST_BATCH_KILL", "").split(",") if "=" in p)
+    mode = spec.get(name)
+    if mode == "once":
+        marker = out_dir / f".regtool-test-killed-{name}"
+        if marker.exists():
+            return False
+        out_dir.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    if mode in ("once", "always"):
+        os.environ["REGTOOL_TEST_KILL_AT"] = "staging"  # publish.test_hook: SIGKILL while the set is staged
+        return True
+    return False
+
+
+def run_pair(job: PairJob, out_dir: str, threads: int | None = None) -> dict:
+    """Register one pair into ``out_dir/<job.name>`` (a Dask task; runs in the worker) and return its summary
+    row. Skips a pair whose folder is current (:func:`pair_is_current`). Never raises for a failing pair: the row
+    says ``failed`` with the message ``regtool register`` would print."""
+    # imported before the clock starts: a fresh worker's first pair would otherwise count importing torch
+    from . import pipeline  # noqa: F401
+    from .cli import _cmd_register
+    from .io import atomic_output
+
+    used = _cap_threads(threads)
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    target = out / job.name
+    base = {"threads": used, "worker": _worker_address()}
+    try:
+        stamp = pair_is_current(job, out)
+        if stamp is not None:
+            report = json.loads((target / "report.json").read_text())
+            return _row(job, status="skipped", runtime_s=stamp.get("runtime_s"), **_metrics(report), **base)
+        inputs = {k: _input_state(p) for k, p in _inputs_of(job).items()}
+        ns = copy.copy(job.options)
+        ns.out, ns.quiet = str(target), True
+        hooked = _test_kill_hook(job.name, out)
+        try:
+            _cmd_register(ns)
+        finally:
+            if hooked:
+                os.environ.pop("REGTOOL_TEST_KILL_AT", None)
+        report_text = (target / "report.json").read_bytes()
+        report = json.loads(report_text)
+        runtime = round(time.perf_counter() - t0, 4)
+        files = sorted(n for n in _output_names() if (target / n).is_file())
+        stamp = {"regtool_batch": 1, "options": _options_of(job), "inputs": inputs,
+                 "report_sha256": hashlib.sha256(report_text).hexdigest(), "files": files, "runtime_s": runtime}
+        with atomic_output(target / STAMP) as tmp:
+            Path(tmp).write_text(json.dumps(stamp, indent=2))
+        return _row(job, status="ok", runtime_s=runtime, **_metrics(report), **base)
+    except RegtoolError as exc:
+        msg = str(exc)
+    except OSError as exc:
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        msg = f"{exc.strerror or exc}{where}."
+    except Exception as exc:  # a bug or an exhausted resource: reported, the other pairs go on
+        msg = f"unexpected error: {user_message(exc)}"
+    return _row(job, status="failed", runtime_s=round(time.perf_counter() - t0, 4), error=msg, **base)
+
+
+def _output_names() -> tuple:
+    from .pipeline import OUTPUT_FILES
+
+    return OUTPUT_FILES
+
+
+# ------------------------------------------------------------------------------------------------ the cohort
+def _cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def plan_local(pending: int, workers: int | None, threads: int | None, cores: int | None = None) -> tuple:
+    """``(worker processes, threads per worker)`` of a local cluster for ``pending`` pairs on ``cores`` cores:
+    what is given is kept; what is not fills the cores without exceeding them (and without idle workers)."""
+    cores = cores or _cores()
+    pending = max(1, pending)
+    if workers is None and threads is None:
+        workers = min(pending, cores)
+    if workers is None:
+        workers = max(1, min(pending, cores // threads))
+    workers = min(workers, pending)  # a worker without a pair would only cost its start-up
+    if threads is None:
+        threads = max(1, cores // workers)
+    return workers, threads
+
+
+#: the resource each local worker has one of and each pair takes: a local worker is given a pair only when idle
+_RESOURCE = "regtool_pair"
+
+
+class _Connection:
+    """A Dask client on a new local cluster or on a scheduler at an address (or a scheduler file)."""
+
+    def __init__(self, scheduler: str, workers: int | None, threads: int):
+        import logging
+        import warnings
+
+        import dask
+        from distributed import Client, LocalCluster
+
+        self.cluster, self.resources = None, None
+        if scheduler == "local":
+            env = {k: str(threads) for k in THREAD_ENV}
+            env.setdefault("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
+            # saturation 1: a worker holds only the pair it runs, so a worker that dies takes no queued pair with
+            # it (every pair it held counts as one of that pair's allowed failures) and no pair waits behind a
+            # busy worker while another is idle; the nanny's restarts are reported in the summary, not logged
+            with dask.config.set({"distributed.scheduler.worker-saturation": 1.0}), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Port .* is already in use")  # another cluster's
+                self.cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                            dashboard_address=None, env=env, silence_logs=logging.ERROR,
+                                            resources={_RESOURCE: 1})
+            self.resources = {_RESOURCE: 1}
+            try:
+                self.client = Client(self.cluster)
+            except BaseException:
+                self.cluster.close()
+                raise
+            self.where = f"a local cluster of {workers} worker process(es) × {threads} thread(s)"
+            return
+        timeout = dask.config.get("distributed.comm.timeouts.connect")
+        kw = {"scheduler_file": scheduler} if scheduler.endswith(".json") and Path(scheduler).is_file() \
+            else {"address": scheduler}
+        try:
+            self.client = Client(timeout=timeout, **kw)
+        except (OSError, TimeoutError, ValueError) as exc:
+            raise RegtoolError(f"The Dask scheduler at {scheduler} did not answer within {timeout} ({exc}); nothing "
+                               "was started. Check the address (e.g. tcp://HOST:8786, as the scheduler prints it) "
+                               "and that the scheduler is running and reachable from here.") from None
+        self.where = f"the scheduler at {scheduler}"
+
+    def submit(self, fn, *args):
+        return self.client.submit(fn, *args, pure=False, resources=self.resources)
+
+    def capacity(self) -> int:
+        """Pairs the cluster can run at once now (its worker threads; at least 1, so that an adaptive cluster
+        sees work)."""
+        try:
+            return max(1, sum(self.client.nthreads().values()))
+        except Exception:  # the scheduler is busy or restarting a worker: keep going with what runs
+            return 1
+
+    def close(self):
+        try:
+            self.client.close()
+        finally:
+            if self.cluster is not None:
+                self.cluster.close()
+
+
+def _clean_after_death(target: Path):
+    """Remove what a killed worker left beside/in ``target`` (staging folders, its lock file), under the lock."""
+    from .publish import cleanup_stale, lock_output
+
+    def quiet(msg):
+        pass
+
+    try:
+        with lock_output(target, timeout=5, warn=quiet):
+            cleanup_stale(target.parent, quiet, target=target, set_names=_output_names())
+            if target.is_dir():
+                cleanup_stale(target, quiet)
+    except (OSError, RegtoolError):
+        pass
+
+
+def _collect(fut, job: PairJob, out: Path) -> dict:
+    """The summary row of a finished task: its own row, or ``failed`` when its workers died or it could not run."""
+    from distributed.scheduler import KilledWorker
+
+    try:
+        return fut.result()
+    except KilledWorker as exc:
+        _clean_after_death(out / job.name)
+        tries = exc.args[2] if len(exc.args) > 2 else None
+        times = f"{tries + 1} times" if isinstance(tries, int) else "repeatedly"
+        return _row(job, status="failed", error=f"the worker process running this pair died {times} (killed, or "
+                                                "out of memory: try fewer --workers or more memory per worker); its "
+                                                "folder was left as it was before.")
+    except Exception as exc:  # the task could not run there (e.g. the package missing on a worker)
+        _clean_after_death(out / job.name)
+        return _row(job, status="failed", error=f"the task did not run: {user_message(exc)}")
+
+
+#: seconds between looks at the cluster's size while pairs run
+POLL_S = 2.0
+
+
+def run_batch(jobs: list, out_dir, scheduler: str = "local", workers: int | None = None,
+              threads: int | None = None, progress: Callable | None = None, say: Callable | None = None) -> list:
+    """Run ``jobs`` (from :func:`read_pairs`) into ``out_dir`` and return the summary rows in the jobs' order.
+
+    Pairs whose folder is current are skipped before any cluster starts; the rest run one Dask task each on a
+    local cluster (``scheduler="local"``: ``workers`` processes × one pair at a time × ``threads`` torch/ITK
+    threads, see :func:`plan_local`) or on the scheduler at an address. ``progress(done, total, row)`` is called
+    as each pair ends; ``say(text)`` receives one line about where the pairs run. Raises :class:`RegtoolError`
+    (nothing started, ``out_dir`` not created) when the scheduler does not answer."""
+    import asyncio
+
+    from distributed import wait
+
+    out = Path(os.path.abspath(out_dir))
+    if out.exists() and not out.is_dir():
+        raise RegtoolError(f"--out {out} exists and is not a folder.")
+    if workers is not None and workers < 1 or threads is not None and threads < 1:
+        raise RegtoolError("--workers and --threads-per-worker take a whole number of at least 1.")
+    rows, pending = {}, []
+    total = len(jobs)
+    for job in jobs:  # finished pairs are known without a cluster (a remote one re-checks on its side too)
+        stamp = pair_is_current(job, out)
+        if stamp is None:
+            pending.append(job)
+            continue
+        try:
+            report = json.loads((out / job.name / "report.json").read_text())
+        except (OSError, ValueError):
+            pending.append(job)
+            continue
+        rows[job.name] = _row(job, status="skipped", runtime_s=stamp.get("runtime_s"), **_metrics(report))
+
+    def report_skipped():
+        if progress:
+            for i, row in enumerate(rows.values()):
+                progress(i + 1, total, row)
+
+    if not pending:
+        report_skipped()
+    else:
+        if scheduler == "local":
+            n, m = plan_local(len(pending), workers, threads)
+        else:
+            n, m = workers, threads or 1
+            if workers is not None and say:
+                say("note: --workers sizes a local cluster; with a scheduler address the cluster's own workers run "
+                    "the pairs")
+        conn = _Connection(scheduler, n, m)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            if say:
+                say(f"{len(pending)} pair(s) to run on {conn.where}"
+                    + (f"; {total - len(pending)} already done" if total > len(pending) else ""))
+            report_skipped()
+            queue, running = list(pending), {}
+            while queue or running:
+                # no more pairs in flight than worker threads (re-read as workers come and go): the scheduler
+                # then never parks a pair on a busy worker, where that worker's death would count against it too
+                while queue and len(running) < conn.capacity():
+                    job = queue.pop(0)
+                    running[conn.submit(run_pair, job, str(out), m)] = job
+                try:
+                    done, _ = wait(list(running), timeout=POLL_S, return_when="FIRST_COMPLETED")
+                except (TimeoutError, asyncio.TimeoutError):
+                    continue
+                for fut in [f for f in running if f in done]:
+                    job = running.pop(fut)
+                    rows[job.name] = row = _collect(fut, job, out)
+                    if progress:
+                        progress(len(rows), total, row)
+        finally:
+            conn.close()
+    return [rows[j.name] for j in jobs]
+
+
+def _finite(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite(v) for v in x]
+    return x
+
+
+def write_summary(rows: list, out_dir, info: dict | None = None) -> tuple:
+    """``summary.csv`` (:data:`SUMMARY_FIELDS`) and ``summary.json`` (the rows with their warnings, the counts
+    and ``info``) in ``out_dir``, each written durably. Returns both paths."""
+    import io
+
+    from .io import atomic_output
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "skipped", "failed")}
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in SUMMARY_FIELDS})
+    paths = (out / "summary.csv", out / "summary.json")
+    with atomic_output(paths[0]) as tmp:
+        Path(tmp).write_text(buf.getvalue())
+    doc = {**(info or {}), "counts": counts,
+           "pairs": [{k: r.get(k) for k in (*SUMMARY_FIELDS, "warnings")} for r in rows]}
+    with atomic_output(paths[1]) as tmp:
+        Path(tmp).write_text(json.dumps(_finite(doc), indent=2, allow_nan=False))
+    return paths
+
+
+# ------------------------------------------------------------------------------------------------ command line
+def add_batch_arguments(b: argparse.ArgumentParser, register_parser: argparse.ArgumentParser) -> None:
+    """The ``regtool batch`` arguments: its own, plus every ``register`` option (applied to every pair)."""
+    b.add_argument("pairs", help="CSV with a header row: fixed, moving (required), landmarks, model, name "
+                                 "(optional) and any register option as a column; paths relative to the CSV")
+    b.add_argument("--out", required=True, help="output folder: DIR/<name>/ per pair, DIR/summary.csv and .json")
+    b.add_argument("--scheduler", default="local",
+                   help="local (default: a Dask cluster on this machine) or a Dask scheduler address "
+                        "(tcp://HOST:8786) or scheduler file (.json)")
+    b.add_argument("--workers", type=int, help="local cluster: worker processes, each running one pair at a time "
+                                               "(default: cores ÷ threads per worker, at most the pairs to run)")
+    b.add_argument("--threads-per-worker", type=int,
+                   help="torch and ITK threads of each pair (default: local: cores ÷ workers; with a scheduler "
+                        "address: 1, since every Dask worker thread runs a pair)")
+    b.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    g = b.add_argument_group("register options", "applied to every pair (they replace a column of the same name)")
+    for a in register_parser._actions:
+        if a.dest in NOT_COLUMNS or a.dest in ("fixed", "moving"):
+            continue
+        kw = {"dest": a.dest, "default": argparse.SUPPRESS, "help": a.help}
+        if a.nargs == 0:
+            kw["action"] = "store_true"
+        else:
+            kw.update(type=a.type, choices=a.choices, metavar=a.metavar)
+        g.add_argument(*a.option_strings, **kw)
+    b.set_defaults(register_parser=register_parser)
+
+
+def _bar_printer(quiet: bool) -> Callable:
+    def progress(done, total, row):
+        if quiet:
+            return
+        n = int(20 * done / max(total, 1))
+        print(f"\r[{'#' * n:<20}] {done}/{total} {row['name'][:40]}: {row['status']:<8}", end="",
+              file=sys.stderr, flush=True)
+        if done >= total:
+            print(file=sys.stderr)
+
+    return progress
+
+
+def batch_command(args) -> int:
+    """``regtool batch``: exit 0 when every pair is ok or skipped, 1 when some failed (2 via RegtoolError)."""
+    rp = args.register_parser
+    cli_options = {d: getattr(args, d) for d in _register_actions(rp) if d not in ("fixed", "moving")
+                   and hasattr(args, d)}
+    jobs = read_pairs(args.pairs, rp, cli_options)
+
+    def say(text):
+        if not args.quiet:
+            print(text, file=sys.stderr)
+
+    overridden = jobs[0].extra.get("overridden") if jobs else None
+    if overridden:
+        say(f"note: {', '.join('--' + o.replace('_', '-') for o in overridden)} on the command line replace(s) the "
+            "column(s) of the same name for every pair")
+    t0 = time.perf_counter()
+    rows = run_batch(jobs, args.out, scheduler=args.scheduler, workers=args.workers, threads=args.threads_per_worker,
+                     progress=_bar_printer(args.quiet), say=say)
+    info = {"pairs_file": str(Path(args.pairs).resolve()), "scheduler": args.scheduler,
+            "wall_s": round(time.perf_counter() - t0, 3)}
+    csv_path, _ = write_summary(rows, args.out, info)
+    failed = [r for r in rows if r["status"] == "failed"]
+    if not args.quiet:
+        c = {s: sum(r["status"] == s for r in rows) for s in ("ok", "skipped", "failed")}
+        print(f"{len(rows)} pairs: {c['ok']} ok, {c['skipped']} skipped, {c['failed']} failed "
+              f"({info['wall_s']:.1f} s); summary in {csv_path}")
+    for r in failed:
+        print(f"regtool: pair {r['name']} failed: {r['error']}", file=sys.stderr)
+    return 1 if failed else 0

@@ -1,0 +1,364 @@
+"""OME-Zarr images (OME-NGFF 0.4 and 0.5): lazy multiscale reading and block-wise pyramid writing.
+
+An OME-Zarr image is a zarr group whose ``multiscales`` metadata lists its resolution levels, each a zarr array
+with a ``scale`` and an optional ``translation`` per axis (the physical position of voxel ``i`` is
+``i · scale + translation``: the same voxel-centre convention as an ITK origin). Reading keeps every level lazy
+(the zarr arrays themselves: slicing reads only the chunks it touches); :func:`read_level` loads one level as an
+:class:`~napari_regtool.image.Image` for registration. Writing (:func:`write_ngff`) stores a dask array (or a
+NumPy array) block by block and builds the pyramid from the written level, so memory stays bounded by a few
+blocks, never the image.
+
+NGFF 0.4/0.5 has no rotation. A grid whose direction is not the identity keeps its direction in the group's
+``regtool`` attributes (read back by this module; other readers see an axis-aligned image) and
+:func:`write_ngff` says so in the notices it returns.
+
+Axis order: NGFF axes are in array order (…, z, y, x); spacing and origin in :class:`Space` are in physical order
+(x, y, z) — the flip happens here, in :func:`_level_space`.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+from .image import Image
+from .space import Space
+
+__all__ = ["NgffImage", "NgffLevel", "is_ngff", "open_ngff", "read_level", "choose_level", "write_ngff",
+           "NGFF_VERSION", "level_names"]
+
+#: the version this module writes (zarr format 2: read by napari-ome-zarr, Fiji/BigDataViewer, QuPath, neuroglancer)
+NGFF_VERSION = "0.4"
+_SPATIAL = ("z", "y", "x")
+
+
+@dataclass
+class NgffLevel:
+    """One resolution level: its dataset path, its grid in physical space and the lazy zarr array."""
+
+    path: str
+    space: Space
+    array: object  # zarr.Array (array order, may have leading t/c axes)
+
+
+@dataclass
+class NgffImage:
+    """An opened OME-Zarr image: its levels (finest first), axis names, unit and where channel/time axes sit."""
+
+    path: Path
+    name: str
+    levels: list
+    axes: list
+    unit: str | None = None
+    channel_axis: int | None = None
+    time_axis: int | None = None
+    channel: int | None = None
+    is_label: bool = False
+    notices: list = field(default_factory=list)
+
+    @property
+    def ndim(self) -> int:
+        return self.levels[0].space.ndim
+
+    def spatial_slices(self) -> tuple:
+        """Index into a level's array that drops the time/channel axes (time 0, the chosen channel)."""
+        idx = []
+        for i, _ in enumerate(self.axes):
+            if i == self.time_axis:
+                idx.append(0)
+            elif i == self.channel_axis:
+                idx.append(self.channel or 0)
+            else:
+                idx.append(slice(None))
+        return tuple(idx)
+
+    def lazy(self, level: int = 0):
+        """The level as a dask array with spatial axes only (array order), one dask chunk per zarr chunk."""
+        import dask.array as da
+
+        arr = self.levels[level].array
+        return da.from_zarr(arr)[self.spatial_slices()]
+
+
+def _attrs(path: Path) -> dict | None:
+    """The group attributes of a zarr v2 (``.zattrs``) or v3 (``zarr.json``) store, or ``None``."""
+    v2 = path / ".zattrs"
+    if v2.is_file():
+        return json.loads(v2.read_text())
+    v3 = path / "zarr.json"
+    if v3.is_file():
+        meta = json.loads(v3.read_text())
+        return meta.get("attributes", {}) if meta.get("node_type", "group") == "group" else None
+    return None
+
+
+def _multiscales(attrs: dict | None):
+    if not attrs:
+        return None
+    return attrs.get("multiscales") or (attrs.get("ome") or {}).get("multiscales")
+
+
+def is_ngff(path) -> bool:
+    """True when ``path`` is a folder holding OME-NGFF multiscales metadata (or any zarr group: see
+    :func:`open_ngff` for the message a plain zarr store gets)."""
+    p = Path(path).expanduser()
+    return p.is_dir() and ((p / ".zattrs").is_file() or (p / "zarr.json").is_file() or (p / ".zgroup").is_file())
+
+
+def _transforms(entries, n: int, where: str) -> tuple:
+    """(scale, translation) arrays of length ``n`` from an NGFF ``coordinateTransformations`` list."""
+    scale, trans = np.ones(n), np.zeros(n)
+    for t in entries or []:
+        kind = t.get("type")
+        if kind == "scale":
+            if "scale" not in t:
+                raise InputError(f"{where}: a scale given by path is not supported; store it inline.")
+            scale = np.asarray(t["scale"], dtype=float)
+        elif kind == "translation":
+            if "translation" not in t:
+                raise InputError(f"{where}: a translation given by path is not supported; store it inline.")
+            trans = np.asarray(t["translation"], dtype=float)
+        elif kind == "identity":
+            continue
+        else:
+            raise InputError(f"{where}: the coordinate transformation {kind!r} is not supported (only scale and "
+                             "translation, as in OME-NGFF 0.4/0.5).")
+    if scale.shape != (n,) or trans.shape != (n,):
+        raise InputError(f"{where}: scale and translation need {n} values (one per axis), got {scale.size} and "
+                         f"{trans.size}.")
+    if not (np.all(np.isfinite(scale)) and np.all(scale > 0) and np.all(np.isfinite(trans))):
+        raise InputError(f"{where}: the scale must be positive and finite and the translation finite, got "
+                         f"scale {scale.tolist()} and translation {trans.tolist()}.")
+    return scale, trans
+
+
+def _level_space(shape_spatial, scale_spatial, trans_spatial, direction) -> Space:
+    # array order (z, y, x) → physical order (x, y, z): the one place this module flips axes
+    return Space(tuple(int(s) for s in shape_spatial), np.asarray(scale_spatial, float)[::-1],
+                 np.asarray(trans_spatial, float)[::-1], direction)
+
+
+def open_ngff(path, channel: int | None = None) -> NgffImage:
+    """Open an OME-Zarr image lazily; raises :class:`InputError` with a plain sentence for what is wrong.
+
+    ``channel``: which channel to use when the image has a channel axis with more than one channel.
+    """
+    import zarr
+
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise InputError(f"File not found: {p}. Check the path.")
+    try:
+        attrs = _attrs(p)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{p.name}: the zarr metadata cannot be read ({exc}).") from None
+    ms = _multiscales(attrs)
+    if not ms:
+        raise InputError(f"{p.name} is a zarr store without OME-NGFF multiscales metadata, so its scale and position "
+                         "are unknown. Save it as OME-Zarr (e.g. with ome-zarr-py, napari-ome-zarr or bioformats2raw) "
+                         "or convert it to NIfTI/TIFF.")
+    m = ms[0]
+    axes = m.get("axes") or [{"name": a} for a in ("t", "c", "z", "y", "x")]
+    axes = [a if isinstance(a, dict) else {"name": str(a)} for a in axes]
+    names = [str(a.get("name", "")).lower() for a in axes]
+    kinds = [a.get("type") or ("space" if n in _SPATIAL else "time" if n == "t" else "channel" if n == "c"
+                               else None) for a, n in zip(axes, names)]
+    spatial = [i for i, k in enumerate(kinds) if k == "space"]
+    if len(spatial) not in (2, 3):
+        raise InputError(f"{p.name} has {len(spatial)} spatial axes ({', '.join(names)}); only 2D and 3D images are "
+                         "supported.")
+    if spatial != list(range(len(axes) - len(spatial), len(axes))):
+        raise InputError(f"{p.name}: the spatial axes must come last (axes {', '.join(names)}).")
+    others = [i for i in range(len(axes)) if i not in spatial]
+    time_axis = next((i for i in others if kinds[i] == "time"), None)
+    channel_axis = next((i for i in others if kinds[i] == "channel"), None)
+    if len(others) > (time_axis is not None) + (channel_axis is not None):
+        raise InputError(f"{p.name}: axes of unknown type ({', '.join(names)}); only t, c and spatial axes are "
+                         "supported.")
+    units = {a.get("unit") for i, a in enumerate(axes) if i in spatial}
+    unit = units.pop() if len(units) == 1 else None
+    extra = (attrs or {}).get("regtool", {})
+    nd = len(spatial)
+    direction = np.asarray(extra.get("direction"), float) if extra.get("direction") is not None else np.eye(nd)
+    if direction.shape != (nd, nd):
+        direction = np.eye(nd)
+    gscale, gtrans = _transforms(m.get("coordinateTransformations"), len(axes), f"{p.name} (multiscale)")
+    datasets = m.get("datasets") or []
+    if not datasets:
+        raise InputError(f"{p.name}: the multiscales metadata lists no datasets (resolution levels).")
+    try:
+        group = zarr.open_group(str(p), mode="r")
+    except Exception as exc:  # zarr raises several types for damaged stores
+        raise InputError(f"{p.name} cannot be opened as a zarr group ({str(exc)[:160]}).") from None
+    levels = []
+    for k, ds in enumerate(datasets):
+        where = f"{p.name}/{ds.get('path', '?')}"
+        try:
+            arr = group[ds["path"]]
+        except Exception:
+            raise InputError(f"{where}: the resolution level listed in the metadata is missing from the store.") \
+                from None
+        if len(arr.shape) != len(axes):
+            raise InputError(f"{where} has {len(arr.shape)} dimensions but the metadata names {len(axes)} axes.")
+        scale, trans = _transforms(ds.get("coordinateTransformations"), len(axes), where)
+        scale, trans = scale * gscale, trans * gscale + gtrans
+        space = _level_space([arr.shape[i] for i in spatial], scale[spatial], trans[spatial], direction)
+        levels.append(NgffLevel(str(ds["path"]), space, arr))
+    _check_levels(p.name, levels)
+    img = NgffImage(p, p.name[:-5] if p.name.lower().endswith(".zarr") else p.name, levels, axes, unit,
+                    channel_axis, time_axis, channel, bool((attrs or {}).get("image-label") is not None))
+    shape0 = levels[0].array.shape
+    if time_axis is not None and shape0[time_axis] > 1:
+        img.notices.append(f"{p.name} has {shape0[time_axis]} time points; the first is used.")
+    if channel_axis is not None:
+        nc = shape0[channel_axis]
+        if channel is None and nc > 1:
+            raise InputError(f"{p.name} has {nc} channels; choose one (--channel 0 … {nc - 1}).")
+        if channel is not None and not 0 <= channel < nc:
+            raise InputError(f"{p.name} has {nc} channel(s); --channel {channel} does not exist.")
+    return img
+
+
+def _check_levels(name: str, levels: list) -> None:
+    """Levels must shrink and cover the same physical extent (to within one coarse voxel)."""
+    first = levels[0].space
+    ext0 = np.asarray(first.shape[::-1]) * first.spacing
+    for k, lv in enumerate(levels[1:], start=1):
+        s = lv.space
+        if any(a > b for a, b in zip(s.shape, levels[k - 1].space.shape)):
+            raise InputError(f"{name}: level {lv.path} is larger than the level before it; the levels must go from "
+                             "fine to coarse.")
+        ext = np.asarray(s.shape[::-1]) * s.spacing
+        if np.any(np.abs(ext - ext0) > s.spacing + 1e-6 * np.abs(ext0)):
+            raise InputError(f"{name}: level {lv.path} covers {np.round(ext, 4).tolist()} but level "
+                             f"{levels[0].path} covers {np.round(ext0, 4).tolist()} (scale × size); the levels' "
+                             "scales are inconsistent. Rewrite the pyramid.")
+
+
+def choose_level(img: NgffImage, max_voxels: int | None = None) -> int:
+    """The finest level with at most ``max_voxels`` voxels (default 2²⁴ in 3D, 2²² in 2D: registration and
+    previews stay interactive), or the coarsest level when none is that small."""
+    if max_voxels is None:
+        max_voxels = 2 ** 24 if img.ndim == 3 else 2 ** 22
+    for k, lv in enumerate(img.levels):
+        if int(np.prod(lv.space.shape)) <= max_voxels:
+            return k
+    return len(img.levels) - 1
+
+
+def read_level(img: NgffImage, level: int | None = None, is_label: bool | None = None) -> Image:
+    """Load one level into memory as an :class:`Image` (default level: :func:`choose_level`)."""
+    k = choose_level(img) if level is None else int(level)
+    if not 0 <= k < len(img.levels):
+        raise InputError(f"{img.path.name} has {len(img.levels)} level(s) (0 … {len(img.levels) - 1}); --level {k} "
+                         "does not exist.")
+    lv = img.levels[k]
+    arr = np.asarray(lv.array[img.spatial_slices()])
+    meta = {"ngff_level": k, "ngff_path": str(img.path)}
+    return Image(arr, lv.space, img.name, is_label=img.is_label if is_label is None else is_label, meta=meta)
+
+
+def level_names(n: int = 16) -> tuple:
+    """Names a pyramid written here may use (the output set of :func:`write_ngff`)."""
+    return (".zattrs", ".zgroup", "zarr.json") + tuple(str(k) for k in range(n))
+
+
+def _pyramid_shapes(shape, block) -> list:
+    shapes = [tuple(shape)]
+    while max(shapes[-1]) > block and min(shapes[-1]) >= 2 and len(shapes) < 16:
+        shapes.append(tuple(max(1, s // 2) for s in shapes[-1]))
+    return shapes
+
+
+def write_ngff(path, data, space: Space, *, name: str = "image", is_label: bool = False, block: int = 128,
+               unit: str | None = None, progress=None) -> list:
+    """Write ``data`` (NumPy or dask array on ``space``, array order) as an OME-Zarr pyramid at ``path``.
+
+    Level 0 is written chunk by chunk from the dask graph (each chunk computed, written and freed); each further
+    level halves every axis, computed from the level just written (the mean of 2×2(×2) voxels for images, every
+    second voxel for label maps, so label values stay exact), until the longest side fits one ``block``. The folder
+    replaces an existing one only when everything is written (staging beside it, then a rename; see
+    :mod:`napari_regtool.publish`). Returns a list of notices (e.g. a direction NGFF cannot store).
+    ``progress(fraction, message)`` is called after each level.
+    """
+    import dask.array as da
+    import zarr
+
+    from .publish import publish_folder
+
+    d = space.ndim
+    arr = data if isinstance(data, da.Array) else da.from_array(np.asarray(data), chunks=(block,) * d)
+    if tuple(arr.shape) != tuple(space.shape):
+        raise InputError(f"write_ngff: the data's shape {tuple(arr.shape)} does not match its grid {space.shape}.")
+    block = int(block)
+    if block < 8:
+        raise InputError(f"--block {block} is too small; use at least 8 (typical: 64 to 256).")
+    arr = arr.rechunk((block,) * d)
+    notices = []
+    direction = np.asarray(space.direction, float)
+    if not np.allclose(direction, np.eye(d), atol=1e-9):
+        notices.append("OME-NGFF has no rotation: the image's direction is kept in the file's 'regtool' attributes "
+                       "(read back by napari-regtool); other readers show it axis-aligned.")
+    shapes = _pyramid_shapes(space.shape, block)
+    axes = [{"name": n, "type": "space", **({"unit": unit} if unit else {})} for n in _SPATIAL[-d:]]
+    datasets = []
+    out = Path(path).expanduser()
+    with publish_folder(out, set_names=level_names()) as stage:
+        group = zarr.open_group(str(stage), mode="w", zarr_format=2)
+        current = arr
+        for k, shp in enumerate(shapes):
+            if k > 0:
+                prev = da.from_zarr(group[str(k - 1)])
+                current = _downsample(prev, shp, is_label).rechunk((block,) * d)
+            z = group.create_array(str(k), shape=shp, chunks=(block,) * d, dtype=current.dtype,
+                                   fill_value=0)
+            da.store(current, z, lock=False)
+            factor = 2 ** k
+            sp = space.spacing * factor  # physical order
+            origin = space.origin + (0.0 if is_label else (factor - 1) / 2.0) * (direction @ space.spacing)
+            datasets.append({"path": str(k), "coordinateTransformations": [
+                {"type": "scale", "scale": [float(v) for v in sp[::-1]]},
+                {"type": "translation", "translation": [float(v) for v in origin[::-1]]}]})
+            if progress is not None:
+                progress((k + 1) / len(shapes), f"level {k} of {len(shapes) - 1} written")
+        attrs = {"multiscales": [{"version": NGFF_VERSION, "name": name, "axes": axes, "datasets": datasets,
+                                  "type": "stride" if is_label else "mean"}],
+                 "regtool": {"direction": direction.tolist()}}
+        if is_label:
+            attrs["image-label"] = {"version": NGFF_VERSION}
+        group.attrs.update(attrs)
+    return notices
+
+
+def _downsample(prev, shape, is_label: bool):
+    """Halve every axis: every second voxel (labels) or the mean of each 2×…×2 block (images, same dtype family)."""
+    import dask.array as da
+
+    d = prev.ndim
+    if is_label:
+        return prev[tuple(slice(0, 2 * s, 2) for s in shape)]
+    trimmed = prev[tuple(slice(0, 2 * s) for s in shape)]
+    out = da.coarsen(np.mean, trimmed.astype(np.float32), {i: 2 for i in range(d)}, trim_excess=True)
+    if np.issubdtype(prev.dtype, np.integer):
+        info = np.iinfo(prev.dtype)
+        return da.clip(da.round(out), info.min, info.max).astype(prev.dtype)
+    return out.astype(prev.dtype)
+
+
+def physical_extent(space: Space) -> float:
+    """Longest side of a grid in physical units (helper for messages)."""
+    return float(max(np.asarray(space.shape[::-1]) * space.spacing))
+
+
+def describe(img: NgffImage) -> str:
+    """One line per level: path, shape and spacing (for ``regtool info``-like messages)."""
+    rows = []
+    for lv in img.levels:
+        sp = ", ".join(f"{v:g}" for v in lv.space.spacing)
+        rows.append(f"level {lv.path}: {'×'.join(str(s) for s in lv.space.shape)} voxels, spacing {sp}"
+                    + (f" {img.unit}" if img.unit else ""))
+    return "\n".join(rows) if rows else "(no levels)"
+

@@ -1,0 +1,271 @@
+"""`regtool batch` on real Dask: a cohort with a bad pair, results equal to `regtool register`, resuming, a worker
+that dies mid-pair, an unreachable scheduler and bad pairs files."""
+import csv
+import json
+import logging
+import os
+import shutil
+import socket
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from napari_regtool.cli import main
+from napari_regtool.landmarks import read_bigwarp_csv
+
+from .helpers import SAMPLES, smooth_test_image
+
+distributed = pytest.importorskip("distributed")
+import dask  # noqa: E402  (installed with distributed)
+
+REGISTER_FILES = {"warped.nii.gz", "displacement.nii.gz", "jacobian.nii.gz", "report.json"}
+
+
+def run(*args):
+    return main([str(a) for a in args])
+
+
+def read_summary(out):
+    with open(out / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    doc = json.loads((out / "summary.json").read_text())  # strict JSON (no NaN)
+    return rows, doc
+
+
+def write_pairs(path, header, rows):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+def bigwarp_rows(fixed_pts, moving_pts):
+    """BigWarp rows: name, active, moving x, y, fixed x, y."""
+    return [[f"Pt-{i}", "true", *(repr(float(v)) for v in m), *(repr(float(v)) for v in f)]
+            for i, (f, m) in enumerate(zip(fixed_pts, moving_pts))]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Sample 2D brain pair, a synthetic pair whose moving image is the fixed one shifted in space (so the
+    registered image must equal the fixed image), and a file that is not an image."""
+    d = tmp_path_factory.mktemp("cohort")
+    for s in ("fixed.nii.gz", "moving.nii.gz", "landmarks.csv"):
+        shutil.copy(SAMPLES / f"brain2d_{s}", d / f"brain_{s}")
+    arr = smooth_test_image((40, 48), seed=3)
+    shift = np.array([3.2, -4.8])  # x, y (physical): exactly 4 and -4 voxels
+    for name, origin in (("syn_fixed", (10.0, 20.0)), ("syn_moving", (10.0 + shift[0], 20.0 + shift[1]))):
+        img = sitk.GetImageFromArray(arr)
+        img.SetSpacing((0.8, 1.2))
+        img.SetOrigin(origin)
+        sitk.WriteImage(img, str(d / f"{name}.nii.gz"))
+    fixed_pts = np.array([[15.0, 25.0], [40.0, 28.0], [20.0, 58.0], [44.0, 55.0], [28.0, 42.0]])  # inside both
+    with open(d / "syn_landmarks.csv", "w", newline="") as f:
+        csv.writer(f, quoting=csv.QUOTE_ALL).writerows(bigwarp_rows(fixed_pts, fixed_pts + shift))
+    (d / "bad.nii.gz").write_bytes(b"this is not an image")
+    return {"dir": d, "syn": arr, "shift": shift}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Two worker processes (one pair at a time each); a worker that dies twice while running the same pair makes
+    it fail; pairs named dies-once / dies-always SIGKILL their worker while their files are being staged."""
+    from distributed import LocalCluster
+
+    env = {"REGTOOL_TEST_BATCH_KILL": "dies-once=once,dies-always=always"}
+    with dask.config.set({"distributed.scheduler.allowed-failures": 1,
+                          "distributed.scheduler.worker-saturation": 1.0}):
+        c = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, env=env,
+                         silence_logs=logging.CRITICAL)
+    yield c
+    c.close()
+
+
+def cohort_csv(d, path, tps_smoothing=""):
+    b = ["brain_fixed.nii.gz", "brain_moving.nii.gz", "brain_landmarks.csv"]
+    return write_pairs(path, ["name", "fixed", "moving", "landmarks", "model", "smoothing"], [
+        ["rigid", *b, "rigid", ""],
+        ["similarity", *b, "similarity", ""],
+        ["affine", *b, "affine", ""],
+        ["tps", *b, "tps", tps_smoothing],
+        ["shifted", "syn_fixed.nii.gz", "syn_moving.nii.gz", "syn_landmarks.csv", "affine", ""],
+        ["bad", "brain_fixed.nii.gz", "bad.nii.gz", "brain_landmarks.csv", "affine", ""],
+    ])
+
+
+def test_cohort_summary_outputs_and_resume(data, cluster, tmp_path):
+    d = data["dir"]
+    pairs = cohort_csv(d, d / "pairs.csv")
+    out = tmp_path / "out"
+    cmd = ("batch", pairs, "--out", out, "--scheduler", cluster.scheduler_address, "--threads-per-worker", 2, "-q")
+    assert run(*cmd) == 1  # one pair failed
+    rows, doc = read_summary(out)
+    names = ["rigid", "similarity", "affine", "tps", "shifted", "bad"]
+    assert [r["name"] for r in rows] == names and [p["name"] for p in doc["pairs"]] == names
+    assert [r["status"] for r in rows] == ["ok"] * 5 + ["failed"]
+    assert doc["counts"] == {"ok": 5, "skipped": 0, "failed": 1}
+    bad = rows[-1]
+    assert "bad.nii.gz" in bad["error"] and "image" in bad["error"]
+    assert not (out / "bad").exists()
+    for r in rows[:5]:
+        rep = json.loads((out / r["name"] / "report.json").read_text())
+        assert r["model"] == rep["model"] == r["name"] if r["name"] != "shifted" else rep["model"] == "affine"
+        assert float(r["folding_percent"]) == 0
+        assert float(r["ncc_after"]) > float(r["ncc_before"])
+        assert float(r["ncc_after"]) == pytest.approx(rep["similarity_after"]["ncc"], rel=1e-12)
+        assert float(r["runtime_s"]) > 0
+        # the cap reached torch: the workers start with OMP_NUM_THREADS=1, the pairs ran with 2 threads
+        assert r["threads"] == "2"
+        expected = REGISTER_FILES | {"batch.json"} | ({"transform.tfm"} if r["name"] != "tps" else set())
+        assert {p.name for p in (out / r["name"]).iterdir()} == expected
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+    # the shifted pair: the registered moving image is the fixed image, the transform the shift
+    warped = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "shifted" / "warped.nii.gz")))
+    np.testing.assert_allclose(warped, data["syn"], atol=1e-4 * data["syn"].max())
+    tx = sitk.ReadTransform(str(out / "shifted" / "transform.tfm"))
+    np.testing.assert_allclose(tx.TransformPoint((20.0, 30.0)), np.array([20.0, 30.0]) + data["shift"], atol=1e-9)
+
+    # each pair holds exactly what `regtool register` writes for it
+    for name, model in (("tps", "tps"), ("rigid", "rigid")):
+        ref = tmp_path / f"ref_{name}"
+        assert run("register", "--fixed", d / "brain_fixed.nii.gz", "--moving", d / "brain_moving.nii.gz",
+                   "--landmarks", d / "brain_landmarks.csv", "--model", model, "--out", ref, "-q") == 0
+        assert {p.name for p in ref.iterdir()} | {"batch.json"} == {p.name for p in (out / name).iterdir()}
+        for f in ("warped.nii.gz", "displacement.nii.gz", "jacobian.nii.gz"):
+            a, b = (sitk.ReadImage(str(p / f)) for p in (ref, out / name))
+            np.testing.assert_array_equal(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b))
+            assert a.GetSpacing() == b.GetSpacing() and a.GetOrigin() == b.GetOrigin()
+        ra, rb = (json.loads((p / "report.json").read_text()) for p in (ref, out / name))
+        for k in ("runtime_s", "device"):
+            ra.pop(k), rb.pop(k)
+        assert ra == rb
+        if model == "rigid":
+            assert (ref / "transform.tfm").read_text() == (out / name / "transform.tfm").read_text()
+
+    # rerun: finished pairs are skipped (their files untouched), the failed one is tried again
+    before = {n: (out / n / "report.json").stat().st_mtime_ns for n in names[:5]}
+    os.utime(d / "syn_fixed.nii.gz")  # touched, same content: still finished
+    assert run(*cmd) == 1
+    rows, doc = read_summary(out)
+    assert [r["status"] for r in rows] == ["skipped"] * 5 + ["failed"]
+    assert {n: (out / n / "report.json").stat().st_mtime_ns for n in names[:5]} == before
+    assert rows[0]["folding_percent"] == "0.0" and float(rows[3]["ncc_after"]) > 0.9  # metrics of the kept results
+
+    # changed options (tps smoothing) and changed input content (a landmark of the shifted pair) are redone
+    cohort_csv(d, d / "pairs.csv", tps_smoothing="5")
+    lm = read_bigwarp_csv(d / "syn_landmarks.csv")
+    moved = lm.moving.copy()
+    moved[0] += [0.5, 0.0]
+    with open(d / "syn_landmarks.csv", "w", newline="") as f:
+        csv.writer(f, quoting=csv.QUOTE_ALL).writerows(bigwarp_rows(lm.fixed, moved))
+    assert run(*cmd) == 1
+    rows, _ = read_summary(out)
+    assert [r["status"] for r in rows] == ["skipped", "skipped", "skipped", "ok", "ok", "failed"]
+    rep = json.loads((out / "tps" / "report.json").read_text())
+    assert rep["smoothing"] == 5.0 and rep["residual_max"] > 1e-3  # smoothing no longer interpolates exactly
+    assert json.loads((out / "shifted" / "report.json").read_text())["residual_max"] > 0.05
+
+
+def test_dead_worker_pair_retried_or_reported_never_half_written(data, cluster, tmp_path):
+    d = data["dir"]
+    b = ["brain_fixed.nii.gz", "brain_moving.nii.gz", "brain_landmarks.csv"]
+    for p in b:
+        shutil.copy(d / p, tmp_path / p)
+    header = ["name", "fixed", "moving", "landmarks", "model"]
+    # a worker killed while staging a pair's files: the pair runs again elsewhere, the rest finish
+    pairs = write_pairs(tmp_path / "once.csv", header, [
+        ["dies-once", *b, "rigid"], ["fine-1", *b, "similarity"], ["fine-2", *b, "affine"]])
+    out = tmp_path / "out"
+    assert run("batch", pairs, "--out", out, "--scheduler", cluster.scheduler_address, "-q") == 0
+    rows, doc = read_summary(out)
+    assert [r["status"] for r in rows] == ["ok"] * 3
+    assert (out / ".regtool-test-killed-dies-once").exists()  # the hook did kill a worker
+    assert {p.name for p in (out / "dies-once").iterdir()} == REGISTER_FILES | {"transform.tfm", "batch.json"}
+    rep = json.loads((out / "dies-once" / "report.json").read_text())
+    assert rep["model"] == "rigid" and rep["folding_percent"] == 0
+    # a pair whose worker dies on every try: reported after the allowed tries, nothing of it written, the rest ok
+    pairs = write_pairs(tmp_path / "always.csv", header, [["dies-always", *b, "affine"], ["fine-3", *b, "tps"]])
+    out = tmp_path / "out2"
+    assert run("batch", pairs, "--out", out, "--scheduler", cluster.scheduler_address, "-q") == 1
+    rows, doc = read_summary(out)
+    assert [r["status"] for r in rows] == ["failed", "ok"]
+    assert "died 2 times" in rows[0]["error"]
+    # no folder for the pair that never finished, no staging or lock file left behind
+    assert sorted(p.name for p in out.iterdir()) == ["fine-3", "summary.csv", "summary.json"]
+
+
+def test_local_cluster_caps_threads(data, tmp_path):
+    d = data["dir"]
+    pairs = write_pairs(tmp_path / "pairs.csv", ["fixed", "moving", "landmarks"], [
+        [d / "syn_fixed.nii.gz", d / "syn_moving.nii.gz", d / "syn_landmarks.csv"],
+        [d / "brain_fixed.nii.gz", d / "brain_moving.nii.gz", d / "brain_landmarks.csv"]])
+    out = tmp_path / "o"
+    assert run("batch", pairs, "--out", out, "--model", "rigid", "--workers", 1, "--threads-per-worker", 3, "-q") == 0
+    rows, _ = read_summary(out)
+    assert [r["name"] for r in rows] == ["syn_moving", "brain_moving"]  # names from the moving images
+    assert [r["status"] for r in rows] == ["ok", "ok"] and {r["threads"] for r in rows} == {"3"}
+    assert json.loads((out / "brain_moving" / "report.json").read_text())["model"] == "rigid"
+
+
+def test_unreachable_scheduler_starts_nothing(data, tmp_path, capsys):
+    d = data["dir"]
+    pairs = cohort_csv(d, tmp_path / "pairs.csv")
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "out"
+    with dask.config.set({"distributed.comm.timeouts.connect": "2s"}):
+        assert run("batch", pairs, "--out", out, "--scheduler", f"tcp://127.0.0.1:{port}") == 2
+    err = capsys.readouterr().err
+    assert f"tcp://127.0.0.1:{port}" in err and "did not answer" in err and "nothing was started" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("header, rows, message", [
+    (["fixed", "landmarks"], [["a.nii.gz", "l.csv"]], "must name the columns fixed and moving"),
+    (["fixed", "moving", "colour"], [["a.nii.gz", "b.nii.gz", "red"]], "unknown column 'colour'"),
+    (["fixed", "moving", "model"], [], "no pairs"),
+    (["fixed", "moving", "model"], [["a.nii.gz", "", "rigid"]], "line 2: the moving image is missing"),
+    (["fixed", "moving", "model"], [["a.nii.gz", "b.nii.gz"]], "line 2: 2 cells for 3 columns"),
+    (["fixed", "moving"], [["a.nii.gz", "b.nii.gz"]], "line 2: no model"),
+    (["fixed", "moving", "model"], [["a.nii.gz", "b.nii.gz", "warp-drive"]], "line 2: argument --model: invalid"),
+    (["fixed", "moving", "model", "smoothing"], [["a.nii.gz", "b.nii.gz", "tps", "lots"]], "--smoothing"),
+    (["fixed", "moving", "model", "iterations"], [["a.nii.gz", "b.nii.gz", "deformable", "10xx"]], "line 2: --iterations 10xx"),
+    (["fixed", "moving", "model", "uncertainty"], [["a.nii.gz", "b.nii.gz", "deep", "maybe"]], "not yes/no"),
+    (["name", "fixed", "moving", "model"], [["p", "a.nii.gz", "b.nii.gz", "rigid"], ["P", "c.nii.gz", "d.nii.gz",
+                                                                                       "affine"]],
+     "line 3: the pair name 'P' is also the name of line 2"),
+    (["fixed", "moving", "model"], [["a.nii.gz", "s1/b.nii.gz", "rigid"], ["c.nii.gz", "s2/b.nii.gz", "affine"]],
+     "taken from the moving image's file name; add a name column"),
+    (["name", "fixed", "moving", "model"], [["p", "a.nii.gz", "b.nii.gz", "rigid"], ["q", "a.nii.gz", "b.nii.gz",
+                                                                                       "rigid"]],
+     "line 3: the same pair with the same options as line 2"),
+    (["name", "fixed", "moving", "model"], [["../up", "a.nii.gz", "b.nii.gz", "rigid"]], "cannot be a folder name"),
+])
+def test_bad_pairs_file_clear_message_nothing_started(tmp_path, capsys, header, rows, message):
+    pairs = write_pairs(tmp_path / "pairs.csv", header, rows)
+    out = tmp_path / "out"
+    assert run("batch", pairs, "--out", out, "--scheduler", "tcp://127.0.0.1:1") == 2
+    err = capsys.readouterr().err
+    assert message in err and "pairs.csv" in err
+    assert not out.exists()
+
+
+def test_command_line_option_applies_to_every_row(tmp_path):
+    from napari_regtool import batch
+    from napari_regtool.cli import build_parser
+
+    reg = next(a for a in build_parser()._actions if isinstance(a.choices, dict)).choices["register"]
+    pairs = write_pairs(tmp_path / "pairs.csv", ["fixed", "moving", "model", "reg-weight", "uncertainty"], [
+        ["a.nii.gz", "b.nii.gz", "deep", "0.3", "yes"], ["c.nii.gz", "d.nii.gz", "tps", "", "no"]])
+    jobs = batch.read_pairs(pairs, reg, {"smoothing": 0.5, "model": "tps"})
+    assert [j.options.model for j in jobs] == ["tps", "tps"] and [j.options.smoothing for j in jobs] == [0.5, 0.5]
+    assert [j.options.reg_weight for j in jobs] == [0.3, None] and [j.options.uncertainty for j in jobs] == [True,
+                                                                                                          False]
+    assert jobs[1].options.fixed == str(tmp_path.resolve() / "c.nii.gz")
+    assert batch.plan_local(10, None, None, cores=8) == (8, 1)
+    assert batch.plan_local(10, None, 3, cores=8) == (2, 3)
+    assert batch.plan_local(3, 4, None, cores=8) == (3, 2)
