@@ -21,7 +21,7 @@ DEVICE=${DEVICE:-cuda}
 SYNTH_DEVICE=${SYNTH_DEVICE:-$DEVICE}  # where the synthetic pairs are made
 # the supervised term on the synthetic truth helps the first run after a change of data or architecture
 WARMUP=${WARMUP:-$([ -f "training/hypermorph${NDIM}d.pt.ckpt" ] && echo 0 || echo 0.3)}
-BATCH=${BATCH:-$([ "$NDIM" = 3 ] && echo 4 || echo 32)}
+BATCH=${BATCH:-$([ "$NDIM" = 3 ] && echo 8 || echo 64)}  # the first H200 run (4 and 32) left the GPU mostly idle
 ckpt=training/hypermorph${NDIM}d.pt.ckpt
 out="$OUTDIR/hypermorph${NDIM}d.pt"
 init=()
