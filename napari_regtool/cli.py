@@ -50,6 +50,7 @@ def _cmd_register(args) -> int:
     level = getattr(args, "level", None)
     fixed = read_image(args.fixed, level=level)
     moving = read_image(args.moving, level=level)
+    _say_notices(args, fixed, moving)
     landmarks = read_landmarks(args.landmarks, args.fixed_points) if args.landmarks else None
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -101,6 +102,15 @@ def _parse_iterations(text: str) -> tuple:
     return its
 
 
+def _say_notices(args, *images) -> None:
+    """Print what reading the images had to say (a DICOM folder with several series, an OME-Zarr time series)."""
+    if getattr(args, "quiet", False):
+        return
+    for im in images:
+        for note in (im.meta.get("notices") or []) if im is not None else []:
+            print(f"note: {note}", file=sys.stderr)
+
+
 def _cmd_apply(args) -> int:
     from .io import check_image_extension, read_image, read_transform, write_image
     from .pipeline import warp_image
@@ -110,6 +120,7 @@ def _cmd_apply(args) -> int:
         return _apply_blockwise(args)
     moving = read_image(args.moving, is_label=args.labels, level=args.level or 0)
     reference = read_image(args.reference, level=0)
+    _say_notices(args, moving, reference)
     transform = read_transform(args.transform)
     if transform.ndim != reference.ndim or moving.ndim != reference.ndim:
         raise RegtoolError(f"Dimensions differ: transform {transform.ndim}D, moving {moving.ndim}D, reference "

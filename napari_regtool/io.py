@@ -42,11 +42,21 @@ def _read_dicom_series(folder: Path):
     ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     if not ids:
         raise InputError(f"{folder} is a folder without a DICOM series. Choose an image file or a DICOM folder.")
-    # the series with most slices is the one a user means when pointing at a folder
-    best = max(ids, key=lambda s: len(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), s)))
+    # the series with most slices is the one a user means when pointing at a folder; the others are named
+    files = {s: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), s) for s in ids}
+    best = max(ids, key=lambda s: len(files[s]))
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), best))
-    return reader.Execute()
+    reader.SetFileNames(files[best])
+    img = reader.Execute()
+    if len(ids) > 1:
+        others = ", ".join(f"{s} ({len(files[s])} files)" for s in ids if s != best)
+        _DICOM_NOTICES[str(folder)] = (f"{folder.name} holds {len(ids)} DICOM series; read {best} ({len(files[best])} "
+                                       f"files), not {others}. Put each series in its own folder to choose another.")
+    return img
+
+
+#: what the last read of each DICOM folder had to say (several series), picked up by :func:`read_image`
+_DICOM_NOTICES: dict = {}
 
 
 def image_from_sitk(img, name: str = "image", is_label: bool = False) -> Image:
@@ -500,7 +510,11 @@ def read_image(path, is_label: bool = False, level: int | None = None) -> Image:
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise InputError(f"Cannot read {p.name} as an image ({first[:200]}). Supported formats include NIfTI, "
                          "MHA/MHD, NRRD, TIFF, PNG, JPEG and DICOM.") from None
-    return image_from_sitk(img, name=name, is_label=is_label)
+    out = image_from_sitk(img, name=name, is_label=is_label)
+    note = _DICOM_NOTICES.pop(str(p), None)
+    if note:
+        out.meta.setdefault("notices", []).append(note)
+    return out
 
 
 @contextmanager

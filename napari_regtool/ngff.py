@@ -257,7 +257,7 @@ def read_level(img: NgffImage, level: int | None = None, is_label: bool | None =
                          "does not exist.")
     lv = img.levels[k]
     arr = np.asarray(lv.array[img.spatial_slices()])
-    meta = {"ngff_level": k, "ngff_path": str(img.path)}
+    meta = {"ngff_level": k, "ngff_path": str(img.path), "notices": list(img.notices)}
     return Image(arr, lv.space, img.name, is_label=img.is_label if is_label is None else is_label, meta=meta)
 
 

@@ -476,3 +476,37 @@ def test_inverting_a_singular_affine_is_a_message(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "singular" in err and "This is a bug" not in err
     assert not out.exists()
+
+
+def _write_dicom_series(folder, uid, n, value):
+    import SimpleITK as sitk
+
+    for k in range(n):
+        sl = sitk.GetImageFromArray(np.full((12, 10), value + k, np.int16))
+        sl.SetSpacing([0.5, 0.5])
+        for tag, v in (("0020|000e", uid), ("0020|000d", "1.2.826.0.1.3680043.2.1125.1"),
+                       ("0020|0013", str(k + 1)), ("0020|0032", f"0\\0\\{k * 2.0}"), ("0008|0060", "CT"),
+                       ("0020|0037", "1\\0\\0\\0\\1\\0"), ("0028|0030", "0.5\\0.5"), ("0018|0050", "2.0")):
+            sl.SetMetaData(tag, v)
+        sl.SetMetaData("0008|0018", f"{uid}.{k + 1}")  # SOP instance UID, one per file
+        w = sitk.ImageFileWriter()
+        w.KeepOriginalImageUIDOn()  # else the writer makes a new series UID for every file
+        w.SetFileName(str(folder / f"{uid[-3:]}_{k:03d}.dcm"))
+        w.Execute(sl)
+
+
+def test_a_dicom_folder_with_several_series_says_which_it_read(tmp_path):
+    from napari_regtool.io import read_image
+
+    folder = tmp_path / "dicom"
+    folder.mkdir()
+    _write_dicom_series(folder, "1.2.826.0.1.3680043.2.1125.101", 6, 100)
+    _write_dicom_series(folder, "1.2.826.0.1.3680043.2.1125.202", 4, 500)
+    im = read_image(folder)
+    assert im.array.shape[0] == 6 and float(im.array.min()) == 100  # the longer series …
+    notes = im.meta.get("notices") or []
+    assert len(notes) == 1 and "2 DICOM series" in notes[0] and "1.2.826.0.1.3680043.2.1125.202 (4 files)" in notes[0]
+    one = tmp_path / "one"
+    one.mkdir()
+    _write_dicom_series(one, "1.2.826.0.1.3680043.2.1125.303", 5, 0)
+    assert not read_image(one).meta.get("notices")  # … and a folder of one series says nothing
