@@ -51,6 +51,7 @@ def _cmd_register(args) -> int:
     fixed = read_image(args.fixed, level=level)
     moving = read_image(args.moving, level=level)
     _say_notices(args, fixed, moving)
+    _check_units(fixed, moving)
     landmarks = read_landmarks(args.landmarks, args.fixed_points) if args.landmarks else None
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -102,6 +103,21 @@ def _parse_iterations(text: str) -> tuple:
     return its
 
 
+_MM = {"millimeter": 1.0, "micrometer": 1e-3, "nanometer": 1e-6, "centimeter": 10.0, "meter": 1000.0,
+       "angstrom": 1e-7}
+
+
+def _check_units(*images) -> None:
+    """Refuse to mix physical units: an OME-Zarr image in micrometres next to one in millimetres (every ITK format:
+    NIfTI, MHA, NRRD, DICOM) would be registered 1000× off."""
+    units = [(im.name, (im.meta.get("unit") or "millimeter")) for im in images if im is not None]
+    known = {u for _, u in units}
+    if len(known) > 1:
+        listed = ", ".join(f"{n} in {u}" for n, u in units)
+        raise RegtoolError(f"The images are in different units ({listed}; ITK formats are in millimetres). Convert one "
+                           "so both use the same unit (e.g. write both as OME-Zarr, or rescale the spacing).")
+
+
 def _say_notices(args, *images) -> None:
     """Print what reading the images had to say (a DICOM folder with several series, an OME-Zarr time series)."""
     if getattr(args, "quiet", False):
@@ -121,6 +137,7 @@ def _cmd_apply(args) -> int:
     moving = read_image(args.moving, is_label=args.labels, level=args.level or 0)
     reference = read_image(args.reference, level=0)
     _say_notices(args, moving, reference)
+    _check_units(moving, reference)
     transform = read_transform(args.transform)
     if transform.ndim != reference.ndim or moving.ndim != reference.ndim:
         raise RegtoolError(f"Dimensions differ: transform {transform.ndim}D, moving {moving.ndim}D, reference "
@@ -146,21 +163,38 @@ def _apply_blockwise(args) -> int:
     from .io import read_image, read_transform
     from .threads import torch_threads
 
+    import numpy as np
+
+    channel = getattr(args, "channel", None)
+
     def lazy(path, level, is_label):
         if ngff.is_ngff(path):
-            img = ngff.open_ngff(path)
+            img = ngff.open_ngff(path, channel=channel)
             k = int(level or 0)
             if not 0 <= k < len(img.levels):
                 raise RegtoolError(f"{Path(path).name} has {len(img.levels)} level(s); --level {k} does not exist.")
+            for note in img.notices:
+                if not args.quiet:
+                    print(f"note: {note}", file=sys.stderr)
             return img.lazy(k), img.levels[k].space, img.unit
         im = read_image(path, is_label=is_label)
-        return im.scalar() if not is_label else im.array, im.space, None
+        _say_notices(args, im)
+        if im.array.ndim == im.ndim + 1:  # channels last
+            if channel is None:
+                raise RegtoolError(f"{Path(path).name} has {im.array.shape[-1]} channels; block-wise warping takes one "
+                                   f"at a time (--channel 0 … {im.array.shape[-1] - 1}).")
+            return np.ascontiguousarray(im.array[..., channel]), im.space, None
+        return im.array, im.space, None
 
-    moving, mspace, unit = lazy(args.moving, args.level, args.labels)
+    moving, mspace, munit = lazy(args.moving, args.level, args.labels)
     if ngff.is_ngff(args.reference):
-        rspace = ngff.open_ngff(args.reference).levels[0].space
+        ref = ngff.open_ngff(args.reference)
+        rspace, unit = ref.levels[0].space, ref.unit
     else:
-        rspace = read_image(args.reference).space
+        rspace, unit = read_image(args.reference).space, None
+    if (munit or "millimeter") != (unit or "millimeter"):
+        raise RegtoolError(f"The moving image is in {munit or 'millimeter'} and the reference in {unit or 'millimeter'} "
+                           "(ITK formats are in millimetres); convert one so both use the same unit.")
     transform = read_transform(args.transform)
     if transform.ndim != rspace.ndim or len(mspace.shape) != rspace.ndim:
         raise RegtoolError(f"Dimensions differ: transform {transform.ndim}D, moving {len(mspace.shape)}D, "
@@ -423,6 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--block", type=int, default=128, help="block side for .zarr output (default 128)")
     a.add_argument("--level", type=int, default=None, help="OME-Zarr moving image: pyramid level to warp (default 0)")
     a.add_argument("--workers", type=int, default=2, help="threads computing blocks for .zarr output (default 2)")
+    a.add_argument("--channel", type=int, default=None,
+                   help="multi-channel moving image and .zarr output: the channel to warp (default: all channels for "
+                        "ordinary outputs; one is needed for .zarr)")
     a.add_argument("-q", "--quiet", action="store_true")
     a.set_defaults(func=_cmd_apply)
 

@@ -63,23 +63,35 @@ class NgffImage:
     def ndim(self) -> int:
         return self.levels[0].space.ndim
 
-    def spatial_slices(self) -> tuple:
-        """Index into a level's array that drops the time/channel axes (time 0, the chosen channel)."""
+    @property
+    def channels(self) -> int:
+        return int(self.levels[0].array.shape[self.channel_axis]) if self.channel_axis is not None else 1
+
+    def spatial_slices(self, all_channels: bool = False) -> tuple:
+        """Index into a level's array that drops the time axis (time 0) and the channel axis (the chosen channel;
+        with ``all_channels`` and no channel chosen, the channel axis is kept)."""
         idx = []
         for i, _ in enumerate(self.axes):
             if i == self.time_axis:
                 idx.append(0)
             elif i == self.channel_axis:
-                idx.append(self.channel or 0)
+                idx.append(slice(None) if all_channels and self.channel is None else (self.channel or 0))
             else:
                 idx.append(slice(None))
         return tuple(idx)
 
     def lazy(self, level: int = 0):
-        """The level as a dask array with spatial axes only (array order), one dask chunk per zarr chunk."""
+        """The level with spatial axes only (array order), read lazily: the zarr array itself when it has no
+        other axes (slicing reads only the chunks touched), else a dask view of it. Several channels need a
+        chosen one (``open_ngff(…, channel=N)``)."""
         import dask.array as da
 
+        if self.channels > 1 and self.channel is None:
+            raise InputError(f"{self.path.name} has {self.channels} channels; block-wise warping takes one at a time "
+                             f"(--channel 0 … {self.channels - 1}).")
         arr = self.levels[level].array
+        if self.channel_axis is None and self.time_axis is None:
+            return arr
         return da.from_zarr(arr)[self.spatial_slices()]
 
 
@@ -156,6 +168,9 @@ def open_ngff(path, channel: int | None = None) -> NgffImage:
     except (OSError, ValueError) as exc:
         raise InputError(f"{p.name}: the zarr metadata cannot be read ({exc}).") from None
     ms = _multiscales(attrs)
+    if not ms and (attrs or {}).get("bioformats2raw.layout") is not None:
+        raise InputError(f"{p.name} is a bioformats2raw container of several images; open one of them, e.g. "
+                         f"{p / '0'}.")
     if not ms:
         raise InputError(f"{p.name} is a zarr store without OME-NGFF multiscales metadata, so its scale and position "
                          "are unknown. Save it as OME-Zarr (e.g. with ome-zarr-py, napari-ome-zarr or bioformats2raw) "
@@ -208,15 +223,14 @@ def open_ngff(path, channel: int | None = None) -> NgffImage:
         space = _level_space([arr.shape[i] for i in spatial], scale[spatial], trans[spatial], direction)
         levels.append(NgffLevel(str(ds["path"]), space, arr))
     _check_levels(p.name, levels)
+    label_meta = (attrs or {}).get("image-label") or ((attrs or {}).get("ome") or {}).get("image-label")
     img = NgffImage(p, p.name[:-5] if p.name.lower().endswith(".zarr") else p.name, levels, axes, unit,
-                    channel_axis, time_axis, channel, bool((attrs or {}).get("image-label") is not None))
+                    channel_axis, time_axis, channel, label_meta is not None)
     shape0 = levels[0].array.shape
     if time_axis is not None and shape0[time_axis] > 1:
         img.notices.append(f"{p.name} has {shape0[time_axis]} time points; the first is used.")
     if channel_axis is not None:
         nc = shape0[channel_axis]
-        if channel is None and nc > 1:
-            raise InputError(f"{p.name} has {nc} channels; choose one (--channel 0 … {nc - 1}).")
         if channel is not None and not 0 <= channel < nc:
             raise InputError(f"{p.name} has {nc} channel(s); --channel {channel} does not exist.")
     return img
@@ -256,8 +270,17 @@ def read_level(img: NgffImage, level: int | None = None, is_label: bool | None =
         raise InputError(f"{img.path.name} has {len(img.levels)} level(s) (0 … {len(img.levels) - 1}); --level {k} "
                          "does not exist.")
     lv = img.levels[k]
-    arr = np.asarray(lv.array[img.spatial_slices()])
-    meta = {"ngff_level": k, "ngff_path": str(img.path), "notices": list(img.notices)}
+    arr = np.asarray(lv.array[img.spatial_slices(all_channels=True)])
+    if img.channel_axis is not None and img.channel is None and img.channels > 1:
+        c_pos = img.channel_axis - (1 if img.time_axis is not None and img.time_axis < img.channel_axis else 0)
+        arr = np.moveaxis(arr, c_pos, -1)  # channels last, as every multi-channel Image
+    notices = list(img.notices)
+    if level is None and len(img.levels) > 1:
+        sp = ", ".join(f"{v:g}" for v in lv.space.spacing)
+        notices.append(f"{img.path.name}: using pyramid level {k} of {len(img.levels) - 1} "
+                       f"({'×'.join(map(str, lv.space.shape))} voxels, spacing {sp}{' ' + img.unit if img.unit else ''}); "
+                       "choose another with --level.")
+    meta = {"ngff_level": k, "ngff_path": str(img.path), "notices": notices, "unit": img.unit}
     return Image(arr, lv.space, img.name, is_label=img.is_label if is_label is None else is_label, meta=meta)
 
 

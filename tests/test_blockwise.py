@@ -194,3 +194,53 @@ def test_cli_apply_writes_ome_zarr_block_by_block(tmp_path, moving, out_space):
 
     im = read_image(tmp_path / "out.zarr", level=1)
     assert im.space == img.levels[1].space
+
+
+def _two_channel_ngff(path, a, b, unit="micrometer"):
+    import zarr
+
+    g = zarr.open_group(str(path), mode="w", zarr_format=2)
+    z = g.create_array("0", shape=(2, *a.shape), chunks=(1, 16, 16), dtype="f4")
+    z[0], z[1] = a, b
+    g.attrs.update({"multiscales": [{"version": "0.4", "axes": [
+        {"name": "c", "type": "channel"}, {"name": "y", "type": "space", "unit": unit},
+        {"name": "x", "type": "space", "unit": unit}],
+        "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1.0, 0.5, 0.25]},
+                                                                 {"type": "translation",
+                                                                  "translation": [0.0, 3.0, -2.0]}]}]}]})
+
+
+def test_multichannel_ngff_reads_channels_last_and_keeps_its_geometry(tmp_path):
+    from napari_regtool.io import read_image
+
+    rng = np.random.default_rng(0)
+    a, b = rng.random((20, 30)).astype(np.float32), rng.random((20, 30)).astype(np.float32)
+    _two_channel_ngff(tmp_path / "two.zarr", a, b)
+    im = read_image(tmp_path / "two.zarr")
+    assert im.array.shape == (20, 30, 2)
+    assert np.array_equal(im.array[..., 1], b) and np.array_equal(im.scalar(0), a)
+    # NGFF (y, x) scale 0.5, 0.25 and translation 3, −2 → ITK spacing (x, y) = (0.25, 0.5), origin (−2, 3)
+    assert np.allclose(im.space.spacing, [0.25, 0.5]) and np.allclose(im.space.origin, [-2.0, 3.0])
+    assert im.meta["unit"] == "micrometer"
+
+
+def test_apply_refuses_to_mix_micrometres_and_millimetres_and_picks_a_channel(tmp_path):
+    from napari_regtool.cli import main
+    from napari_regtool.io import write_image
+
+    rng = np.random.default_rng(1)
+    a, b = rng.random((20, 30)).astype(np.float32), rng.random((20, 30)).astype(np.float32)
+    _two_channel_ngff(tmp_path / "um.zarr", a, b)
+    _two_channel_ngff(tmp_path / "ref_um.zarr", a, b)
+    sitk.WriteTransform(sitk.TranslationTransform(2, [0.5, -0.25]), str(tmp_path / "t.tfm"))
+    write_image(tmp_path / "ref_mm.nii.gz", np.zeros((20, 30), np.float32), Space((20, 30), [0.25, 0.5]))
+    base = ["apply", "--transform", str(tmp_path / "t.tfm"), "--moving", str(tmp_path / "um.zarr"), "-q"]
+    assert main(base + ["--reference", str(tmp_path / "ref_mm.nii.gz"), "--out", str(tmp_path / "x.nii.gz")]) == 2
+    assert not (tmp_path / "x.nii.gz").exists()
+    assert main(base + ["--reference", str(tmp_path / "ref_um.zarr"), "--out", str(tmp_path / "y.zarr")]) == 2
+    assert main(base + ["--reference", str(tmp_path / "ref_um.zarr"), "--out", str(tmp_path / "y.zarr"),
+                        "--channel", "1"]) == 0
+    got = np.asarray(ngff.open_ngff(tmp_path / "y.zarr").levels[0].array)
+    space = ngff.open_ngff(tmp_path / "um.zarr").levels[0].space
+    ref = _sitk_resample(b, space, sitk.TranslationTransform(2, [0.5, -0.25]), space)
+    assert np.abs(got - ref).max() < 1e-5

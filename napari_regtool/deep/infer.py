@@ -261,7 +261,8 @@ class DeepRegistration:
         total = _regrid(disp, grid, half)
         logvar = None
         for _ in range(passes):
-            warped = warp(xm, resize_vector_field(total, tuple(ws.shape)))
+            # (resampling is not exact at zero displacement: identical images must stay exactly aligned)
+            warped = warp(xm, resize_vector_field(total, tuple(ws.shape))) if bool(total.any()) else xm
             out = self.model.register(xf, warped, lam, passes=1, symmetric=self.symmetric)
             step = out["disp"]
             total = step + warp(total, step)

@@ -285,6 +285,9 @@ def train(config: TrainConfig, log=print) -> Path:
     peak = cfg.lr  # the learning rate the schedule starts from
     if cfg.resume and ckpt.exists():
         model, payload = read_model(ckpt, device, ndim=cfg.ndim, return_payload=True)
+        if model.passes != cfg.passes:
+            log(f"The checkpoint's model runs {model.passes} pass(es); continuing with those, not {cfg.passes}.")
+            cfg.passes = model.passes
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         opt.load_state_dict(payload["optimizer"])
         step, elapsed = int(payload["step"]), float(payload.get("elapsed_s", 0.0))
@@ -344,7 +347,7 @@ def train(config: TrainConfig, log=print) -> Path:
                 stopped = f"time limit ({cfg.max_minutes} min)"
                 break
             # a time-limited run follows its own clock (a resumed one restarts the cosine: a warm restart)
-            frac = run_s / limit_s if limit_s else step / cfg.steps
+            frac = max(step / cfg.steps, run_s / limit_s if limit_s else 0.0)
             for g in opt.param_groups:
                 floor = 0.1 * cfg.lr
                 g["lr"] = floor + (max(peak, floor) - floor) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
@@ -352,7 +355,8 @@ def train(config: TrainConfig, log=print) -> Path:
             batch = real.sample(cfg.batch, gen, scfg) if use_real else synth_pair(cfg.batch, gen, scfg)
             batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
             lam = torch.rand(cfg.batch, generator=gen, device=gen.device).to(device)
-            sup_w = max(0.0, 1.0 - frac / cfg.warmup) if cfg.warmup > 0 else 0.0
+            # the supervised warm-up belongs to the start of training, not to every resumed run
+            sup_w = max(0.0, 1.0 - frac / cfg.warmup) if cfg.warmup > 0 and start_step == 0 else 0.0
             terms = loss_terms(model, batch, lam, gen, sup_weight=sup_w, label_sigma=cfg.label_sigma)
             opt.zero_grad(set_to_none=True)
             terms["loss"].backward()

@@ -175,6 +175,12 @@ def field_numbers_from_array(arr: np.ndarray, fixed: Space, name: str) -> tuple[
     elif a.shape[0] == d and a.shape[1:] == tuple(fixed.shape):
         a = np.moveaxis(a, 0, -1)  # (D, *S) whose last spatial size happens to be D
     spatial = tuple(a.shape[:d])
+    if (spatial == tuple(fixed.shape) and spatial[::-1] == spatial and d > 1 and len(set(spatial)) == 1
+            and str(name).lower().endswith((".npy", ".npz"))):
+        notices.append(f"{name}: the grid is {'square' if d == 2 else 'cubic'}, so whether its axes are in array order "
+                       "(z, y, x; NumPy, SimpleITK) or x, y, z order (nibabel) cannot be told from its shape; it was "
+                       "read in array order. If it came from nibabel, reverse its spatial axes (np.transpose) and "
+                       "load it again.")
     if spatial != tuple(fixed.shape) and spatial[::-1] == tuple(fixed.shape):
         a = np.transpose(a, tuple(range(d))[::-1] + (d,))
         notices.append(f"{name}: its spatial axes are in x, y, z order (as nibabel loads NIfTI files); they were "
