@@ -78,6 +78,7 @@ def test_the_contracts_hold():
     ("qc.py", "import qtpy", "engine-without-gui"),
     ("session.py", "from .widgets import _layers", "engine-without-gui"),
     ("widgets/_table.py", "import torch", "views-without-torch"),
+    ("widgets/panels/qc.py", "import numpy", "panels-without-numerics"),
 ])
 def test_a_breach_breaks_its_contract(tmp_path, module, line, contract):
     """The contracts bite: one forbidden import added to a copy of the package breaks that contract (only)."""

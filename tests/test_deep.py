@@ -426,9 +426,11 @@ def test_refinement_levels_progress_and_start(pair2d, reg2d):
     assert np.all(np.diff(seen) >= 0) and seen[-1] == pytest.approx(1.0)
     fs = f.scalar()
     assert qc.lncc(fs, _warp(m, tx, f.space)) > qc.lncc(fs, _warp(m, single, f.space)) + 0.05
-    # zero steps: the network's own field back (the start is the prediction, not the identity)
+    # zero steps: the network's own field back (the start is its prediction with the pyramid, not the identity)
     same = reg2d.refine(DEFAULT_REG_WEIGHT, steps=0)
-    assert float((same.u - single.u).abs().max()) < 1e-3 * float(single.u.abs().max())
+    start = reg2d.predict(DEFAULT_REG_WEIGHT, pyramid=True)
+    assert float((same.u - start.u).abs().max()) < 1e-3 * float(start.u.abs().max())
+    assert float((start.u - single.u).abs().max()) > 0.1  # (and that is not the cascade's field alone)
     for steps in (1, 2, 5):
         lv = reg2d.refine(DEFAULT_REG_WEIGHT, steps=steps).refine_info["levels"]
         assert sum(x["iterations"] for x in lv) == steps and lv[-1]["iterations"] >= 1

@@ -245,7 +245,7 @@ def test_warped_image_click_uses_the_transform_on_screen(sample2d, qtbot):
     w.click(to_array_order(x), side="moving")
     np.testing.assert_allclose(w.session.pairs.moving[n], t_old.map_points(x[None])[0], atol=1e-9)
     wait_idle(qtbot, w)
-    assert not w._preview_transforms  # nothing kept once shown
+    assert not w.live.pending_transforms  # nothing kept once shown
 
 
 def test_layer_edits_drag_delete_undo_redo(sample2d, qtbot):
@@ -302,7 +302,7 @@ def test_layer_edits_drag_delete_undo_redo(sample2d, qtbot):
     start = fl.data[1].copy()
     ev = read_only_mouse_event(type="mouse_press", position=tuple(start), button=1)
     mouse_press_callbacks(fl, ev)
-    n_undo = len(w.session._undo)
+    n_undo = len(w.session.history)
     for k in range(1, 4):
         pos = start + [0.0, 1.0 * k]
         mouse_move_callbacks(fl, read_only_mouse_event(type="mouse_move", is_dragging=True, position=tuple(pos),
@@ -313,7 +313,7 @@ def test_layer_edits_drag_delete_undo_redo(sample2d, qtbot):
                                                       button=1))
     wait_idle(qtbot, w)
     np.testing.assert_allclose(w.session.pairs.fixed[1], lm.fixed[1] + [3.0, 0.0], atol=1e-9)
-    assert len(w.session._undo) == n_undo + 1
+    assert len(w.session.history) == n_undo + 1
     w.undo()
     np.testing.assert_allclose(w.session.pairs.fixed[1], lm.fixed[1])
 
@@ -347,12 +347,12 @@ def test_drag_keeps_the_final_position_whatever_the_last_events(sample2d, qtbot,
     viewer, w = sample2d
     lm = read_bigwarp_csv(L2)
     fl = viewer.layers["fixed landmarks"]
-    n_undo = len(w.session._undo)
+    n_undo = len(w.session.history)
     start = fl.data[1].copy()
     drag_point(qtbot, w, fl, 1, [start + [0.0, float(k)] for k in steps])
     np.testing.assert_allclose(w.session.pairs.fixed[1], lm.fixed[1] + [expected, 0.0], atol=1e-9)
     np.testing.assert_allclose(fl.data[1], start + [0.0, expected], atol=1e-9)
-    assert len(w.session._undo) == n_undo + (1 if expected else 0)
+    assert len(w.session.history) == n_undo + (1 if expected else 0)
 
 
 def test_drag_ending_outside_the_image_puts_the_point_back(sample2d, qtbot):
@@ -361,13 +361,13 @@ def test_drag_ending_outside_the_image_puts_the_point_back(sample2d, qtbot):
     viewer, w = sample2d
     lm = read_bigwarp_csv(L2)
     fl = viewer.layers["fixed landmarks"]
-    n_undo, n = len(w.session._undo), len(notifications())
+    n_undo, n = len(w.session.history), len(notifications())
     start = fl.data[1].copy()
     drag_point(qtbot, w, fl, 1, [start + [0.0, 3.0], start + [0.0, 6.0], np.array([-400.0, -400.0])])
     assert any("outside" in m for m in notifications()[n:])
     np.testing.assert_allclose(w.session.pairs.fixed[1], lm.fixed[1], atol=1e-9)
     np.testing.assert_allclose(fl.data[1], start, atol=1e-9)
-    assert len(w.session._undo) == n_undo and not w.session.dragging
+    assert len(w.session.history) == n_undo and not w.session.dragging
     w.session.add_pair(lm.fixed[0] + 3.0, lm.moving[0] + 3.0)
     w.undo()
     assert w.session.pairs == lm

@@ -133,7 +133,7 @@ def test_readme_screenshots(make_napari_viewer, qtbot):
     # 5. the deep model with its λ slider (only with installed weights: a picture of an untrained net is no use)
     from napari._qt.dialogs.qt_notification import NapariQtNotification
 
-    from napari_regtool.session import deep_available
+    from napari_regtool.model import deep_available
 
     def close_toasts():  # the folding warning of the previous picture is not about this one
         for toast in viewer.window._qt_window.findChildren(NapariQtNotification):

@@ -55,7 +55,7 @@ def test_every_entry_is_complete_and_consistent():
 
 
 def test_old_names_are_read_from_the_registry():
-    from napari_regtool.session import MODEL_LABELS, ON_DEMAND_MODELS
+    from napari_regtool.model import MODEL_LABELS, ON_DEMAND_MODELS
 
     assert MODELS == registry.names() and LANDMARK_MODELS == tuple(LANDMARK)
     assert MODEL_LABELS == {n: s.label for n, s in registry.MODELS.items() if s.in_gui}
@@ -162,7 +162,7 @@ def test_cli_model_choices_are_the_registry(capsys):
 
 def test_session_offers_the_gui_models_and_names_the_action_of_on_demand_ones():
     from napari_regtool.io import read_image
-    from napari_regtool.session import Session
+    from napari_regtool.model import RegistrationModel as Session
 
     from .helpers import SAMPLES
 

@@ -1,4 +1,5 @@
-"""The GUI's state object without Qt: pairing, undo/redo, autosave, fitting, preview maps and export."""
+"""The GUI's state object (the registration model) without Qt: pairing, undo/redo, autosave, fitting, preview maps
+and export."""
 from __future__ import annotations
 
 import shutil
@@ -13,7 +14,8 @@ from napari_regtool.errors import InputError
 from napari_regtool.image import Image
 from napari_regtool.io import read_image
 from napari_regtool.landmarks import read_bigwarp_csv, write_bigwarp_csv
-from napari_regtool.session import MODEL_LABELS, Previewer, Session, outlier_mask, pair_errors
+from napari_regtool.model import MODEL_LABELS, RegistrationModel as Session
+from napari_regtool.preview import Previewer, outlier_mask, pair_errors
 from napari_regtool.space import Space
 from napari_regtool.transforms import fit_landmarks
 from napari_regtool.transforms.field import jacobian_determinant
@@ -55,12 +57,12 @@ def test_pairing_moving_first_and_fixed_first(session):
 def test_click_outside_changes_nothing(session):
     session.add_pair(*read_bigwarp_csv(L2).fixed[:1], *read_bigwarp_csv(L2).moving[:1])
     before = session.pairs.copy()
-    n_undo = len(session._undo)
+    n_undo = len(session.history)
     with pytest.raises(InputError, match="outside the moving image"):
         session.place("moving", [1e4, 1e4])
     with pytest.raises(InputError, match="outside"):
         session.move(0, "fixed", [-1e4, 0])
-    assert session.pairs == before and len(session._undo) == n_undo
+    assert session.pairs == before and len(session.history) == n_undo
 
 
 def test_undo_redo_every_command(session):
@@ -95,12 +97,12 @@ def test_drag_is_one_undo_step(session):
     lm = read_bigwarp_csv(L2)
     for k in range(4):
         session.add_pair(lm.fixed[k], lm.moving[k])
-    n = len(session._undo)
+    n = len(session.history)
     for dx in (0.5, 1.0, 1.5, 2.0):
         session.move(0, "moving", lm.moving[0] + dx, transient=True)
-    assert len(session._undo) == n
+    assert len(session.history) == n
     session.move(0, "moving", lm.moving[0] + 2.5)
-    assert len(session._undo) == n + 1
+    assert len(session.history) == n + 1
     session.undo()
     np.testing.assert_allclose(session.pairs.moving[0], lm.moving[0])
 
@@ -117,7 +119,10 @@ def test_remove_one_point_keeps_half_pair(session):
 def test_models_need_enough_non_degenerate_pairs(session):
     lm = read_bigwarp_csv(L2)
     events = []
-    session.connect(lambda ev, info: events.append(ev))
+    session.transform_changed.connect(lambda t: events.append(("transform", t)))
+    session.pairs_changed.connect(lambda change: events.append(("pairs", change.reason, change.index)))
+    session.history_changed.connect(lambda can_undo, can_redo: events.append(("history", can_undo, can_redo)))
+    session.model_changed.connect(lambda model, smoothing: events.append(("model", model, smoothing)))
     session.set_model("affine")
     session.add_pair(lm.fixed[0], lm.moving[0])
     session.add_pair(lm.fixed[1], lm.moving[1])
@@ -129,7 +134,12 @@ def test_models_need_enough_non_degenerate_pairs(session):
     session.undo()
     session.add_pair(lm.fixed[2], lm.moving[2])
     assert session.transform is not None and session.transform.kind == "affine"
-    assert "transform" in events and "landmarks" in events and "history" in events
+    # typed signals: the model change, each edit with the pair it touched, the history state, the new transform
+    assert events[0] == ("model", "affine", 0.0)
+    assert ("pairs", "add", 0) in events and ("pairs", "undo", None) in events
+    assert ("history", True, True) in events and ("history", True, False) in events
+    assert events[-3][0] == "transform" and events[-3][1] is session.transform
+    assert [e[0] for e in events[-3:]] == ["transform", "pairs", "history"]
     session.set_model("tps", smoothing=0.0)
     for k in range(3, 12):
         session.add_pair(lm.fixed[k], lm.moving[k])

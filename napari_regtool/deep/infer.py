@@ -202,7 +202,7 @@ class DeepRegistration:
         half = tuple(n // 2 for n in self.work_space.shape)
         self.half_space = _corner_aligned(self.work_space, half)
         self.prep_s = time.perf_counter() - t0
-        self._last = None  # (λ, displacement, logvar) of the last network run
+        self._runs = {}  # (λ, pyramid) → (displacement, logvar, grid) of the network runs so far
         self.out_grid = self.half_space  # the grid of the network's displacement (finer with a pyramid)
 
     # ----------------------------------------------------------------------------------------- helpers
@@ -215,31 +215,44 @@ class DeepRegistration:
         a = _smooth_for(a01, space.spacing, spacing)
         return resample(a, space, transform, grid, fill=self._fill[role], dtype=torch.float32).float()
 
-    def network(self, reg_weight: float) -> tuple:
-        """Network output for λ = ``reg_weight``: ``(disp, logvar)``, each (1, D, *half) in half-grid voxels.
+    def network(self, reg_weight: float, pyramid: bool | None = None) -> tuple:
+        """Network output for λ = ``reg_weight``: ``(disp, logvar)``, each (1, D, *grid) in voxels of
+        :attr:`out_grid` (the half-resolution grid of the working grid, or of the finest pyramid level).
 
         ``disp`` is the displacement of the model's recursive cascade (:meth:`HyperMorphModel.register`, every
-        pass symmetric when :attr:`symmetric`); ``logvar`` the last pass's velocity log-variance (or ``None``).
+        pass symmetric when :attr:`symmetric`), refined down the pyramid when ``pyramid`` (default: the
+        instance's setting); ``logvar`` the last pass's velocity log-variance (or ``None``). Results are kept per
+        (λ, pyramid), so the cascade is not recomputed for the pyramid at the same λ.
         """
+        disp, logvar, grid = self._network(reg_weight, self.pyramid if pyramid is None else bool(pyramid))
+        self.out_grid = grid
+        return disp, logvar
+
+    def _network(self, reg_weight: float, pyramid: bool) -> tuple:
         lam = float(reg_weight)
         if not (0.0 <= lam <= 1.0) or not math.isfinite(lam):
             raise InputError(f"The regularisation weight must be between 0 and 1, got {reg_weight}.")
-        if self._last is not None and self._last[0] == lam:
-            return self._last[1], self._last[2]
+        key = (lam, pyramid)
+        if key in self._runs:
+            return self._runs[key]
         with torch.no_grad():
-            # symmetric: each pass runs on (fixed, warped) and (warped, fixed) as one batch; exp(−v) is the inverse
-            # of exp(v), so v = (v_fm − v_mf) / 2 estimates the same velocity, is exactly antisymmetric in the two
-            # images and exactly zero for identical ones
-            out = self.model.register(self.x[:, :1], self.x[:, 1:], lam, symmetric=self.symmetric)
-            disp, logvar, grid = out["disp"], out["logvar"], self.half_space
-            factors, passes = PYRAMID[self.ndim] if self.pyramid else ((), 0)
-            for f in factors:
-                d2, lv2, g2 = self._finer(f * self.model.work_size, disp, grid, lam, passes)
-                if g2 is not grid:
-                    disp, logvar, grid = d2, lv2, g2
-        self.out_grid = grid
-        self._last = (lam, disp, logvar)
-        return disp, logvar
+            if pyramid:
+                disp, logvar, grid = self._network(lam, False)
+                factors, passes = PYRAMID[self.ndim]
+                for f in factors:
+                    d2, lv2, g2 = self._finer(f * self.model.work_size, disp, grid, lam, passes)
+                    if g2 is not grid:
+                        disp, logvar, grid = d2, lv2, g2
+            else:
+                # symmetric: each pass runs on (fixed, warped) and (warped, fixed) as one batch; exp(−v) is the
+                # inverse of exp(v), so v = (v_fm − v_mf) / 2 estimates the same velocity, is exactly antisymmetric
+                # in the two images and exactly zero for identical ones
+                out = self.model.register(self.x[:, :1], self.x[:, 1:], lam, symmetric=self.symmetric)
+                disp, logvar, grid = out["disp"], out["logvar"], self.half_space
+        if len(self._runs) > 8:  # a slider visits many λ: keep memory bounded
+            self._runs.clear()
+        self._runs[key] = (disp, logvar, grid)
+        return disp, logvar, grid
 
 
     def _finer(self, size: int, disp: torch.Tensor, grid: Space, lam: float, passes: int):
@@ -275,16 +288,17 @@ class DeepRegistration:
         non-linear ``initial``, which :meth:`predict` composes with the network's displacement instead)."""
         return self._affine
 
-    def prealigned_displacement(self, reg_weight: float) -> torch.Tensor:
+    def prealigned_displacement(self, reg_weight: float, pyramid: bool | None = None) -> torch.Tensor:
         """The network's displacement for λ = ``reg_weight`` **before** the linear pre-alignment: ``d`` with
         ``T(x) = A(x + d(x))`` (``A`` = :attr:`prealignment`, or the identity), on the fixed grid, physical units,
         ``(*fixed.shape, D)`` CPU float32. Available when the pre-alignment is linear (or absent)."""
         if self.initial is not None and self._affine is None:
             raise InputError("The network's displacement before a non-linear starting transform is not defined; "
                              "use predict().")
-        u, _ = self.network(reg_weight)
+        u, _, grid = self._network(reg_weight, self.pyramid if pyramid is None else bool(pyramid))
+        self.out_grid = grid
         with torch.no_grad():
-            return self._displacement_on_fixed(u, self.out_grid, compose=False)
+            return self._displacement_on_fixed(u, grid, compose=False)
 
     def field_on_fixed(self, u: torch.Tensor, grid: Space) -> torch.Tensor:
         """Total physical displacement on the fixed grid from an index-space field on ``grid``.
@@ -345,21 +359,23 @@ class DeepRegistration:
         return sample_at_index(std, idx[None], padding="border")[0, 0].to(device="cpu", dtype=torch.float32)
 
     # --------------------------------------------------------------------------------------------- API
-    def predict(self, reg_weight: float, uncertainty: bool = False) -> DisplacementFieldTransform:
+    def predict(self, reg_weight: float, uncertainty: bool = False,
+                pyramid: bool | None = None) -> DisplacementFieldTransform:
         """The network's prediction (its recursive cascade, no optimisation) for λ = ``reg_weight`` ∈ [0, 1].
 
         Returns a :class:`DisplacementFieldTransform` on the fixed grid (physical units, fixed → moving, composed
         with ``initial``), ``kind="deep"``; with ``uncertainty`` its ``.uncertainty`` is a ``fixed.shape`` map
         in physical units (requires a model with a variance head).
         """
-        u, logvar = self.network(reg_weight)
+        u, logvar, grid = self._network(reg_weight, self.pyramid if pyramid is None else bool(pyramid))
+        self.out_grid = grid
         with torch.no_grad():
-            field = self.field_on_fixed(u, self.out_grid)
+            field = self.field_on_fixed(u, grid)
             unc = None
             if uncertainty:
                 if logvar is None:
                     raise InputError("This model has no uncertainty head; retrain it without --no-variance.")
-                unc = self.uncertainty_on_fixed(logvar, self.out_grid)
+                unc = self.uncertainty_on_fixed(logvar, grid)
         return DisplacementFieldTransform(field, self.fixed.space, kind="deep", uncertainty=unc)
 
     def refine(self, reg_weight: float, steps: int = 50, landmarks=None, similarity: str = "lncc", progress=None,
@@ -422,7 +438,7 @@ def run_info(reg: DeepRegistration, transform, reg_weight: float, refine_steps: 
 
     info = {"model": reg.model.describe(), "reg_weight": float(reg_weight), "refine_steps": int(refine_steps),
             "work_grid": {"shape": list(reg.work_space.shape), "spacing": float(reg.work_space.spacing[0])},
-            "pyramid": reg.pyramid,
+            "pyramid": bool(reg.pyramid or refine_steps > 0),  # a refinement always starts from the pyramid
             "finest_velocity_grid": {"shape": list(reg.out_grid.shape), "spacing": float(reg.out_grid.spacing[0])}}
     if refine_steps > 0:
         info["refine"] = dict(getattr(transform, "refine_info", {}))

@@ -53,15 +53,19 @@ def refine_registration(reg, reg_weight: float, steps: int = 50, landmarks=None,
             landmarks = None
     its = split_iterations(steps) if iterations is None else tuple(int(n) for n in iterations)
     sig_u, sig_f = sigmas_for_reg_weight(reg_weight)
+    # the refinement starts from the network with its pyramid, whatever the live preview used (the GUI's slider
+    # shows the cascade alone), so the GUI and `regtool register --refine` give the same result
     if reg.initial is None or reg.prealignment is not None:
-        initial, start_field = reg.prealignment, reg.prealigned_displacement(reg_weight)
+        initial, start_field = reg.prealignment, reg.prealigned_displacement(reg_weight, pyramid=True)
     else:
-        initial, start_field = reg.predict(reg_weight), None
+        initial, start_field = reg.predict(reg_weight, pyramid=True), None
     tx = register_deformable(reg.fixed, reg.moving, initial=initial, start_field=start_field,
                              similarity=similarity, iterations=its,
                              sigma_update=sig_u, sigma_field=sig_f, landmarks=landmarks,
                              landmark_weight=landmark_weight, max_voxels=max_voxels, device=reg.device,
                              progress=progress, cancel=cancel, kind="deep+refined")
+    if reg.model.has_variance:  # the start's uncertainty, the one `--refine N --uncertainty` writes
+        tx.uncertainty = reg.predict(reg_weight, uncertainty=True, pyramid=True).uncertainty
     tx.refine_info["steps"] = int(sum(its))
     tx.refine_info["reg_weight"] = float(reg_weight)
     return tx

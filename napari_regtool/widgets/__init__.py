@@ -1,4 +1,4 @@
-"""napari dock widgets (thin: state and logic live in :mod:`napari_regtool.session`)."""
+"""napari dock widgets (thin: the state lives in :mod:`napari_regtool.model`, the work in the engine)."""
 from .apply_file import apply_transform_file
 from .registration import RegistrationWidget
 

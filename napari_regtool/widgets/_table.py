@@ -22,8 +22,8 @@ def _fmt(v) -> str:
 
 
 class PairTable(QTableWidget):
-    """Rows mirror the session's pairs. Edits (name, active) and selection are reported by signals; the table
-    never changes the session itself."""
+    """Rows mirror the model's pairs. Edits (name, active) and selection are reported by signals; the table
+    never changes the model itself."""
 
     renamed = Signal(int, str)
     activeToggled = Signal(int, bool)

@@ -1,0 +1,92 @@
+"""Worker bodies of the Registration widget's background jobs: plain functions of their inputs, no Qt, no napari,
+no widget state, so that they run on any thread (and from scripts and tests).
+
+Each returns a tuple whose first item says what it was (``"predict"``, ``"refine"``, ``"auto"``, ``"saved"``,
+``"export"``), which the widget uses to show the result.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import Cancelled
+
+__all__ = ["deep_predict_job", "deep_refine_job", "auto_job", "write_transform_job", "save_map_job", "export_job"]
+
+
+def _deep_registration(cache, key, fixed, moving, device, initial):
+    from .deep.infer import DeepRegistration
+
+    reg = cache.get(key)
+    if reg is None:
+        cache.clear()
+        reg = DeepRegistration(fixed, moving, device=device, initial=initial)
+        cache[key] = reg
+    return reg
+
+
+def deep_predict_job(cache, key, fixed, moving, device, initial, lam, uncertainty=True):
+    """The deep model's prediction for λ = ``lam`` (the prepared pair is kept in ``cache`` under ``key``)."""
+    t0 = time.perf_counter()
+    from .deep.infer import run_info
+
+    reg = _deep_registration(cache, key, fixed, moving, device, initial)
+    t = reg.predict(lam, uncertainty=uncertainty)
+    return ("predict", t, run_info(reg, t, lam, 0, time.perf_counter() - t0))
+
+
+def deep_refine_job(cache, key, fixed, moving, device, initial, lam, steps, landmarks, progress, uncertainty=None,
+                    cancel=None):
+    """The deep model's deformation optimised for this pair (``steps`` steps, landmarks as soft constraints)."""
+    t0 = time.perf_counter()
+    reg = _deep_registration(cache, key, fixed, moving, device, initial)
+    t = reg.refine(lam, steps=steps, landmarks=landmarks, progress=progress, cancel=cancel)
+    if getattr(t, "uncertainty", None) is None and uncertainty is not None:
+        t.uncertainty = uncertainty  # the network's map, as `regtool register --refine N --uncertainty` keeps it
+    if cancel is not None and cancel():
+        raise Cancelled()
+    from .deep.infer import run_info
+
+    return ("refine", t, run_info(reg, t, lam, steps, time.perf_counter() - t0))
+
+
+def auto_job(fixed, moving, kind, initial, progress, cancel=None):
+    """Intensity-based linear alignment (``kind``: ``"rigid"`` or ``"affine"``)."""
+    from .autoreg import auto_linear
+
+    t0 = time.perf_counter()
+    t = auto_linear(fixed, moving, model=kind, initial=initial, progress=progress, cancel=cancel)
+    if cancel is not None and cancel():
+        raise Cancelled()
+    return ("auto", f"auto-{kind}", t, time.perf_counter() - t0)
+
+
+def write_transform_job(path, transform, space):
+    from .io import write_transform
+
+    write_transform(path, transform, space)
+    return ("saved", f"the transform to {path}")
+
+
+def save_map_job(what, path, moving, transform, space):
+    """Write the warped moving image (``what="warped"``) or the Jacobian determinant map (``"jacobian"``)."""
+    import torch
+
+    from . import io as rio
+    from .pipeline import warp_image
+    from .transforms.field import jacobian_determinant
+
+    if what == "warped":
+        rio.write_image(path, warp_image(moving, transform, space), space)
+    else:
+        u = transform.field(space, dtype=torch.float32)
+        rio.write_image(path, jacobian_determinant(u, space).numpy().astype(np.float32), space)
+    return ("saved", path)
+
+
+def export_job(model, folder):
+    """Every file `regtool register` writes, for a detached copy of the model (:meth:`RegistrationModel.snapshot`)."""
+    paths = model.export(folder)
+    return ("export", paths, Path(folder))

@@ -1,0 +1,225 @@
+"""Background work of the Registration widget — the deep model, auto-align, file writes, layer warps — with the
+progress bar and the Cancel button. The work itself is :mod:`napari_regtool.jobs` (no Qt); this runs it on
+worker threads and hands the results to the model."""
+from __future__ import annotations
+
+import numpy as np
+from qtpy.QtWidgets import QHBoxLayout, QProgressBar, QPushButton, QWidget
+
+from ..errors import Cancelled, RegtoolError, user_message
+from ..jobs import auto_job, deep_predict_job, deep_refine_job
+from ..model import autoreg_available, deep_available
+from ._runner import LatestRunner, ProgressBridge, QueueRunner
+
+__all__ = ["Jobs"]
+
+
+class Jobs(QWidget):
+    """Runners for the on-demand models and files, and the progress row (bar and Cancel) shown while they run.
+
+    ``host`` gives ``notify``, ``set_status``, ``add_applied`` and the panels ``deep`` (λ, device, status line)
+    and ``qc`` (whether the uncertainty overlay is on).
+    """
+
+    def __init__(self, model, host, parent=None):
+        super().__init__(parent)
+        self.model = model
+        self.host = host
+        row = QHBoxLayout(self)
+        row.setContentsMargins(0, 0, 0, 0)
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 100)
+        self.progress.setVisible(False)
+        self.cancel_btn = QPushButton("Cancel")
+        self.cancel_btn.setVisible(False)
+        row.addWidget(self.progress, 1)
+        row.addWidget(self.cancel_btn)
+        self.cancel_btn.clicked.connect(self.cancel)
+        self._deep_cache: dict = {}
+        self.deep_initial = None  # the auto-aligned start of the deep model, when there is one
+        self._start_warning = None  # last message about landmark pairs unusable as a linear start
+        self._deep_long = False
+        # runners are not Qt children of the widget: a job finishing after the widget is gone must find them alive
+        self.deep_runner = LatestRunner(self._deep_result, self.job_error, "deep")
+        self.jobs = LatestRunner(self._job_result, self.job_error, "job")
+        # file writes and layer warps: each request runs, none replaces another
+        self.files = QueueRunner(self._job_result, self.job_error, "files")
+        # layers resampled into fixed space: in order too, but Cancel drops them (nothing is half-written)
+        self.resample = QueueRunner(self._job_result, self.job_error, "resample")
+        self.runners = (self.deep_runner, self.jobs, self.files, self.resample)
+        self._progress = ProgressBridge(self)
+        self._progress.progressed.connect(self._on_progress)
+        for r in self.runners:
+            r.idle_changed.connect(self._update_busy)
+
+    @property
+    def busy(self) -> bool:
+        return any(r.busy for r in self.runners)
+
+    def close(self):
+        for r in self.runners:
+            r.close()
+        return super().close()
+
+    def reset(self):
+        """New images: results in flight belong to the previous pair."""
+        self.deep_runner.cancel()
+        self._deep_cache.clear()
+        self.deep_initial = None
+
+    def device_changed(self):
+        self._deep_cache.clear()
+        _, _, warns = self.host.deep.device()
+        for w in warns:
+            self.host.notify("warning", w)
+
+    def job_error(self, exc):
+        if isinstance(exc, Cancelled):
+            self.host.set_status("Cancelled.")
+            return
+        self.host.notify("error", user_message(exc))
+
+    # ------------------------------------------------------------------ deep model and auto-align
+    def _landmark_start(self, kind: str):
+        """The linear start from the active pairs for the deep model or auto-align; degenerate pairs are
+        said once (a notification, repeated only when the reason changes) and the run goes on without them."""
+        from ..transforms import initial_from_landmarks
+
+        f, m = self.model.landmark_fit_points()
+        try:
+            init = initial_from_landmarks(kind, f, m, self.model.ndim)
+            self._start_warning = None
+        except RegtoolError as exc:
+            msg = f"The landmark pairs are not used as a starting {kind} alignment: {exc}"
+            if msg != self._start_warning:
+                self.host.notify("warning", msg)
+            self._start_warning = msg
+            init = None
+        return init
+
+    def _deep_setup(self):
+        dev, desc, _ = self.host.deep.device()
+        init = self.deep_initial if self.deep_initial is not None else self._landmark_start("affine")
+        m = self.model
+        key = (id(m.fixed), id(m.moving), str(dev), None if init is None else np.round(init.homogeneous, 9).tobytes())
+        return dev, desc, init, key
+
+    def predict(self):
+        """Run the deep model for the current λ (network only, fast once the pair is prepared)."""
+        ok, why = deep_available(self.model.ndim)
+        if not ok:
+            self.host.notify("error", why)
+            return
+        m = self.model
+        if not m.ready:
+            return
+        dev, desc, init, key = self._deep_setup()
+        lam = self.host.deep.reg_weight
+        self.host.deep.set_status(f"Predicting (λ = {lam:.3g}) on {desc}…")
+        # the uncertainty map costs several extra network samples: computed while its overlay is shown
+        self.deep_runner.request(deep_predict_job, self._deep_cache, key, m.fixed, m.moving, str(dev), init, lam,
+                                 self.host.qc.is_on("uncertainty"))
+
+    def _deep_result(self, gen, value):
+        kind, t, info = value
+        self.model.set_computed("deep", t, **info)
+        self.host.deep.set_status(f"{'Refined' if kind == 'refine' else 'Predicted'} with λ = "
+                                  f"{info['reg_weight']:.3g} in {info.get('runtime_s', 0):.2f} s.")
+
+    def refine(self):
+        """Optimise the deep deformation for this pair (cancellable, with progress)."""
+        ok, why = deep_available(self.model.ndim)
+        if not ok:
+            self.host.notify("error", why)
+            return
+        m = self.model
+        if m.model != "deep" or not m.ready:
+            self.host.notify("warning", "Choose the deep deformable model first.")
+            return
+        dev, desc, init, key = self._deep_setup()
+        steps = m.refine_steps
+        prev = m.computed.get("deep", {}).get("transform")
+        self.host.deep.set_status(f"Refining ({steps} steps) on {desc}…")
+        self._deep_long = True
+        self.show_progress(True)
+        # the active pairs are soft constraints, as in `regtool register --model deep --refine N --landmarks L`
+        lms = m.pairs.fit_points() if m.pairs is not None and m.pairs.usable.any() else None
+        self.deep_runner.request(deep_refine_job, self._deep_cache, key, m.fixed, m.moving, str(dev), init,
+                                 self.host.deep.reg_weight, steps, lms, self._progress,
+                                 getattr(prev, "uncertainty", None), cancellable=True)
+
+    def auto_align(self, kind: str | None = None):
+        """Intensity-based linear alignment (rigid for the rigid model, else affine), in the background."""
+        ok, why = autoreg_available()
+        if not ok:
+            self.host.notify("error", why)
+            return
+        m = self.model
+        if not m.ready:
+            self.host.notify("warning", "Choose a fixed and a moving image first.")
+            return
+        kind = kind or ("rigid" if m.model in ("rigid", "auto-rigid") else "affine")
+        init = self._landmark_start(kind)
+        self.host.deep.set_status(f"Auto-align ({kind}) running…")
+        self.show_progress(True)
+        self.jobs.request(auto_job, m.fixed, m.moving, kind, init, self._progress, cancellable=True)
+
+    # ------------------------------------------------------------------ files and layers
+    def start(self, status: str, func, *args, resample: bool = False):
+        """Run a file write (or, with ``resample``, a layer warp) in the background, in order; the progress bar
+        shows while it runs."""
+        self.show_progress(True)
+        self.host.set_status(status)
+        (self.resample if resample else self.files).request(func, *args)
+
+    def _job_result(self, gen, value):
+        kind = value[0]
+        if kind == "auto":
+            _, model, t, runtime = value
+            self.model.set_computed(model, t, runtime_s=runtime)
+            self.host.deep.set_status(f"Auto-align ({model.split('-')[1]}) done in {runtime:.1f} s.")
+            if self.model.model == "deep":
+                self.deep_initial = t
+                self.predict()
+            else:
+                self.model.set_model(model)
+        elif kind == "export":
+            _, paths, out = value
+            self.host.notify("info", f"Wrote {len(paths)} files to {out}: {', '.join(p.name for p in paths)}.")
+            self.host.set_status(f"Exported to {out}.")
+        elif kind == "saved":
+            self.host.set_status(f"Saved {value[1]}.")
+        elif kind == "applied":
+            self.host.add_applied(*value[1])
+
+    # ------------------------------------------------------------------ progress and cancel
+    def cancel(self):
+        """Stop the running computation (refinement, auto-align, …) and drop the layers being resampled (no layer
+        is added). File writes are not stopped half-way: they finish and report, so a saved file is never left
+        half-written or unreported."""
+        self.jobs.cancel()
+        self.deep_runner.cancel()
+        self.resample.cancel()
+        if self.files.busy:
+            self.host.set_status("Cancelled. Files already being saved are finished first.")
+        else:
+            self.show_progress(False)
+            self.host.set_status("Cancelled.")
+
+    def show_progress(self, on: bool):
+        self.progress.setVisible(on)
+        self.cancel_btn.setVisible(on)
+        if on:
+            self.progress.setRange(0, 0)
+
+    def _on_progress(self, frac, message):
+        self.progress.setRange(0, 100)
+        self.progress.setValue(int(round(100 * frac)))
+        if message:
+            self.progress.setFormat(f"{message} %p%")
+
+    def _update_busy(self, _=None):
+        if not self.deep_runner.busy:
+            self._deep_long = False
+        if not (self.jobs.busy or self.files.busy or self.resample.busy or self._deep_long):
+            self.show_progress(False)

@@ -1,0 +1,134 @@
+"""The Export tab: carry another layer into the fixed space, and write the registration's files."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from qtpy.QtWidgets import QComboBox, QFileDialog, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
+
+from ...errors import RegtoolError
+from ...jobs import export_job, save_map_job, write_transform_job
+from .._layers import prepare_layer, warp_prepared
+
+__all__ = ["ExportPanel"]
+
+
+def _apply_job(prepared, transform, space):
+    return ("applied", warp_prepared(prepared, transform, space))
+
+
+class ExportPanel(QWidget):
+    """Buttons that ask where, then hand the writing to the host's background jobs (``host.start_job``)."""
+
+    def __init__(self, model, host, parent=None):
+        super().__init__(parent)
+        self.model = model
+        self.host = host
+        e = QVBoxLayout(self)
+        arow = QHBoxLayout()
+        self.apply_combo = QComboBox()
+        self.apply_combo.setToolTip("An image, labels, points or shapes layer in the moving image's space.")
+        self.apply_btn = QPushButton("Apply")
+        self.apply_btn.setToolTip("Warp the chosen layer into the fixed space (images linear, labels nearest, points "
+                                  "and shapes through the inverse transform).")
+        arow.addWidget(QLabel("Apply to"))
+        arow.addWidget(self.apply_combo, 1)
+        arow.addWidget(self.apply_btn)
+        e.addLayout(arow)
+        self.export_btn = QPushButton("Export all…")
+        self.export_btn.setToolTip("Write warped image, displacement field, Jacobian, transform (linear models) and "
+                                   "report.json into a folder — the same files as `regtool register`.")
+        self.save_tfm_btn = QPushButton("Save transform…")
+        self.save_tfm_btn.setToolTip(".tfm/.h5: ITK transform (linear models exactly; others as a displacement field "
+                                     "in .h5). .nii.gz/.mha/.nrrd: ITK displacement field on the fixed grid.")
+        self.save_warped_btn = QPushButton("Save warped image…")
+        self.save_jac_btn = QPushButton("Save Jacobian map…")
+        self.save_lm_btn = QPushButton("Save landmarks (BigWarp CSV)…")
+        for b in (self.export_btn, self.save_tfm_btn, self.save_warped_btn, self.save_jac_btn, self.save_lm_btn):
+            e.addWidget(b)
+        e.addStretch(1)
+        self.apply_btn.clicked.connect(lambda: self.apply_to_layer())
+        self.export_btn.clicked.connect(lambda: self.export_all())
+        self.save_tfm_btn.clicked.connect(lambda: self.save_transform())
+        self.save_warped_btn.clicked.connect(lambda: self.save_map("warped"))
+        self.save_jac_btn.clicked.connect(lambda: self.save_map("jacobian"))
+
+    def refresh_layers(self, layers):
+        """The layers that can be carried into the fixed space (the choice is kept when still there)."""
+        from .images import combo_index
+
+        cur = self.apply_combo.currentData()
+        self.apply_combo.clear()
+        for l in layers:
+            self.apply_combo.addItem(l.name, l)
+        if cur is not None:
+            i = combo_index(self.apply_combo, cur)
+            if i >= 0:
+                self.apply_combo.setCurrentIndex(i)
+
+    def _save_path(self, title, filt, default=""):
+        path, _ = QFileDialog.getSaveFileName(self, title, default, filt)
+        return path or None
+
+    def _no_transform(self, default="There is no transform yet.") -> bool:
+        if self.model.transform is None:
+            self.host.notify("warning", self.model.fit_message or default)
+            return True
+        return False
+
+    def save_transform(self, path=None) -> bool:
+        if self._no_transform("There is no transform to save yet."):
+            return False
+        path = path or self._save_path("Save transform", "ITK transform (*.tfm *.h5);;Displacement field "
+                                                        "(*.nii.gz *.mha *.nrrd)", "transform.tfm")
+        if not path:
+            return False
+        m = self.model
+        self.host.start_job(f"Saving the transform to {path}…", write_transform_job, path, m.transform, m.fixed.space)
+        return True
+
+    def save_map(self, what: str, path=None) -> bool:
+        """Save the warped image (``what="warped"``) or the Jacobian determinant map (``"jacobian"``)."""
+        if self._no_transform():
+            return False
+        title = {"warped": "Save the warped moving image", "jacobian": "Save the Jacobian determinant map"}[what]
+        path = path or self._save_path(title, "Images (*.nii.gz *.nii *.mha *.nrrd *.tif)", f"{what}.nii.gz")
+        if not path:
+            return False
+        m = self.model
+        self.host.start_job(f"Saving {Path(path).name}…", save_map_job, what, path, m.moving, m.transform,
+                            m.fixed.space)
+        return True
+
+    def export_all(self, folder=None) -> bool:
+        """Write the same files as ``regtool register`` into a folder (in the background)."""
+        if not self.model.ready or self._no_transform("There is no transform to export yet."):
+            return False
+        if folder is None:
+            folder = QFileDialog.getExistingDirectory(self, "Export the registration into a folder")
+            if not folder:
+                return False
+        self.host.start_job(f"Exporting to {folder}…", export_job, self.model.snapshot(), folder)
+        return True
+
+    def apply_to_layer(self, layer=None):
+        """Carry another layer of the moving image into the fixed space as a new layer: points and shapes at once
+        (returns the new layer), images and labels resampled in the background (returns None; the layer
+        appears when done)."""
+        layer = layer or self.apply_combo.currentData()
+        if layer is None:
+            self.host.notify("warning", "Choose a layer to apply the transform to.")
+            return None
+        if self._no_transform():
+            return None
+        m = self.model
+        try:
+            prepared = prepare_layer(layer, m.fixed.space)
+            if prepared[0] in ("image", "labels"):
+                self.host.start_job(f"Resampling {layer.name!r} onto the fixed grid…", _apply_job, prepared,
+                                    m.transform, m.fixed.space, resample=True)
+                return None
+            data, kw, kind = warp_prepared(prepared, m.transform, m.fixed.space)
+        except RegtoolError as exc:
+            self.host.notify("error", str(exc))
+            return None
+        return self.host.add_applied(data, kw, kind)

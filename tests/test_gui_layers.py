@@ -1,0 +1,176 @@
+"""The layers the Registration widget owns, driven as a user would: deleting other layers with the layer list,
+choosing and opening images through the combos and Open… buttons, closing and reopening the widget.
+
+Each test is one of the layer-handling faults users met (issue 11, faults 1–3).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import QFileDialog
+
+from napari_regtool.io import read_image
+from napari_regtool.landmarks import read_bigwarp_csv
+from napari_regtool.space import to_array_order
+
+from .test_gui import (
+    F2, L2, M2, M3, PLUGIN, WIDGET, canvas_click, click_checkbox, notifications, open_with_widget, wait_idle,
+)
+
+pytestmark = pytest.mark.gui
+
+
+def grid_cells(viewer):
+    """The layer names in each grid cell of the side-by-side view."""
+    return [[viewer.layers[i].name for i in idx] for _, idx in viewer.canvas.grid.iter_viewboxes(viewer.layers)]
+
+
+def open_file(qtbot, w, side, path, monkeypatch):
+    monkeypatch.setattr(QFileDialog, "getOpenFileName", lambda *a, p=path, **k: (str(p), ""))
+    qtbot.mouseClick(getattr(w, f"open_{side}_btn"), Qt.MouseButton.LeftButton)
+
+
+def test_deleting_a_layer_keeps_side_by_side_and_clicks(make_napari_viewer, qtbot):
+    """Fault 1: deleting the QC grid (or any other layer) with the layer list must not move the moving image into
+    the fixed cell, hide the fixed landmarks or turn a click on the fixed image into a moving point; the QC box
+    follows the layer."""
+    viewer = make_napari_viewer(show=True)
+    w = open_with_widget(viewer, qtbot, "brain2d")
+    fl = viewer.layers["brain2d fixed"]
+    click_checkbox(qtbot, w.qc_checks["grid"])
+    wait_idle(qtbot, w)
+    grid = viewer.layers["deformation grid"]
+    # a layer of the user's own, added and then deleted, and the plugin's grid deleted with the layer list
+    other = viewer.add_image(np.zeros((8, 8), np.float32), name="notes")
+    qtbot.wait(5)
+    viewer.layers.remove(other)
+    viewer.layers.remove(grid)
+    qtbot.wait(5)
+    wait_idle(qtbot, w)
+    assert not w.qc_checks["grid"].isChecked()
+    cells = grid_cells(viewer)
+    assert cells[-1] == ["brain2d moving", "moving landmarks"]
+    assert all("brain2d moving" not in c for c in cells[:-1])
+    assert any("fixed landmarks" in c and "brain2d fixed" in c for c in cells[:-1])
+    # a click on the fixed image in "Add pairs" mode is a fixed point
+    qtbot.mouseClick(w.add_btn, Qt.MouseButton.LeftButton)
+    lm = read_bigwarp_csv(L2)
+    n = len(w.session.pairs)
+    p = 0.5 * (lm.fixed[0] + lm.fixed[1])
+    canvas_click(qtbot, viewer, to_array_order(p), fl)
+    assert len(w.session.pairs) == n + 1
+    assert np.all(np.isfinite(w.session.pairs.fixed[n])) and not np.any(np.isfinite(w.session.pairs.moving[n]))
+    # ticking the box again brings a grid back (one layer, in the fixed cell)
+    click_checkbox(qtbot, w.qc_checks["grid"])
+    wait_idle(qtbot, w)
+    assert [l.name for l in viewer.layers].count("deformation grid") == 1
+    assert grid_cells(viewer)[-1] == ["brain2d moving", "moving landmarks"]
+    # the warped image deleted too: its box follows; ticked again, the same warped image comes back
+    shown = np.array(viewer.layers["moving (warped)"].data)
+    viewer.layers.remove(viewer.layers["moving (warped)"])
+    qtbot.wait(5)
+    assert not w.warped_check.isChecked()
+    assert grid_cells(viewer)[-1] == ["brain2d moving", "moving landmarks"]
+    click_checkbox(qtbot, w.warped_check)
+    wait_idle(qtbot, w)
+    assert [l.name for l in viewer.layers].count("moving (warped)") == 1
+    np.testing.assert_allclose(np.asarray(viewer.layers["moving (warped)"].data), shown, atol=1e-5)
+    assert grid_cells(viewer)[-1] == ["brain2d moving", "moving landmarks"]
+
+
+def test_combos_follow_open_and_choices(make_napari_viewer, qtbot, tmp_path, monkeypatch):
+    """Fault 2: after Open… the combos show the opened images; picking another layer registers it; bad choices
+    are said and undone; removing the fixed layer is noticed."""
+    viewer = make_napari_viewer()
+    w = open_with_widget(viewer, qtbot)
+    open_file(qtbot, w, "fixed", F2, monkeypatch)
+    open_file(qtbot, w, "moving", M2, monkeypatch)
+    wait_idle(qtbot, w)
+    assert w.session.ready
+    fl, ml = viewer.layers[w.session.fixed.name], viewer.layers[w.session.moving.name]
+    assert w.fixed_combo.currentData() is fl and w.moving_combo.currentData() is ml
+    assert w.fixed_combo.currentText() == fl.name and w.moving_combo.currentText() == ml.name
+    # another 2D image picked in the moving combo becomes the moving image
+    m2 = read_image(M2)
+    other = viewer.add_image(np.flip(m2.array, 1).copy(), name="flipped moving", **m2.space.napari_kwargs())
+    qtbot.wait(5)
+    w.moving_combo.setCurrentIndex(w.moving_combo.findData(other))
+    wait_idle(qtbot, w)
+    assert w.session.moving.name == "flipped moving"
+    assert w.moving_combo.currentData() is other
+    # the fixed image chosen as the moving one: said, and the combo goes back to the moving image in use
+    n = len(notifications())
+    w.moving_combo.setCurrentIndex(w.moving_combo.findData(fl))
+    assert any("already the fixed image" in m for m in notifications()[n:])
+    assert w.moving_combo.currentData() is other and w.session.moving.name == "flipped moving"
+    # a constant image and a 3D image opened as moving: refused, not left in the viewer, nothing changes
+    const = tmp_path / "constant.nii.gz"
+    img = sitk.GetImageFromArray(np.full((40, 50), 7.0, np.float32))
+    sitk.WriteImage(img, str(const))
+    for bad in (const, M3):
+        names = [l.name for l in viewer.layers]
+        n = len(notifications())
+        open_file(qtbot, w, "moving", bad, monkeypatch)
+        wait_idle(qtbot, w)
+        assert [l.name for l in viewer.layers] == names
+        assert len(notifications()) > n
+        assert w.session.moving.name == "flipped moving" and w.moving_combo.currentData() is other
+    # the fixed layer removed with the layer list: noticed, the registration stops, its derived layers go
+    n = len(notifications())
+    viewer.layers.remove(fl)
+    qtbot.wait(5)
+    wait_idle(qtbot, w)
+    assert not w.session.ready
+    assert any("fixed image" in m and "removed" in m for m in notifications()[n:])
+    assert "moving (warped)" not in viewer.layers
+    assert w.fixed_combo.currentData() is None
+    # choosing a fixed image again starts over
+    open_file(qtbot, w, "fixed", F2, monkeypatch)
+    wait_idle(qtbot, w)
+    assert w.session.ready and w.session.moving.name == "flipped moving"
+    assert [l.name for l in viewer.layers].count("moving (warped)") == 1
+
+
+def test_reopening_the_widget_adopts_its_layers(make_napari_viewer, qtbot):
+    """Fault 3: closing and reopening the widget finds the layers it made (no ``[1]`` copies, no orphans) and
+    keeps the pairs as they are in the layers, edits made while it was closed included."""
+    viewer = make_napari_viewer()
+    w = open_with_widget(viewer, qtbot, "brain2d")
+    # an edit before closing: pair 1 deleted with the table's Delete button
+    w.table.selectRow(0)
+    qtbot.mouseClick(w.delete_btn, Qt.MouseButton.LeftButton)
+    wait_idle(qtbot, w)
+    assert len(w.session.pairs) == 11
+    layers_before = list(viewer.layers)
+    fixed_lm, warped_layer = viewer.layers["fixed landmarks"], viewer.layers["moving (warped)"]
+    # close the dock widget as its close button does
+    from napari._qt.widgets.qt_viewer_dock_widget import QtViewerDockWidget
+
+    dock = [d for d in viewer.window._qt_window.findChildren(QtViewerDockWidget) if d.widget() is w][0]
+    dock.destroyOnClose()
+    qtbot.wait(5)
+    # while it is closed, a point is moved in the fixed landmarks layer with napari's own tools
+    data = np.array(fixed_lm.data)
+    data[2] += [3.0, -2.0]
+    fixed_lm.data = data
+    moved = np.asarray(data[2])[::-1].copy()
+    _, w2 = viewer.window.add_plugin_dock_widget(PLUGIN, WIDGET)
+    wait_idle(qtbot, w2)
+    assert w2 is not w
+    names = [l.name for l in viewer.layers]
+    assert not any("[" in n for n in names), names
+    assert list(viewer.layers) == layers_before  # the same layer objects, none added, none orphaned
+    assert len(w2.session.pairs) == 11
+    np.testing.assert_allclose(w2.session.pairs.fixed[2], moved)
+    # the adopted layers are live: an edit in the reopened widget reaches them
+    before = np.array(warped_layer.data)
+    w2.table.selectRow(0)
+    qtbot.mouseClick(w2.delete_btn, Qt.MouseButton.LeftButton)
+    wait_idle(qtbot, w2)
+    assert len(w2.session.pairs) == 10 and len(fixed_lm.data) == 10
+    assert not np.allclose(np.asarray(warped_layer.data), before)
+    # the closed widget does not react any more (no second pair added by it for one click)
+    w2.click(to_array_order(w2.session.pairs.fixed[0]), side="fixed")
+    assert len(w2.session.pairs) == 11

@@ -1,0 +1,143 @@
+"""The registration model without Qt: what each typed signal carries, images cleared and checked, parameters,
+and the undo history on its own."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_regtool.errors import InputError
+from napari_regtool.history import History
+from napari_regtool.image import Image
+from napari_regtool.io import read_image
+from napari_regtool.landmarks import LandmarkPairs, read_bigwarp_csv
+from napari_regtool.model import PairsChange, RegistrationModel
+from napari_regtool.space import Space
+
+from .helpers import SAMPLES
+
+F2, M2, L2 = (SAMPLES / f"brain2d_{s}" for s in ("fixed.nii.gz", "moving.nii.gz", "landmarks.csv"))
+M3 = SAMPLES / "brain3d_moving.nii.gz"
+
+
+@pytest.fixture(scope="module")
+def images2d():
+    return read_image(F2), read_image(M2)
+
+
+@pytest.fixture
+def model(images2d):
+    m = RegistrationModel(autosave=False)
+    m.set_images(*images2d)
+    return m
+
+
+def record(model):
+    """Every signal of the model, in the order emitted, with its arguments."""
+    seen = []
+    for name in ("images_changed", "pairs_changed", "model_changed", "params_changed", "transform_changed",
+                 "fitted", "computed_changed", "history_changed", "autosave_changed"):
+        getattr(model, name).connect(lambda *args, n=name: seen.append((n, *args)))
+    return seen
+
+
+def test_edits_say_which_pair_and_side(model):
+    lm = read_bigwarp_csv(L2)
+    seen = record(model)
+    model.place("moving", lm.moving[0])
+    model.place("fixed", lm.fixed[0])
+    changes = [e[1] for e in seen if e[0] == "pairs_changed"]
+    assert changes == [PairsChange("add", 0, "moving"), PairsChange("complete", 0, "fixed")]
+    assert ("history_changed", True, False) in seen
+    seen.clear()
+    model.move(0, "fixed", lm.fixed[0] + 1.0, transient=True)  # a drag: announced, not recorded
+    assert [e[1] for e in seen if e[0] == "pairs_changed"] == [PairsChange("drag", 0, "fixed")]
+    assert not any(e[0] == "history_changed" for e in seen)
+    model.end_drag()
+    assert len(model.history) == 3 and model.undo_label == "move"
+    seen.clear()
+    model.delete([0])
+    assert [e[1] for e in seen if e[0] == "pairs_changed"] == [PairsChange("delete", (0,))]
+    model.undo()
+    assert [e[1].reason for e in seen if e[0] == "pairs_changed"][-1] == "undo"
+    assert seen[-1] == ("history_changed", True, True)
+
+
+def test_a_new_transform_is_announced_before_the_pairs(model):
+    lm = read_bigwarp_csv(L2)
+    for k in range(2):
+        model.add_pair(lm.fixed[k], lm.moving[k])
+    seen = record(model)
+    model.add_pair(lm.fixed[2], lm.moving[2])  # the third pair: the first TPS
+    names = [e[0] for e in seen]
+    assert names[:4] == ["transform_changed", "fitted", "pairs_changed", "history_changed"]
+    assert seen[0][1] is model.transform and seen[1] == ("fitted", "")
+    np.testing.assert_allclose(model.transform.map_points(lm.fixed[:3]), lm.moving[:3], atol=1e-6)
+    seen.clear()
+    model.rename(0, "anterior")  # same points: the cached fit, no new transform
+    assert "transform_changed" not in [e[0] for e in seen]
+    seen.clear()
+    model.set_model("affine")
+    assert seen[0] == ("model_changed", "affine", 0.0)
+    assert seen[1][0] == "transform_changed" and seen[1][1].kind == "affine"
+
+
+def test_clear_images_empties_everything(model):
+    model.load_csv(L2)
+    seen = record(model)
+    model.clear_images()
+    assert not model.ready and model.pairs is None and model.transform is None and not model.can_undo
+    names = [e[0] for e in seen]
+    assert names[:3] == ["images_changed", "pairs_changed", "history_changed"]
+    assert ("transform_changed", None) in seen and model.autosave_path is None
+    seen.clear()
+    model.clear_images()  # nothing left to clear: silent
+    assert seen == []
+
+
+def test_check_image_refuses_what_cannot_be_registered(model, images2d):
+    fixed, moving = images2d
+    model.check_image("moving", moving)  # fine
+    with pytest.raises(InputError, match="3D but the fixed image"):
+        model.check_image("moving", read_image(M3))
+    flat = Image(np.full((30, 40), 5.0, np.float32), Space((30, 40), (1.0, 1.0)), name="flat")
+    with pytest.raises(InputError, match="constant"):
+        model.check_image("moving", flat)
+    # against another image than the one in use
+    with pytest.raises(InputError, match="2D but the moving image"):
+        RegistrationModel(autosave=False).check_image("fixed", fixed, other=read_image(M3))
+    assert model.moving is moving  # nothing changed
+
+
+def test_parameters_are_checked_and_announced(model):
+    seen = record(model)
+    model.set_reg_weight(0.25)
+    model.set_reg_weight(0.25)  # unchanged: silent
+    model.set_device("cpu")
+    model.set_refine_steps(12)
+    assert [e for e in seen if e[0] == "params_changed"] == [("params_changed", "reg_weight"),
+                                                             ("params_changed", "device"),
+                                                             ("params_changed", "refine_steps")]
+    assert (model.reg_weight, model.device, model.refine_steps) == (0.25, "cpu", 12)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(InputError):
+            model.set_reg_weight(bad)
+    with pytest.raises(InputError):
+        model.set_refine_steps(0)
+
+
+def test_history_on_its_own():
+    h = History()
+    a = LandmarkPairs.empty(2)
+    b = a.copy()
+    b.add(fixed=np.array([1.0, 2.0]), moving=np.array([3.0, 4.0]))
+    assert not h.can_undo and h.undo() is None and h.redo() is None
+    h.record("add", a, b)
+    b.add(fixed=np.array([5.0, 6.0]), moving=np.array([7.0, 8.0]))  # the record keeps its own copies
+    assert len(h) == 1 and h.undo_label == "add"
+    cmd = h.undo()
+    assert len(cmd.after) == 1 and len(cmd.before) == 0 and h.redo_label == "add" and not h.can_undo
+    assert h.redo() is cmd and h.can_undo and not h.can_redo
+    h.record("clear", cmd.after, a)
+    h.undo()
+    h.record("add", a, cmd.after)  # a new edit drops what could be redone
+    assert not h.can_redo and len(h) == 2
