@@ -94,7 +94,8 @@ class RegistrationModel:
     model_changed : (str, float)
         The model or the TPS smoothing changed: ``(model, smoothing)``.
     params_changed : (str)
-        One of the deep/auto parameters changed: ``"reg_weight"``, ``"device"`` or ``"refine_steps"``.
+        One of the deep/auto parameters changed: ``"reg_weight"``, ``"device"``, ``"refine_steps"`` or
+        ``"auto_refine"``.
     transform_changed : (object)
         A new transform (a :class:`~napari_regtool.transforms.base.Transform` or ``None``).
     fitted : (str)
@@ -127,6 +128,8 @@ class RegistrationModel:
         self.smoothing = 0.0
         self.reg_weight: float | None = None
         self.refine_steps = 50
+        #: after each prediction of the deep model, refine it in the background (replacing it when done)
+        self.auto_refine = True
         self.device = "auto"
         self._autosave = Autosave(autosave, autosave_dir)
         self.history = History()
@@ -562,6 +565,12 @@ class RegistrationModel:
         if steps != self.refine_steps:
             self.refine_steps = steps
             self.params_changed.emit("refine_steps")
+
+    def set_auto_refine(self, on: bool):
+        on = bool(on)
+        if on != self.auto_refine:
+            self.auto_refine = on
+            self.params_changed.emit("auto_refine")
 
     def min_pairs(self) -> int | None:
         if self.model in LANDMARK_MODELS and self.ready:

@@ -56,11 +56,53 @@ def field_resample(transform, fixed_path, moving_path):
 
 @pytest.fixture
 def deep2d(make_napari_viewer, qtbot, tiny_model):
+    """The deep model chosen with the automatic refinement switched off (the prediction stays on screen)."""
     viewer = make_napari_viewer()
     w = open_with_widget(viewer, qtbot, "brain2d")
+    w.tabs.setCurrentIndex(1)
+    click_checkbox(qtbot, w.auto_refine)
+    assert not w.session.auto_refine
     w.model_combo.setCurrentIndex(w.model_combo.findData("deep"))
     wait_idle(qtbot, w)
     return viewer, w
+
+
+def test_prediction_at_once_then_refinement_in_the_background(make_napari_viewer, qtbot, tiny_model):
+    """Choosing the deep model shows the network's prediction, then (by default) its refinement replaces it
+    without a click; a new λ starts again from the network; Cancel keeps the prediction."""
+    viewer = make_napari_viewer()
+    w = open_with_widget(viewer, qtbot, "brain2d")
+    assert w.session.auto_refine and w.auto_refine.isChecked()
+    kinds = []
+    w.session.transform_changed.connect(lambda t: kinds.append(getattr(t, "kind", None)))
+    w.model_combo.setCurrentIndex(w.model_combo.findData("deep"))
+    wait_idle(qtbot, w)
+    assert kinds[-2:] == ["deep", "deep+refined"], kinds
+    t = w.session.transform
+    lam0 = w.reg_weight
+    assert t.refine_info["reg_weight"] == pytest.approx(lam0) and t.refine_info["steps"] == w.session.refine_steps
+    # the refinement equals the engine's for the same pair, λ, start and steps (landmark affine start, pairs as
+    # soft constraints, as the CLI does)
+    lm = read_bigwarp_csv(L2)
+    reg = infer.DeepRegistration(read_image(F2), read_image(M2), device="cpu",
+                                 initial=fit_landmarks("affine", lm.fixed, lm.moving))
+    ref = reg.refine(lam0, steps=w.session.refine_steps, landmarks=(lm.fixed, lm.moving))
+    np.testing.assert_allclose(t.u.numpy(), ref.u.numpy(), atol=1e-3)
+    assert_close_image(warped(viewer), field_resample(t, F2, M2))
+    # a new λ: the prediction for it first, then its refinement
+    kinds.clear()
+    w.lambda_slider.setValue(w.lambda_slider.minimum() + 20)
+    wait_idle(qtbot, w)
+    assert kinds[0] == "deep" and kinds[-1] == "deep+refined", kinds
+    assert w.session.transform.refine_info["reg_weight"] == pytest.approx(w.reg_weight) != pytest.approx(lam0)
+    # a long refinement cancelled: the prediction stays
+    w.refine_steps.setValue(5000)
+    kinds.clear()
+    w.lambda_slider.setValue(w.lambda_slider.minimum() + 40)
+    qtbot.waitUntil(lambda: kinds == ["deep"] and w.progress.isVisibleTo(w), timeout=10000)
+    qtbot.mouseClick(w.cancel_btn, Qt.MouseButton.LeftButton)
+    wait_idle(qtbot, w)
+    assert w.session.transform.kind == "deep" and kinds == ["deep"] and not w.progress.isVisibleTo(w)
 
 
 def test_deep_model_live_lambda_and_overlays(deep2d, qtbot):

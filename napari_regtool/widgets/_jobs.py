@@ -39,6 +39,7 @@ class Jobs(QWidget):
         self.deep_initial = None  # the auto-aligned start of the deep model, when there is one
         self._start_warning = None  # last message about landmark pairs unusable as a linear start
         self._deep_long = False
+        self._auto_refining = False  # the running deep job is the automatic refinement after a prediction
         # runners are not Qt children of the widget: a job finishing after the widget is gone must find them alive
         self.deep_runner = LatestRunner(self._deep_result, self.job_error, "deep")
         self.jobs = LatestRunner(self._job_result, self.job_error, "job")
@@ -113,6 +114,11 @@ class Jobs(QWidget):
         m = self.model
         if not m.ready:
             return
+        if self._auto_refining:  # a new λ (or start): the refinement of the old prediction is no longer wanted
+            self.deep_runner.cancel()
+            self._auto_refining = False
+            self._deep_long = False
+            self._update_busy()
         dev, desc, init, key = self._deep_setup()
         lam = self.host.deep.reg_weight
         self.host.deep.set_status(f"Predicting (λ = {lam:.3g}) on {desc}…")
@@ -125,9 +131,14 @@ class Jobs(QWidget):
         self.model.set_computed("deep", t, **info)
         self.host.deep.set_status(f"{'Refined' if kind == 'refine' else 'Predicted'} with λ = "
                                   f"{info['reg_weight']:.3g} in {info.get('runtime_s', 0):.2f} s.")
+        if kind == "refine":
+            self._auto_refining = False
+        elif self.model.auto_refine and self.model.model == "deep" and gen == self.deep_runner.generation:
+            self.refine(auto=True)  # the accurate result follows in the background
 
-    def refine(self):
-        """Optimise the deep deformation for this pair (cancellable, with progress)."""
+    def refine(self, auto: bool = False):
+        """Optimise the deep deformation for this pair (cancellable, with progress); ``auto``: started by itself
+        after a prediction (a new λ cancels it)."""
         ok, why = deep_available(self.model.ndim)
         if not ok:
             self.host.notify("error", why)
@@ -139,7 +150,9 @@ class Jobs(QWidget):
         dev, desc, init, key = self._deep_setup()
         steps = m.refine_steps
         prev = m.computed.get("deep", {}).get("transform")
-        self.host.deep.set_status(f"Refining ({steps} steps) on {desc}…")
+        self.host.deep.set_status(f"Refining ({steps} steps) on {desc}…" + (
+            " The prediction is shown meanwhile; Cancel keeps it." if auto else ""))
+        self._auto_refining = bool(auto)
         self._deep_long = True
         self.show_progress(True)
         # the active pairs are soft constraints, as in `regtool register --model deep --refine N --landmarks L`
@@ -199,6 +212,7 @@ class Jobs(QWidget):
         half-written or unreported."""
         self.jobs.cancel()
         self.deep_runner.cancel()
+        self._auto_refining = False
         self.resample.cancel()
         if self.files.busy:
             self.host.set_status("Cancelled. Files already being saved are finished first.")

@@ -43,7 +43,7 @@ _CONTROLS = {
     "model_panel": ("model_combo", "smoothing_spin", "smoothing_label"),
     "landmarks": ("add_btn", "first_combo", "on_warped_check", "table", "delete_btn", "undo_btn", "redo_btn",
                   "load_btn", "save_btn", "autosave_label"),
-    "deep": ("lambda_slider", "lambda_label", "refine_steps", "refine_btn", "auto_btn", "device_combo",
+    "deep": ("lambda_slider", "lambda_label", "refine_steps", "refine_btn", "auto_refine", "auto_btn", "device_combo",
              "device_label", "deep_status"),
     "qc": ("warped_check", "blend_slider", "flicker_check", "qc_checks", "suggest_btn"),
     "export": ("apply_combo", "apply_btn", "export_btn", "save_tfm_btn", "save_warped_btn", "save_jac_btn",

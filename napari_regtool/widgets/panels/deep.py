@@ -4,7 +4,9 @@ from __future__ import annotations
 import math
 
 from qtpy.QtCore import Qt, Signal
-from qtpy.QtWidgets import QComboBox, QFormLayout, QHBoxLayout, QLabel, QPushButton, QSlider, QSpinBox, QWidget
+from qtpy.QtWidgets import (
+    QCheckBox, QComboBox, QFormLayout, QHBoxLayout, QLabel, QPushButton, QSlider, QSpinBox, QWidget,
+)
 
 __all__ = ["DeepPanel", "LAMBDA_MIN", "SLIDER_STEPS"]
 
@@ -65,6 +67,12 @@ class DeepPanel(QWidget):
         rrow.addWidget(QLabel("steps"))
         rrow.addWidget(self.refine_steps)
         f.addRow("", rrow)
+        self.auto_refine = QCheckBox("Refine automatically")
+        self.auto_refine.setChecked(model.auto_refine)
+        self.auto_refine.setToolTip("After each prediction of the network (instant), refine it in the background "
+                                    "with the steps above and show the result when it is done; Cancel keeps the "
+                                    "prediction, and moving λ starts again from the network.")
+        f.addRow("", self.auto_refine)
         self.auto_btn = QPushButton("Auto-align")
         self.auto_btn.setToolTip("Intensity-based rigid (model Rigid) or affine alignment, started from the landmark "
                                  "fit when there are enough pairs. With the deep model it becomes its starting point.")
@@ -84,6 +92,7 @@ class DeepPanel(QWidget):
         self.lambda_slider.valueChanged.connect(lambda v: host.call(model.set_reg_weight, _slider_to_lambda(v)))
         self.refine_steps.valueChanged.connect(lambda v: host.call(model.set_refine_steps, v))
         self.refine_btn.clicked.connect(self.refineRequested)
+        self.auto_refine.toggled.connect(lambda on: host.call(model.set_auto_refine, on))
         self.auto_btn.clicked.connect(self.autoRequested)
         self.device_combo.currentIndexChanged.connect(
             lambda _: model.set_device(self.device_combo.currentData() or "auto"))
@@ -112,6 +121,10 @@ class DeepPanel(QWidget):
             self.lambda_slider.setValue(_lambda_to_slider(lam))
             self.lambda_slider.blockSignals(False)
         self.lambda_label.setText(f"{lam:.3g}")
+        if self.auto_refine.isChecked() != m.auto_refine:
+            self.auto_refine.blockSignals(True)
+            self.auto_refine.setChecked(m.auto_refine)
+            self.auto_refine.blockSignals(False)
         if self.refine_steps.value() != m.refine_steps:
             self.refine_steps.blockSignals(True)
             self.refine_steps.setValue(m.refine_steps)
