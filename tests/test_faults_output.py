@@ -46,13 +46,19 @@ def _args(out, model):
             "--model", model, "--landmarks", str(L2), "--device", "cpu", "-q", "--out", str(out)]
 
 
+def _default_sigint():
+    # a suite started in the background (`cmd &` in a script) inherits SIGINT ignored, and so would the runs
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(out, model, **env):
     return subprocess.Popen(_args(out, model), cwd=ROOT, env=_env(**env), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, encoding="utf-8", preexec_fn=_default_sigint)
 
 
 def run(out, model, **env):
-    p = subprocess.run(_args(out, model), cwd=ROOT, env=_env(**env), capture_output=True, text=True, timeout=180)
+    p = subprocess.run(_args(out, model), cwd=ROOT, env=_env(**env), capture_output=True, encoding="utf-8",
+                       timeout=180, preexec_fn=_default_sigint)
     return p.returncode, p.stderr
 
 

@@ -3,13 +3,13 @@
 # for MINUTES minutes each (scripts/gpu-train.sh), and meanwhile run the GPU check (scripts/gpu-check.sh, the
 # engine's tests on CUDA and our benchmark tools). At most 8 files come back under $OUT:
 #   hypermorph2d.pt(.ckpt), hypermorph3d.pt(.ckpt), train2d.log, train3d.log, tests.log, bench.log
-# Carry .whl (scripts/gpu-wheels.sh) for the check. With 15 minutes of device time per session, MINUTES=7 leaves
+# Carry .whl (scripts/gpu-wheels.sh) for the check. With 15 minutes of GPU time in all, MINUTES=7 leaves
 # room for the machine's start and the final evaluation:
-#   run: bash scripts/gpu-session.sh 7        (carry: .whl, timeout_s 600)
+#   run: bash scripts/gpu-all.sh 7        (carry: .whl, timeout_s 600)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-MIN=${1:?usage: scripts/gpu-session.sh MINUTES}
-export OUT=${OUT:-$PWD/out/gpu-session}
+MIN=${1:?usage: scripts/gpu-all.sh MINUTES}
+export OUT=${OUT:-$PWD/out/gpu-all}
 mkdir -p "$OUT"
 train() {  # the data are made on the GPU; if that fails at once, again with the data made on the CPU
   SYNTH_DEVICE=cuda bash scripts/gpu-train.sh "$MIN" "$1" >/dev/null 2>&1 \
