@@ -68,7 +68,8 @@ PATH_OPTIONS = ("fixed", "moving", "landmarks", "fixed_points", "weights")
 NOT_COLUMNS = ("help", "out", "quiet")
 #: environment variables that size the thread pools of torch (OpenMP/MKL), BLAS and ITK in a new worker process
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS")
-_IMAGE_EXT = (".nii.gz", ".mha", ".mhd", ".nii", ".nrrd", ".tif", ".tiff", ".png", ".jpg", ".jpeg", ".dcm")
+_IMAGE_EXT = (".ome.zarr", ".zarr", ".nii.gz", ".mha", ".mhd", ".nii", ".nrrd", ".tif", ".tiff", ".png", ".jpg", ".jpeg",
+              ".dcm")
 _TRUE, _FALSE = ("1", "true", "yes", "y", "on", "x"), ("0", "false", "no", "n", "off")
 _NAME_RE = re.compile(r"^[^./\\\x00-\x1f][^/\\\x00-\x1f]{0,199}$")
 
