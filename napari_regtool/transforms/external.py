@@ -415,7 +415,17 @@ def load_elastix(path, _seen: tuple = ()) -> tuple[Transform, list[str]]:
         if how != "Compose":
             raise InputError(f"{p.name}: HowToCombineTransforms \"{how}\" is not supported (only Compose); load "
                              "transformix's deformationField (-def all) instead.")
-        t = CompositeTransform([first, t])
+        if isinstance(first, SitkTransform) or isinstance(t, SitkTransform):
+            # one SimpleITK composite, so dense fields of the chain are computed in C++ in one pass (a Python
+            # composite would map every voxel through TransformPoint: minutes for a 256³ field); ITK applies the
+            # transform added last first, so the initial transform goes in last
+            sitk = _sitk()
+            chain = sitk.CompositeTransform(t.ndim)
+            chain.AddTransform(t.to_sitk())
+            chain.AddTransform(first.to_sitk())
+            t = SitkTransform(chain, kind=f"{first.kind}+{t.kind}")
+        else:
+            t = CompositeTransform([first, t])
     return t, notices
 
 
