@@ -6,7 +6,7 @@ import numpy as np
 
 from .errors import RegtoolError
 from .image import Image
-from .io import read_image
+from .io import looks_like_label_map, read_image
 from .landmarks import LandmarkPairs, bigwarp_csv_text, read_bigwarp_csv
 from .space import to_array_order
 
@@ -91,6 +91,8 @@ def get_image_reader(path):
         except RegtoolError as exc:
             # napari shows a reader's exception message in its notification area
             raise ValueError(str(exc)) from None
+        if looks_like_label_map(im, p):  # a segmentation opens as labels, so warping keeps its values
+            im = im.with_array(im.array, is_label=True)
         return [image_layer_data(im, p)]
 
     return reader

@@ -517,6 +517,22 @@ def read_image(path, is_label: bool = False, level: int | None = None) -> Image:
     return out
 
 
+_LABEL_NAME = ("label", "seg", "mask", "atlas", "parc", "aseg", "dseg", "annot")
+
+
+def looks_like_label_map(image: Image, path=None, max_labels: int = 5000) -> bool:
+    """Whether an image read from ``path`` is a label map (opened as labels, warped by nearest neighbour): integer
+    voxels, one channel, a file name saying so (``*label*``, ``*seg*``, ``*mask*``, ``*atlas*``, ``*parc*``,
+    ``aseg``, ``dseg``, ``*annot*`` — the names segmentation tools write) and at most ``max_labels`` values."""
+    a = image.array
+    if image.is_multichannel or not np.issubdtype(a.dtype, np.integer):
+        return False
+    name = Path(str(path)).name.lower() if path is not None else image.name.lower()
+    if not any(word in name for word in _LABEL_NAME):
+        return False
+    return len(np.unique(a)) <= max_labels
+
+
 @contextmanager
 def atomic_output(path):
     """Context manager yielding a path with ``path``'s file name inside a fresh hidden folder beside it.

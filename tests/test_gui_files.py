@@ -47,6 +47,28 @@ def test_image_reader_keeps_physical_placement():
     np.testing.assert_allclose(kw["affine"], im.space.napari_affine())
 
 
+def test_label_maps_open_as_labels(make_napari_viewer, tmp_path):
+    """A segmentation file (integer voxels, a name that says so) opens as a Labels layer, which the plugin warps by
+    nearest neighbour (as an image layer, Apply interpolated its values)."""
+    from napari_regtool.widgets._layers import image_from_layer
+
+    from napari.layers import Image as ImageLayer
+    from napari.layers import Labels
+
+    lab_path = F2.with_name("brain2d_moving_labels.nii.gz")
+    (data, kw, kind), = get_image_reader(str(lab_path))(str(lab_path))
+    values = set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(lab_path)))))
+    assert kind == "labels" and set(np.unique(data)) == values
+    # the same integers under a name that does not say "labels" stay an image (a CT in HU is integer too)
+    plain = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(sitk.ReadImage(str(lab_path)), str(plain))
+    assert get_image_reader(str(plain))(str(plain))[0][2] == "image"
+    viewer = make_napari_viewer()
+    layer = viewer.open(str(lab_path), plugin=PLUGIN)[0]
+    assert isinstance(layer, Labels) and not isinstance(layer, ImageLayer)
+    assert image_from_layer(layer).is_label
+
+
 def test_open_files_in_the_viewer_and_write_them_back(make_napari_viewer, qtbot, tmp_path):
     viewer = make_napari_viewer()
     fixed = viewer.open(str(F2), plugin=PLUGIN)[0]
