@@ -982,7 +982,8 @@ def load_transform_for_qc(path, fixed, *, convention=None):
         t = ras_matrix
         source = "ras-matrix"
         notices.append(f"{name} is a plain-text affine matrix (Greedy, c3d): read in RAS coordinates, as those tools "
-                       "write it, and converted to ITK's LPS.")
+                       "write it, and converted to ITK's LPS. An FSL FLIRT matrix is in another frame (scaled voxel "
+                       "coordinates): convert it first with c3d_affine_tool -ref F -src M M.mat -fsl2ras -oitk T.txt.")
         if conv is not None and conv.ras:
             raise InputError(f"{name} is a Greedy/c3d text matrix, which is always in RAS; drop 'ras' from the "
                              "convention.")
