@@ -159,3 +159,16 @@ def test_written_transforms_read_back(tmp_path):
         write_transform(tmp_path / name, t, space)
         back = read_transform(tmp_path / name)
         np.testing.assert_allclose(back.map_points(voxels), t.map_points(voxels), atol=1e-5, err_msg=name)
+
+
+def test_every_subpackage_is_in_the_wheel():
+    """pyproject.toml lists the packages the wheel carries; a sub-package missing there installs without it (an
+    editable checkout hides that; the wheel smoke test in CI does not)."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(root).parts) for p in (root / "napari_regtool").rglob("__init__.py")
+             if "__pycache__" not in p.parts}
+    assert found - listed == set(), f"add to [tool.setuptools] packages: {sorted(found - listed)}"
