@@ -174,3 +174,21 @@ def test_reopening_the_widget_adopts_its_layers(make_napari_viewer, qtbot):
     # the closed widget does not react any more (no second pair added by it for one click)
     w2.click(to_array_order(w2.session.pairs.fixed[0]), side="fixed")
     assert len(w2.session.pairs) == 11
+
+
+def test_a_warped_rgb_image_keeps_its_colours(make_napari_viewer, qtbot):
+    """Fault 4: an 8-bit RGB moving image warped onto the fixed grid is shown on its own 0–255 range (as a float
+    layer on napari's default 0–1 range it was washed-out white)."""
+    yy, xx = np.mgrid[0:128, 0:128]
+    rgb = np.stack([(yy * 2) % 256, (xx * 2) % 256, ((xx + yy) * 3) % 256], -1).astype(np.uint8)
+    viewer = make_napari_viewer()
+    fixed = viewer.add_image(rgb, rgb=True, name="rgb fixed")
+    moving = viewer.add_image(np.roll(rgb, 3, axis=1), rgb=True, name="rgb moving")
+    w = open_with_widget(viewer, qtbot)
+    w.fixed_combo.setCurrentIndex(w.fixed_combo.findData(fixed))
+    w.moving_combo.setCurrentIndex(w.moving_combo.findData(moving))
+    wait_idle(qtbot, w)
+    assert w.session.ready and w.session.moving.is_multichannel
+    layer = viewer.layers["moving (warped)"]
+    assert layer.rgb and tuple(layer.contrast_limits) == (0.0, 255.0)  # napari's default for float RGB: 0–1
+    assert np.asarray(layer.data).shape == rgb.shape

@@ -540,10 +540,16 @@ class RegistrationWidget(QWidget):
                 warped = None
             if warped is None:
                 ml = self._moving_layer
+                rgb = s.moving.is_multichannel and s.moving.n_channels in (3, 4)
                 clim = tuple(ml.contrast_limits) if ml is not None and not ml.rgb else None
+                if rgb:
+                    # the warped copy is float; napari shows float RGB on 0–1, which turned 8-bit colour white
+                    dt = s.moving.array.dtype
+                    clim = (0.0, float(np.iinfo(dt).max)) if np.issubdtype(dt, np.integer) else \
+                        (float(s.moving.array.min()), float(s.moving.array.max()))
                 warped = self.viewer.add_image(
                     np.zeros(shape, np.float32), name="moving (warped)", colormap="magenta", blending="additive",
-                    opacity=self.qc.opacity, rgb=s.moving.is_multichannel and s.moving.n_channels in (3, 4),
+                    opacity=self.qc.opacity, rgb=rgb,
                     metadata={META_KEY: {"role": "warped"}}, **image_layer_kwargs(fs),
                     **({"contrast_limits": clim} if clim else {}))
                 self._att.own("warped", warped)
