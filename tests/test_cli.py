@@ -332,3 +332,29 @@ def test_folding_tps_is_reported_once_and_warned(tmp_path, capsys):
     assert sum("folds" in w for w in rep["warnings"]) == 1
     jac = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "jacobian.nii.gz")))
     assert 100.0 * np.mean(jac <= 0) == pytest.approx(rep["folding_percent"], rel=1e-6)
+
+
+def test_similarity_is_measured_where_the_moving_image_lands(tmp_path):
+    """A perfect rigid alignment of a moving image that covers only part of the fixed one: the report's NCC is
+    that of the overlap (≈ 1), not of the whole fixed grid with the fill value outside (issue 11, fault 6)."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(4)
+    big = ndimage.gaussian_filter(rng.random((120, 120)), 3).astype(np.float32) * 1000
+    fixed = sitk.GetImageFromArray(big)
+    moving = sitk.GetImageFromArray(big[30:100, 20:110].copy())  # a crop: the same physical content, shifted
+    moving.SetOrigin([20.0, 30.0])
+    sitk.WriteImage(fixed, str(tmp_path / "f.nii.gz"))
+    sitk.WriteImage(moving, str(tmp_path / "m.nii.gz"))
+    pts = np.array([[30.0, 40.0], [90.0, 45.0], [60.0, 90.0], [40.0, 80.0]])
+    lm = tmp_path / "lm.csv"
+    lm.write_text("".join(f'"P{i}","true","{x}","{y}","{x}","{y}"\n' for i, (x, y) in enumerate(pts)))
+    out = tmp_path / "out"
+    assert run("register", "--fixed", tmp_path / "f.nii.gz", "--moving", tmp_path / "m.nii.gz", "--model", "rigid",
+               "--landmarks", lm, "--device", "cpu", "--out", out, "-q") == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["similarity_after"]["ncc"] > 0.999
+    # over the whole fixed grid (zeros where the moving image does not reach) the same result scores far lower
+    warped = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "warped.nii.gz")))
+    assert np.corrcoef(big.ravel(), warped.ravel())[0, 1] < 0.9
+    assert rep["similarity_before"]["ncc"] > 0.999  # the crop sits where it belongs: already aligned
