@@ -11,9 +11,10 @@ cd "$(dirname "$0")/.."
 MIN=${1:?usage: scripts/gpu-all.sh MINUTES}
 export OUT=${OUT:-$PWD/out/gpu-all}
 mkdir -p "$OUT"
-train() {  # the data are made on the GPU; if that fails at once, again with the data made on the CPU
+train() {  # the data are made on the GPU; if that run fails, once more with the data made on the CPU, continuing
+  # from the last checkpoint it wrote (gpu-train.sh keeps a checkpoint already in $OUT)
   SYNTH_DEVICE=cuda bash scripts/gpu-train.sh "$MIN" "$1" >/dev/null 2>&1 \
-    || { [ -f "$OUT/hypermorph$1d.pt.ckpt" ] || SYNTH_DEVICE=cpu bash scripts/gpu-train.sh "$MIN" "$1" >/dev/null 2>&1; }
+    || SYNTH_DEVICE=cpu bash scripts/gpu-train.sh "$MIN" "$1" >/dev/null 2>&1
 }
 train 2 & p2=$!
 train 3 & p3=$!

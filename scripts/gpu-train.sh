@@ -25,7 +25,9 @@ BATCH=${BATCH:-$([ "$NDIM" = 3 ] && echo 8 || echo 64)}  # the first H200 run (4
 ckpt=training/hypermorph${NDIM}d.pt.ckpt
 out="$OUTDIR/hypermorph${NDIM}d.pt"
 init=()
-if [ -f "$ckpt" ]; then
+if [ -f "$out.ckpt" ]; then
+  :  # a checkpoint from an earlier try in this output folder: continue it
+elif [ -f "$ckpt" ]; then
   cp "$ckpt" "$out.ckpt"
 else
   init=(--init-from "napari_regtool/deep/weights/hypermorph${NDIM}d.pt")
