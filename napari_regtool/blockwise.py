@@ -19,7 +19,7 @@ import torch
 
 from .space import Space
 from .transforms.base import Transform
-from .transforms.field import resample
+from .transforms.field import outside_itk, resample
 
 __all__ = ["warp_lazy", "block_space", "read_region_for"]
 
@@ -34,13 +34,14 @@ def block_space(space: Space, starts) -> callable:
 def read_region_for(index_grid: torch.Tensor, moving_shape, halo: int = 1):
     """Array-order slices of the moving image that hold every sample the index grid needs, or ``None``.
 
-    ``index_grid``: (*S, D) continuous moving indices, x first. Points outside ITK's inside range
-    (``-0.5 ≤ i ≤ n − 0.5`` on every axis) are filled, not sampled, so they do not widen the region.
+    ``index_grid``: (*S, D) continuous moving indices, x first. Points outside the image (by the sampler's own
+    rule, :func:`~napari_regtool.transforms.field.outside_itk`) are filled, not sampled, so they do not widen the
+    region.
     """
     d = len(moving_shape)
     size_xyz = torch.as_tensor(list(moving_shape)[::-1], dtype=index_grid.dtype, device=index_grid.device)
     g = index_grid.reshape(-1, d)
-    inside = ((g >= -0.5) & (g <= size_xyz - 0.5)).all(1) & torch.isfinite(g).all(1)
+    inside = ~outside_itk(g, size_xyz) & torch.isfinite(g).all(1)
     if not bool(inside.any()):
         return None
     pts = g[inside]

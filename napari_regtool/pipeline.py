@@ -23,7 +23,7 @@ from .space import Space
 from .transforms import (LANDMARK_MODELS, MODELS, fit_landmarks, initial_from_landmarks, leave_one_out, min_pairs,
                          residuals)
 from .transforms.base import IdentityTransform, Transform, index_grid_from_field
-from .transforms.field import jacobian_determinant, resample
+from .transforms.field import jacobian_determinant, outside_itk, resample
 
 __all__ = ["RegistrationResult", "check_pair", "register", "finish_result", "evaluate", "warp_image", "write_outputs",
            "OUTPUT_FILES"]
@@ -156,8 +156,7 @@ def evaluate(result: RegistrationResult, need_warped=True, uncertainty=None, cha
 def _inside(index_grid: torch.Tensor, moving_space: Space):
     """Fixed voxels whose mapped point falls inside the moving image (ITK's rule), or ``None`` when all do or none
     does (the metrics then use every voxel)."""
-    size = torch.as_tensor(list(moving_space.shape)[::-1], dtype=index_grid.dtype, device=index_grid.device)
-    ok = ((index_grid >= -0.5) & (index_grid <= size - 0.5)).all(-1)
+    ok = ~outside_itk(index_grid, list(moving_space.shape)[::-1])
     n = int(ok.sum())
     return None if n == ok.numel() or n < 16 else ok
 

@@ -22,7 +22,7 @@ from .base import DEFAULT_CHUNK, Transform, affine_index_grid
 __all__ = [
     "identity_index_grid", "index_to_normalized", "sample_at_index", "warp", "integrate_velocity",
     "resize_vector_field", "jacobian_determinant", "jacobian_determinant_index", "physical_to_index_field",
-    "index_to_physical_field", "DisplacementFieldTransform", "resample",
+    "index_to_physical_field", "DisplacementFieldTransform", "resample", "outside_itk",
 ]
 
 
@@ -39,8 +39,10 @@ def index_to_normalized(idx: torch.Tensor, size_xyz) -> torch.Tensor:
     return idx * scale - (n > 1).to(idx.dtype)
 
 
-def _outside_itk(idx: torch.Tensor, size_xyz) -> torch.Tensor:
-    """(B, *out) bool: continuous indices outside ITK's buffer, i.e. not in ``[−0.5, n − 0.5)`` on every axis."""
+def outside_itk(idx: torch.Tensor, size_xyz) -> torch.Tensor:
+    """(…) bool from (…, D) continuous indices (x, y, z): outside ITK's buffer, i.e. not in ``[−0.5, n − 0.5)`` on
+    every axis — where resampling gives the fill value (the one rule :func:`sample_at_index` and every caller that
+    must know which points land in the image use)."""
     n = torch.as_tensor(size_xyz, dtype=idx.dtype, device=idx.device)
     return ((idx < -0.5) | (idx >= n - 0.5)).any(-1)
 
@@ -85,7 +87,7 @@ def sample_at_index(src: torch.Tensor, idx: torch.Tensor, mode: str = "linear", 
     else:
         raise ValueError(f"sample_at_index: mode must be 'linear' or 'nearest', got {mode!r}.")
     if padding == "itk":
-        out = out.masked_fill(_outside_itk(idx, size_xyz).unsqueeze(1), fill)
+        out = out.masked_fill(outside_itk(idx, size_xyz).unsqueeze(1), fill)
     return out
 
 
