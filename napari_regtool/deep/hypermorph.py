@@ -212,7 +212,7 @@ class HyperMorphModel(nn.Module):
         return mean, logvar
 
     def register(self, fixed: torch.Tensor, moving: torch.Tensor, lam, passes: int | None = None,
-                 symmetric: bool = False) -> dict:
+                 symmetric: bool = False, start: torch.Tensor | None = None) -> dict:
         """The recursive cascade: ``passes`` network runs, each on (fixed, moving warped so far), composed.
 
         Parameters
@@ -222,12 +222,14 @@ class HyperMorphModel(nn.Module):
         passes : number of network runs (default: the model's ``passes``)
         symmetric : run every pass on (fixed, warped) and (warped, fixed) and keep half the difference of the two
             velocities, so each step is exactly antisymmetric and identical images give exactly the identity
+        start : (B, D, *S/2) displacement to continue from (half-grid voxels; default: the identity), e.g. a
+            coarser level's result on this grid
 
         Returns
         -------
         dict with ``disp`` (B, D, *S/2): the total fixed → moving displacement ``x ↦ x + disp(x)`` in half-grid
         voxels; ``logvar``: the last pass's velocity log-variance (or ``None``); ``velocities``: every pass's mean
-        velocity; ``before_last``: the displacement composed before the last pass (``None`` for one pass).
+        velocity; ``before_last``: the displacement composed before the last pass (``start`` for one pass).
         """
         passes = self.passes if passes is None else int(passes)
         shape = tuple(fixed.shape[2:])
@@ -235,7 +237,13 @@ class HyperMorphModel(nn.Module):
         lam_t = torch.as_tensor(lam, dtype=fixed.dtype, device=fixed.device).reshape(-1)
         if symmetric:
             lam_t = torch.cat([lam_t, lam_t]) if lam_t.numel() > 1 else lam_t
-        total, before, logvar, velocities, warped = None, None, None, [], moving
+        total, before, logvar, velocities = start, None, None, []
+
+        def warped_so_far():  # (resampling is not exact at zero displacement: identical images stay aligned)
+            return warp(moving, resize_vector_field(total, shape)) if total is not None and bool(total.any()) \
+                else moving
+
+        warped = warped_so_far()
         for i in range(passes):
             if symmetric:
                 both, lv = self(torch.cat([torch.cat([fixed, warped], 1), torch.cat([warped, fixed], 1)]), lam_t)
@@ -249,8 +257,8 @@ class HyperMorphModel(nn.Module):
             total = step if total is None else step + warp(total, step)
             velocities.append(mean)
             logvar = lv
-            if i + 1 < passes and bool(total.any()):  # (resampling is not exact at zero displacement)
-                warped = warp(moving, resize_vector_field(total, shape))
+            if i + 1 < passes:
+                warped = warped_so_far()
         return {"disp": total, "logvar": logvar, "velocities": velocities, "before_last": before}
 
     def displacement(self, velocity: torch.Tensor, shape=None) -> torch.Tensor:

@@ -259,8 +259,6 @@ class DeepRegistration:
         """One finer pyramid level: the network again (``passes`` single passes) on a grid of long side ``size``,
         started from ``disp`` (on ``grid``). Skipped (``grid`` comes back) when that grid would not be finer, or when
         its velocity grid would be finer than the images."""
-        from ..transforms.field import resize_vector_field, warp
-
         d = self.ndim
         ws = working_space(self.fixed.space, size, self.model.multiple)
         finest = min(float(self.fixed.space.spacing.min()), float(self.moving.space.spacing.min()))
@@ -271,16 +269,9 @@ class DeepRegistration:
         xf = self._to_grid(self._f01, self.fixed.space, IdentityTransform(d).as_affine(), ws, s, "fixed")
         xm = self._to_grid(self._m01, self.moving.space, self._pre, ws, s, "moving")
         xf, xm = xf[None, None].to(self.device), xm[None, None].to(self.device)
-        total = _regrid(disp, grid, half)
-        logvar = None
-        for _ in range(passes):
-            # (resampling is not exact at zero displacement: identical images must stay exactly aligned)
-            warped = warp(xm, resize_vector_field(total, tuple(ws.shape))) if bool(total.any()) else xm
-            out = self.model.register(xf, warped, lam, passes=1, symmetric=self.symmetric)
-            step = out["disp"]
-            total = step + warp(total, step)
-            logvar = out["logvar"]
-        return total, logvar, half
+        out = self.model.register(xf, xm, lam, passes=passes, symmetric=self.symmetric,
+                                  start=_regrid(disp, grid, half))
+        return out["disp"], out["logvar"], half
 
     @property
     def prealignment(self) -> Transform | None:
