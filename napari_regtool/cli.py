@@ -51,7 +51,7 @@ def _cmd_register(args) -> int:
     fixed = read_image(args.fixed, level=level)
     moving = read_image(args.moving, level=level)
     _say_notices(args, fixed, moving)
-    _check_units(fixed, moving)
+    _check_units(*_units_of(fixed, moving))
     landmarks = read_landmarks(args.landmarks, args.fixed_points) if args.landmarks else None
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -103,14 +103,11 @@ def _parse_iterations(text: str) -> tuple:
     return its
 
 
-_MM = {"millimeter": 1.0, "micrometer": 1e-3, "nanometer": 1e-6, "centimeter": 10.0, "meter": 1000.0,
-       "angstrom": 1e-7}
-
-
-def _check_units(*images) -> None:
+def _check_units(*named_units) -> None:
     """Refuse to mix physical units: an OME-Zarr image in micrometres next to one in millimetres (every ITK format:
-    NIfTI, MHA, NRRD, DICOM) would be registered 1000× off."""
-    units = [(im.name, (im.meta.get("unit") or "millimeter")) for im in images if im is not None]
+    NIfTI, MHA, NRRD, DICOM) would be registered 1000× off. ``named_units``: ``(name, unit or None)`` pairs, ``None``
+    for ITK formats (millimetres)."""
+    units = [(n, u or "millimeter") for n, u in named_units]
     known = {u for _, u in units}
     if len(known) > 1:
         listed = ", ".join(f"{n} in {u}" for n, u in units)
@@ -118,13 +115,20 @@ def _check_units(*images) -> None:
                            "so both use the same unit (e.g. write both as OME-Zarr, or rescale the spacing).")
 
 
+def _units_of(*images) -> list:
+    return [(im.name, im.meta.get("unit")) for im in images]
+
+
+def _say_notes(args, notes) -> None:
+    if not getattr(args, "quiet", False):
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
+
+
 def _say_notices(args, *images) -> None:
     """Print what reading the images had to say (a DICOM folder with several series, an OME-Zarr time series)."""
-    if getattr(args, "quiet", False):
-        return
     for im in images:
-        for note in (im.meta.get("notices") or []) if im is not None else []:
-            print(f"note: {note}", file=sys.stderr)
+        _say_notes(args, im.meta.get("notices") or [])
 
 
 def _cmd_apply(args) -> int:
@@ -137,7 +141,7 @@ def _cmd_apply(args) -> int:
     moving = read_image(args.moving, is_label=args.labels, level=args.level or 0)
     reference = read_image(args.reference, level=0)
     _say_notices(args, moving, reference)
-    _check_units(moving, reference)
+    _check_units(*_units_of(moving, reference))
     transform = read_transform(args.transform)
     if transform.ndim != reference.ndim or moving.ndim != reference.ndim:
         raise RegtoolError(f"Dimensions differ: transform {transform.ndim}D, moving {moving.ndim}D, reference "
@@ -173,9 +177,7 @@ def _apply_blockwise(args) -> int:
             k = int(level or 0)
             if not 0 <= k < len(img.levels):
                 raise RegtoolError(f"{Path(path).name} has {len(img.levels)} level(s); --level {k} does not exist.")
-            for note in img.notices:
-                if not args.quiet:
-                    print(f"note: {note}", file=sys.stderr)
+            _say_notes(args, img.notices)
             return img.lazy(k), img.levels[k].space, img.unit
         im = read_image(path, is_label=is_label)
         _say_notices(args, im)
@@ -192,9 +194,7 @@ def _apply_blockwise(args) -> int:
         rspace, unit = ref.levels[0].space, ref.unit
     else:
         rspace, unit = read_image(args.reference).space, None
-    if (munit or "millimeter") != (unit or "millimeter"):
-        raise RegtoolError(f"The moving image is in {munit or 'millimeter'} and the reference in {unit or 'millimeter'} "
-                           "(ITK formats are in millimetres); convert one so both use the same unit.")
+    _check_units((Path(args.moving).name, munit), (Path(args.reference).name, unit))
     transform = read_transform(args.transform)
     if transform.ndim != rspace.ndim or len(mspace.shape) != rspace.ndim:
         raise RegtoolError(f"Dimensions differ: transform {transform.ndim}D, moving {len(mspace.shape)}D, "

@@ -37,7 +37,8 @@ def _sitk():
     return sitk
 
 
-def _read_dicom_series(folder: Path):
+def _read_dicom_series(folder: Path) -> tuple:
+    """The DICOM series with most slices in ``folder``, and a notice naming the others (or ``None``)."""
     sitk = _sitk()
     ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     if not ids:
@@ -48,15 +49,11 @@ def _read_dicom_series(folder: Path):
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files[best])
     img = reader.Execute()
-    if len(ids) > 1:
-        others = ", ".join(f"{s} ({len(files[s])} files)" for s in ids if s != best)
-        _DICOM_NOTICES[str(folder)] = (f"{folder.name} holds {len(ids)} DICOM series; read {best} ({len(files[best])} "
-                                       f"files), not {others}. Put each series in its own folder to choose another.")
-    return img
-
-
-#: what the last read of each DICOM folder had to say (several series), picked up by :func:`read_image`
-_DICOM_NOTICES: dict = {}
+    if len(ids) == 1:
+        return img, None
+    others = ", ".join(f"{s} ({len(files[s])} files)" for s in ids if s != best)
+    return img, (f"{folder.name} holds {len(ids)} DICOM series; read {best} ({len(files[best])} files), not "
+                 f"{others}. Put each series in its own folder to choose another.")
 
 
 def image_from_sitk(img, name: str = "image", is_label: bool = False) -> Image:
@@ -503,7 +500,7 @@ def read_image(path, is_label: bool = False, level: int | None = None) -> Image:
     if not p.is_dir():
         verify_image_file(p)
     try:
-        img = _read_dicom_series(p) if p.is_dir() else sitk.ReadImage(str(p))
+        img, note = _read_dicom_series(p) if p.is_dir() else (sitk.ReadImage(str(p)), None)
     except InputError:
         raise
     except Exception as exc:  # SimpleITK raises RuntimeError with a long C++ trace
@@ -511,7 +508,6 @@ def read_image(path, is_label: bool = False, level: int | None = None) -> Image:
         raise InputError(f"Cannot read {p.name} as an image ({first[:200]}). Supported formats include NIfTI, "
                          "MHA/MHD, NRRD, TIFF, PNG, JPEG and DICOM.") from None
     out = image_from_sitk(img, name=name, is_label=is_label)
-    note = _DICOM_NOTICES.pop(str(p), None)
     if note:
         out.meta.setdefault("notices", []).append(note)
     return out

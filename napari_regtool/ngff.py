@@ -369,19 +369,3 @@ def _downsample(prev, shape, is_label: bool):
         info = np.iinfo(prev.dtype)
         return da.clip(da.round(out), info.min, info.max).astype(prev.dtype)
     return out.astype(prev.dtype)
-
-
-def physical_extent(space: Space) -> float:
-    """Longest side of a grid in physical units (helper for messages)."""
-    return float(max(np.asarray(space.shape[::-1]) * space.spacing))
-
-
-def describe(img: NgffImage) -> str:
-    """One line per level: path, shape and spacing (for ``regtool info``-like messages)."""
-    rows = []
-    for lv in img.levels:
-        sp = ", ".join(f"{v:g}" for v in lv.space.spacing)
-        rows.append(f"level {lv.path}: {'×'.join(str(s) for s in lv.space.shape)} voxels, spacing {sp}"
-                    + (f" {img.unit}" if img.unit else ""))
-    return "\n".join(rows) if rows else "(no levels)"
-

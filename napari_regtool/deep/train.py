@@ -299,7 +299,7 @@ def train(config: TrainConfig, log=print) -> Path:
             gen.manual_seed(cfg.seed + step)
             log(f"The checkpoint's data generator was on another device; reseeded at step {step}.")
         history = list(payload.get("history", []))
-        if limit_s_given(cfg) and "lr_now" in payload:
+        if cfg.max_minutes is not None and "lr_now" in payload:
             # a time-limited continuation starts near the rate the checkpoint ended at, not at --lr: a jump back to
             # the full rate undoes much of the previous run in a few steps (seen: synthetic Dice 0.73 → 0.57 in
             # 8 steps); it still decays to lr/10
@@ -383,10 +383,6 @@ def train(config: TrainConfig, log=print) -> Path:
     log(f"Wrote {out} after {step} steps ({elapsed / 60:.1f} min, {stopped}); held-out synthetic Dice "
         f"{evaluation['dice_before']:.3f} → {evaluation['lambda_0.5']['dice']:.3f} at λ=0.5.")
     return out
-
-
-def limit_s_given(cfg: TrainConfig) -> bool:
-    return cfg.max_minutes is not None
 
 
 def _meta(cfg: TrainConfig, step, elapsed, history, data_desc) -> dict:
