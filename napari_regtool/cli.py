@@ -2,7 +2,8 @@
 
     regtool register --fixed F --moving M --model {rigid,similarity,affine,tps,deep,deformable,auto-rigid,
                      auto-affine} [--landmarks L.csv] [--smoothing S] [--reg-weight λ] [--refine N] [--uncertainty]
-                     [--iterations 100x70x50] [--similarity lncc|mse|mi] [--device auto|cpu|cuda] --out DIR
+                     [--iterations 100x70x50] [--similarity lncc|mse|mi] [--device auto|cpu|cuda]
+                     [--blockwise [--block N] [--overlap M] [--global auto|landmarks|auto-affine|…]] --out DIR
     regtool apply    --transform T --moving M --reference F [--labels] [--invert] --out FILE
     regtool qc       --transform T --fixed F [--moving M] [--labels-fixed L --labels-moving L] [--landmarks P.csv]
                      [--mask K] [--convention C] --out DIR
@@ -14,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -21,6 +23,17 @@ from pathlib import Path
 from .errors import Cancelled, RegtoolError
 
 __all__ = ["main", "build_parser"]
+
+
+#: whether a progress bar's line is open (written with ``\r`` and no newline yet): a message printed then must
+#: start on a line of its own, not be appended to the bar
+_BAR = {"open": False}
+
+
+def _end_progress_line():
+    if _BAR["open"]:
+        _BAR["open"] = False
+        print(file=sys.stderr, flush=True)
 
 
 def _progress_printer(quiet: bool):
@@ -34,8 +47,9 @@ def _progress_printer(quiet: bool):
             state["last"] = pct
             bar = "#" * (pct // 5)
             print(f"\r[{bar:<20}] {pct:3d}% {message[:50]:<50}", end="", file=sys.stderr, flush=True)
+            _BAR["open"] = True
             if pct >= 100:
-                print(file=sys.stderr)
+                _end_progress_line()
 
     return progress
 
@@ -47,6 +61,7 @@ def _cmd_register(args) -> int:
 
     if args.fixed_points and not args.landmarks:
         raise RegtoolError("--fixed-points pairs with the moving image's points given by --landmarks; give both.")
+    _check_blockwise_options(args)
     level = getattr(args, "level", None)
     fixed = read_image(args.fixed, level=level)
     moving = read_image(args.moving, level=level)
@@ -65,10 +80,14 @@ def _cmd_register(args) -> int:
     if not 0 <= args.refine <= MAX_REFINE:
         raise RegtoolError(f"--refine {args.refine}: give 0 (no refinement) to {MAX_REFINE} iterations; the result "
                            "stops changing after a few hundred.")
-    result = register(fixed, moving, args.model, landmarks=landmarks, smoothing=args.smoothing, kernel=kernel,
-                      device=args.device, iterations=iterations, similarity=args.similarity,
-                      reg_weight=args.reg_weight, refine=args.refine, uncertainty=args.uncertainty, weights=args.weights,
-                      channel=args.channel, progress=_progress_printer(args.quiet), warn=warn)
+    if getattr(args, "blockwise", False):
+        result = _register_blockwise(args, fixed, moving, landmarks, iterations, warn)
+    else:
+        result = register(fixed, moving, args.model, landmarks=landmarks, smoothing=args.smoothing, kernel=kernel,
+                          device=args.device, iterations=iterations, similarity=args.similarity,
+                          reg_weight=args.reg_weight, refine=args.refine, uncertainty=args.uncertainty,
+                          weights=args.weights, channel=args.channel, progress=_progress_printer(args.quiet),
+                          warn=warn)
     paths = write_outputs(result, out)
     rep = result.report()
     if not args.quiet:
@@ -85,6 +104,142 @@ def _cmd_register(args) -> int:
 
 #: upper bound of --refine: well past convergence (a 2D pair converges within ~200 iterations, a 3D pair ~300)
 MAX_REFINE = 2000
+
+#: `register --blockwise` defaults: core side and overlap (voxels of the registration level), blocks at a time
+BLOCKWISE_DEFAULTS = {"block": 128, "overlap": 32, "block_workers": 2}
+#: largest level (voxels) the global alignment of `register --blockwise` runs on, by dimension
+GLOBAL_VOXELS = {2: 2 ** 18, 3: 2 ** 21}
+
+
+def _check_blockwise_options(args) -> None:
+    """The block-wise options alone, before any image is read: one clear message for a bad value."""
+    names = ("block", "overlap", "global_model", "empty_threshold", "block_workers")
+    if not getattr(args, "blockwise", False):
+        given = [n for n in names if getattr(args, n, None) is not None]
+        if given:
+            raise RegtoolError(f"{', '.join('--' + n.replace('_', '-') for n in given)} set(s) block-wise refinement; "
+                               "add --blockwise (with --model deformable), or leave them out.")
+        return
+    from .blockrefine import check_block_options
+    from .errors import InputError
+
+    if args.model != "deformable":
+        raise RegtoolError(f"--blockwise refines with the deformable model, not {args.model}; use --model deformable "
+                           "(the global alignment is chosen with --global).")
+    for n in ("block", "overlap", "block_workers"):
+        if getattr(args, n, None) is None:
+            setattr(args, n, BLOCKWISE_DEFAULTS[n])
+    try:
+        check_block_options(args.block, args.overlap)
+    except InputError as exc:
+        raise RegtoolError(f"--block {args.block} --overlap {args.overlap}: {exc}") from None
+    if args.block_workers < 1:
+        raise RegtoolError(f"--block-workers {args.block_workers}: give 1 or more blocks at a time.")
+    if args.empty_threshold is not None and not math.isfinite(args.empty_threshold):
+        raise RegtoolError(f"--empty-threshold {args.empty_threshold}: give a finite intensity.")
+    for given, what in ((args.refine, "--refine"), (args.uncertainty, "--uncertainty"), (args.weights, "--weights")):
+        if given:
+            raise RegtoolError(f"{what} belongs to the deep model; --blockwise uses the deformable optimiser.")
+
+
+def _register_blockwise(args, fixed, moving, landmarks, iterations, warn):
+    """``register --blockwise``: a global linear alignment on a coarse level, then block-wise deformable refinement
+    on the registration level (:func:`napari_regtool.blockrefine.refine_blockwise`); evaluated and reported like
+    every other registration."""
+    import time
+
+    from .blockrefine import plan_blocks, refine_blockwise
+    from .deep.infer import DEFAULT_REG_WEIGHT
+    from .deformable import DEFAULT_ITERATIONS, sigmas_for_reg_weight
+    from .device import resolve_device
+    from .errors import InputError
+    from .pipeline import check_pair, finish_result
+
+    notes = []
+
+    def _warn(msg):
+        notes.append(msg)
+        warn(msg)
+
+    check_pair(fixed, moving)
+    plan_blocks(fixed.space.shape, args.block, args.overlap)  # an image too small for blocks, before any work
+    if landmarks is not None:
+        if landmarks.ndim != fixed.ndim:
+            raise InputError(f"The landmarks are {landmarks.ndim}D but the images are {fixed.ndim}D.")
+        landmarks.check_inside(fixed.space, moving.space)
+    if args.smoothing or args.kernel != "auto":
+        _warn("The TPS smoothing and kernel apply to the TPS model only; they are ignored with --blockwise.")
+    channel = args.channel
+    fixed_s = fixed.with_array(fixed.scalar(channel)) if fixed.is_multichannel else fixed
+    moving_s = moving.with_array(moving.scalar(channel)) if moving.is_multichannel else moving
+    dev = resolve_device(args.device, warn=_warn)
+    printer = _progress_printer(args.quiet)
+    t0 = time.perf_counter()
+    glob, start = _blockwise_global(args, fixed_s, moving_s, landmarks,
+                                    lambda f, m: printer(0.1 * f, f"global: {m}"))
+    lam = DEFAULT_REG_WEIGHT if args.reg_weight is None else float(args.reg_weight)
+    sig_u, sig_f = sigmas_for_reg_weight(lam)
+    transform = refine_blockwise(fixed_s, moving_s, glob, block=args.block, overlap=args.overlap,
+                                 threshold=args.empty_threshold, workers=args.block_workers, device=dev,
+                                 similarity=args.similarity, sigma_update=sig_u, sigma_field=sig_f,
+                                 iterations=DEFAULT_ITERATIONS if iterations is None else iterations,
+                                 progress=lambda f, m: printer(0.1 + 0.9 * f, m))
+    info = dict(transform.blockwise_info)
+    info["iterations"] = list(DEFAULT_ITERATIONS if iterations is None else iterations)
+    extra = {"reg_weight": lam, "start": start, "similarity": args.similarity, "blockwise": info}
+    if not args.quiet:
+        print(f"blocks: {info['blocks_refined']} refined, {info['blocks_empty']} empty, {info['blocks_outside']} "
+              f"outside the moving image (of {info['blocks']})", file=sys.stderr)
+    return finish_result(fixed, moving, transform, "deformable", dev, time.perf_counter() - t0, landmarks,
+                         extra=extra, channel=channel, warnings=notes, warn=warn)
+
+
+def _blockwise_global(args, fixed, moving, landmarks, progress):
+    """The global transform of ``register --blockwise`` and how it was found: ``--global`` auto (a landmark
+    affine when there are enough landmark pairs for one, else auto-affine), landmarks, auto-rigid, auto-affine (on a coarse OME-Zarr
+    level when the inputs are OME-Zarr) or none."""
+    from .transforms import IdentityTransform, initial_from_landmarks, min_pairs
+
+    d = fixed.ndim
+    mode = args.global_model or "auto"
+    if mode == "none":
+        return IdentityTransform(d), "identity"
+    init = None
+    if landmarks is not None:
+        lf, lm = landmarks.fit_points()
+        init = initial_from_landmarks("affine", lf, lm, d)  # None when there are too few pairs for an affine
+    if mode == "auto":
+        mode = "landmarks" if init is not None else "auto-affine"
+    if mode == "landmarks":
+        if init is None:
+            raise RegtoolError(f"--global landmarks needs at least {min_pairs('affine', d)} landmark pairs "
+                               "(--landmarks); give more, or use --global auto-affine.")
+        return init, "landmark affine"
+    from .autoreg import auto_linear
+
+    cf, cm, where = _coarse_pair(args, fixed, moving)
+    kind = mode.split("-")[1]
+    t = auto_linear(cf, cm, model=kind, initial=init, progress=progress)
+    return t, f"{mode} on {where}" + (" from the landmark affine" if init is not None else "")
+
+
+def _coarse_pair(args, fixed, moving):
+    """The images the global alignment runs on: a coarse level of OME-Zarr inputs (at most ``GLOBAL_VOXELS``, not
+    finer than the registration level), else the images themselves."""
+    from . import ngff
+
+    out, where = [], []
+    for path, img in ((args.fixed, fixed), (args.moving, moving)):
+        if not ngff.is_ngff(path):
+            out.append(img)
+            where.append("the registration level")
+            continue
+        z = ngff.open_ngff(path)
+        k = max(int(img.meta.get("ngff_level", 0)), ngff.choose_level(z, GLOBAL_VOXELS[img.ndim]))
+        lv = ngff.read_level(z, k)
+        out.append(lv.with_array(lv.scalar(args.channel)) if lv.is_multichannel else lv)
+        where.append(f"level {k}")
+    return out[0], out[1], where[0] if where[0] == where[1] else f"{where[0]} (fixed), {where[1]} (moving)"
 
 
 def _parse_iterations(text: str) -> tuple:
@@ -433,6 +588,23 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--level", type=int, default=None,
                    help="OME-Zarr inputs: pyramid level to register on (default: the finest level of at most 2^22 "
                         "voxels in 2D, 2^24 in 3D); the outputs are on that level's grid")
+    r.add_argument("--blockwise", action="store_true",
+                   help="deformable model on large images: a global alignment (--global) on a coarse level, then "
+                        "deformable refinement in overlapping blocks blended with linear ramps (empty blocks skipped)")
+    r.add_argument("--block", type=int, default=None,
+                   help="--blockwise: block (core) side in voxels of the registration level (default 128)")
+    r.add_argument("--overlap", type=int, default=None,
+                   help="--blockwise: voxels each block reaches into its neighbours, at most half the block "
+                        "(default 32)")
+    r.add_argument("--global", dest="global_model", default=None,
+                   choices=("auto", "landmarks", "auto-rigid", "auto-affine", "none"),
+                   help="--blockwise: the global alignment (auto: the landmark affine with --landmarks, else "
+                        "auto-affine)")
+    r.add_argument("--empty-threshold", type=float, default=None,
+                   help="--blockwise: blocks with fewer than 5%% of their fixed voxels above this intensity are "
+                        "skipped (default: only constant blocks)")
+    r.add_argument("--block-workers", type=int, default=None,
+                   help="--blockwise: blocks registered at the same time (default 2)")
     r.add_argument("--device", default="auto", help="auto, cpu or cuda (auto: CUDA when present)")
     r.add_argument("--out", required=True, help="output folder")
     r.add_argument("-q", "--quiet", action="store_true")
@@ -488,7 +660,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train the deep deformable model")
     try:
-        from .deep.train import add_train_arguments
+        from .deep.options import add_train_arguments
 
         add_train_arguments(t)
     except ImportError:  # pragma: no cover - deep module missing in a broken install
@@ -544,9 +716,17 @@ def main(argv=None) -> int:
                 signal.signal(sig, handler)
 
 
-def _run(args) -> int:
+def _call(args) -> int:
     try:
         return int(args.func(args) or 0)
+    except BaseException:
+        _end_progress_line()  # the message that follows gets a line of its own
+        raise
+
+
+def _run(args) -> int:
+    try:
+        return _call(args)
     except Cancelled:
         print("regtool: cancelled.", file=sys.stderr)
         return 130

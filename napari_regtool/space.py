@@ -53,9 +53,11 @@ class Space:
             raise ValueError(f"Space: only 2D and 3D grids are supported, got shape {shape}.")
         if any(s < 1 for s in shape):
             raise ValueError(f"Space: the image is empty (shape {shape}).")
-        spacing = np.asarray(self.spacing, dtype=float).reshape(-1)
-        origin = np.zeros(d) if self.origin is None else np.asarray(self.origin, dtype=float).reshape(-1)
-        direction = np.eye(d) if self.direction is None else np.asarray(self.direction, dtype=float)
+        # copies, C-contiguous: a caller's array (or a reversed view of one) must neither change the grid later
+        # nor reach torch with negative strides
+        spacing = np.array(self.spacing, dtype=float).reshape(-1)
+        origin = np.zeros(d) if self.origin is None else np.array(self.origin, dtype=float).reshape(-1)
+        direction = np.eye(d) if self.direction is None else np.array(self.direction, dtype=float)
         direction = direction.reshape(d, d)
         if spacing.shape != (d,) or origin.shape != (d,):
             raise ValueError(

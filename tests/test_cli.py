@@ -107,6 +107,24 @@ def test_entry_point_runs_as_a_command(tmp_path):
     assert "File not found" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_an_error_after_progress_starts_on_its_own_line(tmp_path, capsys, monkeypatch):
+    """A failure while the progress bar is drawn (written with carriage returns) prints its message on a new line,
+    not appended to the bar."""
+    import napari_regtool.pipeline as pipeline
+    from napari_regtool.errors import InputError
+
+    def failing(*args, progress=None, **kwargs):
+        progress(0.4, "Registering")
+        raise InputError("the images do not overlap.")
+
+    monkeypatch.setattr(pipeline, "register", failing)
+    code = run("register", "--fixed", F2, "--moving", M2, "--model", "affine", "--landmarks", L2, "--out",
+               tmp_path / "o")
+    err = capsys.readouterr().err
+    assert code == 2 and "40%" in err
+    assert "\nregtool: error: the images do not overlap." in err, repr(err)
+
+
 # ------------------------------------------------------------------ bad input
 def _bad(tmp_path, capsys, *args, match):
     out = tmp_path / "never"

@@ -172,3 +172,14 @@ def test_every_subpackage_is_in_the_wheel():
     found = {".".join(p.parent.relative_to(root).parts) for p in (root / "napari_regtool").rglob("__init__.py")
              if "__pycache__" not in p.parts}
     assert found - listed == set(), f"add to [tool.setuptools] packages: {sorted(found - listed)}"
+
+
+def test_the_command_line_is_built_without_torch():
+    """`regtool --help` (and every error in the options) must not wait for torch to import (seconds on a busy
+    machine): building the parser, the `train` options included, imports no torch."""
+    code = ("import sys; from napari_regtool.cli import build_parser; p = build_parser(); "
+            "p.parse_args(['train', '--ndim', '3', '--steps', '5']); print(sorted(m for m in ('torch', 'napari', "
+            "'qtpy') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]", r.stdout

@@ -4,6 +4,14 @@
 weights), ``train`` (``regtool train``). See :mod:`.hypermorph` for the architecture and :mod:`.synth` for the
 training data.
 """
-from .infer import DEFAULT_REG_WEIGHT, MIN_SIZE, DeepRegistration, load_model, register_deep, weights_path
-
 __all__ = ["DEFAULT_REG_WEIGHT", "MIN_SIZE", "DeepRegistration", "load_model", "register_deep", "weights_path"]
+
+
+def __getattr__(name):
+    """The inference names load torch on first use: ``regtool`` builds its command line (the ``train`` options of
+    :mod:`.options`) without it."""
+    if name in __all__:
+        from . import infer
+
+        return getattr(infer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
