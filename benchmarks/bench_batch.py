@@ -3,10 +3,11 @@
     python benchmarks/bench_batch.py [--pairs 8] [--model deformable] [--workers 1 2] [--dir /tmp/regtool-batch]
 
 Each run registers the same ``--pairs`` pairs (the shipped 2D brain pair's fixed image against its moving image
-turned by a different small rotation per pair, with the shipped landmarks) from a fresh output folder, one thread per worker, and prints wall time (cluster start-up included, as a user waits for
-it), pairs per minute and the speed-up of 2 workers over 1. The pairs are the same so that the runs differ only in
-the number of workers; every row must finish ``ok``. A second run of the 2-worker batch over its own output
-checks the resumable path: every pair is skipped, and that time is printed too.
+turned by a different small rotation per pair, with the shipped landmarks) from a fresh output folder, one thread
+per worker, and prints wall time (cluster start-up included, as a user waits for it), pairs per minute and the
+speed-up of 2 workers over 1. The runs differ only in the number of workers; every row must finish ``ok``. A
+second run of the 2-worker batch over its own output checks the resumable path: every pair is skipped, and that
+time is printed too.
 """
 from __future__ import annotations
 
