@@ -350,7 +350,10 @@ def _write_set(result, out, names, fs, extra_files, kwargs) -> list:
             write_image(tmp / "warped.nii.gz", result.warped, fs)
             written.append("warped.nii.gz")
             test_hook("staging")
-            write_displacement_field(tmp / "displacement.nii.gz", result.displacement.double().cpu().numpy(), fs)
+            # evaluated in double precision, as "Save transform" and `regtool apply` write a field: the same
+            # transform gives the same file whichever command wrote it
+            write_displacement_field(tmp / "displacement.nii.gz",
+                                     result.transform.field(fs, dtype=torch.float64).cpu().numpy(), fs)
             written.append("displacement.nii.gz")
             write_image(tmp / "jacobian.nii.gz", result.jacobian.cpu().numpy().astype(np.float32), fs)
             written.append("jacobian.nii.gz")
