@@ -1,5 +1,6 @@
-"""npe2 readers: BigWarp landmark CSVs (two points layers) and images through SimpleITK (with spacing, origin
-and direction as the layer's scale/translate or affine)."""
+"""npe2 readers: BigWarp landmark CSVs (two points layers), images through SimpleITK (with spacing, origin
+and direction as the layer's scale/translate or affine) and OME-Zarr folders (a lazy multiscale layer, each level
+read only where it is looked at)."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,8 +11,8 @@ from .io import looks_like_label_map, read_image
 from .landmarks import LandmarkPairs, bigwarp_csv_text, read_bigwarp_csv
 from .space import to_array_order
 
-__all__ = ["get_landmark_reader", "get_image_reader", "image_layer_data", "landmark_layer_data",
-           "IMAGE_PATTERNS"]
+__all__ = ["get_landmark_reader", "get_image_reader", "get_ngff_reader", "image_layer_data", "landmark_layer_data",
+           "ngff_layer_data", "IMAGE_PATTERNS"]
 
 IMAGE_PATTERNS = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr")
 
@@ -94,5 +95,59 @@ def get_image_reader(path):
         if looks_like_label_map(im, p):  # a segmentation opens as labels, so warping keeps its values
             im = im.with_array(im.array, is_label=True)
         return [image_layer_data(im, p)]
+
+    return reader
+
+
+def ngff_layer_data(img, path=None, role: str | None = None):
+    """``(data, kwargs, "image" | "labels")`` for an opened OME-Zarr image (:func:`napari_regtool.ngff.open_ngff`):
+    every level as a lazy dask array (a multiscale layer when there are several), level 0 placed in world
+    (physical) coordinates by the layer's scale/translate (or affine), and how the other levels sit on level 0
+    (:func:`napari_regtool.ngff.level_relations`) and the unit kept in the layer's metadata, so the Registration
+    widget registers on a coarse level and applies the result to level 0 in physical coordinates."""
+    import dask.array as da
+
+    from .ngff import level_relations
+
+    idx = img.spatial_slices(all_channels=True)
+    levels = [da.from_zarr(lv.array)[idx] for lv in img.levels]
+    md = {"path": str(path or img.path),
+          "ngff": {"relations": level_relations(img), "unit": img.unit, "levels": len(img.levels)}}
+    if role:
+        md["role"] = role
+    kw = dict(name=img.name, metadata={"regtool": md}, **img.levels[0].space.napari_kwargs())
+    if img.channel_axis is not None and img.channel is None and img.channels > 1 and not img.is_label:
+        # one layer per channel, each multiscale (napari splits every level along the channel axis)
+        kw["channel_axis"] = img.channel_axis - (1 if img.time_axis is not None and img.time_axis < img.channel_axis
+                                                 else 0)
+    if len(levels) > 1:
+        kw["multiscale"] = True
+        return levels, kw, "labels" if img.is_label else "image"
+    return levels[0], kw, "labels" if img.is_label else "image"
+
+
+def get_ngff_reader(path):
+    """Reader for OME-Zarr folders (``*.zarr``): a lazy multiscale layer. A zarr folder that is not OME-Zarr, or
+    whose levels disagree, is refused with a sentence saying what is wrong (napari shows it)."""
+    from pathlib import Path
+
+    from .ngff import is_ngff
+
+    p = _one_path(path)
+    if p is None:
+        return None
+    q = Path(p).expanduser()
+    if not q.is_dir() or not (q.name.lower().rstrip("/").endswith(".zarr") or is_ngff(q)):
+        return None
+
+    def reader(_path):
+        from .ngff import open_ngff
+
+        try:
+            img = open_ngff(q)
+            data = ngff_layer_data(img, q)
+        except RegtoolError as exc:
+            raise ValueError(str(exc)) from None
+        return [data]
 
     return reader

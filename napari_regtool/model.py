@@ -27,7 +27,7 @@ from .space import Space
 from .transforms import LANDMARK_MODELS, fit_landmarks, min_pairs
 from .transforms.base import Transform
 
-__all__ = ["RegistrationModel", "PairsChange", "SIDES", "MODEL_LABELS", "ON_DEMAND_MODELS", "deep_available",
+__all__ = ["RegistrationModel", "PairsChange", "SIDES", "MODEL_LABELS", "ON_DEMAND_MODELS", "LOADED", "deep_available",
            "autoreg_available"]
 
 SIDES = ("fixed", "moving")
@@ -38,6 +38,10 @@ MODEL_LABELS = registry.labels(gui_only=True)
 
 #: models whose transform is computed on request (seconds), not live from the landmarks (from the registry)
 ON_DEMAND_MODELS = registry.on_demand_names()
+
+#: the model list's entry for a transform opened from a file (:meth:`RegistrationModel.load_transform`); not a
+#: registry model: nothing computes it
+LOADED = "loaded"
 
 
 def deep_available(ndim: int | None = None) -> tuple[bool, str]:
@@ -106,6 +110,9 @@ class RegistrationModel:
         ``(can_undo, can_redo)`` after every edit, undo or redo.
     autosave_changed : (str)
         The autosave had to go elsewhere than its usual place; the sentence says where.
+    loaded_changed : (str)
+        A transform file was opened (or dropped): ``"A"`` for the one used as the current transform (model
+        :data:`LOADED`, :attr:`loaded`), ``"B"`` for the one it is compared with (:attr:`compare`).
     """
 
     images_changed = Signal()
@@ -117,6 +124,7 @@ class RegistrationModel:
     computed_changed = Signal(str)
     history_changed = Signal(bool, bool)
     autosave_changed = Signal(str)
+    loaded_changed = Signal(str)
 
     def __init__(self, autosave: bool = True, autosave_dir=None):
         self.fixed: Image | None = None
@@ -139,6 +147,10 @@ class RegistrationModel:
         self.computed: dict = {}
         self._drag_before: LandmarkPairs | None = None
         self._fit_cache = None
+        #: transforms opened from files: ``{"transform", "loaded", "check", "name", "path", "convention"}``, the
+        #: current one (:data:`LOADED`) and the one compared with it (see :meth:`load_transform`)
+        self.loaded: dict | None = None
+        self.compare: dict | None = None
 
     # ------------------------------------------------------------- images
     @property
@@ -199,6 +211,7 @@ class RegistrationModel:
         self._drag_before = None
         self.computed = {}
         self._fit_cache = None
+        self._drop_loaded()
         self.images_changed.emit()
         self.pairs_changed.emit(PairsChange("images"))
         self.history_changed.emit(False, False)
@@ -521,7 +534,9 @@ class RegistrationModel:
 
     # ------------------------------------------------------------------ model
     def set_model(self, model: str, smoothing: float | None = None):
-        if model not in MODEL_LABELS:
+        if model == LOADED and self.loaded is None:
+            raise InputError("No transform file is open; press Load transform… to open one.")
+        if model not in MODEL_LABELS and model != LOADED:
             if model in registry.MODELS:
                 raise InputError(f"The {registry.get(model).label.lower()} model is not offered here yet; run it "
                                  f"with `regtool register --model {model}`, or choose one of "
@@ -593,6 +608,11 @@ class RegistrationModel:
         self.transform, self.fit_message = None, ""
         if not self.ready:
             self.fit_message = "Choose a fixed and a moving image."
+        elif self.model == LOADED:
+            if self.loaded is None:
+                self.fit_message = "Press Load transform… to open a transform file."
+            else:
+                self.transform = self.loaded["transform"]
         elif self.model in LANDMARK_MODELS:
             f, m = self.landmark_fit_points()
             key = (self.model, self.smoothing, f.tobytes(), m.tobytes())
@@ -626,10 +646,124 @@ class RegistrationModel:
         if self.model == which:
             self.refit()
 
+    # ------------------------------------------------------- transforms opened from files (QC of any result)
+    @property
+    def model_label(self) -> str:
+        """What the model list shows for the current model ("Loaded: <file name>" for a transform file)."""
+        if self.model == LOADED:
+            return f"Loaded: {self.loaded['name']}" if self.loaded is not None else "Loaded transform"
+        return MODEL_LABELS.get(self.model, self.model)
+
+    def read_transform_file(self, path, convention=None, device="cpu"):
+        """Open a transform file for these images without changing anything: ``(loaded, check)`` (see
+        :func:`napari_regtool.qc.open_for_qc`). Safe on a worker thread. Raises :class:`InputError`."""
+        from .qc import open_for_qc
+
+        self._require()
+        return open_for_qc(path, self.fixed, self.moving, convention=convention, device=device)
+
+    def load_transform(self, path, convention=None, as_compare: bool = False):
+        """Make the transform in ``path`` the current transform (model :data:`LOADED`, as if a model had made
+        it), or with ``as_compare`` the transform B it is compared with. ``convention``: how a displacement field's
+        numbers are to be read (:class:`~napari_regtool.transforms.external.FieldConvention` or its text, e.g.
+        ``"voxel,array"``, ``"physical,xyz,inverse"``). Returns the :class:`~napari_regtool.qc.ConventionCheck`.
+        Raises :class:`InputError` for a file that cannot be used; nothing changes then."""
+        loaded, check = self.read_transform_file(path, convention)
+        self.use_loaded(loaded, check, as_compare=as_compare)
+        return check
+
+    def use_loaded(self, loaded, check=None, as_compare: bool = False):
+        """Take a transform opened by :meth:`read_transform_file` (e.g. on a worker thread) into use."""
+        self._require()
+        conv = loaded.convention.describe() if loaded.convention is not None else ""
+        entry = {"transform": loaded.transform, "loaded": loaded, "check": check, "name": Path(loaded.path).name,
+                 "path": loaded.path, "convention": conv}
+        if as_compare:
+            self.compare = entry
+            self.loaded_changed.emit("B")
+            return
+        self.loaded = entry
+        self.loaded_changed.emit("A")
+        if self.model != LOADED:
+            self.model = LOADED
+        self.model_changed.emit(self.model, self.smoothing)
+        self.refit()
+
+    def clear_compare(self):
+        """Stop comparing with transform B."""
+        if self.compare is not None:
+            self.compare = None
+            self.loaded_changed.emit("B")
+
+    def _drop_loaded(self):
+        """New images (or none): a transform file belongs to the previous pair's grid."""
+        had_a, had_b = self.loaded is not None, self.compare is not None
+        self.loaded = self.compare = None
+        if self.model == LOADED:
+            self.model = "tps"
+            self.model_changed.emit(self.model, self.smoothing)
+        if had_a:
+            self.loaded_changed.emit("A")
+        if had_b:
+            self.loaded_changed.emit("B")
+
     def landmark_errors(self, transform: Transform | None = None, with_loo: bool = True):
         """``(residual, loo)`` of every pair for the given (default: current) transform; see :func:`pair_errors`."""
         t = self.transform if transform is None else transform
         return pair_errors(self.pairs, self.model, self.smoothing, t, with_loo=with_loo)
+
+    def held_out_errors(self, transform: Transform | None = None) -> np.ndarray:
+        """(N,) target registration error of the held-out pairs — complete pairs that are not active, so the fit
+        did not use them: ``|T(fixed_i) − moving_i|`` for the given (default: current) transform; NaN for every
+        other pair and when there is no transform."""
+        t = self.transform if transform is None else transform
+        n = 0 if self.pairs is None else len(self.pairs)
+        out = np.full(n, np.nan)
+        if n == 0 or t is None:
+            return out
+        held = self.pairs.complete & ~self.pairs.active
+        if held.any():
+            mapped = np.asarray(t.map_points(self.pairs.fixed[held]), float)
+            out[held] = np.linalg.norm(mapped - self.pairs.moving[held], axis=1)
+        return out
+
+    def residual_vectors(self, transform: Transform | None = None):
+        """``(index, start, end)`` of every complete pair for the given (default: current) transform: ``start`` the
+        fixed point, ``end`` where the transform puts its moving partner in fixed space, ``T⁻¹(moving_i)``
+        (physical ``(K, D)`` arrays; ``index`` the pairs' indices). ``end − start`` is the pair's residual seen on
+        the fixed image. Exact for linear transforms, iterative otherwise; pairs where ``T`` cannot be inverted are
+        left out. Empty arrays when there is no transform."""
+        from .errors import NotInvertibleError
+        from .transforms.numeric import NumericInverse
+
+        t = self.transform if transform is None else transform
+        d = self.ndim or 2
+        empty = (np.zeros(0, int), np.zeros((0, d)), np.zeros((0, d)))
+        if t is None or self.pairs is None or not self.pairs.complete.any():
+            return empty
+        idx = np.nonzero(self.pairs.complete)[0]
+        f, m = self.pairs.fixed[idx], self.pairs.moving[idx]
+        if t.is_linear:
+            return idx, f, np.asarray(t.inverse().map_points(m), float)
+        inv = NumericInverse(t)
+        try:
+            ends = np.asarray(inv.map_points(m), float)
+        except NotInvertibleError:
+            ends = np.full_like(m, np.nan)
+            for k in range(len(m)):  # one by one: a point that does not converge leaves only itself out
+                try:
+                    ends[k] = np.asarray(inv.map_points(m[k:k + 1]), float)[0]
+                except NotInvertibleError:
+                    pass
+        ok = np.all(np.isfinite(ends), 1)
+        return idx[ok], f[ok], ends[ok]
+
+    def held_out_summary(self, transform: Transform | None = None) -> dict:
+        """``{"n", "mean", "max"}`` of :meth:`held_out_errors` (mean and max NaN when no pair is held out)."""
+        e = self.held_out_errors(transform)
+        e = e[np.isfinite(e)]
+        return {"n": int(len(e)), "mean": float(e.mean()) if len(e) else float("nan"),
+                "max": float(e.max()) if len(e) else float("nan")}
 
     def snapshot(self) -> "RegistrationModel":
         """A detached copy (no listeners, no autosave, no history) for work on another thread."""
@@ -638,27 +772,34 @@ class RegistrationModel:
         s.pairs = None if self.pairs is None else self.pairs.copy()
         s.model, s.smoothing, s.reg_weight, s.device = self.model, self.smoothing, self.reg_weight, self.device
         s.transform, s.fit_message, s.computed = self.transform, self.fit_message, dict(self.computed)
+        s.loaded, s.compare = self.loaded, self.compare
         return s
 
     # ----------------------------------------------------------------- export
     def result(self, device="cpu"):
-        """A :class:`~napari_regtool.pipeline.RegistrationResult` of the current state, evaluated.
+        """A :class:`~napari_regtool.pipeline.RegistrationResult` of the transform on screen, evaluated.
 
-        Landmark models go through :func:`~napari_regtool.pipeline.register` exactly as the CLI does, so
-        :meth:`export` writes the same files as ``regtool register`` for the same inputs.
+        The transform is the one shown, not a new fit; landmark models fit it with the function the CLI uses
+        (:func:`~napari_regtool.transforms.fit.fit_landmarks`), and both evaluate it through
+        :func:`~napari_regtool.pipeline.finish_result`, so :meth:`export` writes the same files as
+        ``regtool register`` for the same inputs.
         """
-        from .pipeline import finish_result, register
+        from .pipeline import finish_result
 
         self._require()
         lm = self.pairs if self.pairs is not None and len(self.pairs) else None
-        if self.model in LANDMARK_MODELS:
-            return register(self.fixed, self.moving, self.model, landmarks=lm, smoothing=self.smoothing,
-                            device=device)
         if self.transform is None:
             raise FitError(self.fit_message or "There is no transform to export yet.")
+        if self.model in LANDMARK_MODELS:
+            return finish_result(self.fixed, self.moving, self.transform, self.model, device, 0.0, lm,
+                                 self.smoothing)
         run = self.computed.get(self.model, {})
         # the deep run's record (network, λ, grid, refinement, device) as `regtool register --model deep` writes it
         extra = {k: v for k, v in run.items() if k != "transform"} if self.model == "deep" else {}
+        if self.model == LOADED:  # where the transform came from, and how its reading was checked
+            extra = {"loaded": self.loaded["loaded"].describe()}
+            if self.loaded["check"] is not None:
+                extra["convention_check"] = self.loaded["check"].to_dict()
         return finish_result(self.fixed, self.moving, self.transform, self.model, device, run.get("runtime_s", 0.0),
                              lm, extra=extra)
 

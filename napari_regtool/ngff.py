@@ -369,3 +369,144 @@ def _downsample(prev, shape, is_label: bool):
         info = np.iinfo(prev.dtype)
         return da.clip(da.round(out), info.min, info.max).astype(prev.dtype)
     return out.astype(prev.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Multiscale images held lazily by the plugin (napari layers), and block-wise writing with progress and cancel.
+
+__all__ += ["LIVE_VOXELS", "live_voxels", "level_relations", "level_spaces", "from_levels", "level_note",
+            "warp_to_ngff"]
+
+#: how many voxels the level registration runs on may have in the plugin, so that live previews and fits stay
+#: interactive (the numbers :func:`choose_level` uses by default); by dimension
+LIVE_VOXELS = {2: 2 ** 22, 3: 2 ** 24}
+
+
+def live_voxels(ndim: int) -> int:
+    """The voxel budget of a level registered live (:data:`LIVE_VOXELS`)."""
+    return int(LIVE_VOXELS[3 if int(ndim) == 3 else 2])
+
+
+def level_relations(img: NgffImage) -> list:
+    """How each level sits on level 0: ``(factor, offset)`` per level, physical order (x, y, z), where level ``k``'s
+    voxel ``i`` is level 0's continuous voxel ``i · factor + offset`` (JSON-able lists). Kept with a layer, this
+    places every level wherever level 0 is shown."""
+    first = img.levels[0].space
+    inv = np.linalg.inv(first.index_to_physical_matrix)
+    out = []
+    for lv in img.levels:
+        s = lv.space
+        factor = s.spacing / first.spacing
+        offset = inv @ (s.origin - first.origin)
+        out.append(([float(v) for v in factor], [float(v) for v in offset]))
+    return out
+
+
+def level_spaces(space0: Space, shapes, relations=None) -> list:
+    """The grid of every level of a pyramid whose level 0 has the grid ``space0``.
+
+    ``shapes``: each level's shape (array order); ``relations``: :func:`level_relations` of the file the levels
+    came from, or ``None`` for a multiscale array of unknown origin, placed as napari shows it (level ``k``'s voxel
+    ``i`` at level 0's voxel ``i · shape₀ / shapeₖ``).
+    """
+    d = space0.ndim
+    shape0 = np.asarray(shapes[0], float)
+    out = []
+    for k, shape in enumerate(shapes):
+        if relations is None:
+            factor, offset = (shape0 / np.asarray(shape, float))[::-1], np.zeros(d)
+        else:
+            factor, offset = np.asarray(relations[k][0], float), np.asarray(relations[k][1], float)
+        origin = space0.index_to_physical(offset.reshape(1, d))[0]
+        out.append(Space(tuple(int(v) for v in shape), space0.spacing * factor, origin, space0.direction))
+    return out
+
+
+def from_levels(name: str, arrays, spaces, *, unit: str | None = None, is_label: bool = False,
+                path=None) -> NgffImage:
+    """An :class:`NgffImage` over arrays already open (e.g. the lazy levels of a napari layer), spatial axes only;
+    the levels are checked as :func:`open_ngff` checks a file's (:class:`InputError` when inconsistent)."""
+    if len(arrays) != len(spaces) or not arrays:
+        raise InputError(f"{name}: {len(arrays)} level array(s) for {len(spaces)} grid(s).")
+    levels = []
+    for k, (arr, space) in enumerate(zip(arrays, spaces)):
+        if tuple(arr.shape) != tuple(space.shape):
+            raise InputError(f"{name}: level {k} has shape {tuple(arr.shape)} but its grid is {space.shape}; "
+                             "only single-channel levels can be registered.")
+        levels.append(NgffLevel(str(k), space, arr))
+    _check_levels(name, levels)
+    nd = spaces[0].ndim
+    axes = [{"name": n, "type": "space"} for n in _SPATIAL[-nd:]]
+    return NgffImage(Path(path) if path else Path(name), name, levels, axes, unit, is_label=is_label)
+
+
+def level_note(img: NgffImage, k: int, max_voxels: int) -> str:
+    """One sentence saying which level registration runs on, and why (the rule of :func:`choose_level`)."""
+    lv = img.levels[k]
+    n = len(img.levels)
+    sp = ", ".join(f"{v:g}" for v in lv.space.spacing)
+    desc = f"{'×'.join(map(str, lv.space.shape))} voxels, spacing {sp}{' ' + img.unit if img.unit else ''}"
+    if n == 1:
+        return f"{img.name}: one resolution level ({desc}), registered as it is."
+    fits = int(np.prod(lv.space.shape)) <= max_voxels
+    if k == 0 and fits:
+        return (f"{img.name}: registering on level 0 of {n - 1}, the full resolution ({desc}): it has at most "
+                f"{max_voxels:,} voxels, so previews and fits stay live.")
+    if fits:
+        return (f"{img.name}: registering on pyramid level {k} of {n - 1} ({desc}), the finest level with at most "
+                f"{max_voxels:,} voxels, so that previews and fits stay live; \"Apply at full resolution…\" "
+                "(Export tab) applies the result to level 0.")
+    return (f"{img.name}: registering on pyramid level {k} of {n - 1}, the coarsest ({desc}); it has more than "
+            f"{max_voxels:,} voxels, so previews and fits may be slow.")
+
+
+def warp_to_ngff(path, moving, moving_space: Space, transform, out_space: Space, *, label: bool = False,
+                 block: int = 128, name: str = "image", unit: str | None = None, progress=None,
+                 cancel=None) -> list:
+    """``moving ∘ T`` on ``out_space`` written block by block as an OME-Zarr pyramid at ``path``
+    (:func:`~napari_regtool.blockwise.warp_lazy` through :func:`write_ngff`: staged, then published whole).
+
+    ``progress(fraction, message)`` is called after every block of level 0 and every pyramid level;
+    ``cancel()`` is asked after every block and, when true, the write stops with
+    :class:`~napari_regtool.errors.Cancelled` and nothing is left at ``path`` (an existing folder there is kept).
+    Blocks are computed one at a time in the calling thread (torch uses its own threads within a block), so the
+    memory needed is a few blocks. Returns :func:`write_ngff`'s notices.
+    """
+    import threading
+
+    import dask
+
+    from .blockwise import warp_lazy
+    from .errors import Cancelled
+
+    block = int(block)
+    if block < 8:
+        raise InputError(f"A block side of {block} is too small; use at least 8 (typical: 64 to 256).")
+    out = warp_lazy(moving, moving_space, transform, out_space, label=label, block=block)
+    total = int(np.prod(out.numblocks))
+    lock = threading.Lock()
+    done = [0]
+    level0_share = 0.9
+
+    def tick(a):
+        if cancel is not None and cancel():
+            raise Cancelled()
+        with lock:
+            done[0] += 1
+            k = done[0]
+        if progress is not None:
+            progress(level0_share * min(k, total) / total, f"block {min(k, total)} of {total}")
+        return a
+
+    def level_done(frac, message):
+        if cancel is not None and cancel():
+            raise Cancelled()
+        if progress is not None:
+            progress(level0_share + (1 - level0_share) * frac, message)
+
+    counted = out.map_blocks(tick, dtype=out.dtype, meta=np.empty((0,) * out.ndim, dtype=out.dtype))
+    if cancel is not None and cancel():
+        raise Cancelled()
+    with dask.config.set(scheduler="synchronous"):
+        return write_ngff(path, counted, out_space, name=name, is_label=label, block=block, unit=unit,
+                          progress=level_done)

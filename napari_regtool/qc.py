@@ -19,7 +19,8 @@ __all__ = [
     "mse", "ncc", "lncc", "local_ncc", "mutual_information", "similarity_metrics", "dice", "tre", "jacobian_stats",
     "displacement_magnitude", "grid_image", "checkerboard", "difference", "normalise_intensity", "intensity_window",
     "landmark_uncertainty", "field_qc", "field_statistics", "non_diffeomorphic_volume", "check_convention",
-    "ConventionCheck", "PERCENTILES",
+    "ConventionCheck", "PERCENTILES", "open_for_qc", "transform_statistics", "compare_transforms", "view_lattice",
+    "glyphs", "contour_levels", "magnitude_contours", "probe",
 ]
 
 
@@ -680,3 +681,156 @@ def qc_panel(fixed: np.ndarray, jacobian: np.ndarray, grid: np.ndarray, warped: 
     for t in tiles:
         row += [t, sep]
     return np.concatenate(row[:-1], axis=1)  # row 0 at the top, as napari shows arrays
+
+
+# ------------------------------------------------------------------------------ any transform under QC (the plugin)
+def open_for_qc(path, fixed, moving=None, convention=None, device="cpu"):
+    """Open a transform file for QC and check its reading against the images.
+
+    ``fixed``, ``moving``: :class:`~napari_regtool.image.Image`. Returns ``(loaded, check)``: the
+    :class:`~napari_regtool.transforms.external.LoadedTransform` of
+    :func:`napari_regtool.io.load_transform_for_qc` and the :class:`ConventionCheck` of :func:`check_convention`
+    (``None`` without a moving image). Raises :class:`~napari_regtool.errors.InputError` for a file that cannot
+    be used (one sentence).
+    """
+    from .io import load_transform_for_qc
+
+    loaded = load_transform_for_qc(path, fixed, convention=convention)
+    check = None if moving is None else check_convention(fixed, moving, loaded, device=device)
+    return loaded, check
+
+
+def transform_statistics(transform, space: Space, *, labels_fixed=None, labels_moving=None, pairs=None, mask=None,
+                         device="cpu") -> dict:
+    """Everything the statistics table shows for one transform on the fixed grid ``space``.
+
+    ``{"statistics"}``: :func:`field_statistics` of ``u = T(x) − x`` (restricted to ``mask`` when given);
+    ``{"dice", "warped_labels"}`` when both label maps are given (:class:`~napari_regtool.image.Image`; the moving
+    labels are warped by nearest neighbour, the fixed labels put on ``space`` when they lie on another grid);
+    ``{"tre"}`` (``per_pair``, ``mean``, ``median``, ``max``, ``mean_before``) for the complete, active landmark
+    pairs of ``pairs`` (:class:`~napari_regtool.landmarks.LandmarkPairs`), physical units.
+    """
+    from .pipeline import warp_image
+    from .transforms import IdentityTransform
+
+    u = transform.field(space, device=device, dtype=torch.float64)
+    stats, _ = field_statistics(u, space, mask=mask)
+    out = {"statistics": stats}
+    if labels_fixed is not None and labels_moving is not None:
+        lf = labels_fixed.array if labels_fixed.space == space else warp_image(
+            labels_fixed, IdentityTransform(space.ndim), space, label=True, device=device)
+        wl = warp_image(labels_moving, transform, space, label=True, device=device)
+        out["dice"] = dice(lf, wl)
+        out["warped_labels"] = wl
+    if pairs is not None and len(pairs):
+        fp, mp = pairs.fit_points()
+        if len(fp):
+            err = tre(transform, fp, mp)
+            out["tre"] = {"pairs": int(len(err)), "per_pair": err.tolist(), "mean": float(err.mean()),
+                          "median": float(np.median(err)), "max": float(err.max()),
+                          "mean_before": float(np.linalg.norm(fp - mp, axis=1).mean())}
+    return out
+
+
+def compare_transforms(transform_a, transform_b, space: Space, device="cpu") -> dict:
+    """``|u_A − u_B|`` of two transforms on ``space``: ``{"magnitude"}`` (float32 ``space.shape`` array, physical
+    units) with its ``max``, ``mean`` and percentiles."""
+    ua = transform_a.field(space, device=device, dtype=torch.float64)
+    ub = transform_b.field(space, device=device, dtype=torch.float64).to(ua.device)
+    m = displacement_magnitude(ua - ub).cpu().numpy()
+    out = {"magnitude": m.astype(np.float32), "max": float(m.max()), "mean": float(m.mean())}
+    out.update(_pct(m.reshape(-1)))
+    return out
+
+
+def _plane_space(space: Space, plane: int) -> Space:
+    """The one-voxel-thick grid of plane ``plane`` (first array axis) of a 3D grid."""
+    k = int(np.clip(plane, 0, space.shape[0] - 1))
+    origin = space.array_index_to_physical(np.array([[k] + [0] * (space.ndim - 1)], float))[0]
+    return Space((1,) + tuple(space.shape[1:]), space.spacing, origin, space.direction)
+
+
+def view_lattice(space: Space, plane: int | None = None, per_axis: int = 24) -> np.ndarray:
+    """Sub-sampled lattice of voxel centres for glyphs: ``(N, D)`` array indices (array order).
+
+    About ``per_axis`` points along the longest shown axis, the same physical step on the others (at least one
+    voxel), centred in the grid. 3D with ``plane``: on that plane (first array axis) only; 3D without: on the
+    whole volume.
+    """
+    shape = np.asarray(space.shape)
+    spacing_arr = np.asarray(space.spacing)[::-1]  # array order
+    shown = list(range(1, space.ndim)) if (space.ndim == 3 and plane is not None) else list(range(space.ndim))
+    step = max(float((shape[shown] * spacing_arr[shown]).max()) / max(int(per_axis), 1), float(spacing_arr.min()))
+    axes = []
+    for k in range(space.ndim):
+        if k not in shown:
+            axes.append(np.array([int(np.clip(plane, 0, shape[k] - 1))], float))
+            continue
+        stride = max(1, int(round(step / spacing_arr[k])))
+        start = (shape[k] - 1 - stride * ((shape[k] - 1) // stride)) // 2
+        axes.append(np.arange(start, shape[k], stride, dtype=float))
+    return np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, space.ndim)
+
+
+def glyphs(transform, space: Space, plane: int | None = None, per_axis: int = 24) -> tuple[np.ndarray, np.ndarray]:
+    """Displacement arrows on :func:`view_lattice` as napari vectors: ``(data, length)``.
+
+    ``data`` ``(N, 2, D)``: each row is the point ``x`` and the vector ``u(x) = T(x) − x``, both in napari world
+    coordinates (physical, array order); ``length`` ``(N,)``: ``|u(x)|`` (physical units).
+    """
+    idx = view_lattice(space, plane, per_axis)
+    p = space.array_index_to_physical(idx)
+    u = transform.map_points(p) - p
+    data = np.stack([p[:, ::-1], u[:, ::-1]], axis=1)
+    return data, np.linalg.norm(u, axis=1)
+
+
+def contour_levels(vmax: float, n: int = 5) -> list:
+    """About ``n`` round levels (1, 2, 2.5, 5 × 10^k steps) strictly between 0 and ``vmax``."""
+    if not np.isfinite(vmax) or vmax <= 0:
+        return []
+    raw = vmax / (n + 1)
+    base = 10.0 ** math.floor(math.log10(raw))
+    step = next(base * f for f in (1.0, 2.0, 2.5, 5.0, 10.0) if base * f >= raw)
+    levels = step * np.arange(1, int(vmax / step) + 1)
+    return [float(v) for v in levels if v < vmax]
+
+
+def magnitude_contours(transform, space: Space, plane: int | None = None, levels=None, n_levels: int = 5,
+                       device="cpu") -> tuple[list, list]:
+    """Iso-lines of ``|u|`` on a 2D grid or on plane ``plane`` (first array axis; default the middle one) of a
+    3D grid: ``(levels, paths)`` with ``paths`` a list of ``(level, (M, D) points)`` in napari world coordinates
+    (physical, array order). Marching squares on the voxel grid (``skimage.measure.find_contours``), so a vertex
+    lies where linear interpolation of ``|u|`` between two voxel centres equals the level."""
+    from skimage.measure import find_contours
+
+    sub = space
+    if space.ndim == 3:
+        plane = space.shape[0] // 2 if plane is None else int(np.clip(plane, 0, space.shape[0] - 1))
+        sub = _plane_space(space, plane)
+    mag = displacement_magnitude(transform.field(sub, device=device, dtype=torch.float64)).cpu().numpy()
+    mag2 = mag[0] if space.ndim == 3 else mag
+    if levels is None:
+        levels = contour_levels(float(mag2.max()), n_levels)
+    paths = []
+    for lev in levels:
+        for c in find_contours(mag2, float(lev)):
+            if len(c) < 2:
+                continue
+            idx = np.hstack([np.full((len(c), 1), float(plane)), c]) if space.ndim == 3 else c
+            paths.append((float(lev), space.array_index_to_physical(idx)[:, ::-1]))
+    return [float(v) for v in levels], paths
+
+
+def probe(transform, point, space: Space | None = None) -> dict:
+    """What the cursor read-out shows at a physical point ``x`` (x, y[, z]): ``u`` = ``T(x) − x``, ``mapped`` =
+    ``T(x)``, ``det`` = det J of ``T`` at ``x`` (central differences, half the smallest voxel spacing of
+    ``space`` as step, physical axes), ``inside`` (``x`` within ``space``)."""
+    p = np.asarray(point, float).reshape(-1)
+    d = p.size
+    h = 0.5 * float(np.min(space.spacing)) if space is not None else 1e-3
+    offs = np.vstack([np.zeros(d), h * np.eye(d), -h * np.eye(d)])
+    q = transform.map_points(p[None] + offs)
+    jac = (q[1:d + 1] - q[d + 1:]).T / (2 * h)
+    return {"point": p, "u": q[0] - p, "mapped": q[0], "det": float(np.linalg.det(jac)),
+            "inside": True if space is None else bool(space.contains(p[None], margin=0.5)[0])}

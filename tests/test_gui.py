@@ -663,6 +663,23 @@ def test_export_all_matches_cli_and_single_files(sample2d, qtbot, tmp_path, monk
     field_img = sitk.ReadImage(str(tmp_path / "field.nii.gz"), sitk.sitkVectorFloat64)
     ref = sitk_resample(M2, F2, sitk.DisplacementFieldTransform(field_img))
     assert_close_image(warped(viewer), ref)
+    # "Export all" writes the same field as "Save transform" for the same TPS (both in double precision, from
+    # the transform on screen), and that field is SciPy's thin-plate spline through the same pairs
+    gui_tps = tmp_path / "gui-tps"
+    monkeypatch.setattr(QFileDialog, "getExistingDirectory", lambda *a, **k: str(gui_tps))
+    qtbot.mouseClick(w.export_btn, Qt.MouseButton.LeftButton)
+    wait_idle(qtbot, w)
+    exported = sitk.GetArrayFromImage(sitk.ReadImage(str(gui_tps / "displacement.nii.gz"), sitk.sitkVectorFloat64))
+    saved = sitk.ReadImage(str(tmp_path / "field.nii.gz"), sitk.sitkVectorFloat64)  # (the transform took the first)
+    np.testing.assert_array_equal(exported, sitk.GetArrayFromImage(saved))
+    from scipy.interpolate import RBFInterpolator
+
+    lm = read_bigwarp_csv(L2)
+    tps = RBFInterpolator(lm.fixed, lm.moving, kernel="thin_plate_spline")
+    fixed_img = sitk.ReadImage(str(F2))
+    for i, j in ((5, 7), (40, 60), (100, 30)):  # array index (row, column) → ITK index (x, y)
+        p = np.array(fixed_img.TransformIndexToPhysicalPoint((j, i)))
+        np.testing.assert_allclose(tps(p[None])[0] - p, exported[i, j], atol=1e-5)  # stored at float32 precision
     # Cancel while a file is being written: the write finishes and is reported, not silently dropped
     monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(tmp_path / "w2.nii.gz"), ""))
     qtbot.mouseClick(w.save_warped_btn, Qt.MouseButton.LeftButton)

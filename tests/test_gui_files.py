@@ -196,3 +196,29 @@ def test_landmark_writer_maps_scaled_layers_to_world_coordinates(tmp_path):
     np.testing.assert_allclose(pairs.fixed, np.c_[fixed_px[:, 1] * 0.25 - 4.0, fixed_px[:, 0] * 0.5 + 3.0])
     np.testing.assert_allclose(pairs.moving, np.c_[moving_px[:, 1] * 2.0 + 10.0, moving_px[:, 0] * 2.0])
     np.testing.assert_allclose(fx.data_to_world(fixed_px[0])[::-1], pairs.fixed[0])
+
+
+def test_autosave_beside_a_foreign_file_warns_and_keeps_it(make_napari_viewer, qtbot, tmp_path):
+    """A file of the autosave's name that it did not write (here unrelated notes) is neither restored nor
+    overwritten, and the user is told where the edits go instead — as a warning, not only in the status line."""
+    import shutil
+
+    from napari_regtool.launch import launch
+
+    fixed, moving = tmp_path / F2.name, tmp_path / M2.name
+    shutil.copy(F2, fixed)
+    shutil.copy(M2, moving)
+    stem = moving.name.split(".")[0]
+    foreign = tmp_path / f"{stem}.landmarks.csv"
+    foreign.write_text("my notes about this image, not landmarks\n")
+    viewer = make_napari_viewer()
+    _, w = launch(sample="none", files=[fixed, moving], block=False, viewer=viewer)
+    wait_idle(qtbot, w)
+    warnings = [t for level, t in w.messages if level == "warning" and "autosaved to" in t]
+    assert warnings, w.messages
+    other = w.session.autosave_path
+    assert other != foreign and other.name in warnings[-1]
+    w.session.add_pair([20.0, 20.0], [22.0, 21.0])
+    w.session.add_pair([60.0, 30.0], [61.0, 33.0])
+    assert foreign.read_text() == "my notes about this image, not landmarks\n"
+    assert len(read_bigwarp_csv(other)) == 2

@@ -25,6 +25,12 @@ class Canvas:
         self.host = host
         self.add_mode = False
         self.view = "side"
+        #: the camera (centre, zoom) the last fit of the view left, while the user has not moved it since
+        self._fitted = None
+        size_events = getattr(getattr(viewer, "canvas", None), "events", None)
+        if size_events is not None and hasattr(size_events, "size"):
+            size_events.size.connect(self._on_canvas_resized)
+            host.hooks.append(lambda: size_events.size.disconnect(self._on_canvas_resized))
 
     # ------------------------------------------------------------------ add mode and clicks
     def set_add_mode(self, on: bool):
@@ -92,11 +98,21 @@ class Canvas:
             # warped image on screen (a newer one may still be on its way)
             t = self.host.shown_transform or m.transform or IdentityTransform(d)
             phys = t.map_points(phys[None])[0]
+        else:
+            # in the landmark layer's own coordinates (physical, array order): the moving layers may be shown
+            # through a linear result (Images: "Show a linear result on the moving layer"), not where they are
+            layer = self.att.layer(f"landmarks-{side}")
+            if layer is not None:
+                phys = to_physical_order(np.asarray(layer.world_to_data(np.asarray(world_position, float)))[-d:])
         i = self.host.call(m.place, side, phys)
         if i is not None:
             other = m.next_side(first)
-            self.host.set_status(f"Pair {i + 1}: now click its partner in the {other} image." if m.pending() is not None
-                                 else f"Pair {i + 1} placed. Click a point in either image to start the next pair.")
+            name = m.pairs.names[i]
+            text = (f"{name}: now click its partner in the {other} image." if m.pending() is not None
+                    else f"{name} placed. Click a point in either image to start the next pair.")
+            if m.transform is None and m.fit_message:
+                text += " " + m.fit_message  # e.g. how many pairs the model still needs
+            self.host.set_status(text)
         return i
 
     # ------------------------------------------------------------------ views
@@ -108,10 +124,33 @@ class Canvas:
         self.host.images.show_view(view)
         self.arrange()
         if self.model.ready:
-            try:
-                self.viewer.reset_view()
-            except Exception:  # pragma: no cover - canvas not ready
-                pass
+            self.fit_view()
+
+    @property
+    def camera(self):
+        return self.viewer.scene.camera if hasattr(self.viewer, "scene") else self.viewer.camera
+
+    def fit_view(self):
+        """Show the whole of every image, each in its cell when side by side."""
+        try:
+            self.viewer.reset_view()
+        except Exception:  # pragma: no cover - a canvas not shown yet
+            return
+        self._fitted = (tuple(self.camera.center), float(self.camera.zoom))
+
+    def _still_fitted(self) -> bool:
+        """True while the camera is where the last fit left it (the user has not panned or zoomed since)."""
+        if self._fitted is None:
+            return False
+        c, z = self._fitted
+        cam = self.camera
+        return len(c) == len(cam.center) and np.allclose(c, cam.center) and np.isclose(z, cam.zoom)
+
+    def _on_canvas_resized(self, event=None):
+        # the dock widget or the window took or gave room (e.g. just after the first view was fitted): fit again,
+        # unless the user has moved the view since
+        if self.model.ready and not self.host.closing and self._still_fitted():
+            self.fit_view()
 
     def toggle_view(self):
         self.set_view("overlay" if self.view == "side" else "side")
@@ -133,11 +172,15 @@ class Canvas:
         if self.view == "side":
             order = rest + top_fixed + moving_group
         else:
+            # the moving image (opaque, in its own unregistered place) lies right above the fixed image, under
+            # the warped image and the QC maps, which it would otherwise hide
             base = [l for l in rest if l is not fixed]
             order = ([fixed] if fixed is not None and fixed in layers else []) + \
-                [l for l in base if l is not moving] + [l for l in moving_group if l is moving]
+                [l for l in moving_group if l is moving] + [l for l in base if l is not moving]
             order += top_fixed + [l for l in moving_group if l is not moving]
             order += [l for l in layers if not member(l, order)]
+        fitted = self._still_fitted()
+        before = self._grid_cells()
         with self.host.muted():
             for k, l in enumerate(order):
                 cur = layers.index(l)
@@ -149,6 +192,14 @@ class Canvas:
                 self.grid.enabled = True
             else:
                 self.grid.enabled = False
+        if fitted and self._grid_cells() != before:
+            self.fit_view()  # the cells changed size: the images fit them again
+
+    def _grid_cells(self):
+        try:
+            return self.grid.enabled, tuple(self.grid.actual_shape(self.viewer.layers))
+        except Exception:  # pragma: no cover - grid API differences
+            return self.grid.enabled, None
 
     def set_slice_margins(self, points_size: float):
         """In 3D, show landmarks within half a marker size of the current slice (as shrinking discs)."""
@@ -175,10 +226,40 @@ class Canvas:
         camera = self.viewer.scene.camera if hasattr(self.viewer, "scene") else self.viewer.camera
         camera.center = tuple(full[ax] for ax in self.viewer.dims.displayed)
 
+    def _half_view(self) -> np.ndarray:
+        """Half the world extent one cell shows along the two displayed axes (array order)."""
+        try:
+            size = np.asarray(self.viewer.canvas.viewbox_size(self.viewer.layers), float)[-2:]
+        except Exception:  # pragma: no cover - older napari
+            size = np.asarray(self.viewer.canvas.size, float)[-2:]
+        return size / (2.0 * float(self.camera.zoom))
+
     def go_to_pair(self, index: int):
-        """Centre the view on pair ``index`` (its fixed point, else its moving point)."""
+        """Centre the view on pair ``index`` (its fixed point, else its moving point). While the view is the one
+        the plugin fitted (the user has not zoomed or panned since), it zooms out as far as needed for both images
+        to stay whole in their cells, instead of pushing them partly out of sight."""
         pairs = self.model.pairs
         if pairs is None or not 0 <= index < len(pairs):
             return
         f, m = pairs.fixed[index], pairs.moving[index]
+        fitted = self._still_fitted()
         self.centre_on(f if np.all(np.isfinite(f)) else m)
+        if not fitted:
+            return
+        cam = self.camera
+        nd = self.viewer.dims.ndim
+        shown = list(self.viewer.dims.displayed)
+        centre = np.asarray(cam.center, float)[-len(shown):]
+        reach = np.zeros(len(shown))
+        for layer in (self.att.fixed_layer, self.att.moving_layer):
+            if layer is None or layer not in self.viewer.layers:
+                continue
+            ext = np.asarray(layer.extent.world, float)  # (2, layer ndim), world, array order
+            cols = [ax - (nd - ext.shape[1]) for ax in shown]
+            if min(cols) < 0:
+                continue
+            reach = np.maximum(reach, np.abs(ext[:, cols] - centre).max(0))
+        half = self._half_view()
+        if np.any(reach > 0.95 * half):
+            cam.zoom = float(cam.zoom) * float(np.min(0.95 * half / np.maximum(reach, 1e-12)))
+        self._fitted = (tuple(cam.center), float(cam.zoom))  # still the plugin's view: the next row does the same

@@ -10,19 +10,41 @@ from ..image import Image
 from ..space import Space, to_array_order, to_physical_order
 from ..transforms.numeric import NumericInverse
 
-__all__ = ["PALETTE", "META_KEY", "image_from_layer", "layer_space", "layer_role", "layer_path", "world_matrix",
-           "image_layer_kwargs", "jacobian_colormap", "map_layer_points", "apply_to_layer", "prepare_layer",
+__all__ = ["PALETTE", "pair_colors", "META_KEY", "image_from_layer", "layer_space", "layer_role", "layer_path", "world_matrix",
+           "image_layer_kwargs", "jacobian_colormap", "linear_display_affine", "map_layer_points", "apply_to_layer", "prepare_layer",
            "warp_prepared"]
 
 #: metadata key under which the plugin marks layers it made or understands
 META_KEY = "regtool"
 
-#: pair colours, the same pair has the same colour in both landmark layers
+#: colours of the first pairs (the same pair has the same colour in both landmark layers and in the table)
 PALETTE = np.array([
     (0.12, 0.47, 0.71), (1.00, 0.50, 0.05), (0.17, 0.63, 0.17), (0.84, 0.15, 0.16), (0.58, 0.40, 0.74),
     (0.55, 0.34, 0.29), (0.89, 0.47, 0.76), (0.74, 0.74, 0.13), (0.09, 0.75, 0.81), (1.00, 0.85, 0.20),
     (0.40, 0.76, 0.65), (0.99, 0.55, 0.38),
 ])
+
+_GOLDEN = (np.sqrt(5.0) - 1.0) / 2.0
+
+
+def pair_colors(indices) -> np.ndarray:
+    """``(N, 3)`` RGB colours of pairs ``indices``: :data:`PALETTE` for the first ones, then hues stepped by the
+    golden ratio (each new hue falls in the largest gap left by the previous ones) with the saturation and
+    brightness alternating, so that many pairs stay distinguishable instead of repeating after 12."""
+    from colorsys import hsv_to_rgb
+
+    idx = np.asarray(indices, int).reshape(-1)
+    out = np.empty((len(idx), 3))
+    for k, i in enumerate(idx):
+        if i < len(PALETTE):
+            out[k] = PALETTE[i]
+            continue
+        j = i - len(PALETTE)
+        hue = (0.8 + j * _GOLDEN) % 1.0
+        sat = (0.95, 0.6)[j % 2]
+        val = (0.95, 0.7)[(j // 2) % 2]
+        out[k] = hsv_to_rgb(hue, sat, val)
+    return out
 
 
 def layer_role(layer) -> dict:
@@ -95,6 +117,22 @@ def jacobian_colormap():
     colors = [[1.0, 0.0, 0.0, 1.0], [1.0, 0.0, 0.0, 1.0], [0.05, 0.15, 0.7, 1.0], [1.0, 1.0, 1.0, 1.0],
               [0.85, 0.35, 0.0, 1.0]]
     return Colormap(colors=colors, controls=controls, name="regtool_jacobian", interpolation="linear")
+
+
+def linear_display_affine(transform, own_affine) -> np.ndarray:
+    """napari ``affine`` that shows a moving-space layer where a linear ``transform`` (fixed → moving, physical
+    x, y, z) puts it on the fixed image, without resampling: ``T⁻¹`` (in world, i.e. array, order) after the
+    layer's own placement. ``own_affine``: the layer's ``(D+1, D+1)`` affine matrix without the result."""
+    own = np.asarray(own_affine, float)
+    d = own.shape[0] - 1
+    pts = np.vstack([np.zeros(d), np.eye(d)])
+    mapped = np.asarray(transform.map_points(pts), float)
+    h = np.eye(d + 1)  # T as a homogeneous matrix in x, y, z order (exact for a linear transform)
+    h[:d, :d] = (mapped[1:] - mapped[0]).T
+    h[:d, d] = mapped[0]
+    flip = np.eye(d + 1)
+    flip[:d, :d] = np.eye(d)[::-1]
+    return np.linalg.inv(flip @ h @ flip) @ own
 
 
 def _points_world(layer, data) -> np.ndarray:

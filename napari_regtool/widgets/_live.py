@@ -30,6 +30,15 @@ _MAP_STYLE = {
 }
 
 
+#: the control that makes each model's transform smoother, as the folding warning names it
+_FOLDING_REMEDY = {
+    "tps": "increase the thin-plate spline's Smoothing (under the model list)",
+    "deep": "move the λ slider (Deep / auto tab) to the right: a larger regularisation weight λ gives a smoother "
+            "deformation",
+}
+_FOLDING_OTHER = "choose a smoother model"
+
+
 class LiveView:
     """Runs the preview for the model's transform and shows what it returns in the layers the attachment owns.
 
@@ -165,7 +174,7 @@ class LiveView:
         if fold > 0 and nonlinear and not self._was_folding:
             self.host.notify("warning", f"The transform folds: {fold:.3g}% of the fixed image has a Jacobian "
                                         "determinant ≤ 0 (red in the Jacobian layer). Move or deactivate the pairs "
-                                        "near there, or increase the smoothing.")
+                                        f"near there, or {_FOLDING_REMEDY.get(self.model.model, _FOLDING_OTHER)}.")
             if not self.host.qc.is_on("jacobian"):
                 self.host.qc.set_overlay("jacobian", True)
         self._was_folding = fold > 0 and nonlinear
@@ -203,7 +212,7 @@ class LiveView:
         if s.model in LANDMARK_MODELS:
             n = int(s.pairs.usable.sum()) if s.pairs is not None else 0
             return f"{MODEL_LABELS[s.model]} from {n} pair(s)."
-        return f"{MODEL_LABELS[s.model]} transform."
+        return f"{s.model_label} transform."
 
     # ------------------------------------------------------------------ QC layers
     def show_map(self, key, arr):
@@ -256,8 +265,15 @@ class LiveView:
     def on_qc_toggled(self, key, on):
         t = self.model.transform
         if key == "uncertainty" and on and self.model.model == "deep" and t is not None \
-                and getattr(t, "uncertainty", None) is None and "refined" not in t.kind:
-            self.host.predict()  # the deep model's map comes with a prediction
+                and getattr(t, "uncertainty", None) is None:
+            if "refined" not in t.kind:
+                self.host.predict()  # the deep model's map comes with a prediction
+            else:
+                # a new prediction would replace the refinement on screen: say how to get the map instead
+                self.host.notify("info", "The uncertainty map comes with the network's prediction, and this refined "
+                                         "deformation was refined from a prediction made without it. Move λ to "
+                                         "predict again with the map; a refinement started from that prediction "
+                                         "keeps it.")
         layer = self.att.layer(f"qc-{key}")
         if layer is not None:
             layer.visible = on

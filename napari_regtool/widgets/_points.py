@@ -10,9 +10,12 @@ from qtpy.QtCore import QTimer
 from ..errors import RegtoolError
 from ..model import SIDES
 from ..space import to_array_order, to_physical_order
-from ._layers import META_KEY, PALETTE
+from ._layers import META_KEY, pair_colors
 
 __all__ = ["LandmarkLayers"]
+
+#: the text beside each landmark: the pair's name, as in the table and the CSV (BigWarp shows names too)
+_TEXT = {"string": "{name}", "color": "white", "anchor": "upper_left", "size": 11}
 
 
 class LandmarkLayers:
@@ -31,6 +34,12 @@ class LandmarkLayers:
         self._synced: dict = {}  # side → (layer id, what was last written into it)
         self._drag_active: dict = {}
         self._removing = None
+        #: whether the residual vectors are wanted (the Landmarks tab's check box)
+        self.residuals_on = False
+        m = self.model
+        for sig in (m.transform_changed, m.pairs_changed):
+            sig.connect(self._refresh_residuals)
+            hooks.append(lambda sig=sig: sig.disconnect(self._refresh_residuals))
 
     def layer(self, side):
         return self.att.layer(f"landmarks-{side}")
@@ -74,8 +83,9 @@ class LandmarkLayers:
             layer = self.viewer.add_points(
                 np.zeros((0, d)), name=f"{side} landmarks", size=self.points_size(),
                 border_color="white", border_width=0.1, projection_mode="rescale_spherical",
-                text={"string": "{label}", "color": "white", "anchor": "upper_left", "size": 11},
-                features={"label": np.array([], dtype=str), "pair": np.array([], dtype=int)},
+                    text=dict(_TEXT),
+                features={"label": np.array([], dtype=str), "pair": np.array([], dtype=int),
+                          "name": np.array([], dtype=str), "active": np.array([], dtype=bool)},
                 metadata={META_KEY: {"role": "landmarks", "side": side, "managed": True}})
             self.register(layer, side)
         return layer
@@ -124,7 +134,7 @@ class LandmarkLayers:
                 if self._points_in_sync(layer, side, placed, pts):
                     continue
                 colors = np.ones((len(placed), 4))
-                colors[:, :3] = PALETTE[placed % len(PALETTE)]
+                colors[:, :3] = pair_colors(placed)
                 inactive = ~pairs.active[placed]
                 colors[inactive, 3] = 0.35
                 selected = set(layer.selected_data)
@@ -133,6 +143,8 @@ class LandmarkLayers:
                                   "pair": placed.astype(int),
                                   "name": np.array([pairs.names[i] for i in placed], dtype=str),
                                   "active": pairs.active[placed].astype(bool)}
+                if getattr(layer.text.string, "format", None) != _TEXT["string"]:
+                    layer.text = dict(_TEXT)  # a layer adopted from the reader numbered its points
                 if len(placed):
                     layer.face_color = colors
                     layer.size = self.points_size()
@@ -234,3 +246,51 @@ class LandmarkLayers:
     def _finish_drag(self):
         self.model.end_drag()  # nothing to do when the release's data event already ended or cancelled it
         self.sync()
+
+    # ------------------------------------------------------------------ residual vectors
+    def show_residuals(self, on: bool):
+        """Show or hide the residual vectors: from each pair's fixed point to where the transform puts its moving
+        point in fixed space (:meth:`~napari_regtool.model.RegistrationModel.residual_vectors`)."""
+        self.residuals_on = bool(on)
+        layer = self.att.layer("residuals")
+        if not on:
+            if layer is not None:
+                layer.visible = False
+            return
+        self.update_residuals()
+
+    def _refresh_residuals(self, *_):
+        if self.residuals_on and not self.model.dragging:
+            self.update_residuals()
+
+    def update_residuals(self):
+        m = self.model
+        if not m.ready or self.host.closing:
+            return
+        idx, start, end = m.residual_vectors()
+        d = m.ndim
+        data = np.zeros((len(idx), 2, d))
+        if len(idx):
+            data[:, 0] = to_array_order(start)
+            data[:, 1] = to_array_order(end - start)
+        colors = np.ones((len(idx), 4))
+        colors[:, :3] = pair_colors(idx)
+        layer = self.att.layer("residuals")
+        with self.host.muted():
+            if layer is not None and layer.ndim != d:
+                self.viewer.layers.remove(layer)
+                layer = None
+            if layer is None:
+                layer = self.viewer.add_vectors(
+                    data, name="residual vectors", edge_width=max(self.points_size() / 6, 1e-6), length=1.0,
+                    vector_style="arrow", features={"pair": idx.astype(int)}, edge_color=colors if len(idx) else "white",
+                    metadata={META_KEY: {"role": "residuals"}})
+                self.att.own("residuals", layer)
+                self.host.arrange()
+            else:
+                layer.data = data
+                layer.features = {"pair": idx.astype(int)}
+                if len(idx):
+                    layer.edge_color = colors
+            layer.visible = True
+

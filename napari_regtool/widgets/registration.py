@@ -32,7 +32,11 @@ from ._layers import META_KEY, image_layer_kwargs, layer_role
 from ._live import LiveView
 from ._owned import attachment_for
 from ._points import LandmarkLayers
+from ._qcviews import TransformViews
+from .panels.compare import ComparePanel
+from .panels.fieldstats import FieldStatsPanel
 from .panels import DeepPanel, ExportPanel, ImagesPanel, LandmarksPanel, ModelPanel, QCPanel
+from .panels.fullres import FullresPanel
 from .panels._shortcuts import NAPARI_KEYS, SHORTCUTS
 
 __all__ = ["RegistrationWidget"]
@@ -49,6 +53,8 @@ _CONTROLS = {
     "export": ("apply_combo", "apply_btn", "export_btn", "save_tfm_btn", "save_warped_btn", "save_jac_btn",
                "save_lm_btn"),
     "jobs": ("progress", "cancel_btn"),
+    "fullres": ("fullres_combo", "fullres_block", "fullres_btn", "fullres_progress", "fullres_cancel_btn",
+                "fullres_status"),
 }
 
 
@@ -77,20 +83,27 @@ class RegistrationWidget(QWidget):
         self._closing = False
         self._last_fit_message = ""
         self._too_few_notified = None
+        # a fit succeeded since these images were chosen
+        self._fitted_once = self.session.transform is not None
 
         self._build_ui()
         self.points = LandmarkLayers(viewer, att, self, self.hooks)
+        self.landmarks.residualsToggled.connect(self.points.show_residuals)
         self.canvas = Canvas(viewer, att, self)
         self.live = LiveView(viewer, att, self)
-        runners = (self.live.runner,) + self.jobs.runners
+        # glyphs, contours, read-out, statistics and A/B views of whatever transform is current
+        self.views = TransformViews(viewer, att, self)
+        qc_runners = self.views.runners + (self.model_panel.loader.runner,)
+        self.destroyed.connect(lambda *_: [r.close() for r in qc_runners])
+        runners = (self.live.runner,) + self.jobs.runners + (self.fullres.runner,)
         hooks = self.hooks
         # a widget deleted without a close (the viewer closed) stops its work and lets go of the model and layers
         self.destroyed.connect(lambda *_: [r.close() for r in runners] + [_undo_hooks(hooks)])
         m = self.session
         connections = [(m.images_changed, self._on_images), (m.pairs_changed, self._on_pairs),
                        (m.transform_changed, self.live.schedule), (m.fitted, self._on_fitted),
-                       (m.params_changed, self._on_params), (m.autosave_changed, self.set_status)]
-        for panel in (self.model_panel, self.landmarks, self.deep):
+                       (m.params_changed, self._on_params), (m.autosave_changed, self._on_autosave_notice)]
+        for panel in (self.model_panel, self.landmarks, self.deep, self.compare):
             connections += list(panel.connections())
         for signal, slot in connections:
             signal.connect(slot)
@@ -122,10 +135,19 @@ class RegistrationWidget(QWidget):
         self.landmarks = LandmarksPanel(m, self)
         self.deep = DeepPanel(m, self)
         self.qc = QCPanel(lambda: att.layer("warped"))
+        # the QC tab's statistics table; the A/B comparison has a tab of its own (after the others)
+        self.field_stats = FieldStatsPanel()
+        self.qc.add_section(self.field_stats)
+        self.compare = ComparePanel(m, self.model_panel.loader,
+                                    lambda: (att.layer("warped"), att.layer("xf-warped-b")))
         self.export = ExportPanel(m, self)
+        # "Apply at full resolution…" (OME-Zarr, block by block) in the Export tab, above its closing stretch
+        self.fullres = FullresPanel(m, self, att)
+        self.export.layout().insertWidget(self.export.layout().count() - 1, self.fullres)
         for panel, title in ((self.landmarks, "Landmarks"), (self.deep, "Deep / auto"), (self.qc, "QC"),
                              (self.export, "Export")):
             self.tabs.addTab(panel, title)
+        self.tabs.addTab(self.compare, "Compare A/B")
         self.status_label = QLabel("")
         self.status_label.setWordWrap(True)
         root.addWidget(self.status_label)
@@ -181,6 +203,8 @@ class RegistrationWidget(QWidget):
         from napari.utils.notifications import show_error, show_info, show_warning
 
         self.messages.append((level, text))
+        if level == "error":
+            self.set_status(text)  # the status line says what last happened (not "Saving …" after a failed save)
         {"error": show_error, "warning": show_warning, "info": show_info}[level](text)
 
     def call(self, func, *args, **kwargs):
@@ -193,6 +217,13 @@ class RegistrationWidget(QWidget):
 
     def set_status(self, text: str):
         self.status_label.setText(text)
+
+    def _on_autosave_notice(self, text: str):
+        """The autosave had to go somewhere else (a file it did not write is in its place, or that place cannot be
+        written): a warning the user sees, not only a status line that the next action replaces."""
+        self.set_status(text)
+        if text:
+            self.notify("warning", text)
 
     def job_error(self, exc):
         self.jobs.job_error(exc)
@@ -246,10 +277,12 @@ class RegistrationWidget(QWidget):
         from napari.layers import Image as ImageLayer, Labels, Points, Shapes
 
         self.images.refresh()
-        self.export.refresh_layers([
+        layers = [
             l for l in self.viewer.layers if isinstance(l, (ImageLayer, Labels, Points, Shapes))
             and not self._att.owns(l) and l is not self._fixed_layer
-            and layer_role(l).get("role") not in ("warped", "qc", "landmarks", "suggestion", "fixed")])
+            and layer_role(l).get("role") not in ("warped", "qc", "landmarks", "suggestion", "fixed")]
+        self.export.refresh_layers(layers)
+        self.fullres.refresh_layers(layers)
 
     # ============================================================ the public actions (as the buttons do)
     def set_model(self, model: str):
@@ -332,6 +365,11 @@ class RegistrationWidget(QWidget):
     def apply_to_layer(self, layer=None):
         return self.export.apply_to_layer(layer)
 
+    def apply_fullres(self, path=None, layer=None) -> bool:
+        """The "Apply at full resolution…" button: write the layer (default: the moving image) warped block by block as
+        OME-Zarr, in the background."""
+        return self.fullres.apply_fullres(path, layer)
+
     def predict(self):
         self.jobs.predict()
 
@@ -363,7 +401,8 @@ class RegistrationWidget(QWidget):
     @property
     def busy(self) -> bool:
         """True while a live update or a background job is running or queued."""
-        return self.live.runner.busy or self.jobs.busy
+        return self.live.runner.busy or self.jobs.busy or self.fullres.busy or self.views.busy or \
+            self.model_panel.loader.busy
 
     # ============================================================ images and the layer list
     @property
@@ -428,6 +467,10 @@ class RegistrationWidget(QWidget):
         warped = att.layer("warped")
         if warped is not None:
             self.qc.show_opacity(warped.opacity)
+        res = att.layer("residuals")
+        if res is not None and res.visible:
+            self.landmarks.show_residuals_state(True)
+            self.points.residuals_on = True
         self.points.take_over_edits()
         self.points.sync()
         self.landmarks.update_pairs()
@@ -482,6 +525,12 @@ class RegistrationWidget(QWidget):
             self.qc.show_warped(False)
         elif key == "suggestion":
             self.live.suggestion = None
+        elif key == "residuals":
+            self.points.residuals_on = False
+            self.landmarks.show_residuals_state(False)
+        elif key is not None and key.startswith("landmarks-") and not self._mute and self.session.ready:
+            # the landmark layers are how pairs are seen and edited: put the deleted one back at once
+            QTimer.singleShot(0, lambda k=key: self._landmarks_back(k))
         self.images.layer_removed(layer)
         if not self._mute and (layer is self._fixed_layer or layer is self._moving_layer):
             side = "fixed" if layer is self._fixed_layer else "moving"
@@ -493,6 +542,15 @@ class RegistrationWidget(QWidget):
             self.layers_changed()
             # the side-by-side grid counts layers: lay them out again without the one removed
             QTimer.singleShot(0, self.canvas.arrange)
+
+    def _landmarks_back(self, key):
+        if self._closing or not self._attached() or self._att.layer(key) is not None:
+            return  # (not when the images went too, e.g. the whole layer list was cleared)
+        self.points.sync()
+        self.canvas.arrange()
+        side = key.split("-", 1)[1]
+        self.set_status(f"The {side} landmarks layer is needed while registering, so it is back. To stop, close the "
+                        "Registration widget or remove an image.")
 
     def _stop_if_detached(self, side, name):
         """An image layer in use was removed: stop registering, unless other images were chosen meanwhile."""
@@ -511,6 +569,7 @@ class RegistrationWidget(QWidget):
             return
         self.live.reset()
         self.jobs.reset()
+        self._fitted_once = False
         if not self.session.ready:
             self._remove_owned_layers()
             self.layers_changed()
@@ -526,6 +585,8 @@ class RegistrationWidget(QWidget):
                     self.viewer.layers.remove(l)
         for key in self.qc.qc_checks:
             self.qc.show_state(key, False)
+        self.points.residuals_on = False
+        self.landmarks.show_residuals_state(False)
         self.canvas.grid.enabled = False
 
     def _ensure_warped(self):
@@ -583,10 +644,10 @@ class RegistrationWidget(QWidget):
         self.points.sync()
         self.canvas.arrange()
         self.layers_changed()
-        try:
-            self.viewer.reset_view()
-        except Exception:  # pragma: no cover - a canvas not shown yet
-            pass
+        self.canvas.fit_view()
+        # the warped layer shows the moving image through the identity until a transform exists (no new transform
+        # is announced when the new images have none yet); once the model has refitted for the new images
+        QTimer.singleShot(0, self.live.schedule)
 
     def _on_pairs(self, change: PairsChange):
         if self._closing or change.reason == "drag" or not self.session.ready:
@@ -595,13 +656,20 @@ class RegistrationWidget(QWidget):
         m = self.session.model
         if m == "deep" and change.reason != "images" and self.jobs.deep_initial is None:
             self.predict()  # the landmarks' affine is the network's starting point: follow it
-        elif registry.get(m).kind == "intensity" and m in self.session.computed:
+        elif m in registry.MODELS and registry.get(m).kind == "intensity" and m in self.session.computed:
             self.deep.set_status("The landmarks changed; press Auto-align to start again from them.")
 
     def _on_params(self, name: str):
         if name == "device":
             self.jobs.device_changed()
         if name in ("device", "reg_weight") and self.session.model == "deep" and self.session.ready:
+            t = self.session.transform
+            if t is not None and "refined" in getattr(t, "kind", "") and not self.session.auto_refine:
+                # a refinement the user asked for is replaced (with "Refine automatically" on, the new prediction is
+                # refined again by itself, as that box says)
+                what = "λ changed" if name == "reg_weight" else "The device changed"
+                self.notify("info", f"{what}: the refined deformation is replaced by the network's prediction at "
+                                    f"λ = {self.reg_weight:.3g}; press Refine to refine it again.")
             self.predict()
 
     def _compute(self, model: str):
@@ -618,14 +686,16 @@ class RegistrationWidget(QWidget):
             return
         if msg and msg != self._last_fit_message and s.model in LANDMARK_MODELS and len(s.pairs):
             too_few = "needs at least" in msg
-            # "too few pairs" while the first pairs are being placed is expected: notify it once per model (again
-            # after a fit succeeded), every other reason each time it appears
-            if not too_few or self._too_few_notified != s.model:
+            # "too few pairs" while the first pairs are being placed is expected: the status line says it. It is
+            # notified (once per model, again after a fit succeeded) only when a working transform was lost;
+            # every other reason each time it appears
+            if not too_few or (self._fitted_once and self._too_few_notified != s.model):
                 self.notify("warning", msg)
             if too_few:
                 self._too_few_notified = s.model
         if not msg:
             self._too_few_notified = None
+            self._fitted_once = s.transform is not None or self._fitted_once
         self._last_fit_message = msg
         if msg:
             self.set_status(msg)
@@ -657,7 +727,11 @@ class RegistrationWidget(QWidget):
         self._closing = True
         self.live.runner.close()
         self.jobs.close()
+        self.fullres.close_runner()
         self.qc.stop()
+        self.compare.stop()
+        self.views.close()
+        self.model_panel.loader.runner.close()
         try:
             self.viewer.mouse_drag_callbacks.remove(self.canvas.on_canvas_click)
         except ValueError:

@@ -16,6 +16,16 @@ def _apply_job(prepared, transform, space):
     return ("applied", warp_prepared(prepared, transform, space))
 
 
+def transform_filters(transform) -> tuple:
+    """The Save transform dialog's file types for ``transform`` (only those that can hold it) and the default
+    file name: a linear transform as an ITK transform file (or a field), any other as a displacement-field image
+    (or an ITK ``.h5`` holding that field; ``.tfm`` holds linear transforms only)."""
+    field = "Displacement field on the fixed grid (*.nii.gz *.mha *.nrrd)"
+    if transform is not None and transform.is_linear:
+        return f"ITK transform (*.tfm *.h5);;{field}", "transform.tfm"
+    return f"{field};;ITK displacement-field transform (*.h5)", "displacement.nii.gz"
+
+
 class ExportPanel(QWidget):
     """Buttons that ask where, then hand the writing to the host's background jobs (``host.start_job``)."""
 
@@ -38,8 +48,8 @@ class ExportPanel(QWidget):
         self.export_btn.setToolTip("Write warped image, displacement field, Jacobian, transform (linear models) and "
                                    "report.json into a folder — the same files as `regtool register`.")
         self.save_tfm_btn = QPushButton("Save transform…")
-        self.save_tfm_btn.setToolTip(".tfm/.h5: ITK transform (linear models exactly; others as a displacement field "
-                                     "in .h5). .nii.gz/.mha/.nrrd: ITK displacement field on the fixed grid.")
+        self.save_tfm_btn.setToolTip("Linear models: .tfm/.h5 ITK transform (exact). Others (TPS, deep, auto): an ITK "
+                                     "displacement field on the fixed grid (.nii.gz/.mha/.nrrd, or inside an .h5).")
         self.save_warped_btn = QPushButton("Save warped image…")
         self.save_jac_btn = QPushButton("Save Jacobian map…")
         self.save_lm_btn = QPushButton("Save landmarks (BigWarp CSV)…")
@@ -78,8 +88,8 @@ class ExportPanel(QWidget):
     def save_transform(self, path=None) -> bool:
         if self._no_transform("There is no transform to save yet."):
             return False
-        path = path or self._save_path("Save transform", "ITK transform (*.tfm *.h5);;Displacement field "
-                                                        "(*.nii.gz *.mha *.nrrd)", "transform.tfm")
+        filt, default = transform_filters(self.model.transform)
+        path = path or self._save_path("Save transform", filt, default)
         if not path:
             return False
         m = self.model
@@ -121,8 +131,15 @@ class ExportPanel(QWidget):
         if self._no_transform():
             return None
         m = self.model
+        images = getattr(self.host, "images", None)
         try:
-            prepared = prepare_layer(layer, m.fixed.space)
+            if images is not None:
+                images.restore_display()  # read the layer where it is, not where a linear result shows it
+            try:
+                prepared = prepare_layer(layer, m.fixed.space)
+            finally:
+                if images is not None:
+                    images.update_linear_display()
             if prepared[0] in ("image", "labels"):
                 self.host.start_job(f"Resampling {layer.name!r} onto the fixed grid…", _apply_job, prepared,
                                     m.transform, m.fixed.space, resample=True)

@@ -4,16 +4,18 @@ from __future__ import annotations
 from pathlib import Path
 
 from qtpy.QtCore import Signal
-from qtpy.QtWidgets import QComboBox, QFileDialog, QGridLayout, QLabel, QPushButton, QWidget
+from qtpy.QtWidgets import QCheckBox, QComboBox, QFileDialog, QGridLayout, QLabel, QPushButton, QWidget
 
 from ... import io as rio
 from ...errors import RegtoolError
-from .._layers import image_from_layer, layer_path, layer_role
+from .._layers import layer_path, layer_role, linear_display_affine
+from .fullres import open_zarr, registration_image, zarr_folder
 from ._shortcuts import SHORTCUTS
 
 __all__ = ["ImagesPanel"]
 
-_IMAGE_FILES = ("Images (*.nii *.nii.gz *.mha *.mhd *.nrrd *.nhdr *.tif *.tiff *.png *.jpg *.dcm);;All files (*)")
+_IMAGE_FILES = ("Images (*.nii *.nii.gz *.mha *.mhd *.nrrd *.nhdr *.tif *.tiff *.png *.jpg *.dcm);;"
+                "OME-Zarr: zarr.json or .zattrs inside the .zarr folder (zarr.json .zattrs .zgroup);;All files (*)")
 
 
 def combo_index(combo, obj) -> int:
@@ -66,11 +68,34 @@ class ImagesPanel(QWidget):
                                    f"one view. ({SHORTCUTS['view']})")
         g.addWidget(QLabel("View"), 2, 0)
         g.addWidget(self.view_combo, 2, 1, 1, 2)
+        self.linear_check = QCheckBox("Show a linear result on the moving layer (no resampling)")
+        self.linear_check.setToolTip(
+            "Rigid, similarity, affine (and auto) results: the moving image and its landmarks are shown where the "
+            "transform puts them on the fixed image, through the layer's affine — nothing is resampled, so the "
+            "moving image keeps its own pixels. Non-linear results are shown by the warped layer only.")
+        g.addWidget(self.linear_check, 3, 0, 1, 3)
+        # a file with several (non-colour) channels is registered on their mean or on one channel, chosen here
+        self.channel_label = QLabel("Channel")
+        self.channel_combos = {side: QComboBox() for side in ("fixed", "moving")}
+        for side, combo in self.channel_combos.items():
+            combo.setToolTip(f"The {side} file has several channels: register their mean or one of them (as "
+                             "`regtool register --channel`).")
+            combo.currentIndexChanged.connect(lambda _, s=side: self._on_channel(s))
+        g.addWidget(self.channel_label, 4, 0)
+        g.addWidget(self.channel_combos["fixed"], 4, 1)
+        g.addWidget(self.channel_combos["moving"], 4, 2)
+        #: id → (layer, its affine without the result) of the layers shown through a linear result
+        self._own_affine: dict = {}
         self.fixed_combo.currentIndexChanged.connect(lambda _: self._on_pick("fixed"))
         self.moving_combo.currentIndexChanged.connect(lambda _: self._on_pick("moving"))
         self.open_fixed_btn.clicked.connect(lambda: self.open_image("fixed"))
         self.open_moving_btn.clicked.connect(lambda: self.open_image("moving"))
         self.view_combo.currentIndexChanged.connect(lambda _: self.viewChosen.emit(self.view_combo.currentData()))
+        self.linear_check.toggled.connect(lambda _: self.update_linear_display())
+        m = self.model
+        for sig in (m.transform_changed, m.images_changed):
+            sig.connect(self.update_linear_display)
+            host.hooks.append(lambda sig=sig: sig.disconnect(self.update_linear_display))
 
     # ------------------------------------------------------------------ layers
     def _in_viewer(self, layer) -> bool:
@@ -102,6 +127,62 @@ class ImagesPanel(QWidget):
                 combo.setCurrentIndex(max(combo_index(combo, cur), 0) if cur is not None else 0)
         finally:
             self._lock = False
+        self.refresh_channels()
+
+    # ------------------------------------------------------------------ channels of multichannel files
+    def refresh_channels(self):
+        """The Channel combos: shown for a side whose layer was opened from a file with several channels."""
+        any_shown = False
+        for side, combo in self.channel_combos.items():
+            r = layer_role(self.shown(side))
+            n = r.get("channels")
+            combo.blockSignals(True)
+            combo.clear()
+            if n:
+                combo.addItem("mean", "mean")
+                for c in range(int(n)):
+                    combo.addItem(f"channel {c}", c)
+                combo.setCurrentIndex(max(combo.findData(r.get("channel", "mean")), 0))
+            combo.blockSignals(False)
+            combo.setVisible(bool(n))
+            any_shown |= bool(n)
+        self.channel_label.setVisible(any_shown)
+
+    def set_channel(self, side: str, channel):
+        """Choose the channel registered for ``side`` (``"mean"`` or a number), as its Channel combo does."""
+        combo = self.channel_combos[side]
+        i = combo.findData(channel)
+        if i < 0:
+            self.host.notify("warning", f"The {side} image has no channel {channel!r}.")
+            return
+        combo.setCurrentIndex(i)
+
+    def _on_channel(self, side: str):
+        layer = self.shown(side)
+        channel = self.channel_combos[side].currentData()
+        r = layer_role(layer)
+        if layer is None or channel is None or r.get("channel", "mean") == channel or not r.get("path"):
+            return
+        try:
+            data = rio.read_image(r["path"]).scalar(channel)
+        except (RegtoolError, OSError) as exc:
+            self.host.notify("error", f"Cannot read channel {channel} of {Path(r['path']).name}: {exc}")
+            self.refresh_channels()
+            return
+        self.restore_display()
+        layer.data = data
+        layer.metadata = {**layer.metadata, "regtool": {**r, "channel": channel}}
+        layer.reset_contrast_limits()
+        what = "the mean of the channels" if channel == "mean" else f"channel {channel}"
+        f, m = self.shown("fixed"), self.shown("moving")
+        if f is not None and m is not None:
+            # the same pairs on the new channel (undo history starts again with the new image)
+            pairs = self.model.pairs if self.model.ready and (f is self.att.fixed_layer and m is self.att.moving_layer) \
+                else None
+            if self.set_layers(f, m, landmarks=pairs):
+                self.host.set_status(f"The {side} image is now registered on {what}.")
+        else:
+            self.host.set_status(f"The {side} image shows {what}.")
 
     def layer_removed(self, layer):
         for side in ("fixed", "moving"):
@@ -114,6 +195,30 @@ class ImagesPanel(QWidget):
             self.view_combo.blockSignals(True)
             self.view_combo.setCurrentIndex(i)
             self.view_combo.blockSignals(False)
+
+    # ------------------------------------------------------------------ a linear result through the layer's affine
+    def update_linear_display(self, *_):
+        """Show the moving image and its landmarks through the linear transform (as affinder does), or put them
+        back where they are when the box is unticked, the transform is not linear or the images change."""
+        m = self.model
+        t = m.transform
+        on = self.linear_check.isChecked() and m.ready and t is not None and t.is_linear
+        layers = [l for l in (self.att.moving_layer, self.att.layer("landmarks-moving")) if l is not None] if on \
+            else []
+        self.restore_display(keep=layers)
+        for layer in layers:
+            own = self._own_affine.setdefault(id(layer), (layer, layer.affine.affine_matrix.copy()))[1]
+            layer.affine = linear_display_affine(t, own)
+        if self.linear_check.isChecked() and m.ready and t is not None and not t.is_linear:
+            self.host.set_status("The transform is not linear: the moving layer is shown where it is; the warped "
+                                 "layer shows the result.")
+
+    def restore_display(self, keep=()):
+        """Put the layers shown through a linear result back at their own place (all but ``keep``)."""
+        for key, (layer, own) in list(self._own_affine.items()):
+            if not any(layer is k for k in keep):
+                layer.affine = own
+                del self._own_affine[key]
 
     # ------------------------------------------------------------------ choices
     def _on_pick(self, side):
@@ -145,11 +250,13 @@ class ImagesPanel(QWidget):
         notification) when they cannot be used; nothing changes then."""
         att = self.att
         old = (att.fixed_layer, att.moving_layer)
+        self.restore_display()  # the layers' own placement, not a result shown through their affine
         try:
             if fixed_layer is moving_layer:
                 raise RegtoolError(f"{fixed_layer.name!r} cannot be both the fixed and the moving image.")
-            fixed = image_from_layer(fixed_layer)
-            moving = image_from_layer(moving_layer)
+            # a multiscale layer (OME-Zarr) is registered on the level chosen for live work
+            fixed = registration_image(fixed_layer)
+            moving = registration_image(moving_layer)
             if fixed.ndim != moving.ndim:
                 raise RegtoolError(f"The fixed layer {fixed_layer.name!r} is {fixed.ndim}D but the moving layer "
                                    f"{moving_layer.name!r} is {moving.ndim}D; choose two 2D or two 3D images.")
@@ -166,7 +273,8 @@ class ImagesPanel(QWidget):
             return False
         self.picks = {"fixed": fixed_layer, "moving": moving_layer}
         self.refresh()
-        self.host.set_status(msg)
+        self.host.set_status(" ".join([msg] + [im.meta["level_note"] for im in (fixed, moving)
+                                                if im.meta.get("level_note")]))
         if "Restored" in msg:
             self.host.notify("info", msg)
         return True
@@ -180,18 +288,29 @@ class ImagesPanel(QWidget):
                 return False
         other_side = "moving" if side == "fixed" else "fixed"
         other = self.shown(other_side)
+        zarr_path = zarr_folder(path)
+        layer_data = None
         try:
-            im = rio.read_image(path)
+            if zarr_path is not None:  # OME-Zarr: a lazy multiscale layer, registered on a coarse level
+                path = zarr_path
+                im, layer_data = open_zarr(path, side)
+            else:
+                im = rio.read_image(path)
+            channels = None
             if im.is_multichannel and not (im.n_channels in (3, 4) and im.array.dtype == "uint8"):
+                channels = im.n_channels
                 im = im.with_array(im.scalar())
-                self.host.notify("info", f"{Path(path).name} has several channels; their mean is registered.")
-            self.model.check_image(side, im, other=image_from_layer(other) if other is not None else None)
+                self.host.notify("info", f"{Path(path).name} has {channels} channels; their mean is registered "
+                                         "(choose one under Channel).")
+            self.model.check_image(side, im, other=registration_image(other) if other is not None else None)
         except RegtoolError as exc:
             self.host.notify("error", f"{Path(path).name} cannot be the {side} image: {exc}")
             return False
         from ..._reader import image_layer_data
 
-        data, kwargs, _ = image_layer_data(im, path, role=side)
+        data, kwargs, _ = layer_data or image_layer_data(im, path, role=side)
+        if channels and layer_data is None:
+            kwargs["metadata"]["regtool"].update(channels=channels, channel="mean")
         with self.host.muted():
             layer = self.viewer.add_image(data, **kwargs)
         self.picks[side] = layer

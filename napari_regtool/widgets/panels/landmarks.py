@@ -1,4 +1,5 @@
-"""The Landmarks tab: add mode, the pair table, delete, undo/redo, load/save and where the pairs are autosaved."""
+"""The Landmarks tab: add mode, the pair table (names, active, errors, coordinates), the held-out error, delete,
+undo/redo, load/save and where the pairs are autosaved."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,7 +9,7 @@ from qtpy.QtWidgets import QCheckBox, QComboBox, QFileDialog, QHBoxLayout, QLabe
 
 from ...errors import RegtoolError
 from ...preview import outlier_mask
-from .._table import PairTable
+from .._table import _fmt, PairTable
 from ._shortcuts import SHORTCUTS
 
 __all__ = ["LandmarksPanel"]
@@ -18,11 +19,13 @@ class LandmarksPanel(QWidget):
     """Mirrors the model's pairs and history; edits go to the model's commands (each one undoable).
 
     ``addModeToggled(bool)``: the user switched "Add pairs" (clicks on the canvas are the host's);
-    ``pairSelected(int)``: one row was selected (the host centres the view on it).
+    ``pairSelected(int)``: one row was selected (the host centres the view on it); ``residualsToggled(bool)``:
+    "Residual vectors" ticked or unticked (the host draws them).
     """
 
     addModeToggled = Signal(bool)
     pairSelected = Signal(int)
+    residualsToggled = Signal(bool)
 
     def __init__(self, model, host, parent=None):
         super().__init__(parent)
@@ -50,6 +53,16 @@ class LandmarksPanel(QWidget):
         v.addWidget(self.on_warped_check)
         self.table = PairTable()
         v.addWidget(self.table, 1)
+        self.residuals_check = QCheckBox("Residual vectors")
+        self.residuals_check.setToolTip("Draw an arrow from each fixed landmark to where the transform puts its moving "
+                                        "partner on the fixed image: the pair's residual, in place (held-out pairs "
+                                        "included).")
+        v.addWidget(self.residuals_check)
+        self.held_out_label = QLabel("")
+        self.held_out_label.setWordWrap(True)
+        self.held_out_label.setToolTip("Untick Active to hold a pair out of the fit: its target registration error "
+                                       "(TRE) measures the transform where it was not fitted.")
+        v.addWidget(self.held_out_label)
         row = QHBoxLayout()
         self.delete_btn = QPushButton("Delete")
         self.delete_btn.setToolTip("Delete the selected pairs (Delete key in the table or a landmark layer).")
@@ -68,6 +81,7 @@ class LandmarksPanel(QWidget):
         v.addWidget(self.autosave_label)
 
         self.add_btn.toggled.connect(self.addModeToggled)
+        self.residuals_check.toggled.connect(self.residualsToggled)
         self.delete_btn.clicked.connect(self.delete_selected)
         self.undo_btn.clicked.connect(self.undo)
         self.redo_btn.clicked.connect(self.redo)
@@ -75,24 +89,47 @@ class LandmarksPanel(QWidget):
         self.save_btn.clicked.connect(lambda: self.save_landmarks())
         self.table.renamed.connect(lambda i, n: host.call(model.rename, i, n))
         self.table.activeToggled.connect(lambda i, a: host.call(model.set_active, i, a))
+        self.table.coordEdited.connect(self._on_coord_edited)
         self.table.pairSelected.connect(self.pairSelected)
         self.table.deleteRequested.connect(lambda rows: host.call(model.delete, rows))
+        #: the errors of the newest live update and the pairs' geometry they belong to
+        self._errors = None
         self.update_history()
 
     # ------------------------------------------------------------------ model → view
     def connections(self):
         """``(signal, slot)`` pairs the host connects (and disconnects when it closes)."""
         m = self.model
-        return ((m.images_changed, self.update_pairs), (m.pairs_changed, self._on_pairs),
-                (m.history_changed, self.update_history), (m.autosave_changed, self.update_autosave))
+        return ((m.images_changed, self._on_images), (m.pairs_changed, self._on_pairs),
+                (m.transform_changed, self._on_transform), (m.history_changed, self.update_history),
+                (m.autosave_changed, self.update_autosave))
+
+    def _on_images(self):
+        self._errors = None
+        if self.model.ready:
+            sp = [*self.model.fixed.space.spacing, *self.model.moving.space.spacing]
+            self.table.coord_step = float(min(sp))
+            self.table.coord_decimals = 3 if self.table.coord_step >= 0.01 else 5
+        self.update_pairs()
 
     def _on_pairs(self, change):
         if change.reason != "drag":  # while dragging, the table and the files follow on release
             self.update_pairs()
 
+    def _on_transform(self, *_):
+        # (while a point is dragged the rows follow the live updates' errors, and the release)
+        if self.model.pairs is not None and not self.model.dragging:
+            self._show()
+
+    def _geometry(self):
+        """What the errors depend on: the points and which pairs are fitted (not the names)."""
+        p = self.model.pairs
+        return None if p is None else (p.fixed.tobytes(), p.moving.tobytes(), p.active.tobytes())
+
     def update_pairs(self):
-        """Rows for the model's pairs (the errors arrive later, with the live update: :meth:`show_errors`)."""
-        self.table.set_pairs(self.model.pairs)
+        """Rows for the model's pairs; the fit's errors arrive with the live update (:meth:`show_errors`), and the
+        ones shown stay while only names change."""
+        self._show()
         self.update_autosave()
 
     def show_errors(self, residual, loo):
@@ -100,7 +137,24 @@ class LandmarksPanel(QWidget):
         pairs = self.model.pairs
         if pairs is None or len(residual) != len(pairs):
             return
-        self.table.set_pairs(pairs, residual, loo, outlier_mask(loo))
+        self._errors = (self._geometry(), residual, loo)
+        self._show()
+
+    def _show(self):
+        m = self.model
+        pairs = m.pairs
+        held = m.held_out_errors() if pairs is not None else None
+        if self._errors is not None and self._errors[0] != self._geometry():
+            self._errors = None
+        if self._errors is not None:
+            _, residual, loo = self._errors
+            self.table.set_pairs(pairs, residual, loo, outlier_mask(loo), held_out=held)
+        else:
+            self.table.set_pairs(pairs, held_out=held)
+        s = m.held_out_summary()
+        self.held_out_label.setText(
+            f"Held-out TRE: mean {_fmt(s['mean'])}, max {_fmt(s['max'])} ({s['n']} pair{'s' if s['n'] != 1 else ''})"
+            if s["n"] else "")
 
     def update_history(self, *_):
         m = self.model
@@ -121,12 +175,51 @@ class LandmarksPanel(QWidget):
             self.add_btn.setChecked(bool(on))
             self.add_btn.blockSignals(False)
 
+    def show_residuals_state(self, on: bool):
+        """Tick or untick "Residual vectors" to match its layer, without announcing a user toggle."""
+        if self.residuals_check.isChecked() != bool(on):
+            self.residuals_check.blockSignals(True)
+            self.residuals_check.setChecked(bool(on))
+            self.residuals_check.blockSignals(False)
+
     @property
     def first_side(self) -> str:
         """Which image the first click of a pair belongs to in the overlay view."""
         return self.first_combo.currentData()
 
     # ------------------------------------------------------------------ view → model
+    def _on_coord_edited(self, row: int, side: str, axis: int, text: str):
+        """A coordinate typed or nudged in the table: the point moves there (undoable), unless that is outside
+        its image or not a number; the cell then shows the point where it stays."""
+        m = self.model
+        pairs = m.pairs
+        if pairs is None or not 0 <= row < len(pairs):
+            return
+        name, ax = pairs.names[row], "xyz"[axis]
+        try:
+            value = float(text.replace(",", "."))
+        except ValueError:
+            value = float("nan")
+        if value != value or value in (float("inf"), float("-inf")):
+            self.host.notify("warning", f"{name}: {text!r} is not a number; type the {side} {ax} coordinate in "
+                                        "physical units.")
+            self.update_pairs()
+            return
+        point = [float(v) for v in getattr(pairs, side)[row]]
+        if point[axis] == value:
+            return
+        point[axis] = value
+        try:
+            m.move(row, side, point)
+        except RegtoolError as exc:
+            if "outside" in str(exc):
+                exc = f"{name}: {side} {ax} = {value:g} lies outside the {side} image ({m.image(side).name}); the " \
+                      "point stays where it was. Type a value inside the image."
+            self.host.notify("warning", str(exc))
+            self.update_pairs()
+            return
+        self.host.set_status(f"{name}: {side} {ax} set to {value:g}.")
+
     def undo(self):
         if not self.model.undo():
             self.host.set_status("Nothing to undo.")

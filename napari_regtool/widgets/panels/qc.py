@@ -1,12 +1,14 @@
-"""The QC tab: the warped image's visibility, blend and flicker, the QC overlays and the suggested landmark."""
+"""The QC tab: the warped image's visibility, blend and flicker, the QC overlays, the suggested landmark, and the
+views of 3D Slicer's Transforms module (displacement glyphs, contours of |u|, a read-out at the cursor)."""
 from __future__ import annotations
 
 from qtpy.QtCore import Qt, QTimer, Signal
-from qtpy.QtWidgets import QCheckBox, QHBoxLayout, QLabel, QPushButton, QSlider, QVBoxLayout, QWidget
+from qtpy.QtWidgets import (QCheckBox, QFrame, QGroupBox, QHBoxLayout, QLabel, QPushButton, QScrollArea, QSlider,
+                            QVBoxLayout, QWidget)
 
 from ._shortcuts import SHORTCUTS
 
-__all__ = ["QCPanel", "QC_LAYERS"]
+__all__ = ["QCPanel", "QC_LAYERS", "VIEWS"]
 
 #: QC overlays: key → (layer name, checkbox label)
 QC_LAYERS = {
@@ -16,6 +18,18 @@ QC_LAYERS = {
     "checkerboard": ("checkerboard", "Checkerboard fixed / warped"),
     "difference": ("difference", "Difference fixed − warped"),
     "uncertainty": ("uncertainty", "Uncertainty + suggested next landmark"),
+}
+
+#: views of the displacement in the slice on screen: key → (layer name, checkbox label, tooltip)
+VIEWS = {
+    "glyphs": ("displacement glyphs", "Displacement glyphs",
+               "Arrows of u(x) = T(x) − x on a sub-sampled lattice of the fixed image (the slice shown, in 3D), "
+               "true length, coloured by |u|."),
+    "contours": ("|u| contours", "Contours of |u|",
+                 "Iso-lines of the displacement magnitude at round levels (the slice shown, in 3D)."),
+    "readout": (None, "Read-out at the cursor",
+                "u(x), det J(x) and the mapped point T(x) under the mouse (or at a click) over the fixed image, in "
+                "physical units."),
 }
 
 
@@ -29,13 +43,22 @@ class QCPanel(QWidget):
     """
 
     overlayToggled = Signal(str, bool)
+    viewToggled = Signal(str, bool)
     warpedRequested = Signal()
     suggestionRequested = Signal()
 
     def __init__(self, warped_layer, parent=None):
         super().__init__(parent)
         self._warped_layer = warped_layer
-        q = QVBoxLayout(self)
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        scroll = QScrollArea()  # the tab grows with the statistics table: it scrolls rather than stretch the dock
+        scroll.setWidgetResizable(True)
+        scroll.setFrameShape(QFrame.Shape.NoFrame)
+        inner = QWidget()
+        scroll.setWidget(inner)
+        outer.addWidget(scroll)
+        q = QVBoxLayout(inner)
         self.warped_check = QCheckBox("Warped moving image")
         self.warped_check.setChecked(True)
         q.addWidget(self.warped_check)
@@ -58,6 +81,20 @@ class QCPanel(QWidget):
         self.suggest_btn = QPushButton("Go to suggested landmark")
         self.suggest_btn.setToolTip(f"Centre the view where the uncertainty is largest ({SHORTCUTS['suggestion']}).")
         q.addWidget(self.suggest_btn)
+        box = QGroupBox("Transform views")
+        bv = QVBoxLayout(box)
+        self.view_checks = {}
+        for key, (_, label, tip) in VIEWS.items():
+            cb = QCheckBox(label)
+            cb.setToolTip(tip)
+            self.view_checks[key] = cb
+            bv.addWidget(cb)
+        self.readout = QLabel("")
+        self.readout.setWordWrap(True)
+        self.readout.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        bv.addWidget(self.readout)
+        q.addWidget(box)
+        self._sections = q
         q.addStretch(1)
         self._flicker_timer = QTimer(self)
         self._flicker_timer.setInterval(500)
@@ -69,6 +106,27 @@ class QCPanel(QWidget):
         for key, cb in self.qc_checks.items():
             cb.toggled.connect(lambda on, k=key: self.overlayToggled.emit(k, on))
         self.suggest_btn.clicked.connect(self.suggestionRequested)
+        for key, cb in self.view_checks.items():
+            cb.toggled.connect(lambda on, k=key: self.viewToggled.emit(k, on))
+
+    def add_section(self, widget):
+        """Add a part of the QC tab (e.g. the statistics table) above the stretch at its bottom."""
+        self._sections.insertWidget(self._sections.count() - 1, widget)
+
+    def view_on(self, key) -> bool:
+        return self.view_checks[key].isChecked()
+
+    def set_view(self, key: str, on: bool = True):
+        """Tick or untick a transform view as a user does."""
+        self.view_checks[key].setChecked(on)
+
+    def show_view_state(self, key, on: bool):
+        """Tick or untick a view's box to match its layer, without announcing a user toggle."""
+        cb = self.view_checks[key]
+        if cb.isChecked() != bool(on):
+            cb.blockSignals(True)
+            cb.setChecked(bool(on))
+            cb.blockSignals(False)
 
     # ------------------------------------------------------------------ overlays
     def wanted(self) -> set:

@@ -1,0 +1,140 @@
+"""The field statistics table of the QC tab: what registration papers report for the current transform (A) and,
+when one is loaded, the transform it is compared with (B), side by side — whatever made them."""
+from __future__ import annotations
+
+from qtpy.QtCore import Signal
+from qtpy.QtWidgets import (QAbstractItemView, QCheckBox, QComboBox, QGroupBox, QHBoxLayout, QLabel, QPushButton,
+                            QTableWidget, QTableWidgetItem, QVBoxLayout)
+
+__all__ = ["FieldStatsPanel", "STAT_ROWS"]
+
+#: the table's rows: (label, section of the statistics, key); units: % or the images' physical units
+STAT_ROWS = (
+    ("det J ≤ 0 (% of voxels)", "jacobian", "folding_percent"),
+    ("det J ≤ 0 (voxels)", "jacobian", "folding_voxels"),
+    ("SD log det J", "jacobian", "std_log_jacobian"),
+    ("det J min", "jacobian", "min"),
+    ("det J 1st percentile", "jacobian", "p1"),
+    ("det J 5th percentile", "jacobian", "p5"),
+    ("det J median", "jacobian", "p50"),
+    ("det J 95th percentile", "jacobian", "p95"),
+    ("det J 99th percentile", "jacobian", "p99"),
+    ("det J max", "jacobian", "max"),
+    ("|u| mean", "magnitude", "mean"),
+    ("|u| median", "magnitude", "p50"),
+    ("|u| 95th percentile", "magnitude", "p95"),
+    ("|u| 99th percentile", "magnitude", "p99"),
+    ("|u| max", "magnitude", "max"),
+    ("Non-diffeomorphic volume", "ndv", "volume"),
+    ("Non-diffeomorphic volume (%)", "ndv", "percent"),
+)
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, int):
+        return str(v)
+    return f"{v:.4g}"
+
+
+class FieldStatsPanel(QGroupBox):
+    """Table of :func:`napari_regtool.qc.transform_statistics` for A (and B), label maps to pair for Dice.
+
+    ``updateRequested()``: the Update button, a label choice, or Auto ticked (the host computes in the background
+    and calls :meth:`show_results`).
+    """
+
+    updateRequested = Signal()
+
+    def __init__(self, parent=None):
+        super().__init__("Field statistics", parent)
+        v = QVBoxLayout(self)
+        lrow = QHBoxLayout()
+        lrow.addWidget(QLabel("Labels: fixed"))
+        self.labels_fixed_combo = QComboBox()
+        lrow.addWidget(self.labels_fixed_combo, 1)
+        lrow.addWidget(QLabel("moving"))
+        self.labels_moving_combo = QComboBox()
+        lrow.addWidget(self.labels_moving_combo, 1)
+        for c in (self.labels_fixed_combo, self.labels_moving_combo):
+            c.setToolTip("A label map of each image: Dice per label of the fixed labels and the moving labels "
+                         "warped by each transform (nearest neighbour).")
+        v.addLayout(lrow)
+        brow = QHBoxLayout()
+        self.auto_check = QCheckBox("Auto update")
+        self.auto_check.setChecked(True)
+        self.auto_check.setToolTip("Recompute whenever the transform changes (not while a landmark is dragged).")
+        self.update_btn = QPushButton("Update")
+        brow.addWidget(self.auto_check)
+        brow.addStretch(1)
+        brow.addWidget(self.update_btn)
+        v.addLayout(brow)
+        self.table = QTableWidget(0, 1)
+        self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.table.setToolTip("det J: Jacobian determinant of x ↦ T(x) (central differences); |u|: displacement "
+                              "magnitude; non-diffeomorphic volume as in Learn2Reg; distances in the images' "
+                              "physical units.")
+        self.table.setMinimumHeight(200)
+        v.addWidget(self.table, 1)
+        self.update_btn.clicked.connect(self.updateRequested)
+        self.auto_check.toggled.connect(lambda on: on and self.updateRequested.emit())
+        self.labels_fixed_combo.currentIndexChanged.connect(lambda _: self.updateRequested.emit())
+        self.labels_moving_combo.currentIndexChanged.connect(lambda _: self.updateRequested.emit())
+
+    @property
+    def auto(self) -> bool:
+        return self.auto_check.isChecked()
+
+    def refresh_labels(self, layers):
+        """The label layers that can be paired (the choices are kept when still there)."""
+        for combo in (self.labels_fixed_combo, self.labels_moving_combo):
+            cur = combo.currentData()
+            combo.blockSignals(True)
+            combo.clear()
+            combo.addItem("—", None)
+            for l in layers:
+                combo.addItem(l.name, l)
+            i = next((k for k in range(combo.count()) if combo.itemData(k) is cur), 0)
+            combo.setCurrentIndex(i)
+            combo.blockSignals(False)
+
+    def label_layers(self):
+        """``(fixed labels layer, moving labels layer)`` chosen (``None`` where none is)."""
+        return self.labels_fixed_combo.currentData(), self.labels_moving_combo.currentData()
+
+    def rows(self) -> dict:
+        """``{row label: [cell texts]}`` as shown (for scripts and tests)."""
+        out = {}
+        for r in range(self.table.rowCount()):
+            head = self.table.verticalHeaderItem(r).text()
+            out[head] = [self.table.item(r, c).text() if self.table.item(r, c) else ""
+                         for c in range(self.table.columnCount())]
+        return out
+
+    def show_results(self, results: list):
+        """``results``: ``[(column title, report of transform_statistics), …]`` (A first, then B)."""
+        rows = []
+        for label, section, key in STAT_ROWS:
+            rows.append((label, [r["statistics"][section].get(key) for _, r in results]))
+        labels = sorted({k for _, r in results for k in r.get("dice", {}) if k != "mean"})
+        if any("dice" in r for _, r in results):
+            rows.append(("Dice mean", [r.get("dice", {}).get("mean") for _, r in results]))
+            rows += [(f"Dice label {k}", [r.get("dice", {}).get(k) for _, r in results]) for k in labels]
+        if any("tre" in r for _, r in results):
+            for label, key in (("TRE mean", "mean"), ("TRE median", "median"), ("TRE max", "max"),
+                               ("Pair distance before (mean)", "mean_before"), ("TRE pairs", "pairs")):
+                rows.append((label, [r.get("tre", {}).get(key) for _, r in results]))
+        self.table.clear()
+        self.table.setColumnCount(len(results))
+        self.table.setRowCount(len(rows))
+        self.table.setHorizontalHeaderLabels([title for title, _ in results])
+        self.table.setVerticalHeaderLabels([label for label, _ in rows])
+        for i, (_, values) in enumerate(rows):
+            for j, v in enumerate(values):
+                self.table.setItem(i, j, QTableWidgetItem(_fmt(v)))
+        self.table.resizeColumnsToContents()
+
+    def clear(self):
+        self.table.clear()
+        self.table.setRowCount(0)
