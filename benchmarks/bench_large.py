@@ -140,7 +140,8 @@ def main(argv=None):
         return run_one(args)
     d = Path(args.dir)
     d.mkdir(parents=True, exist_ok=True)
-    side = int(round((args.gb * 1e9 / 2) ** (1 / 3) / args.block)) * args.block
+    # whole blocks per side, at least --gb (8 GB: 1664³ = 9.2 GB)
+    side = int(np.ceil((args.gb * 1e9 / 2) ** (1 / 3) / args.block)) * args.block
     print(f"volume {side}³ uint16 = {side ** 3 * 2 / 1e9:.2f} GB, block {args.block}, {args.workers} worker "
           f"threads, machine {os.cpu_count()} CPUs")
     t0 = time.perf_counter()
