@@ -181,6 +181,7 @@ def test_refine_progress_cancel_and_export_equal_to_cli(deep2d, qtbot, tmp_path,
     qtbot.mouseClick(w.cancel_btn, Qt.MouseButton.LeftButton)
     wait_idle(qtbot, w)
     assert w.session.transform is before and not w.progress.isVisibleTo(w)
+    assert w.deep.deep_status.text().startswith("Refinement cancelled"), w.deep.deep_status.text()
     # a short refinement
     w.refine_steps.setValue(3)
     qtbot.mouseClick(w.refine_btn, Qt.MouseButton.LeftButton)

@@ -40,6 +40,7 @@ class Jobs(QWidget):
         self._start_warning = None  # last message about landmark pairs unusable as a linear start
         self._deep_long = False
         self._auto_refining = False  # the running deep job is the automatic refinement after a prediction
+        self._refining = False  # a refinement (automatic or asked for) is running
         # runners are not Qt children of the widget: a job finishing after the widget is gone must find them alive
         self.deep_runner = LatestRunner(self._deep_result, self.job_error, "deep")
         self.jobs = LatestRunner(self._job_result, self.job_error, "job")
@@ -76,9 +77,18 @@ class Jobs(QWidget):
 
     def job_error(self, exc):
         if isinstance(exc, Cancelled):
+            self._refinement_stopped()
             self.host.set_status("Cancelled.")
             return
+        self._refinement_stopped(failed=True)
         self.host.notify("error", user_message(exc))
+
+    def _refinement_stopped(self, failed: bool = False):
+        """A refinement ended without a result (cancelled or failed): the deep tab stops saying "Refining…"."""
+        if self._refining:
+            self._refining = False
+            self.host.deep.set_status(f"Refinement {'failed' if failed else 'cancelled'}; the network's prediction "
+                                      "is shown.")
 
     # ------------------------------------------------------------------ deep model and auto-align
     def _landmark_start(self, kind: str):
@@ -117,6 +127,7 @@ class Jobs(QWidget):
         if self._auto_refining:  # a new λ (or start): the refinement of the old prediction is no longer wanted
             self.deep_runner.cancel()
             self._auto_refining = False
+            self._refining = False
             self._deep_long = False
             self._update_busy()
         dev, desc, init, key = self._deep_setup()
@@ -132,7 +143,7 @@ class Jobs(QWidget):
         self.host.deep.set_status(f"{'Refined' if kind == 'refine' else 'Predicted'} with λ = "
                                   f"{info['reg_weight']:.3g} in {info.get('runtime_s', 0):.2f} s.")
         if kind == "refine":
-            self._auto_refining = False
+            self._auto_refining = self._refining = False
         elif self.model.auto_refine and self.model.model == "deep" and gen == self.deep_runner.generation:
             self.refine(auto=True)  # the accurate result follows in the background
 
@@ -153,6 +164,7 @@ class Jobs(QWidget):
         self.host.deep.set_status(f"Refining ({steps} steps) on {desc}…" + (
             " The prediction is shown meanwhile; Cancel keeps it." if auto else ""))
         self._auto_refining = bool(auto)
+        self._refining = True
         self._deep_long = True
         self.show_progress(True)
         # the active pairs are soft constraints, as in `regtool register --model deep --refine N --landmarks L`
@@ -213,6 +225,7 @@ class Jobs(QWidget):
         self.jobs.cancel()
         self.deep_runner.cancel()
         self._auto_refining = False
+        self._refinement_stopped()
         self.resample.cancel()
         if self.files.busy:
             self.host.set_status("Cancelled. Files already being saved are finished first.")
