@@ -150,6 +150,61 @@ def test_readme_screenshots(make_napari_viewer, qtbot):
         close_toasts()
         shot("deep_lambda.png")
         w.set_overlay("grid", False)
+    # 7. a Greedy result under QC (Load transform…): glyphs, contours, the Jacobian and the statistics table; and
+    # 8. Greedy (A) compared with the plugin's own deformable registration (B)
+    try:
+        from picsl_greedy import Greedy2D
+    except ImportError:
+        Greedy2D = None
+    if Greedy2D is not None:
+        import SimpleITK as sitk
+        from qtpy.QtWidgets import QFileDialog
+
+        from napari_regtool.cli import main as regtool
+
+        from .test_gui import F2, M2
+
+        tmp = out / "_work"
+        tmp.mkdir(exist_ok=True)
+        warp = tmp / "greedy_warp.nii.gz"
+        f_img, m_img = sitk.ReadImage(str(F2), sitk.sitkFloat32), sitk.ReadImage(str(M2), sitk.sitkFloat32)
+        Greedy2D().execute(f"-i fixed moving -o {warp} -n 100x70x50 -m NCC 2x2 -threads 1 -V 0", fixed=f_img,
+                           moving=m_img)
+        assert regtool(["register", "--fixed", str(F2), "--moving", str(M2), "--model", "deformable", "--out",
+                        str(tmp / "ours"), "-q"]) == 0
+        close_toasts()
+        w.set_view("side")
+        for layer in viewer.layers:
+            if "landmarks" in layer.name:
+                layer.visible = False
+        orig = QFileDialog.getOpenFileName
+        try:
+            QFileDialog.getOpenFileName = staticmethod(lambda *a, **k: (str(warp), ""))
+            w.model_panel.load_btn.click()
+            wait_idle(qtbot, w)
+            w.tabs.setCurrentIndex(2)
+            w.set_overlay("jacobian")
+            w.qc.set_view("glyphs")
+            w.qc.set_view("contours")
+            close_toasts()
+            shot("qc_greedy.png")
+            w.qc.set_view("glyphs", False)
+            w.qc.set_view("contours", False)
+            w.set_overlay("jacobian", False)
+            QFileDialog.getOpenFileName = staticmethod(lambda *a, **k: (str(tmp / "ours" / "displacement.nii.gz"), ""))
+            w.tabs.setCurrentWidget(w.compare)
+            w.compare.load_b_btn.click()
+            wait_idle(qtbot, w)
+            for key in ("diff", "warped_b"):
+                if key in w.compare.checks:
+                    w.compare.checks[key].setChecked(True)
+            close_toasts()
+            shot("compare_ab.png")
+        finally:
+            QFileDialog.getOpenFileName = orig
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
     # 6. the 3D sample, side by side
     close_toasts()
     viewer.layers.clear()
