@@ -88,12 +88,14 @@ class NumericInverse(Transform):
                 if not bool(pending.any()):
                     break
                 t *= 0.5
-            if bool(pending.any()):  # no Newton step helped: the affine-preconditioned step, as a last resort
+            if bool(pending.any()):  # no Newton step helped: the affine-preconditioned step, as a last resort,
+                # taken where it lowers the residual (or where there is no finite residual to keep)
                 cand = xa[pending] - ra[pending] @ ai.T
                 tc = self.forward.map_points_torch(cand)
-                idx = torch.nonzero(pending).squeeze(1)
-                best_x[idx], best_tx[idx] = cand, tc
-                best_e[idx] = (tc - ya[pending]).norm(dim=1)
+                ec = (tc - ya[pending]).norm(dim=1)
+                take = (ec < ea[pending]) | ~torch.isfinite(ea[pending])
+                idx = torch.nonzero(pending).squeeze(1)[take]
+                best_x[idx], best_tx[idx], best_e[idx] = cand[take], tc[take], ec[take]
             x, tx, err = x.clone(), tx.clone(), err.clone()
             x[todo], tx[todo], err[todo] = best_x, best_tx, best_e
             no_gain[todo] = torch.where(best_e < 0.99 * ea, 0, no_gain[todo] + 1).to(no_gain.dtype)
@@ -101,7 +103,12 @@ class NumericInverse(Transform):
 
     def map_points_torch(self, points):
         x, err = self.solve(points)
-        if not bool(torch.isfinite(err).all()) or (len(err) and float(err.max()) > 100 * self.tol):
+        # converged: within 100·tol, or within the rounding of the points' own precision (float32 coordinates of
+        # ~1000 µm carry ~1e-4 of rounding, above any absolute tolerance)
+        limit = 100 * self.tol
+        if len(err) and points.dtype.is_floating_point:
+            limit = max(limit, 64 * torch.finfo(points.dtype).eps * float(points.abs().max()))
+        if not bool(torch.isfinite(err).all()) or (len(err) and float(err.max()) > limit):
             raise NotInvertibleError(
                 "The transform could not be inverted at some points (it may fold there); check the Jacobian map."
             )
