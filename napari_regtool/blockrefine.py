@@ -376,16 +376,37 @@ class LazyFieldTransform(Transform):
                              f"{tuple(array.shape)}.")
         self.array, self.space, self.ndim, self.kind = array, space, space.ndim, kind
 
+    #: a query whose points' bounding region holds more voxels than this is split into tiles of ``TILE`` voxels per
+    #: axis, each read on its own: points scattered over a large field (landmarks, a sparse lattice) must not read
+    #: the field between them
+    DENSE_LIMIT = 1 << 22
+    TILE = 64
+
     def map_points_torch(self, points):
         from .blockwise import read_region_for
 
-        d = self.ndim
         idx = torch.as_tensor(self.space.physical_to_index(points.detach().cpu().numpy()), dtype=torch.float64)
-        out = points.clone()
         region = read_region_for(idx, self.space.shape, halo=1)
         if region is None:
+            return points.clone()
+        if len(idx) > 1 and math.prod(r.stop - r.start for r in region) > self.DENSE_LIMIT:
+            tiles = torch.floor(idx / self.TILE).to(torch.int64)
+            keys, group = torch.unique(tiles, dim=0, return_inverse=True)
+            if len(keys) > 1:
+                out = points.clone()
+                for k in range(len(keys)):
+                    sel = group == k
+                    out[sel] = self._map(points[sel], idx[sel], read_region_for(idx[sel], self.space.shape, halo=1))
+                return out
+        return self._map(points, idx, region)
+
+    def _map(self, points, idx, region):
+        """``points`` (with field indices ``idx``) moved by the field read over ``region`` (array-order slices)."""
+        d = self.ndim
+        out = points.clone()
+        if region is None:
             return out
-        u = torch.as_tensor(np.asarray(self.array[region + (slice(None),)], dtype=np.float64))
+        u = torch.as_tensor(np.asarray(self.array[region + (slice(None),)]).astype(np.float64, copy=False))
         lo = torch.as_tensor([s.start for s in region][::-1], dtype=torch.float64)
         src = u.movedim(-1, 0).unsqueeze(0)
         shape = (1,) + (1,) * (d - 1) + (idx.shape[0], d)
