@@ -77,10 +77,10 @@ def _open(qtbot, w, monkeypatch, button, path):
     wait_idle(qtbot, w)
 
 
-def _session(make_napari_viewer, qtbot, monkeypatch, tmp_path, u, show=False):
+def _session(make_napari_viewer, qtbot, monkeypatch, tmp_path, u, show=False, space=SPACE):
     viewer = make_napari_viewer(show=show)
     w = open_with_widget(viewer, qtbot)
-    f, m = _write_pair(tmp_path, u)
+    f, m = _write_pair(tmp_path, u, space)
     _open(qtbot, w, monkeypatch, w.open_fixed_btn, f)
     _open(qtbot, w, monkeypatch, w.open_moving_btn, m)
     assert w.session.ready
@@ -198,11 +198,7 @@ def test_greedy_warp_loads_and_warps_as_greedy_reslices(make_napari_viewer, qtbo
 
     space = Space((52, 60), (1.0, 1.0), (0.0, 0.0))
     u = _field(space, amp=2.0, wavelength=30.0)
-    viewer = make_napari_viewer()
-    w = open_with_widget(viewer, qtbot)
-    f, m = _write_pair(tmp_path, u, space)
-    _open(qtbot, w, monkeypatch, w.open_fixed_btn, f)
-    _open(qtbot, w, monkeypatch, w.open_moving_btn, m)
+    viewer, w, f, m = _session(make_napari_viewer, qtbot, monkeypatch, tmp_path, u, space=space)
     warp, resliced = tmp_path / "greedy_warp.nii.gz", tmp_path / "greedy_warped.nii.gz"
     g = Greedy2D()
     f_img, m_img = sitk.ReadImage(str(f)), sitk.ReadImage(str(m))
@@ -330,11 +326,7 @@ def test_ab_comparison(make_napari_viewer, qtbot, monkeypatch, tmp_path):
 def test_3d_glyphs_and_contours_follow_the_slice(make_napari_viewer, qtbot, monkeypatch, tmp_path):
     space = Space((18, 22, 26), (1.1, 0.9, 1.3), (-5.0, 3.0, 2.0))
     u = _smooth_field(space, amp=2.0, wavelength=20.0)
-    viewer = make_napari_viewer()
-    w = open_with_widget(viewer, qtbot)
-    f, m = _write_pair(tmp_path, u, space)
-    _open(qtbot, w, monkeypatch, w.open_fixed_btn, f)
-    _open(qtbot, w, monkeypatch, w.open_moving_btn, m)
+    viewer, w, f, m = _session(make_napari_viewer, qtbot, monkeypatch, tmp_path, u, space=space)
     path = _write_field(tmp_path / "field3d.nrrd", u, space)
     _open(qtbot, w, monkeypatch, w.model_panel.load_btn, path)
     tx = sitk.DisplacementFieldTransform(sitk.Cast(sitk.ReadImage(str(path)), sitk.sitkVectorFloat64))
