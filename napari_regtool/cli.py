@@ -379,6 +379,50 @@ def _apply_blockwise(args) -> int:
     return 0
 
 
+def _cmd_field(args) -> int:
+    """``regtool field``: the displacement field of a transform on a reference grid, as an ITK field image or an
+    OME-Zarr ``displacements`` store (block by block, for grids larger than memory)."""
+    from . import ngff
+    from .io import check_image_extension, read_image, read_transform, write_transform
+
+    check_image_extension(args.out, "a displacement field", zarr=True)
+    to_zarr = str(args.out).lower().rstrip("/").endswith(".zarr")
+    if ngff.is_ngff(args.reference):
+        ref = ngff.open_ngff(args.reference)
+        k = int(args.level or 0)
+        if not 0 <= k < len(ref.levels):
+            raise RegtoolError(f"{Path(args.reference).name} has {len(ref.levels)} level(s); --level {k} does not "
+                               "exist.")
+        space, unit = ref.levels[k].space, ref.unit
+    else:
+        if args.level:
+            raise RegtoolError("--level applies to an OME-Zarr reference only.")
+        space, unit = read_image(args.reference).space, None
+    if unit and not to_zarr and unit != "millimeter":
+        raise RegtoolError(f"The reference is in {unit}s; ITK field images are read in millimetres by other tools. "
+                           "Write the field as .zarr (OME-Zarr keeps the unit).")
+    transform = read_transform(args.transform)
+    if transform.ndim != space.ndim:
+        raise RegtoolError(f"Dimensions differ: transform {transform.ndim}D, reference {space.ndim}D.")
+    if args.invert:
+        transform = transform.inverse()
+    if not to_zarr and space.n_voxels * space.ndim * 8 > (1 << 31):
+        raise RegtoolError(f"A field on {'x'.join(map(str, space.shape))} voxels needs "
+                           f"{space.n_voxels * space.ndim * 8 / 2**30:.1f} GiB in memory as an ITK image; write it "
+                           "as .zarr (block by block) instead.")
+    if to_zarr:
+        from .ngff_field import write_field_ngff
+
+        notes = write_field_ngff(args.out, transform, space, block=args.block, unit=unit,
+                                 progress=_progress_printer(args.quiet))
+        _say_notes(args, notes)
+    else:
+        write_transform(args.out, transform, space)
+    if not args.quiet:
+        print(f"wrote {args.out}")
+    return 0
+
+
 #: files `regtool qc` writes (an earlier set's files of these names that this run does not write are dropped)
 QC_FILES = ("jacobian.nii.gz", "magnitude.nii.gz", "ndv.nii.gz", "warped.nii.gz", "warped_labels.nii.gz", "qc.png",
             "report.json")
@@ -618,7 +662,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=_cmd_batch)
 
     a = sub.add_parser("apply", help="apply a saved transform or displacement field to an image or label map")
-    a.add_argument("--transform", required=True, help=".tfm/.h5 ITK transform or displacement field image")
+    a.add_argument("--transform", required=True,
+                   help=".tfm/.h5 ITK transform, displacement field image or OME-Zarr displacement field (.zarr)")
     a.add_argument("--moving", required=True, help="image (or label map) to warp")
     a.add_argument("--reference", required=True, help="image whose grid the result is written on (the fixed image)")
     a.add_argument("--labels", action="store_true", help="nearest-neighbour interpolation (label maps)")
@@ -635,11 +680,24 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("-q", "--quiet", action="store_true")
     a.set_defaults(func=_cmd_apply)
 
+    fl = sub.add_parser("field", help="write the displacement field of a transform on a reference grid (ITK image, "
+                                      "or OME-Zarr for grids larger than memory)")
+    fl.add_argument("--transform", required=True, help="transform file, displacement field image or .zarr field")
+    fl.add_argument("--reference", required=True, help="image (or OME-Zarr) whose grid the field is written on")
+    fl.add_argument("--level", type=int, default=None, help="OME-Zarr reference: pyramid level (default 0)")
+    fl.add_argument("--invert", action="store_true", help="write the field of the inverse transform")
+    fl.add_argument("--block", type=int, default=64, help="block side for .zarr output (default 64)")
+    fl.add_argument("--out", required=True,
+                    help="X.nii.gz/.mha/.nrrd (ITK displacement field) or X.zarr (OME-NGFF 0.6 displacements)")
+    fl.add_argument("-q", "--quiet", action="store_true")
+    fl.set_defaults(func=_cmd_field)
+
     q = sub.add_parser("qc", help="QC of any transform or displacement field (ANTs, Greedy, elastix, "
                                   "VoxelMorph, ITK): maps, statistics, convention check")
     q.add_argument("--transform", required=True,
-                   help="ITK .tfm/.h5/.mat (composite too), displacement field .nii.gz/.mha/.nrrd, elastix "
-                        "TransformParameters.N.txt, or a .npy/.npz field (needs --convention)")
+                   help="ITK .tfm/.h5/.mat (composite too), displacement field .nii.gz/.mha/.nrrd, OME-Zarr "
+                        "displacement field .zarr, elastix TransformParameters.N.txt, or a .npy/.npz field (needs "
+                        "--convention)")
     q.add_argument("--fixed", required=True, help="fixed image: the grid the maps are written on")
     q.add_argument("--moving", help="moving image: warped image, similarity and the convention check")
     q.add_argument("--labels-fixed", help="label map on the fixed grid (Dice; statistics per label)")

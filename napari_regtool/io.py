@@ -627,17 +627,26 @@ def _field_from_sitk_image(img, name: str):
     return arr, space
 
 
-def write_transform(path, transform, space: Space | None = None):
+def write_transform(path, transform, space: Space | None = None, unit: str | None = None):
     """Write a transform.
 
     * ``.tfm``/``.txt``/``.mat``/``.h5``/``.hdf5``: ITK transform file. Linear transforms are written exactly
       (``AffineTransform_double_D_D``); a non-linear one is written as a ``DisplacementFieldTransform`` inside
       an ``.h5`` file (needs ``space``, the fixed grid). ``.tfm`` cannot hold a dense field.
     * ``.nii``/``.nii.gz``/``.mha``/``.nrrd``: a displacement-field image on ``space``.
+    * ``.zarr``: an OME-Zarr ``displacements`` field on ``space`` (written block by block;
+      :func:`napari_regtool.ngff_field.write_field_ngff`), ``unit`` the grid's physical unit (default millimetre).
     """
     sitk = _sitk()
     p = Path(path)
-    low = p.name.lower()
+    low = p.name.lower().rstrip("/")
+    if low.endswith(".zarr"):
+        if space is None:
+            raise ValueError("Writing a displacement field needs the fixed image's grid.")
+        from .ngff_field import write_field_ngff
+
+        write_field_ngff(p, transform, space, unit=unit)
+        return
     if low.endswith((".nii", ".nii.gz", ".mha", ".mhd", ".nrrd")):
         if space is None:
             raise ValueError("Writing a displacement field needs the fixed image's grid.")
@@ -646,8 +655,8 @@ def write_transform(path, transform, space: Space | None = None):
         write_displacement_field(p, transform.field(space, dtype=torch.float64).cpu().numpy(), space)
         return
     if not low.endswith((".tfm", ".txt", ".mat", ".h5", ".hdf5")):
-        raise InputError(f"Unknown transform file type for {p.name}: use .tfm or .h5 (ITK transform) or "
-                         ".nii.gz/.mha (displacement field).")
+        raise InputError(f"Unknown transform file type for {p.name}: use .tfm or .h5 (ITK transform), "
+                         ".nii.gz/.mha (displacement field) or .zarr (OME-Zarr displacement field).")
     if not transform.is_linear and not low.endswith((".h5", ".hdf5")):
         raise InputError(f"A {transform.kind} transform is not linear; save it as .h5 or as a displacement field "
                          "(.nii.gz/.mha) — .tfm holds only linear transforms.")
@@ -809,6 +818,8 @@ def read_transform(path):
     p = Path(path)
     if not p.exists():
         raise InputError(f"File not found: {p}. Check the path.")
+    if p.is_dir():
+        return _read_field_folder(p).transform()
     low = p.name.lower()
     if low.endswith((".nii", ".nii.gz", ".mha", ".mhd", ".nrrd")):
         field, space = read_displacement_field(p)
@@ -822,6 +833,18 @@ def read_transform(path):
     except Exception:
         raise InputError(f"Cannot read {p.name} as an ITK transform file.") from None
     return _from_sitk_transform(tx, p)
+
+
+def _read_field_folder(p: Path):
+    """A folder given as a transform: an OME-Zarr displacement field (:func:`napari_regtool.ngff_field.open_field_ngff`),
+    or a clear message."""
+    from .ngff import is_ngff
+    from .ngff_field import open_field_ngff
+
+    if not is_ngff(p):  # a zarr group gets open_field_ngff's own message
+        raise InputError(f"{p.name} is a folder, not a transform: give an ITK transform file (.tfm/.h5), a displacement "
+                         "field image (.nii.gz/.mha/.nrrd) or an OME-Zarr displacement field (.zarr).")
+    return open_field_ngff(p)
 
 
 def _from_sitk_transform(tx, p: Path):
@@ -884,6 +907,8 @@ def load_transform_for_qc(path, fixed, *, convention=None):
       ``deformationField``): physical units, x, y, z components unless ``convention`` says otherwise;
     * elastix ``TransformParameters.N.txt`` (translation, Euler, similarity, affine, B-spline and their chain of
       initial transforms);
+    * OME-Zarr displacement fields (OME-NGFF 0.6 ``displacements``, :mod:`napari_regtool.ngff_field`): physical
+      units of the axes, fixed → moving;
     * plain-text ``(D+1) × (D+1)`` affine matrices as Greedy and c3d write them (RAS, converted to LPS);
     * bare arrays ``.npy``/``.npz`` and 4D (3D for 2D images) scalar NIfTI fields as nibabel writes them
       (VoxelMorph-style networks): ``convention`` is required (e.g. ``"voxel,array"``).
@@ -927,6 +952,14 @@ def load_transform_for_qc(path, fixed, *, convention=None):
         t, more = on_fixed_grid(t, fspace, name)
         return LoadedTransform(t, notices + more, source, str(p), conv_used, numbers, grid)
 
+    if p.is_dir():
+        f = _read_field_folder(p)
+        fixed_unit = (fixed.meta.get("unit") if isinstance(fixed, Image) else None) or "millimeter"
+        if f.unit and f.unit != fixed_unit:
+            raise InputError(f"{name} is in {f.unit}s but the fixed image is in {fixed_unit}s; convert one of them "
+                             "so both use the same unit.")
+        notices += f.notices
+        return finish_field(f.read(), f.space, conv or FieldConvention(), "ngff-field")
     if low.endswith((".npy", ".npz")):
         c = need_convention("a bare array")
         try:

@@ -63,10 +63,11 @@ def auto_job(fixed, moving, kind, initial, progress, cancel=None):
     return ("auto", f"auto-{kind}", t, time.perf_counter() - t0)
 
 
-def write_transform_job(path, transform, space):
+def write_transform_job(path, transform, space, unit=None):
+    """Save the transform (``.zarr``: an OME-Zarr displacement field on ``space``, whose physical unit is ``unit``)."""
     from .io import write_transform
 
-    write_transform(path, transform, space)
+    write_transform(path, transform, space, unit=unit)
     return ("saved", f"the transform to {path}")
 
 

@@ -1,4 +1,4 @@
-"""OME-Zarr images (OME-NGFF 0.4 and 0.5): lazy multiscale reading and block-wise pyramid writing.
+"""OME-Zarr images (OME-NGFF 0.4 to 0.6): lazy multiscale reading and block-wise pyramid writing.
 
 An OME-Zarr image is a zarr group whose ``multiscales`` metadata lists its resolution levels, each a zarr array
 with a ``scale`` and an optional ``translation`` per axis (the physical position of voxel ``i`` is
@@ -121,30 +121,56 @@ def is_ngff(path) -> bool:
 
 
 def _transforms(entries, n: int, where: str) -> tuple:
-    """(scale, translation) arrays of length ``n`` from an NGFF ``coordinateTransformations`` list."""
+    """(scale, translation) arrays of length ``n`` from an NGFF ``coordinateTransformations`` list, composed in order
+    (``x ↦ x · scale + translation``; a 0.6 ``sequence`` of them counts too)."""
     scale, trans = np.ones(n), np.zeros(n)
-    for t in entries or []:
-        kind = t.get("type")
-        if kind == "scale":
-            if "scale" not in t:
-                raise InputError(f"{where}: a scale given by path is not supported; store it inline.")
-            scale = np.asarray(t["scale"], dtype=float)
-        elif kind == "translation":
-            if "translation" not in t:
-                raise InputError(f"{where}: a translation given by path is not supported; store it inline.")
-            trans = np.asarray(t["translation"], dtype=float)
-        elif kind == "identity":
-            continue
-        else:
-            raise InputError(f"{where}: the coordinate transformation {kind!r} is not supported (only scale and "
-                             "translation, as in OME-NGFF 0.4/0.5).")
-    if scale.shape != (n,) or trans.shape != (n,):
-        raise InputError(f"{where}: scale and translation need {n} values (one per axis), got {scale.size} and "
-                         f"{trans.size}.")
+
+    def apply(items):
+        nonlocal scale, trans
+        for t in items or []:
+            kind = t.get("type")
+            if kind == "scale":
+                if "scale" not in t:
+                    raise InputError(f"{where}: a scale given by path is not supported; store it inline.")
+                s = np.asarray(t["scale"], dtype=float)
+                if s.shape != (n,):
+                    raise InputError(f"{where}: the scale needs {n} values (one per axis), got {s.size}.")
+                scale, trans = scale * s, trans * s
+            elif kind == "translation":
+                if "translation" not in t:
+                    raise InputError(f"{where}: a translation given by path is not supported; store it inline.")
+                v = np.asarray(t["translation"], dtype=float)
+                if v.shape != (n,):
+                    raise InputError(f"{where}: the translation needs {n} values (one per axis), got {v.size}.")
+                trans = trans + v
+            elif kind == "sequence":
+                apply(t.get("transformations"))
+            elif kind != "identity":
+                raise InputError(f"{where}: the coordinate transformation {kind!r} is not supported (only scale and "
+                                 "translation, as in OME-NGFF 0.4/0.5, or a sequence of them).")
+
+    apply(entries)
     if not (np.all(np.isfinite(scale)) and np.all(scale > 0) and np.all(np.isfinite(trans))):
         raise InputError(f"{where}: the scale must be positive and finite and the translation finite, got "
                          f"scale {scale.tolist()} and translation {trans.tolist()}.")
     return scale, trans
+
+
+def _axes_of(m: dict) -> list:
+    """A multiscale's axes: 0.4/0.5 ``axes``, or 0.6 ``coordinateSystems`` (the one its levels map to); ``[]``
+    when neither is there."""
+    if m.get("axes"):
+        return [a if isinstance(a, dict) else {"name": str(a)} for a in m["axes"]]
+    systems = m.get("coordinateSystems") or []
+    target = None
+    for ds in (m.get("datasets") or [])[:1]:
+        for t in (ds.get("coordinateTransformations") or [])[:1]:
+            out = t.get("output")
+            target = out.get("name") if isinstance(out, dict) else out
+    for cs in systems:
+        if cs.get("name") == target:
+            return list(cs.get("axes") or [])
+    return list(systems[0].get("axes") or []) if systems else []
 
 
 def _level_space(shape_spatial, scale_spatial, trans_spatial, direction) -> Space:
@@ -168,6 +194,11 @@ def open_ngff(path, channel: int | None = None) -> NgffImage:
     except (OSError, ValueError) as exc:
         raise InputError(f"{p.name}: the zarr metadata cannot be read ({exc}).") from None
     ms = _multiscales(attrs)
+    from .ngff_field import is_field_ngff
+
+    if is_field_ngff(p):
+        raise InputError(f"{p.name} is a displacement field (OME-NGFF 'displacements'), not an image; load it as a "
+                         "transform (“Load transform…” in the Registration widget, or regtool qc/apply --transform).")
     if not ms and (attrs or {}).get("bioformats2raw.layout") is not None:
         raise InputError(f"{p.name} is a bioformats2raw container of several images; open one of them, e.g. "
                          f"{p / '0'}.")
@@ -176,8 +207,7 @@ def open_ngff(path, channel: int | None = None) -> NgffImage:
                          "are unknown. Save it as OME-Zarr (e.g. with ome-zarr-py, napari-ome-zarr or bioformats2raw) "
                          "or convert it to NIfTI/TIFF.")
     m = ms[0]
-    axes = m.get("axes") or [{"name": a} for a in ("t", "c", "z", "y", "x")]
-    axes = [a if isinstance(a, dict) else {"name": str(a)} for a in axes]
+    axes = _axes_of(m) or [{"name": a} for a in ("t", "c", "z", "y", "x")]
     names = [str(a.get("name", "")).lower() for a in axes]
     kinds = [a.get("type") or ("space" if n in _SPATIAL else "time" if n == "t" else "channel" if n == "c"
                                else None) for a, n in zip(axes, names)]

@@ -112,7 +112,7 @@ class FieldConvention:
 class LoadedTransform:
     """A transform opened for QC: ``transform`` (fixed → moving, usable everywhere a model's result is),
     ``warnings`` (plain sentences: a resampled grid, a transposed array …), ``source`` (``"itk-transform"``,
-    ``"itk-field"``, ``"elastix"``, ``"array-field"``), and for displacement fields the reading that was used
+    ``"itk-field"``, ``"ngff-field"``, ``"elastix"``, ``"array-field"``), and for displacement fields the reading that was used
     (``convention``) with the raw ``numbers`` ``(*S, D)`` (components as stored, array order) on ``grid``, so other
     readings can be tried (:func:`napari_regtool.qc.check_convention`)."""
 

@@ -21,9 +21,10 @@ def transform_filters(transform) -> tuple:
     file name: a linear transform as an ITK transform file (or a field), any other as a displacement-field image
     (or an ITK ``.h5`` holding that field; ``.tfm`` holds linear transforms only)."""
     field = "Displacement field on the fixed grid (*.nii.gz *.mha *.nrrd)"
+    zarr = "OME-Zarr displacement field, NGFF 0.6 (*.zarr)"
     if transform is not None and transform.is_linear:
-        return f"ITK transform (*.tfm *.h5);;{field}", "transform.tfm"
-    return f"{field};;ITK displacement-field transform (*.h5)", "displacement.nii.gz"
+        return f"ITK transform (*.tfm *.h5);;{field};;{zarr}", "transform.tfm"
+    return f"{field};;ITK displacement-field transform (*.h5);;{zarr}", "displacement.nii.gz"
 
 
 class ExportPanel(QWidget):
@@ -49,7 +50,8 @@ class ExportPanel(QWidget):
                                    "report.json into a folder — the same files as `regtool register`.")
         self.save_tfm_btn = QPushButton("Save transform…")
         self.save_tfm_btn.setToolTip("Linear models: .tfm/.h5 ITK transform (exact). Others (TPS, deep, auto): an ITK "
-                                     "displacement field on the fixed grid (.nii.gz/.mha/.nrrd, or inside an .h5).")
+                                     "displacement field on the fixed grid (.nii.gz/.mha/.nrrd, inside an .h5, or "
+                                     ".zarr: OME-Zarr, NGFF 0.6 displacements).")
         self.save_warped_btn = QPushButton("Save warped image…")
         self.save_jac_btn = QPushButton("Save Jacobian map…")
         self.save_lm_btn = QPushButton("Save landmarks (BigWarp CSV)…")
@@ -93,7 +95,8 @@ class ExportPanel(QWidget):
         if not path:
             return False
         m = self.model
-        self.host.start_job(f"Saving the transform to {path}…", write_transform_job, path, m.transform, m.fixed.space)
+        self.host.start_job(f"Saving the transform to {path}…", write_transform_job, path, m.transform, m.fixed.space,
+                            m.fixed.meta.get("unit"))
         return True
 
     def save_map(self, what: str, path=None) -> bool:

@@ -24,8 +24,17 @@ CONVENTIONS = (
 )
 
 FILE_FILTER = ("Transforms and fields (*.tfm *.h5 *.hdf5 *.mat *.txt *.nii *.nii.gz *.mha *.mhd *.nrrd *.nhdr *.npy "
-               "*.npz);;ITK transforms (*.tfm *.h5 *.hdf5 *.mat *.txt);;Displacement fields (*.nii *.nii.gz *.mha "
-               "*.mhd *.nrrd *.nhdr);;elastix (TransformParameters*.txt);;NumPy arrays (*.npy *.npz);;All files (*)")
+               "*.npz zarr.json .zattrs);;ITK transforms (*.tfm *.h5 *.hdf5 *.mat *.txt);;Displacement fields (*.nii "
+               "*.nii.gz *.mha *.mhd *.nrrd *.nhdr);;OME-Zarr displacement fields: the zarr.json (or .zattrs) inside "
+               "X.zarr (zarr.json .zattrs);;elastix (TransformParameters*.txt);;NumPy arrays (*.npy *.npz);;"
+               "All files (*)")
+
+
+def transform_path(path) -> str:
+    """The path a chosen file stands for: the metadata file of a zarr store (``X.zarr/zarr.json`` or ``.zattrs``,
+    what a file dialog can pick) stands for the store."""
+    p = Path(path)
+    return str(p.parent) if p.name in ("zarr.json", ".zattrs") else str(p)
 
 
 def _open_job(path, fixed, moving, convention, as_compare):
@@ -109,6 +118,7 @@ class TransformLoader(QWidget):
             path, _ = QFileDialog.getOpenFileName(self, title, "", FILE_FILTER)
             if not path:
                 return False
+        path = transform_path(path)
         conv = self.convention() if convention is None else convention
         self.host.set_status(f"Opening {Path(path).name}…")
         self.host.jobs.show_progress(True)
