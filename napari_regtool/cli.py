@@ -480,8 +480,9 @@ def _cmd_qc(args) -> int:
     if args.mask:
         m = read_image(args.mask, is_label=True)
         if m.space != fs:
-            raise RegtoolError("--mask must lie on the fixed image's grid (same size, spacing, origin and direction).")
-        mask = np.asarray(m.array) != 0
+            warn(f"--mask {Path(args.mask).name} lies on another grid than the fixed image; it was put on the fixed "
+                 "grid by nearest neighbour.")
+        mask = qc.mask_on(fs, m)
     pairs = None
     if args.landmarks:
         from .landmarks import read_landmarks

@@ -19,8 +19,8 @@ __all__ = [
     "mse", "ncc", "lncc", "local_ncc", "mutual_information", "similarity_metrics", "dice", "tre", "jacobian_stats",
     "displacement_magnitude", "grid_image", "checkerboard", "difference", "normalise_intensity", "intensity_window",
     "landmark_uncertainty", "field_qc", "field_statistics", "non_diffeomorphic_volume", "check_convention",
-    "ConventionCheck", "PERCENTILES", "open_for_qc", "transform_statistics", "compare_transforms", "view_lattice",
-    "glyphs", "contour_levels", "magnitude_contours", "probe",
+    "ConventionCheck", "PERCENTILES", "open_for_qc", "mask_on", "transform_statistics", "compare_transforms",
+    "view_lattice", "glyphs", "contour_levels", "magnitude_contours", "probe",
 ]
 
 
@@ -700,11 +700,44 @@ def open_for_qc(path, fixed, moving=None, convention=None, device="cpu"):
     return loaded, check
 
 
+def mask_on(space: Space, mask, label: int | None = None, device="cpu") -> np.ndarray:
+    """A restriction of the fixed grid ``space`` as a bool array: ``mask`` is a bool/number array on ``space`` or an
+    :class:`~napari_regtool.image.Image` (a label map or mask on any grid, put on ``space`` by nearest neighbour);
+    its voxels equal to ``label``, or all non-zero ones when ``label`` is ``None``. Raises
+    :class:`~napari_regtool.errors.InputError` when nothing is selected."""
+    from .errors import InputError
+    from .image import Image
+
+    name = "The mask"
+    if isinstance(mask, Image):
+        name = f"The mask {mask.name!r}"
+        if mask.space == space:
+            arr = np.asarray(mask.array)
+        else:
+            from .pipeline import warp_image
+            from .transforms import IdentityTransform
+
+            arr = warp_image(mask, IdentityTransform(space.ndim), space, label=True, device=device)
+    else:
+        arr = np.asarray(mask)
+    if tuple(arr.shape) != tuple(space.shape):
+        raise InputError(f"{name} has shape {tuple(arr.shape)}, the fixed grid {tuple(space.shape)}; give a mask on "
+                         "the fixed grid.")
+    sel = arr != 0 if label is None else arr == label
+    if not sel.any():
+        what = f"no voxel with label {label}" if label is not None else "no non-zero voxel"
+        raise InputError(f"{name} has {what} on the fixed grid, so there is nothing to measure; choose another "
+                         "label or mask.")
+    return sel
+
+
 def transform_statistics(transform, space: Space, *, labels_fixed=None, labels_moving=None, pairs=None, mask=None,
-                         device="cpu") -> dict:
+                         mask_label: int | None = None, device="cpu") -> dict:
     """Everything the statistics table shows for one transform on the fixed grid ``space``.
 
-    ``{"statistics"}``: :func:`field_statistics` of ``u = T(x) − x`` (restricted to ``mask`` when given);
+    ``{"statistics"}``: :func:`field_statistics` of ``u = T(x) − x``, restricted to ``mask`` when given (see
+    :func:`mask_on`: an array on ``space`` or a label-map :class:`~napari_regtool.image.Image`, with ``mask_label``
+    the label to keep, default every non-zero voxel);
     ``{"dice", "warped_labels"}`` when both label maps are given (:class:`~napari_regtool.image.Image`; the moving
     labels are warped by nearest neighbour, the fixed labels put on ``space`` when they lie on another grid);
     ``{"tre"}`` (``per_pair``, ``mean``, ``median``, ``max``, ``mean_before``) for the complete, active landmark
@@ -713,8 +746,9 @@ def transform_statistics(transform, space: Space, *, labels_fixed=None, labels_m
     from .pipeline import warp_image
     from .transforms import IdentityTransform
 
+    sel = None if mask is None else mask_on(space, mask, mask_label, device=device)
     u = transform.field(space, device=device, dtype=torch.float64)
-    stats, _ = field_statistics(u, space, mask=mask)
+    stats, _ = field_statistics(u, space, mask=sel)
     out = {"statistics": stats}
     if labels_fixed is not None and labels_moving is not None:
         lf = labels_fixed.array if labels_fixed.space == space else warp_image(

@@ -390,3 +390,41 @@ def test_ngff_field_saves_and_loads_through_the_dialogs(make_napari_viewer, qtbo
     shown = np.asarray(viewer.layers["moving (warped)"].data)
     assert np.abs(shown - ref).max() < 1e-4 * np.abs(ref).max()
     assert "convention check passed" in w.model_panel.loader.advice_label.text()
+
+
+def test_statistics_restricted_to_a_mask_label(make_napari_viewer, qtbot, monkeypatch, tmp_path):
+    """"Restrict to" a label layer of the fixed image and one of its labels: the table counts only those voxels
+    (SimpleITK's determinant map and NumPy's |u| over the same voxels); a label that is absent says so and
+    leaves no numbers standing."""
+    u = _field(SPACE)
+    viewer, w, f, m = _session(make_napari_viewer, qtbot, monkeypatch, tmp_path, u)
+    path = _write_field(tmp_path / "field.mha", u)
+    _open(qtbot, w, monkeypatch, w.model_panel.load_btn, path)
+    lab = np.zeros(SPACE.shape, np.int32)
+    lab[8:30, 10:40] = 1
+    lab[32:55, 20:66] = 2
+    viewer.add_labels(lab, name="regions", **SPACE.napari_kwargs())
+    wait_idle(qtbot, w)
+    fs = w.field_stats
+    whole = _table_value(w, "Voxels measured")
+    assert whole == lab.size
+    fs.mask_combo.setCurrentIndex(fs.mask_combo.findText("regions"))
+    fs.mask_label_spin.setValue(2)
+    wait_idle(qtbot, w)
+    sel = lab == 2
+    jac = sitk.GetArrayFromImage(sitk.DisplacementFieldJacobianDeterminant(sitk.ReadImage(str(path)), True))
+    mag = np.linalg.norm(u, axis=-1)
+    assert jac[sel].max() < jac.max() - 0.05 or jac[sel].min() > jac.min() + 0.05  # the restriction matters
+    assert _table_value(w, "Voxels measured") == sel.sum()
+    for row, v in {"det J min": jac[sel].min(), "det J max": jac[sel].max(), "det J median": np.median(jac[sel]),
+                   "|u| max": mag[sel].max(), "|u| mean": mag[sel].mean()}.items():
+        assert _table_value(w, row) == pytest.approx(v, rel=6e-4), row
+    n = len(notifications())
+    fs.mask_label_spin.setValue(7)
+    wait_idle(qtbot, w)
+    new = notifications()[n:]
+    assert len(new) == 1 and "no voxel with label 7" in new[0], new
+    assert fs.table.rowCount() == 0
+    fs.mask_label_spin.setValue(0)  # "any": every non-zero voxel
+    wait_idle(qtbot, w)
+    assert _table_value(w, "Voxels measured") == (lab != 0).sum()

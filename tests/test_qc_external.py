@@ -720,6 +720,33 @@ def test_regtool_qc_end_to_end(tmp_path):
     assert not out2.exists()
 
 
+def test_regtool_qc_mask_restricts_the_statistics_on_any_grid(tmp_path, capsys):
+    """``--mask``: the statistics count only the mask's voxels (NumPy over SimpleITK's determinant map); a mask on
+    a finer grid is put on the fixed grid by nearest neighbour (said so); an empty mask is refused, nothing written."""
+    space = Space((40, 48), (1.0, 1.0), (0.0, 0.0))
+    u = _smooth_field(space, amp=3.0, wavelength=20.0)
+    field = _write_field(tmp_path / "warp.nii.gz", u, space)
+    sitk.WriteImage(_to_sitk(np.zeros(space.shape, np.float32), space), str(tmp_path / "fixed.nii.gz"))
+    mask = np.zeros(space.shape, np.uint8)
+    mask[5:20, 8:30] = 1
+    fine = Space((80, 96), (0.5, 0.5), (-0.25, -0.25))  # the same box at twice the resolution
+    sitk.WriteImage(_to_sitk(np.repeat(np.repeat(mask, 2, 0), 2, 1), fine), str(tmp_path / "mask.nii.gz"))
+    out = tmp_path / "qc"
+    assert main(["qc", "--transform", str(field), "--fixed", str(tmp_path / "fixed.nii.gz"), "--mask",
+                 str(tmp_path / "mask.nii.gz"), "--out", str(out), "-q"]) == 0
+    assert "put on the fixed grid by nearest neighbour" in capsys.readouterr().err
+    st = json.loads((out / "report.json").read_text())["statistics"]
+    sel = mask != 0
+    jac = _sitk_jacobian(u, space)
+    assert st["voxels"] == sel.sum()
+    assert st["magnitude"]["max"] == pytest.approx(np.linalg.norm(u, axis=-1)[sel].max(), rel=1e-9)
+    assert st["jacobian"]["p50"] == pytest.approx(np.median(jac[sel]), abs=1e-5)
+    sitk.WriteImage(_to_sitk(np.zeros(space.shape, np.uint8), space), str(tmp_path / "empty.nii.gz"))
+    assert main(["qc", "--transform", str(field), "--fixed", str(tmp_path / "fixed.nii.gz"), "--mask",
+                 str(tmp_path / "empty.nii.gz"), "--out", str(tmp_path / "qc2"), "-q"]) == 2
+    assert "no non-zero voxel" in capsys.readouterr().err and not (tmp_path / "qc2").exists()
+
+
 def test_regtool_qc_says_when_the_field_looks_inverted_and_takes_a_convention(tmp_path, capsys):
     space = Space((60, 64), (1.6, 0.7), (-20.0, 5.0))
     u = _smooth_field(space, amp=4.0, wavelength=40.0, shift=(5.0, -3.0, 0.0))

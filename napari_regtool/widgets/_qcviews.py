@@ -43,10 +43,10 @@ def views_job(ta, tb, space, moving, wants, plane):
     return out
 
 
-def stats_job(entries, space, labels_fixed, labels_moving, pairs):
+def stats_job(entries, space, labels_fixed, labels_moving, pairs, mask=None, mask_label=None):
     """Worker body: :func:`~napari_regtool.qc.transform_statistics` of each ``(title, transform)``."""
     return [(title, qc.transform_statistics(t, space, labels_fixed=labels_fixed, labels_moving=labels_moving,
-                                            pairs=pairs)) for title, t in entries]
+                                            pairs=pairs, mask=mask, mask_label=mask_label)) for title, t in entries]
 
 
 class TransformViews:
@@ -62,7 +62,7 @@ class TransformViews:
         self.model = attachment.model
         self.host = host
         self.runner = LatestRunner(self._show_views, host.job_error, "views")
-        self.stats_runner = LatestRunner(self._show_stats, host.job_error, "stats")
+        self.stats_runner = LatestRunner(self._show_stats, self._stats_error, "stats")
         self.runners = (self.runner, self.stats_runner)
         self.last_probe: dict | None = None
         self.last_stats: list | None = None
@@ -132,8 +132,24 @@ class TransformViews:
             except RegtoolError as exc:
                 self.host.notify("warning", str(exc))
                 lf = lm = None
+        mask_layer, mask_label = self.host.field_stats.mask_choice()
+        mask = None
+        if mask_layer is not None:
+            try:
+                mask = image_from_layer(mask_layer, is_label=True)
+                if mask.ndim != m.ndim:
+                    raise RegtoolError(f"The mask must be {m.ndim}D like the images; choose another layer.")
+            except RegtoolError as exc:
+                self.host.notify("warning", str(exc))
+                self.host.field_stats.clear()
+                return
         pairs = m.pairs.copy() if m.pairs is not None else None
-        self.stats_runner.request(stats_job, entries, m.fixed.space, lf, lm, pairs)
+        self.stats_runner.request(stats_job, entries, m.fixed.space, lf, lm, pairs, mask, mask_label)
+
+    def _stats_error(self, exc):
+        self.host.field_stats.clear()  # no numbers of another restriction or transform left standing
+        self.last_stats = None
+        self.host.job_error(exc)
 
     # ------------------------------------------------------------------ model and viewer events
     def stats_wanted(self) -> bool:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from qtpy.QtCore import Signal
 from qtpy.QtWidgets import (QAbstractItemView, QCheckBox, QComboBox, QGroupBox, QHBoxLayout, QLabel, QPushButton,
-                            QTableWidget, QTableWidgetItem, QVBoxLayout)
+                            QSpinBox, QTableWidget, QTableWidgetItem, QVBoxLayout)
 
 __all__ = ["FieldStatsPanel", "STAT_ROWS"]
 
 #: the table's rows: (label, section of the statistics, key); units: % or the images' physical units
 STAT_ROWS = (
+    ("Voxels measured", None, "voxels"),
     ("det J ≤ 0 (% of voxels)", "jacobian", "folding_percent"),
     ("det J ≤ 0 (voxels)", "jacobian", "folding_voxels"),
     ("SD log det J", "jacobian", "std_log_jacobian"),
@@ -61,6 +62,19 @@ class FieldStatsPanel(QGroupBox):
             c.setToolTip("A label map of each image: Dice per label of the fixed labels and the moving labels "
                          "warped by each transform (nearest neighbour).")
         v.addLayout(lrow)
+        mrow = QHBoxLayout()
+        mrow.addWidget(QLabel("Restrict to"))
+        self.mask_combo = QComboBox()
+        self.mask_combo.setToolTip("A label map or mask of the fixed image: the field statistics count only its "
+                                   "voxels (e.g. the brain, or one structure). Dice and TRE are not restricted.")
+        mrow.addWidget(self.mask_combo, 1)
+        mrow.addWidget(QLabel("label"))
+        self.mask_label_spin = QSpinBox()
+        self.mask_label_spin.setRange(0, 2 ** 31 - 1)
+        self.mask_label_spin.setSpecialValueText("any")
+        self.mask_label_spin.setToolTip("Which label of the mask counts; \"any\": every non-zero voxel.")
+        mrow.addWidget(self.mask_label_spin)
+        v.addLayout(mrow)
         brow = QHBoxLayout()
         self.auto_check = QCheckBox("Auto update")
         self.auto_check.setChecked(True)
@@ -81,6 +95,9 @@ class FieldStatsPanel(QGroupBox):
         self.auto_check.toggled.connect(lambda on: on and self.updateRequested.emit())
         self.labels_fixed_combo.currentIndexChanged.connect(lambda _: self.updateRequested.emit())
         self.labels_moving_combo.currentIndexChanged.connect(lambda _: self.updateRequested.emit())
+        self.mask_combo.currentIndexChanged.connect(lambda _: self.updateRequested.emit())
+        self.mask_label_spin.valueChanged.connect(lambda _: self.mask_combo.currentData() is not None
+                                                  and self.updateRequested.emit())
 
     @property
     def auto(self) -> bool:
@@ -88,11 +105,11 @@ class FieldStatsPanel(QGroupBox):
 
     def refresh_labels(self, layers):
         """The label layers that can be paired (the choices are kept when still there)."""
-        for combo in (self.labels_fixed_combo, self.labels_moving_combo):
+        for combo in (self.labels_fixed_combo, self.labels_moving_combo, self.mask_combo):
             cur = combo.currentData()
             combo.blockSignals(True)
             combo.clear()
-            combo.addItem("—", None)
+            combo.addItem("the whole fixed grid" if combo is self.mask_combo else "—", None)
             for l in layers:
                 combo.addItem(l.name, l)
             i = next((k for k in range(combo.count()) if combo.itemData(k) is cur), 0)
@@ -102,6 +119,12 @@ class FieldStatsPanel(QGroupBox):
     def label_layers(self):
         """``(fixed labels layer, moving labels layer)`` chosen (``None`` where none is)."""
         return self.labels_fixed_combo.currentData(), self.labels_moving_combo.currentData()
+
+    def mask_choice(self):
+        """``(mask layer or None, label or None)``: what the statistics are restricted to."""
+        layer = self.mask_combo.currentData()
+        label = self.mask_label_spin.value()
+        return layer, (label if label > 0 else None)
 
     def rows(self) -> dict:
         """``{row label: [cell texts]}`` as shown (for scripts and tests)."""
@@ -116,7 +139,8 @@ class FieldStatsPanel(QGroupBox):
         """``results``: ``[(column title, report of transform_statistics), …]`` (A first, then B)."""
         rows = []
         for label, section, key in STAT_ROWS:
-            rows.append((label, [r["statistics"][section].get(key) for _, r in results]))
+            rows.append((label, [(r["statistics"][section] if section else r["statistics"]).get(key)
+                                 for _, r in results]))
         labels = sorted({k for _, r in results for k in r.get("dice", {}) if k != "mean"})
         if any("dice" in r for _, r in results):
             rows.append(("Dice mean", [r.get("dice", {}).get("mean") for _, r in results]))
