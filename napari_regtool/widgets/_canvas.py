@@ -7,7 +7,34 @@ from ..model import SIDES
 from ..space import to_array_order, to_physical_order
 from ..transforms.base import IdentityTransform
 
-__all__ = ["Canvas"]
+__all__ = ["Canvas", "slice_margins", "centre_viewer_on"]
+
+
+def slice_margins(dims, ndim: int, points_size: float):
+    """In 3D (``ndim``), a viewer's ``dims`` show points within half a marker size of the slice."""
+    nd = dims.ndim
+    half = points_size / 2 if ndim == 3 else 0.0
+    margins = tuple(half if ax < nd - 2 else 0.0 for ax in range(nd))
+    try:
+        dims.margin_left = margins
+        dims.margin_right = margins
+    except Exception:  # pragma: no cover - older napari without thick slices
+        pass
+
+
+def centre_viewer_on(viewer, phys):
+    """Show the physical point ``phys`` (x, y, z) in the middle of ``viewer``'s canvas, on its slice."""
+    world = to_array_order(np.asarray(phys, float)[None])[0]
+    d = len(world)
+    nd = viewer.dims.ndim
+    full = list(viewer.dims.point)
+    for k in range(d):
+        full[nd - d + k] = world[k]
+    for ax in range(nd):
+        if ax not in viewer.dims.displayed:
+            viewer.dims.set_point(ax, full[ax])
+    camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
+    camera.center = tuple(full[ax] for ax in viewer.dims.displayed)
 
 
 class Canvas:
@@ -23,6 +50,7 @@ class Canvas:
         self.att = attachment
         self.model = attachment.model
         self.host = host
+        self._hidden: list = []  # the moving layers hidden here while the moving image has its own window
         self.add_mode = False
         self.view = "side"
         #: the camera (centre, zoom) the last fit of the view left, while the user has not moved it since
@@ -53,6 +81,8 @@ class Canvas:
         return canvas.grid if canvas is not None and hasattr(canvas, "grid") else self.viewer.grid
 
     def side_for_click(self, event) -> str:
+        if self.view == "window":
+            return "fixed"  # the moving image has a window of its own; its clicks arrive there
         moving = self.att.moving_layer
         if self.grid.enabled and moving is not None:
             vb = getattr(event, "viewbox", None)
@@ -104,6 +134,12 @@ class Canvas:
             layer = self.att.layer(f"landmarks-{side}")
             if layer is not None:
                 phys = to_physical_order(np.asarray(layer.world_to_data(np.asarray(world_position, float)))[-d:])
+        return self.place(side, phys)
+
+    def place(self, side: str, phys):
+        """Place a ``side`` landmark at the physical point ``phys`` (x, y, z) and say what comes next."""
+        m = self.model
+        first = self.host.landmarks.first_side
         i = self.host.call(m.place, side, phys)
         if i is not None:
             other = m.next_side(first)
@@ -117,9 +153,18 @@ class Canvas:
 
     # ------------------------------------------------------------------ views
     def set_view(self, view: str):
-        if view not in ("side", "overlay"):
+        """``"side"`` (fixed and moving in a grid), ``"overlay"`` (one view) or ``"window"`` (the fixed space here,
+        the moving image in a window of its own: :class:`~napari_regtool.widgets._window.MovingWindow`)."""
+        if view not in ("side", "overlay", "window"):
+            return
+        window = self.host.moving_window
+        if view == "window" and not window.open():
+            self.host.images.show_view(self.view)  # the window could not open (no images): the view stays
             return
         self.view = view
+        if view != "window":
+            window.close()
+        self.hide_moving(view == "window")
         self.host.landmarks.on_warped_check.setEnabled(view == "overlay")
         self.host.images.show_view(view)
         self.arrange()
@@ -154,6 +199,20 @@ class Canvas:
 
     def toggle_view(self):
         self.set_view("overlay" if self.view == "side" else "side")
+
+    def hide_moving(self, hide: bool):
+        """With the moving image in its own window, its layer and landmarks here are hidden (and shown again,
+        as they were, when the window closes)."""
+        if hide:
+            for l in (self.att.moving_layer, self.att.layer("landmarks-moving")):
+                if l is not None and l.visible and not any(l is h for h in self._hidden):
+                    self._hidden.append(l)
+                    l.visible = False
+        else:
+            for l in self._hidden:
+                if l in self.viewer.layers:
+                    l.visible = True
+            self._hidden = []
 
     def arrange(self):
         """Order the layers (landmarks on top) and, side by side, put the moving image and its landmarks in
@@ -194,6 +253,8 @@ class Canvas:
                 self.grid.enabled = False
         if fitted and self._grid_cells() != before:
             self.fit_view()  # the cells changed size: the images fit them again
+        if self.view == "window":
+            self.hide_moving(True)  # e.g. a moving landmark layer made again
 
     def _grid_cells(self):
         try:
@@ -203,28 +264,10 @@ class Canvas:
 
     def set_slice_margins(self, points_size: float):
         """In 3D, show landmarks within half a marker size of the current slice (as shrinking discs)."""
-        dims = self.viewer.dims
-        nd = dims.ndim
-        half = points_size / 2 if self.model.ndim == 3 else 0.0
-        margins = tuple(half if ax < nd - 2 else 0.0 for ax in range(nd))
-        try:
-            dims.margin_left = margins
-            dims.margin_right = margins
-        except Exception:  # pragma: no cover - older napari without thick slices
-            pass
+        slice_margins(self.viewer.dims, self.model.ndim, points_size)
 
     def centre_on(self, phys):
-        world = to_array_order(np.asarray(phys, float)[None])[0]
-        d = len(world)
-        nd = self.viewer.dims.ndim
-        full = list(self.viewer.dims.point)
-        for k in range(d):
-            full[nd - d + k] = world[k]
-        for ax in range(nd):
-            if ax not in self.viewer.dims.displayed:
-                self.viewer.dims.set_point(ax, full[ax])
-        camera = self.viewer.scene.camera if hasattr(self.viewer, "scene") else self.viewer.camera
-        camera.center = tuple(full[ax] for ax in self.viewer.dims.displayed)
+        centre_viewer_on(self.viewer, phys)
 
     def _half_view(self) -> np.ndarray:
         """Half the world extent one cell shows along the two displayed axes (array order)."""

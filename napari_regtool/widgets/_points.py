@@ -31,7 +31,9 @@ class LandmarkLayers:
         self.model = attachment.model
         self.host = host
         self.hooks = hooks
-        self._synced: dict = {}  # side → (layer id, what was last written into it)
+        self._synced: dict = {}  # id(layer) → what was last written into it
+        #: other layers that show one side's points (the moving image's own window): (side, layer)
+        self.mirrors: list = []
         self._drag_active: dict = {}
         self._removing = None
         #: whether the residual vectors are wanted (the Landmarks tab's check box)
@@ -53,8 +55,7 @@ class LandmarkLayers:
         return []
 
     def select_pair(self, index: int):
-        for side in SIDES:
-            layer = self.layer(side)
+        for side, layer in [(side, self.layer(side)) for side in SIDES] + list(self.mirrors):
             if layer is None:
                 continue
             rows = np.nonzero(np.asarray(layer.features["pair"]) == index)[0] if len(layer.data) else []
@@ -113,7 +114,7 @@ class LandmarkLayers:
     def _points_in_sync(self, layer, side, placed, pts) -> bool:
         """True when the layer already shows exactly these points, numbers and active states (e.g. after napari
         itself moved a point): rewriting it would only cost time."""
-        if len(layer.data) != len(placed) or self._synced.get(side) != (id(layer), self._signature(placed)):
+        if len(layer.data) != len(placed) or self._synced.get(id(layer)) != self._signature(placed):
             return False
         return bool(np.allclose(np.asarray(layer.data)[:, -pts.shape[1]:], to_array_order(pts[placed])))
 
@@ -122,35 +123,64 @@ class LandmarkLayers:
         return placed.tobytes(), pairs.active[placed].tobytes(), tuple(pairs.names[i] for i in placed)
 
     def sync(self):
-        """Write the model's pairs into the two landmark layers (numbers and colours per pair)."""
+        """Write the model's pairs into the two landmark layers and their mirrors (numbers and colours per pair)."""
         if not self.model.ready:
             return
-        pairs = self.model.pairs
         with self.host.muted():
             for side in SIDES:
-                layer = self.ensure(side)
-                pts = getattr(pairs, side)
-                placed = np.nonzero(np.all(np.isfinite(pts), 1))[0]
-                if self._points_in_sync(layer, side, placed, pts):
-                    continue
-                colors = np.ones((len(placed), 4))
-                colors[:, :3] = pair_colors(placed)
-                inactive = ~pairs.active[placed]
-                colors[inactive, 3] = 0.35
-                selected = set(layer.selected_data)
-                layer.data = to_array_order(pts[placed]) if len(placed) else np.zeros((0, pairs.ndim))
-                layer.features = {"label": np.array([str(i + 1) for i in placed], dtype=str),
-                                  "pair": placed.astype(int),
-                                  "name": np.array([pairs.names[i] for i in placed], dtype=str),
-                                  "active": pairs.active[placed].astype(bool)}
-                if getattr(layer.text.string, "format", None) != _TEXT["string"]:
-                    layer.text = dict(_TEXT)  # a layer adopted from the reader numbered its points
-                if len(placed):
-                    layer.face_color = colors
-                    layer.size = self.points_size()
-                layer.selected_data = {i for i in selected if i < len(placed)}
-                layer.refresh()
-                self._synced[side] = (id(layer), self._signature(placed))
+                self._write(side, self.ensure(side))
+            for side, layer in list(self.mirrors):
+                self._write(side, layer)
+
+    def _write(self, side, layer):
+        pairs = self.model.pairs
+        pts = getattr(pairs, side)
+        placed = np.nonzero(np.all(np.isfinite(pts), 1))[0]
+        if self._points_in_sync(layer, side, placed, pts):
+            return
+        colors = np.ones((len(placed), 4))
+        colors[:, :3] = pair_colors(placed)
+        inactive = ~pairs.active[placed]
+        colors[inactive, 3] = 0.35
+        selected = set(layer.selected_data)
+        layer.data = to_array_order(pts[placed]) if len(placed) else np.zeros((0, pairs.ndim))
+        layer.features = {"label": np.array([str(i + 1) for i in placed], dtype=str),
+                          "pair": placed.astype(int),
+                          "name": np.array([pairs.names[i] for i in placed], dtype=str),
+                          "active": pairs.active[placed].astype(bool)}
+        if getattr(layer.text.string, "format", None) != _TEXT["string"]:
+            layer.text = dict(_TEXT)  # a layer adopted from the reader numbered its points
+        if len(placed):
+            layer.face_color = colors
+            layer.size = self.points_size()
+        layer.selected_data = {i for i in selected if i < len(placed)}
+        layer.refresh()
+        self._synced[id(layer)] = self._signature(placed)
+
+    # ------------------------------------------------------------------ mirrors in another viewer
+    def add_mirror(self, side, viewer, name=None):
+        """A points layer in ``viewer`` (another window) showing ``side``'s points; napari's own tools there (add,
+        drag, delete) edit the model as in the landmark layers. Returns the layer."""
+        d = self.model.ndim
+        with self.host.muted():
+            layer = viewer.add_points(
+                np.zeros((0, d)), name=name or f"{side} landmarks", size=self.points_size(), border_color="white",
+                border_width=0.1, projection_mode="rescale_spherical", text=dict(_TEXT),
+                features={"label": np.array([], dtype=str), "pair": np.array([], dtype=int),
+                          "name": np.array([], dtype=str), "active": np.array([], dtype=bool)},
+                metadata={META_KEY: {"role": "landmarks", "side": side, "managed": True, "mirror": True}})
+        self.hook(layer, side)
+        self.mirrors.append((side, layer))
+        with self.host.muted():
+            self._write(side, layer)
+        return layer
+
+    def remove_mirror(self, layer):
+        self.mirrors = [(s, l) for s, l in self.mirrors if l is not layer]
+        self._synced.pop(id(layer), None)
+
+    def mirror_layers(self, side) -> list:
+        return [l for s, l in self.mirrors if s == side]
 
     def _points_rows(self, side):
         pts = getattr(self.model.pairs, side)

@@ -33,6 +33,7 @@ from ._live import LiveView
 from ._owned import attachment_for
 from ._points import LandmarkLayers
 from ._qcviews import TransformViews
+from ._window import MovingWindow
 from .panels.compare import ComparePanel
 from .panels.fieldstats import FieldStatsPanel
 from .panels import DeepPanel, ExportPanel, ImagesPanel, LandmarksPanel, ModelPanel, QCPanel
@@ -90,6 +91,9 @@ class RegistrationWidget(QWidget):
         self.points = LandmarkLayers(viewer, att, self, self.hooks)
         self.landmarks.residualsToggled.connect(self.points.show_residuals)
         self.canvas = Canvas(viewer, att, self)
+        # the moving image in a window of its own (the "Moving in its own window" view)
+        self.moving_window = MovingWindow(att, self)
+        self.hooks.append(self.moving_window.close)
         self.live = LiveView(viewer, att, self)
         # glyphs, contours, read-out, statistics and A/B views of whatever transform is current
         self.views = TransformViews(viewer, att, self)
@@ -183,6 +187,10 @@ class RegistrationWidget(QWidget):
     def _actions(self):
         return {"undo": self.undo, "redo": self.redo, "add_mode": self.toggle_add_mode, "view": self.toggle_view,
                 "flicker": self.toggle_flicker, "suggestion": self.go_to_suggestion}
+
+    def key_actions(self) -> list:
+        """``(napari key combination, action)`` of the widget's shortcuts (also bound in the moving window)."""
+        return [(NAPARI_KEYS[key], func) for key, func in self._actions().items()]
 
     def _bind_keys(self):
         self._bound_keys = []
@@ -320,8 +328,12 @@ class RegistrationWidget(QWidget):
         return self.canvas.click(world_position, side)
 
     def go_to_pair(self, index: int):
-        """Centre the view on pair ``index`` and select its points."""
+        """Centre the view on pair ``index`` (the moving window on its moving point) and select its points."""
         self.canvas.go_to_pair(index)
+        pairs = self.session.pairs
+        if self.moving_window.is_open and pairs is not None and 0 <= index < len(pairs):
+            if np.all(np.isfinite(pairs.moving[index])):
+                self.moving_window.centre_on(pairs.moving[index])
         self.points.select_pair(index)
 
     def go_to_suggestion(self):
@@ -573,8 +585,13 @@ class RegistrationWidget(QWidget):
         if not self.session.ready:
             self._remove_owned_layers()
             self.layers_changed()
+            self.moving_window.refill()
             return
         self._setup_layers()
+        if self.moving_window.is_open:
+            self.canvas.hide_moving(False)
+            self.moving_window.refill()
+            self.canvas.hide_moving(True)
 
     def _remove_owned_layers(self):
         """The layers made for images that are no longer registered go (warped, landmarks, QC, suggestion)."""
@@ -725,6 +742,7 @@ class RegistrationWidget(QWidget):
         if self._closing:
             return
         self._closing = True
+        self.moving_window.close()
         self.live.runner.close()
         self.jobs.close()
         self.fullres.close_runner()

@@ -64,8 +64,11 @@ class ImagesPanel(QWidget):
         self.view_combo = QComboBox()
         self.view_combo.addItem("Side by side", "side")
         self.view_combo.addItem("Overlay", "overlay")
+        self.view_combo.addItem("Moving in its own window", "window")
         self.view_combo.setToolTip(f"Side by side: fixed (left) and moving (right) in a grid. Overlay: all layers in "
-                                   f"one view. ({SHORTCUTS['view']})")
+                                   f"one view. ({SHORTCUTS['view']} switches between these two.) Moving in its own "
+                                   "window: the moving image and its landmarks in a second window with its own "
+                                   "zoom and slice (as BigWarp's two windows); clicks there place moving points.")
         g.addWidget(QLabel("View"), 2, 0)
         g.addWidget(self.view_combo, 2, 1, 1, 2)
         self.linear_check = QCheckBox("Show a linear result on the moving layer (no resampling)")
@@ -212,6 +215,11 @@ class ImagesPanel(QWidget):
         if self.linear_check.isChecked() and m.ready and t is not None and not t.is_linear:
             self.host.set_status("The transform is not linear: the moving layer is shown where it is; the warped "
                                  "layer shows the result.")
+
+    def own_affine(self, layer):
+        """The layer's own affine matrix, without a linear result shown through it."""
+        kept = self._own_affine.get(id(layer))
+        return kept[1].copy() if kept is not None and kept[0] is layer else layer.affine.affine_matrix.copy()
 
     def restore_display(self, keep=()):
         """Put the layers shown through a linear result back at their own place (all but ``keep``)."""
