@@ -150,6 +150,9 @@ def test_window_needs_images_and_closes_with_the_widget(make_napari_viewer, qtbo
     _open_pair(qtbot, w, monkeypatch, F2, M2)
     mw = _choose_window(qtbot, w)
     v2 = mw.viewer
+    ml = w._moving_layer
+    assert not ml.visible
     viewer.window.remove_dock_widget(w)
     qtbot.waitUntil(lambda: not mw.is_open, timeout=5000)
+    assert ml.visible and viewer.layers["moving landmarks"].visible  # nothing left hidden by a closed widget
     assert not hasattr(v2.window, "_qt_window")  # napari drops it when the window is closed

@@ -743,6 +743,7 @@ class RegistrationWidget(QWidget):
             return
         self._closing = True
         self.moving_window.close()
+        self.canvas.hide_moving(False)  # the moving layers it hid while the window was open
         self.live.runner.close()
         self.jobs.close()
         self.fullres.close_runner()
