@@ -107,6 +107,18 @@ def _attrs(path: Path) -> dict | None:
     return None
 
 
+def _path_and_attrs(path) -> tuple:
+    """``(path, group attributes or None)`` of a zarr folder; :class:`InputError` when it is missing or its metadata
+    cannot be read."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise InputError(f"File not found: {p}. Check the path.")
+    try:
+        return p, _attrs(p)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{p.name}: the zarr metadata cannot be read ({exc}).") from None
+
+
 def _multiscales(attrs: dict | None):
     if not attrs:
         return None
@@ -120,29 +132,31 @@ def is_ngff(path) -> bool:
     return p.is_dir() and ((p / ".zattrs").is_file() or (p / "zarr.json").is_file() or (p / ".zgroup").is_file())
 
 
-def _transforms(entries, n: int, where: str) -> tuple:
+def _transforms(entries, n: int, where: str, short_ok: bool = False) -> tuple:
     """(scale, translation) arrays of length ``n`` from an NGFF ``coordinateTransformations`` list, composed in order
-    (``x ↦ x · scale + translation``; a 0.6 ``sequence`` of them counts too)."""
+    (``x ↦ x · scale + translation``; a 0.6 ``sequence`` of them counts too). ``short_ok``: a vector of ``n − 1``
+    values also fits, the first axis (a displacement field's component axis) then left as it is."""
     scale, trans = np.ones(n), np.zeros(n)
+
+    def vec(t, key):
+        if key not in t:
+            raise InputError(f"{where}: a {key} given by path is not supported; store it inline.")
+        v = np.asarray(t[key], dtype=float).reshape(-1)
+        if short_ok and v.size == n - 1:
+            v = np.concatenate([[1.0 if key == "scale" else 0.0], v])
+        if v.shape != (n,):
+            raise InputError(f"{where}: the {key} needs {n} values (one per axis), got {v.size}.")
+        return v
 
     def apply(items):
         nonlocal scale, trans
         for t in items or []:
             kind = t.get("type")
             if kind == "scale":
-                if "scale" not in t:
-                    raise InputError(f"{where}: a scale given by path is not supported; store it inline.")
-                s = np.asarray(t["scale"], dtype=float)
-                if s.shape != (n,):
-                    raise InputError(f"{where}: the scale needs {n} values (one per axis), got {s.size}.")
+                s = vec(t, "scale")
                 scale, trans = scale * s, trans * s
             elif kind == "translation":
-                if "translation" not in t:
-                    raise InputError(f"{where}: a translation given by path is not supported; store it inline.")
-                v = np.asarray(t["translation"], dtype=float)
-                if v.shape != (n,):
-                    raise InputError(f"{where}: the translation needs {n} values (one per axis), got {v.size}.")
-                trans = trans + v
+                trans = trans + vec(t, "translation")
             elif kind == "sequence":
                 apply(t.get("transformations"))
             elif kind != "identity":
@@ -186,13 +200,7 @@ def open_ngff(path, channel: int | None = None) -> NgffImage:
     """
     import zarr
 
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise InputError(f"File not found: {p}. Check the path.")
-    try:
-        attrs = _attrs(p)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{p.name}: the zarr metadata cannot be read ({exc}).") from None
+    p, attrs = _path_and_attrs(path)
     ms = _multiscales(attrs)
     from .ngff_field import is_field_ngff
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import Cancelled, InputError
-from .ngff import _attrs, _axes_of, _level_space
+from .ngff import _attrs, _axes_of, _level_space, _path_and_attrs, _transforms
 from .space import Space
 
 __all__ = ["FIELD_VERSION", "FIELD_PATH", "write_field_ngff", "is_field_ngff", "open_field_ngff", "NgffField",
@@ -194,42 +194,6 @@ def _ome(attrs: dict | None) -> dict:
     return attrs.get("ome") if isinstance(attrs.get("ome"), dict) else attrs
 
 
-def _scale_translation(entries, n: int, where: str) -> tuple:
-    """Compose an NGFF list of scale/translation/identity/sequence transformations into ``(scale, translation)``
-    (``x ↦ x · scale + translation``), each of length ``n`` (a vector one shorter also fits: the component axis)."""
-    scale, trans = np.ones(n), np.zeros(n)
-
-    def vec(t, key):
-        if key not in t:
-            raise InputError(f"{where}: a {key} stored by path is not supported; store it inline.")
-        v = np.asarray(t[key], dtype=float).reshape(-1)
-        if v.size == n - 1:
-            v = np.concatenate([[1.0 if key == "scale" else 0.0], v])
-        if v.size != n:
-            raise InputError(f"{where}: the {key} has {v.size} values for {n} axes.")
-        return v
-
-    def apply(items):
-        nonlocal scale, trans
-        for t in items or []:
-            kind = t.get("type")
-            if kind == "scale":
-                s = vec(t, "scale")
-                scale, trans = scale * s, trans * s
-            elif kind == "translation":
-                trans = trans + vec(t, "translation")
-            elif kind == "sequence":
-                apply(t.get("transformations"))
-            elif kind != "identity":
-                raise InputError(f"{where}: the field's grid is placed by a {kind!r} transformation; only scale and "
-                                 "translation are supported for a displacement field's grid.")
-
-    apply(entries)
-    if not (np.all(np.isfinite(scale)) and np.all(scale > 0) and np.all(np.isfinite(trans))):
-        raise InputError(f"{where}: the scale must be positive and finite and the translation finite.")
-    return scale, trans
-
-
 def _find_displacements(ome: dict):
     """The first ``displacements`` transformation named in a group's metadata (scene, top level, multiscales),
     or ``None``; a ``bijection``'s forward part counts."""
@@ -277,13 +241,7 @@ def open_field_ngff(path) -> NgffField:
     """
     import zarr
 
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise InputError(f"File not found: {p}. Check the path.")
-    try:
-        attrs = _attrs(p)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{p.name}: the zarr metadata cannot be read ({exc}).") from None
+    p, attrs = _path_and_attrs(path)
     if attrs is None:
         raise InputError(f"{p.name} is not a zarr group; a displacement field as OME-Zarr is a folder with zarr.json "
                          "(or .zattrs) metadata.")
@@ -337,9 +295,10 @@ def open_field_ngff(path) -> NgffField:
         raise InputError(f"{where}: the array has {len(arr.shape)} dimensions for {d + 1} axes.")
     if int(arr.shape[comp]) != d:
         raise InputError(f"{where}: {arr.shape[comp]} components per vector; a {d}D field needs {d}.")
-    scale, trans = _scale_translation(ds.get("coordinateTransformations"), d + 1, where)
-    gs, gt = _scale_translation([t for t in m.get("coordinateTransformations") or []
-                                 if t.get("type") in ("scale", "translation", "sequence", "identity")], d + 1, where)
+    scale, trans = _transforms(ds.get("coordinateTransformations"), d + 1, where, short_ok=comp == 0)
+    gs, gt = _transforms([t for t in m.get("coordinateTransformations") or []
+                          if t.get("type") in ("scale", "translation", "sequence", "identity")], d + 1, where,
+                         short_ok=comp == 0)
     scale, trans = scale * gs, trans * gs + gt
     extra = _ome_regtool(group_path)
     direction = np.asarray(extra.get("direction"), float) if extra.get("direction") is not None else np.eye(d)

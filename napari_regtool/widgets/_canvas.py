@@ -7,7 +7,7 @@ from ..model import SIDES
 from ..space import to_array_order, to_physical_order
 from ..transforms.base import IdentityTransform
 
-__all__ = ["Canvas", "slice_margins", "centre_viewer_on"]
+__all__ = ["Canvas", "slice_margins", "centre_viewer_on", "click_not_drag"]
 
 
 def slice_margins(dims, ndim: int, points_size: float):
@@ -35,6 +35,22 @@ def centre_viewer_on(viewer, phys):
             viewer.dims.set_point(ax, full[ax])
     camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
     camera.center = tuple(full[ax] for ax in viewer.dims.displayed)
+
+
+def click_not_drag(event, on_click):
+    """Body of a napari mouse-drag callback: ``on_click(event)`` after a press and release that did not move more
+    than 5 screen pixels (a drag pans the view, it does not place anything)."""
+    if event.type != "mouse_press":
+        return
+    start = np.asarray(event.pos, float)
+    yield
+    moved = False
+    while event.type == "mouse_move":
+        if np.linalg.norm(np.asarray(event.pos, float) - start) > 5:
+            moved = True
+        yield
+    if not moved:
+        on_click(event)
 
 
 class Canvas:
@@ -98,18 +114,7 @@ class Canvas:
     def on_canvas_click(self, viewer, event):
         if not self.add_mode or not self.model.ready or getattr(event, "button", 1) != 1:
             return
-        if event.type != "mouse_press":
-            return
-        start = np.asarray(event.pos, float)
-        yield
-        moved = False
-        while event.type == "mouse_move":
-            if np.linalg.norm(np.asarray(event.pos, float) - start) > 5:
-                moved = True
-            yield
-        if moved:
-            return
-        self.click(event.position, side=self.side_for_click(event))
+        yield from click_not_drag(event, lambda e: self.click(e.position, side=self.side_for_click(e)))
 
     def click(self, world_position, side: str | None = None):
         """Place a landmark at a world position (as a canvas click in "Add pairs" mode does)."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..space import to_physical_order
-from ._canvas import centre_viewer_on, slice_margins
+from ._canvas import centre_viewer_on, click_not_drag, slice_margins
 
 __all__ = ["MovingWindow"]
 
@@ -139,17 +139,7 @@ class MovingWindow:
         """In "Add pairs" mode, a click (not a drag) places the moving point of a pair."""
         if not self.host.canvas.add_mode or not self.model.ready or getattr(event, "button", 1) != 1:
             return
-        if event.type != "mouse_press":
-            return
-        start = np.asarray(event.pos, float)
-        yield
-        moved = False
-        while event.type == "mouse_move":
-            if np.linalg.norm(np.asarray(event.pos, float) - start) > 5:
-                moved = True
-            yield
-        if not moved:
-            self.click(event.position)
+        yield from click_not_drag(event, lambda e: self.click(e.position))
 
     def click(self, world_position):
         """Place a moving landmark at a world position of this window (as a click in "Add pairs" mode does)."""
