@@ -178,6 +178,18 @@ def test_zarr_pair_opens_lazy_registers_coarse_and_applies_at_full_resolution(ma
                                                sitk.sitkUInt8))
     assert got.dtype == np.uint8 and np.array_equal(got, ref)
     assert "image-label" in json.loads((out2 / ".zattrs").read_text())
+
+    # Export ▸ Apply on the multiscale moving layer reads the level registration runs on (level 1), not level 0
+    # whole: the new layer is SimpleITK's resampling of level 1 onto the registration grid
+    w.apply_combo.setCurrentIndex(combo_index(w.apply_combo, ml))
+    qtbot.mouseClick(w.apply_btn, Qt.MouseButton.LeftButton)
+    wait_idle(qtbot, w)
+    applied = np.asarray(viewer.layers["moving (registered)"].data)
+    lv1 = _level1(MOVING0)
+    coarse_ref = sitk.GetArrayFromImage(sitk.Resample(sitk_image(moving0.reshape(48, 2, 40, 2).mean((1, 3)), lv1),
+                                                      sitk_image(np.zeros(coarse), _level1(FIXED0)), t.to_sitk(),
+                                                      sitk.sitkLinear, 0.0))
+    assert applied.shape == coarse and np.abs(applied - coarse_ref).max() < 1e-4 * np.abs(coarse_ref).max()
     assert not [m for lvl, m in w.messages if lvl == "error"]
 
 

@@ -90,12 +90,20 @@ def layer_space(layer) -> Space:
 
 
 def image_from_layer(layer, is_label: bool | None = None) -> Image:
-    """An :class:`Image` (array + physical grid) from a napari image or labels layer."""
+    """An :class:`Image` (array + physical grid) from a napari image or labels layer. A multiscale layer (an
+    OME-Zarr pyramid) gives the level registration would run on (the live budget), never level 0 read whole."""
     from napari.layers import Image as ImageLayer, Labels
 
     if not isinstance(layer, (ImageLayer, Labels)):
         raise InputError(f"Layer {layer.name!r} is a {type(layer).__name__} layer; choose an image layer.")
-    data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+    if getattr(layer, "multiscale", False):
+        from .panels.fullres import registration_image
+
+        im = registration_image(layer)
+        if is_label is not None:
+            im.is_label = bool(is_label)
+        return im
+    data = layer.data
     arr = np.asarray(data)
     space = layer_space(layer)
     label = isinstance(layer, Labels) if is_label is None else is_label

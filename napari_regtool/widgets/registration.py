@@ -23,15 +23,15 @@ from qtpy.QtWidgets import QGroupBox, QLabel, QShortcut, QTabWidget, QVBoxLayout
 
 from .. import registry
 from ..errors import RegtoolError
-from ..landmarks import read_bigwarp_csv
-from ..model import SIDES, PairsChange, RegistrationModel
+from ..model import PairsChange, RegistrationModel
 from ..transforms import LANDMARK_MODELS
 from ._canvas import Canvas
 from ._jobs import Jobs
-from ._layers import META_KEY, image_layer_kwargs, layer_role
+from ._layers import layer_role
 from ._live import LiveView
 from ._owned import attachment_for
 from ._points import LandmarkLayers
+from ._layerlist import LayerKeeper
 from ._qcviews import TransformViews
 from ._window import MovingWindow
 from .panels.compare import ComparePanel
@@ -85,12 +85,14 @@ class RegistrationWidget(QWidget):
         self._last_fit_message = ""
         self._too_few_notified = None
         # a fit succeeded since these images were chosen
-        self._fitted_once = self.session.transform is not None
+        self.fitted_once = self.session.transform is not None
 
         self._build_ui()
         self.points = LandmarkLayers(viewer, att, self, self.hooks)
         self.landmarks.residualsToggled.connect(self.points.show_residuals)
         self.canvas = Canvas(viewer, att, self)
+        # adoption of the reader's layers, re-attachment, and the answers to layers added or removed
+        self.layer_list = LayerKeeper(viewer, att, self)
         # the moving image in a window of its own (the "Moving in its own window" view)
         self.moving_window = MovingWindow(att, self)
         self.hooks.append(self.moving_window.close)
@@ -104,7 +106,7 @@ class RegistrationWidget(QWidget):
         # a widget deleted without a close (the viewer closed) stops its work and lets go of the model and layers
         self.destroyed.connect(lambda *_: [r.close() for r in runners] + [_undo_hooks(hooks)])
         m = self.session
-        connections = [(m.images_changed, self._on_images), (m.pairs_changed, self._on_pairs),
+        connections = [(m.images_changed, self.layer_list.on_images), (m.pairs_changed, self._on_pairs),
                        (m.transform_changed, self.live.schedule), (m.fitted, self._on_fitted),
                        (m.params_changed, self._on_params), (m.autosave_changed, self._on_autosave_notice)]
         for panel in (self.model_panel, self.landmarks, self.deep, self.compare):
@@ -112,15 +114,15 @@ class RegistrationWidget(QWidget):
         for signal, slot in connections:
             signal.connect(slot)
             self.hooks.append(lambda sig=signal, sl=slot: sig.disconnect(sl))
-        viewer.layers.events.inserted.connect(self._on_layers_inserted)
-        viewer.layers.events.removed.connect(self._on_layers_removed)
+        viewer.layers.events.inserted.connect(self.layer_list.on_inserted)
+        viewer.layers.events.removed.connect(self.layer_list.on_removed)
         viewer.mouse_drag_callbacks.append(self.canvas.on_canvas_click)
         self._bind_keys()
         self.layers_changed()
-        if self._attached():
-            self._reattach()
+        if self.layer_list.attached():
+            self.layer_list.reattach()
         else:
-            self._adopt_layers()
+            self.layer_list.adopt_layers()
 
     # ================================================================== UI
     def _build_ui(self):
@@ -173,7 +175,7 @@ class RegistrationWidget(QWidget):
         self.deep.autoRequested.connect(lambda: self.auto_align())
         self.qc.overlayToggled.connect(lambda key, on: self.live.on_qc_toggled(key, on))
         self.qc.suggestionRequested.connect(self.go_to_suggestion)
-        self.qc.warpedRequested.connect(self._warped_again)
+        self.qc.warpedRequested.connect(lambda: self.layer_list.warped_again())
         self.export.save_lm_btn.clicked.connect(lambda: self.save_landmarks())
 
         # shortcuts while the focus is in the dock widget (the canvas has the same ones through the viewer keymap)
@@ -425,247 +427,6 @@ class RegistrationWidget(QWidget):
     def _moving_layer(self):
         return self._att.moving_layer
 
-    def _in_viewer(self, layer) -> bool:
-        return layer is not None and any(l is layer for l in self.viewer.layers)
-
-    def _attached(self) -> bool:
-        """True while a registration runs on two layers that are still in the viewer."""
-        return self.session.ready and self._in_viewer(self._fixed_layer) and self._in_viewer(self._moving_layer)
-
-    def _adopt_layers(self):
-        """Use layers marked by the plugin's reader or sample data: a fixed and a moving image, and the landmark
-        pairs that came with them."""
-        if self._attached():
-            return
-        images = self.images.image_layers()
-        fixed = [l for l in images if layer_role(l).get("role") == "fixed"]
-        moving = [l for l in images if layer_role(l).get("role") == "moving"]
-        if not fixed or not moving:
-            return
-        pairs = None
-        for l in list(self.viewer.layers):
-            r = layer_role(l)
-            if r.get("role") == "landmarks" and r.get("pairs_csv") and not r.get("managed"):
-                try:
-                    pairs = read_bigwarp_csv(r["pairs_csv"], from_text=True)
-                except RegtoolError:
-                    continue
-                self._adopt_points_layer(l, r.get("side"))
-        self.set_layers(fixed[-1], moving[-1], landmarks=pairs)
-
-    def _adopt_points_layer(self, layer, side):
-        if side in SIDES and self._att.layer(f"landmarks-{side}") is None:
-            layer.metadata[META_KEY] = dict(layer_role(layer), managed=True)
-            self.points.register(layer, side)
-        else:
-            with self.muted():
-                self.viewer.layers.remove(layer)
-
-    def _reattach(self):
-        """A reopened widget: the model and the layers made for it are the viewer's already. Hook up to them, take
-        over edits made in the landmark layers while no widget listened, and show the current state."""
-        att = self._att
-        self.live.reset()
-        self.images.picks = {"fixed": att.fixed_layer, "moving": att.moving_layer}
-        for side in SIDES:
-            layer = att.layer(f"landmarks-{side}")
-            if layer is not None:
-                self.points.hook(layer, side)
-        for key in self.qc.qc_checks:
-            layer = att.layer(f"qc-{key}")
-            if layer is not None:
-                self.live.hook_qc_layer(key, layer)
-                self.qc.show_state(key, layer.visible)
-        warped = att.layer("warped")
-        if warped is not None:
-            self.qc.show_opacity(warped.opacity)
-        res = att.layer("residuals")
-        if res is not None and res.visible:
-            self.landmarks.show_residuals_state(True)
-            self.points.residuals_on = True
-        self.points.take_over_edits()
-        self.points.sync()
-        self.landmarks.update_pairs()
-        self.layers_changed()
-        self.canvas.arrange()
-        self.live.schedule()
-
-    def _on_layers_inserted(self, event):
-        if self._mute or self._closing:
-            return
-        layer = event.value
-        self.layers_changed()
-        r = layer_role(layer)
-        if r.get("role") == "landmarks" and r.get("pairs_csv") and not r.get("managed"):
-            # a BigWarp CSV opened through File ▸ Open: load its pairs into the model
-            if self._attached():
-                QTimer.singleShot(0, lambda l=layer: self._import_landmark_layer(l))
-            else:
-                QTimer.singleShot(0, self._adopt_layers)
-        elif r.get("role") in ("fixed", "moving") and not self._attached():
-            QTimer.singleShot(0, self._adopt_layers)
-        if self.canvas.view == "side" and r.get("role") not in ("landmarks",):
-            QTimer.singleShot(0, self.canvas.arrange)
-
-    def _import_landmark_layer(self, layer):
-        if not self._in_viewer(layer):
-            return
-        r = layer_role(layer)
-        try:
-            pairs = read_bigwarp_csv(r["pairs_csv"], from_text=True)
-            # the reader gives two layers for one file; load once
-            if not r.get("side") == "moving" or not self._has_partner(layer):
-                self.session.set_pairs(pairs, "load")
-        except RegtoolError as exc:
-            self.notify("error", str(exc))
-        with self.muted():
-            self.viewer.layers.remove(layer)
-
-    def _has_partner(self, layer):
-        src = layer_role(layer).get("source")
-        return any(l is not layer and layer_role(l).get("source") == src and layer_role(l).get("role") == "landmarks"
-                   and not layer_role(l).get("managed") for l in self.viewer.layers)
-
-    def _on_layers_removed(self, event):
-        if self._closing:
-            return
-        layer = event.value
-        key = self._att.forget(layer)
-        if key is not None and key.startswith("qc-"):
-            self.qc.show_state(key[3:], False)
-        elif key == "warped":
-            self.qc.show_warped(False)
-        elif key == "suggestion":
-            self.live.suggestion = None
-        elif key == "residuals":
-            self.points.residuals_on = False
-            self.landmarks.show_residuals_state(False)
-        elif key is not None and key.startswith("landmarks-") and not self._mute and self.session.ready:
-            # the landmark layers are how pairs are seen and edited: put the deleted one back at once
-            QTimer.singleShot(0, lambda k=key: self._landmarks_back(k))
-        self.images.layer_removed(layer)
-        if not self._mute and (layer is self._fixed_layer or layer is self._moving_layer):
-            side = "fixed" if layer is self._fixed_layer else "moving"
-            setattr(self._att, f"{side}_layer", None)
-            # once the layer list has settled: a script that empties the viewer and adds new images at once
-            # goes on with those
-            QTimer.singleShot(0, lambda: self._stop_if_detached(side, layer.name))
-        if not self._mute:
-            self.layers_changed()
-            # the side-by-side grid counts layers: lay them out again without the one removed
-            QTimer.singleShot(0, self.canvas.arrange)
-
-    def _landmarks_back(self, key):
-        if self._closing or not self._attached() or self._att.layer(key) is not None:
-            return  # (not when the images went too, e.g. the whole layer list was cleared)
-        self.points.sync()
-        self.canvas.arrange()
-        side = key.split("-", 1)[1]
-        self.set_status(f"The {side} landmarks layer is needed while registering, so it is back. To stop, close the "
-                        "Registration widget or remove an image.")
-
-    def _stop_if_detached(self, side, name):
-        """An image layer in use was removed: stop registering, unless other images were chosen meanwhile."""
-        try:
-            if self._closing or self._attached() or not self.session.ready:
-                return
-        except RuntimeError:  # the widget was deleted meanwhile
-            return
-        self.notify("warning", f"The {side} image {name!r} was removed from the viewer, so the registration stopped. "
-                               f"Choose or open a {side} image to go on.")
-        self.session.clear_images()
-
-    # ============================================================ model events
-    def _on_images(self):
-        if self._closing:
-            return
-        self.live.reset()
-        self.jobs.reset()
-        self._fitted_once = False
-        if not self.session.ready:
-            self._remove_owned_layers()
-            self.layers_changed()
-            self.moving_window.refill()
-            return
-        self._setup_layers()
-        if self.moving_window.is_open:
-            self.canvas.hide_moving(False)
-            self.moving_window.refill()
-            self.canvas.hide_moving(True)
-
-    def _remove_owned_layers(self):
-        """The layers made for images that are no longer registered go (warped, landmarks, QC, suggestion)."""
-        with self.muted():
-            for key in self._att.keys():
-                l = self._att.pop(key)
-                if self._in_viewer(l):
-                    self.viewer.layers.remove(l)
-        for key in self.qc.qc_checks:
-            self.qc.show_state(key, False)
-        self.points.residuals_on = False
-        self.landmarks.show_residuals_state(False)
-        self.canvas.grid.enabled = False
-
-    def _ensure_warped(self):
-        """The warped layer on the fixed grid: the one owned when it fits, else a new (blank) one."""
-        s = self.session
-        fs = s.fixed.space
-        warped = self._att.layer("warped")
-        shape = fs.shape + ((s.moving.n_channels,) if s.moving.is_multichannel else ())
-        with self.muted():
-            if warped is not None and (warped.data.shape != shape or warped.rgb != s.moving.is_multichannel):
-                self.viewer.layers.remove(warped)
-                warped = None
-            if warped is None:
-                ml = self._moving_layer
-                rgb = s.moving.is_multichannel and s.moving.n_channels in (3, 4)
-                clim = tuple(ml.contrast_limits) if ml is not None and not ml.rgb else None
-                if rgb:
-                    # the warped copy is float; napari shows float RGB on 0–1, which turned 8-bit colour white
-                    dt = s.moving.array.dtype
-                    clim = (0.0, float(np.iinfo(dt).max)) if np.issubdtype(dt, np.integer) else \
-                        (float(s.moving.array.min()), float(s.moving.array.max()))
-                warped = self.viewer.add_image(
-                    np.zeros(shape, np.float32), name="moving (warped)", colormap="magenta", blending="additive",
-                    opacity=self.qc.opacity, rgb=rgb,
-                    metadata={META_KEY: {"role": "warped"}}, **image_layer_kwargs(fs),
-                    **({"contrast_limits": clim} if clim else {}))
-                self._att.own("warped", warped)
-            else:
-                _set_layer_space(warped, fs)
-        return warped
-
-    def _warped_again(self):
-        if not self.session.ready or self._closing:
-            self.qc.show_warped(False)
-            return
-        self._ensure_warped()
-        self.canvas.arrange()
-        self.live.schedule()
-
-    def _setup_layers(self):
-        self._ensure_warped()
-        with self.muted():
-            for key in self._att.keys():
-                if key.startswith("qc-") or key == "suggestion":
-                    l = self._att.pop(key)
-                    if self._in_viewer(l):
-                        self.viewer.layers.remove(l)
-            fl = self._fixed_layer
-            if fl is not None and fl.colormap.name == "gray" and not fl.rgb:
-                fl.colormap = "green"
-            for side in SIDES:
-                self.points.ensure(side)
-            self.canvas.set_slice_margins(self.points.points_size())
-        self.table.clearSelection()
-        self.points.sync()
-        self.canvas.arrange()
-        self.layers_changed()
-        self.canvas.fit_view()
-        # the warped layer shows the moving image through the identity until a transform exists (no new transform
-        # is announced when the new images have none yet); once the model has refitted for the new images
-        QTimer.singleShot(0, self.live.schedule)
-
     def _on_pairs(self, change: PairsChange):
         if self._closing or change.reason == "drag" or not self.session.ready:
             return  # the dragged point is already where napari shows it; the layers follow on release
@@ -706,13 +467,13 @@ class RegistrationWidget(QWidget):
             # "too few pairs" while the first pairs are being placed is expected: the status line says it. It is
             # notified (once per model, again after a fit succeeded) only when a working transform was lost;
             # every other reason each time it appears
-            if not too_few or (self._fitted_once and self._too_few_notified != s.model):
+            if not too_few or (self.fitted_once and self._too_few_notified != s.model):
                 self.notify("warning", msg)
             if too_few:
                 self._too_few_notified = s.model
         if not msg:
             self._too_few_notified = None
-            self._fitted_once = s.transform is not None or self._fitted_once
+            self.fitted_once = s.transform is not None or self._fitted_once
         self._last_fit_message = msg
         if msg:
             self.set_status(msg)
@@ -756,8 +517,8 @@ class RegistrationWidget(QWidget):
         except ValueError:
             pass
         try:
-            self.viewer.layers.events.inserted.disconnect(self._on_layers_inserted)
-            self.viewer.layers.events.removed.disconnect(self._on_layers_removed)
+            self.viewer.layers.events.inserted.disconnect(self.layer_list.on_inserted)
+            self.viewer.layers.events.removed.disconnect(self.layer_list.on_removed)
         except Exception:
             pass
         for combo in getattr(self, "_bound_keys", []):
@@ -770,14 +531,6 @@ class RegistrationWidget(QWidget):
     def closeEvent(self, event):
         self.close_session()
         super().closeEvent(event)
-
-
-def _set_layer_space(layer, space):
-    kw = space.napari_kwargs()
-    if "affine" in kw:
-        layer.affine = kw["affine"]
-    else:
-        layer.scale, layer.translate = kw["scale"], kw["translate"]
 
 
 def _undo_hooks(hooks: list):
