@@ -407,6 +407,9 @@ class LazyFieldTransform(Transform):
         if region is None:
             return out
         u = torch.as_tensor(np.asarray(self.array[region + (slice(None),)]).astype(np.float64, copy=False))
+        if not bool(torch.isfinite(u).all()):
+            raise InputError("The displacement field holds NaN or infinite vectors where it is used; it cannot be "
+                             "applied — recompute it, or replace those vectors by 0 and save it again.")
         lo = torch.as_tensor([s.start for s in region][::-1], dtype=torch.float64)
         src = u.movedim(-1, 0).unsqueeze(0)
         shape = (1,) + (1,) * (d - 1) + (idx.shape[0], d)

@@ -270,6 +270,18 @@ def _check_units(*named_units) -> None:
                            "so both use the same unit (e.g. write both as OME-Zarr, or rescale the spacing).")
 
 
+def _transform_units(path) -> list:
+    """``[(name, unit)]`` of an OME-Zarr displacement field (its vectors are in that unit), else ``[]`` (an ITK
+    transform file carries no unit)."""
+    from .ngff_field import is_field_ngff, open_field_ngff
+
+    p = Path(path)
+    if p.is_dir() and is_field_ngff(p):
+        unit = open_field_ngff(p).unit
+        return [(p.name, unit)] if unit else []
+    return []
+
+
 def _units_of(*images) -> list:
     return [(im.name, im.meta.get("unit")) for im in images]
 
@@ -296,7 +308,7 @@ def _cmd_apply(args) -> int:
     moving = read_image(args.moving, is_label=args.labels, level=args.level or 0)
     reference = read_image(args.reference, level=0)
     _say_notices(args, moving, reference)
-    _check_units(*_units_of(moving, reference))
+    _check_units(*_units_of(moving, reference), *_transform_units(args.transform))
     transform = read_transform(args.transform)
     if transform.ndim != reference.ndim or moving.ndim != reference.ndim:
         raise RegtoolError(f"Dimensions differ: transform {transform.ndim}D, moving {moving.ndim}D, reference "
@@ -349,7 +361,7 @@ def _apply_blockwise(args) -> int:
         rspace, unit = ref.levels[0].space, ref.unit
     else:
         rspace, unit = read_image(args.reference).space, None
-    _check_units((Path(args.moving).name, munit), (Path(args.reference).name, unit))
+    _check_units((Path(args.moving).name, munit), (Path(args.reference).name, unit), *_transform_units(args.transform))
     transform = read_transform(args.transform)
     if transform.ndim != rspace.ndim or len(mspace.shape) != rspace.ndim:
         raise RegtoolError(f"Dimensions differ: transform {transform.ndim}D, moving {len(mspace.shape)}D, "
@@ -401,6 +413,7 @@ def _cmd_field(args) -> int:
     if unit and not to_zarr and unit != "millimeter":
         raise RegtoolError(f"The reference is in {unit}s; ITK field images are read in millimetres by other tools. "
                            "Write the field as .zarr (OME-Zarr keeps the unit).")
+    _check_units((Path(args.reference).name, unit), *_transform_units(args.transform))
     transform = read_transform(args.transform)
     if transform.ndim != space.ndim:
         raise RegtoolError(f"Dimensions differ: transform {transform.ndim}D, reference {space.ndim}D.")

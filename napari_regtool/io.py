@@ -636,6 +636,8 @@ def write_transform(path, transform, space: Space | None = None, unit: str | Non
     * ``.nii``/``.nii.gz``/``.mha``/``.nrrd``: a displacement-field image on ``space``.
     * ``.zarr``: an OME-Zarr ``displacements`` field on ``space`` (written block by block;
       :func:`napari_regtool.ngff_field.write_field_ngff`), ``unit`` the grid's physical unit (default millimetre).
+
+    Returns a list of notices (what the file could not keep), usually empty.
     """
     sitk = _sitk()
     p = Path(path)
@@ -645,15 +647,14 @@ def write_transform(path, transform, space: Space | None = None, unit: str | Non
             raise ValueError("Writing a displacement field needs the fixed image's grid.")
         from .ngff_field import write_field_ngff
 
-        write_field_ngff(p, transform, space, unit=unit)
-        return
+        return write_field_ngff(p, transform, space, unit=unit)
     if low.endswith((".nii", ".nii.gz", ".mha", ".mhd", ".nrrd")):
         if space is None:
             raise ValueError("Writing a displacement field needs the fixed image's grid.")
         import torch
 
         write_displacement_field(p, transform.field(space, dtype=torch.float64).cpu().numpy(), space)
-        return
+        return []
     if not low.endswith((".tfm", ".txt", ".mat", ".h5", ".hdf5")):
         raise InputError(f"Unknown transform file type for {p.name}: use .tfm or .h5 (ITK transform), "
                          ".nii.gz/.mha (displacement field) or .zarr (OME-Zarr displacement field).")
@@ -663,6 +664,7 @@ def write_transform(path, transform, space: Space | None = None, unit: str | Non
     tx = transform.to_sitk(space)
     with atomic_output(p) as tmp:
         sitk.WriteTransform(tx, tmp)
+    return []
 
 
 # ------------------------------------------------------------------------------------------- transform file checks

@@ -67,8 +67,8 @@ def write_transform_job(path, transform, space, unit=None):
     """Save the transform (``.zarr``: an OME-Zarr displacement field on ``space``, whose physical unit is ``unit``)."""
     from .io import write_transform
 
-    write_transform(path, transform, space, unit=unit)
-    return ("saved", f"the transform to {path}")
+    notes = write_transform(path, transform, space, unit=unit) or []
+    return ("saved", f"the transform to {path}", list(notes))
 
 
 def save_map_job(what, path, moving, transform, space):

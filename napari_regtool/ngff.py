@@ -132,18 +132,18 @@ def is_ngff(path) -> bool:
     return p.is_dir() and ((p / ".zattrs").is_file() or (p / "zarr.json").is_file() or (p / ".zgroup").is_file())
 
 
-def _transforms(entries, n: int, where: str, short_ok: bool = False) -> tuple:
+def _transforms(entries, n: int, where: str, pad_axis: int | None = None) -> tuple:
     """(scale, translation) arrays of length ``n`` from an NGFF ``coordinateTransformations`` list, composed in order
-    (``x ↦ x · scale + translation``; a 0.6 ``sequence`` of them counts too). ``short_ok``: a vector of ``n − 1``
-    values also fits, the first axis (a displacement field's component axis) then left as it is."""
+    (``x ↦ x · scale + translation``; a 0.6 ``sequence`` of them counts too). ``pad_axis``: a vector of ``n − 1``
+    values also fits, axis ``pad_axis`` (a displacement field's component axis) then left as it is."""
     scale, trans = np.ones(n), np.zeros(n)
 
     def vec(t, key):
         if key not in t:
             raise InputError(f"{where}: a {key} given by path is not supported; store it inline.")
         v = np.asarray(t[key], dtype=float).reshape(-1)
-        if short_ok and v.size == n - 1:
-            v = np.concatenate([[1.0 if key == "scale" else 0.0], v])
+        if pad_axis is not None and v.size == n - 1:
+            v = np.insert(v, pad_axis, 1.0 if key == "scale" else 0.0)
         if v.shape != (n,):
             raise InputError(f"{where}: the {key} needs {n} values (one per axis), got {v.size}.")
         return v
@@ -168,6 +168,19 @@ def _transforms(entries, n: int, where: str, short_ok: bool = False) -> tuple:
         raise InputError(f"{where}: the scale must be positive and finite and the translation finite, got "
                          f"scale {scale.tolist()} and translation {trans.tolist()}.")
     return scale, trans
+
+
+def _global_transforms(m: dict, n: int, where: str, pad_axis: int | None = None) -> tuple:
+    """``(scale, translation, notices)`` of a multiscale's own ``coordinateTransformations``. Before 0.6 they place
+    every level; in 0.6 (``coordinateSystems``) they lead from the intrinsic system, where the levels are placed, to
+    other coordinate systems: not applied, and said so."""
+    entries = m.get("coordinateTransformations") or []
+    if m.get("coordinateSystems") is None or not entries:
+        return (*_transforms(entries, n, where, pad_axis), [])
+    names = sorted({str((t.get("output") or {}).get("name") if isinstance(t.get("output"), dict) else t.get("output"))
+                    for t in entries})
+    return np.ones(n), np.zeros(n), [f"{where}: the transformations to other coordinate systems ({', '.join(names)}) "
+                                     "are not applied; the image is placed in its own (intrinsic) coordinate system."]
 
 
 def _axes_of(m: dict) -> list:
@@ -204,7 +217,7 @@ def open_ngff(path, channel: int | None = None) -> NgffImage:
     ms = _multiscales(attrs)
     from .ngff_field import is_field_ngff
 
-    if is_field_ngff(p):
+    if is_field_ngff(p, only=True):
         raise InputError(f"{p.name} is a displacement field (OME-NGFF 'displacements'), not an image; load it as a "
                          "transform (“Load transform…” in the Registration widget, or regtool qc/apply --transform).")
     if not ms and (attrs or {}).get("bioformats2raw.layout") is not None:
@@ -238,7 +251,7 @@ def open_ngff(path, channel: int | None = None) -> NgffImage:
     direction = np.asarray(extra.get("direction"), float) if extra.get("direction") is not None else np.eye(nd)
     if direction.shape != (nd, nd):
         direction = np.eye(nd)
-    gscale, gtrans = _transforms(m.get("coordinateTransformations"), len(axes), f"{p.name} (multiscale)")
+    gscale, gtrans, more = _global_transforms(m, len(axes), f"{p.name} (multiscale)")
     datasets = m.get("datasets") or []
     if not datasets:
         raise InputError(f"{p.name}: the multiscales metadata lists no datasets (resolution levels).")
@@ -264,6 +277,7 @@ def open_ngff(path, channel: int | None = None) -> NgffImage:
     label_meta = (attrs or {}).get("image-label") or ((attrs or {}).get("ome") or {}).get("image-label")
     img = NgffImage(p, p.name[:-5] if p.name.lower().endswith(".zarr") else p.name, levels, axes, unit,
                     channel_axis, time_axis, channel, label_meta is not None)
+    img.notices += more
     shape0 = levels[0].array.shape
     if time_axis is not None and shape0[time_axis] > 1:
         img.notices.append(f"{p.name} has {shape0[time_axis]} time points; the first is used.")

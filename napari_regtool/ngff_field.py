@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import Cancelled, InputError
-from .ngff import _attrs, _axes_of, _level_space, _path_and_attrs, _transforms
+from .ngff import _attrs, _axes_of, _global_transforms, _level_space, _path_and_attrs, _transforms
 from .space import Space
 
 __all__ = ["FIELD_VERSION", "FIELD_PATH", "write_field_ngff", "is_field_ngff", "open_field_ngff", "NgffField",
@@ -76,8 +76,9 @@ def write_field_ngff(path, transform, space: Space, *, block: int = 64, unit: st
     direction = np.asarray(space.direction, float)
     notices = []
     if not np.allclose(direction, np.eye(d), atol=1e-9):
-        notices.append("OME-NGFF has no rotation: the field's grid direction is kept in the store's 'regtool' "
-                       "attributes (read back by napari-regtool); other readers place the field axis-aligned.")
+        notices.append("The field's grid is rotated (its direction is not the identity); the store keeps the "
+                       "direction in its 'regtool' attributes (read back by napari-regtool), other readers place "
+                       "the field axis-aligned.")
     shape = tuple(int(s) for s in space.shape)
     starts = [range(0, s, block) for s in shape]
     blocks = list(np.ndindex(*[len(r) for r in starts]))
@@ -216,8 +217,9 @@ def _is_field_group(ome: dict) -> bool:
     return bool(ms) and any((a or {}).get("type") == "displacement" for a in _axes_of(ms[0]))
 
 
-def is_field_ngff(path) -> bool:
-    """True when ``path`` is a zarr folder holding an OME-NGFF displacement field (or naming one)."""
+def is_field_ngff(path, only: bool = False) -> bool:
+    """True when ``path`` is a zarr folder holding an OME-NGFF displacement field (or naming one). ``only``: a field
+    and nothing else (not an image whose metadata also names a field, which opens as an image)."""
     p = Path(path).expanduser()
     if not p.is_dir():
         return False
@@ -227,6 +229,8 @@ def is_field_ngff(path) -> bool:
         return False
     if _is_field_group(ome):
         return True
+    if only and ome.get("multiscales"):
+        return False
     try:
         return _find_displacements(ome) is not None
     except InputError:
@@ -295,10 +299,9 @@ def open_field_ngff(path) -> NgffField:
         raise InputError(f"{where}: the array has {len(arr.shape)} dimensions for {d + 1} axes.")
     if int(arr.shape[comp]) != d:
         raise InputError(f"{where}: {arr.shape[comp]} components per vector; a {d}D field needs {d}.")
-    scale, trans = _transforms(ds.get("coordinateTransformations"), d + 1, where, short_ok=comp == 0)
-    gs, gt = _transforms([t for t in m.get("coordinateTransformations") or []
-                          if t.get("type") in ("scale", "translation", "sequence", "identity")], d + 1, where,
-                         short_ok=comp == 0)
+    scale, trans = _transforms(ds.get("coordinateTransformations"), d + 1, where, pad_axis=comp)
+    gs, gt, more = _global_transforms(m, d + 1, where, pad_axis=comp)
+    notices += more
     scale, trans = scale * gs, trans * gs + gt
     extra = _ome_regtool(group_path)
     direction = np.asarray(extra.get("direction"), float) if extra.get("direction") is not None else np.eye(d)

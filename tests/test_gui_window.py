@@ -53,7 +53,9 @@ def test_pairs_clicked_in_two_windows_and_edited_in_the_second(make_napari_viewe
     assert v2.layers[0].data is ml.data
     np.testing.assert_allclose(v2.layers[0].data_to_world(np.array([3.0, 5.0])), ml.data_to_world(np.array([3.0, 5.0])))
     assert not ml.visible and not viewer.layers["moving landmarks"].visible and not viewer.canvas.grid.enabled
+    mw.points.mode = "add"  # napari's own add mode there would place a second point for each click
     qtbot.mouseClick(w.add_btn, Qt.MouseButton.LeftButton)
+    assert mw.points.mode == "pan_zoom"
     lm = read_bigwarp_csv(L2)
     # each window places its own side, in either order
     canvas_click(qtbot, viewer, to_array_order(lm.fixed[0]), fl)
@@ -92,6 +94,15 @@ def test_pairs_clicked_in_two_windows_and_edited_in_the_second(make_napari_viewe
     mirror.remove_selected()
     wait_idle(qtbot, w)
     assert not np.isfinite(w.session.pairs.moving[2]).any() and np.isfinite(w.session.pairs.fixed[2]).all()
+    # the window's layers deleted there come back: that is what the window is for
+    v2.layers.remove(mirror)
+    qtbot.waitUntil(lambda: mw.points is not None and mw.points is not mirror and mw.points in v2.layers, timeout=5000)
+    before = w.session.pairs.moving.copy()
+    mirror.data = np.asarray(mirror.data) + 3.0  # the old mirror no longer edits the pairs
+    np.testing.assert_array_equal(w.session.pairs.moving, before)
+    assert not [c for c in mirror.mouse_drag_callbacks if "LandmarkLayers" in getattr(c, "__qualname__", "")]
+    mirror = mw.points
+    np.testing.assert_allclose(mirror.data, to_array_order(w.session.pairs.moving[:2]))
     # choosing a row in the table centres both windows on the pair
     w.table.selectRow(0)
     qtbot.wait(5)
@@ -100,6 +111,7 @@ def test_pairs_clicked_in_two_windows_and_edited_in_the_second(make_napari_viewe
     w.view_combo.setCurrentIndex(w.view_combo.findData("side"))
     wait_idle(qtbot, w)
     assert not w.moving_window.is_open and mirror not in [l for _, l in w.points.mirrors]
+    assert not [c for c in mirror.mouse_drag_callbacks if "LandmarkLayers" in getattr(c, "__qualname__", "")]
     assert ml.visible and viewer.layers["moving landmarks"].visible and viewer.canvas.grid.enabled
 
 

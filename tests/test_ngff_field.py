@@ -93,7 +93,7 @@ def _hand_store(path, u_xyz, space: Space, comp_first=True, version="0.6", short
     return path
 
 
-@pytest.mark.parametrize("comp_first,short_scale", [(True, False), (True, True), (False, False)])
+@pytest.mark.parametrize("comp_first,short_scale", [(True, False), (True, True), (False, False), (False, True)])
 def test_field_written_by_hand_warps_as_sitk_through_the_same_vectors(tmp_path, comp_first, short_scale):
     space = Space((48, 56), (1.1, 0.8), (-6.0, 3.5))
     u = _smooth_field(space, amp=2.5)
@@ -181,9 +181,18 @@ def test_field_of_an_ngff_reference_keeps_its_unit_and_refuses_an_itk_file(tmp_p
     assert main(["field", "--transform", str(tmp_path / "t.tfm"), "--reference", str(tmp_path / "ref.zarr"),
                  "--out", str(tmp_path / "f.nii.gz"), "-q"]) == 2
     assert "micrometers" in capsys.readouterr().err and not (tmp_path / "f.nii.gz").exists()
-    # QC refuses a micrometre field on a millimetre image instead of misreading it 1000-fold
+    # QC, apply and field refuse a micrometre field on millimetre images instead of misreading it 1000-fold
     with pytest.raises(InputError, match="micrometers"):
         load_transform_for_qc(tmp_path / "f.zarr", Space((16, 20, 24), (2.0, 2.0, 3.0)))
+    mm = _to_sitk(np.zeros(space.shape, np.float32), space)
+    sitk.WriteImage(mm, str(tmp_path / "mm.nii.gz"))
+    capsys.readouterr()
+    assert main(["apply", "--transform", str(tmp_path / "f.zarr"), "--moving", str(tmp_path / "mm.nii.gz"),
+                 "--reference", str(tmp_path / "mm.nii.gz"), "--out", str(tmp_path / "w.nii.gz"), "-q"]) == 2
+    assert "different units" in capsys.readouterr().err and not (tmp_path / "w.nii.gz").exists()
+    assert main(["field", "--transform", str(tmp_path / "f.zarr"), "--reference", str(tmp_path / "mm.nii.gz"),
+                 "--out", str(tmp_path / "g.nii.gz"), "-q"]) == 2
+    assert "different units" in capsys.readouterr().err and not (tmp_path / "g.nii.gz").exists()
 
 
 def test_bad_stores_get_one_plain_sentence(tmp_path):
@@ -247,4 +256,59 @@ def test_ngff_06_image_axes_come_from_its_coordinate_system(tmp_path):
     img = ngff.open_ngff(tmp_path / "im.zarr")
     s = img.levels[0].space
     assert s.shape == (6, 8) and list(s.spacing) == [0.5, 2.0] and list(s.origin) == [-1.0, 10.0]
-    assert img.unit == "micrometer"
+    assert img.unit == "micrometer" and img.notices == []
+    # a transformation to another coordinate system (here nanometres) does not move the image; it is said
+    ms = dict(g.attrs)["ome"]["multiscales"]
+    ms[0]["coordinateSystems"].append({"name": "nm", "axes": [{"name": "y", "type": "space", "unit": "nanometer"},
+                                                              {"name": "x", "type": "space", "unit": "nanometer"}]})
+    ms[0]["coordinateTransformations"] = [{"type": "scale", "scale": [1000.0, 1000.0], "input": {"name": "physical"},
+                                           "output": {"name": "nm"}}]
+    g.attrs.update({"ome": {"version": "0.6", "multiscales": ms}})
+    img = ngff.open_ngff(tmp_path / "im.zarr")
+    assert list(img.levels[0].space.spacing) == [0.5, 2.0] and "(nm) are not applied" in img.notices[0]
+
+
+def test_image_naming_a_field_opens_as_image_and_as_transform(tmp_path):
+    """The specification's example: an image whose multiscale names a displacements transformation to another
+    coordinate system opens as an image, and as a transform it is that field."""
+    from napari_regtool import ngff
+
+    space = Space((20, 24), (1.0, 1.0))
+    g = zarr.open_group(str(tmp_path / "im.zarr"), mode="w", zarr_format=3)
+    g.create_array("s0", data=np.ones(space.shape, np.float32), chunks=space.shape)
+    axes = [{"name": "y", "type": "space", "unit": "millimeter"}, {"name": "x", "type": "space", "unit": "millimeter"}]
+    g.attrs.update({"ome": {"version": "0.6", "multiscales": [{
+        "coordinateSystems": [{"name": "physical", "axes": axes}, {"name": "output", "axes": axes}],
+        "datasets": [{"path": "s0", "coordinateTransformations": [{"type": "scale", "scale": [1.0, 1.0],
+                                                                    "input": {"path": "s0"},
+                                                                    "output": {"name": "physical"}}]}],
+        "coordinateTransformations": [{"type": "displacements", "input": {"name": "physical"},
+                                       "output": {"name": "output"},
+                                       "path": "coordinateTransformations/displacementField"}]}]}})
+    u = _smooth_field(space, amp=1.0)
+    _hand_store(tmp_path / "im.zarr" / "coordinateTransformations" / "displacementField", u, space)
+    img = ngff.open_ngff(tmp_path / "im.zarr")
+    assert img.levels[0].space == space and "(output) are not applied" in img.notices[0]
+    t = read_transform(tmp_path / "im.zarr")
+    pts = space.index_to_physical(np.array([[3.0, 4.0], [10.0, 12.0]]))
+    np.testing.assert_allclose(t.map_points(pts), pts + u[[4, 12], [3, 10]], atol=1e-5)
+
+
+def test_nan_in_a_large_field_is_refused_where_it_is_read(tmp_path):
+    space = Space((30, 30), (1.0, 1.0))
+    u = np.zeros((*space.shape, 2))
+    u[20, 20] = np.nan
+    t = open_field_ngff(_hand_store(tmp_path / "nan.zarr", u, space)).transform(max_bytes=0)
+    np.testing.assert_allclose(t.map_points(np.array([[3.0, 4.0]])), [[3.0, 4.0]])  # far from the NaN: fine
+    with pytest.raises(InputError, match="NaN"):
+        t.map_points(np.array([[20.2, 19.8]]))
+
+
+def test_rotated_grid_is_written_with_a_notice(tmp_path):
+    c, s_ = np.cos(0.3), np.sin(0.3)
+    space = Space((10, 12), (1.0, 1.5), (2.0, 3.0), np.array([[c, -s_], [s_, c]]))
+    from napari_regtool.io import write_transform
+
+    notes = write_transform(tmp_path / "r.zarr", AffineTransform(np.eye(2), np.ones(2)), space)
+    assert len(notes) == 1 and "rotated" in notes[0]
+    assert open_field_ngff(tmp_path / "r.zarr").space == space

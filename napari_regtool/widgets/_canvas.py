@@ -81,8 +81,9 @@ class Canvas:
         self.add_mode = bool(on)
         self.host.landmarks.set_add_mode(self.add_mode)
         if self.add_mode:
-            for side in SIDES:
-                l = self.att.layer(f"landmarks-{side}")
+            # napari's own add mode would place a second point for the same click
+            mirrors = [l for _, l in self.host.points.mirrors]
+            for l in [self.att.layer(f"landmarks-{side}") for side in SIDES] + mirrors:
                 if l is not None and l.mode == "add":
                     l.mode = "pan_zoom"
             side = self.model.next_side(self.host.landmarks.first_side) if self.model.ready else "moving"
@@ -300,8 +301,8 @@ class Canvas:
         centre = np.asarray(cam.center, float)[-len(shown):]
         reach = np.zeros(len(shown))
         for layer in (self.att.fixed_layer, self.att.moving_layer):
-            if layer is None or layer not in self.viewer.layers:
-                continue
+            if layer is None or layer not in self.viewer.layers or not layer.visible:
+                continue  # (the moving layer is hidden while it has a window of its own)
             ext = np.asarray(layer.extent.world, float)  # (2, layer ndim), world, array order
             cols = [ax - (nd - ext.shape[1]) for ax in shown]
             if min(cols) < 0:

@@ -214,6 +214,8 @@ class Jobs(QWidget):
             self.host.set_status(f"Exported to {out}.")
         elif kind == "saved":
             self.host.set_status(f"Saved {value[1]}.")
+            for note in (value[2] if len(value) > 2 else []):
+                self.host.notify("warning", note)  # what the file could not keep
         elif kind == "applied":
             self.host.add_applied(*value[1])
 

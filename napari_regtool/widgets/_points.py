@@ -34,6 +34,7 @@ class LandmarkLayers:
         self._synced: dict = {}  # id(layer) → what was last written into it
         #: other layers that show one side's points (the moving image's own window): (side, layer)
         self.mirrors: list = []
+        self._mirror_undo: dict = {}  # id(mirror layer) → what undoes its connections
         self._drag_active: dict = {}
         self._removing = None
         #: whether the residual vectors are wanted (the Landmarks tab's check box)
@@ -98,8 +99,9 @@ class LandmarkLayers:
         layer.size = self.points_size() if self.model.ready else layer.size
         self.hook(layer, side)
 
-    def hook(self, layer, side):
-        """Listen to edits of a landmark layer (undone when this widget closes; the layer stays)."""
+    def hook(self, layer, side) -> list:
+        """Listen to edits of a landmark layer (undone when this widget closes; the layer stays). Returns the
+        closures that undo the connections (also kept in the widget's hooks)."""
         def on_data(ev, s=side, l=layer):
             self.on_data(s, l, ev)
 
@@ -108,8 +110,9 @@ class LandmarkLayers:
 
         layer.events.data.connect(on_data)
         layer.mouse_drag_callbacks.append(on_drag)
-        self.hooks.append(lambda: layer.events.data.disconnect(on_data))
-        self.hooks.append(lambda: layer.mouse_drag_callbacks.remove(on_drag))
+        undo = [lambda: layer.events.data.disconnect(on_data), lambda: layer.mouse_drag_callbacks.remove(on_drag)]
+        self.hooks.extend(undo)
+        return undo
 
     def _points_in_sync(self, layer, side, placed, pts) -> bool:
         """True when the layer already shows exactly these points, numbers and active states (e.g. after napari
@@ -169,15 +172,21 @@ class LandmarkLayers:
                 features={"label": np.array([], dtype=str), "pair": np.array([], dtype=int),
                           "name": np.array([], dtype=str), "active": np.array([], dtype=bool)},
                 metadata={META_KEY: {"role": "landmarks", "side": side, "managed": True, "mirror": True}})
-        self.hook(layer, side)
+        self._mirror_undo[id(layer)] = self.hook(layer, side)
         self.mirrors.append((side, layer))
         with self.host.muted():
             self._write(side, layer)
         return layer
 
     def remove_mirror(self, layer):
+        """Stop writing into a mirror and listening to it."""
         self.mirrors = [(s, l) for s, l in self.mirrors if l is not layer]
         self._synced.pop(id(layer), None)
+        for undo in self._mirror_undo.pop(id(layer), []):
+            try:
+                undo()
+            except (ValueError, RuntimeError, TypeError):  # already gone with its viewer
+                pass
 
     def mirror_layers(self, side) -> list:
         return [l for s, l in self.mirrors if s == side]

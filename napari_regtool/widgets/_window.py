@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from qtpy.QtCore import QTimer
+
+from ..errors import RegtoolError
 from ..space import to_physical_order
 from ._canvas import centre_viewer_on, click_not_drag, slice_margins
 
@@ -33,6 +36,7 @@ class MovingWindow:
         self.image = None
         self.points = None
         self._closing = False
+        self._filling = False
 
     @property
     def is_open(self) -> bool:
@@ -54,7 +58,14 @@ class MovingWindow:
         main = self.host.viewer
         shown = bool(getattr(getattr(main.window, "_qt_window", None), "isVisible", lambda: False)())
         self.viewer = napari.Viewer(title=TITLE, show=shown)
-        self._fill()
+        try:
+            self._fill()
+        except (RegtoolError, ValueError, TypeError) as exc:  # a layer napari cannot show a second time
+            self.close()
+            self.host.notify("error", f"The moving image cannot be shown in a window of its own ({exc}); the view "
+                                      "stays as it was.")
+            return False
+        self.viewer.layers.events.removed.connect(self._on_removed)
         qt_window = getattr(self.viewer.window, "_qt_window", None)
         if qt_window is not None:
             qt_window.destroyed.connect(self._on_destroyed)
@@ -94,8 +105,11 @@ class MovingWindow:
             return
         if self.points is not None:
             self.host.points.remove_mirror(self.points)
-        with self.host.muted():
+        self._filling = True
+        try:
             self.viewer.layers.clear()
+        finally:
+            self._filling = False
         self._fill()
 
     def close(self):
@@ -117,6 +131,21 @@ class MovingWindow:
             v.close()
         finally:
             self._closing = False
+
+    def _on_removed(self, event):
+        """The moving image or its landmarks were deleted in this window: they are what it is for, so they come
+        back (closing the window is how to stop)."""
+        if self._filling or self._closing or self.host.closing or not self.is_open:
+            return
+        if event.value is self.points or event.value is self.image:
+            QTimer.singleShot(0, self._put_back)
+
+    def _put_back(self):
+        if not self.is_open or self.host.closing:
+            return
+        self.refill()
+        self.host.set_status("The moving window shows the moving image and its landmarks, so they are back; close "
+                             "the window (or choose another view) to stop.")
 
     def _on_destroyed(self, *_):
         """The user closed the window: the main window shows the pair side by side again."""

@@ -473,7 +473,7 @@ class RegistrationWidget(QWidget):
                 self._too_few_notified = s.model
         if not msg:
             self._too_few_notified = None
-            self.fitted_once = s.transform is not None or self._fitted_once
+            self.fitted_once = s.transform is not None or self.fitted_once
         self._last_fit_message = msg
         if msg:
             self.set_status(msg)
