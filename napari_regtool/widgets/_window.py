@@ -75,8 +75,8 @@ class MovingWindow:
                 self.viewer.bind_key(combo, lambda _v, _f=func: _f(), overwrite=True)
             except Exception:  # pragma: no cover - keymap API differences
                 pass
-        self.host.set_status("The moving image has a window of its own: click the fixed point of a pair here and "
-                             "the moving point there (in Add pairs mode), each window with its own slice and zoom.")
+        self.host.set_status("The moving image has a window of its own, with its own slice and zoom. In Add pairs "
+                             "mode, click fixed points in the main window and moving points in the moving window.")
         return True
 
     def _fill(self):
