@@ -170,6 +170,11 @@ def _transforms(entries, n: int, where: str, pad_axis: int | None = None) -> tup
     return scale, trans
 
 
+def _system_name(ref):
+    """The coordinate system a transformation's ``input``/``output`` names: a name, or ``{"name": …}`` (0.6)."""
+    return ref.get("name") if isinstance(ref, dict) else ref
+
+
 def _global_transforms(m: dict, n: int, where: str, pad_axis: int | None = None) -> tuple:
     """``(scale, translation, notices)`` of a multiscale's own ``coordinateTransformations``. Before 0.6 they place
     every level; in 0.6 (``coordinateSystems``) they lead from the intrinsic system, where the levels are placed, to
@@ -177,8 +182,7 @@ def _global_transforms(m: dict, n: int, where: str, pad_axis: int | None = None)
     entries = m.get("coordinateTransformations") or []
     if m.get("coordinateSystems") is None or not entries:
         return (*_transforms(entries, n, where, pad_axis), [])
-    names = sorted({str((t.get("output") or {}).get("name") if isinstance(t.get("output"), dict) else t.get("output"))
-                    for t in entries})
+    names = sorted({str(_system_name(t.get("output"))) for t in entries})
     return np.ones(n), np.zeros(n), [f"{where}: the transformations to other coordinate systems ({', '.join(names)}) "
                                      "are not applied; the image is placed in its own (intrinsic) coordinate system."]
 
@@ -192,8 +196,7 @@ def _axes_of(m: dict) -> list:
     target = None
     for ds in (m.get("datasets") or [])[:1]:
         for t in (ds.get("coordinateTransformations") or [])[:1]:
-            out = t.get("output")
-            target = out.get("name") if isinstance(out, dict) else out
+            target = _system_name(t.get("output"))
     for cs in systems:
         if cs.get("name") == target:
             return list(cs.get("axes") or [])
@@ -215,9 +218,9 @@ def open_ngff(path, channel: int | None = None) -> NgffImage:
 
     p, attrs = _path_and_attrs(path)
     ms = _multiscales(attrs)
-    from .ngff_field import is_field_ngff
+    from .ngff_field import field_in
 
-    if is_field_ngff(p, only=True):
+    if field_in(attrs, only=True):
         raise InputError(f"{p.name} is a displacement field (OME-NGFF 'displacements'), not an image; load it as a "
                          "transform (“Load transform…” in the Registration widget, or regtool qc/apply --transform).")
     if not ms and (attrs or {}).get("bioformats2raw.layout") is not None:

@@ -36,7 +36,7 @@ from .errors import Cancelled, InputError
 from .ngff import _attrs, _axes_of, _global_transforms, _level_space, _path_and_attrs, _transforms
 from .space import Space
 
-__all__ = ["FIELD_VERSION", "FIELD_PATH", "write_field_ngff", "is_field_ngff", "open_field_ngff", "NgffField",
+__all__ = ["FIELD_VERSION", "FIELD_PATH", "write_field_ngff", "is_field_ngff", "field_in", "open_field_ngff", "NgffField",
            "FieldArrayView"]
 
 #: the NGFF version the field store declares
@@ -224,9 +224,14 @@ def is_field_ngff(path, only: bool = False) -> bool:
     if not p.is_dir():
         return False
     try:
-        ome = _ome(_attrs(p))
+        return field_in(_attrs(p), only)
     except (OSError, ValueError):
         return False
+
+
+def field_in(attrs: dict | None, only: bool = False) -> bool:
+    """:func:`is_field_ngff` on a group's attributes already read."""
+    ome = _ome(attrs)
     if _is_field_group(ome):
         return True
     if only and ome.get("multiscales"):

@@ -19,8 +19,8 @@ __all__ = [
     "mse", "ncc", "lncc", "local_ncc", "mutual_information", "similarity_metrics", "dice", "tre", "jacobian_stats",
     "displacement_magnitude", "grid_image", "checkerboard", "difference", "normalise_intensity", "intensity_window",
     "landmark_uncertainty", "field_qc", "field_statistics", "non_diffeomorphic_volume", "check_convention",
-    "ConventionCheck", "PERCENTILES", "open_for_qc", "mask_on", "transform_statistics", "compare_transforms",
-    "view_lattice", "glyphs", "contour_levels", "magnitude_contours", "probe",
+    "ConventionCheck", "PERCENTILES", "open_for_qc", "labels_on", "mask_on", "transform_statistics",
+    "compare_transforms", "view_lattice", "glyphs", "contour_levels", "magnitude_contours", "probe",
 ]
 
 
@@ -700,6 +700,17 @@ def open_for_qc(path, fixed, moving=None, convention=None, device="cpu"):
     return loaded, check
 
 
+def labels_on(image, space: Space, device="cpu") -> np.ndarray:
+    """A label map or mask :class:`~napari_regtool.image.Image` on the grid ``space``: its own array when it lies
+    there, else resampled onto it by nearest neighbour (values stay exact)."""
+    if image.space == space:
+        return np.asarray(image.array)
+    from .pipeline import warp_image
+    from .transforms import IdentityTransform
+
+    return warp_image(image, IdentityTransform(space.ndim), space, label=True, device=device)
+
+
 def mask_on(space: Space, mask, label: int | None = None, device="cpu") -> np.ndarray:
     """A restriction of the fixed grid ``space`` as a bool array: ``mask`` is a bool/number array on ``space`` or an
     :class:`~napari_regtool.image.Image` (a label map or mask on any grid, put on ``space`` by nearest neighbour);
@@ -711,13 +722,7 @@ def mask_on(space: Space, mask, label: int | None = None, device="cpu") -> np.nd
     name = "The mask"
     if isinstance(mask, Image):
         name = f"The mask {mask.name!r}"
-        if mask.space == space:
-            arr = np.asarray(mask.array)
-        else:
-            from .pipeline import warp_image
-            from .transforms import IdentityTransform
-
-            arr = warp_image(mask, IdentityTransform(space.ndim), space, label=True, device=device)
+        arr = labels_on(mask, space, device=device)
     else:
         arr = np.asarray(mask)
     if tuple(arr.shape) != tuple(space.shape):
@@ -744,15 +749,13 @@ def transform_statistics(transform, space: Space, *, labels_fixed=None, labels_m
     pairs of ``pairs`` (:class:`~napari_regtool.landmarks.LandmarkPairs`), physical units.
     """
     from .pipeline import warp_image
-    from .transforms import IdentityTransform
 
     sel = None if mask is None else mask_on(space, mask, mask_label, device=device)
     u = transform.field(space, device=device, dtype=torch.float64)
     stats, _ = field_statistics(u, space, mask=sel)
     out = {"statistics": stats}
     if labels_fixed is not None and labels_moving is not None:
-        lf = labels_fixed.array if labels_fixed.space == space else warp_image(
-            labels_fixed, IdentityTransform(space.ndim), space, label=True, device=device)
+        lf = labels_on(labels_fixed, space, device=device)
         wl = warp_image(labels_moving, transform, space, label=True, device=device)
         out["dice"] = dice(lf, wl)
         out["warped_labels"] = wl
