@@ -595,8 +595,20 @@ def _cmd_batch(args) -> int:
 
 
 def _cmd_gui(args) -> int:
+    import signal
+
     from .launch import launch
 
+    # SIGTERM/SIGHUP end the window as they end any Qt application: raised inside napari's event loop, the
+    # commands' _Terminated would only be printed as a traceback (staging folders a write leaves are removed by the
+    # next write to that place)
+    for name in ("SIGTERM", "SIGHUP"):
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            try:
+                signal.signal(sig, signal.SIG_DFL)
+            except (ValueError, OSError):  # not the main thread
+                pass
     launch(sample=args.sample, files=args.files)
     return 0
 

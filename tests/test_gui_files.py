@@ -222,3 +222,27 @@ def test_autosave_beside_a_foreign_file_warns_and_keeps_it(make_napari_viewer, q
     w.session.add_pair([60.0, 30.0], [61.0, 33.0])
     assert foreign.read_text() == "my notes about this image, not landmarks\n"
     assert len(read_bigwarp_csv(other)) == 2
+
+
+def test_regtool_gui_ends_quietly_on_sigterm(tmp_path):
+    """``regtool gui`` stopped by SIGTERM (a closed terminal, a session manager) ends as a Qt application does,
+    without printing a traceback from inside napari's event loop."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = dict(os.environ, HOME=str(tmp_path))  # napari's settings and the autosave stay in the test's folder
+    proc = subprocess.Popen([sys.executable, "-m", "napari_regtool.cli", "gui", "--sample", "2d"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(25)  # imports, the sample, the widget: the event loop is running by then
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGTERM
+    assert "Traceback" not in err and "_Terminated" not in err, err[-2000:]
