@@ -20,7 +20,7 @@ from napari_regtool.transforms.field import DisplacementFieldTransform, jacobian
 from napari_regtool.transforms.linear import AffineTransform, fit_affine
 
 from napari_regtool.deep import infer
-from napari_regtool.deep.hypermorph import HyperMorphModel, read_model, save_model
+from napari_regtool.deep.hypermorph import HyperMorphModel, equalise, read_model, save_model
 from napari_regtool.deep.infer import DEFAULT_REG_WEIGHT, MIN_SIZE, DeepRegistration, register_deep, working_space
 from napari_regtool.deep.synth import SynthConfig, synth_pair
 from napari_regtool.deep.train import TrainConfig, loss_terms, train
@@ -236,6 +236,47 @@ def test_corrupt_and_mismatched_weight_files(tmp_path):
         read_model(foreign)
     with pytest.raises(InputError, match="not found"):
         infer.load_model(2, path=tmp_path / "missing.pt")
+    # files written before models chose their input mapping take their inputs as given; an unknown mapping is refused
+    payload = torch.load(good, weights_only=True)
+    assert payload["config"]["intensity"] == "range"
+    del payload["config"]["intensity"]
+    old = tmp_path / "old.pt"
+    torch.save(payload, old)
+    assert read_model(old).intensity == "range"
+    payload["config"]["intensity"] = "log"
+    torch.save(payload, foreign)
+    with pytest.raises(InputError, match="cannot build"):
+        read_model(foreign)
+
+
+def test_equalisation_against_ranks_its_slope_limit_and_its_reference():
+    """``equalise`` without a limit is the empirical distribution function (SciPy's ranks); with one, its mapping is
+    increasing, never steeper than the limit (plus the spread excess), and still stretches a narrow intensity band;
+    a reference restricts the histogram to chosen voxels."""
+    from scipy.stats import rankdata
+
+    rng = np.random.default_rng(3)
+    x = (0.40 + 0.05 * rng.beta(2.0, 5.0, size=(1, 1, 300, 400))).astype(np.float32)  # a narrow, skewed band
+    t = torch.from_numpy(x)
+    full = equalise(t, limit=1e9, bins=1024).numpy().ravel()
+    ranks = (rankdata(x.ravel()) - 0.5) / x.size
+    assert np.abs(full - ranks).max() < 0.01
+    grid = torch.linspace(0.0, 1.0, 8193).reshape(1, 1, -1)
+    for limit in (2.0, 4.0):
+        f = equalise(grid, reference=t, limit=limit, bins=256).numpy().ravel()
+        slope = np.diff(f) / np.diff(grid.numpy().ravel())
+        assert slope.min() >= 0 and f[0] == 0.0 and abs(f[-1] - 1.0) < 1e-6
+        assert slope.max() <= limit + 1.0, (limit, slope.max())
+        y = equalise(t, limit=limit).numpy()
+        spread = np.percentile(y, 99) - np.percentile(y, 1)
+        assert spread > 0.8 * limit * (np.percentile(x, 99) - np.percentile(x, 1)), (limit, spread)
+    # padding excluded through the reference: the image's voxels map as if the padding were not there
+    padded = np.zeros((1, 1, 300, 500), np.float32)
+    padded[..., :400] = x
+    inside = torch.from_numpy(padded[..., :400].reshape(1, 1, -1))
+    with_ref = equalise(torch.from_numpy(padded), reference=inside).numpy()[..., :400]
+    np.testing.assert_allclose(with_ref, equalise(t).numpy(), atol=1e-6)
+    assert np.abs(equalise(torch.from_numpy(padded)).numpy()[..., :400] - with_ref).max() > 1e-3
 
 
 def test_bad_images_give_clear_errors(monkeypatch):

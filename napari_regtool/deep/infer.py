@@ -6,7 +6,8 @@ Pipeline (everything that does not depend on λ happens once, in :class:`DeepReg
    or the identity), and both images are resampled onto the model's **working grid**: isotropic voxels, the
    long side of the fixed image's physical extent spread over ``work_size`` voxels, every side a multiple of 16,
    centred on the fixed image (the margin is padded with the image's border intensity). Intensities are scaled
-   by robust percentiles (0.5 %, 99.5 %) to [0, 1]; images are smoothed before downsampling.
+   by robust percentiles (0.5 %, 99.5 %) to [0, 1]; images are smoothed before downsampling and, on each grid,
+   equalised when the model takes equalised inputs (its ``intensity``; the shipped models do).
 2. :meth:`DeepRegistration.predict` runs the network for a regularisation weight λ, integrates the half-resolution
    velocity (scaling and squaring) and samples the displacement, in physical units, onto every voxel of the fixed
    grid; composed with ``initial``, the returned field maps fixed points all the way to moving points.
@@ -191,14 +192,11 @@ class DeepRegistration:
 
         t0 = time.perf_counter()
         self.work_space = working_space(fixed.space, self.model.work_size, self.model.multiple)
-        s = float(self.work_space.spacing[0])
         self.norm = {"fixed": robust_range(f_arr, fixed.name), "moving": robust_range(m_arr, moving.name)}
         self._f01 = self._normalise(f_arr, "fixed")
         self._m01 = self._normalise(m_arr, "moving")
         self._fill = {"fixed": border_value(self._f01), "moving": border_value(self._m01)}
-        xf = self._to_grid(self._f01, fixed.space, IdentityTransform(d).as_affine(), self.work_space, s, "fixed")
-        xm = self._to_grid(self._m01, moving.space, self._pre, self.work_space, s, "moving")
-        self.x = torch.stack([xf, xm])[None].to(self.device)  # (1, 2, *work)
+        self.x = torch.cat(self._inputs(self.work_space), 1).to(self.device)  # (1, 2, *work)
         half = tuple(n // 2 for n in self.work_space.shape)
         self.half_space = _corner_aligned(self.work_space, half)
         self.prep_s = time.perf_counter() - t0
@@ -214,6 +212,24 @@ class DeepRegistration:
         """Resample a normalised image onto ``grid`` (anti-aliased), padding with its border value."""
         a = _smooth_for(a01, space.spacing, spacing)
         return resample(a, space, transform, grid, fill=self._fill[role], dtype=torch.float32).float()
+
+    def _inputs(self, grid: Space) -> tuple:
+        """The fixed and the (pre-aligned) moving image on ``grid``, each (1, 1, *grid), as the model takes them
+        (:meth:`~napari_regtool.deep.hypermorph.HyperMorphModel.map_intensity`). Equalisation histograms are
+        counted over the voxels both images cover: the padding around either image would otherwise shift one
+        image's mapping against the other's, which the network reads as a contrast change."""
+        ident = IdentityTransform(self.ndim).as_affine()
+        s = float(grid.spacing[0])
+        xf = self._to_grid(self._f01, self.fixed.space, ident, grid, s, "fixed")[None, None]
+        xm = self._to_grid(self._m01, self.moving.space, self._pre, grid, s, "moving")[None, None]
+        if self.model.intensity == "range":
+            return xf, xm
+        pts = grid.grid_points(np.float64).reshape(-1, self.ndim)
+        both = self.fixed.space.contains(pts) & self.moving.space.contains(self._pre.map_points(pts))
+        if int(both.sum()) < 2 ** self.ndim:  # (almost) no overlap: the whole grid
+            both[:] = True
+        both = torch.from_numpy(both)
+        return tuple(self.model.map_intensity(x, x.reshape(-1)[both][None, None]) for x in (xf, xm))
 
     def network(self, reg_weight: float, pyramid: bool | None = None) -> tuple:
         """Network output for λ = ``reg_weight``: ``(disp, logvar)``, each (1, D, *grid) in voxels of
@@ -259,16 +275,12 @@ class DeepRegistration:
         """One finer pyramid level: the network again (``passes`` single passes) on a grid of long side ``size``,
         started from ``disp`` (on ``grid``). Skipped (``grid`` comes back) when that grid would not be finer, or when
         its velocity grid would be finer than the images."""
-        d = self.ndim
         ws = working_space(self.fixed.space, size, self.model.multiple)
         finest = min(float(self.fixed.space.spacing.min()), float(self.moving.space.spacing.min()))
         if ws.spacing[0] >= float(grid.spacing[0]) * 0.99 or ws.spacing[0] < 0.49 * finest:
             return disp, None, grid  # not finer than the grid so far, or (its velocity grid) finer than the images
         half = _corner_aligned(ws, tuple(n // 2 for n in ws.shape))
-        s = float(ws.spacing[0])
-        xf = self._to_grid(self._f01, self.fixed.space, IdentityTransform(d).as_affine(), ws, s, "fixed")
-        xm = self._to_grid(self._m01, self.moving.space, self._pre, ws, s, "moving")
-        xf, xm = xf[None, None].to(self.device), xm[None, None].to(self.device)
+        xf, xm = (x.to(self.device) for x in self._inputs(ws))
         out = self.model.register(xf, xm, lam, passes=passes, symmetric=self.symmetric,
                                   start=_regrid(disp, grid, half))
         return out["disp"], out["logvar"], half

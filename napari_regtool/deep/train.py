@@ -155,7 +155,7 @@ def loss_terms(model: HyperMorphModel, batch: dict, lam: torch.Tensor, gen: torc
     ``var`` (variance-head loss, 0 without the head), ``sup`` (warm-up term before weighting), ``dice0``
     (Dice before warping).
     """
-    fixed, moving = batch["fixed"], batch["moving"]
+    fixed, moving = model.map_intensity(batch["fixed"]), model.map_intensity(batch["moving"])
     k = int(batch["n_labels"])
     shape = tuple(fixed.shape[2:])
     d = len(shape)
@@ -225,7 +225,7 @@ def evaluate_synthetic(model: HyperMorphModel, cfg: SynthConfig, n: int = 8, see
                                label_sigma=0.0)
                 dice += float(t["dice"])
                 loss += float((1 - lam) * (1 - t["dice"]) + lam * t["smooth"])
-                disp = model.register(bb["fixed"], bb["moving"], lam)["disp"]
+                disp = model.register(model.map_intensity(bb["fixed"]), model.map_intensity(bb["moving"]), lam)["disp"]
                 jd = jacobian_determinant_index(resize_vector_field(disp, bb["fixed"].shape[2:]))
                 fold += float((jd <= 0).float().mean()) * 100
             out[f"lambda_{lam:g}"] = {"dice": round(dice / n, 4), "loss": round(loss / n, 5),
