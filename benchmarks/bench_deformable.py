@@ -2,7 +2,8 @@
 in one run, scored the same way.
 
     python benchmarks/bench_deformable.py [--families photo ct ...] [--magnitudes 2 5 10] [--threads 2]
-                                          [--tools deformable deep deep+refine greedy greedy-r5 syn demons] [--slow]
+                                          [--tools deformable deep deep+refine-50 deep+refine greedy greedy-r5 syn
+                                                   demons] [--slow]
                                           [--load] [--json out.json]
 
 Pairs (``benchmarks/pairs.py``): a photograph (scikit-image's camera, 512²), a microscopy image (scikit-image's
@@ -17,7 +18,9 @@ SyNOnly, 100×70×50; demons: histogram matching, 100×70×50). Ours:
 * ``deformable`` — :func:`napari_regtool.deformable.register_deformable` (local NCC radius 5 in 2D and 2 in 3D,
   100×70×50);
 * ``deep`` — the shipped HyperMorph network, single pass at the default λ;
-* ``deep+refine`` — the network, then the same optimiser started from its field (220 iterations).
+* ``deep+refine-50`` — the network, then the same optimiser started from its field for the plugin's default 50
+  iterations (``model.DEFAULT_REFINE_STEPS``: 22/16/12 over the levels);
+* ``deep+refine`` — the same with Greedy's budget, 220 iterations (100/70/50).
 
 Scores, the same for every tool: end-point error (median and 90th percentile over the pair's mask, in voxels) of
 the tool's fixed→moving field against the known field; mean Dice of the moving label map resampled by the tool's
@@ -49,13 +52,14 @@ import napari_regtool  # noqa: E402,F401  (first, as the regtool command does: i
 import torch  # noqa: E402
 
 from napari_regtool.deformable import register_deformable  # noqa: E402
+from napari_regtool.model import DEFAULT_REFINE_STEPS  # noqa: E402
 from napari_regtool.qc import dice, jacobian_stats  # noqa: E402
 from napari_regtool.transforms.field import jacobian_determinant, resample  # noqa: E402
 
 import pairs as bench_pairs  # noqa: E402
 import peers  # noqa: E402
 
-OURS = ("deformable", "deep", "deep+refine")
+OURS = ("deformable", "deep", "deep+refine-50", "deep+refine")
 PEERS = ("greedy", "greedy-r5", "syn", "demons")
 #: Greedy with the NCC window our optimiser uses in 2D (radius 5, ``deformable.DEFAULT_RADIUS``); in 3D both use
 #: radius 2, so this row is run on 2D pairs only
@@ -75,7 +79,8 @@ def _run_ours(tool, pair):
         elif tool == "deep":
             tx, _ = register_deep(pair.fixed, pair.moving, reg_weight=DEFAULT_REG_WEIGHT, device=DEVICE)
         else:
-            tx, _ = register_deep(pair.fixed, pair.moving, reg_weight=DEFAULT_REG_WEIGHT, refine_steps=220,
+            steps = DEFAULT_REFINE_STEPS if tool == "deep+refine-50" else 220
+            tx, _ = register_deep(pair.fixed, pair.moving, reg_weight=DEFAULT_REG_WEIGHT, refine_steps=steps,
                                   device=DEVICE)
         if DEVICE.startswith("cuda"):
             torch.cuda.synchronize()

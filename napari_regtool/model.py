@@ -28,9 +28,13 @@ from .transforms import LANDMARK_MODELS, fit_landmarks, min_pairs
 from .transforms.base import Transform
 
 __all__ = ["RegistrationModel", "PairsChange", "SIDES", "MODEL_LABELS", "ON_DEMAND_MODELS", "LOADED", "deep_available",
-           "autoreg_available"]
+           "autoreg_available", "DEFAULT_REFINE_STEPS"]
 
 SIDES = ("fixed", "moving")
+
+#: iterations of the deep model's refinement the plugin runs by default (split 22/16/12 over the pyramid levels);
+#: ``benchmarks/bench_deformable.py`` measures it as ``deep+refine-50``
+DEFAULT_REFINE_STEPS = 50
 
 #: every model the GUI offers, with the label shown in the model list (keys are the CLI's ``--model`` names);
 #: read from :mod:`napari_regtool.registry`
@@ -135,7 +139,7 @@ class RegistrationModel:
         self.model = "tps"
         self.smoothing = 0.0
         self.reg_weight: float | None = None
-        self.refine_steps = 50
+        self.refine_steps = DEFAULT_REFINE_STEPS
         #: after each prediction of the deep model, refine it in the background (replacing it when done)
         self.auto_refine = True
         self.device = "auto"
