@@ -19,7 +19,7 @@ SyNOnly, 100×70×50; demons: histogram matching, 100×70×50). Ours:
   100×70×50);
 * ``deep`` — the shipped HyperMorph network, single pass at the default λ;
 * ``deep+refine-50`` — the network, then the same optimiser started from its field for the plugin's default 50
-  iterations (``model.DEFAULT_REFINE_STEPS``: 22/16/12 over the levels);
+  iterations (``deep.refine.DEFAULT_STEPS``: 22/16/12 over the levels);
 * ``deep+refine`` — the same with Greedy's budget, 220 iterations (100/70/50).
 
 Scores, the same for every tool: end-point error (median and 90th percentile over the pair's mask, in voxels) of
@@ -52,7 +52,7 @@ import napari_regtool  # noqa: E402,F401  (first, as the regtool command does: i
 import torch  # noqa: E402
 
 from napari_regtool.deformable import register_deformable  # noqa: E402
-from napari_regtool.model import DEFAULT_REFINE_STEPS  # noqa: E402
+from napari_regtool.deep.refine import DEFAULT_STEPS as DEFAULT_REFINE_STEPS  # noqa: E402
 from napari_regtool.qc import dice, jacobian_stats  # noqa: E402
 from napari_regtool.transforms.field import jacobian_determinant, resample  # noqa: E402
 

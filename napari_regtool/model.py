@@ -18,6 +18,7 @@ from psygnal import Signal
 
 from . import registry
 from .autosave import Autosave
+from .deep.refine import DEFAULT_STEPS as DEFAULT_REFINE_STEPS
 from .errors import FitError, InputError
 from .history import History
 from .image import Image
@@ -28,13 +29,9 @@ from .transforms import LANDMARK_MODELS, fit_landmarks, min_pairs
 from .transforms.base import Transform
 
 __all__ = ["RegistrationModel", "PairsChange", "SIDES", "MODEL_LABELS", "ON_DEMAND_MODELS", "LOADED", "deep_available",
-           "autoreg_available", "DEFAULT_REFINE_STEPS"]
+           "autoreg_available"]
 
 SIDES = ("fixed", "moving")
-
-#: iterations of the deep model's refinement the plugin runs by default (split 22/16/12 over the pyramid levels);
-#: ``benchmarks/bench_deformable.py`` measures it as ``deep+refine-50``
-DEFAULT_REFINE_STEPS = 50
 
 #: every model the GUI offers, with the label shown in the model list (keys are the CLI's ``--model`` names);
 #: read from :mod:`napari_regtool.registry`
@@ -139,7 +136,7 @@ class RegistrationModel:
         self.model = "tps"
         self.smoothing = 0.0
         self.reg_weight: float | None = None
-        self.refine_steps = DEFAULT_REFINE_STEPS
+        self.refine_steps = DEFAULT_REFINE_STEPS  # the deep model's refinement, by default as the engine's
         #: after each prediction of the deep model, refine it in the background (replacing it when done)
         self.auto_refine = True
         self.device = "auto"

@@ -381,7 +381,7 @@ class DeepRegistration:
                 unc = self.uncertainty_on_fixed(logvar, grid)
         return DisplacementFieldTransform(field, self.fixed.space, kind="deep", uncertainty=unc)
 
-    def refine(self, reg_weight: float, steps: int = 50, landmarks=None, similarity: str = "lncc", progress=None,
+    def refine(self, reg_weight: float, steps: int | None = None, landmarks=None, similarity: str = "lncc", progress=None,
                cancel=None, **options) -> DisplacementFieldTransform:
         """Optimise the velocity for this pair, starting from the network's prediction at λ = ``reg_weight``.
 
@@ -392,8 +392,9 @@ class DeepRegistration:
         (``landmark_weight``, ``max_voxels``, ``iterations``). Returns a :class:`DisplacementFieldTransform` (``kind="deep+refined"``)
         whose ``refine_info`` attribute holds the similarity before and after.
         """
-        from .refine import refine_registration
+        from .refine import DEFAULT_STEPS, refine_registration
 
+        steps = DEFAULT_STEPS if steps is None else steps
         return refine_registration(self, reg_weight, steps=steps, landmarks=landmarks, similarity=similarity,
                                    progress=progress, cancel=cancel, **options)
 

@@ -17,7 +17,11 @@ from ..deformable import DEFAULT_ITERATIONS, SIMILARITIES, register_deformable, 
 from ..errors import InputError
 from ..transforms.field import DisplacementFieldTransform
 
-__all__ = ["refine_registration", "SIMILARITIES", "split_iterations"]
+__all__ = ["refine_registration", "SIMILARITIES", "split_iterations", "DEFAULT_STEPS"]
+
+#: iterations of a refinement when none are given, and the plugin's default (22/16/12 over the pyramid levels);
+#: ``benchmarks/bench_deformable.py`` measures it as ``deep+refine-50``
+DEFAULT_STEPS = 50
 
 
 def split_iterations(steps: int, levels: int = len(DEFAULT_ITERATIONS)) -> tuple:
@@ -33,7 +37,7 @@ def split_iterations(steps: int, levels: int = len(DEFAULT_ITERATIONS)) -> tuple
     return tuple(int(n) for n in out)
 
 
-def refine_registration(reg, reg_weight: float, steps: int = 50, landmarks=None, similarity: str = "lncc",
+def refine_registration(reg, reg_weight: float, steps: int = DEFAULT_STEPS, landmarks=None, similarity: str = "lncc",
                         progress=None, cancel=None, landmark_weight: float = 0.5, max_voxels: int | None = None,
                         iterations=None) -> DisplacementFieldTransform:
     """Refine a :class:`~napari_regtool.deep.infer.DeepRegistration` at λ = ``reg_weight``.
