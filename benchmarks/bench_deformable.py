@@ -19,7 +19,7 @@ SyNOnly, 100×70×50; demons: histogram matching, 100×70×50). Ours:
   100×70×50);
 * ``deep`` — the shipped HyperMorph network, single pass at the default λ;
 * ``deep+refine-50`` — the network, then the same optimiser started from its field for the plugin's default 50
-  iterations (``deep.refine.DEFAULT_STEPS``: 22/16/12 over the levels);
+  iterations (``deep.refine.DEFAULT_STEPS``: 22/15/13 over the levels);
 * ``deep+refine`` — the same with Greedy's budget, 220 iterations (100/70/50).
 
 Scores, the same for every tool: end-point error (median and 90th percentile over the pair's mask, in voxels) of

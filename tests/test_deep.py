@@ -186,10 +186,21 @@ def test_train_writes_resumable_weights_with_metadata(tmp_path):
     model = read_model(out, ndim=2)
     assert model.meta["steps"] == 3 and model.meta["seed"] == 0 and model.meta["work_size"] == 32
     assert "synthetic" in model.meta["data"] and model.meta["final_loss"] is not None
-    cfg.steps, cfg.resume = 5, True
+    assert model.intensity == "equalised" and "--intensity equalised" in model.meta["command"]
+    cfg.steps, cfg.resume, cfg.intensity = 5, True, "range"
     train(cfg, log=logs.append)
     assert any("Resuming" in line for line in logs)
-    assert read_model(out).meta["steps"] == 5
+    # a resumed checkpoint keeps the input mapping it was trained with, and says so when asked for another
+    assert any("takes 'equalised' inputs; continuing with those" in line for line in logs)
+    again = read_model(out)
+    assert again.meta["steps"] == 5 and again.intensity == "equalised"
+    # a new model started from it takes the mapping asked for, and the log says it differs from its source
+    other = tmp_path / "r.pt"
+    logs.clear()
+    train(TrainConfig(ndim=2, steps=1, size=32, batch=1, out=str(other), enc=(4, 8, 8), dec=(8,),
+                      init_from=str(out), intensity="range"), log=logs.append)
+    assert read_model(other).intensity == "range"
+    assert any("was trained on 'equalised' inputs; this model takes 'range'" in line for line in logs)
 
 
 def test_train_command_line(tmp_path):
@@ -277,6 +288,8 @@ def test_equalisation_against_ranks_its_slope_limit_and_its_reference():
     with_ref = equalise(torch.from_numpy(padded), reference=inside).numpy()[..., :400]
     np.testing.assert_allclose(with_ref, equalise(t).numpy(), atol=1e-6)
     assert np.abs(equalise(torch.from_numpy(padded)).numpy()[..., :400] - with_ref).max() > 1e-3
+    with pytest.raises(ValueError, match="reference holds"):
+        equalise(torch.from_numpy(padded), reference=inside.expand(2, 1, -1))
 
 
 def test_bad_images_give_clear_errors(monkeypatch):

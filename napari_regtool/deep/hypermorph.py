@@ -78,7 +78,7 @@ def embed_lambda(lam: torch.Tensor) -> torch.Tensor:
     return torch.cat(feats, dim=1)
 
 
-def equalise(x: torch.Tensor, reference: torch.Tensor | None = None, limit: float = 4.0,
+def equalise(x: torch.Tensor, reference: torch.Tensor | None = None, limit: float | None = None,
              bins: int = 256) -> torch.Tensor:
     """Contrast-limited histogram equalisation of each image of ``x`` (B, C, *S), intensities in [0, 1].
 
@@ -86,21 +86,25 @@ def equalise(x: torch.Tensor, reference: torch.Tensor | None = None, limit: floa
     the mean count and the excess spread evenly over all bins (the global form of CLAHE's clip), so the mapping is
     never much steeper than ``limit``: contrast squeezed into a narrow range (a CT window, a dark photograph) is
     stretched, while noise in a flat region is not blown up as full equalisation would. Linear between bin edges;
-    increasing, so the result keeps the order of the intensities.
+    non-decreasing, so the result keeps the order of the intensities (values in bins the reference leaves empty
+    may share one value).
 
     ``reference`` (B, C, M): the values the histogram is counted on (default: the image itself), e.g. only the
-    voxels both images of a pair cover.
+    voxels both images of a pair cover, one row per image of ``x``. ``limit``: default :data:`EQ_LIMIT`.
     """
+    limit = EQ_LIMIT if limit is None else float(limit)
     b, c = x.shape[:2]
+    if reference is not None and tuple(reference.shape[:2]) != (b, c):
+        raise ValueError(f"equalise: the reference holds {tuple(reference.shape[:2])} images, x {(b, c)}.")
     ref = (x if reference is None else reference).detach().reshape(b * c, -1).to(torch.float32)
     idx = (ref.clamp(0.0, 1.0) * bins).long().clamp_(max=bins - 1)
-    hist = torch.zeros(b * c, bins, device=x.device).scatter_add_(1, idx, torch.ones_like(ref))
+    hist = torch.zeros(b * c, bins, device=x.device, dtype=torch.float32).scatter_add_(1, idx, torch.ones_like(ref))
     hist = hist / hist.sum(1, keepdim=True).clamp(min=1.0)
     for _ in range(4):  # clip, spread the excess; a few rounds, since the spread can lift bins over the limit again
         cap = limit / bins
         excess = (hist - cap).clamp(min=0).sum(1, keepdim=True)
         hist = hist.clamp(max=cap) + excess / bins
-    lut = torch.cat([torch.zeros(b * c, 1, device=x.device), hist.cumsum(1)], 1)
+    lut = torch.cat([torch.zeros(b * c, 1, device=x.device, dtype=torch.float32), hist.cumsum(1)], 1)
     lut = lut / lut[:, -1:].clamp(min=1e-12)
     pos = x.detach().reshape(b * c, -1).to(torch.float32).clamp(0.0, 1.0) * bins
     i = pos.floor().long().clamp_(max=bins - 1)
@@ -226,7 +230,7 @@ class HyperMorphModel(nn.Module):
         """Images (B, C, *S) in [0, 1] as this model takes them (:data:`INTENSITY`): unchanged, or equalised
         (``reference``: see :func:`equalise`). Training and inference both pass their images through here before
         the first pass."""
-        return equalise(x, reference, limit=EQ_LIMIT) if self.intensity == "equalised" else x
+        return equalise(x, reference) if self.intensity == "equalised" else x
 
     def modulations(self, lam) -> list:
         """Per-layer FiLM parameters for ``lam`` ((B,) tensor or float): list of (B, 2·C) tensors."""
@@ -271,7 +275,7 @@ class HyperMorphModel(nn.Module):
 
         Parameters
         ----------
-        fixed, moving : (B, 1, *S) images in [0, 1] on the working grid
+        fixed, moving : (B, 1, *S) images in [0, 1] on the working grid, after :meth:`map_intensity`
         lam : float or (B,) tensor, the regularisation weight
         passes : number of network runs (default: the model's ``passes``)
         symmetric : run every pass on (fixed, warped) and (warped, fixed) and keep half the difference of the two

@@ -44,4 +44,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help="network runs of the recursive cascade (default 3 in 2D, 2 in 3D)")
     parser.add_argument("--synth-device", default=None,
                         help="device that makes the synthetic pairs (default: the training device)")
+    parser.add_argument("--intensity", choices=("range", "equalised"), default=None,
+                        help="how the model maps its input images: equalised (contrast-limited histogram "
+                             "equalisation, the default) or range (as given); a resumed checkpoint keeps its own")
     return parser

@@ -19,7 +19,7 @@ from ..transforms.field import DisplacementFieldTransform
 
 __all__ = ["refine_registration", "SIMILARITIES", "split_iterations", "DEFAULT_STEPS"]
 
-#: iterations of a refinement when none are given, and the plugin's default (22/16/12 over the pyramid levels);
+#: iterations of a refinement when none are given, and the plugin's default (22/15/13 over the pyramid levels);
 #: ``benchmarks/bench_deformable.py`` measures it as ``deep+refine-50``
 DEFAULT_STEPS = 50
 

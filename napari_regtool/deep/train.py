@@ -53,7 +53,9 @@ class TrainConfig:
     a weight file to start from (a 2D file initialises a 3D model by kernel inflation); ``label_sigma``: blur of the
     label maps in the Dice term; ``p_identical``: share of pairs whose moving anatomy is the fixed one;
     ``passes``: network runs of the recursive cascade (default 3 in 2D, 2 in 3D); ``synth_device``: where the
-    synthetic pairs are made (default: the training device, so a GPU run makes its data on the GPU).
+    synthetic pairs are made (default: the training device, so a GPU run makes its data on the GPU);
+    ``intensity``: how the model maps its input images (:data:`~napari_regtool.deep.hypermorph.INTENSITY`; default
+    ``"equalised"``; a resumed checkpoint keeps its own).
     """
 
     ndim: int = 2
@@ -80,6 +82,7 @@ class TrainConfig:
     dec: tuple | None = None
     passes: int | None = None
     synth_device: str | None = None
+    intensity: str | None = None
 
     def resolved(self) -> "TrainConfig":
         """Fill the ndim-dependent defaults (size 128/64, batch 4/1, channel widths)."""
@@ -90,6 +93,7 @@ class TrainConfig:
         c.enc = tuple(c.enc or base["enc"])
         c.dec = tuple(c.dec or base["dec"])
         c.passes = int(c.passes or base["passes"])
+        c.intensity = str(c.intensity or base["intensity"])
         return c
 
 
@@ -277,7 +281,8 @@ def train(config: TrainConfig, log=print) -> Path:
     torch.manual_seed(cfg.seed)
     gen = torch.Generator(device=synth_device).manual_seed(cfg.seed)
     arch = dict(DEFAULT_CONFIG[cfg.ndim])
-    arch.update(enc=cfg.enc, dec=cfg.dec, work_size=cfg.size, variance=cfg.variance, passes=cfg.passes)
+    arch.update(enc=cfg.enc, dec=cfg.dec, work_size=cfg.size, variance=cfg.variance, passes=cfg.passes,
+                intensity=cfg.intensity)
     model = HyperMorphModel(**arch).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     step, elapsed, history = 0, 0.0, []
@@ -287,6 +292,10 @@ def train(config: TrainConfig, log=print) -> Path:
         if model.passes != cfg.passes:
             log(f"The checkpoint's model runs {model.passes} pass(es); continuing with those, not {cfg.passes}.")
             cfg.passes = model.passes
+        if model.intensity != cfg.intensity:
+            log(f"The checkpoint's model takes {model.intensity!r} inputs; continuing with those, not "
+                f"{cfg.intensity!r}.")
+            cfg.intensity = model.intensity
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         opt.load_state_dict(payload["optimizer"])
         step, elapsed = int(payload["step"]), float(payload.get("elapsed_s", 0.0))
@@ -310,8 +319,12 @@ def train(config: TrainConfig, log=print) -> Path:
         if cfg.init_from:
             from .hypermorph import inflate_from
 
-            n = inflate_from(model, read_model(cfg.init_from))
+            source = read_model(cfg.init_from)
+            n = inflate_from(model, source)
             log(f"Initialised {n} tensors from {cfg.init_from}.")
+            if source.intensity != model.intensity:
+                log(f"{Path(cfg.init_from).name} was trained on {source.intensity!r} inputs; this model takes "
+                    f"{model.intensity!r} ones (--intensity).")
     model.train()
     scfg = _synth_config(cfg)
     real = RealImageSource(cfg.images, cfg.ndim) if cfg.images else None
@@ -387,7 +400,7 @@ def train(config: TrainConfig, log=print) -> Path:
 def _meta(cfg: TrainConfig, step, elapsed, history, data_desc) -> dict:
     final = history[-1] if history else {}
     return {"ndim": cfg.ndim, "work_size": cfg.size, "enc": list(cfg.enc), "dec": list(cfg.dec), "steps": step,
-            "passes": cfg.passes,
+            "passes": cfg.passes, "intensity": cfg.intensity,
             "batch": cfg.batch, "lr": cfg.lr, "seed": cfg.seed,
             "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "data": data_desc,
             "wall_time_min": round(elapsed / 60, 2), "warmup": cfg.warmup, "label_sigma": cfg.label_sigma,
@@ -398,7 +411,7 @@ def _meta(cfg: TrainConfig, step, elapsed, history, data_desc) -> dict:
 
 def _command_line(cfg: TrainConfig) -> str:
     parts = [f"regtool train --ndim {cfg.ndim} --steps {cfg.steps} --size {cfg.size} --batch {cfg.batch} "
-             f"--lr {cfg.lr:g} --seed {cfg.seed} --passes {cfg.passes}"]
+             f"--lr {cfg.lr:g} --seed {cfg.seed} --passes {cfg.passes} --intensity {cfg.intensity}"]
     if cfg.max_minutes:
         parts.append(f"--max-minutes {cfg.max_minutes:g}")
     parts.append(f"--warmup {cfg.warmup:g} --label-sigma {cfg.label_sigma:g} --p-identical {cfg.p_identical:g}")
@@ -422,7 +435,7 @@ def run_train(args: argparse.Namespace, log=None) -> Path:
                       label_sigma=getattr(args, "label_sigma", LABEL_SIGMA),
                       p_identical=getattr(args, "p_identical", 0.05),
                       variance=not getattr(args, "no_variance", False), passes=getattr(args, "passes", None),
-                      synth_device=getattr(args, "synth_device", None))
+                      synth_device=getattr(args, "synth_device", None), intensity=getattr(args, "intensity", None))
     return train(cfg, log=log or (lambda m: print(m, flush=True)))
 
 
