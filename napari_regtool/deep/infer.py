@@ -32,7 +32,7 @@ from ..errors import Cancelled, InputError
 from ..image import Image, border_value, robust_range
 from ..space import Space
 from ..transforms.base import IdentityTransform, Transform, affine_index_grid
-from ..transforms.field import DisplacementFieldTransform, resample, sample_at_index
+from ..transforms.field import DisplacementFieldTransform, outside_itk, resample, sample_at_index
 from .hypermorph import HyperMorphModel, read_model
 
 __all__ = ["load_model", "weights_path", "DeepRegistration", "register_deep", "DEFAULT_REG_WEIGHT", "MIN_SIZE",
@@ -227,8 +227,7 @@ class DeepRegistration:
             return xf, xm
         both = torch.ones(grid.shape, dtype=torch.bool)
         for space, tx in ((self.fixed.space, ident), (self.moving.space, self._pre)):
-            idx = tx.moving_index_grid(grid, space)  # (*grid, D), continuous voxel indices in that image
-            both &= ((idx >= -0.5) & (idx <= torch.as_tensor(space.size_xyz, dtype=idx.dtype) - 0.5)).all(-1)
+            both &= ~outside_itk(tx.moving_index_grid(grid, space), space.size_xyz)  # resampling's own rule
         if int(both.sum()) < 2 ** self.ndim:  # (almost) no overlap: the whole grid
             both[:] = True
         both = both.reshape(-1)
