@@ -547,3 +547,102 @@ def test_pyramid_recovers_a_known_warp_far_better_than_the_working_grid_alone():
         errs[pyr] = float(np.median(e))
     print("median end-point error (px), working grid alone vs pyramid:", errs)
     assert errs[True] < 1.0 and errs[True] < 0.6 * errs[False], errs
+
+
+def test_shipped_3d_model_recovers_a_translation_along_every_axis():
+    """The real sample volume shifted by 2 voxels along each array axis (SciPy): the network alone (working grid,
+    no pyramid) must find most of each shift, along the right axis. The shipped 3D weights' own z output never
+    learned (inflated from 2D kernels): without ``z_from_swap`` the z shift comes back at about a tenth."""
+    _need_weights(3)
+    from scipy import ndimage
+
+    f = _sample_pair("brain3d")[0]
+    a = f.scalar().astype(np.float32)
+    inside = a > np.percentile(a, 50)
+    sp = f.space
+    recovered = []
+    for axis in range(3):  # array axes z, y, x
+        shift = [0.0, 0.0, 0.0]
+        shift[axis] = 2.0
+        moved = ndimage.shift(a, shift, order=1, mode="nearest")  # moved(i + s) = a(i): fixed → moving is x ↦ x + s
+        step = np.zeros(3)
+        step[2 - axis] = 2.0  # the same shift in ITK index order (x, y, z)
+        truth = sp.index_to_physical_matrix @ step  # physical, x, y, z
+        u = DeepRegistration(f, f.with_array(moved)).predict(DEFAULT_REG_WEIGHT).u.numpy()[inside].mean(0)
+        along = float(u @ truth / (truth @ truth))
+        across = float(np.linalg.norm(u - along * truth) / np.linalg.norm(truth))
+        recovered.append((round(along, 2), round(across, 2)))
+    print("fraction of the shift found along / across it, array axes z, y, x:", recovered)
+    assert all(0.6 < along < 1.3 and across < 0.25 for along, across in recovered), recovered
+
+
+def test_z_from_swap_is_exactly_equivariant_and_only_for_3d(tmp_path):
+    """With ``z_from_swap`` the velocity of the z ↔ x swapped volume is the swapped velocity (x and z components
+    exchanged), to float rounding, whatever the weights; the setting travels in the weight file and training
+    turns it off."""
+    torch.manual_seed(0)
+    net = HyperMorphModel(ndim=3, enc=(4, 8, 8), dec=(8,), final=4, work_size=32, z_from_swap=True).eval()
+    for p in list(net.flow.parameters()) + list(net.logvar[-1].parameters()):
+        torch.nn.init.normal_(p, 0.0, 0.1)  # the heads start near zero: make the test see something
+    x = torch.rand(1, 2, 16, 32, 48)
+    with torch.no_grad():
+        a, la = net(x, 0.3)
+        b, lb = net(x.transpose(2, 4), 0.3)
+    swap = [2, 1, 0]
+    assert a.abs().max() > 0.1
+    assert torch.allclose(a, b.transpose(2, 4)[:, swap], atol=1e-6)
+    assert torch.allclose(la, lb.transpose(2, 4)[:, swap], atol=1e-6)
+    net.z_from_swap = False  # the plain network has no such symmetry
+    with torch.no_grad():
+        a0, _ = net(x, 0.3)
+        b0, _ = net(x.transpose(2, 4), 0.3)
+    assert not torch.allclose(a0, b0.transpose(2, 4)[:, swap], atol=1e-3)
+    net.z_from_swap = True
+    path = tmp_path / "swap.pt"
+    save_model(net, path)
+    assert read_model(path).z_from_swap
+    with pytest.raises(ValueError, match="3D models only"):
+        HyperMorphModel(ndim=2, enc=(4, 8, 8), dec=(8,), final=4, work_size=32, z_from_swap=True)
+    payload = torch.load(path, weights_only=True)
+    payload["config"]["z_from_swap"] = "yes"
+    torch.save(payload, path)
+    with pytest.raises(InputError, match="cannot build"):
+        read_model(path)
+    # resuming a checkpoint with the setting trains the network's own z output, and says so
+    out = tmp_path / "t.pt"
+    cfg = TrainConfig(ndim=3, steps=1, size=32, batch=1, out=str(out), enc=(4, 8, 8), dec=(8,), warmup=0.0)
+    train(cfg, log=lambda m: None)
+    ckpt = tmp_path / "t.pt.ckpt"
+    payload = torch.load(ckpt, weights_only=False)
+    payload["config"]["z_from_swap"] = True
+    torch.save(payload, ckpt)
+    logs = []
+    cfg.steps, cfg.resume = 2, True
+    train(cfg, log=logs.append)
+    assert any("to teach the network's own z output" in line for line in logs)
+    assert not read_model(out).z_from_swap and read_model(out).meta["steps"] == 2
+
+
+def test_distilling_the_z_output_from_the_swapped_run():
+    """``distil_swap`` pulls the plain network's first-pass velocity toward a frozen teacher's answer with
+    ``z_from_swap``; a few steps on that term alone lower it, and it refuses to run without such a teacher."""
+    import copy
+
+    torch.manual_seed(0)
+    net = HyperMorphModel(ndim=3, enc=(4, 8, 8), dec=(8,), final=4, work_size=32)
+    for p in net.flow.parameters():
+        torch.nn.init.normal_(p, 0.0, 0.1)
+    teacher = copy.deepcopy(net).eval().requires_grad_(False)
+    teacher.z_from_swap = True
+    batch = synth_pair(2, torch.Generator().manual_seed(1), SynthConfig(shape=(32, 32, 32)))
+    lam = torch.full((2,), 0.2)
+    with pytest.raises(ValueError, match="frozen teacher"):
+        loss_terms(net, batch, lam, distil_swap=1.0)
+    first = float(loss_terms(net, batch, lam, distil_swap=1.0, teacher=teacher)["distil"].detach())
+    assert first > 0
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    for _ in range(30):
+        opt.zero_grad()
+        loss_terms(net, batch, lam, distil_swap=1.0, teacher=teacher)["distil"].backward()
+        opt.step()
+    assert float(loss_terms(net, batch, lam, distil_swap=1.0, teacher=teacher)["distil"].detach()) < 0.5 * first

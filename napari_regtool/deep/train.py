@@ -74,6 +74,7 @@ class TrainConfig:
     log_every: int = 50
     max_minutes: float | None = None
     warmup: float = 0.2
+    distil_swap: float = 0.0
     init_from: str | None = None
     label_sigma: float = LABEL_SIGMA
     p_identical: float = 0.05
@@ -141,7 +142,8 @@ def _soft_labels(labels: torch.Tensor, k: int, sigma: float = LABEL_SIGMA) -> to
 
 
 def loss_terms(model: HyperMorphModel, batch: dict, lam: torch.Tensor, gen: torch.Generator | None = None,
-               sup_weight: float = 0.0, label_sigma: float = LABEL_SIGMA) -> dict:
+               sup_weight: float = 0.0, label_sigma: float = LABEL_SIGMA, distil_swap: float = 0.0,
+               teacher: HyperMorphModel | None = None) -> dict:
     """Forward pass and every loss term for one batch.
 
     Parameters
@@ -152,12 +154,16 @@ def loss_terms(model: HyperMorphModel, batch: dict, lam: torch.Tensor, gen: torc
     gen : generator for the velocity samples of the variance loss (any device)
     sup_weight : weight of the warm-up term ``(1 − λ) · 0.02 · mean |u − u_true|²`` (needs ``true_disp``)
     label_sigma : Gaussian blur (voxels) of the one-hot maps in the Dice term (0 = sharp one-hot)
+    distil_swap : 3D: weight of ``mean |v − v_swap|²`` on the first pass's velocity, ``v_swap`` the answer of
+        ``teacher`` (a frozen copy of the model as training started) with ``z_from_swap`` (z from the run on the
+        z ↔ x swapped volume): teaches the network's own z output what its x output knows, so a model that needs
+        ``z_from_swap`` can stop needing it. (A teacher that trains along collapses both to zero.)
 
     Returns
     -------
     dict of scalars: ``loss`` (to minimise), ``dice`` (mean Dice after warping), ``smooth`` (‖∇v‖²),
-    ``var`` (variance-head loss, 0 without the head), ``sup`` (warm-up term before weighting), ``dice0``
-    (Dice before warping).
+    ``var`` (variance-head loss, 0 without the head), ``sup`` (warm-up term before weighting), ``distil``
+    (the swap term before weighting), ``dice0`` (Dice before warping).
     """
     fixed, moving = model.map_intensity(batch["fixed"]), model.map_intensity(batch["moving"])
     k = int(batch["n_labels"])
@@ -177,6 +183,14 @@ def loss_terms(model: HyperMorphModel, batch: dict, lam: torch.Tensor, gen: torc
         err = ((u - batch["true_disp"]) ** 2).sum(1).flatten(1).mean(1)
         sup = (0.02 * (1 - lam) * err).mean()
         loss = loss + sup_weight * sup
+    distil = torch.zeros((), device=mean.device)
+    if distil_swap > 0 and d == 3:
+        if teacher is None or not teacher.z_from_swap:
+            raise ValueError("loss_terms: distil_swap needs a frozen teacher with z_from_swap.")
+        with torch.no_grad():
+            target, _ = teacher(torch.cat([fixed, moving], 1), lam)
+        distil = ((out["velocities"][0] - target) ** 2).sum(1).mean()
+        loss = loss + distil_swap * distil
     var = torch.zeros((), device=mean.device)
     if logvar is not None:
         eps = torch.randn(mean.shape, generator=gen, device=gen.device if gen is not None else "cpu")
@@ -193,7 +207,8 @@ def loss_terms(model: HyperMorphModel, batch: dict, lam: torch.Tensor, gen: torc
         loss = loss + var
     with torch.no_grad():
         dice0 = soft_dice(oh_m, oh_f).mean()
-    return {"loss": loss, "dice": dice.mean(), "smooth": smooth.mean(), "var": var, "sup": sup, "dice0": dice0}
+    return {"loss": loss, "dice": dice.mean(), "smooth": smooth.mean(), "var": var, "sup": sup, "distil": distil,
+            "dice0": dice0}
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -270,6 +285,8 @@ def train(config: TrainConfig, log=print) -> Path:
         raise InputError(f"--size must be a multiple of 16 and at least 32, got {cfg.size}.")
     if cfg.steps < 1 or cfg.batch < 1 or not cfg.lr > 0:
         raise InputError("--steps, --batch and --lr must be positive.")
+    if not (cfg.distil_swap >= 0 and math.isfinite(cfg.distil_swap)):
+        raise InputError(f"--distil-swap must be 0 or more, got {cfg.distil_swap}.")
     device = resolve_device(cfg.device, warn=log)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
@@ -296,6 +313,11 @@ def train(config: TrainConfig, log=print) -> Path:
             log(f"The checkpoint's model takes {model.intensity!r} inputs; continuing with those, not "
                 f"{cfg.intensity!r}.")
             cfg.intensity = model.intensity
+        if model.z_from_swap:
+            log("The checkpoint's model takes its z component from a run on the z <-> x swapped volume; training "
+                "runs without that, to teach the network's own z output (set z_from_swap again in the new file only "
+                "if the benchmark shows its z output still needs it).")
+            model.z_from_swap = False
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         opt.load_state_dict(payload["optimizer"])
         step, elapsed = int(payload["step"]), float(payload.get("elapsed_s", 0.0))
@@ -325,6 +347,15 @@ def train(config: TrainConfig, log=print) -> Path:
             if source.intensity != model.intensity:
                 log(f"{Path(cfg.init_from).name} was trained on {source.intensity!r} inputs; this model takes "
                     f"{model.intensity!r} ones (--intensity).")
+    teacher = None
+    if cfg.distil_swap and cfg.ndim == 3:
+        import copy
+
+        teacher = copy.deepcopy(model).eval()
+        teacher.z_from_swap = True
+        teacher.requires_grad_(False)
+        log("Distilling the z output from a frozen copy of the starting model run with z_from_swap "
+            f"(weight {cfg.distil_swap:g}).")
     model.train()
     scfg = _synth_config(cfg)
     real = RealImageSource(cfg.images, cfg.ndim) if cfg.images else None
@@ -369,12 +400,13 @@ def train(config: TrainConfig, log=print) -> Path:
             lam = torch.rand(cfg.batch, generator=gen, device=gen.device).to(device)
             # the supervised warm-up belongs to the start of training, not to every resumed run
             sup_w = max(0.0, 1.0 - frac / cfg.warmup) if cfg.warmup > 0 and start_step == 0 else 0.0
-            terms = loss_terms(model, batch, lam, gen, sup_weight=sup_w, label_sigma=cfg.label_sigma)
+            terms = loss_terms(model, batch, lam, gen, sup_weight=sup_w, label_sigma=cfg.label_sigma,
+                               distil_swap=cfg.distil_swap, teacher=teacher)
             opt.zero_grad(set_to_none=True)
             terms["loss"].backward()
             opt.step()
             step += 1
-            for key in ("loss", "dice0", "dice", "smooth", "var", "sup"):
+            for key in ("loss", "dice0", "dice", "smooth", "var", "sup") + (("distil",) if cfg.distil_swap else ()):
                 val = float(terms[key].detach())
                 ema[key] = val if key not in ema else 0.98 * ema[key] + 0.02 * val
             if step % cfg.log_every == 0 or step == cfg.steps:
@@ -403,7 +435,8 @@ def _meta(cfg: TrainConfig, step, elapsed, history, data_desc) -> dict:
             "passes": cfg.passes, "intensity": cfg.intensity,
             "batch": cfg.batch, "lr": cfg.lr, "seed": cfg.seed,
             "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "data": data_desc,
-            "wall_time_min": round(elapsed / 60, 2), "warmup": cfg.warmup, "label_sigma": cfg.label_sigma,
+            "wall_time_min": round(elapsed / 60, 2), "warmup": cfg.warmup, "distil_swap": cfg.distil_swap,
+            "label_sigma": cfg.label_sigma,
             "p_identical": cfg.p_identical, "final_loss": final.get("loss"), "final_dice": final.get("dice"),
             "final_smooth": final.get("smooth"), "torch": str(torch.__version__), "device": str(cfg.device),
             "threads": cfg.threads, "command": _command_line(cfg)}
@@ -414,6 +447,8 @@ def _command_line(cfg: TrainConfig) -> str:
              f"--lr {cfg.lr:g} --seed {cfg.seed} --passes {cfg.passes} --intensity {cfg.intensity}"]
     if cfg.max_minutes:
         parts.append(f"--max-minutes {cfg.max_minutes:g}")
+    if cfg.distil_swap:
+        parts.append(f"--distil-swap {cfg.distil_swap:g}")
     parts.append(f"--warmup {cfg.warmup:g} --label-sigma {cfg.label_sigma:g} --p-identical {cfg.p_identical:g}")
     if cfg.init_from:
         parts.append(f"--init-from {Path(cfg.init_from).name}")
@@ -431,7 +466,8 @@ def run_train(args: argparse.Namespace, log=None) -> Path:
                       seed=args.seed, out=out, images=args.images, real_fraction=args.real_fraction,
                       resume=args.resume, device=args.device, threads=args.threads,
                       checkpoint_every=args.checkpoint_every, log_every=args.log_every,
-                      max_minutes=args.max_minutes, warmup=args.warmup, init_from=getattr(args, "init_from", None),
+                      max_minutes=args.max_minutes, warmup=args.warmup,
+                      distil_swap=getattr(args, "distil_swap", 0.0), init_from=getattr(args, "init_from", None),
                       label_sigma=getattr(args, "label_sigma", LABEL_SIGMA),
                       p_identical=getattr(args, "p_identical", 0.05),
                       variance=not getattr(args, "no_variance", False), passes=getattr(args, "passes", None),
