@@ -22,6 +22,9 @@ SYNTH_DEVICE=${SYNTH_DEVICE:-$DEVICE}  # where the synthetic pairs are made
 # the supervised term on the synthetic truth helps the first run after a change of data or architecture
 WARMUP=${WARMUP:-$([ -f "training/hypermorph${NDIM}d.pt.ckpt" ] && echo 0 || echo 0.3)}
 BATCH=${BATCH:-$([ "$NDIM" = 3 ] && echo 8 || echo 64)}  # the first H200 run (4 and 32) left the GPU mostly idle
+# the 3D model's own z output never learned (its weights need z_from_swap): teach it from a frozen copy run with the
+# swap. The new 3D file comes back without z_from_swap; benchmark it with and without before shipping.
+DISTIL=${DISTIL:-$([ "$NDIM" = 3 ] && echo 1 || echo 0)}
 ckpt=training/hypermorph${NDIM}d.pt.ckpt
 out="$OUTDIR/hypermorph${NDIM}d.pt"
 init=()
@@ -37,6 +40,6 @@ fi
   command -v nvidia-smi >/dev/null && nvidia-smi -L || true
   "$PY" -m napari_regtool.deep.train --ndim "$NDIM" --device "$DEVICE" --threads 4 --batch "$BATCH" --resume \
     --steps 1000000 --warmup "$WARMUP" --max-minutes "$MIN" --checkpoint-every 200 --log-every 100 --out "$out" \
-    --synth-device "$SYNTH_DEVICE" "${init[@]}"
+    --synth-device "$SYNTH_DEVICE" --distil-swap "$DISTIL" "${init[@]}"
 } 2>&1 | tee "$OUTDIR/train${NDIM}d.log"
 ls -la "$OUTDIR"
