@@ -23,7 +23,8 @@ SYNTH_DEVICE=${SYNTH_DEVICE:-$DEVICE}  # where the synthetic pairs are made
 WARMUP=${WARMUP:-$([ -f "training/hypermorph${NDIM}d.pt.ckpt" ] && echo 0 || echo 0.3)}
 BATCH=${BATCH:-$([ "$NDIM" = 3 ] && echo 8 || echo 64)}  # the first H200 run (4 and 32) left the GPU mostly idle
 # the 3D model's own z output never learned (its weights need z_from_swap): teach it from a frozen copy run with the
-# swap. The new 3D file comes back without z_from_swap; benchmark it with and without before shipping.
+# swap. The new 3D file comes back without z_from_swap; benchmark it with and without before shipping (README, "Deep
+# deformable model", has the one line that sets it on a file).
 DISTIL=${DISTIL:-$([ "$NDIM" = 3 ] && echo 1 || echo 0)}
 ckpt=training/hypermorph${NDIM}d.pt.ckpt
 out="$OUTDIR/hypermorph${NDIM}d.pt"

@@ -623,7 +623,7 @@ def test_z_from_swap_is_exactly_equivariant_and_only_for_3d(tmp_path):
     assert not read_model(out).z_from_swap and read_model(out).meta["steps"] == 2
 
 
-def test_distilling_the_z_output_from_the_swapped_run():
+def test_distilling_the_z_output_from_the_swapped_run(tmp_path):
     """``distil_swap`` pulls the plain network's first-pass velocity toward a frozen teacher's answer with
     ``z_from_swap``; a few steps on that term alone lower it, and it refuses to run without such a teacher."""
     import copy
@@ -646,3 +646,14 @@ def test_distilling_the_z_output_from_the_swapped_run():
         loss_terms(net, batch, lam, distil_swap=1.0, teacher=teacher)["distil"].backward()
         opt.step()
     assert float(loss_terms(net, batch, lam, distil_swap=1.0, teacher=teacher)["distil"].detach()) < 0.5 * first
+    # through train(): the run records the term and its teacher; 2D models refuse it
+    out = tmp_path / "d.pt"
+    logs = []
+    train(TrainConfig(ndim=3, steps=2, size=32, batch=1, out=str(out), enc=(4, 8, 8), dec=(8,), warmup=0.0,
+                      distil_swap=1.0), log=logs.append)
+    meta = read_model(out).meta
+    assert meta["distil_swap"] == 1.0 and meta["distil_teacher_step"] == 0 and "--distil-swap 1" in meta["command"]
+    assert any("frozen copy of the model at step 0" in line for line in logs)
+    with pytest.raises(InputError, match="does not apply to 2D"):
+        train(TrainConfig(ndim=2, steps=1, size=32, batch=1, out=str(tmp_path / "e.pt"), enc=(4, 8, 8), dec=(8,),
+                          distil_swap=1.0))

@@ -367,8 +367,9 @@ class HyperMorphModel(nn.Module):
     def describe(self) -> dict:
         """Architecture and training metadata for reports."""
         n = sum(p.numel() for p in self.parameters())
+        swap = "; z from a second run on the z↔x swapped volume" if self.z_from_swap else ""
         return {"architecture": f"HyperMorph (FiLM-conditioned U-Net, SVF at 1/2 resolution, applied recursively "
-                                f"{self.passes}×)",
+                                f"{self.passes}×{swap})",
                 **{k: (list(v) if isinstance(v, tuple) else v) for k, v in self.config.items()},
                 "parameters": int(n), **{f"trained_{k}": v for k, v in self.meta.items()}}
 

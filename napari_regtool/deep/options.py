@@ -34,8 +34,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--warmup", type=float, default=0.2,
                         help="fraction of the run with a decaying supervised term on the synthetic truth (0 = off)")
     parser.add_argument("--distil-swap", type=float, default=0.0,
-                        help="3D: weight of a term that teaches the network's own z output the answer it gives "
-                             "with z_from_swap (default 0)")
+                        help="3D: weight of a term that teaches the network's own z output the z it gives with "
+                             "z_from_swap, from a frozen copy of the model as the run starts (default 0)")
     parser.add_argument("--label-sigma", type=float, default=LABEL_SIGMA,
                         help="Gaussian blur (voxels) of the label maps in the Dice loss (default 1; 0 = sharp)")
     parser.add_argument("--p-identical", type=float, default=0.05,

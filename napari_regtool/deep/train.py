@@ -75,6 +75,7 @@ class TrainConfig:
     max_minutes: float | None = None
     warmup: float = 0.2
     distil_swap: float = 0.0
+    distil_teacher_step: int | None = None
     init_from: str | None = None
     label_sigma: float = LABEL_SIGMA
     p_identical: float = 0.05
@@ -154,10 +155,12 @@ def loss_terms(model: HyperMorphModel, batch: dict, lam: torch.Tensor, gen: torc
     gen : generator for the velocity samples of the variance loss (any device)
     sup_weight : weight of the warm-up term ``(1 − λ) · 0.02 · mean |u − u_true|²`` (needs ``true_disp``)
     label_sigma : Gaussian blur (voxels) of the one-hot maps in the Dice term (0 = sharp one-hot)
-    distil_swap : 3D: weight of ``mean |v − v_swap|²`` on the first pass's velocity, ``v_swap`` the answer of
-        ``teacher`` (a frozen copy of the model as training started) with ``z_from_swap`` (z from the run on the
-        z ↔ x swapped volume): teaches the network's own z output what its x output knows, so a model that needs
-        ``z_from_swap`` can stop needing it. (A teacher that trains along collapses both to zero.)
+    distil_swap : 3D: weight of ``mean (v_z − t_z)²`` on the first pass's velocity, ``t`` the answer of ``teacher``
+        (a frozen copy of the model as this run started) with ``z_from_swap`` (z from the run on the z ↔ x swapped
+        volume): teaches the network's own z output what its x output knows, so a model that needs
+        ``z_from_swap`` can stop needing it. Only z: the teacher's x is the student's own starting x, and holding
+        it there would slow everything else. Only the first pass (the later passes' inputs are not kept). A
+        teacher that trains along collapses both to zero.
 
     Returns
     -------
@@ -189,7 +192,7 @@ def loss_terms(model: HyperMorphModel, batch: dict, lam: torch.Tensor, gen: torc
             raise ValueError("loss_terms: distil_swap needs a frozen teacher with z_from_swap.")
         with torch.no_grad():
             target, _ = teacher(torch.cat([fixed, moving], 1), lam)
-        distil = ((out["velocities"][0] - target) ** 2).sum(1).mean()
+        distil = ((out["velocities"][0][:, 2] - target[:, 2]) ** 2).mean()
         loss = loss + distil_swap * distil
     var = torch.zeros((), device=mean.device)
     if logvar is not None:
@@ -287,6 +290,8 @@ def train(config: TrainConfig, log=print) -> Path:
         raise InputError("--steps, --batch and --lr must be positive.")
     if not (cfg.distil_swap >= 0 and math.isfinite(cfg.distil_swap)):
         raise InputError(f"--distil-swap must be 0 or more, got {cfg.distil_swap}.")
+    if cfg.distil_swap and cfg.ndim != 3:
+        raise InputError("--distil-swap teaches a 3D model's z output; it does not apply to 2D models.")
     device = resolve_device(cfg.device, warn=log)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
@@ -354,8 +359,9 @@ def train(config: TrainConfig, log=print) -> Path:
         teacher = copy.deepcopy(model).eval()
         teacher.z_from_swap = True
         teacher.requires_grad_(False)
-        log("Distilling the z output from a frozen copy of the starting model run with z_from_swap "
+        log(f"Distilling the z output from a frozen copy of the model at step {step}, run with z_from_swap "
             f"(weight {cfg.distil_swap:g}).")
+        cfg.distil_teacher_step = step
     model.train()
     scfg = _synth_config(cfg)
     real = RealImageSource(cfg.images, cfg.ndim) if cfg.images else None
@@ -436,6 +442,7 @@ def _meta(cfg: TrainConfig, step, elapsed, history, data_desc) -> dict:
             "batch": cfg.batch, "lr": cfg.lr, "seed": cfg.seed,
             "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "data": data_desc,
             "wall_time_min": round(elapsed / 60, 2), "warmup": cfg.warmup, "distil_swap": cfg.distil_swap,
+            "distil_teacher_step": cfg.distil_teacher_step,
             "label_sigma": cfg.label_sigma,
             "p_identical": cfg.p_identical, "final_loss": final.get("loss"), "final_dice": final.get("dice"),
             "final_smooth": final.get("smooth"), "torch": str(torch.__version__), "device": str(cfg.device),
