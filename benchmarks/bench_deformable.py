@@ -19,8 +19,8 @@ SyNOnly, 100×70×50; demons: histogram matching, 100×70×50). Ours:
   100×70×50);
 * ``deep`` — the shipped HyperMorph network, single pass at the default λ;
 * ``deep+refine-50`` — the network, then the same optimiser started from its field for the plugin's default 50
-  iterations (``deep.refine.DEFAULT_STEPS``: 22/15/13 over the levels);
-* ``deep+refine`` — the same with Greedy's budget, 220 iterations (100/70/50).
+  iterations (``deep.refine.DEFAULT_STEPS``: 6/14/30 over the levels, ``deep.refine.REFINE_SHARES``);
+* ``deep+refine`` — the same with Greedy's schedule, 100/70/50 iterations.
 
 Scores, the same for every tool: end-point error (median and 90th percentile over the pair's mask, in voxels) of
 the tool's fixed→moving field against the known field; mean Dice of the moving label map resampled by the tool's
@@ -51,7 +51,7 @@ sys.path.insert(0, str(HERE.parent))
 import napari_regtool  # noqa: E402,F401  (first, as the regtool command does: its OpenMP settings reach torch)
 import torch  # noqa: E402
 
-from napari_regtool.deformable import register_deformable  # noqa: E402
+from napari_regtool.deformable import DEFAULT_ITERATIONS, register_deformable  # noqa: E402
 from napari_regtool.deep.refine import DEFAULT_STEPS as DEFAULT_REFINE_STEPS  # noqa: E402
 from napari_regtool.qc import dice, jacobian_stats  # noqa: E402
 from napari_regtool.transforms.field import jacobian_determinant, resample  # noqa: E402
@@ -78,10 +78,13 @@ def _run_ours(tool, pair):
             tx = register_deformable(pair.fixed, pair.moving, device=DEVICE)
         elif tool == "deep":
             tx, _ = register_deep(pair.fixed, pair.moving, reg_weight=DEFAULT_REG_WEIGHT, device=DEVICE)
-        else:
-            steps = DEFAULT_REFINE_STEPS if tool == "deep+refine-50" else 220
-            tx, _ = register_deep(pair.fixed, pair.moving, reg_weight=DEFAULT_REG_WEIGHT, refine_steps=steps,
-                                  device=DEVICE)
+        elif tool == "deep+refine-50":
+            tx, _ = register_deep(pair.fixed, pair.moving, reg_weight=DEFAULT_REG_WEIGHT,
+                                  refine_steps=DEFAULT_REFINE_STEPS, device=DEVICE)
+        else:  # Greedy's schedule
+            tx, _ = register_deep(pair.fixed, pair.moving, reg_weight=DEFAULT_REG_WEIGHT,
+                                  refine_steps=sum(DEFAULT_ITERATIONS), device=DEVICE,
+                                  refine_options={"iterations": DEFAULT_ITERATIONS})
         if DEVICE.startswith("cuda"):
             torch.cuda.synchronize()
     labels = None
