@@ -646,9 +646,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--reg-weight", type=float, default=None,
                    help="deep and deformable models: regularization weight λ in [0, 1] (default 0.2)")
     r.add_argument("--refine", type=int, default=0,
-                   help="deep model: iterations of the deformable optimiser started from the network (e.g. 220)")
+                   help="deep model: iterations of the deformable optimiser started from the network, spread "
+                        "6:14:30 over its levels (e.g. 50, the plugin's default)")
     r.add_argument("--iterations", help="deformable model (and deep refinement): iterations per pyramid level, "
-                                        "coarsest first, e.g. 100x70x50 (the default)")
+                                        "coarsest first, e.g. 100x70x50 (the deformable model's default)")
     r.add_argument("--similarity", choices=("lncc", "mse", "mi"), default="lncc",
                    help="deformable model / refinement: local NCC (default; any monotone contrast change), mean "
                         "squared difference (same contrast) or mutual information (other modalities)")
