@@ -349,8 +349,8 @@ def register_deformable(fixed: Image, moving: Image, initial: Transform | None =
                         sigma_update: float = math.sqrt(3.0), sigma_field: float = math.sqrt(0.5),
                         step: float = 1.0, fixed_mask=None, landmarks=None, landmark_weight: float = 0.5,
                         max_voxels: int | None = None, device="cpu", progress=None, cancel=None,
-                        kind: str = "deformable", start_field=None, patience: int = 15
-                        ) -> DisplacementFieldTransform:
+                        kind: str = "deformable", start_field=None, patience: int = 15,
+                        keep_total: bool = False) -> DisplacementFieldTransform:
     """Deformable registration of ``moving`` to ``fixed`` by greedy compositive gradient descent.
 
     Parameters
@@ -369,7 +369,8 @@ def register_deformable(fixed: Image, moving: Image, initial: Transform | None =
         (same contrast) or Parzen-window mutual information (any contrast, 32 bins).
     iterations : sequence of int
         Largest number of iterations per pyramid level, coarsest first (levels whose grid would be smaller than
-        ``MIN_SIZE`` voxels along an axis are dropped with their iterations).
+        ``MIN_SIZE`` voxels along an axis are dropped with their iterations, unless ``keep_total``: then the
+        remaining levels share the whole total in their given proportions, the finest taking the remainder).
     patience : int
         A level ends early when its similarity has not improved by a relative 1e-4 for this many iterations
         (0: always run every iteration). Not used with landmarks.
@@ -484,7 +485,12 @@ def register_deformable(fixed: Image, moving: Image, initial: Transform | None =
 
     # ---- pyramid
     shapes = _level_shapes(work.shape, len(iterations))
-    iters = iterations[len(iterations) - len(shapes):]
+    iters = tuple(int(n) for n in iterations[len(iterations) - len(shapes):])
+    if keep_total and len(shapes) < len(iterations) and sum(iters) > 0:
+        want = int(sum(int(n) for n in iterations))
+        share = [int(n * want // sum(iters)) for n in iters]
+        share[-1] += want - sum(share)
+        iters = tuple(share)
     total = max(1, sum(iters))
     done = 0
     if start_field is None:

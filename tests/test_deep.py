@@ -657,3 +657,26 @@ def test_distilling_the_z_output_from_the_swapped_run(tmp_path):
     with pytest.raises(InputError, match="does not apply to 2D"):
         train(TrainConfig(ndim=2, steps=1, size=32, batch=1, out=str(tmp_path / "e.pt"), enc=(4, 8, 8), dec=(8,),
                           distil_swap=1.0))
+
+
+def test_refinement_keeps_its_iterations_on_small_images():
+    """On an image too small for the optimiser's coarsest levels the refinement still runs the iterations asked
+    for (the dropped levels' share goes to the remaining ones), and reports the number it ran; the split itself
+    handles 0–2 steps and refuses impossible level counts."""
+    from napari_regtool.deep.refine import split_iterations
+
+    assert split_iterations(0) == (0, 0, 0) and split_iterations(1) == (0, 0, 1) and split_iterations(2) == (0, 0, 2)
+    assert split_iterations(50, 2) == (15, 35) and split_iterations(50, 1) == (50,)
+    with pytest.raises(InputError, match="1 to 3 levels"):
+        split_iterations(50, 4)
+    rng = np.random.default_rng(0)
+    from scipy import ndimage
+
+    a = ndimage.gaussian_filter(rng.random((24, 24)), 2).astype(np.float32)
+    sp = Space(a.shape, [1.0, 1.0])
+    f = Image(a, sp, "f")
+    m = Image(np.roll(a, 1, axis=1), sp, "m")
+    tx = DeepRegistration(f, m).refine(DEFAULT_REG_WEIGHT, steps=50)
+    levels = tx.refine_info["levels"]
+    assert len(levels) < 3  # the coarsest level(s) were dropped on this grid
+    assert sum(lv["iterations"] for lv in levels) == 50 == tx.refine_info["steps"]
