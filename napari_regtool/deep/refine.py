@@ -31,7 +31,9 @@ DEFAULT_STEPS = 50
 #: 0.146/0.155/0.207 → 0.126/0.134/0.173, photograph 0.210/0.265/0.208 → 0.199/0.228/0.182, microscopy
 #: 0.073/0.075/0.065 → 0.061/0.068/0.059; brain slices' Dice 0.851/0.858/0.864 → 0.852/0.856/0.858; up to 50 % more
 #: time on the 3D brain and the photograph, about the same on the CT slice (finer iterations cost more). Chosen on
-#: the benchmark's own pairs, so its verdicts for ``deep+refine-50`` are not from held-out data
+#: the benchmark's own pairs, so its verdicts for ``deep+refine-50`` are not from held-out data. On the shipped sample
+#: pairs (not used to choose it; landmark affine first): 2D Dice 0.9415 → 0.9443, median error against the known field
+#: 0.271 → 0.270 mm; 3D Dice 0.800 → 0.803 at 8.4 → 11.5 s
 REFINE_SHARES = (6, 14, 30)
 
 
