@@ -45,7 +45,7 @@ from .threads import threads_for, torch_threads
 from .transforms.base import IdentityTransform, Transform, affine_index_grid
 from .transforms.field import DisplacementFieldTransform, resample, resize_vector_field, sample_at_index, warp
 
-__all__ = ["register_deformable", "SIMILARITIES", "DEFAULT_ITERATIONS", "sigmas_for_reg_weight",
+__all__ = ["register_deformable", "SIMILARITIES", "DEFAULT_ITERATIONS", "sigmas_for_reg_weight", "spread_iterations",
            "gaussian_smooth", "MIN_SIZE", "DEFAULT_RADIUS", "MAX_VOXELS", "MAX_ITERATIONS"]
 
 SIMILARITIES = ("lncc", "mse", "mi")
@@ -290,6 +290,15 @@ def sigmas_for_reg_weight(reg_weight: float) -> tuple[float, float]:
     return math.sqrt(3.0), math.sqrt(0.5) * math.exp(2.5 * (lam - 0.2))
 
 
+def spread_iterations(total: int, shares) -> tuple:
+    """``total`` iterations over pyramid levels in proportion to ``shares`` (coarsest first): each level gets the
+    floor of its share, the finest also the remainder."""
+    shares = [int(n) for n in shares]
+    out = [n * int(total) // sum(shares) for n in shares]
+    out[-1] += int(total) - sum(out)
+    return tuple(out)
+
+
 def _level_shapes(shape, n_levels: int) -> list:
     """Grid shapes coarsest first; a level is dropped when an axis would have fewer than MIN_SIZE voxels."""
     out = []
@@ -487,10 +496,7 @@ def register_deformable(fixed: Image, moving: Image, initial: Transform | None =
     shapes = _level_shapes(work.shape, len(iterations))
     iters = tuple(int(n) for n in iterations[len(iterations) - len(shapes):])
     if keep_total and len(shapes) < len(iterations) and sum(iters) > 0:
-        want = int(sum(int(n) for n in iterations))
-        share = [int(n * want // sum(iters)) for n in iters]
-        share[-1] += want - sum(share)
-        iters = tuple(share)
+        iters = spread_iterations(sum(int(n) for n in iterations), iters)
     total = max(1, sum(iters))
     done = 0
     if start_field is None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..deformable import SIMILARITIES, register_deformable, sigmas_for_reg_weight
+from ..deformable import SIMILARITIES, register_deformable, sigmas_for_reg_weight, spread_iterations
 from ..errors import InputError
 from ..transforms.field import DisplacementFieldTransform
 
@@ -45,11 +45,7 @@ def split_iterations(steps: int, levels: int = len(REFINE_SHARES)) -> tuple:
         raise InputError(f"The number of refinement steps must be 0 or more, got {steps}.")
     if not 1 <= int(levels) <= len(REFINE_SHARES):
         raise InputError(f"A refinement has 1 to {len(REFINE_SHARES)} levels, got {levels}.")
-    w = np.asarray(REFINE_SHARES[-int(levels):], dtype=float)
-    w = w / w.sum()
-    out = np.floor(w * steps).astype(int)
-    out[-1] += steps - int(out.sum())  # rounding remainder on the finest level
-    return tuple(int(n) for n in out)
+    return spread_iterations(steps, REFINE_SHARES[-int(levels):])
 
 
 def refine_registration(reg, reg_weight: float, steps: int = DEFAULT_STEPS, landmarks=None, similarity: str = "lncc",
@@ -85,6 +81,6 @@ def refine_registration(reg, reg_weight: float, steps: int = DEFAULT_STEPS, land
                              progress=progress, cancel=cancel, kind="deep+refined", keep_total=iterations is None)
     if reg.model.has_variance:  # the start's uncertainty, the one `--refine N --uncertainty` writes
         tx.uncertainty = reg.predict(reg_weight, uncertainty=True, pyramid=True).uncertainty
-    tx.refine_info["steps"] = int(sum(lv["iterations"] for lv in tx.refine_info["levels"]))  # as run
+    tx.refine_info["steps"] = int(sum(tx.refine_info["iterations"]))  # as run (levels too small are dropped)
     tx.refine_info["reg_weight"] = float(reg_weight)
     return tx

@@ -353,7 +353,7 @@ def train(config: TrainConfig, log=print) -> Path:
                 log(f"{Path(cfg.init_from).name} was trained on {source.intensity!r} inputs; this model takes "
                     f"{model.intensity!r} ones (--intensity).")
     teacher = None
-    if cfg.distil_swap and cfg.ndim == 3:
+    if cfg.distil_swap:  # (3D only, checked above)
         import copy
 
         teacher = copy.deepcopy(model).eval()
