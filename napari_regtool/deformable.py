@@ -43,7 +43,8 @@ from .image import Image, border_value, scaled_01
 from .space import Space
 from .threads import threads_for, torch_threads
 from .transforms.base import IdentityTransform, Transform, affine_index_grid
-from .transforms.field import DisplacementFieldTransform, resample, resize_vector_field, sample_at_index, warp
+from .transforms.field import (DisplacementFieldTransform, Warper, resample, resize_vector_field, sample_at_index,
+                               warp)
 
 __all__ = ["register_deformable", "SIMILARITIES", "DEFAULT_ITERATIONS", "sigmas_for_reg_weight", "spread_iterations",
            "gaussian_smooth", "MIN_SIZE", "DEFAULT_RADIUS", "MAX_VOXELS", "MAX_ITERATIONS"]
@@ -120,26 +121,6 @@ def _spatial_gradient(w: torch.Tensor) -> torch.Tensor:
         p = F.pad(w, pad, mode="replicate")
         out.append(0.5 * (p.narrow(ax, 2, n) - p.narrow(ax, 0, n)))
     return torch.cat(out, 1)
-
-
-class _Warper:
-    """``src(x + u(x))`` on one grid with the identity sampling grid built once (``grid_sample``, border
-    padding, ``align_corners=True`` — the engine's :func:`~napari_regtool.transforms.field.warp`, without
-    rebuilding the identity every call)."""
-
-    def __init__(self, shape, device, dtype=torch.float32):
-        d = len(shape)
-        axes = [torch.linspace(-1.0, 1.0, n, device=device, dtype=dtype) if n > 1 else
-                torch.zeros(1, device=device, dtype=dtype) for n in shape]
-        mesh = torch.meshgrid(*axes, indexing="ij")  # array order
-        self.base = torch.stack(mesh[::-1], -1)[None]  # (1, *S, D), x first
-        size_xyz = list(shape[::-1])
-        self.scale = torch.as_tensor([2.0 / (n - 1) if n > 1 else 0.0 for n in size_xyz], device=device, dtype=dtype)
-        self.d = d
-
-    def __call__(self, src: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        grid = self.base + u.movedim(1, -1) * self.scale
-        return F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=True)
 
 
 def _downsample(x: torch.Tensor, shape) -> torch.Tensor:
@@ -537,7 +518,7 @@ def register_deformable(fixed: Image, moving: Image, initial: Transform | None =
             lm_idx = (torch.as_tensor(lm[0] * fac, dtype=torch.float32, device=dev),
                       torch.as_tensor(lm[1] * fac, dtype=torch.float32, device=dev))
 
-        wp = _Warper(shape, dev)
+        wp = Warper(shape, dev)
         mg = torch.cat([ml, _spatial_gradient(ml)], 1)  # the moving image and its gradient, warped together
 
         def evaluate(uu):

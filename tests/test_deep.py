@@ -107,6 +107,38 @@ def test_model_shapes_2d_3d_and_lambda_conditioning():
         net(torch.rand(1, 2, 30, 30, 30), 0.5)
 
 
+def test_inference_path_matches_the_modulated_convolutions():
+    """Without gradients and with one λ for the batch, the network folds each FiLM modulation into its
+    convolution and runs channels-last; the result must be the modulated convolutions' (γ ⊙ (W x + c) + β, run
+    with gradients on), per image of a batch, and skipping the variance head must leave the mean unchanged."""
+    torch.manual_seed(3)
+    for d, shape in ((2, (32, 48)), (3, (16, 32, 32))):
+        net = HyperMorphModel(ndim=d, enc=(4, 8, 8), dec=(8,), final=4, work_size=32)
+        with torch.no_grad():  # modulations far from the identity, so a wrong fold cannot hide
+            net.hyper[-1].weight.normal_(0.0, 0.5)
+            net.hyper[-1].bias.normal_(0.0, 0.5)
+            net.flow.weight.normal_(0.0, 0.1)
+            for m in net.modules():
+                if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d)):
+                    m.bias.normal_(0.0, 0.1)
+        x = torch.rand(2, 2, *shape)
+        ref_mean, ref_lv = (t.detach() for t in net(x, 0.3))  # gradients on: the unfused path
+        with torch.no_grad():
+            mean, lv = net(x, 0.3)
+            mean_nv, lv_nv = net(x, 0.3, variance=False)
+            per_image = net(x, torch.tensor([0.3, 0.8]))[0]  # one λ per image: the unfused path again
+            second = net(x[1:], 0.8)[0]
+        scale = float(ref_mean.abs().max())
+        assert scale > 1e-3
+        assert float((mean - ref_mean).abs().max()) < 1e-5 * scale
+        assert float((lv - ref_lv).abs().max()) < 1e-4
+        assert lv_nv is None and torch.equal(mean_nv, mean)
+        assert mean.is_contiguous() and lv.is_contiguous()
+        assert float((per_image[0] - mean[0]).abs().max()) < 1e-5 * scale
+        assert float((per_image[1] - second[0]).abs().max()) < 1e-5 * scale
+        assert float((per_image[1] - mean[1]).abs().max()) > 1e-3 * scale  # λ reaches each image
+
+
 def test_working_space_is_isotropic_centred_and_covers_the_image():
     sp = Space((100, 300), [0.5, 0.8], [10.0, -4.0], np.array([[0.0, -1.0], [1.0, 0.0]]))
     ws = working_space(sp, 128, 16)

@@ -268,3 +268,26 @@ def test_numeric_inverse_in_float32_far_from_the_origin():
     x = NumericInverse(t).map_points_torch(y)  # raised NotInvertibleError for 50-160 of these points before
     err = (t.map_points_torch(x.double()) - y.double()).norm(dim=1)
     assert float(err.max()) < 1e-3
+
+
+@pytest.mark.parametrize("d", [2, 3])
+def test_warp_equals_scipy_with_border_and_zero_padding(d):
+    """``warp`` (its sampling grid built once per grid and reused) against SciPy's ``map_coordinates``: linear
+    interpolation at ``x + u(x)``, edge values beyond the border (``nearest``) or zeros (``constant``), on grids of
+    two shapes warped in turn, so a grid kept for one shape cannot serve the other."""
+    from scipy.ndimage import map_coordinates
+
+    rng = np.random.default_rng(4)
+    for shape in ((13, 17, 11)[:d], (9, 14, 12)[:d], (13, 17, 11)[:d]):
+        src = rng.random(shape).astype(np.float32)
+        u = (rng.normal(0, 2.5, (d, *shape))).astype(np.float32)  # x, y, z channels; some points leave the grid
+        grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"))  # array order
+        coords = grid + u[::-1]  # channel c is ITK axis c (x first): reversed to array order
+        t_src, t_u = torch.from_numpy(src)[None, None], torch.from_numpy(u)[None]
+        for padding, scipy_mode in (("border", "nearest"), ("zeros", "constant")):
+            ours = warp(t_src, t_u, padding=padding)[0, 0].numpy()
+            ref = map_coordinates(src, coords, order=1, mode=scipy_mode, cval=0.0)
+            if padding == "zeros":  # grid_sample blends with zeros over the last voxel; compare inside only
+                inside = np.all((coords >= 0) & (coords <= np.array(shape).reshape(-1, *[1] * d) - 1), 0)
+                ours, ref = ours[inside], ref[inside]
+            np.testing.assert_allclose(ours, ref, atol=2e-5)

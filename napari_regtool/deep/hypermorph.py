@@ -128,9 +128,16 @@ class _FiLMConv(nn.Module):
         self.cout = cout
 
     def forward(self, x, film):
-        # film: (B, 2 * cout)
-        view = (x.shape[0], self.cout) + (1,) * (x.dim() - 2)
+        # film: (B, 2 * cout), or (1, 2 * cout) for every image of the batch
         g, b = film[:, : self.cout], film[:, self.cout:]
+        if film.shape[0] == 1 and not torch.is_grad_enabled():
+            # inference with one λ for the batch: the modulation folded into the convolution,
+            # (1 + γ) ⊙ (W x + c) + β = ((1 + γ) W) x + ((1 + γ) c + β), and the activation in place
+            s = 1.0 + g[0]
+            w = self.conv.weight * s.reshape((-1,) + (1,) * (self.conv.weight.dim() - 1))
+            y = self.conv._conv_forward(x, w, self.conv.bias * s + b[0])
+            return F.leaky_relu_(y, 0.2)
+        view = (film.shape[0], self.cout) + (1,) * (x.dim() - 2)
         y = self.conv(x)
         return F.leaky_relu(y * (1.0 + g).reshape(view) + b.reshape(view), 0.2)
 
@@ -267,8 +274,9 @@ class HyperMorphModel(nn.Module):
             k += 2 * m.cout
         return films
 
-    def forward(self, x: torch.Tensor, lam) -> tuple:
-        """``x`` (B, 2, *S), ``lam`` (B,) or float → ``(mean, logvar)`` velocity at half resolution (voxels)."""
+    def forward(self, x: torch.Tensor, lam, variance: bool = True) -> tuple:
+        """``x`` (B, 2, *S), ``lam`` (B,) or float → ``(mean, logvar)`` velocity at half resolution (voxels);
+        ``variance=False`` skips the log-variance head (``logvar`` is then ``None``)."""
         d = self.ndim
         if x.dim() != d + 2 or x.shape[1] != 2:
             raise ValueError(f"HyperMorphModel.forward: x must be (B, 2, *S) with {d} spatial axes, got "
@@ -276,13 +284,11 @@ class HyperMorphModel(nn.Module):
         if any(s % self.multiple for s in x.shape[2:]):
             raise ValueError(f"HyperMorphModel.forward: spatial size {tuple(x.shape[2:])} must be a multiple of "
                              f"{self.multiple}.")
-        films = self.modulations(lam)
-        if films[0].shape[0] == 1 and x.shape[0] > 1:
-            films = [f.expand(x.shape[0], -1) for f in films]
+        films = self.modulations(lam)  # (1, 2·C) rows apply to the whole batch
         if not self.z_from_swap:
-            return self._trunk(x, films)
-        m0, l0 = self._trunk(x, films)
-        m1, l1 = self._trunk(x.transpose(2, 4).contiguous(), films)  # z ↔ x: its x output is our z
+            return self._trunk(x, films, variance)
+        m0, l0 = self._trunk(x, films, variance)
+        m1, l1 = self._trunk(x.transpose(2, 4).contiguous(), films, variance)  # z ↔ x: its x output is our z
         m1 = m1.transpose(2, 4)[:, [2, 1, 0]]
         mean = torch.stack([m0[:, 0], 0.5 * (m0[:, 1] + m1[:, 1]), m1[:, 2]], 1)
         if l0 is None:
@@ -291,7 +297,10 @@ class HyperMorphModel(nn.Module):
         ly = torch.logaddexp(l0[:, 1], l1[:, 1]) - math.log(2.0)  # log of the mean variance
         return mean, torch.stack([l0[:, 0], ly, l1[:, 2]], 1)
 
-    def _trunk(self, x: torch.Tensor, films: list) -> tuple:
+    def _trunk(self, x: torch.Tensor, films: list, variance: bool = True) -> tuple:
+        fast = not torch.is_grad_enabled()
+        if fast:
+            x = x.contiguous(memory_format=torch.channels_last if self.ndim == 2 else torch.channels_last_3d)
         skips, h, k = [], x, 0
         for layer in self.encoder:
             h = layer(h, films[k])
@@ -303,11 +312,14 @@ class HyperMorphModel(nn.Module):
             k += 1
         h = self.final(h, films[k])
         mean = self.flow(h)
-        logvar = self.logvar(h.detach()).clamp(-10.0, 4.0) if self.has_variance else None
+        logvar = self.logvar(h.detach()).clamp(-10.0, 4.0) if self.has_variance and variance else None
+        if fast:
+            mean = mean.contiguous()
+            logvar = None if logvar is None else logvar.contiguous()
         return mean, logvar
 
     def register(self, fixed: torch.Tensor, moving: torch.Tensor, lam, passes: int | None = None,
-                 symmetric: bool = False, start: torch.Tensor | None = None) -> dict:
+                 symmetric: bool = False, start: torch.Tensor | None = None, variance: bool = True) -> dict:
         """The recursive cascade: ``passes`` network runs, each on (fixed, moving warped so far), composed.
 
         Parameters
@@ -319,12 +331,14 @@ class HyperMorphModel(nn.Module):
             velocities, so each step is exactly antisymmetric and identical images give exactly the identity
         start : (B, D, *S/2) displacement to continue from (half-grid voxels; default: the identity), e.g. a
             coarser level's result on this grid
+        variance : compute the log-variance (on the last pass only: earlier passes' would be discarded)
 
         Returns
         -------
         dict with ``disp`` (B, D, *S/2): the total fixed → moving displacement ``x ↦ x + disp(x)`` in half-grid
-        voxels; ``logvar``: the last pass's velocity log-variance (or ``None``); ``velocities``: every pass's mean
-        velocity; ``before_last``: the displacement composed before the last pass (``start`` for one pass).
+        voxels; ``logvar``: the last pass's velocity log-variance (``None`` without the head or ``variance``);
+        ``velocities``: every pass's mean velocity; ``before_last``: the displacement composed before the last pass
+        (``start`` for one pass).
         """
         passes = self.passes if passes is None else int(passes)
         shape = tuple(fixed.shape[2:])
@@ -341,11 +355,12 @@ class HyperMorphModel(nn.Module):
         warped = warped_so_far()
         for i in range(passes):
             if symmetric:
-                both, lv = self(torch.cat([torch.cat([fixed, warped], 1), torch.cat([warped, fixed], 1)]), lam_t)
+                both, lv = self(torch.cat([torch.cat([fixed, warped], 1), torch.cat([warped, fixed], 1)]), lam_t,
+                                variance=variance and i + 1 == passes)
                 mean = 0.5 * (both[:b] - both[b:])
                 lv = None if lv is None else torch.log(0.5 * (lv[:b].exp() + lv[b:].exp()))
             else:
-                mean, lv = self(torch.cat([fixed, warped], 1), lam_t)
+                mean, lv = self(torch.cat([fixed, warped], 1), lam_t, variance=variance and i + 1 == passes)
             step = integrate_velocity(mean, self.int_steps)
             before = total
             # x ↦ x + step(x), then the transform so far: total(x) = step(x) + total_before(x + step(x))

@@ -20,7 +20,7 @@ from ..space import Space
 from .base import DEFAULT_CHUNK, Transform, affine_index_grid
 
 __all__ = [
-    "identity_index_grid", "index_to_normalized", "sample_at_index", "warp", "integrate_velocity",
+    "identity_index_grid", "index_to_normalized", "sample_at_index", "warp", "Warper", "integrate_velocity",
     "resize_vector_field", "jacobian_determinant", "jacobian_determinant_index", "physical_to_index_field",
     "index_to_physical_field", "DisplacementFieldTransform", "resample", "outside_itk",
 ]
@@ -91,11 +91,45 @@ def sample_at_index(src: torch.Tensor, idx: torch.Tensor, mode: str = "linear", 
     return out
 
 
+class Warper:
+    """``src(x + u(x))`` on one grid, linear, ``align_corners=True``, ``padding`` ``"border"`` or ``"zeros"``, with
+    the identity sampling grid (``grid_sample``'s normalised coordinates) built once for the grid; for loops that
+    warp many times on one grid (an optimiser's iterations, scaling and squaring). Same result as :func:`warp`."""
+
+    def __init__(self, shape, device, dtype=torch.float32, padding: str = "border"):
+        if padding not in ("border", "zeros"):
+            raise ValueError(f"Warper: padding must be 'border' or 'zeros', got {padding!r}.")
+        axes = [torch.linspace(-1.0, 1.0, n, device=device, dtype=dtype) if n > 1 else
+                torch.zeros(1, device=device, dtype=dtype) for n in shape]
+        mesh = torch.meshgrid(*axes, indexing="ij")  # array order
+        self.base = torch.stack(mesh[::-1], -1)[None]  # (1, *S, D), x first
+        self.scale = torch.as_tensor([2.0 / (n - 1) if n > 1 else 0.0 for n in tuple(shape)[::-1]], device=device,
+                                     dtype=dtype)
+        self.padding = padding
+
+    def __call__(self, src: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        grid = self.base + u.movedim(1, -1) * self.scale
+        return F.grid_sample(src, grid.to(src.dtype), mode="bilinear", padding_mode=self.padding, align_corners=True)
+
+
+_WARPERS: dict = {}  # the Warpers of the last few small grids warp() saw, oldest first
+_WARPER_MAX_VOXELS = 2 ** 20  # larger grids build their sampling grid each call (at most ~75 MB kept in all)
+
+
 def warp(src: torch.Tensor, disp: torch.Tensor, mode: str = "linear", padding: str = "border") -> torch.Tensor:
     """``src(x + disp(x))`` on ``src``'s own grid. ``src`` (B, C, *S), ``disp`` (B, D, *S) in voxels (x, y, z)."""
     if disp.shape[2:] != src.shape[2:] or disp.shape[1] != src.dim() - 2:
         raise ValueError(f"warp: disp must be (B, {src.dim() - 2}, *{tuple(src.shape[2:])}), got {tuple(disp.shape)}.")
-    idx = identity_index_grid(src.shape[2:], src.device, disp.dtype) + disp
+    shape = tuple(src.shape[2:])
+    if mode == "linear" and padding in ("border", "zeros") and int(np.prod(shape)) <= _WARPER_MAX_VOXELS:
+        key = (shape, str(disp.device), disp.dtype, padding)
+        w = _WARPERS.get(key)
+        if w is None:
+            if len(_WARPERS) >= 6:
+                _WARPERS.pop(next(iter(_WARPERS)))
+            w = _WARPERS[key] = Warper(shape, disp.device, disp.dtype, padding)
+        return w(src, disp)
+    idx = identity_index_grid(shape, src.device, disp.dtype) + disp
     return sample_at_index(src, idx.movedim(1, -1), mode=mode, padding=padding)
 
 
