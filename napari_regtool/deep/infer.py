@@ -364,6 +364,15 @@ class DeepRegistration:
         return sample_at_index(std, idx[None], padding="border")[0, 0].to(device="cpu", dtype=torch.float32)
 
     # --------------------------------------------------------------------------------------------- API
+    def uncertainty(self, reg_weight: float, pyramid: bool | None = None) -> torch.Tensor:
+        """The uncertainty map of the network's prediction for λ = ``reg_weight`` alone (see
+        :meth:`uncertainty_on_fixed`), without building the displacement field; requires a variance head."""
+        _, logvar, grid = self._network(reg_weight, self.pyramid if pyramid is None else bool(pyramid))
+        if logvar is None:
+            raise InputError("This model has no uncertainty head; retrain it without --no-variance.")
+        with torch.no_grad():
+            return self.uncertainty_on_fixed(logvar, grid)
+
     def predict(self, reg_weight: float, uncertainty: bool = False,
                 pyramid: bool | None = None) -> DisplacementFieldTransform:
         """The network's prediction (its recursive cascade, no optimisation) for λ = ``reg_weight`` ∈ [0, 1].
@@ -374,13 +383,9 @@ class DeepRegistration:
         """
         u, logvar, grid = self._network(reg_weight, self.pyramid if pyramid is None else bool(pyramid))
         self.out_grid = grid
+        unc = self.uncertainty(reg_weight, pyramid) if uncertainty else None
         with torch.no_grad():
             field = self.field_on_fixed(u, grid)
-            unc = None
-            if uncertainty:
-                if logvar is None:
-                    raise InputError("This model has no uncertainty head; retrain it without --no-variance.")
-                unc = self.uncertainty_on_fixed(logvar, grid)
         return DisplacementFieldTransform(field, self.fixed.space, kind="deep", uncertainty=unc)
 
     def refine(self, reg_weight: float, steps: int | None = None, landmarks=None, similarity: str = "lncc",
@@ -424,15 +429,18 @@ def register_deep(fixed: Image, moving: Image, reg_weight: float = DEFAULT_REG_W
     report(0.0, "Preparing images")
     reg = DeepRegistration(fixed, moving, device=device, initial=initial, model=model, pyramid=pyramid)
     report(0.1, "Running the network")
-    tx = reg.predict(reg_weight, uncertainty=uncertainty)
-    if refine_steps > 0:
+    if uncertainty and not reg.model.has_variance:
+        raise InputError("This model has no uncertainty head; retrain it without --no-variance.")
+    if refine_steps > 0:  # the refinement runs the network itself (and maps its uncertainty)
         def sub(frac, msg):
             report(0.15 + 0.85 * frac, msg)
 
         opts = {k: v for k, v in (refine_options or {}).items() if v is not None}
-        refined = reg.refine(reg_weight, steps=refine_steps, landmarks=landmarks, progress=sub, cancel=cancel, **opts)
-        refined.uncertainty = tx.uncertainty
-        tx = refined
+        tx = reg.refine(reg_weight, steps=refine_steps, landmarks=landmarks, progress=sub, cancel=cancel, **opts)
+        if not uncertainty:
+            tx.uncertainty = None
+    else:
+        tx = reg.predict(reg_weight, uncertainty=uncertainty)
     report(1.0, "Done")
     return tx, run_info(reg, tx, reg_weight, refine_steps, time.perf_counter() - t0)
 

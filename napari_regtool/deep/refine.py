@@ -80,7 +80,7 @@ def refine_registration(reg, reg_weight: float, steps: int = DEFAULT_STEPS, land
                              landmark_weight=landmark_weight, max_voxels=max_voxels, device=reg.device,
                              progress=progress, cancel=cancel, kind="deep+refined", keep_total=iterations is None)
     if reg.model.has_variance:  # the start's uncertainty, the one `--refine N --uncertainty` writes
-        tx.uncertainty = reg.predict(reg_weight, uncertainty=True, pyramid=True).uncertainty
+        tx.uncertainty = reg.uncertainty(reg_weight, pyramid=True)
     tx.refine_info["steps"] = int(sum(tx.refine_info["iterations"]))  # as run (levels too small are dropped)
     tx.refine_info["reg_weight"] = float(reg_weight)
     return tx
