@@ -145,21 +145,20 @@ def _window_counts(n: int, k: int, dtype, device) -> torch.Tensor:
 def _box_mean(d: int, k: int):
     """Box average over ``k`` (odd) voxels per axis, shrunk at the border, as a sum of ``k`` shifted copies per
     axis: float32-exact for any intensities (running sums lose the small variances of flat regions that local
-    NCC without a large ε needs), and as cheap as running sums for the small windows used here."""
+    NCC without a large ε needs), and as cheap as running sums for the small windows used here. Each shift adds
+    the overlapping part of the array to itself in place (no padded copy)."""
     p = k // 2
 
     def mean(x):
         for i in range(d):
             ax = 2 + i
             n = x.shape[ax]
-            pad = [0, 0] * d
-            pad[2 * (d - 1 - i)] = pad[2 * (d - 1 - i) + 1] = p
-            xp = F.pad(x, pad)
-            s = xp.narrow(ax, 0, n).clone()
-            for j in range(1, k):
-                s += xp.narrow(ax, j, n)
+            s = x.clone()
+            for j in range(1, min(p, n - 1) + 1):
+                s.narrow(ax, 0, n - j).add_(x.narrow(ax, j, n - j))
+                s.narrow(ax, j, n - j).add_(x.narrow(ax, 0, n - j))
             count = _window_counts(n, k, x.dtype, x.device)
-            x = s / count.view([-1 if a == ax else 1 for a in range(x.dim())])
+            x = s.div_(count.view([-1 if a == ax else 1 for a in range(x.dim())]))
         return x
 
     return mean

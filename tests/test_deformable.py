@@ -11,7 +11,7 @@ import torch
 from scipy.ndimage import gaussian_filter, map_coordinates
 
 from napari_regtool import qc
-from napari_regtool.deformable import (LNCC_EPS, _Metric, gaussian_smooth, register_deformable,
+from napari_regtool.deformable import (LNCC_EPS, _box_mean, _Metric, gaussian_smooth, register_deformable,
                                        sigmas_for_reg_weight)
 from napari_regtool.errors import Cancelled, InputError
 from napari_regtool.image import Image
@@ -141,6 +141,21 @@ def test_landmarks_pull_where_the_images_say_nothing():
     assert np.linalg.norm(tx.map_points(f) - m) < 0.3
     free = register_deformable(img, img, iterations=(20, 20, 40))
     assert np.linalg.norm(free.map_points(f) - m) > 2.0
+
+
+def test_box_mean_equals_scipy_window_means_shrunk_at_the_border():
+    """The local-NCC window mean against SciPy: the sum over the window inside the image (``uniform_filter`` with
+    zero padding) divided by the number of voxels it covers, including axes shorter than the window."""
+    from scipy.ndimage import uniform_filter
+
+    rng = np.random.default_rng(2)
+    for shape, k in (((40, 33), 11), ((6, 30), 11), ((9, 12, 3), 5), ((1, 7, 8), 5)):
+        x = rng.random((2, *shape))
+        ours = _box_mean(len(shape), k)(torch.from_numpy(x)[None]).numpy()[0]
+        axes = tuple(range(1, len(shape) + 1))
+        sums = uniform_filter(x, size=k, mode="constant", axes=axes)
+        counts = uniform_filter(np.ones_like(x), size=k, mode="constant", axes=axes)
+        np.testing.assert_allclose(ours, sums / counts, atol=1e-12)
 
 
 def test_lncc_gradient_is_exact():
