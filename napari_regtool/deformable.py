@@ -519,6 +519,8 @@ def register_deformable(fixed: Image, moving: Image, initial: Transform | None =
 
         wp = Warper(shape, dev)
         mg = torch.cat([ml, _spatial_gradient(ml)], 1)  # the moving image and its gradient, warped together
+        if d == 3 and mg.device.type == "cpu":  # laid out once per level as the warp reads it (see Warper)
+            mg = mg.contiguous(memory_format=torch.channels_last_3d)
 
         def evaluate(uu):
             return metric.value(wp(ml, uu))

@@ -109,6 +109,10 @@ class Warper:
 
     def __call__(self, src: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         grid = self.base + u.movedim(1, -1) * self.scale
+        if src.dim() == 5 and src.shape[1] > 1 and src.device.type == "cpu":
+            # the CPU kernel reads every channel at each corner: channels next to each other in memory are read
+            # together (4 channels on 90x108x90: 0.13 -> 0.07 s; the result is the same)
+            src = src.contiguous(memory_format=torch.channels_last_3d)
         return F.grid_sample(src, grid.to(src.dtype), mode="bilinear", padding_mode=self.padding, align_corners=True)
 
 
