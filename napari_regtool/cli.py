@@ -87,7 +87,7 @@ def _cmd_register(args) -> int:
                           device=args.device, iterations=iterations, similarity=args.similarity,
                           reg_weight=args.reg_weight, refine=args.refine, uncertainty=args.uncertainty,
                           weights=args.weights, channel=args.channel, progress=_progress_printer(args.quiet),
-                          warn=warn)
+                          warn=warn, start=getattr(args, "global_model", None))
     paths = write_outputs(result, out)
     rep = result.report()
     if not args.quiet:
@@ -102,8 +102,8 @@ def _cmd_register(args) -> int:
     return 0
 
 
-#: upper bound of --refine: well past convergence (a 2D pair converges within ~200 iterations, a 3D pair ~300)
-MAX_REFINE = 2000
+#: upper bound of --refine (the plugin's steps box has the same)
+from .deep.options import MAX_REFINE_STEPS as MAX_REFINE  # noqa: E402
 
 #: `register --blockwise` defaults: core side and overlap (voxels of the registration level), blocks at a time
 BLOCKWISE_DEFAULTS = {"block": 128, "overlap": 32, "block_workers": 2}
@@ -113,12 +113,17 @@ GLOBAL_VOXELS = {2: 2 ** 18, 3: 2 ** 21}
 
 def _check_blockwise_options(args) -> None:
     """The block-wise options alone, before any image is read: one clear message for a bad value."""
-    names = ("block", "overlap", "global_model", "empty_threshold", "block_workers")
+    names = {"block": "--block", "overlap": "--overlap", "empty_threshold": "--empty-threshold",
+             "block_workers": "--block-workers"}
     if not getattr(args, "blockwise", False):
-        given = [n for n in names if getattr(args, n, None) is not None]
+        if getattr(args, "global_model", None) is not None and args.model not in ("deformable", "deep"):
+            raise RegtoolError(f"--global sets the linear start of the deformable and deep models (and of "
+                               f"--blockwise), not of {args.model}; leave it out, or use --model auto-affine.")
+        given = [flag for n, flag in names.items() if getattr(args, n, None) is not None]
         if given:
-            raise RegtoolError(f"{', '.join('--' + n.replace('_', '-') for n in given)} set(s) block-wise refinement; "
-                               "add --blockwise (with --model deformable), or leave them out.")
+            what = "sets" if len(given) == 1 else "set"
+            raise RegtoolError(f"{', '.join(given)} {what} up block-wise refinement; add --blockwise (with --model "
+                               "deformable), or leave {} out.".format("it" if len(given) == 1 else "them"))
         return
     from .blockrefine import check_block_options
     from .errors import InputError
@@ -196,31 +201,15 @@ def _register_blockwise(args, fixed, moving, landmarks, iterations, warn):
 
 def _blockwise_global(args, fixed, moving, landmarks, progress):
     """The global transform of ``register --blockwise`` and how it was found: ``--global`` auto (a landmark
-    affine when there are enough landmark pairs for one, else auto-affine), landmarks, auto-rigid, auto-affine (on a coarse OME-Zarr
-    level when the inputs are OME-Zarr) or none."""
-    from .transforms import IdentityTransform, initial_from_landmarks, min_pairs
+    affine when there are enough landmark pairs for one, else auto-affine), landmarks, auto-rigid, auto-affine (on a
+    coarse OME-Zarr level when the inputs are OME-Zarr) or none (:func:`napari_regtool.pipeline.linear_start`)."""
+    from .pipeline import linear_start
+    from .transforms import IdentityTransform
 
-    d = fixed.ndim
-    mode = args.global_model or "auto"
-    if mode == "none":
-        return IdentityTransform(d), "identity"
-    init = None
-    if landmarks is not None:
-        lf, lm = landmarks.fit_points()
-        init = initial_from_landmarks("affine", lf, lm, d)  # None when there are too few pairs for an affine
-    if mode == "auto":
-        mode = "landmarks" if init is not None else "auto-affine"
-    if mode == "landmarks":
-        if init is None:
-            raise RegtoolError(f"--global landmarks needs at least {min_pairs('affine', d)} landmark pairs "
-                               "(--landmarks); give more, or use --global auto-affine.")
-        return init, "landmark affine"
-    from .autoreg import auto_linear
-
-    cf, cm, where = _coarse_pair(args, fixed, moving)
-    kind = mode.split("-")[1]
-    t = auto_linear(cf, cm, model=kind, initial=init, progress=progress)
-    return t, f"{mode} on {where}" + (" from the landmark affine" if init is not None else "")
+    lf, lm = landmarks.fit_points() if landmarks is not None else (None, None)
+    t, how = linear_start(args.global_model or "auto", fixed, moving, lf, lm, progress=progress,
+                          auto_pair=lambda: _coarse_pair(args, fixed, moving))
+    return (IdentityTransform(fixed.ndim) if t is None else t), how
 
 
 def _coarse_pair(args, fixed, moving):
@@ -669,8 +658,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 32)")
     r.add_argument("--global", dest="global_model", default=None,
                    choices=("auto", "landmarks", "auto-rigid", "auto-affine", "none"),
-                   help="--blockwise: the global alignment (auto: the landmark affine with --landmarks, else "
-                        "auto-affine)")
+                   help="the linear start of the deformable and deep models: auto (the landmark affine with "
+                        "--landmarks, else auto-affine), landmarks, auto-rigid, auto-affine (automatic, from the "
+                        "landmark affine when there is one) or none. Default: the landmark affine with enough "
+                        "--landmarks, else none (images already roughly aligned); with --blockwise, auto")
     r.add_argument("--empty-threshold", type=float, default=None,
                    help="--blockwise: blocks with fewer than 5%% of their fixed voxels above this intensity are "
                         "skipped (default: only constant blocks)")

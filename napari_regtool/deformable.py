@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from .device import resolve_device
 from .errors import Cancelled, InputError
-from .image import Image, border_value, scaled_01
+from .image import Image, border_value, check_overlap, scaled_01
 from .space import Space
 from .threads import threads_for, torch_threads
 from .transforms.base import IdentityTransform, Transform, affine_index_grid
@@ -418,6 +418,7 @@ def register_deformable(fixed: Image, moving: Image, initial: Transform | None =
         img.check_finite()
         img.check_min_size(MIN_SIZE, role, "deformable registration")
     dev = resolve_device(device)
+    check_overlap(fixed.space, moving.space, initial, "the starting transform" if initial is not None else "")
     initial = initial if initial is not None else IdentityTransform(d)
 
     def report(frac, msg):
@@ -488,7 +489,10 @@ def register_deformable(fixed: Image, moving: Image, initial: Transform | None =
                              f"{tuple(sf.shape)}.")
         minv = torch.as_tensor(np.linalg.inv(fs.index_to_physical_matrix), dtype=torch.float32)
         u = resize_vector_field((sf @ minv.T).movedim(-1, 0)[None].to(dev), work.shape)  # work-grid voxels
-    info = {"similarity": similarity, "levels": [], "work_grid": list(work.shape), "rejected_updates": 0}
+    # rejected_updates: iterates not kept (a non-finite value stopped a level, or a level's last iterate was worse
+    # than its best, which is then kept); diverged: only the first, a real failure the caller reports
+    info = {"similarity": similarity, "levels": [], "work_grid": list(work.shape), "rejected_updates": 0,
+            "nonfinite_levels": []}
     for li, (shape, n_it) in enumerate(zip(shapes, iters)):
         if n_it == 0:  # nothing to do here: keep u at its resolution (a start field is not blurred by the level)
             info["levels"].append({"grid": list(shape), "iterations": 0})
@@ -536,6 +540,7 @@ def register_deformable(fixed: Image, moving: Image, initial: Transform | None =
                 val0 = val
             if not math.isfinite(val):
                 info["rejected_updates"] += 1
+                info["nonfinite_levels"].append(li + 1)
                 break
             if val > best_val:
                 if val > best_val + STOP_TOLERANCE * max(abs(best_val), 1e-3):
@@ -548,6 +553,7 @@ def register_deformable(fixed: Image, moving: Image, initial: Transform | None =
             norm = math.sqrt(float((g * scale_xyz).square().sum(1).max()))
             if not math.isfinite(norm):
                 info["rejected_updates"] += 1
+                info["nonfinite_levels"].append(li + 1)
                 break
             delta = g * (step / norm) if norm > 0 else None
             if lm_idx is not None and landmark_weight > 0:
@@ -573,6 +579,8 @@ def register_deformable(fixed: Image, moving: Image, initial: Transform | None =
         # so there only a non-finite result goes back)
         worse = not math.isfinite(last) or (lm_idx is None and last < best_val)
         if n_it and worse:
+            if not math.isfinite(last) and li + 1 not in info["nonfinite_levels"]:
+                info["nonfinite_levels"].append(li + 1)
             if math.isfinite(best_val) and (not math.isfinite(last) or last < best_val - 1e-4):
                 info["rejected_updates"] += 1
             u, last = best_u, best_val if math.isfinite(best_val) else last
@@ -586,7 +594,7 @@ def register_deformable(fixed: Image, moving: Image, initial: Transform | None =
                                                                    padding="border"))
     info[f"{similarity}_before"] = round(before, 6)
     info[f"{similarity}_after"] = round(after, 6)
-    info["diverged"] = bool(info["rejected_updates"])
+    info["diverged"] = bool(info["nonfinite_levels"])
     report(0.99, "Building the field")
     field = _field_on_fixed(u, work, fs, initial)
     info["time_s"] = round(time.perf_counter() - t_start, 4)

@@ -8,7 +8,7 @@ import numpy as np
 from .errors import InputError
 from .space import Space
 
-__all__ = ["Image"]
+__all__ = ["Image", "check_overlap"]
 
 
 @dataclass
@@ -88,6 +88,38 @@ class Image:
     def with_array(self, array, name=None, is_label=None) -> "Image":
         return Image(array, self.space, name or self.name, self.is_label if is_label is None else is_label,
                      dict(self.meta))
+
+
+#: below this fraction of the fixed image's voxels landing inside the moving image, an intensity-driven registration
+#: is refused (it would have nothing to measure, and its result would be the fill value everywhere)
+MIN_OVERLAP = 0.005
+
+
+def check_overlap(fixed_space: Space, moving_space: Space, transform=None, start: str = "") -> float:
+    """The fraction of the fixed image's voxels (on a grid of at most 32 per axis) that ``transform`` (fixed →
+    moving physical points, ``map_points``; default: the identity) maps inside the moving image. Raises
+    :class:`InputError` below :data:`MIN_OVERLAP`: an intensity-driven registration would then compare the fixed
+    image with padding. ``start`` names the transform in the message (e.g. "the landmark affine")."""
+    axes = [np.linspace(0, n - 1, min(int(n), 32)) for n in fixed_space.size_xyz]
+    idx = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, fixed_space.ndim)
+    pts = fixed_space.index_to_physical(idx)
+    if transform is not None:
+        pts = np.asarray(transform.map_points(pts), dtype=float)
+    inside = moving_space.contains(pts, margin=0.5)
+    frac = float(inside.mean())
+    if frac < MIN_OVERLAP:
+        (flo, fhi), (mlo, mhi) = fixed_space.physical_bounds(), moving_space.physical_bounds()
+
+        def box(lo, hi):
+            return " × ".join(f"[{a:.4g}, {b:.4g}]" for a, b in zip(lo, hi))
+
+        where = f" through {start}" if start else ""
+        raise InputError(f"The images do not overlap in physical space{where}: {100 * frac:.2g}% of the fixed "
+                         f"image maps inside the moving image (fixed spans {box(flo, fhi)}, moving spans "
+                         f"{box(mlo, mhi)}, in physical units, x first). Check the images' origins and directions, "
+                         "or start from an alignment: landmark pairs, or an automatic rigid/affine registration "
+                         "(regtool register --global auto-affine).")
+    return frac
 
 
 def robust_range(a: np.ndarray, name: str) -> tuple[float, float]:

@@ -575,9 +575,12 @@ class RegistrationModel:
             self.params_changed.emit("device")
 
     def set_refine_steps(self, steps: int):
+        from .deep.options import MAX_REFINE_STEPS
+
         steps = int(steps)
-        if steps < 1:
-            raise InputError(f"The number of refinement steps must be at least 1, got {steps}.")
+        if not 1 <= steps <= MAX_REFINE_STEPS:
+            raise InputError(f"The number of refinement steps must be from 1 to {MAX_REFINE_STEPS}, got {steps}; the "
+                             "result stops changing after a few hundred.")
         if steps != self.refine_steps:
             self.refine_steps = steps
             self.params_changed.emit("refine_steps")

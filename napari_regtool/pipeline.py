@@ -166,19 +166,58 @@ def _identity_resample(array, moving_space: Space, space: Space, device):
     return resample(array, moving_space, IdentityTransform(space.ndim), space, device=device)
 
 
+#: linear starts of the deformable and deep models (``register(start=…)``, ``regtool register --global``)
+START_MODES = ("auto", "landmarks", "auto-rigid", "auto-affine", "none")
+
+
+def linear_start(mode: str | None, fixed: Image, moving: Image, lf=None, lm=None, progress: Callable | None = None,
+                 cancel: Callable | None = None, auto_pair: Callable | None = None) -> tuple:
+    """The linear transform a deformable or deep registration starts from, and how it was found.
+
+    ``mode``: ``None`` (the landmark affine when the pairs ``lf``, ``lm`` are enough for one, else the identity),
+    ``"auto"`` (the landmark affine, else an automatic affine registration), ``"landmarks"``, ``"auto-rigid"``,
+    ``"auto-affine"`` (started from the landmark affine when there is one) or ``"none"``. ``auto_pair()``, when
+    given, returns the ``(fixed, moving, where)`` the automatic registration runs on (e.g. coarse levels).
+    Returns ``(transform or None for the identity, description)``.
+    """
+    from .transforms import initial_from_landmarks, min_pairs
+
+    if mode is not None and mode not in START_MODES:
+        raise InputError(f"Unknown start {mode!r}; choose one of {', '.join(START_MODES)}.")
+    d = fixed.ndim
+    lm_init = initial_from_landmarks("affine", lf, lm, d) if lf is not None and len(lf) else None
+    if mode is None:
+        mode = "landmarks" if lm_init is not None else "none"
+    elif mode == "auto":
+        mode = "landmarks" if lm_init is not None else "auto-affine"
+    if mode == "none":
+        return None, "identity"
+    if mode == "landmarks":
+        if lm_init is None:
+            raise InputError(f"A start from the landmarks needs at least {min_pairs('affine', d)} landmark pairs; "
+                             "give more, or start with auto-affine.")
+        return lm_init, "landmark affine"
+    from .autoreg import auto_linear
+
+    cf, cm, where = auto_pair() if auto_pair is not None else (fixed, moving, "")
+    t = auto_linear(cf, cm, model=mode.split("-")[1], initial=lm_init, progress=progress, cancel=cancel)
+    return t, mode + (f" on {where}" if where else "") + (" from the landmark affine" if lm_init is not None else "")
+
+
 def register(fixed: Image, moving: Image, model: str, landmarks: LandmarkPairs | None = None,
              smoothing: float = 0.0, device="auto", reg_weight: float | None = None, refine: int = 0,
              kernel: str | None = None, weights=None,
              uncertainty: bool = False, channel="mean", progress: Callable | None = None,
              cancel: Callable | None = None, warn: Callable | None = None, iterations=None,
-             similarity: str = "lncc") -> RegistrationResult:
+             similarity: str = "lncc", start: str | None = None) -> RegistrationResult:
     """Run one registration end to end and evaluate it (see :class:`RegistrationResult`).
 
     ``model``: rigid, similarity, affine, tps (need ``landmarks``), deep, deformable, auto-rigid, auto-affine
     (landmarks optional: used as initialisation / soft constraints). ``iterations`` (per pyramid level, coarsest
     first) and ``similarity`` (lncc, mse, mi) set the deformable optimiser of ``deformable`` and of the deep
     model's refinement; ``reg_weight`` λ sets their smoothness (and the network's). ``weights``: a deep-model weight file to use instead
-    of the shipped one. Raises :class:`InputError`/:class:`FitError` with a
+    of the shipped one. ``start``: the linear start of the deformable and deep models (:func:`linear_start`).
+    Raises :class:`InputError`/:class:`FitError` with a
     plain message for unusable input, :class:`Cancelled` if ``cancel()`` turns true.
     """
     warnings_list = []
@@ -205,6 +244,11 @@ def register(fixed: Image, moving: Image, model: str, landmarks: LandmarkPairs |
                               ("refine", bool(refine), "Refinement")):
         if given and name not in options:
             _warn(f"{what} applies to the deep model only; it is ignored for {model}.")
+    if start is not None and model not in ("deformable", "deep"):
+        raise InputError(f"A linear start applies to the deformable and deep models, not {model}; leave it out.")
+    if iterations is not None and model == "deep" and refine > 0 and sum(iterations) != refine:
+        _warn(f"The iterations per level ({'x'.join(map(str, iterations))}, {sum(iterations)} in all) set the "
+              f"refinement; the refinement's number of steps ({refine}) only switches it on.")
     if kernel is not None and "kernel" not in options:
         _warn(f"The TPS kernel applies to the TPS model only; it is ignored for {model}.")
     if channel not in ("mean", None):
@@ -243,32 +287,46 @@ def register(fixed: Image, moving: Image, model: str, landmarks: LandmarkPairs |
         kind = model.split("-")[1]
         init = None if landmarks is None else initial_from_landmarks(kind, lf, lm, fixed.ndim)
         transform = auto_linear(fixed_s, moving_s, model=kind, initial=init, progress=progress, cancel=cancel)
-    elif model == "deformable":
-        from .deformable import DEFAULT_ITERATIONS, register_deformable, sigmas_for_reg_weight
+    else:  # deformable or deep: a linear start, then the deformable stage
         from .deep.infer import DEFAULT_REG_WEIGHT
 
-        init = None if landmarks is None else initial_from_landmarks("affine", lf, lm, fixed.ndim)
-        lam = DEFAULT_REG_WEIGHT if reg_weight is None else float(reg_weight)
-        sig_u, sig_f = sigmas_for_reg_weight(lam)
-        its = DEFAULT_ITERATIONS if iterations is None else iterations
-        transform = register_deformable(fixed_s, moving_s, initial=init, similarity=similarity, iterations=its,
-                                        sigma_update=sig_u, sigma_field=sig_f,
-                                        landmarks=(lf, lm) if landmarks is not None and len(lf) else None,
-                                        device=dev, progress=progress, cancel=cancel)
-        extra = {"reg_weight": lam, "start": "landmark affine" if init is not None else "identity",
-                 "optimiser": dict(transform.refine_info)}
-    else:  # deep
-        from .deep.infer import DEFAULT_REG_WEIGHT, load_model, register_deep
+        lm_start = lf is not None and len(lf) and initial_from_landmarks("affine", lf, lm, fixed.ndim) is not None
+        auto = start in ("auto-rigid", "auto-affine") or (start == "auto" and not lm_start)
+        share = 0.15 if auto else 0.0  # of the progress bar, for the automatic linear start
 
-        init = None if landmarks is None else initial_from_landmarks("affine", lf, lm, fixed.ndim)
+        def part(lo, hi):
+            return None if progress is None else (lambda f, m: progress(lo + (hi - lo) * float(f), m))
+
+        init, start_name = linear_start(start, fixed_s, moving_s, lf, lm, part(0.0, share), cancel)
         lam = DEFAULT_REG_WEIGHT if reg_weight is None else float(reg_weight)
-        transform, extra = register_deep(fixed_s, moving_s, reg_weight=lam, refine_steps=refine, uncertainty=uncertainty,
-                                         refine_options={"iterations": iterations, "similarity": similarity},
-                                         device=dev, initial=init, progress=progress, cancel=cancel,
-                                         landmarks=(lf, lm) if landmarks is not None and len(lf) else None,
-                                         model=load_model(fixed.ndim, dev, weights) if weights else None)
-        extra = dict(extra or {})
-        extra["reg_weight"] = lam
+        pairs = (lf, lm) if landmarks is not None and len(lf) else None
+        if model == "deformable":
+            from .deformable import DEFAULT_ITERATIONS, register_deformable, sigmas_for_reg_weight
+
+            sig_u, sig_f = sigmas_for_reg_weight(lam)
+            its = DEFAULT_ITERATIONS if iterations is None else iterations
+            transform = register_deformable(fixed_s, moving_s, initial=init, similarity=similarity, iterations=its,
+                                            sigma_update=sig_u, sigma_field=sig_f, landmarks=pairs,
+                                            device=dev, progress=part(share, 1.0), cancel=cancel)
+            extra = {"reg_weight": lam, "optimiser": dict(transform.refine_info)}
+            optimiser = extra["optimiser"]
+        else:
+            from .deep.infer import load_model, register_deep
+
+            transform, extra = register_deep(fixed_s, moving_s, reg_weight=lam, refine_steps=refine,
+                                             uncertainty=uncertainty,
+                                             refine_options={"iterations": iterations, "similarity": similarity},
+                                             device=dev, initial=init, progress=part(share, 1.0), cancel=cancel,
+                                             landmarks=pairs,
+                                             model=load_model(fixed.ndim, dev, weights) if weights else None)
+            extra = dict(extra or {})
+            extra["reg_weight"] = lam
+            optimiser = extra.get("refine", {})
+        extra["start"] = start_name
+        if optimiser.get("diverged"):
+            _warn(f"The optimiser met non-finite values on level(s) {optimiser.get('nonfinite_levels')} and stopped "
+                  "there, keeping the best result so far. Check the images for extreme intensities, or raise the "
+                  "regularization weight.")
     runtime = time.perf_counter() - t0
     if cancel is not None and cancel():
         raise Cancelled()

@@ -78,3 +78,66 @@ def test_forced_device_overrides_every_request_but_not_an_unknown_name(monkeypat
     assert resolve_device("cuda") == torch.device("cpu") and resolve_device("auto") == torch.device("cpu")
     with pytest.raises(InputError, match="Unknown device"):
         resolve_device("tpu")
+
+
+def _truth_error(out):
+    """Median and 90th percentile of the distance between the written field and the sample's true one (mm)."""
+    ours = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "displacement.nii.gz")))
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(TRUTH2)))
+    fixed = sitk.GetArrayFromImage(sitk.ReadImage(str(F2)))
+    err = np.linalg.norm(ours - truth, axis=-1)[fixed > np.percentile(fixed, 40)]
+    return float(np.median(err)), float(np.percentile(err, 90))
+
+
+def test_images_that_do_not_overlap_are_refused_and_an_automatic_start_fixes_them(tmp_path, capsys):
+    """A moving image placed far from the fixed one (wrong origin) is refused with a message that says what to do,
+    and nothing is written; --global auto-affine (image centres, then an affine) recovers the sample's warp."""
+    far = sitk.ReadImage(str(M2))
+    far.SetOrigin([o + 5000.0 for o in far.GetOrigin()])
+    far_path = tmp_path / "far.nii.gz"
+    sitk.WriteImage(far, str(far_path))
+    for model in ("deformable", "deep"):
+        out = tmp_path / model
+        assert main(["register", "--fixed", str(F2), "--moving", str(far_path), "--model", model,
+                     "--out", str(out), "-q"]) == 2
+        err = capsys.readouterr().err
+        assert "do not overlap" in err and "--global auto-affine" in err and "Traceback" not in err, err
+        assert not out.exists()
+    out = tmp_path / "auto"
+    assert main(["register", "--fixed", str(F2), "--moving", str(far_path), "--model", "deep", "--refine", "30",
+                 "--global", "auto-affine", "--out", str(out), "-q"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["extra"]["start"] == "auto-affine"
+    # the moving image's origin moved by 5000 mm along each axis: the true field moves with it
+    ours = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "displacement.nii.gz")))
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(TRUTH2))) + 5000.0
+    fixed = sitk.GetArrayFromImage(sitk.ReadImage(str(F2)))
+    err = np.linalg.norm(ours - truth, axis=-1)[fixed > np.percentile(fixed, 40)]
+    assert np.median(err) < 0.6, np.median(err)
+
+
+def test_global_start_for_the_deep_model_without_landmarks(tmp_path, capsys):
+    """Without landmarks the deep model starts from the identity and misses the sample's large rotation in
+    places; --global auto-affine starts it from an automatic affine and gets the warp right everywhere."""
+    runs = {}
+    for start in ("none", "auto-affine"):
+        out = tmp_path / start
+        assert main(["register", "--fixed", str(F2), "--moving", str(M2), "--model", "deep", "--refine", "30",
+                     "--global", start, "--out", str(out), "-q"]) == 0
+        assert json.loads((out / "report.json").read_text())["extra"]["start"] == (
+            "identity" if start == "none" else "auto-affine")
+        runs[start] = _truth_error(out)
+    assert runs["none"][1] > 5.0 and runs["auto-affine"][1] < 1.2, runs
+    # --global is the linear start of the deformable and deep models only
+    assert main(["register", "--fixed", str(F2), "--moving", str(M2), "--model", "tps", "--landmarks", str(L2),
+                 "--global", "auto-affine", "--out", str(tmp_path / "t"), "-q"]) == 2
+    assert "deformable and deep" in capsys.readouterr().err
+
+
+def test_iterations_per_level_override_the_refinement_count_and_say_so(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["register", "--fixed", str(F2), "--moving", str(M2), "--model", "deep", "--landmarks", str(L2),
+                 "--refine", "50", "--iterations", "5x5x5", "--out", str(out)]) == 0
+    assert "only switches it on" in capsys.readouterr().err
+    extra = json.loads((out / "report.json").read_text())["extra"]
+    assert extra["refine_steps"] == 15 and extra["refine"]["iterations"] == [5, 5, 5]

@@ -214,7 +214,35 @@ def test_progress_cancel_and_divergence(brain2d):
                                sigma_field=0.0)
     info = wild.refine_info
     assert info["lncc_after"] >= info["lncc_before"] - 1e-6
-    assert info["diverged"] and info["rejected_updates"] > 0
+    assert info["rejected_updates"] > 0  # worse iterates were dropped ...
+    assert not info["diverged"] and info["nonfinite_levels"] == []  # ... but nothing became non-finite
+
+
+def test_non_finite_similarity_stops_the_level_keeps_the_best_and_is_reported(brain2d, monkeypatch):
+    """A level whose similarity turns NaN stops there and keeps its best iterate; the run says it diverged, and the
+    pipeline (CLI, batch) warns instead of passing it silently."""
+    from napari_regtool.pipeline import register
+
+    moving, _ = _warped_pair(brain2d, max_vox=3.0, seed=4)
+    original = _Metric.value_and_grad
+    calls = {"n": 0}
+
+    def flaky(self, w):
+        calls["n"] += 1
+        val, g = original(self, w)
+        return (float("nan"), g * float("nan")) if calls["n"] == 25 else (val, g)  # early on level 2
+
+    monkeypatch.setattr(_Metric, "value_and_grad", flaky)
+    tx = register_deformable(brain2d, moving, iterations=(20, 20, 20))
+    info = tx.refine_info
+    assert info["diverged"] and info["nonfinite_levels"] == [2]
+    assert info["levels"][1]["iterations_run"] < 10 and info["levels"][2]["iterations_run"] > 10
+    assert np.isfinite(tx.u.numpy()).all()
+    assert info["lncc_after"] > info["lncc_before"]
+    calls["n"] = 0
+    warned = []
+    res = register(brain2d, moving, "deformable", iterations=(20, 20, 20), device="cpu", warn=warned.append)
+    assert res.extra["optimiser"]["diverged"] and any("non-finite" in w for w in warned)
 
 
 def test_bad_input_is_refused_with_a_message(brain2d):

@@ -105,6 +105,24 @@ def test_prediction_at_once_then_refinement_in_the_background(make_napari_viewer
     assert w.session.transform.kind == "deep" and kinds == ["deep"] and not w.progress.isVisibleTo(w)
 
 
+def test_choosing_another_model_stops_the_deep_refinement(make_napari_viewer, qtbot, tiny_model):
+    """A refinement running in the background stops when the user picks another model: its result never arrives,
+    the progress row goes, and the deep tab says why."""
+    viewer = make_napari_viewer()
+    w = open_with_widget(viewer, qtbot, "brain2d")
+    w.refine_steps.setValue(w.refine_steps.maximum())
+    kinds = []
+    w.session.transform_changed.connect(lambda t: kinds.append(getattr(t, "kind", None)))
+    w.model_combo.setCurrentIndex(w.model_combo.findData("deep"))
+    qtbot.waitUntil(lambda: "deep" in kinds and w.progress.isVisibleTo(w), timeout=10000)
+    w.model_combo.setCurrentIndex(w.model_combo.findData("affine"))
+    wait_idle(qtbot, w, timeout=10000)
+    qtbot.wait(200)
+    assert w.session.model == "affine" and "deep+refined" not in kinds, kinds
+    assert not w.progress.isVisibleTo(w) and "another model" in w.deep.deep_status.text()
+    assert w.session.computed["deep"]["transform"].kind == "deep"  # the prediction, not a half refinement
+
+
 def test_deep_model_live_lambda_and_overlays(deep2d, qtbot):
     viewer, w = deep2d
     t = w.session.transform
@@ -210,7 +228,7 @@ def test_refine_progress_cancel_and_export_equal_to_cli(deep2d, qtbot, tmp_path,
     assert sorted(rg) == sorted(rc) and sorted(rg["extra"]) == sorted(rc["extra"])
     for key in ("model", "device", "transform", "landmarks", "ndim"):
         assert rg[key] == rc[key], key
-    for key in ("model", "reg_weight", "refine_steps", "work_grid", "device"):
+    for key in ("model", "reg_weight", "refine_steps", "work_grid", "device", "start"):
         assert rg["extra"][key] == rc["extra"][key], key
     assert sorted(rg["extra"]["refine"]) == sorted(rc["extra"]["refine"])
     assert rg["folding_percent"] == pytest.approx(rc["folding_percent"], abs=1e-3)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..errors import Cancelled, InputError
-from ..image import Image, border_value, robust_range
+from ..image import Image, border_value, check_overlap, robust_range
 from ..space import Space
 from ..transforms.base import IdentityTransform, Transform, affine_index_grid
 from ..transforms.field import DisplacementFieldTransform, outside_itk, resample, sample_at_index
@@ -190,6 +190,7 @@ class DeepRegistration:
         if initial is not None and initial.is_linear:
             self._affine = initial.as_affine()
         self._pre = self._affine if self._affine is not None else (initial or IdentityTransform(d).as_affine())
+        check_overlap(fixed.space, moving.space, initial, "the starting transform" if initial is not None else "")
 
         t0 = time.perf_counter()
         self.work_space = working_space(fixed.space, self.model.work_size, self.model.multiple)
@@ -246,7 +247,7 @@ class DeepRegistration:
         self.out_grid = grid
         return disp, logvar
 
-    def _network(self, reg_weight: float, pyramid: bool) -> tuple:
+    def _network(self, reg_weight: float, pyramid: bool, cancel=None) -> tuple:
         lam = float(reg_weight)
         if not (0.0 <= lam <= 1.0) or not math.isfinite(lam):
             raise InputError(f"The regularisation weight must be between 0 and 1, got {reg_weight}.")
@@ -258,6 +259,8 @@ class DeepRegistration:
                 disp, logvar, grid = self._network(lam, False)
                 factors, passes = PYRAMID[self.ndim]
                 for f in factors:
+                    if cancel is not None and cancel():  # between levels: a finer level can take seconds in 3D
+                        raise Cancelled("Deep registration cancelled.")
                     d2, lv2, g2 = self._finer(f * self.model.work_size, disp, grid, lam, passes)
                     if g2 is not grid:
                         disp, logvar, grid = d2, lv2, g2
@@ -293,14 +296,15 @@ class DeepRegistration:
         non-linear ``initial``, which :meth:`predict` composes with the network's displacement instead)."""
         return self._affine
 
-    def prealigned_displacement(self, reg_weight: float, pyramid: bool | None = None) -> torch.Tensor:
+    def prealigned_displacement(self, reg_weight: float, pyramid: bool | None = None, cancel=None) -> torch.Tensor:
         """The network's displacement for λ = ``reg_weight`` **before** the linear pre-alignment: ``d`` with
         ``T(x) = A(x + d(x))`` (``A`` = :attr:`prealignment`, or the identity), on the fixed grid, physical units,
-        ``(*fixed.shape, D)`` CPU float32. Available when the pre-alignment is linear (or absent)."""
+        ``(*fixed.shape, D)`` CPU float32. Available when the pre-alignment is linear (or absent). ``cancel()``
+        returning True between the network's pyramid levels raises :class:`~napari_regtool.errors.Cancelled`."""
         if self.initial is not None and self._affine is None:
             raise InputError("The network's displacement before a non-linear starting transform is not defined; "
                              "use predict().")
-        u, _, grid = self._network(reg_weight, self.pyramid if pyramid is None else bool(pyramid))
+        u, _, grid = self._network(reg_weight, self.pyramid if pyramid is None else bool(pyramid), cancel)
         self.out_grid = grid
         with torch.no_grad():
             return self._displacement_on_fixed(u, grid, compose=False)
@@ -373,15 +377,15 @@ class DeepRegistration:
         with torch.no_grad():
             return self.uncertainty_on_fixed(logvar, grid)
 
-    def predict(self, reg_weight: float, uncertainty: bool = False,
-                pyramid: bool | None = None) -> DisplacementFieldTransform:
+    def predict(self, reg_weight: float, uncertainty: bool = False, pyramid: bool | None = None,
+                cancel=None) -> DisplacementFieldTransform:
         """The network's prediction (its recursive cascade, no optimisation) for λ = ``reg_weight`` ∈ [0, 1].
 
         Returns a :class:`DisplacementFieldTransform` on the fixed grid (physical units, fixed → moving, composed
         with ``initial``), ``kind="deep"``; with ``uncertainty`` its ``.uncertainty`` is a ``fixed.shape`` map
         in physical units (requires a model with a variance head).
         """
-        u, logvar, grid = self._network(reg_weight, self.pyramid if pyramid is None else bool(pyramid))
+        u, logvar, grid = self._network(reg_weight, self.pyramid if pyramid is None else bool(pyramid), cancel)
         self.out_grid = grid
         unc = self.uncertainty(reg_weight, pyramid) if uncertainty else None
         with torch.no_grad():
@@ -450,7 +454,8 @@ def run_info(reg: DeepRegistration, transform, reg_weight: float, refine_steps: 
     description, λ, working grid, refinement figures, runtime and device."""
     from ..device import describe_device
 
-    info = {"model": reg.model.describe(), "reg_weight": float(reg_weight), "refine_steps": int(refine_steps),
+    steps = getattr(transform, "refine_info", {}).get("steps", refine_steps) if refine_steps > 0 else 0
+    info = {"model": reg.model.describe(), "reg_weight": float(reg_weight), "refine_steps": int(steps),
             "work_grid": {"shape": list(reg.work_space.shape), "spacing": float(reg.work_space.spacing[0])},
             "pyramid": bool(reg.pyramid or refine_steps > 0),  # a refinement always starts from the pyramid
             "finest_velocity_grid": {"shape": list(reg.out_grid.shape), "spacing": float(reg.out_grid.spacing[0])}}

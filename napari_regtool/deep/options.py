@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["add_train_arguments", "LABEL_SIGMA"]
+__all__ = ["add_train_arguments", "LABEL_SIGMA", "MAX_REFINE_STEPS"]
 
+#: the most iterations a refinement takes (``regtool register --refine`` and the plugin's steps box): well past
+#: convergence (a 2D pair converges within ~200 iterations, a 3D pair ~300)
+MAX_REFINE_STEPS = 2000
 #: Gaussian blur (voxels) of the one-hot label maps in the Dice loss
 LABEL_SIGMA = 1.0
 

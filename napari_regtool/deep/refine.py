@@ -16,9 +16,10 @@ import numpy as np
 
 from ..deformable import SIMILARITIES, register_deformable, sigmas_for_reg_weight, spread_iterations
 from ..errors import InputError
+from .options import MAX_REFINE_STEPS as MAX_STEPS
 from ..transforms.field import DisplacementFieldTransform
 
-__all__ = ["refine_registration", "SIMILARITIES", "split_iterations", "DEFAULT_STEPS", "REFINE_SHARES"]
+__all__ = ["refine_registration", "SIMILARITIES", "split_iterations", "DEFAULT_STEPS", "REFINE_SHARES", "MAX_STEPS"]
 
 #: iterations of a refinement when none are given, and the plugin's default (6/14/30 over the pyramid levels);
 #: ``benchmarks/bench_deformable.py`` measures it as ``deep+refine-50``
@@ -71,9 +72,9 @@ def refine_registration(reg, reg_weight: float, steps: int = DEFAULT_STEPS, land
     # the refinement starts from the network with its pyramid, whatever the live preview used (the GUI's slider
     # shows the cascade alone), so the GUI and `regtool register --refine` give the same result
     if reg.initial is None or reg.prealignment is not None:
-        initial, start_field = reg.prealignment, reg.prealigned_displacement(reg_weight, pyramid=True)
+        initial, start_field = reg.prealignment, reg.prealigned_displacement(reg_weight, pyramid=True, cancel=cancel)
     else:
-        initial, start_field = reg.predict(reg_weight, pyramid=True), None
+        initial, start_field = reg.predict(reg_weight, pyramid=True, cancel=cancel), None
     tx = register_deformable(reg.fixed, reg.moving, initial=initial, start_field=start_field,
                              similarity=similarity, iterations=its,
                              sigma_update=sig_u, sigma_field=sig_f, landmarks=landmarks,

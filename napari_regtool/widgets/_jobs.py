@@ -37,6 +37,8 @@ class Jobs(QWidget):
         self.cancel_btn.clicked.connect(self.cancel)
         self._deep_cache: dict = {}
         self.deep_initial = None  # the auto-aligned start of the deep model, when there is one
+        self._deep_initial_name = ""  # how it was found ("auto-affine" …)
+        self._deep_start = "identity"  # the start of the deep run last requested, as report.json says it
         self._start_warning = None  # last message about landmark pairs unusable as a linear start
         self._deep_long = False
         self._auto_refining = False  # the running deep job is the automatic refinement after a prediction
@@ -68,6 +70,19 @@ class Jobs(QWidget):
         self.deep_runner.cancel()
         self._deep_cache.clear()
         self.deep_initial = None
+
+    def model_changed(self, model: str, _smoothing=None):
+        """Another model was chosen: a deep job in flight (a prediction or a refinement) is no longer wanted; it is
+        stopped at its next check and its result dropped."""
+        if model == "deep" or not self.deep_runner.busy:
+            return
+        self.deep_runner.cancel()
+        self._auto_refining = False
+        if self._refining:
+            self._refining = False
+            self.host.deep.set_status("Refinement stopped: another model was chosen.")
+        self._deep_long = False
+        self._update_busy()
 
     def device_changed(self):
         self._deep_cache.clear()
@@ -111,6 +126,8 @@ class Jobs(QWidget):
     def _deep_setup(self):
         dev, desc, _ = self.host.deep.device()
         init = self.deep_initial if self.deep_initial is not None else self._landmark_start("affine")
+        self._deep_start = (self._deep_initial_name if self.deep_initial is not None else
+                            "identity" if init is None else "landmark affine")
         m = self.model
         key = (id(m.fixed), id(m.moving), str(dev), None if init is None else np.round(init.homogeneous, 9).tobytes())
         return dev, desc, init, key
@@ -139,7 +156,7 @@ class Jobs(QWidget):
 
     def _deep_result(self, gen, value):
         kind, t, info = value
-        self.model.set_computed("deep", t, **info)
+        self.model.set_computed("deep", t, **dict(info, start=self._deep_start))
         self.host.deep.set_status(f"{'Refined' if kind == 'refine' else 'Predicted'} with λ = "
                                   f"{info['reg_weight']:.3g} in {info.get('runtime_s', 0):.2f} s.")
         if kind == "refine":
@@ -204,7 +221,7 @@ class Jobs(QWidget):
             self.model.set_computed(model, t, runtime_s=runtime)
             self.host.deep.set_status(f"Auto-align ({model.split('-')[1]}) done in {runtime:.1f} s.")
             if self.model.model == "deep":
-                self.deep_initial = t
+                self.deep_initial, self._deep_initial_name = t, model
                 self.predict()
             else:
                 self.model.set_model(model)

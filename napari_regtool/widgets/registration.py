@@ -108,7 +108,8 @@ class RegistrationWidget(QWidget):
         m = self.session
         connections = [(m.images_changed, self.layer_list.on_images), (m.pairs_changed, self._on_pairs),
                        (m.transform_changed, self.live.schedule), (m.fitted, self._on_fitted),
-                       (m.params_changed, self._on_params), (m.autosave_changed, self._on_autosave_notice)]
+                       (m.params_changed, self._on_params), (m.autosave_changed, self._on_autosave_notice),
+                       (m.model_changed, self.jobs.model_changed)]
         for panel in (self.model_panel, self.landmarks, self.deep, self.compare):
             connections += list(panel.connections())
         for signal, slot in connections:

@@ -57,7 +57,9 @@ class DeepPanel(QWidget):
         lrow.addWidget(self.lambda_label)
         f.addRow("λ", lrow)
         self.refine_steps = QSpinBox()
-        self.refine_steps.setRange(1, 10000)
+        from ...deep.options import MAX_REFINE_STEPS
+
+        self.refine_steps.setRange(1, MAX_REFINE_STEPS)
         self.refine_steps.setValue(model.refine_steps)
         self.refine_btn = QPushButton("Refine")
         self.refine_btn.setToolTip("Optimise the deep model's deformation for this image pair (a few seconds); "
