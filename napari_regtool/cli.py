@@ -158,6 +158,7 @@ def _register_blockwise(args, fixed, moving, landmarks, iterations, warn):
     from .deformable import DEFAULT_ITERATIONS, sigmas_for_reg_weight
     from .device import resolve_device
     from .errors import InputError
+    from .image import check_overlap
     from .pipeline import check_pair, finish_result
 
     notes = []
@@ -182,6 +183,7 @@ def _register_blockwise(args, fixed, moving, landmarks, iterations, warn):
     t0 = time.perf_counter()
     glob, start = _blockwise_global(args, fixed_s, moving_s, landmarks,
                                     lambda f, m: printer(0.1 * f, f"global: {m}"))
+    check_overlap(fixed.space, moving.space, glob, f"the global alignment ({start})")  # else every block is empty
     lam = DEFAULT_REG_WEIGHT if args.reg_weight is None else float(args.reg_weight)
     sig_u, sig_f = sigmas_for_reg_weight(lam)
     transform = refine_blockwise(fixed_s, moving_s, glob, block=args.block, overlap=args.overlap,

@@ -95,19 +95,35 @@ class Image:
 MIN_OVERLAP = 0.005
 
 
+def _grid_points(space: Space) -> np.ndarray:
+    """Physical points of ``space`` on a grid of at most 32 per axis (corners included)."""
+    axes = [np.linspace(0, n - 1, min(int(n), 32)) for n in space.size_xyz]
+    return space.index_to_physical(np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, space.ndim))
+
+
+def _volume(space: Space) -> float:
+    return float(abs(np.linalg.det(space.index_to_physical_matrix)) * np.prod(space.size_xyz))
+
+
 def check_overlap(fixed_space: Space, moving_space: Space, transform=None, start: str = "") -> float:
     """The fraction of the fixed image's voxels (on a grid of at most 32 per axis) that ``transform`` (fixed →
     moving physical points, ``map_points``; default: the identity) maps inside the moving image. Raises
-    :class:`InputError` below :data:`MIN_OVERLAP`: an intensity-driven registration would then compare the fixed
-    image with padding. ``start`` names the transform in the message (e.g. "the landmark affine")."""
-    axes = [np.linspace(0, n - 1, min(int(n), 32)) for n in fixed_space.size_xyz]
-    idx = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, fixed_space.ndim)
-    pts = fixed_space.index_to_physical(idx)
+    :class:`InputError` when both that fraction and the moving image's share of the overlap (a small field of view
+    inside a large fixed image is fine) are below :data:`MIN_OVERLAP`: an intensity-driven registration would then
+    compare the fixed image with padding. ``start`` names the transform in the message (e.g. "the landmark
+    affine")."""
+    pts = _grid_points(fixed_space)
     if transform is not None:
         pts = np.asarray(transform.map_points(pts), dtype=float)
-    inside = moving_space.contains(pts, margin=0.5)
-    frac = float(inside.mean())
-    if frac < MIN_OVERLAP:
+    frac = float(moving_space.contains(pts, margin=0.5).mean())
+    moving_share = frac * _volume(fixed_space) / max(_volume(moving_space), 1e-30)  # the overlap over the moving
+    if frac < MIN_OVERLAP and frac > 0 and transform is not None:
+        try:  # exact where the start can be inverted: the moving image's points that land in the fixed image
+            back = np.asarray(transform.inverse().map_points(_grid_points(moving_space)), dtype=float)
+            moving_share = float(fixed_space.contains(back, margin=0.5).mean())
+        except Exception:  # not invertible (or only numerically): keep the estimate from the volumes
+            pass
+    if frac < MIN_OVERLAP and moving_share < MIN_OVERLAP:
         (flo, fhi), (mlo, mhi) = fixed_space.physical_bounds(), moving_space.physical_bounds()
 
         def box(lo, hi):

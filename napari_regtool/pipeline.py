@@ -184,6 +184,8 @@ def linear_start(mode: str | None, fixed: Image, moving: Image, lf=None, lm=None
 
     if mode is not None and mode not in START_MODES:
         raise InputError(f"Unknown start {mode!r}; choose one of {', '.join(START_MODES)}.")
+    if mode == "none":  # before any fit: degenerate pairs may still serve as soft constraints
+        return None, "identity"
     d = fixed.ndim
     lm_init = initial_from_landmarks("affine", lf, lm, d) if lf is not None and len(lf) else None
     if mode is None:
@@ -290,9 +292,7 @@ def register(fixed: Image, moving: Image, model: str, landmarks: LandmarkPairs |
     else:  # deformable or deep: a linear start, then the deformable stage
         from .deep.infer import DEFAULT_REG_WEIGHT
 
-        lm_start = lf is not None and len(lf) and initial_from_landmarks("affine", lf, lm, fixed.ndim) is not None
-        auto = start in ("auto-rigid", "auto-affine") or (start == "auto" and not lm_start)
-        share = 0.15 if auto else 0.0  # of the progress bar, for the automatic linear start
+        share = 0.15 if start in ("auto", "auto-rigid", "auto-affine") else 0.0  # of the progress bar: the start
 
         def part(lo, hi):
             return None if progress is None else (lambda f, m: progress(lo + (hi - lo) * float(f), m))

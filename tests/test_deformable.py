@@ -264,3 +264,24 @@ def test_bad_input_is_refused_with_a_message(brain2d):
         register_deformable(brain2d, brain2d, similarity="ssd")
     with pytest.raises(InputError, match="limit"):
         register_deformable(brain2d, brain2d, iterations=(10 ** 6,))
+
+
+def test_overlap_check_refuses_disjoint_images_but_not_a_small_field_of_view():
+    """Disjoint images are refused (the message names both extents); a small moving tile inside a large fixed image
+    is not, although it covers well under 1 % of it; a start that brings the images together is accepted; the
+    'none' start does not fit degenerate landmark pairs (they stay soft constraints)."""
+    from napari_regtool.image import check_overlap
+    from napari_regtool.pipeline import linear_start
+    from napari_regtool.transforms.linear import AffineTransform
+
+    big = Space((400, 400), (0.05, 0.05), (0.0, 0.0), np.eye(2))  # 20 × 20 mm
+    tile = Space((20, 20), (0.05, 0.05), (5.0, 5.0), np.eye(2))  # 1 × 1 mm inside it
+    far = Space((400, 400), (0.05, 0.05), (5000.0, 5000.0), np.eye(2))
+    assert 0 < check_overlap(big, tile) < 0.005
+    with pytest.raises(InputError, match=r"do not overlap.*\[5000, 5020\]"):
+        check_overlap(big, far)
+    assert check_overlap(big, far, AffineTransform(np.eye(2), [5000.0, 5000.0])) == 1.0
+    img = Image(np.random.default_rng(0).random((40, 40)).astype(np.float32), Space((40, 40), (1, 1), (0, 0),
+                                                                                       np.eye(2)), "img")
+    collinear = np.array([[5.0, 5.0], [10.0, 10.0], [20.0, 20.0]])
+    assert linear_start("none", img, img, collinear, collinear + 1.0) == (None, "identity")

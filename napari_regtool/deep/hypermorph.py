@@ -298,7 +298,7 @@ class HyperMorphModel(nn.Module):
         return mean, torch.stack([l0[:, 0], ly, l1[:, 2]], 1)
 
     def _trunk(self, x: torch.Tensor, films: list, variance: bool = True) -> tuple:
-        fast = not torch.is_grad_enabled()
+        fast = not torch.is_grad_enabled() and x.device.type in ("cpu", "cuda")
         if fast:
             x = x.contiguous(memory_format=torch.channels_last if self.ndim == 2 else torch.channels_last_3d)
         skips, h, k = [], x, 0

@@ -440,11 +440,10 @@ def register_deep(fixed: Image, moving: Image, reg_weight: float = DEFAULT_REG_W
             report(0.15 + 0.85 * frac, msg)
 
         opts = {k: v for k, v in (refine_options or {}).items() if v is not None}
-        tx = reg.refine(reg_weight, steps=refine_steps, landmarks=landmarks, progress=sub, cancel=cancel, **opts)
-        if not uncertainty:
-            tx.uncertainty = None
+        tx = reg.refine(reg_weight, steps=refine_steps, landmarks=landmarks, progress=sub, cancel=cancel,
+                        uncertainty=uncertainty, **opts)
     else:
-        tx = reg.predict(reg_weight, uncertainty=uncertainty)
+        tx = reg.predict(reg_weight, uncertainty=uncertainty, cancel=cancel)
     report(1.0, "Done")
     return tx, run_info(reg, tx, reg_weight, refine_steps, time.perf_counter() - t0)
 

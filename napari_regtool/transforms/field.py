@@ -12,6 +12,8 @@ normalised coordinate ``2 i / (n − 1) − 1``.
 """
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -117,6 +119,7 @@ class Warper:
 
 
 _WARPERS: dict = {}  # the Warpers of the last few small grids warp() saw, oldest first
+_WARPERS_LOCK = threading.Lock()  # warp() runs on worker threads (the plugin's jobs, block-wise refinement)
 _WARPER_MAX_VOXELS = 2 ** 20  # larger grids build their sampling grid each call (at most ~75 MB kept in all)
 
 
@@ -127,11 +130,12 @@ def warp(src: torch.Tensor, disp: torch.Tensor, mode: str = "linear", padding: s
     shape = tuple(src.shape[2:])
     if mode == "linear" and padding in ("border", "zeros") and int(np.prod(shape)) <= _WARPER_MAX_VOXELS:
         key = (shape, str(disp.device), disp.dtype, padding)
-        w = _WARPERS.get(key)
-        if w is None:
-            if len(_WARPERS) >= 6:
-                _WARPERS.pop(next(iter(_WARPERS)))
-            w = _WARPERS[key] = Warper(shape, disp.device, disp.dtype, padding)
+        with _WARPERS_LOCK:
+            w = _WARPERS.get(key)
+            if w is None:
+                if len(_WARPERS) >= 6:
+                    _WARPERS.pop(next(iter(_WARPERS)), None)
+                w = _WARPERS[key] = Warper(shape, disp.device, disp.dtype, padding)
         return w(src, disp)
     idx = identity_index_grid(shape, src.device, disp.dtype) + disp
     return sample_at_index(src, idx.movedim(1, -1), mode=mode, padding=padding)

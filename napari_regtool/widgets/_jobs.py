@@ -37,7 +37,8 @@ class Jobs(QWidget):
         self.cancel_btn.clicked.connect(self.cancel)
         self._deep_cache: dict = {}
         self.deep_initial = None  # the auto-aligned start of the deep model, when there is one
-        self._deep_initial_name = ""  # how it was found ("auto-affine" …)
+        self._deep_initial_name = ""  # how it was found ("auto-affine" …), as `regtool register --global` says it
+        self._auto_from_landmarks = False  # the running auto-align started from the landmark fit
         self._deep_start = "identity"  # the start of the deep run last requested, as report.json says it
         self._start_warning = None  # last message about landmark pairs unusable as a linear start
         self._deep_long = False
@@ -72,15 +73,14 @@ class Jobs(QWidget):
         self.deep_initial = None
 
     def model_changed(self, model: str, _smoothing=None):
-        """Another model was chosen: a deep job in flight (a prediction or a refinement) is no longer wanted; it is
-        stopped at its next check and its result dropped."""
-        if model == "deep" or not self.deep_runner.busy:
+        """Another model was chosen: a deep refinement in flight is no longer wanted; it is stopped at its next check
+        and its result dropped (a prediction in flight finishes: it is the deep model's result for the current λ
+        when the user comes back to it)."""
+        if model == "deep" or not (self._refining and self.deep_runner.busy):
             return
         self.deep_runner.cancel()
-        self._auto_refining = False
-        if self._refining:
-            self._refining = False
-            self.host.deep.set_status("Refinement stopped: another model was chosen.")
+        self._auto_refining = self._refining = False
+        self.host.deep.set_status("Refinement stopped: another model was chosen.")
         self._deep_long = False
         self._update_busy()
 
@@ -202,6 +202,7 @@ class Jobs(QWidget):
             return
         kind = kind or ("rigid" if m.model in ("rigid", "auto-rigid") else "affine")
         init = self._landmark_start(kind)
+        self._auto_from_landmarks = init is not None
         self.host.deep.set_status(f"Auto-align ({kind}) running…")
         self.show_progress(True)
         self.jobs.request(auto_job, m.fixed, m.moving, kind, init, self._progress, cancellable=True)
@@ -221,7 +222,8 @@ class Jobs(QWidget):
             self.model.set_computed(model, t, runtime_s=runtime)
             self.host.deep.set_status(f"Auto-align ({model.split('-')[1]}) done in {runtime:.1f} s.")
             if self.model.model == "deep":
-                self.deep_initial, self._deep_initial_name = t, model
+                self.deep_initial = t
+                self._deep_initial_name = model + (" from the landmark affine" if self._auto_from_landmarks else "")
                 self.predict()
             else:
                 self.model.set_model(model)
