@@ -64,11 +64,14 @@ def image_from_sitk(img, name: str = "image", is_label: bool = False) -> Image:
         raise InputError(f"{name}: the image is empty (size {tuple(img.GetSize())}).")
     if dim == 4:
         raise InputError(f"{name}: 4D images (time series) are not supported; extract one 3D volume first.")
+    notices = []
     if dim == 3 and img.GetSize()[2] == 1:
         d3 = np.array(img.GetDirection()).reshape(3, 3)
         if np.allclose(d3[:2, 2], 0) and np.allclose(d3[2, :2], 0):
-            img = sitk.Extract(img, [img.GetSize()[0], img.GetSize()[1], 0], [0, 0, 0])
+            size = img.GetSize()
+            img = sitk.Extract(img, [size[0], size[1], 0], [0, 0, 0])
             dim = 2
+            notices.append(f"{name} is a volume of one slice ({size[0]}×{size[1]}×1); it is read as a 2D image.")
     if dim not in (2, 3):
         raise InputError(f"{name}: only 2D and 3D images are supported (this one is {dim}D).")
     arr = sitk.GetArrayFromImage(img)
@@ -78,7 +81,7 @@ def image_from_sitk(img, name: str = "image", is_label: bool = False) -> Image:
         raise InputError(f"{name}: unusable image geometry — {exc}") from None
     if arr.size == 0:
         raise InputError(f"{name}: the image is empty.")
-    return Image(arr, space, name=name, is_label=is_label)
+    return Image(arr, space, name=name, is_label=is_label, meta={"notices": notices} if notices else {})
 
 
 # ------------------------------------------------------------------------------------------- payload checks

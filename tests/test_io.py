@@ -127,3 +127,26 @@ def test_header_data_formats_and_permissions(tmp_path, ext, data_ext):
 def test_unwritable_file_types_are_refused(tmp_path):
     with pytest.raises(InputError, match="file name ending in"):
         write_image(tmp_path / "result", np.zeros((3, 3), np.float32), Space((3, 3), [1, 1]))
+
+
+def test_a_one_slice_volume_is_read_as_2d_and_the_cli_says_so(tmp_path, capsys):
+    """A 3D file of one slice (as some scanners and converters write 2D images) is read as a 2D image with the same
+    in-plane geometry, and `regtool register` prints a note saying so instead of passing it silently."""
+    from napari_regtool.cli import main
+    from napari_regtool.io import read_image
+
+    from .helpers import SAMPLES
+
+    moving2d = sitk.ReadImage(str(SAMPLES / "brain2d_moving.nii.gz"))
+    vol = sitk.JoinSeries(moving2d)  # x × y × 1
+    vol.SetOrigin(moving2d.GetOrigin() + (7.0,))
+    path = tmp_path / "one_slice.nii.gz"
+    sitk.WriteImage(vol, str(path))
+    img = read_image(path)
+    assert img.ndim == 2 and img.space.shape == tuple(reversed(moving2d.GetSize()))
+    np.testing.assert_allclose(img.space.origin, moving2d.GetOrigin(), atol=1e-4)
+    assert any("one slice" in n and "2D" in n for n in img.meta["notices"])
+    assert main(["register", "--fixed", str(SAMPLES / "brain2d_fixed.nii.gz"), "--moving", str(path),
+                 "--model", "affine", "--landmarks", str(SAMPLES / "brain2d_landmarks.csv"),
+                 "--out", str(tmp_path / "o")]) == 0
+    assert "note: one_slice is a volume of one slice (220×215×1); it is read as a 2D image." in capsys.readouterr().err
