@@ -3,7 +3,8 @@
     regtool register --fixed F --moving M --model {rigid,similarity,affine,tps,deep,deformable,auto-rigid,
                      auto-affine} [--landmarks L.csv] [--smoothing S] [--reg-weight λ] [--refine N] [--uncertainty]
                      [--iterations 100x70x50] [--similarity lncc|mse|mi] [--device auto|cpu|cuda]
-                     [--blockwise [--block N] [--overlap M] [--global auto|landmarks|auto-affine|…]] --out DIR
+                     [--global auto|landmarks|auto-rigid|auto-affine|none] [--blockwise [--block N] [--overlap M]]
+                     --out DIR
     regtool apply    --transform T --moving M --reference F [--labels] [--invert] --out FILE
     regtool qc       --transform T --fixed F [--moving M] [--labels-fixed L --labels-moving L] [--landmarks P.csv]
                      [--mask K] [--convention C] --out DIR
