@@ -21,6 +21,7 @@ import os
 import sys
 from pathlib import Path
 
+from .deep.options import MAX_REFINE_STEPS as MAX_REFINE  # upper bound of --refine (the plugin's steps box too)
 from .errors import Cancelled, RegtoolError
 
 __all__ = ["main", "build_parser"]
@@ -103,9 +104,6 @@ def _cmd_register(args) -> int:
     return 0
 
 
-#: upper bound of --refine (the plugin's steps box has the same)
-from .deep.options import MAX_REFINE_STEPS as MAX_REFINE  # noqa: E402
-
 #: `register --blockwise` defaults: core side and overlap (voxels of the registration level), blocks at a time
 BLOCKWISE_DEFAULTS = {"block": 128, "overlap": 32, "block_workers": 2}
 #: largest level (voxels) the global alignment of `register --blockwise` runs on, by dimension
@@ -122,9 +120,9 @@ def _check_blockwise_options(args) -> None:
                                f"--blockwise), not of {args.model}; leave it out, or use --model auto-affine.")
         given = [flag for n, flag in names.items() if getattr(args, n, None) is not None]
         if given:
-            what = "sets" if len(given) == 1 else "set"
+            what, them = ("sets", "it") if len(given) == 1 else ("set", "them")
             raise RegtoolError(f"{', '.join(given)} {what} up block-wise refinement; add --blockwise (with --model "
-                               "deformable), or leave {} out.".format("it" if len(given) == 1 else "them"))
+                               f"deformable), or leave {them} out.")
         return
     from .blockrefine import check_block_options
     from .errors import InputError

@@ -522,9 +522,8 @@ def register_deformable(fixed: Image, moving: Image, initial: Transform | None =
                       torch.as_tensor(lm[1] * fac, dtype=torch.float32, device=dev))
 
         wp = Warper(shape, dev)
-        mg = torch.cat([ml, _spatial_gradient(ml)], 1)  # the moving image and its gradient, warped together
-        if d == 3 and mg.device.type == "cpu":  # laid out once per level as the warp reads it (see Warper)
-            mg = mg.contiguous(memory_format=torch.channels_last_3d)
+        # the moving image and its gradient, warped together, laid out once per level as the warp reads them
+        mg = Warper.layout(torch.cat([ml, _spatial_gradient(ml)], 1))
 
         def evaluate(uu):
             return metric.value(wp(ml, uu))

@@ -16,10 +16,9 @@ import numpy as np
 
 from ..deformable import SIMILARITIES, register_deformable, sigmas_for_reg_weight, spread_iterations
 from ..errors import InputError
-from .options import MAX_REFINE_STEPS as MAX_STEPS
 from ..transforms.field import DisplacementFieldTransform
 
-__all__ = ["refine_registration", "SIMILARITIES", "split_iterations", "DEFAULT_STEPS", "REFINE_SHARES", "MAX_STEPS"]
+__all__ = ["refine_registration", "SIMILARITIES", "split_iterations", "DEFAULT_STEPS", "REFINE_SHARES"]
 
 #: iterations of a refinement when none are given, and the plugin's default (6/14/30 over the pyramid levels);
 #: ``benchmarks/bench_deformable.py`` measures it as ``deep+refine-50``

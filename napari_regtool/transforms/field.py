@@ -109,12 +109,18 @@ class Warper:
                                      dtype=dtype)
         self.padding = padding
 
+    @staticmethod
+    def layout(src: torch.Tensor) -> torch.Tensor:
+        """``src`` in the memory layout the warp reads fastest (the same values): a multi-channel 3D source on the
+        CPU channels-last, since the CPU kernel reads every channel at each corner (4 channels on 90x108x90:
+        0.13 -> 0.07 s). A source warped many times can be laid out once with this."""
+        if src.dim() == 5 and src.shape[1] > 1 and src.device.type == "cpu":
+            return src.contiguous(memory_format=torch.channels_last_3d)
+        return src
+
     def __call__(self, src: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         grid = self.base + u.movedim(1, -1) * self.scale
-        if src.dim() == 5 and src.shape[1] > 1 and src.device.type == "cpu":
-            # the CPU kernel reads every channel at each corner: channels next to each other in memory are read
-            # together (4 channels on 90x108x90: 0.13 -> 0.07 s; the result is the same)
-            src = src.contiguous(memory_format=torch.channels_last_3d)
+        src = self.layout(src)  # no copy when already laid out
         return F.grid_sample(src, grid.to(src.dtype), mode="bilinear", padding_mode=self.padding, align_corners=True)
 
 
