@@ -23,6 +23,7 @@ from pathlib import Path
 
 from .deep.options import MAX_REFINE_STEPS as MAX_REFINE  # upper bound of --refine (the plugin's steps box too)
 from .errors import Cancelled, RegtoolError
+from .publish import check_writable
 
 __all__ = ["main", "build_parser"]
 
@@ -64,6 +65,7 @@ def _cmd_register(args) -> int:
     if args.fixed_points and not args.landmarks:
         raise RegtoolError("--fixed-points pairs with the moving image's points given by --landmarks; give both.")
     _check_blockwise_options(args)
+    check_writable(args.out)
     level = getattr(args, "level", None)
     fixed = read_image(args.fixed, level=level)
     moving = read_image(args.moving, level=level)
@@ -71,8 +73,6 @@ def _cmd_register(args) -> int:
     _check_units(*_units_of(fixed, moving))
     landmarks = read_landmarks(args.landmarks, args.fixed_points) if args.landmarks else None
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise RegtoolError(f"--out {out} exists and is not a folder.")
 
     def warn(msg):
         print(f"warning: {msg}", file=sys.stderr)
@@ -293,7 +293,9 @@ def _cmd_apply(args) -> int:
     from .pipeline import warp_image
 
     check_image_extension(args.out, zarr=True)
-    if str(args.out).lower().rstrip("/").endswith(".zarr"):
+    to_zarr = str(args.out).lower().rstrip("/").endswith(".zarr")
+    check_writable(args.out, folder=to_zarr)
+    if to_zarr:
         return _apply_blockwise(args)
     moving = read_image(args.moving, is_label=args.labels, level=args.level or 0)
     reference = read_image(args.reference, level=0)
@@ -389,6 +391,7 @@ def _cmd_field(args) -> int:
 
     check_image_extension(args.out, "a displacement field", zarr=True)
     to_zarr = str(args.out).lower().rstrip("/").endswith(".zarr")
+    check_writable(args.out, folder=to_zarr)
     if ngff.is_ngff(args.reference):
         ref = ngff.open_ngff(args.reference)
         k = int(args.level or 0)
@@ -467,8 +470,7 @@ def _cmd_qc(args) -> int:
         raise RegtoolError("--labels-fixed and --labels-moving go together (Dice compares the fixed labels with the "
                            "moving labels warped); give both.")
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise RegtoolError(f"--out {out} exists and is not a folder.")
+    check_writable(out)
     fixed = read_image(args.fixed)
     moving = read_image(args.moving) if args.moving else None
     fs = fixed.space

@@ -65,7 +65,8 @@ from typing import Callable, Iterable
 
 from .errors import RegtoolError
 
-__all__ = ["publish_folder", "publish_files", "test_hook", "cleanup_stale", "fsync_tree", "lock_output"]
+__all__ = ["publish_folder", "publish_files", "test_hook", "cleanup_stale", "fsync_tree", "lock_output",
+           "check_writable"]
 
 #: default seconds a run waits for another run publishing into the same folder
 LOCK_TIMEOUT = 120.0
@@ -138,6 +139,31 @@ def _rmtree(p: Path):
             p.unlink()
         except FileNotFoundError:
             pass
+
+
+# ---------------------------------------------------------------------------------------------------- preflight
+def check_writable(target, option: str = "--out", folder: bool = True) -> None:
+    """Raise :class:`RegtoolError` unless ``target`` (a folder when ``folder``, else a file) can be written, so that
+    a run says so before its work instead of after it. Nothing is left behind: the nearest existing folder above
+    ``target`` (or ``target`` itself when it is a folder) gets a probe folder that is removed at once."""
+    target = Path(target)
+    if target.is_dir() and not folder:
+        raise RegtoolError(f"{option} {target} is a folder; give a file name.")
+    if target.exists() and not target.is_dir() and folder:
+        raise RegtoolError(f"{option} {target} exists and is not a folder; remove it or choose another {option}.")
+    base = target if target.is_dir() else target.parent
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise RegtoolError(f"{option} {target}: {base} is a file, so nothing can be made under it; "
+                           f"choose another {option}.")
+    import tempfile
+
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".regtool-probe-", dir=base))
+    except OSError as exc:
+        raise RegtoolError(f"{option} {target}: cannot write in {base} ({exc.strerror or exc}); choose a folder you "
+                           "can write to.") from None
 
 
 # ------------------------------------------------------------------------------------------------------- lock

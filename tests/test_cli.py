@@ -271,6 +271,38 @@ def test_more_bad_input_gets_plain_messages(tmp_path, capsys):
                "--out", blocker / "sub", "-q")
     err = capsys.readouterr().err
     assert code == 2 and "regtool: error:" in err and "bug" not in err
+    assert f"{blocker} is a file" in err and "choose another --out" in err
+
+
+@pytest.mark.parametrize("command", ["register", "qc", "apply", "field", "batch"])
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys, monkeypatch, command):
+    """A bad --out is found before the images are read (a long registration must not end in 'cannot write'), and the
+    message names the place that is wrong, not a file regtool would have made there."""
+    import napari_regtool.io as rio
+
+    def no_reading(*a, **k):
+        raise AssertionError("an image was read before --out was checked")
+
+    monkeypatch.setattr(rio, "read_image", no_reading)
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    name = "w.nii.gz" if command in ("apply", "field") else "res"
+    args = {"register": ["--fixed", F2, "--moving", M2, "--model", "rigid", "--landmarks", L2],
+            "qc": ["--fixed", F2, "--transform", SAMPLES / "brain2d_truth_displacement.nii.gz"],
+            "apply": ["--moving", M2, "--reference", F2, "--transform", SAMPLES / "brain2d_truth_displacement.nii.gz"],
+            "field": ["--reference", F2, "--transform", SAMPLES / "brain2d_truth_displacement.nii.gz"],
+            "batch": [tmp_path / "pairs.csv"]}[command]
+    for out, says in ((blocker / "sub" / name, f"{blocker} is a file"),
+                      (tmp_path / "no" / "such" / name, None)):
+        if says is None:  # a folder that cannot be created in: a read-only place (root may write anywhere)
+            monkeypatch.setattr("tempfile.mkdtemp", lambda **k: (_ for _ in ()).throw(
+                PermissionError(13, "Permission denied")))
+            says = f"cannot write in {tmp_path} (Permission denied)"
+        code = run(command, *args, "--out", out, "-q")
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert says in err and "regtool-lock" not in err and "bug" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # nothing made on the way
 
 
 def test_bad_channel_name(tmp_path, capsys):
