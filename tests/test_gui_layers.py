@@ -192,3 +192,28 @@ def test_a_warped_rgb_image_keeps_its_colours(make_napari_viewer, qtbot):
     layer = viewer.layers["moving (warped)"]
     assert layer.rgb and tuple(layer.contrast_limits) == (0.0, 255.0)  # napari's default for float RGB: 0–1
     assert np.asarray(layer.data).shape == rgb.shape
+
+
+def test_removing_an_image_stops_with_a_word_but_closing_the_viewer_says_nothing(make_napari_viewer, qtbot):
+    """Deleting the moving image in the layer list stops the registration and says why; napari's Viewer.close()
+    removes every layer too, but that is no fault of the user's: no warning, and the widget's background work ends."""
+    viewer = make_napari_viewer()
+    w = open_with_widget(viewer, qtbot, "brain2d")
+    w.set_model("affine")
+    wait_idle(qtbot, w)
+    before = len(notifications())
+    viewer.layers.remove(w._moving_layer)
+    qtbot.waitUntil(lambda: not w.session.ready, timeout=5000)
+    said = notifications()[before:]
+    assert any("moving image" in n and "was removed" in n and "registration stopped" in n for n in said), said
+    assert not w.closing
+
+    viewer2 = make_napari_viewer()
+    w2 = open_with_widget(viewer2, qtbot, "brain2d")
+    w2.set_model("affine")
+    wait_idle(qtbot, w2)
+    before = len(notifications())
+    viewer2.close()
+    qtbot.waitUntil(lambda: w2.closing, timeout=5000)
+    qtbot.wait(50)
+    assert not [n for n in notifications()[before:] if "removed" in n]

@@ -27,8 +27,8 @@ class LayerKeeper:
     """Keeps the viewer's layer list and the registration in step.
 
     ``host`` gives ``points``, ``canvas``, ``live``, ``images``, ``qc``, ``landmarks``, ``table``, ``jobs``,
-    ``moving_window``, ``notify``, ``set_status``, ``muted()``, ``is_muted``, ``closing``, ``layers_changed()``,
-    ``set_layers()`` and ``fitted_once``.
+    ``moving_window``, ``notify``, ``set_status``, ``muted()``, ``is_muted``, ``closing``, ``viewer_gone()``,
+    ``layers_changed()``, ``set_layers()`` and ``fitted_once``.
     """
 
     def __init__(self, viewer, attachment, host):
@@ -180,6 +180,9 @@ class LayerKeeper:
         """An image layer in use was removed: stop registering, unless other images were chosen meanwhile."""
         try:
             if self.host.closing or self.attached() or not self.model.ready:
+                return
+            if self.host.viewer_gone():  # the viewer was closed: stop the background work, say nothing
+                self.host.close_session()
                 return
         except RuntimeError:  # the widget was deleted meanwhile
             return

@@ -256,6 +256,11 @@ class RegistrationWidget(QWidget):
     def closing(self) -> bool:
         return self._closing
 
+    def viewer_gone(self) -> bool:
+        """Whether the viewer's window is gone: ``Viewer.close()`` empties the layer list and then drops its window
+        without closing the dock widgets, so the layers' removal is not a user's doing."""
+        return getattr(self.viewer.window, "_qt_window", None) is None
+
     def preview_idle(self) -> bool:
         return self.live.runner.idle
 
