@@ -559,10 +559,11 @@ class RegistrationModel:
         self.set_model(self.model, smoothing)
 
     def set_reg_weight(self, lam: float):
-        """The deep model's regularisation weight λ (> 0)."""
+        """The regularisation weight λ ∈ [0, 1] of the deep and deformable models (the range ``--reg-weight``
+        takes)."""
         lam = float(lam)
-        if not np.isfinite(lam) or lam <= 0:
-            raise InputError(f"The regularisation weight λ must be a number > 0, got {lam}.")
+        if not np.isfinite(lam) or not 0 <= lam <= 1:
+            raise InputError(f"The regularisation weight λ must be a number from 0 to 1, got {lam}.")
         if lam != self.reg_weight:
             self.reg_weight = lam
             self.params_changed.emit("reg_weight")

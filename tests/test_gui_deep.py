@@ -159,6 +159,16 @@ def test_deep_model_live_lambda_and_overlays(deep2d, qtbot):
                                jacobian_determinant(t2.u, fixed.space).numpy(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(viewer.layers["uncertainty"].data, t2.uncertainty.numpy(), rtol=1e-5)
     assert "folding_percent" in w.readouts
+    # the slider's ends are the ends of λ's range, as `regtool register --reg-weight 0` / `1` take them
+    for end, lam_end in ((w.lambda_slider.minimum(), 0.0), (w.lambda_slider.maximum(), 1.0)):
+        w.lambda_slider.setValue(end)
+        wait_idle(qtbot, w)
+        assert w.reg_weight == lam_end and w.lambda_label.text() == f"{lam_end:g}"
+        np.testing.assert_allclose(w.session.transform.u.numpy(), reg.predict(lam_end).u.numpy(), atol=1e-4)
+    # one step up from 0 is the log scale's low end
+    w.lambda_slider.setValue(w.lambda_slider.minimum() + 1)
+    wait_idle(qtbot, w)
+    assert w.reg_weight == pytest.approx(1e-3)
 
 
 def test_degenerate_pairs_are_said_and_not_used_as_a_start(deep2d, qtbot, tmp_path):

@@ -118,7 +118,10 @@ def test_parameters_are_checked_and_announced(model):
                                                              ("params_changed", "device"),
                                                              ("params_changed", "refine_steps")]
     assert (model.reg_weight, model.device, model.refine_steps) == (0.25, "cpu", 12)
-    for bad in (0.0, -1.0, float("nan")):
+    model.set_reg_weight(0.0)  # the ends of the range --reg-weight takes
+    model.set_reg_weight(1.0)
+    assert model.reg_weight == 1.0
+    for bad in (-1e-9, -1.0, 1.5, float("nan")):
         with pytest.raises(InputError):
             model.set_reg_weight(bad)
     with pytest.raises(InputError):

@@ -10,18 +10,24 @@ from qtpy.QtWidgets import (
 
 __all__ = ["DeepPanel", "LAMBDA_MIN", "SLIDER_STEPS"]
 
-#: deep model λ slider: log scale over [LAMBDA_MIN, 1]
+#: deep model λ slider: its left end is λ = 0 (as ``regtool register --reg-weight 0``), the rest a log scale over
+#: [LAMBDA_MIN, 1]
 LAMBDA_MIN = 1e-3
 SLIDER_STEPS = 300
 
 
 def _slider_to_lambda(v: int) -> float:
-    return float(10 ** (math.log10(LAMBDA_MIN) * (1 - v / SLIDER_STEPS)))
+    if v <= 0:
+        return 0.0
+    return float(10 ** (math.log10(LAMBDA_MIN) * (1 - (v - 1) / (SLIDER_STEPS - 1))))
 
 
 def _lambda_to_slider(lam: float) -> int:
-    lam = min(max(float(lam), LAMBDA_MIN), 1.0)
-    return int(round(SLIDER_STEPS * (1 - math.log10(lam) / math.log10(LAMBDA_MIN))))
+    lam = min(float(lam), 1.0)
+    if lam <= 0:
+        return 0
+    lam = max(lam, LAMBDA_MIN)
+    return 1 + int(round((SLIDER_STEPS - 1) * (1 - math.log10(lam) / math.log10(LAMBDA_MIN))))
 
 
 def default_lambda() -> float:
@@ -49,8 +55,9 @@ class DeepPanel(QWidget):
         f = QFormLayout(self)
         self.lambda_slider = QSlider(Qt.Orientation.Horizontal)
         self.lambda_slider.setRange(0, SLIDER_STEPS)
-        self.lambda_slider.setToolTip("Regularisation weight λ of the deep model (log scale): small λ follows the "
-                                      "images closely, large λ gives a smoother deformation. Updates live.")
+        self.lambda_slider.setToolTip("Regularisation weight λ of the deep model (log scale from 0.001 to 1; the "
+                                      "left end is 0): small λ follows the images closely, large λ gives a smoother "
+                                      "deformation. Updates live.")
         self.lambda_label = QLabel("")
         lrow = QHBoxLayout()
         lrow.addWidget(self.lambda_slider, 1)
