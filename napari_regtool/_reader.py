@@ -3,6 +3,8 @@ and direction as the layer's scale/translate or affine) and OME-Zarr folders (a 
 read only where it is looked at)."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from .errors import RegtoolError
@@ -94,6 +96,8 @@ def get_image_reader(path):
             raise ValueError(str(exc)) from None
         if looks_like_label_map(im, p):  # a segmentation opens as labels, so warping keeps its values
             im = im.with_array(im.array, is_label=True)
+        for note in im.meta.get("notices") or []:  # napari shows a reader's warnings in its notification area
+            warnings.warn(note, UserWarning, stacklevel=2)
         return [image_layer_data(im, p)]
 
     return reader

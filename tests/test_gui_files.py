@@ -246,3 +246,29 @@ def test_regtool_gui_ends_quietly_on_sigterm(tmp_path):
             proc.kill()
     assert proc.returncode == -signal.SIGTERM
     assert "Traceback" not in err and "_Terminated" not in err, err[-2000:]
+
+
+def test_what_reading_a_file_had_to_say_is_shown(make_napari_viewer, qtbot, tmp_path, monkeypatch):
+    """A 3D file of one slice is read as a 2D image; the plugin says so, whether the file comes through the
+    Registration widget's Open… button or napari's File ▸ Open (as the command line prints it)."""
+    from qtpy.QtWidgets import QFileDialog
+
+    from .test_gui import notifications
+
+    moving2d = sitk.ReadImage(str(M2))
+    path = tmp_path / "one_slice.nii.gz"
+    sitk.WriteImage(sitk.JoinSeries(moving2d), str(path))
+    said = "one_slice is a volume of one slice (220×215×1); it is read as a 2D image."
+    viewer = make_napari_viewer()
+    w = open_with_widget(viewer, qtbot)
+    monkeypatch.setattr(QFileDialog, "getOpenFileName", lambda *a, **k: (str(F2), ""))
+    qtbot.mouseClick(w.open_fixed_btn, Qt.MouseButton.LeftButton)
+    before = len(notifications())
+    monkeypatch.setattr(QFileDialog, "getOpenFileName", lambda *a, **k: (str(path), ""))
+    qtbot.mouseClick(w.open_moving_btn, Qt.MouseButton.LeftButton)
+    wait_idle(qtbot, w)
+    assert w.session.ready and w.session.moving.ndim == 2
+    assert said in notifications()[before:]
+    with pytest.warns(UserWarning, match="volume of one slice"):
+        layer = viewer.open(str(path), plugin=PLUGIN)[0]
+    assert layer.data.ndim == 2

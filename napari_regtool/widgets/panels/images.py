@@ -314,6 +314,8 @@ class ImagesPanel(QWidget):
         except RegtoolError as exc:
             self.host.notify("error", f"{Path(path).name} cannot be the {side} image: {exc}")
             return False
+        for note in im.meta.get("notices") or []:  # what reading it had to say (one slice, several series, …)
+            self.host.notify("info", note)
         from ..._reader import image_layer_data
 
         data, kwargs, _ = layer_data or image_layer_data(im, path, role=side)
