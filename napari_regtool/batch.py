@@ -109,7 +109,7 @@ def read_pairs(pairs_csv, register_parser: argparse.ArgumentParser, cli_options:
     to every row. Raises :class:`RegtoolError` naming the line for a missing header or column, an unknown column,
     an empty ``fixed``/``moving`` cell, a row with extra or missing cells, no model, an invalid value, and for
     duplicated names or duplicated pairs (same inputs, same options)."""
-    from .cli import MAX_REFINE, _check_blockwise_options, _parse_iterations
+    from .cli import _check_blockwise_options, _check_refine, _parse_iterations
 
     path = Path(pairs_csv)
     if not path.is_file():
@@ -182,8 +182,7 @@ def read_pairs(pairs_csv, register_parser: argparse.ArgumentParser, cli_options:
         try:
             if ns.iterations:
                 _parse_iterations(ns.iterations)
-            if not 0 <= ns.refine <= MAX_REFINE:
-                raise RegtoolError(f"refine {ns.refine}: give 0 (no refinement) to {MAX_REFINE} iterations.")
+            _check_refine(ns.refine)
             _check_blockwise_options(ns)  # --global and the block-wise options against this row's model
         except RegtoolError as exc:
             fail(line, str(exc))

@@ -79,9 +79,7 @@ def _cmd_register(args) -> int:
 
     kernel = None if args.kernel == "auto" else args.kernel
     iterations = _parse_iterations(args.iterations) if args.iterations else None
-    if not 0 <= args.refine <= MAX_REFINE:
-        raise RegtoolError(f"--refine {args.refine}: give 0 (no refinement) to {MAX_REFINE} iterations; the result "
-                           "stops changing after a few hundred.")
+    _check_refine(args.refine)
     if getattr(args, "blockwise", False):
         result = _register_blockwise(args, fixed, moving, landmarks, iterations, warn)
     else:
@@ -230,6 +228,13 @@ def _coarse_pair(args, fixed, moving):
         out.append(lv.with_array(lv.scalar(args.channel)) if lv.is_multichannel else lv)
         where.append(f"level {k}")
     return out[0], out[1], where[0] if where[0] == where[1] else f"{where[0]} (fixed), {where[1]} (moving)"
+
+
+def _check_refine(steps: int) -> None:
+    """``--refine N``'s range (the command line and each row of a batch)."""
+    if not 0 <= steps <= MAX_REFINE:
+        raise RegtoolError(f"--refine {steps}: give 0 (no refinement) to {MAX_REFINE} iterations; the result stops "
+                           "changing after a few hundred.")
 
 
 def _parse_iterations(text: str) -> tuple:

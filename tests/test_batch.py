@@ -235,6 +235,8 @@ def test_unreachable_scheduler_starts_nothing(data, tmp_path, capsys):
     (["fixed", "moving", "model", "smoothing"], [["a.nii.gz", "b.nii.gz", "tps", "lots"]], "--smoothing"),
     (["fixed", "moving", "model", "iterations"], [["a.nii.gz", "b.nii.gz", "deformable", "10xx"]], "line 2: --iterations 10xx"),
     (["fixed", "moving", "model", "uncertainty"], [["a.nii.gz", "b.nii.gz", "deep", "maybe"]], "not yes/no"),
+    (["fixed", "moving", "model", "refine"], [["a.nii.gz", "b.nii.gz", "deep", "5000"]],
+     "line 2: --refine 5000: give 0 (no refinement) to 2000"),
     (["name", "fixed", "moving", "model"], [["p", "a.nii.gz", "b.nii.gz", "rigid"], ["P", "c.nii.gz", "d.nii.gz",
                                                                                        "affine"]],
      "line 3: the pair name 'P' is also the name of line 2"),

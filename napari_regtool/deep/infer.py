@@ -243,9 +243,13 @@ class DeepRegistration:
         instance's setting); ``logvar`` the last pass's velocity log-variance (or ``None``). Results are kept per
         (λ, pyramid), so the cascade is not recomputed for the pyramid at the same λ.
         """
-        disp, logvar, grid = self._network(reg_weight, self.pyramid if pyramid is None else bool(pyramid))
+        disp, logvar, grid = self._network(reg_weight, self._pyramid(pyramid))
         self.out_grid = grid
         return disp, logvar
+
+    def _pyramid(self, pyramid: bool | None) -> bool:
+        """A call's ``pyramid`` argument: None means this registration's setting."""
+        return self.pyramid if pyramid is None else bool(pyramid)
 
     def _network(self, reg_weight: float, pyramid: bool, cancel=None) -> tuple:
         lam = float(reg_weight)
@@ -304,7 +308,7 @@ class DeepRegistration:
         if self.initial is not None and self._affine is None:
             raise InputError("The network's displacement before a non-linear starting transform is not defined; "
                              "use predict().")
-        u, _, grid = self._network(reg_weight, self.pyramid if pyramid is None else bool(pyramid), cancel)
+        u, _, grid = self._network(reg_weight, self._pyramid(pyramid), cancel)
         self.out_grid = grid
         with torch.no_grad():
             return self._displacement_on_fixed(u, grid, compose=False)
@@ -371,7 +375,7 @@ class DeepRegistration:
     def uncertainty(self, reg_weight: float, pyramid: bool | None = None) -> torch.Tensor:
         """The uncertainty map of the network's prediction for λ = ``reg_weight`` alone (see
         :meth:`uncertainty_on_fixed`), without building the displacement field; requires a variance head."""
-        _, logvar, grid = self._network(reg_weight, self.pyramid if pyramid is None else bool(pyramid))
+        _, logvar, grid = self._network(reg_weight, self._pyramid(pyramid))
         if logvar is None:
             raise InputError("This model has no uncertainty head; retrain it without --no-variance.")
         with torch.no_grad():
@@ -385,7 +389,7 @@ class DeepRegistration:
         with ``initial``), ``kind="deep"``; with ``uncertainty`` its ``.uncertainty`` is a ``fixed.shape`` map
         in physical units (requires a model with a variance head).
         """
-        u, logvar, grid = self._network(reg_weight, self.pyramid if pyramid is None else bool(pyramid), cancel)
+        u, logvar, grid = self._network(reg_weight, self._pyramid(pyramid), cancel)
         self.out_grid = grid
         unc = self.uncertainty(reg_weight, pyramid) if uncertainty else None
         with torch.no_grad():
