@@ -134,7 +134,7 @@ def check_overlap(fixed_space: Space, moving_space: Space, transform=None, start
                          f"image maps inside the moving image (fixed spans {box(flo, fhi)}, moving spans "
                          f"{box(mlo, mhi)}, in physical units, x first). Check the images' origins and directions, "
                          "or start from an alignment: landmark pairs, or an automatic rigid/affine registration "
-                         "(regtool register --global auto-affine).")
+                         "(regtool register --global auto-affine; in the plugin, Auto-align).")
     return frac
 
 

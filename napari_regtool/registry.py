@@ -113,7 +113,7 @@ MODELS: dict[str, ModelSpec] = {s.name: s for s in (
     ModelSpec("deep", "Deep deformable", "deep", 0, 0, None, None, True, "napari_regtool.deep.infer:register_deep",
               # iterations and similarity set its refinement (refine > 0)
               options=frozenset({"reg_weight", "refine", "uncertainty", "weights", "iterations", "similarity"}),
-              action="Predict"),
+              action="Refine"),  # the deep tab's button (choosing the model predicts by itself)
     # on demand like deep, but the widget has no button that runs it in the background yet: CLI only for now
     ModelSpec("deformable", "Deformable (optimised)", "intensity", 0, 0, None, None, True,
               "napari_regtool.deformable:register_deformable", options=_OPTIMISER, in_gui=False, action="Register"),

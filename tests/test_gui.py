@@ -510,6 +510,10 @@ def test_qc_overlays_toggle_and_match_the_engine(sample2d, qtbot):
         return np.clip((a - lo) / (hi - lo), 0, 1)
     fn, wn = scaled(fixed.scalar(), fixed.scalar()), scaled(warped_img, read_image(M2).scalar())
     np.testing.assert_allclose(viewer.layers["difference"].data, fn - wn, atol=1e-5)
+    # its colour scale is symmetric and fits the differences there are (not ±1, where small ones look white)
+    hi = np.percentile(np.abs(fn - wn), 99.5)
+    assert hi < 0.9
+    np.testing.assert_allclose(viewer.layers["difference"].contrast_limits, (-hi, hi), rtol=1e-3)
     tiles = np.add.outer(np.arange(fn.shape[0]) * 8 // fn.shape[0], np.arange(fn.shape[1]) * 8 // fn.shape[1])
     np.testing.assert_allclose(viewer.layers["checkerboard"].data, np.where(tiles % 2 == 0, fn, wn), atol=1e-5)
     unc, _, _ = qc.landmark_uncertainty("tps", lm.fixed, lm.moving, fixed.space, max_points=16384)

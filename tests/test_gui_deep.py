@@ -281,3 +281,60 @@ def test_auto_align_and_device_selector(make_napari_viewer, qtbot, request):
         assert any("CUDA" in m for m in notifications()[n:])
         assert w.device_label.text().startswith("in use: cpu")
     w.device_combo.setCurrentIndex(w.device_combo.findData("auto"))
+
+
+def test_export_without_the_uncertainty_overlay_writes_what_the_cli_writes(deep2d, qtbot, tmp_path, monkeypatch):
+    """A refinement made with the uncertainty overlay off carries no uncertainty map, so Export all writes the files
+    of `regtool register --model deep --refine N` (no --uncertainty): no uncertainty.nii.gz."""
+    viewer, w = deep2d
+    assert not w.qc.is_on("uncertainty")
+    w.refine_steps.setValue(3)
+    qtbot.mouseClick(w.refine_btn, Qt.MouseButton.LeftButton)
+    wait_idle(qtbot, w)
+    t = w.session.transform
+    assert "refined" in t.kind and t.uncertainty is None
+    gui, cli = tmp_path / "gui", tmp_path / "cli"
+    monkeypatch.setattr(QFileDialog, "getExistingDirectory", lambda *a, **k: str(gui))
+    w.tabs.setCurrentIndex(w.tabs.indexOf(w.export_btn.parentWidget()))
+    qtbot.mouseClick(w.export_btn, Qt.MouseButton.LeftButton)
+    wait_idle(qtbot, w)
+    assert main(["register", "--fixed", str(F2), "--moving", str(M2), "--model", "deep", "--landmarks", str(L2),
+                 "--reg-weight", repr(w.reg_weight), "--refine", "3", "--device", "cpu", "--out", str(cli), "-q"]) == 0
+    assert sorted(p.name for p in gui.iterdir()) == sorted(p.name for p in cli.iterdir())
+    assert not (gui / "uncertainty.nii.gz").exists()
+
+
+def test_a_new_pair_gets_its_prediction_at_once_and_a_failed_one_says_so(deep2d, qtbot, tmp_path, monkeypatch):
+    """With the deep model chosen, opening another pair predicts for it at once (as choosing the model does), and
+    the deep tab no longer speaks of the previous pair; a pair the network cannot take gets its reason in the tab."""
+    viewer, w = deep2d
+    old = w.session.transform
+    kinds = []
+    w.session.transform_changed.connect(lambda t: kinds.append(getattr(t, "kind", None)))
+    fixed = sitk.ReadImage(str(F2), sitk.sitkFloat32)
+    moving = sitk.ReadImage(str(M2), sitk.sitkFloat32)
+    paths = {}
+    for side, img in (("fixed", fixed), ("moving", moving)):
+        img = sitk.Shrink(img, [2, 2])  # another pair: half the size, same physical extent
+        paths[side] = tmp_path / f"{side}.nii.gz"
+        sitk.WriteImage(img, str(paths[side]))
+    for side in ("fixed", "moving"):
+        monkeypatch.setattr(QFileDialog, "getOpenFileName", lambda *a, p=paths[side], **k: (str(p), ""))
+        qtbot.mouseClick(getattr(w, f"open_{side}_btn"), Qt.MouseButton.LeftButton)
+        wait_idle(qtbot, w)
+    t = w.session.transform
+    assert w.session.model == "deep" and t is not None and t is not old and t.kind == "deep", kinds
+    assert t.u.shape[:2] == w.session.fixed.space.shape
+    assert w.deep.deep_status.text().startswith("Predicted with λ"), w.deep.deep_status.text()
+    # a pair too small for the network: the reason, in the tab too, not a "Predicting…" that never ends
+    for side in ("fixed", "moving"):
+        small = tmp_path / f"small_{side}.nii.gz"
+        sitk.WriteImage(sitk.GetImageFromArray(np.random.default_rng(0).random((12, 12)).astype(np.float32)),
+                        str(small))
+        monkeypatch.setattr(QFileDialog, "getOpenFileName", lambda *a, p=small, **k: (str(p), ""))
+        qtbot.mouseClick(getattr(w, f"open_{side}_btn"), Qt.MouseButton.LeftButton)
+        wait_idle(qtbot, w)
+    assert w.session.ready and w.session.fixed.space.shape == (12, 12)
+    status = w.deep.deep_status.text()
+    assert status.startswith("No prediction:") and "Predicting" not in status, status
+    assert w.session.transform is None

@@ -207,6 +207,7 @@ def test_removing_an_image_stops_with_a_word_but_closing_the_viewer_says_nothing
     said = notifications()[before:]
     assert any("moving image" in n and "was removed" in n and "registration stopped" in n for n in said), said
     assert not w.closing
+    assert w.status_label.text() == "Choose a fixed and a moving image."  # not the transform of the pair gone
 
     viewer2 = make_napari_viewer()
     w2 = open_with_widget(viewer2, qtbot, "brain2d")

@@ -45,7 +45,7 @@ class Jobs(QWidget):
         self._auto_refining = False  # the running deep job is the automatic refinement after a prediction
         self._refining = False  # a refinement (automatic or asked for) is running
         # runners are not Qt children of the widget: a job finishing after the widget is gone must find them alive
-        self.deep_runner = LatestRunner(self._deep_result, self.job_error, "deep")
+        self.deep_runner = LatestRunner(self._deep_result, self._deep_error, "deep")
         self.jobs = LatestRunner(self._job_result, self.job_error, "job")
         # file writes and layer warps: each request runs, none replaces another
         self.files = QueueRunner(self._job_result, self.job_error, "files")
@@ -67,10 +67,14 @@ class Jobs(QWidget):
         return super().close()
 
     def reset(self):
-        """New images: results in flight belong to the previous pair."""
+        """New images (or none): results in flight belong to the previous pair, and so does what the deep tab
+        says."""
         self.deep_runner.cancel()
         self._deep_cache.clear()
         self.deep_initial = None
+        self._auto_refining = self._refining = self._deep_long = False
+        self.host.deep.set_status("")
+        self._update_busy()
 
     def model_changed(self, model: str, _smoothing=None):
         """Another model was chosen: a deep refinement in flight is no longer wanted; it is stopped at its next check
@@ -97,6 +101,13 @@ class Jobs(QWidget):
             return
         self._refinement_stopped(failed=True)
         self.host.notify("error", user_message(exc))
+
+    def _deep_error(self, exc):
+        """The deep model's run failed or was cancelled: the deep tab stops saying "Predicting…"/"Refining…"."""
+        if not self._refining:
+            self.host.deep.set_status("Cancelled." if isinstance(exc, Cancelled) else
+                                      f"No prediction: {user_message(exc)}")
+        self.job_error(exc)
 
     def _refinement_stopped(self, failed: bool = False):
         """A refinement ended without a result (cancelled or failed): the deep tab stops saying "Refining…"."""

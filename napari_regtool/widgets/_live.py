@@ -229,6 +229,11 @@ class LiveView:
                       **image_layer_kwargs(fs), **_MAP_STYLE.get(key, {}))
             if key == "jacobian":
                 kw["colormap"] = jacobian_colormap()
+            elif key == "difference":
+                # symmetric limits from the first map shown (99.5th percentile of |difference|), then kept, so a
+                # better alignment shows as a paler map; the layer controls change them
+                hi = float(np.nanpercentile(np.abs(arr), 99.5)) if arr.size else 0.0
+                kw["contrast_limits"] = (-hi, hi) if np.isfinite(hi) and hi > 1e-3 else (-1.0, 1.0)
             with self.host.muted():
                 layer = self.viewer.add_image(arr, **kw)
             self.att.own(f"qc-{key}", layer)

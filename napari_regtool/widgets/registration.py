@@ -438,8 +438,10 @@ class RegistrationWidget(QWidget):
             return  # the dragged point is already where napari shows it; the layers follow on release
         self.points.sync()
         m = self.session.model
-        if m == "deep" and change.reason != "images" and self.jobs.deep_initial is None:
-            self.predict()  # the landmarks' affine is the network's starting point: follow it
+        if m == "deep" and (change.reason == "images" or self.jobs.deep_initial is None):
+            # a new pair gets its prediction at once, as choosing the model gives one; otherwise the landmarks'
+            # affine is the network's starting point: follow it
+            self.predict()
         elif m in registry.MODELS and registry.get(m).kind == "intensity" and m in self.session.computed:
             self.deep.set_status("The landmarks changed; press Auto-align to start again from them.")
 
@@ -467,6 +469,8 @@ class RegistrationWidget(QWidget):
     def _on_fitted(self, msg: str):
         s = self.session
         if not s.ready:
+            if msg and not self._closing:  # the images went: the status line says what to do next
+                self.set_status(msg)
             return
         if msg and msg != self._last_fit_message and s.model in LANDMARK_MODELS and len(s.pairs):
             too_few = "needs at least" in msg
