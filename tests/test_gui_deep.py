@@ -338,3 +338,23 @@ def test_a_new_pair_gets_its_prediction_at_once_and_a_failed_one_says_so(deep2d,
     status = w.deep.deep_status.text()
     assert status.startswith("No prediction:") and "Predicting" not in status, status
     assert w.session.transform is None
+
+
+def test_a_reopened_widget_says_what_the_deep_model_holds(deep2d, qtbot):
+    """Closing the Registration widget and opening it again keeps the deep result; the status line and the deep tab
+    say so again instead of staying blank."""
+    from napari._qt.widgets.qt_viewer_dock_widget import QtViewerDockWidget
+
+    from .test_gui import PLUGIN, WIDGET
+
+    viewer, w = deep2d
+    status, deep_status = w.status_label.text(), w.deep.deep_status.text()
+    assert status and deep_status.startswith("Predicted with λ")
+    dock = [d for d in viewer.window._qt_window.findChildren(QtViewerDockWidget) if d.widget() is w][0]
+    dock.destroyOnClose()
+    qtbot.wait(5)
+    _, w2 = viewer.window.add_plugin_dock_widget(PLUGIN, WIDGET)
+    wait_idle(qtbot, w2)
+    assert w2 is not w and w2.session.model == "deep" and w2.session.transform is not None
+    assert w2.status_label.text() == status
+    assert w2.deep.deep_status.text() == deep_status.split(" in ")[0] + "."

@@ -144,6 +144,8 @@ def test_reopening_the_widget_adopts_its_layers(make_napari_viewer, qtbot):
     wait_idle(qtbot, w)
     assert len(w.session.pairs) == 11
     layers_before = list(viewer.layers)
+    status_before = w.status_label.text()
+    assert status_before
     fixed_lm, warped_layer = viewer.layers["fixed landmarks"], viewer.layers["moving (warped)"]
     # close the dock widget as its close button does
     from napari._qt.widgets.qt_viewer_dock_widget import QtViewerDockWidget
@@ -163,6 +165,7 @@ def test_reopening_the_widget_adopts_its_layers(make_napari_viewer, qtbot):
     assert not any("[" in n for n in names), names
     assert list(viewer.layers) == layers_before  # the same layer objects, none added, none orphaned
     assert len(w2.session.pairs) == 11
+    assert w2.status_label.text() == status_before  # the state is said again, not a blank line
     np.testing.assert_allclose(w2.session.pairs.fixed[2], moved)
     # the adopted layers are live: an edit in the reopened widget reaches them
     before = np.array(warped_layer.data)

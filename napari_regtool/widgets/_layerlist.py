@@ -101,6 +101,19 @@ class LayerKeeper:
         self.host.layers_changed()
         self.host.canvas.arrange()
         self.host.live.schedule()
+        self._say_state()
+
+    def _say_state(self):
+        """The status line and the deep tab say what the model holds (a reopened widget starts blank)."""
+        s = self.model
+        if s.fit_message:
+            self.host.set_status(s.fit_message)
+        elif s.transform is not None:
+            self.host.set_status(self.host.live.fit_status())
+        run = s.computed.get("deep")
+        if run is not None and run.get("reg_weight") is not None:
+            refined = "refined" in getattr(run["transform"], "kind", "")
+            self.host.deep.set_status(f"{'Refined' if refined else 'Predicted'} with λ = {run['reg_weight']:.3g}.")
 
     def on_inserted(self, event):
         if self.host.is_muted or self.host.closing:
