@@ -151,7 +151,7 @@ def test_readme_screenshots(make_napari_viewer, qtbot):
         shot("deep_lambda.png")
         w.set_overlay("grid", False)
     # 7. a Greedy result under QC (Load transform…): glyphs, contours, the Jacobian and the statistics table; and
-    # 8. Greedy (A) compared with the plugin's own deformable registration (B)
+    # 8. Greedy (A) compared with `regtool register --model deformable` (B), both opened as transform files
     try:
         from picsl_greedy import Greedy2D
     except ImportError:
