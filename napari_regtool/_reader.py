@@ -3,6 +3,7 @@ and direction as the layer's scale/translate or affine) and OME-Zarr folders (a 
 read only where it is looked at)."""
 from __future__ import annotations
 
+import os
 import warnings
 
 import numpy as np
@@ -14,14 +15,24 @@ from .landmarks import LandmarkPairs, bigwarp_csv_text, read_bigwarp_csv
 from .space import to_array_order
 
 __all__ = ["get_landmark_reader", "get_image_reader", "get_ngff_reader", "image_layer_data", "landmark_layer_data",
-           "ngff_layer_data", "IMAGE_PATTERNS"]
+           "ngff_layer_data", "file_stamp", "IMAGE_PATTERNS"]
 
 IMAGE_PATTERNS = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr")
 
 
+def file_stamp(path) -> list | None:
+    """``[size, modification time in ns]`` of a file (of a folder: the folder entry's own), or None when it cannot be
+    read: a layer keeps the stamp of the file it was read from, so reopening the unchanged file finds that layer."""
+    try:
+        st = os.stat(path)
+    except (OSError, TypeError, ValueError):
+        return None
+    return [int(st.st_size), int(st.st_mtime_ns)]
+
+
 def image_layer_data(image: Image, path=None, role: str | None = None, sample: bool = False):
     """``(data, kwargs, "image")`` placing ``image`` in world (physical) coordinates."""
-    md = {"path": str(path) if path else None}
+    md = {"path": str(path) if path else None, "stamp": file_stamp(path) if path else None}
     if role:
         md["role"] = role
     if sample:
@@ -115,7 +126,7 @@ def ngff_layer_data(img, path=None, role: str | None = None):
 
     idx = img.spatial_slices(all_channels=True)
     levels = [da.from_zarr(lv.array)[idx] for lv in img.levels]
-    md = {"path": str(path or img.path),
+    md = {"path": str(path or img.path), "stamp": file_stamp(path or img.path),
           "ngff": {"relations": level_relations(img), "unit": img.unit, "levels": len(img.levels)}}
     if role:
         md["role"] = role

@@ -221,3 +221,35 @@ def test_removing_an_image_stops_with_a_word_but_closing_the_viewer_says_nothing
     qtbot.waitUntil(lambda: w2.closing, timeout=5000)
     qtbot.wait(50)
     assert not [n for n in notifications()[before:] if "removed" in n]
+
+
+def test_opening_a_file_that_is_open_uses_its_layer(make_napari_viewer, qtbot, tmp_path, monkeypatch):
+    """Open… on a file already open (and unchanged on disk) uses its layer instead of adding a "[1]" copy; the same
+    file cannot be both images; a file changed since it was opened is read again."""
+    import os
+    import shutil
+
+    f, m = tmp_path / "f.nii.gz", tmp_path / "m.nii.gz"
+    shutil.copy(F2, f)
+    shutil.copy(M2, m)
+    viewer = make_napari_viewer()
+    w = open_with_widget(viewer, qtbot)
+    open_file(qtbot, w, "fixed", f, monkeypatch)
+    open_file(qtbot, w, "moving", m, monkeypatch)
+    assert w.session.ready and len(viewer.layers) >= 2
+    names = [l.name for l in viewer.layers]
+    fixed_layer, moving_layer = w._fixed_layer, w._moving_layer
+    before = len(notifications())
+    open_file(qtbot, w, "fixed", f, monkeypatch)
+    assert [l.name for l in viewer.layers] == names and w._fixed_layer is fixed_layer
+    assert any("is open already" in n for n in notifications()[before:])
+    open_file(qtbot, w, "moving", f, monkeypatch)  # the fixed image's file as the moving image
+    assert any("already the fixed image" in n for n in notifications()[before:])
+    assert w._fixed_layer is fixed_layer and w._moving_layer is moving_layer
+    # the file changed on disk since: read again, into a new layer
+    img = sitk.ReadImage(str(f))
+    sitk.WriteImage(img * 2, str(f))
+    os.utime(f, ns=(os.stat(f).st_atime_ns, os.stat(f).st_mtime_ns + 10**9))
+    open_file(qtbot, w, "fixed", f, monkeypatch)
+    assert w._fixed_layer is not fixed_layer and len(viewer.layers) > len(names)
+    np.testing.assert_allclose(np.asarray(w._fixed_layer.data), 2 * sitk.GetArrayFromImage(img), rtol=1e-5)

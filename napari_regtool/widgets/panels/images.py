@@ -8,6 +8,7 @@ from qtpy.QtWidgets import QCheckBox, QComboBox, QFileDialog, QGridLayout, QLabe
 
 from ... import io as rio
 from ...errors import RegtoolError
+from ..._reader import file_stamp
 from .._layers import layer_path, layer_role, linear_display_affine
 from .fullres import open_zarr, registration_image, zarr_folder
 from ._shortcuts import SHORTCUTS
@@ -297,6 +298,14 @@ class ImagesPanel(QWidget):
         other_side = "moving" if side == "fixed" else "fixed"
         other = self.shown(other_side)
         zarr_path = zarr_folder(path)
+        same = self._open_already(zarr_path or path)
+        if same is not None:  # the file is open already and unchanged on disk: its layer, not a "[1]" copy
+            if same is other:
+                self.host.notify("error", f"{Path(path).name} is already the {other_side} image; choose another "
+                                          "file.")
+                return False
+            self.host.notify("info", f"{Path(path).name} is open already; its layer {same.name!r} is used.")
+            return self._use(side, same, other, other_side)
         layer_data = None
         try:
             if zarr_path is not None:  # OME-Zarr: a lazy multiscale layer, registered on a coarse level
@@ -323,6 +332,10 @@ class ImagesPanel(QWidget):
             kwargs["metadata"]["regtool"].update(channels=channels, channel="mean")
         with self.host.muted():
             layer = self.viewer.add_image(data, **kwargs)
+        return self._use(side, layer, other, other_side)
+
+    def _use(self, side, layer, other, other_side) -> bool:
+        """``layer`` becomes the ``side`` image (registered once the other side is there too)."""
         self.picks[side] = layer
         self.refresh()
         self.host.layers_changed()
@@ -330,3 +343,16 @@ class ImagesPanel(QWidget):
             self.host.set_status(f"Now choose or open the {other_side} image.")
             return True
         return self.set_layers(layer, other) if side == "fixed" else self.set_layers(other, layer)
+
+    def _open_already(self, path):
+        """An image layer read from ``path`` that the file has not changed since (its recorded modification time),
+        or None."""
+        stamp = file_stamp(path)
+        if stamp is None:
+            return None
+        for layer in self.image_layers():
+            r = layer_role(layer)
+            if r.get("stamp") == stamp and r.get("path") and file_stamp(r["path"]) == stamp \
+                    and Path(r["path"]).resolve() == Path(path).resolve():
+                return layer
+        return None
