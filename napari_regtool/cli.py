@@ -65,7 +65,10 @@ def _cmd_register(args) -> int:
     if args.fixed_points and not args.landmarks:
         raise RegtoolError("--fixed-points pairs with the moving image's points given by --landmarks; give both.")
     _check_blockwise_options(args)
-    check_writable(args.out)
+    from .pipeline import OUTPUT_FILES
+
+    check_writable(args.out, inputs=_inputs(args, "fixed", "moving", "landmarks", "fixed_points", "weights"),
+                   names=OUTPUT_FILES)
     level = getattr(args, "level", None)
     fixed = read_image(args.fixed, level=level)
     moving = read_image(args.moving, level=level)
@@ -230,6 +233,11 @@ def _coarse_pair(args, fixed, moving):
     return out[0], out[1], where[0] if where[0] == where[1] else f"{where[0]} (fixed), {where[1]} (moving)"
 
 
+def _inputs(args, *dests) -> list:
+    """``(option, path)`` of the input files among ``dests`` that were given (for :func:`check_writable`)."""
+    return [("--" + d.replace("_", "-"), getattr(args, d)) for d in dests if getattr(args, d, None)]
+
+
 def _check_refine(steps: int) -> None:
     """``--refine N``'s range (the command line and each row of a batch)."""
     if not 0 <= steps <= MAX_REFINE:
@@ -299,7 +307,7 @@ def _cmd_apply(args) -> int:
 
     check_image_extension(args.out, zarr=True)
     to_zarr = str(args.out).lower().rstrip("/").endswith(".zarr")
-    check_writable(args.out, folder=to_zarr)
+    check_writable(args.out, folder=to_zarr, inputs=_inputs(args, "moving", "reference", "transform"))
     if to_zarr:
         return _apply_blockwise(args)
     moving = read_image(args.moving, is_label=args.labels, level=args.level or 0)
@@ -396,7 +404,7 @@ def _cmd_field(args) -> int:
 
     check_image_extension(args.out, "a displacement field", zarr=True)
     to_zarr = str(args.out).lower().rstrip("/").endswith(".zarr")
-    check_writable(args.out, folder=to_zarr)
+    check_writable(args.out, folder=to_zarr, inputs=_inputs(args, "reference", "transform"))
     if ngff.is_ngff(args.reference):
         ref = ngff.open_ngff(args.reference)
         k = int(args.level or 0)
@@ -475,7 +483,8 @@ def _cmd_qc(args) -> int:
         raise RegtoolError("--labels-fixed and --labels-moving go together (Dice compares the fixed labels with the "
                            "moving labels warped); give both.")
     out = Path(args.out)
-    check_writable(out)
+    check_writable(out, inputs=_inputs(args, "transform", "fixed", "moving", "labels_fixed", "labels_moving",
+                                       "landmarks", "mask"), names=QC_FILES)
     fixed = read_image(args.fixed)
     moving = read_image(args.moving) if args.moving else None
     fs = fixed.space

@@ -142,15 +142,31 @@ def _rmtree(p: Path):
 
 
 # ---------------------------------------------------------------------------------------------------- preflight
-def check_writable(target, option: str = "--out", folder: bool = True) -> None:
+def check_writable(target, option: str = "--out", folder: bool = True, inputs=(), names=()) -> None:
     """Raise :class:`RegtoolError` unless ``target`` (a folder when ``folder``, else a file) can be written, so that
     a run says so before its work instead of after it. Nothing is left behind: the nearest existing folder above
-    ``target`` (or ``target`` itself when it is a folder) gets a probe folder that is removed at once."""
+    ``target`` (or ``target`` itself when it is a folder) gets a probe folder that is removed at once.
+
+    ``inputs``: ``(option, path)`` of the files the run reads; none of them may be a file the run writes (``target``
+    itself, or one of ``names`` in the folder ``target``), which would replace the user's data with the result.
+    """
     target = Path(target)
     if target.is_dir() and not folder:
         raise RegtoolError(f"{option} {target} is a folder; give a file name.")
     if target.exists() and not target.is_dir() and folder:
         raise RegtoolError(f"{option} {target} exists and is not a folder; remove it or choose another {option}.")
+    outputs = [target / n for n in names] if folder else [target]
+    for what, path in inputs:
+        if not path:
+            continue
+        for out in outputs:
+            try:
+                same = os.path.samefile(path, out)
+            except OSError:  # one of them does not exist (yet)
+                same = False
+            if same:
+                raise RegtoolError(f"{what} {path} would be replaced by the result {out.name} written into "
+                                   f"{option} {target}; choose another {option} (or move the input).")
     base = target if target.is_dir() else target.parent
     while not base.exists() and base != base.parent:
         base = base.parent

@@ -408,3 +408,28 @@ def test_similarity_is_measured_where_the_moving_image_lands(tmp_path):
     warped = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "warped.nii.gz")))
     assert np.corrcoef(big.ravel(), warped.ravel())[0, 1] < 0.9
     assert rep["similarity_before"]["ncc"] > 0.999  # the crop sits where it belongs: already aligned
+
+
+def test_an_input_is_never_replaced_by_an_output(tmp_path, capsys):
+    """A moving image kept in the output folder under an output's name (warped.nii.gz), or `apply` writing onto its
+    own moving image: refused before any work, the input byte for byte as it was."""
+    out = tmp_path / "same"
+    out.mkdir()
+    moving = out / "warped.nii.gz"
+    shutil.copy(M2, moving)
+    data = moving.read_bytes()
+    code = run("register", "--fixed", F2, "--moving", moving, "--model", "rigid", "--landmarks", L2, "--out", out,
+               "-q")
+    err = capsys.readouterr().err
+    assert code == 2 and "--moving" in err and "would be replaced by the result warped.nii.gz" in err, err
+    code = run("apply", "--transform", SAMPLES / "brain2d_truth_displacement.nii.gz", "--moving", moving,
+               "--reference", F2, "--out", moving, "-q")
+    err = capsys.readouterr().err
+    assert code == 2 and "would be replaced" in err, err
+    assert moving.read_bytes() == data and sorted(p.name for p in out.iterdir()) == ["warped.nii.gz"]
+    # an input of another name in the folder is fine, and stays
+    other = out / "moving.nii.gz"
+    shutil.copy(M2, other)
+    assert run("register", "--fixed", F2, "--moving", other, "--model", "rigid", "--landmarks", L2, "--out", out,
+               "-q") == 0
+    assert other.read_bytes() == data
