@@ -492,12 +492,19 @@ def _cmd_qc(args) -> int:
         raise RegtoolError(f"Dimensions differ: fixed {fixed.ndim}D, moving {moving.ndim}D.")
     lab_f = read_image(args.labels_fixed, is_label=True) if args.labels_fixed else None
     lab_m = read_image(args.labels_moving, is_label=True) if args.labels_moving else None
+    for opt, im in (("--labels-fixed", lab_f), ("--labels-moving", lab_m)):
+        if im is not None and im.ndim != fixed.ndim:
+            raise RegtoolError(f"{opt} is {im.ndim}D but the fixed image is {fixed.ndim}D; give label maps of the "
+                               "images' dimension.")
     if lab_f is not None and lab_f.space != fs:
         raise RegtoolError("--labels-fixed must lie on the fixed image's grid (same size, spacing, origin and "
                            "direction).")
     mask = None
     if args.mask:
         m = read_image(args.mask, is_label=True)
+        if m.ndim != fixed.ndim:
+            raise RegtoolError(f"--mask {Path(args.mask).name} is {m.ndim}D but the fixed image is {fixed.ndim}D; give "
+                               "a mask of the fixed image (non-zero where the figures are computed).")
         if m.space != fs:
             warn(f"--mask {Path(args.mask).name} lies on another grid than the fixed image; it was put on the fixed "
                  "grid by nearest neighbour.")

@@ -745,6 +745,12 @@ def test_regtool_qc_mask_restricts_the_statistics_on_any_grid(tmp_path, capsys):
     assert main(["qc", "--transform", str(field), "--fixed", str(tmp_path / "fixed.nii.gz"), "--mask",
                  str(tmp_path / "empty.nii.gz"), "--out", str(tmp_path / "qc2"), "-q"]) == 2
     assert "no non-zero voxel" in capsys.readouterr().err and not (tmp_path / "qc2").exists()
+    # a mask of another dimension: said plainly (it used to end in "This is a bug")
+    sitk.WriteImage(sitk.Image([8, 8, 8], sitk.sitkUInt8) + 1, str(tmp_path / "mask3d.nii.gz"))
+    assert main(["qc", "--transform", str(field), "--fixed", str(tmp_path / "fixed.nii.gz"), "--mask",
+                 str(tmp_path / "mask3d.nii.gz"), "--out", str(tmp_path / "qc3"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "is 3D but the fixed image is 2D" in err and "bug" not in err and not (tmp_path / "qc3").exists()
 
 
 def test_regtool_qc_says_when_the_field_looks_inverted_and_takes_a_convention(tmp_path, capsys):
