@@ -280,12 +280,14 @@ def spread_iterations(total: int, shares) -> tuple:
 
 
 def _level_shapes(shape, n_levels: int) -> list:
-    """Grid shapes coarsest first; a level is dropped when an axis would have fewer than MIN_SIZE voxels."""
+    """Grid shapes coarsest first, each axis halved per level but not below MIN_SIZE voxels (an axis with few voxels,
+    e.g. a stack of a few thick slices, stays as it is), so every level runs. A level whose grid would equal the
+    finer one is dropped (only when the whole image is that small)."""
     out = []
     for k in range(n_levels - 1, -1, -1):
         f = 2 ** k
-        s = tuple(max(1, (n - 1) // f + 1) for n in shape)
-        if k and min(s) < MIN_SIZE:
+        s = tuple(max((n - 1) // f + 1, min(n, MIN_SIZE)) for n in shape)
+        if k and s == tuple(shape):
             continue
         out.append(s)
     return out
@@ -357,9 +359,10 @@ def register_deformable(fixed: Image, moving: Image, initial: Transform | None =
         :data:`DEFAULT_RADIUS` by dimension: 5 in 2D, 2 in 3D; 2 with landmark pairs), mean squared difference
         (same contrast) or Parzen-window mutual information (any contrast, 32 bins).
     iterations : sequence of int
-        Largest number of iterations per pyramid level, coarsest first (levels whose grid would be smaller than
-        ``MIN_SIZE`` voxels along an axis are dropped with their iterations, unless ``keep_total``: then the
-        remaining levels share the whole total in their given proportions, the finest taking the remainder).
+        Largest number of iterations per pyramid level, coarsest first. Each level halves every axis that keeps
+        at least ``MIN_SIZE`` voxels (a thin axis is halved only down to that); a coarse level that would not be
+        coarser than the full grid (a tiny image) is dropped with its iterations, unless ``keep_total``: then the
+        remaining levels share the whole total in their given proportions, the finest taking the remainder.
     patience : int
         A level ends early when its similarity has not improved by a relative 1e-4 for this many iterations
         (0: always run every iteration). Not used with landmarks.
