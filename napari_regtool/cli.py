@@ -186,14 +186,22 @@ def _register_blockwise(args, fixed, moving, landmarks, iterations, warn):
     check_overlap(fixed.space, moving.space, glob, f"the global alignment ({start})")  # else every block is empty
     lam = DEFAULT_REG_WEIGHT if args.reg_weight is None else float(args.reg_weight)
     sig_u, sig_f = sigmas_for_reg_weight(lam)
+    options = {}
+    if args.similarity == "lncc":  # decided once for the pair, so that every block reads the contrast alike
+        from .deformable import contrast_of
+        from .pipeline import inverted_contrast_note
+
+        options["contrast"], corr = contrast_of(fixed_s, moving_s, glob)
+        if options["contrast"] == "inverted":
+            _warn(inverted_contrast_note(corr))
     transform = refine_blockwise(fixed_s, moving_s, glob, block=args.block, overlap=args.overlap,
                                  threshold=args.empty_threshold, workers=args.block_workers, device=dev,
-                                 similarity=args.similarity, sigma_update=sig_u, sigma_field=sig_f,
+                                 similarity=args.similarity, sigma_update=sig_u, sigma_field=sig_f, **options,
                                  iterations=DEFAULT_ITERATIONS if iterations is None else iterations,
                                  progress=lambda f, m: printer(0.1 + 0.9 * f, m))
     info = dict(transform.blockwise_info)
     info["iterations"] = list(DEFAULT_ITERATIONS if iterations is None else iterations)
-    extra = {"reg_weight": lam, "start": start, "similarity": args.similarity, "blockwise": info}
+    extra = {"reg_weight": lam, "start": start, "similarity": args.similarity, "blockwise": info, **options}
     if not args.quiet:
         print(f"blocks: {info['blocks_refined']} refined, {info['blocks_empty']} empty, {info['blocks_outside']} "
               f"outside the moving image (of {info['blocks']})", file=sys.stderr)
@@ -664,8 +672,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--iterations", help="deformable model (and deep refinement): iterations per pyramid level, "
                                         "coarsest first, e.g. 100x70x50 (the deformable model's default)")
     r.add_argument("--similarity", choices=("lncc", "mse", "mi"), default="lncc",
-                   help="deformable model / refinement: local NCC (default; any monotone contrast change), mean "
-                        "squared difference (same contrast) or mutual information (other modalities)")
+                   help="deformable model / refinement: local NCC (default; a contrast change that keeps the order "
+                        "of intensities, or one that reverses it, found from the images and said), mean squared "
+                        "difference (same contrast) or mutual information (other modalities)")
     r.add_argument("--uncertainty", action="store_true", help="deep model: also write uncertainty.nii.gz")
     r.add_argument("--weights", help="deep model: a weight file from `regtool train` instead of the shipped one")
     r.add_argument("--channel", default="mean", help="multi-channel images: channel index to register on, or mean")

@@ -74,8 +74,14 @@ class Image:
     def check_min_size(self, n: int, role: str, purpose: str):
         """Raise :class:`InputError` unless every axis has at least ``n`` voxels (``purpose``: what needs them)."""
         if any(s < n for s in self.space.shape):
-            raise InputError(f"The {role} image ({self.name}, {'×'.join(map(str, self.space.shape))} voxels) is too "
-                             f"small for {purpose}: it needs at least {n} voxels along every axis.")
+            size = "×".join(map(str, self.space.shape[::-1]))  # x first, as file headers and viewers give it
+            hint = ""
+            if self.ndim == 3 and 1 in self.space.shape:
+                hint = (" It is a single slice of a volume (one axis of 1 voxel); its plane is oblique or not the "
+                        "x–y plane, so it cannot be read as a 2D image: resample it onto an x–y slice, or register "
+                        "it with a volume around it.")
+            raise InputError(f"The {role} image ({self.name}, {size} voxels, x first) is too small for {purpose}: it "
+                             f"needs at least {n} voxels along every axis.{hint}")
         return self
 
     def check_not_constant(self):

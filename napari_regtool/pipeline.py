@@ -323,6 +323,8 @@ def register(fixed: Image, moving: Image, model: str, landmarks: LandmarkPairs |
             extra["reg_weight"] = lam
             optimiser = extra.get("refine", {})
         extra["start"] = start_name
+        if optimiser.get("contrast") == "inverted":
+            _warn(inverted_contrast_note(optimiser.get("contrast_lncc")))
         if optimiser.get("diverged"):
             _warn(f"The optimiser met non-finite values on level(s) {optimiser.get('nonfinite_levels')} and stopped "
                   "there, keeping the best result so far. Check the images for extreme intensities, or raise the "
@@ -365,6 +367,13 @@ def finish_result(fixed: Image, moving: Image, transform: Transform, model: str,
               "determinant ≤ 0 (see jacobian.nii.gz). Check landmark pairs near those places, or increase the "
               "smoothing / regularization.")
     return result
+
+
+def inverted_contrast_note(lncc) -> str:
+    """What a run says when local NCC registered the negative of the moving image."""
+    r = "" if lncc is None else f" (local NCC {float(lncc):.2f} at the start)"
+    return (f"The moving image's contrast is the inverse of the fixed image's{r}, so local NCC registered its "
+            "negative. For images of different modalities, --similarity mi (mutual information) is the usual choice.")
 
 
 def write_outputs(result: RegistrationResult, out_dir, extra_files: dict | None = None,

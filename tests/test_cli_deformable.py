@@ -141,3 +141,24 @@ def test_iterations_per_level_override_the_refinement_count_and_say_so(tmp_path,
     assert "only switches it on" in capsys.readouterr().err
     extra = json.loads((out / "report.json").read_text())["extra"]
     assert extra["refine_steps"] == 15 and extra["refine"]["iterations"] == [5, 5, 5]
+
+
+def test_an_inverted_contrast_is_found_and_said(tmp_path, capsys):
+    """A moving image whose contrast is the fixed image's inverted: the deformable model registers its negative with
+    local NCC, says so on stderr and records it in report.json."""
+    img = sitk.ReadImage(str(M2), sitk.sitkFloat32)
+    stats = sitk.StatisticsImageFilter()
+    stats.Execute(img)
+    inv = tmp_path / "inverted.nii.gz"
+    sitk.WriteImage(stats.GetMaximum() - img, str(inv))
+    out = tmp_path / "o"
+    assert main(["register", "--fixed", str(F2), "--moving", str(inv), "--model", "deformable", "--landmarks",
+                 str(L2), "--iterations", "10x5x0", "--out", str(out), "-q"]) == 0
+    err = capsys.readouterr().err
+    assert "contrast is the inverse of the fixed image's" in err and "--similarity mi" in err
+    opt = json.loads((out / "report.json").read_text())["extra"]["optimiser"]
+    assert opt["contrast"] == "inverted" and opt["contrast_lncc"] < 0
+    assert main(["register", "--fixed", str(F2), "--moving", str(M2), "--model", "deformable", "--landmarks",
+                 str(L2), "--iterations", "10x5x0", "--out", str(tmp_path / "p"), "-q"]) == 0
+    assert "contrast" not in capsys.readouterr().err
+    assert json.loads((tmp_path / "p" / "report.json").read_text())["extra"]["optimiser"]["contrast"] == "same"

@@ -692,9 +692,10 @@ def test_distilling_the_z_output_from_the_swapped_run(tmp_path):
 
 
 def test_refinement_keeps_its_iterations_on_small_images():
-    """On an image too small for the optimiser's coarsest levels the refinement still runs the iterations asked
-    for (the dropped levels' share goes to the remaining ones), and reports the number it ran; the split itself
-    handles 0–2 steps and refuses impossible level counts."""
+    """On an image too small to halve twice the refinement still runs every level (an axis is halved only down to
+    the optimiser's smallest size) and the iterations asked for, and reports the number it ran; on an image of that
+    smallest size the coarse levels go and their share goes to the remaining one (the optimiser alone: the network
+    needs more). The split itself handles 0–2 steps and refuses impossible level counts."""
     from napari_regtool.deep.refine import split_iterations
 
     assert split_iterations(0) == (0, 0, 0) and split_iterations(1) == (0, 0, 1) and split_iterations(2) == (0, 0, 2)
@@ -710,5 +711,11 @@ def test_refinement_keeps_its_iterations_on_small_images():
     m = Image(np.roll(a, 1, axis=1), sp, "m")
     tx = DeepRegistration(f, m).refine(DEFAULT_REG_WEIGHT, steps=50)
     levels = tx.refine_info["levels"]
-    assert len(levels) < 3  # the coarsest level(s) were dropped on this grid
-    assert sum(lv["iterations"] for lv in levels) == 50 == tx.refine_info["steps"]
+    assert [lv["grid"] for lv in levels] == [[8, 8], [12, 12], [24, 24]]
+    assert [lv["iterations"] for lv in levels] == list(split_iterations(50)) and tx.refine_info["steps"] == 50
+    from napari_regtool.deformable import MIN_SIZE, register_deformable
+
+    small = Image(a[:MIN_SIZE, :MIN_SIZE], Space((MIN_SIZE, MIN_SIZE), [1.0, 1.0]), "f")
+    tx = register_deformable(small, small, iterations=split_iterations(50), keep_total=True)
+    assert [lv["grid"] for lv in tx.refine_info["levels"]] == [[MIN_SIZE, MIN_SIZE]]
+    assert tx.refine_info["iterations"] == [50]

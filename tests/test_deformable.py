@@ -123,9 +123,18 @@ def test_mutual_information_registers_an_inverted_contrast(brain2d):
     mask = _brain_mask(brain2d)
     med_mi = _epe(register_deformable(brain2d, inverted, similarity="mi").u.numpy(), truth, mask)[0]
     assert med_mi < 0.6, med_mi
-    # signed local NCC does not reward an anti-correlation: it cannot register the inverted image as well
-    med_ncc = _epe(register_deformable(brain2d, inverted, iterations=(30, 20, 10)).u.numpy(), truth, mask)[0]
-    assert med_ncc > 2 * med_mi
+    # signed local NCC does not reward an anti-correlation: told the contrast is the same, it cannot register the
+    # inverted image as well …
+    tx = register_deformable(brain2d, inverted, iterations=(30, 20, 10), contrast="same")
+    med_same = _epe(tx.u.numpy(), truth, mask)[0]
+    assert med_same > 2 * med_mi and tx.refine_info["contrast"] == "same"
+    # … by default it finds the inverted contrast from the images, registers the negative and says so
+    tx = register_deformable(brain2d, inverted, iterations=(30, 20, 10))
+    assert tx.refine_info["contrast"] == "inverted" and tx.refine_info["contrast_lncc"] < -0.05
+    med_auto = _epe(tx.u.numpy(), truth, mask)[0]
+    plain = register_deformable(brain2d, moving, iterations=(30, 20, 10))
+    assert plain.refine_info["contrast"] == "same" and plain.refine_info["contrast_lncc"] > 0.2
+    assert med_auto < 0.6 and med_auto == pytest.approx(_epe(plain.u.numpy(), truth, mask)[0], abs=0.05)
 
 
 def test_landmarks_pull_where_the_images_say_nothing():
@@ -186,9 +195,16 @@ def test_lncc_gradient_is_exact():
         vf = sff / cnt - (sf / cnt) ** 2
         vw = sww / cnt - (sw / cnt) ** 2
         ref = ((cross * cross.abs() / (vf * vw + LNCC_EPS)) * mask).sum() / mask.sum()
-        (g_ref,) = torch.autograd.grad(ref, ww)
+        (g_ref,) = torch.autograd.grad(ref, ww, retain_graph=True)
         assert val == pytest.approx(float(ref.detach()), rel=1e-9)
         assert float((g - g_ref).abs().max() / g_ref.abs().max()) < 1e-9
+        # an iteration's own mask (where the moving image has data) in place of the fixed mask
+        mask2 = (torch.rand(1, 1, *shape) > 0.5).double()
+        val2, g2 = met.value_and_grad(w, mask2)
+        ref2 = ((cross * cross.abs() / (vf * vw + LNCC_EPS)) * mask2).sum() / mask2.sum()
+        (g_ref2,) = torch.autograd.grad(ref2, ww)
+        assert val2 == pytest.approx(float(ref2.detach()), rel=1e-9) and met.value(w, mask2) == pytest.approx(val2)
+        assert float((g2 - g_ref2).abs().max() / g_ref2.abs().max()) < 1e-9
 
 
 def test_gaussian_smoothing_matches_scipy():
@@ -227,9 +243,9 @@ def test_non_finite_similarity_stops_the_level_keeps_the_best_and_is_reported(br
     original = _Metric.value_and_grad
     calls = {"n": 0}
 
-    def flaky(self, w):
+    def flaky(self, w, mask=None):
         calls["n"] += 1
-        val, g = original(self, w)
+        val, g = original(self, w, mask)
         return (float("nan"), g * float("nan")) if calls["n"] == 25 else (val, g)  # early on level 2
 
     monkeypatch.setattr(_Metric, "value_and_grad", flaky)
@@ -314,3 +330,46 @@ def test_a_thin_stack_keeps_every_pyramid_level_and_recovers_an_in_plane_warp():
     m[:2] = m[-2:] = False
     err = np.linalg.norm(u - truth, axis=-1)[m]
     assert np.median(err) < 0.5, np.median(err)
+
+
+def test_a_fixed_image_reaching_past_the_moving_image_does_not_pull_content_outward():
+    """The fixed image's grid is rotated and reaches past a moving image with a smaller field of view (content in
+    both, but only the fixed image has the margin). The metric counts only windows where the moving image has data,
+    so no moving content is stretched into the margin: the field stays near the known one everywhere (without that,
+    displacements of 10× the true ones grew in the margin). Reference: the pair and its field built with SimpleITK."""
+    src = sitk.ReadImage(str(SAMPLES / "brain2d_fixed.nii.gz"), sitk.sitkFloat32)
+    size, sp = np.array(src.GetSize()), np.array(src.GetSpacing())
+    # the moving image: the middle 60 % of the source, on its own grid
+    lo = (0.2 * size).astype(int)
+    moving_img = sitk.RegionOfInterest(src, [int(n) for n in (0.6 * size).astype(int)], [int(n) for n in lo])
+    # the fixed grid: the whole source region, rotated by 12° about its centre
+    c = np.array(src.TransformContinuousIndexToPhysicalPoint([float(n) for n in (size - 1) / 2]))
+    ang = np.deg2rad(12.0)
+    rot = np.array([[np.cos(ang), -np.sin(ang)], [np.sin(ang), np.cos(ang)]]) @ np.asarray(
+        src.GetDirection()).reshape(2, 2)
+    ref = sitk.Image([int(n) for n in size], sitk.sitkFloat32)
+    ref.SetSpacing(src.GetSpacing())
+    ref.SetDirection(rot.ravel().tolist())
+    ref.SetOrigin((c - rot @ ((size - 1) / 2 * sp)).tolist())
+    rng = np.random.default_rng(5)
+    t = np.stack([gaussian_filter(rng.standard_normal(tuple(size[::-1])), 12) for _ in range(2)], -1)
+    t *= 3.0 / np.abs(t).max()  # mm, x and y components, on the fixed grid
+    tf = sitk.GetImageFromArray(t.astype(np.float64), isVector=True)
+    tf.CopyInformation(ref)
+    # fixed(x) = source(x + t(x)), so that moving(x + t(x)) = fixed(x) wherever x + t(x) lies in the moving image
+    fixed_img = sitk.Resample(src, ref, sitk.DisplacementFieldTransform(sitk.Image(tf)), sitk.sitkBSpline, 0.0)
+    fixed, moving = (Image(sitk.GetArrayFromImage(im), Space.from_sitk(im), n)
+                     for im, n in ((fixed_img, "fixed"), (moving_img, "moving")))
+    tx = register_deformable(fixed, moving)
+    u = tx.u.numpy()
+    mag = np.linalg.norm(u, axis=-1)
+    assert mag.max() < 2 * np.linalg.norm(t, axis=-1).max(), mag.max()
+    # where the moving image has data (2 voxels in from its edge) the known field is found
+    pts = np.stack(np.meshgrid(*[np.arange(n) for n in size], indexing="xy"), -1).reshape(-1, 2).astype(float)
+    phys = np.array([fixed_img.TransformContinuousIndexToPhysicalPoint(p.tolist()) for p in pts]) + t.reshape(-1, 2)
+    idx = np.array([moving_img.TransformPhysicalPointToContinuousIndex(q.tolist()) for q in phys])
+    msize = np.array(moving_img.GetSize())
+    inside = np.all((idx > 2) & (idx < msize - 3), 1).reshape(t.shape[:2])
+    body = fixed.array > np.percentile(fixed.array, 40)
+    err = np.linalg.norm(u - t, axis=-1)[inside & body]
+    assert np.median(err) < 0.35 and np.percentile(err, 90) < 1.0, (np.median(err), np.percentile(err, 90))

@@ -150,3 +150,11 @@ def test_a_one_slice_volume_is_read_as_2d_and_the_cli_says_so(tmp_path, capsys):
                  "--model", "affine", "--landmarks", str(SAMPLES / "brain2d_landmarks.csv"),
                  "--out", str(tmp_path / "o")]) == 0
     assert "note: one_slice is a volume of one slice (220×215×1); it is read as a 2D image." in capsys.readouterr().err
+    # an oblique single slice cannot be a 2D image: it stays 3D, and the size check says why it is refused
+    c, s_ = np.cos(0.3), np.sin(0.3)
+    vol.SetDirection([1, 0, 0, 0, c, -s_, 0, s_, c])
+    sitk.WriteImage(vol, str(tmp_path / "oblique.nii.gz"))
+    img = read_image(tmp_path / "oblique.nii.gz")
+    assert img.ndim == 3 and img.space.shape[0] == 1
+    with pytest.raises(InputError, match="220×215×1 voxels, x first.*single slice of a volume.*oblique"):
+        img.check_min_size(8, "moving", "deformable registration")

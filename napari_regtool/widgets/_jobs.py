@@ -168,8 +168,11 @@ class Jobs(QWidget):
     def _deep_result(self, gen, value):
         kind, t, info = value
         self.model.set_computed("deep", t, **dict(info, start=self._deep_start))
+        inverted = (getattr(t, "refine_info", None) or {}).get("contrast") == "inverted"
         self.host.deep.set_status(f"{'Refined' if kind == 'refine' else 'Predicted'} with λ = "
-                                  f"{info['reg_weight']:.3g} in {info.get('runtime_s', 0):.2f} s.")
+                                  f"{info['reg_weight']:.3g} in {info.get('runtime_s', 0):.2f} s." + (
+                                      " The moving image's contrast is the inverse of the fixed image's: its "
+                                      "negative was registered." if inverted else ""))
         if kind == "refine":
             self._auto_refining = self._refining = False
         elif self.model.auto_refine and self.model.model == "deep" and gen == self.deep_runner.generation:
