@@ -843,7 +843,8 @@ def _run(args) -> int:
         print(f"regtool: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("regtool: interrupted.", file=sys.stderr)
+        print("regtool: interrupted; partial output was removed (an earlier result in the output folder is as it "
+              "was).", file=sys.stderr)
         return 130
     except OSError as exc:  # file-system trouble: permissions, a file where a folder should be, a full disk
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""

@@ -469,12 +469,13 @@ def read_model(path, device="cpu", ndim: int | None = None, return_payload: bool
         raise InputError(f"Weight file not found: {p}.")
     try:
         payload = torch.load(str(p), map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for damaged files
-        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"{p.name} is not a readable model weight file (corrupt or truncated?): {reason}. "
-                         "Re-download or retrain it.") from None
+    except Exception:  # torch raises many types for damaged files, with messages that do not help here
+        raise InputError(f"{p.name} is not a readable model weight file (not a file of weights, or a truncated "
+                         "copy). Give a weight file written by `regtool train`, or leave out --weights to use the "
+                         "shipped ones.") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise InputError(f"{p.name} is not a napari-regtool HyperMorph weight file.")
+        raise InputError(f"{p.name} is not a napari-regtool HyperMorph weight file; give one written by "
+                         "`regtool train`, or leave out --weights to use the shipped ones.")
     cfg = dict(payload.get("config") or {})
     _check_config(p.name, cfg)
     try:
