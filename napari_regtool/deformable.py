@@ -82,6 +82,9 @@ STOP_TOLERANCE = 1e-4
 INVERTED_LNCC = -0.05
 #: a voxel counts as inside the moving image when its interpolated inside-ness is above this
 INSIDE = 0.999
+#: local NCC counts the windows wholly inside the moving image unless they are fewer than this share of the voxels
+#: inside it (then it counts those voxels): a coarse level of a small field of view may hold no whole window
+MIN_WINDOWS_INSIDE = 0.25
 CONTRASTS = ("auto", "same", "inverted")
 
 
@@ -145,20 +148,46 @@ def _downsample(x: torch.Tensor, shape) -> torch.Tensor:
     return F.interpolate(gaussian_smooth(x, sig), size=tuple(shape), mode=mode, align_corners=True)
 
 
+def _where_moving(metric, ins, fixed_mask):
+    """The mask an iterate's metric counts: voxels whose local NCC window lies wholly where the warped moving image
+    has data (``ins``: its warped inside-ness; MSE: the voxel itself), within ``fixed_mask``. When too few windows lie
+    wholly inside (a small field of view on a coarse level), the voxels inside; None when nothing is left to count
+    (the metric then falls back to the fixed mask)."""
+    if ins is None:
+        return None
+    voxel = (ins > INSIDE).float()
+    valid = voxel
+    if metric.kind == "lncc":
+        valid = (metric.mean(ins) > INSIDE).float()
+        if float(valid.sum()) < MIN_WINDOWS_INSIDE * float(voxel.sum()):
+            valid = voxel
+    if fixed_mask is not None:
+        valid = valid * fixed_mask
+    return valid if bool(valid.any()) else None
+
+
 # ------------------------------------------------------------------------------------------------ contrast
 def contrast_of(fixed: Image, moving: Image, transform: Transform | None = None, max_voxels: int = 1 << 16) -> tuple:
     """``("same" | "inverted", lncc)``: whether ``moving`` seen through ``transform`` has the fixed image's contrast
     or its inverse (see :data:`INVERTED_LNCC`), from their local NCC on a coarse copy of the fixed grid (at most
     ``max_voxels``). For a decision made once for many registrations of parts of one pair (block-wise)."""
+    from scipy.ndimage import gaussian_filter
+
     fs = fixed.space
     r = (max_voxels / fs.n_voxels) ** (1.0 / fs.ndim) if fs.n_voxels > max_voxels else 1.0
     grid = fs.with_shape(tuple(max(MIN_SIZE, int((n - 1) * r) + 1) for n in fs.shape), keep_extent=True)
-    f01, m01 = scaled_01(fixed.scalar(), fixed.name), scaled_01(moving.scalar(), moving.name)
     d = fs.ndim
-    f = resample(f01, fs, IdentityTransform(d), grid).float()[None, None]
-    m = resample(m01, moving.space, transform if transform is not None else IdentityTransform(d), grid,
-                 fill=border_value(m01)).float()[None, None]
-    val = _Metric("lncc", f, DEFAULT_RADIUS[d], None).value(m)
+    t = transform if transform is not None else IdentityTransform(d)
+    out = []
+    for img in (fixed, moving):  # anti-aliased to the coarse grid's voxel size, as the pyramid's levels are
+        a = scaled_01(img.scalar(), img.name)
+        ratio = np.asarray(grid.spacing, float)[::-1] / np.asarray(img.space.spacing, float)[::-1]
+        out.append(gaussian_filter(a, 0.5 * np.sqrt(np.maximum(ratio ** 2 - 1, 0)), mode="nearest"))
+    f = resample(out[0], fs, IdentityTransform(d), grid).float()[None, None]
+    m = resample(out[1], moving.space, t, grid, fill=border_value(out[1])).float()[None, None]
+    ins = resample(np.ones(moving.space.shape, np.float32), moving.space, t, grid, fill=0.0).float()[None, None]
+    metric = _Metric("lncc", f, DEFAULT_RADIUS[d], None)
+    val = metric.value(m, _where_moving(metric, ins, None) if bool((ins < INSIDE).any()) else None)
     return ("inverted" if val < INVERTED_LNCC else "same"), val
 
 
@@ -320,11 +349,13 @@ def spread_iterations(total: int, shares) -> tuple:
 def _level_shapes(shape, n_levels: int) -> list:
     """Grid shapes coarsest first, each axis halved per level but not below MIN_SIZE voxels (an axis with few voxels,
     e.g. a stack of a few thick slices, stays as it is), so every level runs. A level whose grid would equal the
-    finer one is dropped (only when the whole image is that small)."""
+    next finer one is dropped (only when the whole image is that small)."""
     out = []
     for k in range(n_levels - 1, -1, -1):
         f = 2 ** k
         s = tuple(max((n - 1) // f + 1, min(n, MIN_SIZE)) for n in shape)
+        if out and out[-1] == s:
+            out.pop()  # the same grid twice: the finer level's place (and iterations) is kept
         if k and s == tuple(shape):
             continue
         out.append(s)
@@ -553,8 +584,12 @@ def register_deformable(fixed: Image, moving: Image, initial: Transform | None =
         # the contrast, from the local NCC on the coarsest level at the start (see INVERTED_LNCC)
         s0 = shapes[0]
         m0 = None if mask is None else (_downsample(mask, s0) > 0.5).float()
-        start_lncc = _Metric("lncc", _downsample(fw, s0), radius, m0 if m0 is not None and bool(m0.any()) else None
-                             ).value(Warper(s0, dev)(_downsample(mw, s0), resize_vector_field(u, s0)))
+        m0 = m0 if m0 is not None and bool(m0.any()) else None
+        met0 = _Metric("lncc", _downsample(fw, s0), radius, m0)
+        chans0 = [_downsample(mw, s0)] + ([_downsample(inside, s0)] if inside is not None else [])
+        wg0 = Warper(s0, dev)(torch.cat(chans0, 1), resize_vector_field(u, s0))
+        # over the windows where the moving image has data, as the level's iterations count them
+        start_lncc = met0.value(wg0[:, :1], _where_moving(met0, wg0[:, 1:] if inside is not None else None, m0))
         inverted = contrast == "inverted" or (contrast == "auto" and start_lncc < INVERTED_LNCC)
         if inverted:
             mw = 1.0 - mw  # local NCC is maximised by matching contrast: register the negative
@@ -597,11 +632,7 @@ def register_deformable(fixed: Image, moving: Image, initial: Transform | None =
 
         def valid_of(wg):
             """Where this iterate's metric counts, or None (everywhere, or the fixed mask)."""
-            if wg.shape[1] <= 1 + d:
-                return None
-            ins = wg[:, 1 + d:]  # windows wholly where the moving image has data (and in the fixed mask)
-            valid = (metric.mean(ins) > INSIDE).float() if similarity == "lncc" else (ins > INSIDE).float()
-            return valid * ml_mask if ml_mask is not None else valid
+            return _where_moving(metric, wg[:, 1 + d:] if wg.shape[1] > 1 + d else None, ml_mask)
 
         def evaluate(uu):
             wg = wp(mg, uu)

@@ -42,11 +42,10 @@ def deep_refine_job(cache, key, fixed, moving, device, initial, lam, steps, land
     """The deep model's deformation optimised for this pair (``steps`` steps, landmarks as soft constraints)."""
     t0 = time.perf_counter()
     reg = _deep_registration(cache, key, fixed, moving, device, initial)
-    # the map only when the prediction refined from had it (its overlay was on), so the plugin's export writes the
-    # files `regtool register --refine N [--uncertainty]` writes
-    t = reg.refine(lam, steps=steps, landmarks=landmarks, progress=progress, cancel=cancel, uncertainty=False)
-    if uncertainty is not None:
-        t.uncertainty = uncertainty  # the network's map, as `regtool register --refine N --uncertainty` keeps it
+    # the map only when the prediction refined from had one (its overlay was on), and then the one `regtool register
+    # --refine N --uncertainty` writes (the network with its pyramid), so the plugin's export writes the same files
+    t = reg.refine(lam, steps=steps, landmarks=landmarks, progress=progress, cancel=cancel,
+                   uncertainty=uncertainty is not None)
     if cancel is not None and cancel():
         raise Cancelled()
     from .deep.infer import run_info

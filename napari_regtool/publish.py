@@ -155,10 +155,18 @@ def check_writable(target, option: str = "--out", folder: bool = True, inputs=()
         raise RegtoolError(f"{option} {target} is a folder; give a file name.")
     if target.exists() and not target.is_dir() and folder:
         raise RegtoolError(f"{option} {target} exists and is not a folder; remove it or choose another {option}.")
-    outputs = [target / n for n in names] if folder else [target]
+    outputs = [target / n for n in names] if folder and names else [target]
     for what, path in inputs:
         if not path:
             continue
+        if folder and not names and target.exists():  # a folder written whole (an OME-Zarr store) replaces all in it
+            try:
+                inside = Path(path).resolve().is_relative_to(target.resolve())
+            except OSError:
+                inside = False
+            if inside:
+                raise RegtoolError(f"{what} {path} lies in {option} {target}, which the result replaces; choose "
+                                   f"another {option}.")
         for out in outputs:
             try:
                 same = os.path.samefile(path, out)

@@ -427,6 +427,14 @@ def test_an_input_is_never_replaced_by_an_output(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "would be replaced" in err, err
     assert moving.read_bytes() == data and sorted(p.name for p in out.iterdir()) == ["warped.nii.gz"]
+    # an OME-Zarr store is replaced whole: an input in it (or the store itself) is refused too
+    store = tmp_path / "f.zarr"
+    assert run("field", "--transform", SAMPLES / "brain2d_truth_displacement.nii.gz", "--reference", F2, "--out", store,
+               "-q") == 0
+    listing = sorted(str(p.relative_to(store)) for p in store.rglob("*"))
+    assert run("field", "--transform", store, "--reference", F2, "--invert", "--out", store, "-q") == 2
+    assert "lies in --out" in capsys.readouterr().err
+    assert sorted(str(p.relative_to(store)) for p in store.rglob("*")) == listing
     # an input of another name in the folder is fine, and stays
     other = out / "moving.nii.gz"
     shutil.copy(M2, other)

@@ -322,6 +322,11 @@ def test_a_thin_stack_keeps_every_pyramid_level_and_recovers_an_in_plane_warp():
     assert info["iterations"] == [100, 70, 50] and len(info["levels"]) == 3
     assert [lv["grid"][0] for lv in info["levels"]] == [8, 8, 12]  # z: halved only down to 8 voxels
     assert info["levels"][0]["grid"][1:] == [(n - 1) // 4 + 1 for n in a.shape[1:]]
+    # a grid that cannot be halved twice runs no level twice on one grid
+    from napari_regtool.deformable import _level_shapes
+
+    assert _level_shapes((15, 15), 3) == [(8, 8), (15, 15)] and _level_shapes((8, 8), 3) == [(8, 8)]
+    assert _level_shapes((40, 12), 3) == [(10, 8), (20, 8), (40, 12)]
     # moving(y) = fixed(y − v) ⇒ the fixed → moving map is x + v (to first order, v smooth): compare in-plane
     u = tx.u.numpy()[..., :2] / np.array([space.spacing[0], space.spacing[1]])  # x, y in voxels
     truth = np.stack([v[1], v[0]], -1)[None]

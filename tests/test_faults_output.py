@@ -145,7 +145,8 @@ def test_stale_staging_after_sigkill_is_reported_and_removed(tmp_path, reference
     assert one_complete_set(out, reference) == "rigid"
 
 
-@pytest.mark.parametrize("sig,code,says", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted; partial output was removed")])
+@pytest.mark.parametrize("sig,code,says", [(signal.SIGTERM, 143, "terminated"),
+                                            (signal.SIGINT, 130, "interrupted; partial output was removed")])
 def test_sigterm_mid_run_removes_staging_and_keeps_old_set(tmp_path, reference, sig, code, says):
     out = tmp_path / "out"
     assert run(out, "rigid")[0] == 0

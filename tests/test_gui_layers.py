@@ -240,12 +240,27 @@ def test_opening_a_file_that_is_open_uses_its_layer(make_napari_viewer, qtbot, t
     names = [l.name for l in viewer.layers]
     fixed_layer, moving_layer = w._fixed_layer, w._moving_layer
     before = len(notifications())
+    w.session.add_pair([10.0, 10.0], [12.0, 11.0])  # something the session holds: it must not be reset
+    history = w.session.can_undo
     open_file(qtbot, w, "fixed", f, monkeypatch)
     assert [l.name for l in viewer.layers] == names and w._fixed_layer is fixed_layer
-    assert any("is open already" in n for n in notifications()[before:])
+    assert any("is already the fixed image" in n for n in notifications()[before:])
+    assert len(w.session.pairs) == 1 and w.session.can_undo == history
     open_file(qtbot, w, "moving", f, monkeypatch)  # the fixed image's file as the moving image
     assert any("already the fixed image" in n for n in notifications()[before:])
     assert w._fixed_layer is fixed_layer and w._moving_layer is moving_layer
+    # another file as the fixed image, then the first one again: its layer comes back, no copy
+    g = tmp_path / "g.nii.gz"
+    shutil.copy(F2, g)
+    open_file(qtbot, w, "fixed", g, monkeypatch)
+    wait_idle(qtbot, w)
+    assert w._fixed_layer is not fixed_layer
+    count = len(viewer.layers)
+    open_file(qtbot, w, "fixed", f, monkeypatch)
+    wait_idle(qtbot, w)
+    assert w._fixed_layer is fixed_layer and len(viewer.layers) == count
+    assert any("is open already; its layer 'f' is used" in n for n in notifications()[before:])
+    names = [l.name for l in viewer.layers]
     # the file changed on disk since: read again, into a new layer
     img = sitk.ReadImage(str(f))
     sitk.WriteImage(img * 2, str(f))

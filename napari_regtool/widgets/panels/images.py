@@ -304,6 +304,9 @@ class ImagesPanel(QWidget):
                 self.host.notify("error", f"{Path(path).name} is already the {other_side} image; choose another "
                                           "file.")
                 return False
+            if same is self.shown(side):  # already this side's image: nothing changes (history, results stay)
+                self.host.notify("info", f"{Path(path).name} is already the {side} image.")
+                return True
             self.host.notify("info", f"{Path(path).name} is open already; its layer {same.name!r} is used.")
             return self._use(side, same, other, other_side)
         layer_data = None
