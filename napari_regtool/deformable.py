@@ -596,7 +596,7 @@ def register_deformable(fixed: Image, moving: Image, initial: Transform | None =
         info["contrast"], info["contrast_lncc"] = ("inverted" if inverted else "same"), round(start_lncc, 4)
     for li, (shape, n_it) in enumerate(zip(shapes, iters)):
         if n_it == 0:  # nothing to do here: keep u at its resolution (a start field is not blurred by the level)
-            info["levels"].append({"grid": list(shape), "iterations": 0})
+            info["levels"].append({"grid": list(shape), "iterations": 0, "iterations_run": 0})
             continue
         u = resize_vector_field(u, shape)
         fl = _downsample(fw, shape)

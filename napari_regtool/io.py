@@ -201,13 +201,13 @@ class _Chunks:
 
 
 def _scan(chunks, dtype=None, check_bytes: int = 0):
-    """Count the bytes of ``chunks`` (consuming them) → ``(n_bytes, all_finite)``; the first ``check_bytes`` bytes
+    """Count the bytes of ``chunks`` (consuming them) → ``(n_bytes, n_not_finite)``; the first ``check_bytes`` bytes
     are checked for NaN/inf as ``dtype`` when one is given (bytes after them are not the image's)."""
     item = np.dtype(dtype).itemsize if dtype is not None else 1
-    n, finite, checked, carry = 0, True, 0, b""  # carry: the start of an element split between two chunks
+    n, bad, checked, carry = 0, 0, 0, b""  # carry: the start of an element split between two chunks
     for chunk in chunks:
         n += len(chunk)
-        if dtype is None or not finite or checked >= check_bytes:
+        if dtype is None or checked >= check_bytes:
             continue
         end = min(n, check_bytes)
         end -= end % item
@@ -217,15 +217,15 @@ def _scan(chunks, dtype=None, check_bytes: int = 0):
             if len(chunk) < off:
                 carry += chunk
                 continue
-            if checked + item <= end and not np.isfinite(np.frombuffer(carry + chunk[:off], dtype)).all():
-                finite = False
+            if checked + item <= end:
+                bad += int(np.count_nonzero(~np.isfinite(np.frombuffer(carry + chunk[:off], dtype))))
             checked += item
         count = max(0, (end - checked) // item)
-        if count and not np.isfinite(np.frombuffer(chunk, dtype, count=count, offset=off)).all():
-            finite = False
+        if count:
+            bad += int(np.count_nonzero(~np.isfinite(np.frombuffer(chunk, dtype, count=count, offset=off))))
         checked += count * item
         carry = chunk[off + count * item:]
-    return n, finite
+    return n, bad
 
 
 def _open_maybe_gzip(stack: ExitStack, path: Path) -> tuple:
@@ -293,18 +293,18 @@ def _verify_nifti(p: Path) -> None:
         at = 348 if single else 0
         if chunks:  # gzip: read the stream to its end (a cut one raises), checking float data on the way
             at += chunks.skip(offset - at)
-            found, finite = _scan(chunks.rest(), dtype, expected) if at >= offset else (0, True)
+            found, bad = _scan(chunks.rest(), dtype, expected) if at >= offset else (0, 0)
             err = chunks.error
         else:
             found = max(0, os.fstat(f.fileno()).st_size - offset)
-            finite, err = True, None
+            bad, err = 0, None
             if found >= expected and dtype is not None:
                 f.seek(offset)
-                _, finite = _scan(_file_chunks(f, expected), dtype, expected)
+                _, bad = _scan(_file_chunks(f, expected), dtype, expected)
     if found < expected or err:
         raise _truncated(p, expected, found, err, data_path)
-    if not finite:
-        raise InputError(f"{p.name} contains NaN or infinite values in its image data; replace them (e.g. by 0 or "
+    if bad:
+        raise InputError(f"{p.name}: {bad} value(s) of its image data are NaN or infinite; replace them (e.g. by 0 or "
                          "the background value) and save the image again.")
 
 
