@@ -195,6 +195,21 @@ def test_degenerate_pairs_are_said_and_not_used_as_a_start(deep2d, qtbot, tmp_pa
     assert len([m for m in notifications()[n:] if "not used as a starting affine" in m]) == 1
 
 
+def _export_all_and_cli(qtbot, w, tmp_path, monkeypatch, *options):
+    """Export all from the widget into ``gui`` and `regtool register --model deep --refine 3 [options]` at the widget's
+    λ into ``cli``; the two folders hold the same files."""
+    gui, cli = tmp_path / "gui", tmp_path / "cli"
+    monkeypatch.setattr(QFileDialog, "getExistingDirectory", lambda *a, **k: str(gui))
+    w.tabs.setCurrentIndex(w.tabs.indexOf(w.export_btn.parentWidget()))
+    qtbot.mouseClick(w.export_btn, Qt.MouseButton.LeftButton)
+    wait_idle(qtbot, w)
+    assert main(["register", "--fixed", str(F2), "--moving", str(M2), "--model", "deep", "--landmarks", str(L2),
+                 "--reg-weight", repr(w.reg_weight), "--refine", "3", *options, "--device", "cpu",
+                 "--out", str(cli), "-q"]) == 0
+    assert sorted(p.name for p in gui.iterdir()) == sorted(p.name for p in cli.iterdir())
+    return gui, cli
+
+
 def test_refine_progress_cancel_and_export_equal_to_cli(deep2d, qtbot, tmp_path, monkeypatch):
     viewer, w = deep2d
     before = w.session.transform
@@ -218,15 +233,7 @@ def test_refine_progress_cancel_and_export_equal_to_cli(deep2d, qtbot, tmp_path,
     assert t is not before and "refined" in t.kind
     assert_close_image(warped(viewer), field_resample(t, F2, M2))
     # export: the same files as `regtool register --model deep --refine 3 --uncertainty` for the same λ
-    gui, cli = tmp_path / "gui", tmp_path / "cli"
-    monkeypatch.setattr(QFileDialog, "getExistingDirectory", lambda *a, **k: str(gui))
-    w.tabs.setCurrentIndex(w.tabs.indexOf(w.export_btn.parentWidget()))
-    qtbot.mouseClick(w.export_btn, Qt.MouseButton.LeftButton)
-    wait_idle(qtbot, w)
-    assert main(["register", "--fixed", str(F2), "--moving", str(M2), "--model", "deep", "--landmarks", str(L2),
-                 "--reg-weight", repr(w.reg_weight), "--refine", "3", "--uncertainty", "--device", "cpu",
-                 "--out", str(cli), "-q"]) == 0
-    assert sorted(p.name for p in gui.iterdir()) == sorted(p.name for p in cli.iterdir())
+    gui, cli = _export_all_and_cli(qtbot, w, tmp_path, monkeypatch, "--uncertainty")
     for name in ("warped.nii.gz", "displacement.nii.gz", "jacobian.nii.gz", "uncertainty.nii.gz"):
         a = sitk.GetArrayFromImage(sitk.ReadImage(str(gui / name)))
         b = sitk.GetArrayFromImage(sitk.ReadImage(str(cli / name)))
@@ -293,14 +300,7 @@ def test_export_without_the_uncertainty_overlay_writes_what_the_cli_writes(deep2
     wait_idle(qtbot, w)
     t = w.session.transform
     assert "refined" in t.kind and t.uncertainty is None
-    gui, cli = tmp_path / "gui", tmp_path / "cli"
-    monkeypatch.setattr(QFileDialog, "getExistingDirectory", lambda *a, **k: str(gui))
-    w.tabs.setCurrentIndex(w.tabs.indexOf(w.export_btn.parentWidget()))
-    qtbot.mouseClick(w.export_btn, Qt.MouseButton.LeftButton)
-    wait_idle(qtbot, w)
-    assert main(["register", "--fixed", str(F2), "--moving", str(M2), "--model", "deep", "--landmarks", str(L2),
-                 "--reg-weight", repr(w.reg_weight), "--refine", "3", "--device", "cpu", "--out", str(cli), "-q"]) == 0
-    assert sorted(p.name for p in gui.iterdir()) == sorted(p.name for p in cli.iterdir())
+    gui, _ = _export_all_and_cli(qtbot, w, tmp_path, monkeypatch)
     assert not (gui / "uncertainty.nii.gz").exists()
 
 
