@@ -332,7 +332,7 @@ def test_tfm_refused_for_tps(session, tmp_path):
 def test_on_demand_models_wait_for_a_run(session):
     session.load_csv(L2)
     session.set_model("deep")
-    assert session.transform is None and "Predict" in session.fit_message
+    assert session.transform is None and "Press Refine" in session.fit_message  # the deep tab's button
     t = fit_landmarks("affine", *session.pairs.fit_points())
     session.set_computed("deep", t, reg_weight=0.3)
     assert session.transform is t
