@@ -241,6 +241,11 @@ def _coarse_pair(args, fixed, moving):
     return out[0], out[1], where[0] if where[0] == where[1] else f"{where[0]} (fixed), {where[1]} (moving)"
 
 
+def _is_zarr(path) -> bool:
+    """Whether an output path names an OME-Zarr store (written block by block) rather than a SimpleITK file."""
+    return str(path).lower().rstrip("/").endswith(".zarr")
+
+
 def _inputs(args, *dests) -> list:
     """``(option, path)`` of the input files among ``dests`` that were given (for :func:`check_writable`)."""
     return [("--" + d.replace("_", "-"), getattr(args, d)) for d in dests if getattr(args, d, None)]
@@ -314,7 +319,7 @@ def _cmd_apply(args) -> int:
     from .pipeline import warp_image
 
     check_image_extension(args.out, zarr=True)
-    to_zarr = str(args.out).lower().rstrip("/").endswith(".zarr")
+    to_zarr = _is_zarr(args.out)
     check_writable(args.out, folder=to_zarr, inputs=_inputs(args, "moving", "reference", "transform"))
     if to_zarr:
         return _apply_blockwise(args)
@@ -411,7 +416,7 @@ def _cmd_field(args) -> int:
     from .io import check_image_extension, read_image, read_transform, write_transform
 
     check_image_extension(args.out, "a displacement field", zarr=True)
-    to_zarr = str(args.out).lower().rstrip("/").endswith(".zarr")
+    to_zarr = _is_zarr(args.out)
     check_writable(args.out, folder=to_zarr, inputs=_inputs(args, "reference", "transform"))
     if ngff.is_ngff(args.reference):
         ref = ngff.open_ngff(args.reference)

@@ -37,15 +37,16 @@ def deep_predict_job(cache, key, fixed, moving, device, initial, lam, uncertaint
     return ("predict", t, run_info(reg, t, lam, 0, time.perf_counter() - t0))
 
 
-def deep_refine_job(cache, key, fixed, moving, device, initial, lam, steps, landmarks, progress, uncertainty=None,
+def deep_refine_job(cache, key, fixed, moving, device, initial, lam, steps, landmarks, progress, uncertainty=False,
                     cancel=None):
     """The deep model's deformation optimised for this pair (``steps`` steps, landmarks as soft constraints)."""
     t0 = time.perf_counter()
     reg = _deep_registration(cache, key, fixed, moving, device, initial)
-    # the map only when the prediction refined from had one (its overlay was on), and then the one `regtool register
-    # --refine N --uncertainty` writes (the network with its pyramid), so the plugin's export writes the same files
+    # ``uncertainty``: the prediction refined from had a map (its overlay was on); the refinement then carries the one
+    # `regtool register --refine N --uncertainty` writes (the network with its pyramid), so the plugin's export
+    # writes the same files
     t = reg.refine(lam, steps=steps, landmarks=landmarks, progress=progress, cancel=cancel,
-                   uncertainty=uncertainty is not None)
+                   uncertainty=bool(uncertainty))
     if cancel is not None and cancel():
         raise Cancelled()
     from .deep.infer import run_info

@@ -99,6 +99,17 @@ def click_checkbox(qtbot, cb):
     qtbot.mouseClick(cb, Qt.MouseButton.LeftButton, pos=QPoint(6, cb.height() // 2))
 
 
+def export_all(qtbot, w, folder, monkeypatch):
+    """Press Export all on the Export tab, choosing ``folder`` in the folder dialog, and wait for the files."""
+    from qtpy.QtWidgets import QFileDialog
+
+    monkeypatch.setattr(QFileDialog, "getExistingDirectory", lambda *a, **k: str(folder))
+    w.tabs.setCurrentIndex(w.tabs.indexOf(w.export_btn.parentWidget()))
+    qtbot.mouseClick(w.export_btn, Qt.MouseButton.LeftButton)
+    wait_idle(qtbot, w)
+    return folder
+
+
 def notifications():
     from napari.utils.notifications import notification_manager
 
@@ -627,11 +638,7 @@ def test_export_all_matches_cli_and_single_files(sample2d, qtbot, tmp_path, monk
     viewer, w = sample2d
     w.set_model("affine")
     wait_idle(qtbot, w)
-    w.tabs.setCurrentIndex(w.tabs.indexOf(w.export_btn.parentWidget()))
-    gui = tmp_path / "gui"
-    monkeypatch.setattr(QFileDialog, "getExistingDirectory", lambda *a, **k: str(gui))
-    qtbot.mouseClick(w.export_btn, Qt.MouseButton.LeftButton)
-    wait_idle(qtbot, w)
+    gui = export_all(qtbot, w, tmp_path / "gui", monkeypatch)
     cli = tmp_path / "cli"
     assert main(["register", "--fixed", str(F2), "--moving", str(M2), "--model", "affine", "--landmarks", str(L2),
                  "--device", "cpu", "--out", str(cli), "-q"]) == 0
@@ -669,10 +676,7 @@ def test_export_all_matches_cli_and_single_files(sample2d, qtbot, tmp_path, monk
     assert_close_image(warped(viewer), ref)
     # "Export all" writes the same field as "Save transform" for the same TPS (both in double precision, from
     # the transform on screen), and that field is SciPy's thin-plate spline through the same pairs
-    gui_tps = tmp_path / "gui-tps"
-    monkeypatch.setattr(QFileDialog, "getExistingDirectory", lambda *a, **k: str(gui_tps))
-    qtbot.mouseClick(w.export_btn, Qt.MouseButton.LeftButton)
-    wait_idle(qtbot, w)
+    gui_tps = export_all(qtbot, w, tmp_path / "gui-tps", monkeypatch)
     exported = sitk.GetArrayFromImage(sitk.ReadImage(str(gui_tps / "displacement.nii.gz"), sitk.sitkVectorFloat64))
     saved = sitk.ReadImage(str(tmp_path / "field.nii.gz"), sitk.sitkVectorFloat64)  # (the transform took the first)
     np.testing.assert_array_equal(exported, sitk.GetArrayFromImage(saved))

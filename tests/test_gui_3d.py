@@ -6,15 +6,14 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from qtpy.QtCore import Qt
-from qtpy.QtWidgets import QFileDialog
 
 from napari_regtool.cli import main
 from napari_regtool.io import read_image
 from napari_regtool.landmarks import read_bigwarp_csv
 from napari_regtool.space import to_array_order
 
-from .test_gui import (F3, L3, M3, assert_close_image, canvas_click, notifications, open_with_widget, sitk_landmark_affine,
-                       sitk_resample, wait_idle, warped)
+from .test_gui import (F3, L3, M3, assert_close_image, canvas_click, export_all, notifications, open_with_widget,
+                       sitk_landmark_affine, sitk_resample, wait_idle, warped)
 
 pytestmark = pytest.mark.gui
 
@@ -80,11 +79,7 @@ def test_3d_sample_tps_affine_clicks_overlays_export(sample3d, qtbot, tmp_path, 
     # export (affine) equals the CLI's files
     w.set_model("affine")
     wait_idle(qtbot, w)
-    gui, cli = tmp_path / "gui", tmp_path / "cli"
-    monkeypatch.setattr(QFileDialog, "getExistingDirectory", lambda *a, **k: str(gui))
-    w.tabs.setCurrentIndex(w.tabs.indexOf(w.export_btn.parentWidget()))
-    qtbot.mouseClick(w.export_btn, Qt.MouseButton.LeftButton)
-    wait_idle(qtbot, w)
+    gui, cli = export_all(qtbot, w, tmp_path / "gui", monkeypatch), tmp_path / "cli"
     assert main(["register", "--fixed", str(F3), "--moving", str(M3), "--model", "affine", "--landmarks", str(L3),
                  "--device", "cpu", "--out", str(cli), "-q"]) == 0
     assert sorted(p.name for p in gui.iterdir()) == sorted(p.name for p in cli.iterdir())

@@ -19,8 +19,8 @@ from napari_regtool.landmarks import read_bigwarp_csv
 from napari_regtool.transforms import fit_landmarks
 from napari_regtool.transforms.field import jacobian_determinant
 
-from .test_gui import F2, L2, M2, assert_close_image, click_checkbox, notifications, open_with_widget, wait_idle, \
-    warped
+from .test_gui import F2, L2, M2, assert_close_image, click_checkbox, export_all, notifications, open_with_widget, \
+    wait_idle, warped
 
 pytestmark = pytest.mark.gui
 
@@ -198,11 +198,7 @@ def test_degenerate_pairs_are_said_and_not_used_as_a_start(deep2d, qtbot, tmp_pa
 def _export_all_and_cli(qtbot, w, tmp_path, monkeypatch, *options):
     """Export all from the widget into ``gui`` and `regtool register --model deep --refine 3 [options]` at the widget's
     λ into ``cli``; the two folders hold the same files."""
-    gui, cli = tmp_path / "gui", tmp_path / "cli"
-    monkeypatch.setattr(QFileDialog, "getExistingDirectory", lambda *a, **k: str(gui))
-    w.tabs.setCurrentIndex(w.tabs.indexOf(w.export_btn.parentWidget()))
-    qtbot.mouseClick(w.export_btn, Qt.MouseButton.LeftButton)
-    wait_idle(qtbot, w)
+    gui, cli = export_all(qtbot, w, tmp_path / "gui", monkeypatch), tmp_path / "cli"
     assert main(["register", "--fixed", str(F2), "--moving", str(M2), "--model", "deep", "--landmarks", str(L2),
                  "--reg-weight", repr(w.reg_weight), "--refine", "3", *options, "--device", "cpu",
                  "--out", str(cli), "-q"]) == 0

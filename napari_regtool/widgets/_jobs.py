@@ -202,7 +202,7 @@ class Jobs(QWidget):
         lms = m.pairs.fit_points() if m.pairs is not None and m.pairs.usable.any() else None
         self.deep_runner.request(deep_refine_job, self._deep_cache, key, m.fixed, m.moving, str(dev), init,
                                  self.host.deep.reg_weight, steps, lms, self._progress,
-                                 getattr(prev, "uncertainty", None), cancellable=True)
+                                 getattr(prev, "uncertainty", None) is not None, cancellable=True)
 
     def auto_align(self, kind: str | None = None):
         """Intensity-based linear alignment (rigid for the rigid model, else affine), in the background."""
