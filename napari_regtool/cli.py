@@ -545,12 +545,12 @@ def _cmd_qc(args) -> int:
     warped = None
     if moving is not None:
         warped = warp_image(moving, t, fs, device=dev)
-        fsc, wsc = fixed.scalar(), _scalar(warped, fixed.ndim)
-        from .transforms import IdentityTransform
+        wsc = _scalar(warped, fixed.ndim)
+        from .pipeline import similarity_before_after
 
-        before = warp_image(moving, IdentityTransform(fixed.ndim), fs, device=dev)
-        report["similarity_before"] = qc.similarity_metrics(fsc, _scalar(before, fixed.ndim))
-        report["similarity_after"] = qc.similarity_metrics(fsc, wsc)
+        # as regtool register measures them: where the moving image lands (and within --mask)
+        report["similarity_before"], report["similarity_after"] = similarity_before_after(fixed, moving, t, dev,
+                                                                                          mask=mask)
         check = qc.check_convention(fixed, moving, loaded, device=dev)
         report["convention_check"] = check.to_dict()
         if check.flagged:

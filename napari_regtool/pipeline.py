@@ -138,19 +138,44 @@ def evaluate(result: RegistrationResult, need_warped=True, uncertainty=None, cha
         result.warped = warp_image(result.moving, t, fs, device=dev, index_grid=index_grid)
     result.jacobian = jacobian_determinant(result.displacement, fs)
     result.jacobian_stats = qc.jacobian_stats(result.jacobian)
-    fixed_s = torch.as_tensor(result.fixed.scalar(channel), device=dev)
-    moving_s = result.moving.scalar(channel)
-    identity = _identity_resample(moving_s, result.moving.space, fs, dev)
-    warped_s = resample(moving_s, result.moving.space, t, fs, device=dev, index_grid=index_grid)
-    # the similarity is measured where the moving image lands: voxels mapped outside it hold the fill value, not
-    # image, and would make a perfect alignment of a partial overlap score low (seen: NCC 0.65)
-    ident_grid = IdentityTransform(fs.ndim).moving_index_grid(fs, result.moving.space, device=dev)
-    result.similarity_before = qc.similarity_metrics(fixed_s, identity, _inside(ident_grid, result.moving.space))
-    result.similarity_after = qc.similarity_metrics(fixed_s, warped_s, _inside(index_grid, result.moving.space))
+    result.similarity_before, result.similarity_after = similarity_before_after(
+        result.fixed, result.moving, t, dev, index_grid=index_grid, channel=channel)
     unc = getattr(t, "uncertainty", None) if uncertainty is None else uncertainty
     if unc is not None:
         result.uncertainty = np.asarray(unc.cpu().numpy() if torch.is_tensor(unc) else unc, dtype=np.float32)
     return result
+
+
+def similarity_before_after(fixed: Image, moving: Image, transform: Transform, device="cpu", index_grid=None,
+                            channel="mean", mask=None) -> tuple:
+    """MSE, NCC and mutual information between the fixed image and the moving image resampled without a transform
+    (before) and through ``transform`` (after): two dicts, each with ``region``, the share of the fixed voxels
+    measured (in ``mask`` if given, a boolean array on the fixed grid).
+
+    Each is measured where the moving image lands: fixed voxels mapped outside it hold the fill value, not image,
+    and would make a perfect alignment of a partial overlap score low (seen: NCC 0.65). So ``before`` and ``after``
+    can count different voxels. ``regtool register``, ``regtool qc`` and the plugin all report these figures.
+    """
+    dev = torch.device(str(device).split(" ")[0])
+    fs, ms = fixed.space, moving.space
+    fixed_s = torch.as_tensor(fixed.scalar(channel), device=dev)
+    moving_s = moving.scalar(channel)
+    keep = None if mask is None else torch.as_tensor(np.asarray(mask, bool), device=dev)
+    if index_grid is None:
+        index_grid = transform.moving_index_grid(fs, ms, device=dev)
+    out = []
+    for tx, grid in ((IdentityTransform(fs.ndim), None), (transform, index_grid)):
+        grid = tx.moving_index_grid(fs, ms, device=dev) if grid is None else grid
+        warped_s = resample(moving_s, ms, tx, fs, device=dev, index_grid=grid)
+        inside = _inside(grid, ms)
+        region = inside if keep is None else (keep if inside is None else inside & keep)
+        n = fs.n_voxels if region is None else int(region.sum())
+        if n < 16:  # too few voxels to measure on: all of them (or the mask) instead
+            region, n = keep, (fs.n_voxels if keep is None else int(keep.sum()))
+        metrics = qc.similarity_metrics(fixed_s, warped_s, region)
+        metrics["region"] = round(n / fs.n_voxels, 6)
+        out.append(metrics)
+    return out[0], out[1]
 
 
 def _inside(index_grid: torch.Tensor, moving_space: Space):
@@ -159,11 +184,6 @@ def _inside(index_grid: torch.Tensor, moving_space: Space):
     ok = ~outside_itk(index_grid, list(moving_space.shape)[::-1])
     n = int(ok.sum())
     return None if n == ok.numel() or n < 16 else ok
-
-
-def _identity_resample(array, moving_space: Space, space: Space, device):
-    """The moving image on the fixed grid without any transform (the "before" of the similarity report)."""
-    return resample(array, moving_space, IdentityTransform(space.ndim), space, device=device)
 
 
 #: linear starts of the deformable and deep models (``register(start=…)``, ``regtool register --global``)

@@ -11,7 +11,7 @@ import SimpleITK as sitk
 
 from napari_regtool.cli import main
 from napari_regtool.io import read_image, write_image
-from napari_regtool.landmarks import read_bigwarp_csv, write_bigwarp_csv
+from napari_regtool.landmarks import LandmarkPairs, read_bigwarp_csv, write_bigwarp_csv
 from napari_regtool.space import Space
 
 from .helpers import SAMPLES, smooth_test_image
@@ -441,3 +441,40 @@ def test_an_input_is_never_replaced_by_an_output(tmp_path, capsys):
     assert run("register", "--fixed", F2, "--moving", other, "--model", "rigid", "--landmarks", L2, "--out", out,
                "-q") == 0
     assert other.read_bytes() == data
+
+
+def test_register_and_qc_measure_the_similarity_over_the_same_region(tmp_path):
+    """A moving image that covers part of the fixed one: ``regtool register`` and ``regtool qc`` report the same
+    similarity for the same transform, measured (as SimpleITK resampling shows) where the moving image lands."""
+    moving = sitk.ReadImage(str(M2), sitk.sitkFloat32)
+    crop = moving[: moving.GetSize()[0] * 3 // 5, :]  # the left 60 %, its geometry kept
+    mpath = tmp_path / "moving_crop.nii.gz"
+    sitk.WriteImage(crop, str(mpath))
+    pairs = read_bigwarp_csv(L2)
+    keep = np.array([0 <= crop.TransformPhysicalPointToContinuousIndex([float(v) for v in q])[0]
+                     <= crop.GetSize()[0] - 1 for q in pairs.moving])  # the pairs whose moving point is in the crop
+    assert keep.sum() >= 4
+    lpath = tmp_path / "pairs.csv"
+    write_bigwarp_csv(lpath, LandmarkPairs(pairs.fixed[keep], pairs.moving[keep]))
+    out = tmp_path / "reg"
+    assert run("register", "--fixed", F2, "--moving", mpath, "--model", "affine", "--landmarks", lpath, "--device",
+               "cpu", "--out", out, "-q") == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert run("qc", "--transform", out / "transform.tfm", "--fixed", F2, "--moving", mpath, "--device", "cpu",
+               "--out", tmp_path / "qc", "-q") == 0
+    rep_qc = json.loads((tmp_path / "qc" / "report.json").read_text())
+    fixed = sitk.ReadImage(str(F2), sitk.sitkFloat32)
+    f = sitk.GetArrayFromImage(fixed).astype(float)
+    for key, tx in (("similarity_before", sitk.Transform(2, sitk.sitkIdentity)),
+                    ("similarity_after", sitk.ReadTransform(str(out / "transform.tfm")))):
+        w = sitk.GetArrayFromImage(sitk.Resample(crop, fixed, tx, sitk.sitkLinear, 0.0)).astype(float)
+        ones = sitk.Image(crop.GetSize(), sitk.sitkUInt8) + 1
+        ones.CopyInformation(crop)
+        inside = sitk.GetArrayFromImage(sitk.Resample(ones, fixed, tx, sitk.sitkNearestNeighbor, 0)) > 0
+        a, b = f[inside] - f[inside].mean(), w[inside] - w[inside].mean()
+        ncc = float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
+        assert 0.3 < inside.mean() < 0.9
+        for r in (rep, rep_qc):
+            assert r[key]["region"] == pytest.approx(inside.mean(), abs=0.005)
+            assert r[key]["ncc"] == pytest.approx(ncc, abs=2e-3)
+        assert rep_qc[key] == pytest.approx(rep[key], rel=1e-6)
