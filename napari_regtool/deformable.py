@@ -186,8 +186,15 @@ def contrast_of(fixed: Image, moving: Image, transform: Transform | None = None,
     f = resample(out[0], fs, IdentityTransform(d), grid).float()[None, None]
     m = resample(out[1], moving.space, t, grid, fill=border_value(out[1])).float()[None, None]
     ins = resample(np.ones(moving.space.shape, np.float32), moving.space, t, grid, fill=0.0).float()[None, None]
-    metric = _Metric("lncc", f, DEFAULT_RADIUS[d], None)
-    val = metric.value(m, _where_moving(metric, ins, None) if bool((ins < INSIDE).any()) else None)
+    return _contrast_decision(f, m, ins if bool((ins < INSIDE).any()) else None, DEFAULT_RADIUS[d], None)
+
+
+def _contrast_decision(fixed, moving, inside, radius: int, mask) -> tuple:
+    """``("same" | "inverted", lncc)`` from the local NCC of two images on one coarse grid, ``(1, 1, *S)`` each,
+    over the windows where the moving image has data (``inside``, or None: everywhere) within ``mask``: the one
+    rule behind :func:`register_deformable`'s ``contrast="auto"`` and :func:`contrast_of`."""
+    metric = _Metric("lncc", fixed, radius, mask)
+    val = metric.value(moving, _where_moving(metric, inside, mask))
     return ("inverted" if val < INVERTED_LNCC else "same"), val
 
 
@@ -585,12 +592,12 @@ def register_deformable(fixed: Image, moving: Image, initial: Transform | None =
         s0 = shapes[0]
         m0 = None if mask is None else (_downsample(mask, s0) > 0.5).float()
         m0 = m0 if m0 is not None and bool(m0.any()) else None
-        met0 = _Metric("lncc", _downsample(fw, s0), radius, m0)
         chans0 = [_downsample(mw, s0)] + ([_downsample(inside, s0)] if inside is not None else [])
         wg0 = Warper(s0, dev)(torch.cat(chans0, 1), resize_vector_field(u, s0))
         # over the windows where the moving image has data, as the level's iterations count them
-        start_lncc = met0.value(wg0[:, :1], _where_moving(met0, wg0[:, 1:] if inside is not None else None, m0))
-        inverted = contrast == "inverted" or (contrast == "auto" and start_lncc < INVERTED_LNCC)
+        seen, start_lncc = _contrast_decision(_downsample(fw, s0), wg0[:, :1],
+                                              wg0[:, 1:] if inside is not None else None, radius, m0)
+        inverted = contrast == "inverted" or (contrast == "auto" and seen == "inverted")
         if inverted:
             mw = 1.0 - mw  # local NCC is maximised by matching contrast: register the negative
         info["contrast"], info["contrast_lncc"] = ("inverted" if inverted else "same"), round(start_lncc, 4)
