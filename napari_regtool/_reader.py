@@ -12,6 +12,7 @@ from .errors import RegtoolError
 from .image import Image
 from .io import looks_like_label_map, read_image
 from .landmarks import LandmarkPairs, bigwarp_csv_text, read_bigwarp_csv
+from .pipeline import straighten_for_display
 from .space import to_array_order
 
 __all__ = ["get_landmark_reader", "get_image_reader", "get_ngff_reader", "image_layer_data", "landmark_layer_data",
@@ -30,6 +31,11 @@ def file_stamp(path) -> list | None:
     return [int(st.st_size), int(st.st_mtime_ns)]
 
 
+#: layer metadata key of ``(original image, the layer's array)`` for a layer that shows a straightened copy
+#: (:func:`~napari_regtool.pipeline.straighten_for_display`)
+ORIGINAL_KEY = "regtool_original"
+
+
 def image_layer_data(image: Image, path=None, role: str | None = None, sample: bool = False):
     """``(data, kwargs, "image")`` placing ``image`` in world (physical) coordinates."""
     md = {"path": str(path) if path else None, "stamp": file_stamp(path) if path else None}
@@ -38,6 +44,8 @@ def image_layer_data(image: Image, path=None, role: str | None = None, sample: b
     if sample:
         md["sample"] = True
     kw = dict(name=image.name, metadata={"regtool": md}, **image.space.napari_kwargs())
+    if image.meta.get("original") is not None:  # a display copy: the file's image, for what is written
+        kw["metadata"][ORIGINAL_KEY] = (image.meta["original"], image.array)
     rgb = image.is_multichannel and image.n_channels in (3, 4) and image.array.dtype == np.uint8
     if image.is_multichannel and not rgb:
         kw["channel_axis"] = image.ndim
@@ -107,6 +115,7 @@ def get_image_reader(path):
             raise ValueError(str(exc)) from None
         if looks_like_label_map(im, p):  # a segmentation opens as labels, so warping keeps its values
             im = im.with_array(im.array, is_label=True)
+        im = straighten_for_display(im)  # a tilted volume: napari would draw its slices off their place
         for note in im.meta.get("notices") or []:  # napari shows a reader's warnings in its notification area
             warnings.warn(note, UserWarning, stacklevel=2)
         return [image_layer_data(im, p)]

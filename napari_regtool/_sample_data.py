@@ -1,6 +1,7 @@
 """Sample data: the 2D and 3D brain pairs of ``sample_data/`` (fixed, moving and their landmark pairs)."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from .errors import InputError
@@ -37,10 +38,14 @@ def _sample(prefix: str) -> list:
     from ._reader import image_layer_data, landmark_layer_data
     from .io import read_image
     from .landmarks import read_bigwarp_csv
+    from .pipeline import straighten_for_display
 
     files = sample_files(prefix)
-    fixed = read_image(files["fixed"])
-    moving = read_image(files["moving"])
+    # the 3D moving image lies on a tilted grid, which napari would draw off its place: shown straightened, said
+    fixed, moving = (straighten_for_display(im) for im in (read_image(files["fixed"]), read_image(files["moving"])))
+    for im in (fixed, moving):
+        for note in im.meta.get("notices") or []:
+            warnings.warn(note, UserWarning, stacklevel=2)
     pairs = read_bigwarp_csv(files["landmarks"])
     fd, fk, ft = image_layer_data(fixed, files["fixed"], role="fixed", sample=True)
     md, mk, mt = image_layer_data(moving, files["moving"], role="moving", sample=True)

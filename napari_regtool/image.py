@@ -92,8 +92,9 @@ class Image:
         return self
 
     def with_array(self, array, name=None, is_label=None) -> "Image":
-        return Image(array, self.space, name or self.name, self.is_label if is_label is None else is_label,
-                     dict(self.meta))
+        """The same grid with another array (the ``original`` image a display copy was made from no longer holds)."""
+        meta = {k: v for k, v in self.meta.items() if k != "original"}
+        return Image(array, self.space, name or self.name, self.is_label if is_label is None else is_label, meta)
 
 
 #: below this fraction of the fixed image's voxels landing inside the moving image, an intensity-driven registration

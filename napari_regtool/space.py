@@ -243,6 +243,38 @@ class Space:
             spacing = self.spacing
         return Space(shape, spacing, self.origin, self.direction)
 
+    def tilt(self) -> tuple:
+        """How far this grid's axes are tilted from the world axes: ``(degrees, offset)``, the largest angle between
+        an index axis and the world axis nearest to it, and the largest distance (physical units) between a voxel
+        centre and where it would lie if every axis were turned onto that world axis (about the grid's centre).
+        ``(0, 0)`` for axes along the world axes in any order and sign."""
+        d = self.ndim
+        a = np.abs(self.direction)
+        nearest = np.argmax(a, axis=0)  # the world axis each index axis is closest to
+        cos = np.clip(a[nearest, np.arange(d)], -1.0, 1.0)
+        degrees = float(np.degrees(np.arccos(cos)).max())
+        if len(set(nearest.tolist())) < d:  # two index axes nearest one world axis: as tilted as a grid can be
+            degrees = max(degrees, 45.0)
+        turned = np.zeros((d, d))
+        turned[nearest, np.arange(d)] = np.sign(self.direction[nearest, np.arange(d)])
+        half = (np.asarray(self.size_xyz, float) - 1) / 2 * self.spacing
+        corners = np.array(np.meshgrid(*[[-1.0, 1.0]] * d, indexing="ij")).reshape(d, -1) * half[:, None]
+        offset = float(np.linalg.norm((self.direction - turned) @ corners, axis=0).max())
+        return degrees, offset
+
+    def axis_aligned(self) -> "Space":
+        """A grid along the world axes (identity direction) covering this one's voxel centres, with the spacing of
+        the index axis nearest each world axis."""
+        d = self.ndim
+        nearest = np.argmax(np.abs(self.direction), axis=0)
+        spacing = np.empty(d)
+        spacing[nearest] = self.spacing
+        if len(set(nearest.tolist())) < d:
+            spacing[:] = float(self.spacing.min())
+        lo, hi = self.physical_bounds()
+        size_xyz = np.ceil((hi - lo) / spacing - 1e-6).astype(int) + 1
+        return Space(tuple(int(n) for n in size_xyz[::-1]), spacing, lo, np.eye(d))
+
     def grid_points(self, dtype=np.float64) -> np.ndarray:
         """(*shape, D) physical coordinates (x, y, z) of every voxel centre. Allocates the whole grid."""
         axes = [np.arange(s, dtype=dtype) for s in self.shape]

@@ -13,7 +13,7 @@ from napari_regtool.io import read_image
 from napari_regtool.landmarks import read_bigwarp_csv, write_napari_points_csv
 from napari_regtool.space import to_array_order
 
-from .test_gui import F2, F3, L2, L3, M2, PLUGIN, open_with_widget, wait_idle
+from .test_gui import F2, F3, L2, L3, M2, M3, PLUGIN, open_with_widget, wait_idle
 
 pytestmark = pytest.mark.gui
 
@@ -272,3 +272,66 @@ def test_what_reading_a_file_had_to_say_is_shown(make_napari_viewer, qtbot, tmp_
     with pytest.warns(UserWarning, match="volume of one slice"):
         layer = viewer.open(str(path), plugin=PLUGIN)[0]
     assert layer.data.ndim == 2
+
+
+def _tilted_volume(path, degrees=20.0):
+    """The 3D sample's moving image, its grid turned by ``degrees`` about the x axis (an oblique acquisition)."""
+    img = sitk.ReadImage(str(M3), sitk.sitkFloat32)
+    a = np.deg2rad(degrees)
+    turn = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+    img.SetDirection((turn @ np.asarray(img.GetDirection()).reshape(3, 3)).ravel().tolist())
+    sitk.WriteImage(img, str(path))
+    return img
+
+
+def test_a_tilted_volume_is_shown_where_it_lies(make_napari_viewer, qtbot, tmp_path, monkeypatch):
+    """napari draws a 3D layer's slices without the tilt of its axes, so a tilted volume opened with Open… (or
+    napari's File ▸ Open) is shown resampled onto an axis-aligned grid, and said so: the layer's voxels then sit
+    where SimpleITK puts the file's physical points. A tilted layer made elsewhere gets a warning when chosen."""
+    from qtpy.QtWidgets import QFileDialog
+
+    from .test_gui import notifications
+
+    path = tmp_path / "tilted.nii.gz"
+    src = _tilted_volume(path)
+    viewer = make_napari_viewer()
+    w = open_with_widget(viewer, qtbot)
+    monkeypatch.setattr(QFileDialog, "getOpenFileName", lambda *a, **k: (str(F3), ""))
+    qtbot.mouseClick(w.open_fixed_btn, Qt.MouseButton.LeftButton)
+    before = len(notifications())
+    monkeypatch.setattr(QFileDialog, "getOpenFileName", lambda *a, **k: (str(path), ""))
+    qtbot.mouseClick(w.open_moving_btn, Qt.MouseButton.LeftButton)
+    wait_idle(qtbot, w)
+    assert w.session.ready
+    said = notifications()[before:]
+    assert any("tilted 20." in m and "axis-aligned grid" in m for m in said), said
+    layer = w.images.shown("moving")
+    lin = np.asarray(layer.affine.affine_matrix)[:3, :3] @ np.diag(layer.scale)
+    assert np.allclose(lin, np.diag(np.diag(lin)))  # no rotation: napari draws it as it is
+    assert np.allclose(w.session.moving.space.direction, np.eye(3))
+    # the value napari holds at a voxel is the file's value at that voxel's physical point (x, y, z = reversed world)
+    rng = np.random.default_rng(1)
+    data = np.asarray(layer.data)
+    checked = 0
+    for _ in range(200):
+        k = tuple(int(rng.integers(0, n)) for n in data.shape)
+        phys = np.asarray(layer.data_to_world(np.array(k, float)))[::-1]
+        idx = np.array(src.TransformPhysicalPointToContinuousIndex([float(v) for v in phys]))
+        if np.all(idx > 0) and np.all(idx < np.array(src.GetSize()) - 1):
+            assert data[k] == pytest.approx(src.EvaluateAtPhysicalPoint([float(v) for v in phys], sitk.sitkLinear),
+                                            rel=1e-4, abs=1e-3)
+            checked += 1
+    assert checked > 50
+    with pytest.warns(UserWarning, match="tilted 20\\."):
+        opened = viewer.open(str(path), plugin=PLUGIN)[0]
+    assert np.asarray(opened.data).shape == data.shape
+    # a tilted layer added by other means (here: the file's own affine) is placed as napari places it, with a warning
+    from napari_regtool.space import Space
+
+    tilted = viewer.add_image(sitk.GetArrayFromImage(src), name="tilted elsewhere",
+                              **Space.from_sitk(src).napari_kwargs())
+    before = len(notifications())
+    w.moving_combo.setCurrentIndex(w.moving_combo.findData(tilted))
+    wait_idle(qtbot, w)
+    said = notifications()[before:]
+    assert any("tilted 20." in m and "Open…" in m for m in said), said

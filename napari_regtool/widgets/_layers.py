@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from .._reader import ORIGINAL_KEY
 from ..image import Image
 from ..space import Space, to_array_order, to_physical_order
 from ..transforms.numeric import NumericInverse
@@ -107,7 +108,11 @@ def image_from_layer(layer, is_label: bool | None = None) -> Image:
     arr = np.asarray(data)
     space = layer_space(layer)
     label = isinstance(layer, Labels) if is_label is None else is_label
-    return Image(arr, space, name=layer.name, is_label=label)
+    image = Image(arr, space, name=layer.name, is_label=label)
+    original, shown = (getattr(layer, "metadata", None) or {}).get(ORIGINAL_KEY) or (None, None)
+    if original is not None and data is shown and original.is_label == label:
+        image.meta["original"] = original  # a straightened copy of a tilted file, unchanged since it was opened
+    return image
 
 
 def image_layer_kwargs(space: Space) -> dict:

@@ -8,8 +8,9 @@ from qtpy.QtWidgets import QCheckBox, QComboBox, QFileDialog, QGridLayout, QLabe
 
 from ... import io as rio
 from ...errors import RegtoolError
-from ..._reader import file_stamp
-from .._layers import layer_path, layer_role, linear_display_affine
+from ..._reader import ORIGINAL_KEY, file_stamp
+from ...pipeline import drawn_tilt, straighten_for_display
+from .._layers import layer_path, layer_role, layer_space, linear_display_affine
 from .fullres import open_zarr, registration_image, zarr_folder
 from ._shortcuts import SHORTCUTS
 
@@ -168,14 +169,19 @@ class ImagesPanel(QWidget):
         if layer is None or channel is None or r.get("channel", "mean") == channel or not r.get("path"):
             return
         try:
-            data = rio.read_image(r["path"]).scalar(channel)
+            im = rio.read_image(r["path"])
+            shown = straighten_for_display(im.with_array(im.scalar(channel)))  # as the layer was opened
+            data = shown.array
         except (RegtoolError, OSError) as exc:
             self.host.notify("error", f"Cannot read channel {channel} of {Path(r['path']).name}: {exc}")
             self.refresh_channels()
             return
         self.restore_display()
         layer.data = data
-        layer.metadata = {**layer.metadata, "regtool": {**r, "channel": channel}}
+        md = {k: v for k, v in layer.metadata.items() if k != ORIGINAL_KEY}
+        if shown.meta.get("original") is not None:
+            md[ORIGINAL_KEY] = (shown.meta["original"], data)
+        layer.metadata = {**md, "regtool": {**r, "channel": channel}}
         layer.reset_contrast_limits()
         what = "the mean of the channels" if channel == "mean" else f"channel {channel}"
         f, m = self.shown("fixed"), self.shown("moving")
@@ -281,6 +287,9 @@ class ImagesPanel(QWidget):
             self.refresh()
             return False
         self.picks = {"fixed": fixed_layer, "moving": moving_layer}
+        for layer in (fixed_layer, moving_layer):
+            if not any(layer is o for o in old):
+                self._say_if_tilted(layer)
         self.refresh()
         self.host.set_status(" ".join([msg] + [im.meta["level_note"] for im in (fixed, moving)
                                                 if im.meta.get("level_note")]))
@@ -322,6 +331,8 @@ class ImagesPanel(QWidget):
                 im = im.with_array(im.scalar())
                 self.host.notify("info", f"{Path(path).name} has {channels} channels; their mean is registered "
                                          "(choose one under Channel).")
+            if layer_data is None:  # a tilted volume: napari would draw its slices off their place
+                im = straighten_for_display(im)
             self.model.check_image(side, im, other=registration_image(other) if other is not None else None)
         except RegtoolError as exc:
             self.host.notify("error", f"{Path(path).name} cannot be the {side} image: {exc}")
@@ -346,6 +357,21 @@ class ImagesPanel(QWidget):
             self.host.set_status(f"Now choose or open the {other_side} image.")
             return True
         return self.set_layers(layer, other) if side == "fixed" else self.set_layers(other, layer)
+
+    def _say_if_tilted(self, layer):
+        """A 3D layer placed with a tilt (not opened here, which straightens it): napari draws its slices off their
+        physical place, so say what that means for clicks and how to avoid it."""
+        if getattr(layer, "multiscale", False):
+            return
+        try:
+            tilt = drawn_tilt(layer_space(layer))
+        except RegtoolError:
+            return
+        if tilt is not None:
+            self.host.notify("warning", f"{layer.name}'s axes are tilted {tilt[0]:.1f}° from the viewer's axes. napari "
+                                        f"draws its slices without that tilt (up to {tilt[1]:.1f} mm from their "
+                                        "place), so a landmark clicked on a feature there lands off it. Open the file "
+                                        "with Open… here: the plugin shows it resampled onto an axis-aligned grid.")
 
     def _open_already(self, path):
         """An image layer read from ``path`` that the file has not changed since (its recorded modification time),
