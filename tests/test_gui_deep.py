@@ -261,6 +261,12 @@ def test_auto_align_and_device_selector(make_napari_viewer, qtbot, request):
     w.set_model("rigid")
     wait_idle(qtbot, w)
     w.tabs.setCurrentIndex(1)
+    # cancelled at once: nothing changes, and the tab no longer says it is running
+    qtbot.mouseClick(w.auto_btn, Qt.MouseButton.LeftButton)
+    assert "running" in w.deep.deep_status.text()
+    qtbot.mouseClick(w.cancel_btn, Qt.MouseButton.LeftButton)
+    wait_idle(qtbot, w, timeout=120000)
+    assert w.session.model == "rigid" and w.deep.deep_status.text() == "Auto-align cancelled."
     qtbot.mouseClick(w.auto_btn, Qt.MouseButton.LeftButton)
     wait_idle(qtbot, w, timeout=120000)
     assert w.session.model == "auto-rigid" and w.model_combo.currentData() == "auto-rigid"
@@ -354,3 +360,40 @@ def test_a_reopened_widget_says_what_the_deep_model_holds(deep2d, qtbot):
     assert w2 is not w and w2.session.model == "deep" and w2.session.transform is not None
     assert w2.status_label.text() == status
     assert w2.deep.deep_status.text() == deep_status.split(" in ")[0] + "."
+
+
+def test_export_during_the_refinement_writes_the_refined_result(make_napari_viewer, qtbot, tiny_model, tmp_path,
+                                                                 monkeypatch):
+    """Export all pressed while the automatic refinement runs waits for it and writes the refinement (as
+    `regtool register --refine N` does), not the prediction shown meanwhile; cancelled, it writes the prediction and
+    says so."""
+    viewer = make_napari_viewer()
+    w = open_with_widget(viewer, qtbot, "brain2d")
+    w.refine_steps.setValue(60)
+    kinds = []
+    w.session.transform_changed.connect(lambda t: kinds.append(getattr(t, "kind", None)))
+    w.model_combo.setCurrentIndex(w.model_combo.findData("deep"))
+    qtbot.waitUntil(lambda: "deep" in kinds and w.progress.isVisibleTo(w), timeout=10000)
+    monkeypatch.setattr(QFileDialog, "getExistingDirectory", lambda *a, **k: str(tmp_path / "refined"))
+    qtbot.mouseClick(w.export_btn, Qt.MouseButton.LeftButton)
+    assert "waits for the refinement" in w.status_label.text()
+    wait_idle(qtbot, w, timeout=60000)
+    qtbot.waitUntil(lambda: (tmp_path / "refined" / "report.json").exists(), timeout=20000)
+    assert kinds[-1] == "deep+refined"
+    field = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "refined" / "displacement.nii.gz")))
+    np.testing.assert_allclose(field, w.session.transform.u.numpy(), atol=1e-5)
+    # cancelled: the prediction is written, and said
+    w.refine_steps.setValue(5000)
+    kinds.clear()
+    w.lambda_slider.setValue(w.lambda_slider.minimum() + 30)
+    qtbot.waitUntil(lambda: kinds == ["deep"] and w.progress.isVisibleTo(w), timeout=10000)
+    monkeypatch.setattr(QFileDialog, "getExistingDirectory", lambda *a, **k: str(tmp_path / "cancelled"))
+    qtbot.mouseClick(w.export_btn, Qt.MouseButton.LeftButton)
+    before = len(notifications())
+    qtbot.mouseClick(w.cancel_btn, Qt.MouseButton.LeftButton)
+    wait_idle(qtbot, w, timeout=20000)
+    qtbot.waitUntil(lambda: (tmp_path / "cancelled" / "report.json").exists(), timeout=20000)
+    assert any("refinement stopped" in m for m in notifications()[before:])
+    field = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "cancelled" / "displacement.nii.gz")))
+    assert w.session.transform.kind == "deep"
+    np.testing.assert_allclose(field, w.session.transform.u.numpy(), atol=1e-5)

@@ -44,9 +44,12 @@ class Jobs(QWidget):
         self._deep_long = False
         self._auto_refining = False  # the running deep job is the automatic refinement after a prediction
         self._refining = False  # a refinement (automatic or asked for) is running
+        self._auto_running = False  # auto-align is running (the deep tab says so)
+        # what waits for the refinement in flight (an export): called with "refined", "stopped" or None (new images)
+        self._after_refinement: list = []
         # runners are not Qt children of the widget: a job finishing after the widget is gone must find them alive
         self.deep_runner = LatestRunner(self._deep_result, self._deep_error, "deep")
-        self.jobs = LatestRunner(self._job_result, self.job_error, "job")
+        self.jobs = LatestRunner(self._job_result, self._auto_error, "job")
         # file writes and layer warps: each request runs, none replaces another
         self.files = QueueRunner(self._job_result, self.job_error, "files")
         # layers resampled into fixed space: in order too, but Cancel drops them (nothing is half-written)
@@ -66,9 +69,24 @@ class Jobs(QWidget):
             r.close()
         return super().close()
 
+    def after_refinement(self, callback) -> bool:
+        """While a refinement runs, keep ``callback`` for when it ends (``callback("refined")`` after its result is
+        the model's, ``callback("stopped")`` when it was cancelled, failed or another model was chosen,
+        ``callback(None)`` when the images changed) and return True; else False (nothing to wait for)."""
+        if not (self._refining and self.deep_runner.busy):
+            return False
+        self._after_refinement.append(callback)
+        return True
+
+    def _settle(self, outcome):
+        waiting, self._after_refinement = self._after_refinement, []
+        for callback in waiting:
+            callback(outcome)
+
     def reset(self):
         """New images (or none): results in flight belong to the previous pair, and so does what the deep tab
         says."""
+        self._settle(None)
         self.deep_runner.cancel()
         self._deep_cache.clear()
         self.deep_initial = None
@@ -87,12 +105,21 @@ class Jobs(QWidget):
         self.host.deep.set_status("Refinement stopped: another model was chosen.")
         self._deep_long = False
         self._update_busy()
+        self._settle("stopped")
 
     def device_changed(self):
         self._deep_cache.clear()
         _, _, warns = self.host.deep.device()
         for w in warns:
             self.host.notify("warning", w)
+
+    def _auto_error(self, exc):
+        """Auto-align failed or was cancelled: the deep tab stops saying "Auto-align … running…"."""
+        if self._auto_running:
+            self._auto_running = False
+            self.host.deep.set_status("Auto-align cancelled." if isinstance(exc, Cancelled) else
+                                      f"Auto-align failed: {user_message(exc)}")
+        self.job_error(exc)
 
     def job_error(self, exc):
         if isinstance(exc, Cancelled):
@@ -115,6 +142,7 @@ class Jobs(QWidget):
             self._refining = False
             self.host.deep.set_status(f"Refinement {'failed' if failed else 'cancelled'}; the network's prediction "
                                       "is shown.")
+            self._settle("stopped")
 
     # ------------------------------------------------------------------ deep model and auto-align
     def _landmark_start(self, kind: str):
@@ -175,6 +203,7 @@ class Jobs(QWidget):
                                       "negative was registered." if inverted else ""))
         if kind == "refine":
             self._auto_refining = self._refining = False
+            self._settle("refined")
         elif self.model.auto_refine and self.model.model == "deep" and gen == self.deep_runner.generation:
             self.refine(auto=True)  # the accurate result follows in the background
 
@@ -218,6 +247,7 @@ class Jobs(QWidget):
         init = self._landmark_start(kind)
         self._auto_from_landmarks = init is not None
         self.host.deep.set_status(f"Auto-align ({kind}) running…")
+        self._auto_running = True
         self.show_progress(True)
         self.jobs.request(auto_job, m.fixed, m.moving, kind, init, self._progress, cancellable=True)
 
@@ -232,6 +262,7 @@ class Jobs(QWidget):
     def _job_result(self, gen, value):
         kind = value[0]
         if kind == "auto":
+            self._auto_running = False
             _, model, t, runtime = value
             self.model.set_computed(model, t, runtime_s=runtime)
             self.host.deep.set_status(f"Auto-align ({model.split('-')[1]}) done in {runtime:.1f} s.")
@@ -258,6 +289,9 @@ class Jobs(QWidget):
         is added). File writes are not stopped half-way: they finish and report, so a saved file is never left
         half-written or unreported."""
         self.jobs.cancel()
+        if self._auto_running:
+            self._auto_running = False
+            self.host.deep.set_status("Auto-align cancelled.")
         self.deep_runner.cancel()
         self._auto_refining = False
         self._refinement_stopped()

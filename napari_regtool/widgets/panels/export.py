@@ -120,8 +120,24 @@ class ExportPanel(QWidget):
             folder = QFileDialog.getExistingDirectory(self, "Export the registration into a folder")
             if not folder:
                 return False
+        if self.host.jobs.after_refinement(lambda outcome: self._export_after(folder, outcome)):
+            self.host.set_status(f"The export to {folder} waits for the refinement in progress and writes its "
+                                 "result (if the refinement is cancelled: the result shown then).")
+            return True
         self.host.start_job(f"Exporting to {folder}…", export_job, self.model.snapshot(), folder)
         return True
+
+    def _export_after(self, folder, outcome):
+        """The refinement an export waited for has ended (see ``Jobs.after_refinement``)."""
+        if outcome is None:
+            self.host.notify("warning", f"The export to {folder} was not written: the images changed while it waited "
+                                        "for the refinement.")
+            return
+        if outcome == "stopped":
+            self.host.notify("info", f"The refinement stopped, so the export to {folder} writes the result shown "
+                                     f"({self.model.model}).")
+        if self.model.ready and self.model.transform is not None:
+            self.host.start_job(f"Exporting to {folder}…", export_job, self.model.snapshot(), folder)
 
     def apply_to_layer(self, layer=None):
         """Carry another layer of the moving image into the fixed space as a new layer: points and shapes at once
