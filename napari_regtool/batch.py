@@ -681,7 +681,7 @@ def batch_command(args) -> int:
     """``regtool batch``: exit 0 when every pair is ok or skipped, 1 when some failed (2 via RegtoolError)."""
     from .publish import check_writable
 
-    check_writable(args.out)
+    check_writable(args.out, whole=False)  # one folder per pair inside it
     rp = args.register_parser
     cli_options = {d: getattr(args, d) for d in _register_actions(rp) if d not in ("fixed", "moving")
                    and hasattr(args, d)}

@@ -496,7 +496,7 @@ def _cmd_qc(args) -> int:
         raise RegtoolError("--labels-fixed and --labels-moving go together (Dice compares the fixed labels with the "
                            "moving labels warped); give both.")
     out = Path(args.out)
-    check_writable(out, inputs=_inputs(args, "transform", "fixed", "moving", "labels_fixed", "labels_moving",
+    check_writable(args.out, inputs=_inputs(args, "transform", "fixed", "moving", "labels_fixed", "labels_moving",
                                        "landmarks", "mask"), names=QC_FILES)
     fixed = read_image(args.fixed)
     moving = read_image(args.moving) if args.moving else None

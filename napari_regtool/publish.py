@@ -142,15 +142,30 @@ def _rmtree(p: Path):
 
 
 # ---------------------------------------------------------------------------------------------------- preflight
-def check_writable(target, option: str = "--out", folder: bool = True, inputs=(), names=()) -> None:
+def check_writable(target, option: str = "--out", folder: bool = True, inputs=(), names=(), whole: bool = True) -> None:
     """Raise :class:`RegtoolError` unless ``target`` (a folder when ``folder``, else a file) can be written, so that
     a run says so before its work instead of after it. Nothing is left behind: the nearest existing folder above
     ``target`` (or ``target`` itself when it is a folder) gets a probe folder that is removed at once.
 
     ``inputs``: ``(option, path)`` of the files the run reads; none of them may be a file the run writes (``target``
     itself, or one of ``names`` in the folder ``target``), which would replace the user's data with the result.
+    ``whole``: the folder is published by swapping it whole (:func:`publish_folder`), so it may not be the current
+    folder or hold it (False: results are written into subfolders of it, as ``regtool batch`` does).
     """
+    if folder and not str(target).strip():
+        raise RegtoolError(f"{option} is empty; give the folder to write into (an unset shell variable?).")
     target = Path(target)
+    if folder and whole:
+        try:
+            here = Path.cwd().resolve()
+            holds_cwd = target.exists() and here.is_relative_to(target.resolve())
+        except OSError:
+            holds_cwd = False
+        if holds_cwd:
+            # a result set is published by swapping the folder whole: the folder the shell stands in would go
+            raise RegtoolError(f"{option} {target} is the current folder or holds it; the result replaces that folder "
+                               f"as a whole, which would pull it from under this shell. Give a folder of its own, "
+                               f"e.g. {option} result.")
     if target.is_dir() and not folder:
         raise RegtoolError(f"{option} {target} is a folder; give a file name.")
     if target.exists() and not target.is_dir() and folder:

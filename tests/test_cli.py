@@ -478,3 +478,25 @@ def test_register_and_qc_measure_the_similarity_over_the_same_region(tmp_path):
             assert r[key]["region"] == pytest.approx(inside.mean(), abs=0.005)
             assert r[key]["ncc"] == pytest.approx(ncc, abs=2e-3)
         assert rep_qc[key] == pytest.approx(rep[key], rel=1e-6)
+
+
+@pytest.mark.parametrize("command", ["register", "qc"])
+def test_out_may_not_be_the_current_folder_or_empty(tmp_path, capsys, monkeypatch, command):
+    """A result set is published by swapping its folder whole: --out . (or a folder holding the current one) would
+    pull the shell's folder away, and an empty --out (an unset variable) meant the current folder. Both are refused,
+    and the folder and what is in it stay as they were."""
+    args = {"register": ["--fixed", F2, "--moving", M2, "--model", "rigid", "--landmarks", L2],
+            "qc": ["--fixed", F2, "--transform", SAMPLES / "brain2d_truth_displacement.nii.gz"]}[command]
+    here = tmp_path / "work"
+    (here / "sub").mkdir(parents=True)
+    (here / "notes.txt").write_text("mine")
+    inode = here.stat().st_ino
+    for out, says in ((".", "is the current folder or holds it"), ("", "is empty"),
+                      (here, "is the current folder or holds it")):
+        monkeypatch.chdir(here / "sub" if out == here else here)
+        code = run(command, *args, "--out", out, "-q")
+        err = capsys.readouterr().err
+        assert code == 2 and says in err, err
+        assert here.stat().st_ino == inode and (here / "notes.txt").read_text() == "mine"
+    monkeypatch.chdir(here)  # a folder of its own, given relative to the current one, is fine
+    assert run(command, *args, "--out", "result", "-q") == 0 and (here / "result" / "report.json").exists()
