@@ -70,6 +70,11 @@ MAX_ITERATIONS = 5000
 #: local NCC: ε in the denominator ``var F · var W + ε`` (images scaled to [0, 1]); small, so that faint texture
 #: counts (a window with standard deviations of 1 % in both images has var F · var W = 1e-8)
 LNCC_EPS = 1e-9
+#: local NCC leaves out the windows where the fixed image's variance is below this (intensities scaled to [0, 1]: a
+#: standard deviation of 1 % of the range). There ε outweighs the variances, so the metric rises when texture is
+#: pulled into the window: an image registered to itself moved by up to 8 voxels (its flat sky; NCC fell), and now
+#: stays exactly in place. On the benchmark pairs the end-point error changed by −6 % to +5 %.
+FLAT_WINDOW_VARIANCE = 1e-4
 #: a level stops early once its similarity has not improved by this relative amount for ``patience`` iterations
 STOP_TOLERANCE = 1e-4
 #: local NCC follows matching contrast (it is maximised by a positive correlation). With ``contrast="auto"`` a
@@ -253,6 +258,12 @@ class _Metric:
             self.inv_count = 1.0 / self.count
             self.mf = self.mean(self.f)
             self.vf = (self.mean(self.f * self.f) - self.mf * self.mf).clamp(min=0)
+            # windows where the fixed image is flat do not count (see FLAT_WINDOW_VARIANCE), unless all are
+            keep = (self.vf > FLAT_WINDOW_VARIANCE).to(fixed.dtype)
+            self.keep = keep if bool(keep.any()) and not bool(keep.all()) else None
+            if self.keep is not None:
+                self.mask = self.keep if self.mask is None else self.mask * self.keep
+                self.n = max(float(self.mask.sum()), 1.0)
         elif kind == "mi":
             self.bins = int(bins)
             self.centres = torch.linspace(0.0, 1.0, self.bins, device=fixed.device, dtype=fixed.dtype)
@@ -283,6 +294,8 @@ class _Metric:
         moving image has data; local NCC and MSE only)."""
         if mask is None or self.kind == "mi":
             return self.mask, self.n
+        if self.kind == "lncc" and self.keep is not None:
+            mask = mask * self.keep
         return mask, max(float(mask.sum()), 1.0)
 
     def _mi(self, w):
