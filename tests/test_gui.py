@@ -742,3 +742,25 @@ def test_bad_inputs_are_messages(make_napari_viewer, qtbot, tmp_path, monkeypatc
     w.session.add_pair(0.5 * (lm.fixed[0] + lm.fixed[1]), lm.moving[2])
     wait_idle(qtbot, w)
     assert any("collinear" in m for m in notifications()[n:]) and len(w.session.pairs) == 3
+
+
+def test_a_half_pair_left_by_a_refused_click_is_named_when_another_pair_completes(sample2d, qtbot):
+    """A moving click outside the image is refused, so that pair has a fixed point only; a new pair is then made
+    (fixed, moving). The next click in the moving image goes to the older half pair, so the status line says so —
+    it used to ask for the partner of the pair just completed."""
+    viewer, w = sample2d
+    fixed = read_image(F2)
+    inside = fixed.space.array_index_to_physical(np.array([[70, 95], [90, 80]], float))
+    n = len(w.session.pairs)
+    w.click(to_array_order(inside[0]), side="fixed")
+    before = len(notifications())
+    assert w.click(to_array_order(np.array([-500.0, -500.0])), side="moving") is None
+    assert any("outside the moving image" in m for m in notifications()[before:])
+    half = w.session.pairs.names[n]
+    w.click(to_array_order(inside[1]), side="fixed")
+    w.click(to_array_order(inside[1]), side="moving")
+    done = w.session.pairs.names[n + 1]
+    assert w.session.pairs.complete[n + 1] and not w.session.pairs.complete[n]
+    text = w.status_label.text()
+    assert text.startswith(f"{done} placed.") and f"{half} still has no moving point" in text, text
+    wait_idle(qtbot, w)

@@ -150,8 +150,14 @@ class Canvas:
         if i is not None:
             other = m.next_side(first)
             name = m.pairs.names[i]
-            text = (f"{name}: now click its partner in the {other} image." if m.pending() is not None
-                    else f"{name} placed. Click a point in either image to start the next pair.")
+            waiting = m.pending()
+            if waiting is None:
+                text = f"{name} placed. Click a point in either image to start the next pair."
+            elif waiting == i:
+                text = f"{name}: now click its partner in the {other} image."
+            else:  # this pair is complete, an older one is not: the next click in that image goes to it
+                text = (f"{name} placed. {m.pairs.names[waiting]} still has no {other} point: the next click in the "
+                        f"{other} image completes it (delete {m.pairs.names[waiting]} to start a new pair there).")
             if m.transform is None and m.fit_message:
                 text += " " + m.fit_message  # e.g. how many pairs the model still needs
             self.host.set_status(text)
