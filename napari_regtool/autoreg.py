@@ -9,6 +9,8 @@ mapping fixed points to moving points, like every transform in the package.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .errors import Cancelled, FitError, InputError
@@ -87,10 +89,46 @@ def _scalar_sitk(img: Image):
 MIN_SAMPLES = 20000
 
 
+#: sample the metric on the moving image when its share inside the fixed image exceeds the fixed image's share
+#: inside it by this much (see ``auto_linear(sample_smaller=…)``)
+SAMPLE_ON_MOVING_MARGIN = 0.05
+
+
+def _coverage(a, b, tx) -> float:
+    """Share of a coarse lattice of grid ``a``'s points that ``tx`` (None: the identity) maps inside grid ``b``."""
+    axes = [np.linspace(0, n - 1, min(int(n), 24)) for n in a.size_xyz]
+    pts = a.index_to_physical(np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, a.ndim))
+    if tx is not None:
+        pts = tx.map_points(pts)
+    return float(np.mean(b.contains(pts)))
+
+
+def _start_metric(f_img, m_img, tx, metric: str, bins: int, seed: int) -> float:
+    """The registration metric (lower is better) of ``tx`` on a coarse copy of the images (a quarter of the size,
+    smoothed), as the first pyramid level sees them; +inf when too few points overlap."""
+    import SimpleITK as sitk
+
+    shrink = [max(1, n // 64) for n in f_img.GetSize()]
+    reg = sitk.ImageRegistrationMethod()
+    if metric == "mattes":
+        reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=int(bins))
+    else:
+        reg.SetMetricAsCorrelation()
+    reg.SetMetricSamplingStrategy(reg.NONE)
+    reg.SetInterpolator(sitk.sitkLinear)
+    reg.SetInitialTransform(tx, inPlace=False)
+    f = sitk.Shrink(sitk.SmoothingRecursiveGaussian(f_img, float(max(shrink)) * min(f_img.GetSpacing()) / 2), shrink)
+    m = sitk.SmoothingRecursiveGaussian(m_img, float(max(shrink)) * min(m_img.GetSpacing()) / 2)
+    try:
+        return float(reg.MetricEvaluate(f, m))
+    except RuntimeError:  # too few points inside the moving image
+        return math.inf
+
+
 def auto_linear(fixed: Image, moving: Image, model: str = "rigid", initial: Transform | None = None,
                 metric: str = "mattes", progress=None, cancel=None, init: str = "geometry",
                 iterations: int = 200, sampling: float = 0.25, bins: int = 50, seed: int = 1,
-                shrink_factors=None, smoothing_sigmas=None) -> AffineTransform:
+                shrink_factors=None, smoothing_sigmas=None, sample_smaller: bool = True) -> AffineTransform:
     """Intensity-based linear registration of ``moving`` to ``fixed``.
 
     Parameters
@@ -108,6 +146,10 @@ def auto_linear(fixed: Image, moving: Image, model: str = "rigid", initial: Tran
         ``MIN_SAMPLES`` voxels on every pyramid level
     bins : histogram bins of Mattes mutual information
     shrink_factors, smoothing_sigmas : pyramid (voxels); default from :func:`pyramid_schedule`
+    sample_smaller : when more of the moving image lies inside the fixed image than the other way round (at the
+        start: the files' placement, or ``initial``; by :data:`SAMPLE_ON_MOVING_MARGIN`), sample the metric on the
+        moving image instead (register the fixed image to it and invert); ``info["sampled_on"]`` then says
+        ``"moving"``
 
     Returns
     -------
@@ -130,12 +172,36 @@ def auto_linear(fixed: Image, moving: Image, model: str = "rigid", initial: Tran
         if min(img.space.shape) < 4:
             raise InputError(f"{img.name} is too small for automatic registration (at least 4 voxels per axis).")
     d = fixed.ndim
+    if sample_smaller:
+        start_tx = _as_affine(initial, fixed) if initial is not None else None
+        if _coverage(moving.space, fixed.space, None if start_tx is None else start_tx.inverse()) > \
+                _coverage(fixed.space, moving.space, start_tx) + SAMPLE_ON_MOVING_MARGIN:
+            # more of the moving image lies inside the fixed one than the other way round: the metric is sampled on
+            # the moving image (the fixed image registered to it, then inverted), so more samples have a partner
+            # and the optimum does not drift to where the two overlap least (seen on a pair covering 52 % / 40 % of
+            # each other: 45–80 mm off sampled on the fixed image, 0.06 mm on the moving one)
+            res = auto_linear(moving, fixed, model, None if start_tx is None else start_tx.inverse(), metric,
+                              progress, cancel, init, iterations, sampling, bins, seed, sample_smaller=False)
+            out = res.inverse()
+            out.info = dict(res.info, sampled_on="moving")
+            return out
     f_img, m_img = _scalar_sitk(fixed), _scalar_sitk(moving)
     tx = _sitk_transform(model, d)
+    start = "landmarks"
     if initial is None:
         mode = (sitk.CenteredTransformInitializerFilter.GEOMETRY if init == "geometry"
                 else sitk.CenteredTransformInitializerFilter.MOMENTS)
-        tx = sitk.CenteredTransformInitializer(f_img, m_img, tx, mode)
+        centred = sitk.CenteredTransformInitializer(f_img, m_img, _sitk_transform(model, d), mode)
+        # the files' own placement is a start too: when it already puts the images together (a moving image that
+        # covers part of the fixed one, their centres far apart) lining up the centres would throw that away
+        # (seen: 110 mm off). The start where the metric is better wins.
+        header = _sitk_transform(model, d)
+        lo, hi = fixed.space.physical_bounds()
+        header.SetCenter([float(v) for v in (lo + hi) / 2])
+        tx, start = centred, f"image {'centres' if init == 'geometry' else 'centres of mass'}"
+        if _start_metric(f_img, m_img, header, metric, bins, seed) < _start_metric(f_img, m_img, centred, metric,
+                                                                                 bins, seed):
+            tx, start = header, "the files' placement"
     else:
         if initial.ndim != d:
             raise InputError(f"The initial transform is {initial.ndim}D but the images are {d}D.")
@@ -216,7 +282,7 @@ def auto_linear(fixed: Image, moving: Image, model: str = "rigid", initial: Tran
     if state["cancelled"]:
         raise Cancelled("Automatic registration cancelled.")
     result = affine_from_sitk(out, model)
-    result.info = {"metric": metric, "metric_value": float(reg.GetMetricValue()),
+    result.info = {"metric": metric, "metric_value": float(reg.GetMetricValue()), "start": start,
                    "stop_condition": reg.GetOptimizerStopConditionDescription(),
                    "iterations_per_level": list(state["iterations"]), "shrink_factors": list(shrink_factors),
                    "smoothing_sigmas": list(smoothing_sigmas)}
