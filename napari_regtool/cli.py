@@ -326,6 +326,11 @@ def _cmd_apply(args) -> int:
     moving = read_image(args.moving, is_label=args.labels, level=args.level or 0)
     reference = read_image(args.reference, level=0)
     _say_notices(args, moving, reference)
+    from .io import geometry_lost
+
+    lost = geometry_lost(args.out, reference.space)
+    if lost:
+        print(f"warning: {lost}", file=sys.stderr)
     _check_units(*_units_of(moving, reference), *_transform_units(args.transform))
     transform = read_transform(args.transform)
     if transform.ndim != reference.ndim or moving.ndim != reference.ndim:

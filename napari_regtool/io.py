@@ -559,6 +559,29 @@ def check_image_extension(path, what="image", zarr: bool = False):
                          f"{', '.join(WRITE_EXTENSIONS[:6])} or another SimpleITK format.")
 
 
+#: formats that keep the pixels but not the grid's place: TIFF (spacing at most), PNG and JPEG (nothing)
+FLAT_FORMATS = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
+
+
+def geometry_lost(path, space: Space) -> str | None:
+    """What writing an image of ``space`` to ``path`` loses, as a sentence, or None: TIFF, PNG and JPEG files keep no
+    origin or direction (PNG and JPEG no spacing either), so a grid placed in physical space comes back elsewhere."""
+    name = str(path).lower()
+    if not name.endswith(FLAT_FORMATS):
+        return None
+    lost = []
+    if np.any(np.abs(space.origin) > 1e-9):
+        lost.append("origin")
+    if not np.allclose(space.direction, np.eye(space.ndim)):
+        lost.append("direction")
+    if not name.endswith((".tif", ".tiff")) and not np.allclose(space.spacing, 1.0):
+        lost.append("spacing")
+    if not lost:
+        return None
+    return (f"{Path(path).name}: this file type keeps no {', '.join(lost)}, so the image will not lie where it "
+            "belongs when read back; use .nii.gz, .mha or .nrrd to keep its place in physical space.")
+
+
 def write_image(path, image_or_array, space: Space | None = None, compress: bool = True):
     """Write an :class:`Image` (or array + space) keeping spacing, origin and direction."""
     sitk = _sitk()

@@ -316,10 +316,13 @@ def test_ab_comparison(make_napari_viewer, qtbot, monkeypatch, tmp_path):
     assert _table_value(w, "Dice label 1", 0) > 0.99 and _table_value(w, "Dice label 1", 1) < 0.99
     assert np.array_equal(viewer.layers["labels warped by A"].data, lf) or \
         (viewer.layers["labels warped by A"].data != lf).mean() < 0.002
-    # B cleared: its layers and column go
+    # B cleared: its layers, its column and the ticks of its views go
+    ticked = [k for k, cb in w.compare.checks.items() if cb.isChecked()]
+    assert ticked, "a view of B was on"
     qtbot.mouseClick(w.compare.clear_b_btn, Qt.MouseButton.LeftButton)
     wait_idle(qtbot, w)
     assert "|uA − uB|" not in [l.name for l in viewer.layers]
+    assert not any(cb.isChecked() for cb in w.compare.checks.values())
     assert w.field_stats.table.columnCount() == 1
 
 

@@ -158,3 +158,28 @@ def test_a_one_slice_volume_is_read_as_2d_and_the_cli_says_so(tmp_path, capsys):
     assert img.ndim == 3 and img.space.shape[0] == 1
     with pytest.raises(InputError, match="220×215×1 voxels, x first.*single slice of a volume.*oblique"):
         img.check_min_size(8, "moving", "deformable registration")
+
+
+def test_formats_without_a_place_in_space_are_named(tmp_path, capsys):
+    """TIFF keeps no origin or direction (PNG/JPEG not even spacing): written and read back with SimpleITK, such an
+    image lies elsewhere, and regtool apply says so before it writes one."""
+    from napari_regtool.cli import main
+    from napari_regtool.io import geometry_lost
+
+    placed = Space((20, 30), [0.8, 1.2], [15.0, -30.0], rotation(2, (np.deg2rad(20.0),)))
+    plain = Space((20, 30), [0.8, 1.2])
+    assert "origin, direction" in geometry_lost(tmp_path / "w.tif", placed)
+    assert geometry_lost(tmp_path / "w.tif", plain) is None and geometry_lost(tmp_path / "w.nii.gz", placed) is None
+    assert "spacing" in geometry_lost(tmp_path / "w.png", plain)
+    # SimpleITK's own reading of a written TIFF: the origin is gone, as said
+    img = sitk.GetImageFromArray(np.ones((20, 30), np.float32))
+    placed.apply_to_sitk(img)
+    sitk.WriteImage(img, str(tmp_path / "w.tif"))
+    assert np.allclose(sitk.ReadImage(str(tmp_path / "w.tif")).GetOrigin(), 0.0)
+    ref = tmp_path / "ref.nii.gz"
+    sitk.WriteImage(img, str(ref))
+    tfm = tmp_path / "id.tfm"
+    sitk.WriteTransform(sitk.Transform(2, sitk.sitkIdentity), str(tfm))
+    assert main(["apply", "--moving", str(ref), "--reference", str(ref), "--transform", str(tfm), "--out",
+                 str(tmp_path / "out.tif")]) == 0
+    assert "keeps no origin, direction" in capsys.readouterr().err

@@ -89,6 +89,9 @@ class ComparePanel(QWidget):
             self.diff_label.setText("")
             if self.flicker_check.isChecked():
                 self.flicker_check.setChecked(False)
+            for cb in self.checks.values():  # B's views went with B
+                if cb.isChecked():
+                    cb.setChecked(False)
 
     def show_difference(self, stats: dict | None):
         """One line about |u_A − u_B| (``stats`` of :func:`napari_regtool.qc.compare_transforms`)."""

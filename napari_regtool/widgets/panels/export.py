@@ -5,6 +5,7 @@ from pathlib import Path
 
 from qtpy.QtWidgets import QComboBox, QFileDialog, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 
+from ... import io as rio
 from ...errors import RegtoolError
 from ...jobs import export_job, save_map_job, write_transform_job
 from .._layers import prepare_layer, warp_prepared
@@ -108,6 +109,9 @@ class ExportPanel(QWidget):
         if not path:
             return False
         m = self.model
+        lost = rio.geometry_lost(path, m.fixed.space)
+        if lost:
+            self.host.notify("warning", lost)
         self.host.start_job(f"Saving {Path(path).name}…", save_map_job, what, path, m.moving, m.transform,
                             m.fixed.space)
         return True
