@@ -103,17 +103,25 @@ def _coverage(a, b, tx) -> float:
     return float(np.mean(b.contains(pts)))
 
 
-def _start_metric(f_img, m_img, tx, metric: str, bins: int, seed: int) -> float:
-    """The registration metric (lower is better) of ``tx`` on a coarse copy of the images (a quarter of the size,
-    smoothed), as the first pyramid level sees them; +inf when too few points overlap."""
+def _method(metric: str, bins: int):
+    """A SimpleITK registration method with ``metric`` (Mattes mutual information or correlation) set."""
     import SimpleITK as sitk
 
-    shrink = [max(1, n // 64) for n in f_img.GetSize()]
     reg = sitk.ImageRegistrationMethod()
     if metric == "mattes":
         reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=int(bins))
     else:
         reg.SetMetricAsCorrelation()
+    return reg
+
+
+def _start_metric(f_img, m_img, tx, metric: str, bins: int) -> float:
+    """The registration metric (lower is better) of ``tx`` on smoothed copies of the images, the fixed one shrunk to
+    about 64 voxels per axis; +inf when too few points overlap."""
+    import SimpleITK as sitk
+
+    shrink = [max(1, n // 64) for n in f_img.GetSize()]
+    reg = _method(metric, bins)
     reg.SetMetricSamplingStrategy(reg.NONE)
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetInitialTransform(tx, inPlace=False)
@@ -199,8 +207,7 @@ def auto_linear(fixed: Image, moving: Image, model: str = "rigid", initial: Tran
         lo, hi = fixed.space.physical_bounds()
         header.SetCenter([float(v) for v in (lo + hi) / 2])
         tx, start = centred, f"image {'centres' if init == 'geometry' else 'centres of mass'}"
-        if _start_metric(f_img, m_img, header, metric, bins, seed) < _start_metric(f_img, m_img, centred, metric,
-                                                                                 bins, seed):
+        if _start_metric(f_img, m_img, header, metric, bins) < _start_metric(f_img, m_img, centred, metric, bins):
             tx, start = header, "the files' placement"
     else:
         if initial.ndim != d:
@@ -222,11 +229,7 @@ def auto_linear(fixed: Image, moving: Image, model: str = "rigid", initial: Tran
     if len(shrink_factors) != len(smoothing_sigmas):
         raise InputError("shrink_factors and smoothing_sigmas need the same number of levels.")
 
-    reg = sitk.ImageRegistrationMethod()
-    if metric == "mattes":
-        reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=int(bins))
-    else:
-        reg.SetMetricAsCorrelation()
+    reg = _method(metric, bins)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
     # a fraction of a small pyramid level is too few samples for a stable histogram (2D brain sample, 25 % of
     # the 1/4-size level: ~400 samples for 50 bins and an affine error 3× the landmark fit's), so every level

@@ -248,27 +248,34 @@ def test_regtool_gui_ends_quietly_on_sigterm(tmp_path):
     assert "Traceback" not in err and "_Terminated" not in err, err[-2000:]
 
 
-def test_what_reading_a_file_had_to_say_is_shown(make_napari_viewer, qtbot, tmp_path, monkeypatch):
-    """A 3D file of one slice is read as a 2D image; the plugin says so, whether the file comes through the
-    Registration widget's Open… button or napari's File ▸ Open (as the command line prints it)."""
+def _open_with_buttons(qtbot, w, monkeypatch, fixed_path, moving_path) -> list:
+    """Open the fixed and then the moving image with the widget's Open… buttons; what was said while the moving image
+    opened."""
     from qtpy.QtWidgets import QFileDialog
 
     from .test_gui import notifications
 
+    monkeypatch.setattr(QFileDialog, "getOpenFileName", lambda *a, **k: (str(fixed_path), ""))
+    qtbot.mouseClick(w.open_fixed_btn, Qt.MouseButton.LeftButton)
+    before = len(notifications())
+    monkeypatch.setattr(QFileDialog, "getOpenFileName", lambda *a, **k: (str(moving_path), ""))
+    qtbot.mouseClick(w.open_moving_btn, Qt.MouseButton.LeftButton)
+    wait_idle(qtbot, w)
+    return notifications()[before:]
+
+
+def test_what_reading_a_file_had_to_say_is_shown(make_napari_viewer, qtbot, tmp_path, monkeypatch):
+    """A 3D file of one slice is read as a 2D image; the plugin says so, whether the file comes through the
+    Registration widget's Open… button or napari's File ▸ Open (as the command line prints it)."""
     moving2d = sitk.ReadImage(str(M2))
     path = tmp_path / "one_slice.nii.gz"
     sitk.WriteImage(sitk.JoinSeries(moving2d), str(path))
     said = "one_slice is a volume of one slice (220×215×1); it is read as a 2D image."
     viewer = make_napari_viewer()
     w = open_with_widget(viewer, qtbot)
-    monkeypatch.setattr(QFileDialog, "getOpenFileName", lambda *a, **k: (str(F2), ""))
-    qtbot.mouseClick(w.open_fixed_btn, Qt.MouseButton.LeftButton)
-    before = len(notifications())
-    monkeypatch.setattr(QFileDialog, "getOpenFileName", lambda *a, **k: (str(path), ""))
-    qtbot.mouseClick(w.open_moving_btn, Qt.MouseButton.LeftButton)
-    wait_idle(qtbot, w)
+    said_then = _open_with_buttons(qtbot, w, monkeypatch, F2, path)
     assert w.session.ready and w.session.moving.ndim == 2
-    assert said in notifications()[before:]
+    assert said in said_then
     with pytest.warns(UserWarning, match="volume of one slice"):
         layer = viewer.open(str(path), plugin=PLUGIN)[0]
     assert layer.data.ndim == 2
@@ -288,22 +295,14 @@ def test_a_tilted_volume_is_shown_where_it_lies(make_napari_viewer, qtbot, tmp_p
     """napari draws a 3D layer's slices without the tilt of its axes, so a tilted volume opened with Open… (or
     napari's File ▸ Open) is shown resampled onto an axis-aligned grid, and said so: the layer's voxels then sit
     where SimpleITK puts the file's physical points. A tilted layer made elsewhere gets a warning when chosen."""
-    from qtpy.QtWidgets import QFileDialog
-
     from .test_gui import notifications
 
     path = tmp_path / "tilted.nii.gz"
     src = _tilted_volume(path)
     viewer = make_napari_viewer()
     w = open_with_widget(viewer, qtbot)
-    monkeypatch.setattr(QFileDialog, "getOpenFileName", lambda *a, **k: (str(F3), ""))
-    qtbot.mouseClick(w.open_fixed_btn, Qt.MouseButton.LeftButton)
-    before = len(notifications())
-    monkeypatch.setattr(QFileDialog, "getOpenFileName", lambda *a, **k: (str(path), ""))
-    qtbot.mouseClick(w.open_moving_btn, Qt.MouseButton.LeftButton)
-    wait_idle(qtbot, w)
+    said = _open_with_buttons(qtbot, w, monkeypatch, F3, path)
     assert w.session.ready
-    said = notifications()[before:]
     assert any("tilted 20." in m and "axis-aligned grid" in m for m in said), said
     layer = w.images.shown("moving")
     lin = np.asarray(layer.affine.affine_matrix)[:3, :3] @ np.diag(layer.scale)
