@@ -127,7 +127,10 @@ def read_pairs(pairs_csv, register_parser: argparse.ArgumentParser, cli_options:
     if not lines:
         raise RegtoolError(f"{path} is empty: give a header row (fixed,moving,…) and one row per pair.")
     head_line, header = lines[0]
-    cols = [c.strip().lower().replace("-", "_") for c in header]
+    # a column is named as the option is spelt (--global → global) or by its internal name (global_model)
+    spelt = {o[2:].replace("-", "_"): dest for dest, a in actions.items() for o in a.option_strings
+             if o.startswith("--")}
+    cols = [spelt.get(k, k) for k in (c.strip().lower().replace("-", "_") for c in header)]
     if "fixed" not in cols or "moving" not in cols:
         raise RegtoolError(f"{path}, line {head_line}: the header row must name the columns fixed and moving (found "
                            f"{', '.join(c or '(empty)' for c in cols)}).")

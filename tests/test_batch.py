@@ -268,6 +268,11 @@ def test_command_line_option_applies_to_every_row(tmp_path):
     assert [j.options.reg_weight for j in jobs] == [0.3, None] and [j.options.uncertainty for j in jobs] == [True,
                                                                                                           False]
     assert jobs[1].options.fixed == str(tmp_path.resolve() / "c.nii.gz")
+    # a column named as the option is spelt on the command line (--global), or by its internal name
+    for col in ("global", "global_model"):
+        pairs = write_pairs(tmp_path / "pairs.csv", ["fixed", "moving", "model", col],
+                            [["a.nii.gz", "b.nii.gz", "deformable", "auto-affine"]])
+        assert batch.read_pairs(pairs, reg)[0].options.global_model == "auto-affine"
     assert batch.plan_local(10, None, None, cores=8) == (8, 1)
     assert batch.plan_local(10, None, 3, cores=8) == (2, 3)
     assert batch.plan_local(3, 4, None, cores=8) == (3, 2)
