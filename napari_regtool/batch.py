@@ -2,7 +2,7 @@
 
 ``PAIRS.csv`` has a header row: columns ``fixed`` and ``moving`` (required), ``landmarks``, ``model`` and ``name``
 (optional), and any other ``regtool register`` option as a column (``smoothing``, ``reg_weight`` or
-``reg-weight``, ``iterations``, ``uncertainty``, ``device`` …; an empty cell means "not given"). Paths are
+``reg-weight``, ``global``, ``iterations``, ``uncertainty``, ``device`` …; an empty cell means "not given"). Paths are
 relative to the CSV's folder. Options given on the command line apply to every row (they replace a column of the
 same name). The folder of a pair is ``DIR/<name>`` (``name`` defaults to the moving image's file name without
 its extension).
