@@ -73,6 +73,9 @@ def _cmd_register(args) -> int:
     fixed = read_image(args.fixed, level=level)
     moving = read_image(args.moving, level=level)
     _say_notices(args, fixed, moving)
+    if level is not None and not any("ngff_level" in im.meta for im in (fixed, moving)):
+        print("warning: --level applies to OME-Zarr pyramids; neither image is one, so it is ignored.",
+              file=sys.stderr)
     _check_units(*_units_of(fixed, moving))
     landmarks = read_landmarks(args.landmarks, args.fixed_points) if args.landmarks else None
     out = Path(args.out)

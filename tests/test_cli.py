@@ -500,3 +500,10 @@ def test_out_may_not_be_the_current_folder_or_empty(tmp_path, capsys, monkeypatc
         assert here.stat().st_ino == inode and (here / "notes.txt").read_text() == "mine"
     monkeypatch.chdir(here)  # a folder of its own, given relative to the current one, is fine
     assert run(command, *args, "--out", "result", "-q") == 0 and (here / "result" / "report.json").exists()
+
+
+def test_level_on_files_without_a_pyramid_is_said_to_be_ignored(tmp_path, capsys):
+    assert run("register", "--fixed", F2, "--moving", M2, "--model", "affine", "--landmarks", L2, "--level", "2",
+               "--out", tmp_path / "out", "-q") == 0
+    assert "--level applies to OME-Zarr pyramids" in capsys.readouterr().err
+    assert read_image(tmp_path / "out" / "warped.nii.gz").space == read_image(F2).space  # the files' own grid
