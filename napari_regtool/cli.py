@@ -578,7 +578,9 @@ def _cmd_qc(args) -> int:
                          "median": float(np.median(err)) if len(err) else None,
                          "max": float(err.max()) if len(err) else None,
                          "mean_before": float(before_err.mean()) if len(err) else None}
-    grid = qc.grid_image(t, fs, field=u.to(torch.float32), device=dev).cpu().numpy()
+    # the panel shows the middle slice: the grid planes nearly parallel to it would light whole bands
+    grid = qc.grid_image(t, fs, field=u.to(torch.float32), device=dev,
+                         components=qc.in_slice_components(fs)).cpu().numpy()
     panel = qc.qc_panel(fixed.scalar(), maps["jacobian"].cpu().numpy(), grid,
                         None if warped is None else wsc)
     names = set(QC_FILES)

@@ -188,12 +188,15 @@ def field_qc(transform, space: Space, device="cpu") -> dict:
 
 
 def grid_image(transform, space: Space, step: float | None = None, width: float = 0.12, device="cpu",
-               field: torch.Tensor | None = None, points: torch.Tensor | None = None) -> torch.Tensor:
+               field: torch.Tensor | None = None, points: torch.Tensor | None = None,
+               components=None) -> torch.Tensor:
     """A deformation-grid picture on ``space``: lines of a regular physical grid carried through ``T``.
 
     Each fixed voxel ``x`` is lit when ``T(x)`` lies near a grid plane ``k · step`` (physical units), so the
     lines show where moving-space straight lines land in the fixed image — bent where the warp bends, crowded
-    where it compresses. ``step`` defaults to 1/16 of the largest extent. Values in [0, 1], ``space.shape``.
+    where it compresses. ``step`` defaults to 1/16 of the largest extent. ``components``: the physical axes
+    (0 = x …) whose planes are drawn (default all; a picture of one slice of a volume leaves out the planes
+    nearly parallel to it, which would light whole bands). Values in [0, 1], ``space.shape``.
     """
     if step is None:
         step = float(max(space.extent.max(), space.spacing.max())) / 16.0
@@ -207,7 +210,18 @@ def grid_image(transform, space: Space, step: float | None = None, width: float 
     # line half-width ~ one voxel
     hw = torch.as_tensor(np.maximum(space.spacing / step, 1e-6) * (0.5 + width), device=field.device, dtype=dist.dtype)
     lines = torch.clamp(1.0 - dist / hw, min=0.0)
+    if components is not None:
+        lines = lines[..., list(components)]
     return lines.amax(-1)
+
+
+def in_slice_components(space: Space) -> list:
+    """The physical axes whose grid planes cut the middle slice of a volume (the panel's plane, array axis 0) at a
+    steep angle: all but the one nearest that slice's normal (all of them in 2D)."""
+    if space.ndim != 3:
+        return list(range(space.ndim))
+    normal = int(np.argmax(np.abs(space.direction[:, 2])))  # index axis z, the slice normal, is nearest this axis
+    return [c for c in range(3) if c != normal]
 
 
 def intensity_window(a, lo_pct: float = 1.0, hi_pct: float = 99.0) -> tuple[float, float]:

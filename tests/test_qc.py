@@ -184,3 +184,26 @@ def test_lncc_on_raw_intensities_with_a_sharp_edge():
     assert qc.lncc(a.astype(np.float32), b.astype(np.float32), 9) == pytest.approx(np.mean(vals), rel=1e-6)
     with pytest.raises(ValueError, match="odd"):
         qc.local_ncc(torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 8, 8), 8)
+
+
+def test_the_panel_grid_of_a_volume_leaves_out_the_planes_along_its_slice():
+    """A volume's QC picture shows its middle slice: with a slight tilt about x, the z grid planes run almost along
+    that slice and lit a wide band of it (a trial saw a solid yellow panel). The panel draws the x and y planes only:
+    thin lines, as in 2D."""
+    from napari_regtool.qc import grid_image, in_slice_components
+
+    space = Space((40, 64, 64), (1.0, 1.0, 1.0))
+    step = float(space.extent.max()) / 16.0  # grid_image's default
+    a = np.deg2rad(0.5)  # the middle slice (z = 20 mm) is carried onto a z plane, tilted by half a degree
+    tilt = AffineTransform(np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]]),
+                           np.array([0.0, 0.0, round(20.0 / step) * step - 20.0]))
+    assert in_slice_components(space) == [0, 1]
+    mid = space.shape[0] // 2
+    every = grid_image(tilt, space).numpy()[mid]
+    panel = grid_image(tilt, space, components=in_slice_components(space)).numpy()[mid]
+    assert (every > 0.5).mean() > 0.6 and (panel > 0.5).mean() < 0.35, ((panel > 0.5).mean(), (every > 0.5).mean())
+    # what is drawn: the x and y planes alone (T(x) within half a line width of x = k·step or y = k·step)
+    pts = space.grid_points()[mid].reshape(-1, 3) @ tilt.matrix.T + tilt.translation
+    frac = np.remainder(pts[:, :2] / step, 1.0)
+    near = np.minimum(frac, 1 - frac).min(1) < 0.5 * (0.5 + 0.12) / step  # half of grid_image's line width
+    assert np.array_equal(panel.reshape(-1) > 0.5, near)
