@@ -305,6 +305,27 @@ def _units_of(*images) -> list:
     return [(im.name, im.meta.get("unit")) for im in images]
 
 
+def _read_transform_any(path, space, args):
+    """``--transform`` as ITK reads it, or else as ``regtool qc`` opens other tools' files (elastix
+    ``TransformParameters.N.txt``, Greedy's and c3d's plain-text RAS matrices), put on ``space`` where it is a
+    field; the ITK reader's message stands when neither can read it."""
+    from .io import load_transform_for_qc, read_transform
+
+    try:
+        return read_transform(path)
+    except RegtoolError as itk_error:
+        try:
+            loaded = load_transform_for_qc(path, space)
+        except RegtoolError:
+            raise itk_error from None
+    if not getattr(args, "quiet", False):
+        print(f"note: {Path(path).name} is not an ITK transform; it was read as regtool qc reads it "
+              f"({loaded.source}).", file=sys.stderr)
+    for msg in loaded.warnings:
+        print(f"warning: {msg}", file=sys.stderr)
+    return loaded.transform
+
+
 def _say_notes(args, notes) -> None:
     if not getattr(args, "quiet", False):
         for note in notes:
@@ -318,7 +339,7 @@ def _say_notices(args, *images) -> None:
 
 
 def _cmd_apply(args) -> int:
-    from .io import check_image_extension, read_image, read_transform, write_image
+    from .io import check_image_extension, read_image, write_image
     from .pipeline import warp_image
 
     check_image_extension(args.out, zarr=True)
@@ -335,7 +356,7 @@ def _cmd_apply(args) -> int:
     if lost:
         print(f"warning: {lost}", file=sys.stderr)
     _check_units(*_units_of(moving, reference), *_transform_units(args.transform))
-    transform = read_transform(args.transform)
+    transform = _read_transform_any(args.transform, reference.space, args)
     if transform.ndim != reference.ndim or moving.ndim != reference.ndim:
         raise RegtoolError(f"Dimensions differ: transform {transform.ndim}D, moving {moving.ndim}D, reference "
                            f"{reference.ndim}D.")
@@ -357,7 +378,7 @@ def _apply_blockwise(args) -> int:
 
     from . import ngff
     from .blockwise import warp_lazy
-    from .io import read_image, read_transform
+    from .io import read_image
     from .threads import torch_threads
 
     import numpy as np
@@ -388,7 +409,7 @@ def _apply_blockwise(args) -> int:
     else:
         rspace, unit = read_image(args.reference).space, None
     _check_units((Path(args.moving).name, munit), (Path(args.reference).name, unit), *_transform_units(args.transform))
-    transform = read_transform(args.transform)
+    transform = _read_transform_any(args.transform, rspace, args)
     if transform.ndim != rspace.ndim or len(mspace.shape) != rspace.ndim:
         raise RegtoolError(f"Dimensions differ: transform {transform.ndim}D, moving {len(mspace.shape)}D, "
                            f"reference {rspace.ndim}D.")
@@ -421,7 +442,7 @@ def _cmd_field(args) -> int:
     """``regtool field``: the displacement field of a transform on a reference grid, as an ITK field image or an
     OME-Zarr ``displacements`` store (block by block, for grids larger than memory)."""
     from . import ngff
-    from .io import check_image_extension, read_image, read_transform, write_transform
+    from .io import check_image_extension, read_image, write_transform
 
     check_image_extension(args.out, "a displacement field", zarr=True)
     to_zarr = _is_zarr(args.out)
@@ -441,7 +462,7 @@ def _cmd_field(args) -> int:
         raise RegtoolError(f"The reference is in {unit}s; ITK field images are read in millimetres by other tools. "
                            "Write the field as .zarr (OME-Zarr keeps the unit).")
     _check_units((Path(args.reference).name, unit), *_transform_units(args.transform))
-    transform = read_transform(args.transform)
+    transform = _read_transform_any(args.transform, space, args)
     if transform.ndim != space.ndim:
         raise RegtoolError(f"Dimensions differ: transform {transform.ndim}D, reference {space.ndim}D.")
     if args.invert:

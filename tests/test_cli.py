@@ -507,3 +507,30 @@ def test_level_on_files_without_a_pyramid_is_said_to_be_ignored(tmp_path, capsys
                "--out", tmp_path / "out", "-q") == 0
     assert "--level applies to OME-Zarr pyramids" in capsys.readouterr().err
     assert read_image(tmp_path / "out" / "warped.nii.gz").space == read_image(F2).space  # the files' own grid
+
+
+def test_apply_and_field_take_a_greedy_matrix_as_qc_does(tmp_path, capsys):
+    """A plain-text RAS matrix as Greedy and c3d write it (not an ITK file) is applied as regtool qc reads it: the
+    warped image equals SimpleITK's resampling through the same transform in ITK's LPS."""
+    a = np.array([[0.98, -0.17], [0.17, 0.98]])
+    t = np.array([3.0, -2.0])
+    lps = sitk.AffineTransform(2)
+    lps.SetMatrix(a.ravel().tolist())
+    lps.SetTranslation(t.tolist())
+    flip = np.diag([-1.0, -1.0])  # LPS ↔ RAS in 2D: x and y change sign
+    ras = np.eye(3)
+    ras[:2, :2], ras[:2, 2] = flip @ a @ flip, flip @ t
+    mat = tmp_path / "greedy.mat"
+    mat.write_text("\n".join(" ".join(f"{v:.10g}" for v in row) for row in ras) + "\n")
+    assert run("apply", "--transform", mat, "--moving", M2, "--reference", F2, "--out", tmp_path / "w.nii.gz") == 0
+    err = capsys.readouterr().err
+    assert "read as regtool qc reads it" in err and "RAS" in err
+    expected = sitk.GetArrayFromImage(sitk.Resample(sitk.ReadImage(str(M2), sitk.sitkFloat32),
+                                                    sitk.ReadImage(str(F2)), lps, sitk.sitkLinear, 0.0))
+    got = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "w.nii.gz")))
+    assert np.abs(got - expected).max() < 1e-3 * np.abs(expected).max()
+    assert run("field", "--transform", mat, "--reference", F2, "--out", tmp_path / "f.nii.gz", "-q") == 0
+    # a file neither reader takes keeps the ITK reader's message
+    (tmp_path / "junk.tfm").write_text("not a transform\n")
+    assert run("apply", "--transform", tmp_path / "junk.tfm", "--moving", M2, "--reference", F2, "--out",
+               tmp_path / "x.nii.gz") == 2
