@@ -36,6 +36,13 @@ def file_stamp(path) -> list | None:
 ORIGINAL_KEY = "regtool_original"
 
 
+def shown_copy_of(image: Image) -> tuple:
+    """``(original image, array shown, grid shown)`` kept in a layer's metadata (:data:`ORIGINAL_KEY`) for an
+    ``image`` straightened for the viewer: the original stands for the layer only while the layer still holds that
+    array on that grid."""
+    return image.meta["original"], image.array, image.space
+
+
 def image_layer_data(image: Image, path=None, role: str | None = None, sample: bool = False):
     """``(data, kwargs, "image")`` placing ``image`` in world (physical) coordinates."""
     md = {"path": str(path) if path else None, "stamp": file_stamp(path) if path else None}
@@ -45,7 +52,7 @@ def image_layer_data(image: Image, path=None, role: str | None = None, sample: b
         md["sample"] = True
     kw = dict(name=image.name, metadata={"regtool": md}, **image.space.napari_kwargs())
     if image.meta.get("original") is not None:  # a display copy: the file's image, for what is written
-        kw["metadata"][ORIGINAL_KEY] = (image.meta["original"], image.array)
+        kw["metadata"][ORIGINAL_KEY] = shown_copy_of(image)
     rgb = image.is_multichannel and image.n_channels in (3, 4) and image.array.dtype == np.uint8
     if image.is_multichannel and not rgb:
         kw["channel_axis"] = image.ndim

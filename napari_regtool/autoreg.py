@@ -180,6 +180,8 @@ def auto_linear(fixed: Image, moving: Image, model: str = "rigid", initial: Tran
         if min(img.space.shape) < 4:
             raise InputError(f"{img.name} is too small for automatic registration (at least 4 voxels per axis).")
     d = fixed.ndim
+    if initial is not None and initial.ndim != d:
+        raise InputError(f"The initial transform is {initial.ndim}D but the images are {d}D.")
     if sample_smaller:
         start_tx = _as_affine(initial, fixed) if initial is not None else None
         if _coverage(moving.space, fixed.space, None if start_tx is None else start_tx.inverse()) > \
@@ -189,7 +191,8 @@ def auto_linear(fixed: Image, moving: Image, model: str = "rigid", initial: Tran
             # and the optimum does not drift to where the two overlap least (seen on a pair covering 52 % / 40 % of
             # each other: 45–80 mm off sampled on the fixed image, 0.06 mm on the moving one)
             res = auto_linear(moving, fixed, model, None if start_tx is None else start_tx.inverse(), metric,
-                              progress, cancel, init, iterations, sampling, bins, seed, sample_smaller=False)
+                              progress, cancel, init, iterations, sampling, bins, seed, shrink_factors,
+                              smoothing_sigmas, sample_smaller=False)
             out = res.inverse()
             out.info = dict(res.info, sampled_on="moving")
             return out

@@ -790,7 +790,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--labels-fixed", help="label map on the fixed grid (Dice; statistics per label)")
     q.add_argument("--labels-moving", help="label map on the moving grid (warped by nearest neighbour)")
     q.add_argument("--landmarks", help="BigWarp landmark CSV: target registration error of the pairs")
-    q.add_argument("--mask", help="mask on the fixed grid (non-zero voxels): restricts the field statistics")
+    q.add_argument("--mask", help="mask on the fixed grid (non-zero voxels): restricts the field statistics and the similarity")
     q.add_argument("--convention", help="how a field's numbers are stored: physical|voxel, xyz|array, inverse, "
                                         "ras — comma separated, e.g. voxel,array (default: ITK's physical,xyz)")
     q.add_argument("--device", default="auto")

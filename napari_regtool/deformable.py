@@ -260,9 +260,10 @@ class _Metric:
             self.vf = (self.mean(self.f * self.f) - self.mf * self.mf).clamp(min=0)
             # windows where the fixed image is flat do not count (see FLAT_WINDOW_VARIANCE), unless all are
             keep = (self.vf > FLAT_WINDOW_VARIANCE).to(fixed.dtype)
-            self.keep = keep if bool(keep.any()) and not bool(keep.all()) else None
+            within = keep if mask is None else keep * mask
+            self.keep = keep if bool(within.any()) and not bool(keep.all()) else None
             if self.keep is not None:
-                self.mask = self.keep if self.mask is None else self.mask * self.keep
+                self.mask = within
                 self.n = max(float(self.mask.sum()), 1.0)
         elif kind == "mi":
             self.bins = int(bins)
@@ -294,8 +295,8 @@ class _Metric:
         moving image has data; local NCC and MSE only)."""
         if mask is None or self.kind == "mi":
             return self.mask, self.n
-        if self.kind == "lncc" and self.keep is not None:
-            mask = mask * self.keep
+        if self.kind == "lncc" and self.keep is not None and bool((mask * self.keep).any()):
+            mask = mask * self.keep  # (an iteration's windows all flat: those windows, as they are)
         return mask, max(float(mask.sum()), 1.0)
 
     def _mi(self, w):

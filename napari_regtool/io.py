@@ -576,6 +576,8 @@ def geometry_lost(path, space: Space) -> str | None:
         lost.append("direction")
     if not name.endswith((".tif", ".tiff")) and not np.allclose(space.spacing, 1.0):
         lost.append("spacing")
+    elif space.ndim == 3 and not np.isclose(space.spacing[2], 1.0):
+        lost.append("slice spacing")  # a TIFF stack keeps the in-plane spacing only
     if not lost:
         return None
     return (f"{Path(path).name}: this file type keeps no {', '.join(lost)}, so the image will not lie where it "

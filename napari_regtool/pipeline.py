@@ -131,13 +131,20 @@ def warp_image(moving: Image, transform: Transform, fixed_space: Space, label: b
 DRAWN_OFFSET_LIMIT = 0.25
 
 
-def drawn_tilt(space: Space) -> tuple | None:
-    """``(degrees, offset)`` of :meth:`Space.tilt` for a 3D grid that napari's 2D slicing would draw off its place
-    (by more than :data:`DRAWN_OFFSET_LIMIT` of its smallest spacing), else None."""
+def drawn_tilt(space: Space) -> str | None:
+    """For a 3D grid that napari's 2D slicing cannot draw in place, what is wrong with it, as a phrase: axes tilted
+    from the world axes (a voxel drawn more than :data:`DRAWN_OFFSET_LIMIT` of the smallest spacing off its place)
+    or in another order (napari cannot slice such a layer at all); else None."""
     if space.ndim != 3:
         return None
     degrees, offset = space.tilt()
-    return (degrees, offset) if offset > DRAWN_OFFSET_LIMIT * float(space.spacing.min()) else None
+    if offset > DRAWN_OFFSET_LIMIT * float(space.spacing.min()):
+        return (f"axes are tilted {degrees:.1f}° from the world axes; napari draws its slices without that tilt (a "
+                f"voxel up to {offset:.1f} mm from its place, and a landmark clicked there as far off)")
+    if not np.array_equal(np.argmax(np.abs(space.direction), axis=0), np.arange(3)):
+        return ("axes run along the world axes in another order (e.g. a sagittal or coronal acquisition); napari "
+                "cannot slice such a layer")
+    return None
 
 
 def straighten_for_display(image: Image) -> Image:
@@ -148,22 +155,25 @@ def straighten_for_display(image: Image) -> Image:
 
     napari slices a 3D layer without the part of its transform that tilts the slice (it draws slice ``k`` flat), so
     on a tilted volume a voxel is drawn far from its physical place and a point clicked on a feature lands far
-    from it (seen: 13 mm on 3 mm voxels at a 20° tilt). Straightened, what is drawn is where it is. The command
-    line keeps every image on its own grid.
+    from it (seen: 13 mm on 3 mm voxels at a 20° tilt); axes in another order it cannot slice at all. Straightened,
+    what is drawn is where it is (a reordering moves no voxel). The command line keeps every image on its own
+    grid.
     """
-    tilt = drawn_tilt(image.space)
-    if tilt is None:
+    why = drawn_tilt(image.space)
+    if why is None:
         return image
     sp = image.space
-    degrees, offset = tilt
     grid = sp.axis_aligned()
     fill = 0.0 if image.is_label else float(np.min(image.array))
     arr = resample(image.array, sp, IdentityTransform(3), grid, mode="nearest" if image.is_label else "linear",
                    fill=fill).cpu().numpy()
-    arr = arr.astype(image.array.dtype) if image.is_label else arr.astype(np.float32)
-    note = (f"{image.name}'s axes are tilted {degrees:.1f}° from the scanner axes. napari draws slices without "
-            f"that tilt (a voxel would be shown up to {offset:.1f} mm from its place, and a landmark clicked there "
-            "would be as far off), so the image is shown and registered resampled onto an axis-aligned grid "
+    if image.is_label:
+        arr = arr.astype(image.array.dtype)
+    elif image.array.dtype == np.uint8:  # an 8-bit (RGB) image stays one, so the viewer shows it as it was
+        arr = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+    else:
+        arr = arr.astype(np.float32)
+    note = (f"{image.name}'s {why}, so the image is shown and registered resampled onto an axis-aligned grid "
             f"({' × '.join(str(n) for n in grid.size_xyz)} voxels of {' × '.join(f'{v:g}' for v in grid.spacing)} "
             "mm, linear interpolation). Landmarks and transforms are physical, so they hold for the original file: "
             "regtool apply puts a result on its grid.")
@@ -182,16 +192,16 @@ def evaluate(result: RegistrationResult, need_warped=True, uncertainty=None, cha
     # linear transforms build the index map directly; the others reuse the field just computed
     index_grid = (t.moving_index_grid(fs, result.moving.space, device=dev) if t.is_linear
                   else index_grid_from_field(result.displacement, fs, result.moving.space))
+    # a moving image straightened for the viewer is warped and measured from the file's own grid: one interpolation,
+    # and the same figures as the command line's
+    original = result.moving.meta.get("original")
+    source, grid = (result.moving, index_grid) if original is None else (original, None)
     if need_warped:
-        # a moving image straightened for the viewer is warped from the file's own grid: one interpolation, and
-        # the same image as the command line's
-        original = result.moving.meta.get("original")
-        result.warped = (warp_image(result.moving, t, fs, device=dev, index_grid=index_grid) if original is None
-                         else warp_image(original, t, fs, device=dev))
+        result.warped = warp_image(source, t, fs, device=dev, index_grid=grid)
     result.jacobian = jacobian_determinant(result.displacement, fs)
     result.jacobian_stats = qc.jacobian_stats(result.jacobian)
     result.similarity_before, result.similarity_after = similarity_before_after(
-        result.fixed, result.moving, t, dev, index_grid=index_grid, channel=channel)
+        result.fixed, source, t, dev, index_grid=grid, channel=channel)
     unc = getattr(t, "uncertainty", None) if uncertainty is None else uncertainty
     if unc is not None:
         result.uncertainty = np.asarray(unc.cpu().numpy() if torch.is_tensor(unc) else unc, dtype=np.float32)
@@ -219,23 +229,14 @@ def similarity_before_after(fixed: Image, moving: Image, transform: Transform, d
     for tx, grid in ((IdentityTransform(fs.ndim), None), (transform, index_grid)):
         grid = tx.moving_index_grid(fs, ms, device=dev) if grid is None else grid
         warped_s = resample(moving_s, ms, tx, fs, device=dev, index_grid=grid)
-        inside = _inside(grid, ms)
-        region = inside if keep is None else (keep if inside is None else inside & keep)
-        n = fs.n_voxels if region is None else int(region.sum())
-        if n < 16:  # too few voxels to measure on: all of them (or the mask) instead
-            region, n = keep, (fs.n_voxels if keep is None else int(keep.sum()))
-        metrics = qc.similarity_metrics(fixed_s, warped_s, region)
-        metrics["region"] = round(n / fs.n_voxels, 6)
+        inside = ~outside_itk(grid, list(ms.shape)[::-1])
+        region = inside if keep is None else inside & keep
+        n = int(region.sum())
+        metrics = qc.similarity_metrics(fixed_s, warped_s, region if n >= 16 else keep)
+        metrics["region"] = round(n / fs.n_voxels, 6)  # measured there; below 16 voxels, over the mask or all
+
         out.append(metrics)
     return out[0], out[1]
-
-
-def _inside(index_grid: torch.Tensor, moving_space: Space):
-    """Fixed voxels whose mapped point falls inside the moving image (ITK's rule), or ``None`` when all do or none
-    does (the metrics then use every voxel)."""
-    ok = ~outside_itk(index_grid, list(moving_space.shape)[::-1])
-    n = int(ok.sum())
-    return None if n == ok.numel() or n < 16 else ok
 
 
 #: linear starts of the deformable and deep models (``register(start=…)``, ``regtool register --global``)

@@ -2,6 +2,8 @@
 export."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -92,3 +94,8 @@ def test_3d_sample_tps_affine_clicks_overlays_export(sample3d, qtbot, tmp_path, 
     for name in ("warped.nii.gz", "displacement.nii.gz"):
         np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(gui / name))),
                                       sitk.GetArrayFromImage(sitk.ReadImage(str(cli / name))))
+    # measured on the moving file's own grid too, as the command line measures it (not on the straightened copy)
+    rg, rc = (json.loads((d / "report.json").read_text()) for d in (gui, cli))
+    for key in ("similarity_before", "similarity_after"):
+        assert rg[key] == pytest.approx(rc[key], rel=1e-5), key
+    assert rg["moving"]["shape"] == rc["moving"]["shape"] == list(read_image(M3).space.shape)

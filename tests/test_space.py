@@ -126,3 +126,25 @@ def test_a_tilted_volume_is_straightened_as_simpleitk_resamples_it():
     assert lab.array.dtype == np.uint8 and (lab.array != expected_l).mean() < 1e-3
     straight = Image(arr, Space(space.shape, space.spacing, space.origin, np.diag([1.0, -1.0, 1.0])), "flipped")
     assert straighten_for_display(straight) is straight
+
+
+def test_axes_in_another_order_are_reordered_exactly():
+    """A sagittal-style grid (index axes along world y, z, x): napari cannot slice it, so the viewer's copy is the
+    same voxels on an axis-aligned grid, each world axis with the spacing of the index axis along it."""
+    from napari_regtool.image import Image
+    from napari_regtool.pipeline import straighten_for_display
+
+    perm = np.array([[0, 0, 1], [-1, 0, 0], [0, -1, 0]], float)  # index x → world −y, y → −z, z → x
+    space = Space((6, 8, 10), [0.5, 2.0, 3.0], [1.0, 2.0, 3.0], perm)
+    arr = np.random.default_rng(2).random(space.shape).astype(np.float32)
+    out = straighten_for_display(Image(arr, space, "sagittal"))
+    assert np.allclose(out.space.direction, np.eye(3)) and "another order" in out.meta["notices"][0]
+    np.testing.assert_allclose(out.space.spacing, [3.0, 0.5, 2.0])  # world x ← index z, y ← x, z ← y
+    assert out.space.n_voxels == space.n_voxels
+    # every voxel keeps its value at its physical point (SimpleITK's own index ↔ physical mapping)
+    src = sitk.GetImageFromArray(arr)
+    space.apply_to_sitk(src)
+    for k in np.ndindex(*out.space.shape):
+        p = out.space.array_index_to_physical(np.array([k], float))[0]
+        i = src.TransformPhysicalPointToIndex([float(v) for v in p])
+        assert out.array[k] == pytest.approx(arr[i[2], i[1], i[0]], abs=1e-6)

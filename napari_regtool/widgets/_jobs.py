@@ -122,11 +122,11 @@ class Jobs(QWidget):
         self.job_error(exc)
 
     def job_error(self, exc):
+        """A background job (file write, layer warp, preview, auto-align …) failed or was dropped by Cancel: said.
+        A refinement running meanwhile goes on (only the deep model's own errors end it, see ``_deep_error``)."""
         if isinstance(exc, Cancelled):
-            self._refinement_stopped()
             self.host.set_status("Cancelled.")
             return
-        self._refinement_stopped(failed=True)
         self.host.notify("error", user_message(exc))
 
     def _deep_error(self, exc):
@@ -134,6 +134,7 @@ class Jobs(QWidget):
         if not self._refining:
             self.host.deep.set_status("Cancelled." if isinstance(exc, Cancelled) else
                                       f"No prediction: {user_message(exc)}")
+        self._refinement_stopped(failed=not isinstance(exc, Cancelled))
         self.job_error(exc)
 
     def _refinement_stopped(self, failed: bool = False):
@@ -186,6 +187,7 @@ class Jobs(QWidget):
             self._refining = False
             self._deep_long = False
             self._update_busy()
+            self._settle("stopped")
         dev, desc, init, key = self._deep_setup()
         lam = self.host.deep.reg_weight
         self.host.deep.set_status(f"Predicting (λ = {lam:.3g}) on {desc}…")

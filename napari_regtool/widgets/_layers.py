@@ -109,9 +109,11 @@ def image_from_layer(layer, is_label: bool | None = None) -> Image:
     space = layer_space(layer)
     label = isinstance(layer, Labels) if is_label is None else is_label
     image = Image(arr, space, name=layer.name, is_label=label)
-    original, shown = (getattr(layer, "metadata", None) or {}).get(ORIGINAL_KEY) or (None, None)
-    if original is not None and data is shown and original.is_label == label:
-        image.meta["original"] = original  # a straightened copy of a tilted file, unchanged since it was opened
+    original, shown, grid = (getattr(layer, "metadata", None) or {}).get(ORIGINAL_KEY) or (None, None, None)
+    # a straightened copy of a tilted file, as it was opened: the same array (an image layer: labels can be painted
+    # in place) on the same grid (the layer was not moved since)
+    if original is not None and not label and data is shown and space == grid:
+        image.meta["original"] = original
     return image
 
 

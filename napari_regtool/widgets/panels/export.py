@@ -112,8 +112,9 @@ class ExportPanel(QWidget):
         lost = rio.geometry_lost(path, m.fixed.space)
         if lost:
             self.host.notify("warning", lost)
-        self.host.start_job(f"Saving {Path(path).name}…", save_map_job, what, path, m.moving, m.transform,
-                            m.fixed.space)
+        # a moving image straightened for the viewer is warped from the file's own grid, as Export all does
+        self.host.start_job(f"Saving {Path(path).name}…", save_map_job, what, path,
+                            m.moving.meta.get("original", m.moving), m.transform, m.fixed.space)
         return True
 
     def export_all(self, folder=None) -> bool:
@@ -142,6 +143,9 @@ class ExportPanel(QWidget):
                                      f"({self.model.model}).")
         if self.model.ready and self.model.transform is not None:
             self.host.start_job(f"Exporting to {folder}…", export_job, self.model.snapshot(), folder)
+        else:
+            self.host.notify("warning", f"The export to {folder} was not written: the model now chosen has no result "
+                                        "yet. Press Export all again when it has.")
 
     def apply_to_layer(self, layer=None):
         """Carry another layer of the moving image into the fixed space as a new layer: points and shapes at once

@@ -8,7 +8,7 @@ from qtpy.QtWidgets import QCheckBox, QComboBox, QFileDialog, QGridLayout, QLabe
 
 from ... import io as rio
 from ...errors import RegtoolError
-from ..._reader import ORIGINAL_KEY, file_stamp
+from ..._reader import ORIGINAL_KEY, file_stamp, shown_copy_of
 from ...pipeline import drawn_tilt, straighten_for_display
 from .._layers import layer_path, layer_role, layer_space, linear_display_affine
 from .fullres import open_zarr, registration_image, zarr_folder
@@ -180,7 +180,7 @@ class ImagesPanel(QWidget):
         layer.data = data
         md = {k: v for k, v in layer.metadata.items() if k != ORIGINAL_KEY}
         if shown.meta.get("original") is not None:
-            md[ORIGINAL_KEY] = (shown.meta["original"], data)
+            md[ORIGINAL_KEY] = shown_copy_of(shown)
         layer.metadata = {**md, "regtool": {**r, "channel": channel}}
         layer.reset_contrast_limits()
         what = "the mean of the channels" if channel == "mean" else f"channel {channel}"
@@ -368,10 +368,8 @@ class ImagesPanel(QWidget):
         except RegtoolError:
             return
         if tilt is not None:
-            self.host.notify("warning", f"{layer.name}'s axes are tilted {tilt[0]:.1f}° from the viewer's axes. napari "
-                                        f"draws its slices without that tilt (up to {tilt[1]:.1f} mm from their "
-                                        "place), so a landmark clicked on a feature there lands off it. Open the file "
-                                        "with Open… here: the plugin shows it resampled onto an axis-aligned grid.")
+            self.host.notify("warning", f"{layer.name}'s {tilt}. Open the file with Open… here: the plugin shows it "
+                                        "resampled onto an axis-aligned grid.")
 
     def _open_already(self, path):
         """An image layer read from ``path`` that the file has not changed since (its recorded modification time),
