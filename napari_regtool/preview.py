@@ -20,7 +20,8 @@ from .transforms import LANDMARK_MODELS, leave_one_out, min_pairs, residuals
 from .transforms.base import Transform, affine_index_grid
 from .transforms.field import jacobian_determinant, sample_at_index
 
-__all__ = ["Previewer", "PreviewResult", "QC_MAPS", "pair_errors", "outlier_mask", "preview_job"]
+__all__ = ["Previewer", "PreviewResult", "QC_MAPS", "pair_errors", "outlier_mask", "preview_job", "usable_values",
+           "pairs_values"]
 
 
 def outlier_mask(errors: np.ndarray, factor: float = 3.0) -> np.ndarray:
@@ -59,6 +60,18 @@ def pair_errors(pairs: LandmarkPairs | None, model: str, smoothing: float, trans
     if with_loo and model in LANDMARK_MODELS:
         loo[use] = leave_one_out(model, f, m, smoothing)
     return res, loo
+
+
+def usable_values(pairs: LandmarkPairs, values) -> np.ndarray:
+    """The entries of a per-pair array (N,) that belong to the fitted pairs (``pairs.usable``), in order."""
+    return np.asarray(values, float)[pairs.usable]
+
+
+def pairs_values(pairs: LandmarkPairs, values_of_usable) -> np.ndarray:
+    """The inverse of :func:`usable_values` for the pairs now: (N,), NaN for the pairs not fitted."""
+    out = np.full(len(pairs), np.nan)
+    out[pairs.usable] = values_of_usable
+    return out
 
 
 @dataclass

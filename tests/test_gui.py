@@ -764,3 +764,26 @@ def test_a_half_pair_left_by_a_refused_click_is_named_when_another_pair_complete
     text = w.status_label.text()
     assert text.startswith(f"{done} placed.") and f"{half} still has no moving point" in text, text
     wait_idle(qtbot, w)
+
+
+def test_the_errors_of_the_other_pairs_stay_while_a_pair_is_half_placed(sample2d, qtbot):
+    """Placing the first point of a new pair changes no fit, so the residual and leave-one-out columns of the
+    other pairs keep their values (they went blank until the model was changed); the new row says what it lacks."""
+    from napari_regtool.widgets._table import COLUMNS
+
+    viewer, w = sample2d
+    wait_idle(qtbot, w)
+    res_col, loo_col = COLUMNS.index("Residual"), COLUMNS.index("LOO error")
+    n = len(w.session.pairs)
+
+    def column(c):
+        return [w.table.item(i, c).text() if w.table.item(i, c) else "" for i in range(w.table.rowCount())]
+
+    before_res, before_loo = column(res_col), column(loo_col)
+    assert all(before_res) and all(before_loo)
+    x = read_image(F2).space.array_index_to_physical(np.array([[70, 95]], float))[0]
+    w.click(to_array_order(x), side="fixed")
+    wait_idle(qtbot, w)
+    assert w.table.rowCount() == n + 1
+    assert column(res_col)[:n] == before_res and column(loo_col)[:n] == before_loo
+    assert column(res_col)[n] == "fixed only"

@@ -8,7 +8,7 @@ from qtpy.QtCore import Signal
 from qtpy.QtWidgets import QCheckBox, QComboBox, QFileDialog, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 
 from ...errors import RegtoolError
-from ...preview import outlier_mask
+from ...preview import outlier_mask, pairs_values, usable_values
 from .._table import _fmt, PairTable
 from ._shortcuts import SHORTCUTS
 
@@ -122,9 +122,13 @@ class LandmarksPanel(QWidget):
             self._show()
 
     def _geometry(self):
-        """What the errors depend on: the points and which pairs are fitted (not the names)."""
+        """What the errors depend on: the points of the fitted pairs, in order (not the names, not a pair still
+        missing a point: placing its first point leaves the errors of the others as they are)."""
         p = self.model.pairs
-        return None if p is None else (p.fixed.tobytes(), p.moving.tobytes(), p.active.tobytes())
+        if p is None:
+            return None
+        u = p.usable
+        return p.fixed[u].tobytes(), p.moving[u].tobytes()
 
     def update_pairs(self):
         """Rows for the model's pairs; the fit's errors arrive with the live update (:meth:`show_errors`), and the
@@ -137,7 +141,8 @@ class LandmarksPanel(QWidget):
         pairs = self.model.pairs
         if pairs is None or len(residual) != len(pairs):
             return
-        self._errors = (self._geometry(), residual, loo)
+        # the errors of the fitted pairs (the others have none)
+        self._errors = (self._geometry(), usable_values(pairs, residual), usable_values(pairs, loo))
         self._show()
 
     def _show(self):
@@ -147,7 +152,8 @@ class LandmarksPanel(QWidget):
         if self._errors is not None and self._errors[0] != self._geometry():
             self._errors = None
         if self._errors is not None:
-            _, residual, loo = self._errors
+            _, res_u, loo_u = self._errors
+            residual, loo = pairs_values(pairs, res_u), pairs_values(pairs, loo_u)
             self.table.set_pairs(pairs, residual, loo, outlier_mask(loo), held_out=held)
         else:
             self.table.set_pairs(pairs, held_out=held)
