@@ -36,7 +36,9 @@ def write_image(path: str, data, meta: dict) -> list:
         space = Space.from_napari(arr.shape[:d], affine=_world_matrix(meta, d))
     except ValueError as exc:
         raise InputError(str(exc)) from None
-    _write(path, arr, space)
+    # an OME-Zarr layer in micrometres (its unit kept by the reader) is written converted to ITK's millimetres
+    ngff = ((meta.get("metadata") or {}).get("regtool") or {}).get("ngff") or {}
+    _write(path, arr, space, unit=ngff.get("unit") if isinstance(ngff, dict) else None)
     return [path]
 
 

@@ -305,19 +305,31 @@ def _units_of(*images) -> list:
     return [(im.name, im.meta.get("unit")) for im in images]
 
 
-def _read_transform_any(path, space, args):
+def _read_transform_any(path, space, args, unit=None):
     """``--transform`` as ITK reads it, or else as ``regtool qc`` opens other tools' files (elastix
     ``TransformParameters.N.txt``, Greedy's and c3d's plain-text RAS matrices), put on ``space`` where it is a
-    field; the ITK reader's message stands when neither can read it."""
-    from .io import load_transform_for_qc, read_transform
+    field; the ITK reader's message stands when neither can read it. ``unit``: the images' unit; ITK's files are in
+    millimetres and are converted to it (an OME-Zarr field is in its own unit, checked by :func:`_check_units`)."""
+    from .io import itk_scale, load_transform_for_qc, read_transform
+    from .ngff_field import is_field_ngff
 
+    p = Path(path)
     try:
-        return read_transform(path)
+        t = read_transform(path)
     except RegtoolError as itk_error:
         try:
-            loaded = load_transform_for_qc(path, space)
+            loaded = load_transform_for_qc(path, space, unit=unit)
         except RegtoolError:
             raise itk_error from None
+    else:
+        per_mm = 1.0 if p.is_dir() and is_field_ngff(p) else 1.0 / itk_scale(unit, "the images")
+        if per_mm != 1.0:
+            from .transforms.units import rescaled
+
+            _say_notes(args, [f"{p.name} is an ITK transform, in millimetres; it was converted to the images' "
+                              f"{unit}s (1 mm = {per_mm:g} {unit}s)."])
+            t = rescaled(t, per_mm)
+        return t
     if not getattr(args, "quiet", False):
         print(f"note: {Path(path).name} is not an ITK transform; it was read as regtool qc reads it "
               f"({loaded.source}).", file=sys.stderr)
@@ -356,7 +368,7 @@ def _cmd_apply(args) -> int:
     if lost:
         print(f"warning: {lost}", file=sys.stderr)
     _check_units(*_units_of(moving, reference), *_transform_units(args.transform))
-    transform = _read_transform_any(args.transform, reference.space, args)
+    transform = _read_transform_any(args.transform, reference.space, args, reference.meta.get("unit"))
     if transform.ndim != reference.ndim or moving.ndim != reference.ndim:
         raise RegtoolError(f"Dimensions differ: transform {transform.ndim}D, moving {moving.ndim}D, reference "
                            f"{reference.ndim}D.")
@@ -366,7 +378,7 @@ def _cmd_apply(args) -> int:
 
     dev = resolve_device(args.device, warn=lambda m: print(f"warning: {m}", file=sys.stderr))
     warped = warp_image(moving, transform, reference.space, label=args.labels, device=dev)
-    write_image(args.out, warped, reference.space)
+    write_image(args.out, warped, reference.space, unit=reference.meta.get("unit"))
     if not args.quiet:
         print(f"wrote {args.out}")
     return 0
@@ -409,7 +421,7 @@ def _apply_blockwise(args) -> int:
     else:
         rspace, unit = read_image(args.reference).space, None
     _check_units((Path(args.moving).name, munit), (Path(args.reference).name, unit), *_transform_units(args.transform))
-    transform = _read_transform_any(args.transform, rspace, args)
+    transform = _read_transform_any(args.transform, rspace, args, unit)
     if transform.ndim != rspace.ndim or len(mspace.shape) != rspace.ndim:
         raise RegtoolError(f"Dimensions differ: transform {transform.ndim}D, moving {len(mspace.shape)}D, "
                            f"reference {rspace.ndim}D.")
@@ -458,11 +470,8 @@ def _cmd_field(args) -> int:
         if args.level:
             raise RegtoolError("--level applies to an OME-Zarr reference only.")
         space, unit = read_image(args.reference).space, None
-    if unit and not to_zarr and unit != "millimeter":
-        raise RegtoolError(f"The reference is in {unit}s; ITK field images are read in millimetres by other tools. "
-                           "Write the field as .zarr (OME-Zarr keeps the unit).")
     _check_units((Path(args.reference).name, unit), *_transform_units(args.transform))
-    transform = _read_transform_any(args.transform, space, args)
+    transform = _read_transform_any(args.transform, space, args, unit)
     if transform.ndim != space.ndim:
         raise RegtoolError(f"Dimensions differ: transform {transform.ndim}D, reference {space.ndim}D.")
     if args.invert:
@@ -478,7 +487,7 @@ def _cmd_field(args) -> int:
                                  progress=_progress_printer(args.quiet))
         _say_notes(args, notes)
     else:
-        write_transform(args.out, transform, space)
+        write_transform(args.out, transform, space, unit=unit)
     if not args.quiet:
         print(f"wrote {args.out}")
     return 0
@@ -514,7 +523,7 @@ def _cmd_qc(args) -> int:
 
     from . import qc
     from .device import resolve_device
-    from .io import load_transform_for_qc, read_image, write_image
+    from .io import itk_scale, load_transform_for_qc, read_image, write_image
     from .pipeline import warp_image
     from .publish import publish_folder
 
@@ -584,6 +593,8 @@ def _cmd_qc(args) -> int:
         report["convention_check"] = check.to_dict()
         if check.flagged:
             warn(check.message)
+        elif check.warning:
+            warn(check.warning)
     warped_labels = None
     if lab_f is not None:
         warped_labels = warp_image(lab_m, t, fs, label=True, device=dev)
@@ -605,17 +616,23 @@ def _cmd_qc(args) -> int:
     panel = qc.qc_panel(fixed.scalar(), maps["jacobian"].cpu().numpy(), grid,
                         None if warped is None else wsc)
     names = set(QC_FILES)
+    unit = fixed.meta.get("unit")  # the maps go to ITK files, in millimetres: lengths and their grid converted
+    mm = itk_scale(unit, "the QC maps")
+    if mm != 1.0:
+        report["files_unit"] = "millimeter"
     with publish_folder(out, names) as tmp:
         written = []
-        write_image(tmp / "jacobian.nii.gz", maps["jacobian"].cpu().numpy().astype(np.float32), fs)
-        write_image(tmp / "magnitude.nii.gz", maps["magnitude"].cpu().numpy().astype(np.float32), fs)
-        write_image(tmp / "ndv.nii.gz", maps["ndv"].cpu().numpy().astype(np.float32), fs)
+        write_image(tmp / "jacobian.nii.gz", maps["jacobian"].cpu().numpy().astype(np.float32), fs, unit=unit)
+        write_image(tmp / "magnitude.nii.gz", (maps["magnitude"].cpu().numpy() * mm).astype(np.float32), fs,
+                    unit=unit)
+        write_image(tmp / "ndv.nii.gz", (maps["ndv"].cpu().numpy() * mm ** fs.ndim).astype(np.float32), fs,
+                    unit=unit)
         written += ["jacobian.nii.gz", "magnitude.nii.gz", "ndv.nii.gz"]
         if warped is not None:
-            write_image(tmp / "warped.nii.gz", warped, fs)
+            write_image(tmp / "warped.nii.gz", warped, fs, unit=unit)
             written.append("warped.nii.gz")
         if warped_labels is not None:
-            write_image(tmp / "warped_labels.nii.gz", warped_labels, fs)
+            write_image(tmp / "warped_labels.nii.gz", warped_labels, fs, unit=unit)
             written.append("warped_labels.nii.gz")
         _write_png(tmp / "qc.png", panel)
         written.append("qc.png")

@@ -15,7 +15,7 @@ from .errors import InputError
 from .image import Image
 # the SimpleITK conversions live in sitk_convert (which transforms use too); io re-exports them
 from .sitk_convert import field_to_sitk_image, field_to_sitk_transform, image_to_sitk, linear_map_from_sitk
-from .space import Space
+from .space import Space, mm_per_unit
 
 __all__ = [
     "read_image", "write_image", "image_to_sitk", "image_from_sitk", "field_to_sitk_image",
@@ -584,11 +584,25 @@ def geometry_lost(path, space: Space) -> str | None:
             "belongs when read back; use .nii.gz, .mha or .nrrd to keep its place in physical space.")
 
 
-def write_image(path, image_or_array, space: Space | None = None, compress: bool = True):
-    """Write an :class:`Image` (or array + space) keeping spacing, origin and direction."""
+def itk_scale(unit: str | None, what: str = "the file") -> float:
+    """Millimetres in one ``unit``, to write geometry in ``unit`` into an ITK file (NIfTI, MHA, NRRD, ``.tfm``), which
+    is in millimetres: NIfTI's header says so and ITK reads every file as such. Refuses a unit it cannot convert."""
+    f = mm_per_unit(unit)
+    if f is None:
+        raise InputError(f"The images are in {unit}s, which cannot be converted to millimetres, the unit of ITK files "
+                         f"(NIfTI, MHA, NRRD, .tfm); write {what} as OME-Zarr (.zarr), which keeps the unit.")
+    return f
+
+
+def write_image(path, image_or_array, space: Space | None = None, compress: bool = True, unit: str | None = None):
+    """Write an :class:`Image` (or array + space) keeping spacing, origin and direction.
+
+    ``unit``: the grid's physical unit (an :class:`Image`'s own ``meta["unit"]`` by default; ``None``: millimetres).
+    ITK files are in millimetres, so a grid in micrometres is written with its spacing and origin converted."""
     sitk = _sitk()
     if isinstance(image_or_array, Image):
         arr, space = image_or_array.array, image_or_array.space
+        unit = unit or image_or_array.meta.get("unit")
     else:
         arr = image_or_array
         if space is None:
@@ -596,6 +610,7 @@ def write_image(path, image_or_array, space: Space | None = None, compress: bool
     if hasattr(arr, "detach"):
         arr = arr.detach().cpu().numpy()
     check_image_extension(path)
+    space = space.scaled(itk_scale(unit, Path(path).name))
     img = image_to_sitk(arr, space)
     with atomic_output(path) as tmp:
         try:
@@ -607,17 +622,22 @@ def write_image(path, image_or_array, space: Space | None = None, compress: bool
                              "images — use .nii.gz or .mha.") from None
 
 
-def write_displacement_field(path, field, space: Space):
+def write_displacement_field(path, field, space: Space, unit: str | None = None):
     """Write an ITK displacement field (.nii.gz, .mha, .nrrd): vectors in physical units, x, y, z order,
     on the fixed grid, ``u(x) = T(x) − x`` (fixed → moving) — readable by ANTs, elastix/transformix,
     3D Slicer and SimpleITK's ``DisplacementFieldTransform``.
 
     Stored as float64 vectors (what SimpleITK's ``DisplacementFieldTransform`` takes) holding values rounded to
     float32 precision (relative 6e-8: a nanometre on a 10 mm displacement): every command writes the same file for
-    the same transform whatever precision it evaluated in, and the file compresses like a float32 one."""
+    the same transform whatever precision it evaluated in, and the file compresses like a float32 one.
+
+    ``unit``: the physical unit of ``space`` and of the vectors (``None``: millimetres); both are converted to
+    millimetres, ITK's unit."""
     sitk = _sitk()
     check_image_extension(path, "a displacement field")
-    field = np.asarray(field, dtype=np.float64).astype(np.float32).astype(np.float64)
+    f = itk_scale(unit, Path(path).name)
+    field = (np.asarray(field, dtype=np.float64) * f).astype(np.float32).astype(np.float64)
+    space = space.scaled(f)
     img = field_to_sitk_image(field, space)
     with atomic_output(path) as tmp:
         sitk.WriteImage(img, tmp, useCompression=True)
@@ -665,6 +685,9 @@ def write_transform(path, transform, space: Space | None = None, unit: str | Non
     * ``.zarr``: an OME-Zarr ``displacements`` field on ``space`` (written block by block;
       :func:`napari_regtool.ngff_field.write_field_ngff`), ``unit`` the grid's physical unit (default millimetre).
 
+    ITK files are in millimetres: a transform between grids in another ``unit`` is written converted to millimetres
+    (:func:`napari_regtool.transforms.units.rescaled`).
+
     Returns a list of notices (what the file could not keep), usually empty.
     """
     sitk = _sitk()
@@ -681,7 +704,7 @@ def write_transform(path, transform, space: Space | None = None, unit: str | Non
             raise ValueError("Writing a displacement field needs the fixed image's grid.")
         import torch
 
-        write_displacement_field(p, transform.field(space, dtype=torch.float64).cpu().numpy(), space)
+        write_displacement_field(p, transform.field(space, dtype=torch.float64).cpu().numpy(), space, unit=unit)
         return []
     if not low.endswith((".tfm", ".txt", ".mat", ".h5", ".hdf5")):
         raise InputError(f"Unknown transform file type for {p.name}: use .tfm or .h5 (ITK transform), "
@@ -689,6 +712,11 @@ def write_transform(path, transform, space: Space | None = None, unit: str | Non
     if not transform.is_linear and not low.endswith((".h5", ".hdf5")):
         raise InputError(f"A {transform.kind} transform is not linear; save it as .h5 or as a displacement field "
                          "(.nii.gz/.mha) — .tfm holds only linear transforms.")
+    f = itk_scale(unit, p.name)
+    if f != 1.0:
+        from .transforms.units import rescaled
+
+        transform, space = rescaled(transform, f), None if space is None else space.scaled(f)
     tx = transform.to_sitk(space)
     with atomic_output(p) as tmp:
         sitk.WriteTransform(tx, tmp)
@@ -926,10 +954,12 @@ def _is_elastix_file(p: Path) -> bool:
     return not head.lstrip().startswith("#Insight") and "(Transform " in head
 
 
-def load_transform_for_qc(path, fixed, *, convention=None):
+def load_transform_for_qc(path, fixed, *, convention=None, unit: str | None = None):
     """Open a transform another tool wrote, as this package's :class:`Transform` (fixed → moving), for QC.
 
-    ``fixed``: the fixed :class:`Image` (or its :class:`Space`): fields are put on its grid. Formats:
+    ``fixed``: the fixed :class:`Image` (or its :class:`Space`): fields are put on its grid. ``unit``: the fixed
+    grid's physical unit (default: the image's ``meta["unit"]``, else millimetres); ITK's files are in millimetres
+    and are converted to it. Formats:
 
     * ITK transform files ``.tfm``/``.txt``/``.mat``/``.h5`` (composite ``.h5`` too: ANTs' affine + warp), read by
       :func:`read_transform` (B-splines and other ITK kinds are evaluated by SimpleITK);
@@ -965,6 +995,12 @@ def load_transform_for_qc(path, fixed, *, convention=None):
         raise InputError(f"File not found: {p}. Check the path.")
     name, low, d = p.name, p.name.lower(), fspace.ndim
     notices: list = []
+    fixed_unit = unit or (fixed.meta.get("unit") if isinstance(fixed, Image) else None) or "millimeter"
+
+    def in_fixed_unit(what):
+        if per_mm != 1.0:
+            notices.append(f"{name} is {what}, in millimetres (ITK's unit); it was converted to the images' "
+                           f"{fixed_unit}s (1 mm = {per_mm:g} {fixed_unit}s).")
 
     def need_convention(what):
         if conv is None:
@@ -984,12 +1020,13 @@ def load_transform_for_qc(path, fixed, *, convention=None):
 
     if p.is_dir():
         f = _read_field_folder(p)
-        fixed_unit = (fixed.meta.get("unit") if isinstance(fixed, Image) else None) or "millimeter"
         if f.unit and f.unit != fixed_unit:
             raise InputError(f"{name} is in {f.unit}s but the fixed image is in {fixed_unit}s; convert one of them "
                              "so both use the same unit.")
         notices += f.notices
         return finish_field(f.read(), f.space, conv or FieldConvention(), "ngff-field")
+    # ITK's files (transforms, NIfTI/MHA/NRRD fields, and the elastix and Greedy files read here) are in millimetres
+    per_mm = 1.0 / itk_scale(fixed_unit, "the images")
     if low.endswith((".npy", ".npz")):
         c = need_convention("a bare array")
         try:
@@ -1024,7 +1061,13 @@ def load_transform_for_qc(path, fixed, *, convention=None):
                                  f"for this {d}D fixed image needs {d}D with {d} components. Check that the field "
                                  "belongs to this image.")
             numbers, grid = _field_from_sitk_image(img, name)
-            return finish_field(numbers, grid, conv or FieldConvention(), "itk-field")
+            conv_used = conv or FieldConvention()
+            if per_mm != 1.0:
+                in_fixed_unit("an ITK displacement field")
+                grid = grid.scaled(per_mm)
+                if conv_used.units == "physical":
+                    numbers = numbers * per_mm
+            return finish_field(numbers, grid, conv_used, "itk-field")
         size = tuple(img.GetSize())
         if dim == d + 1 and size[-1] == d:  # nibabel's (X, Y[, Z], D): components on the last axis
             c = need_convention("a scalar image whose last axis holds the components (as nibabel writes fields)")
@@ -1062,12 +1105,21 @@ def load_transform_for_qc(path, fixed, *, convention=None):
         raise InputError(f"{name} holds a {t.ndim}D transform; the fixed image is {d}D.")
     from .transforms import DisplacementFieldTransform
 
+    if per_mm != 1.0:
+        in_fixed_unit({"ras-matrix": "a Greedy/c3d matrix", "elastix": "an elastix transform"}.get(
+            source, "an ITK transform"))
     if conv is not None and (conv.units != "physical" or conv.components != "xyz"):
         if not isinstance(t, DisplacementFieldTransform):
             raise InputError(f"{name} holds a {t.kind} transform: voxel units and array component order apply to "
                              "displacement fields only.")
-        numbers, grid = t.u.detach().cpu().numpy().astype(np.float64), t.space
+        numbers, grid = t.u.detach().cpu().numpy().astype(np.float64), t.space.scaled(per_mm)
+        if conv.units == "physical":
+            numbers = numbers * per_mm
         return finish_field(numbers, grid, conv, source)
+    if per_mm != 1.0:
+        from .transforms.units import rescaled
+
+        t = rescaled(t, per_mm)
     if isinstance(t, DisplacementFieldTransform):
         return finish_field(t.u.detach().cpu().numpy().astype(np.float64), t.space, conv or FieldConvention(), source)
     if conv is not None and conv.ras:

@@ -73,8 +73,9 @@ def write_transform_job(path, transform, space, unit=None):
     return ("saved", f"the transform to {path}", list(notes))
 
 
-def save_map_job(what, path, moving, transform, space):
-    """Write the warped moving image (``what="warped"``) or the Jacobian determinant map (``"jacobian"``)."""
+def save_map_job(what, path, moving, transform, space, unit=None):
+    """Write the warped moving image (``what="warped"``) or the Jacobian determinant map (``"jacobian"``) on
+    ``space``, whose physical unit is ``unit`` (ITK files are written in millimetres)."""
     import torch
 
     from . import io as rio
@@ -82,10 +83,10 @@ def save_map_job(what, path, moving, transform, space):
     from .transforms.field import jacobian_determinant
 
     if what == "warped":
-        rio.write_image(path, warp_image(moving, transform, space), space)
+        rio.write_image(path, warp_image(moving, transform, space), space, unit=unit)
     else:
         u = transform.field(space, dtype=torch.float32)
-        rio.write_image(path, jacobian_determinant(u, space).numpy().astype(np.float32), space)
+        rio.write_image(path, jacobian_determinant(u, space).numpy().astype(np.float32), space, unit=unit)
     return ("saved", path)
 
 

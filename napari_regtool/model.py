@@ -823,7 +823,7 @@ class RegistrationModel:
         self._require()
         if self.transform is None:
             raise FitError(self.fit_message or "There is no transform to export yet.")
-        write_transform(path, self.transform, self.fixed.space)
+        write_transform(path, self.transform, self.fixed.space, unit=self.fixed.meta.get("unit"))
 
 
 def _index(index):

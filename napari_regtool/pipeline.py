@@ -80,6 +80,9 @@ class RegistrationResult:
                       "origin": self.fixed.space.origin.tolist(), "direction": self.fixed.space.direction.tolist()},
             "moving": {"shape": list(ms.shape), "spacing": ms.spacing.tolist(), "origin": ms.origin.tolist(),
                        "direction": ms.direction.tolist()},
+            # the images' length unit; the ITK files written beside this report are in millimetres
+            "unit": self.fixed.meta.get("unit") or "millimeter",
+            "files_unit": "millimeter",
             "transform": self.transform.describe(),
             "smoothing": self.smoothing if self.model == "tps" else None,
             "landmarks": lm,
@@ -481,27 +484,30 @@ def write_outputs(result: RegistrationResult, out_dir, extra_files: dict | None 
 def _write_set(result, out, names, fs, extra_files, kwargs) -> list:
     import errno
 
-    from .io import write_displacement_field, write_image, write_transform
+    from .io import itk_scale, write_displacement_field, write_image, write_transform
     from .publish import publish_folder, test_hook
 
+    # ITK files are in millimetres: an OME-Zarr pair in micrometres is written converted (report.json keeps the unit)
+    unit = result.fixed.meta.get("unit")
+    mm = itk_scale(unit, "the results")
     with publish_folder(out, names, **kwargs) as tmp:
         written = []
         try:
-            write_image(tmp / "warped.nii.gz", result.warped, fs)
+            write_image(tmp / "warped.nii.gz", result.warped, fs, unit=unit)
             written.append("warped.nii.gz")
             test_hook("staging")
             # evaluated in double precision, as "Save transform" and `regtool apply` write a field: the same
             # transform gives the same file whichever command wrote it
             write_displacement_field(tmp / "displacement.nii.gz",
-                                     result.transform.field(fs, dtype=torch.float64).cpu().numpy(), fs)
+                                     result.transform.field(fs, dtype=torch.float64).cpu().numpy(), fs, unit=unit)
             written.append("displacement.nii.gz")
-            write_image(tmp / "jacobian.nii.gz", result.jacobian.cpu().numpy().astype(np.float32), fs)
+            write_image(tmp / "jacobian.nii.gz", result.jacobian.cpu().numpy().astype(np.float32), fs, unit=unit)
             written.append("jacobian.nii.gz")
             if result.transform.is_linear:
-                write_transform(tmp / "transform.tfm", result.transform)
+                write_transform(tmp / "transform.tfm", result.transform, unit=unit)
                 written.append("transform.tfm")
             if result.uncertainty is not None:
-                write_image(tmp / "uncertainty.nii.gz", result.uncertainty.astype(np.float32), fs)
+                write_image(tmp / "uncertainty.nii.gz", (result.uncertainty * mm).astype(np.float32), fs, unit=unit)
                 written.append("uncertainty.nii.gz")
             for name, writer in (extra_files or {}).items():
                 writer(tmp / name)

@@ -18,7 +18,21 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["Space", "to_array_order", "to_physical_order"]
+__all__ = ["Space", "to_array_order", "to_physical_order", "MM_PER_UNIT", "mm_per_unit"]
+
+#: millimetres in one unit, for the OME-NGFF (UDUNITS-2) length units that scanners and microscopes write. ITK's
+#: file formats (NIfTI, MHA, NRRD, DICOM, transform files) are in millimetres: NIfTI says so in its header, and ITK
+#: converts a NIfTI written in micrometres or metres to millimetres when it reads it.
+MM_PER_UNIT = {"millimeter": 1.0, "micrometer": 1e-3, "nanometer": 1e-6, "picometer": 1e-9, "angstrom": 1e-7,
+               "centimeter": 10.0, "decimeter": 100.0, "meter": 1000.0, "inch": 25.4}
+
+
+def mm_per_unit(unit: str | None) -> float | None:
+    """Millimetres in one ``unit`` (``None`` or ``""``: millimetres, ITK's unit); ``None`` for a unit that is not
+    a length this package converts."""
+    if not unit:
+        return 1.0
+    return MM_PER_UNIT.get(str(unit).strip().lower())
 
 
 def to_array_order(v: np.ndarray) -> np.ndarray:
@@ -242,6 +256,12 @@ class Space:
         else:
             spacing = self.spacing
         return Space(shape, spacing, self.origin, self.direction)
+
+    def scaled(self, factor: float) -> "Space":
+        """The same grid with physical coordinates multiplied by ``factor`` (a change of unit: 1e-3 turns a grid
+        in micrometres into the same grid in millimetres)."""
+        f = float(factor)
+        return Space(self.shape, self.spacing * f, self.origin * f, self.direction)
 
     def tilt(self) -> tuple:
         """How far this grid's axes are tilted from the world axes: ``(degrees, offset)``, the largest angle between

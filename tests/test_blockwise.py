@@ -232,7 +232,8 @@ def test_apply_refuses_to_mix_micrometres_and_millimetres_and_picks_a_channel(tm
     a, b = rng.random((20, 30)).astype(np.float32), rng.random((20, 30)).astype(np.float32)
     _two_channel_ngff(tmp_path / "um.zarr", a, b)
     _two_channel_ngff(tmp_path / "ref_um.zarr", a, b)
-    sitk.WriteTransform(sitk.TranslationTransform(2, [0.5, -0.25]), str(tmp_path / "t.tfm"))
+    # an ITK transform file is in millimetres: 0.0005 mm is the 0.5 µm shift checked below
+    sitk.WriteTransform(sitk.TranslationTransform(2, [0.0005, -0.00025]), str(tmp_path / "t.tfm"))
     write_image(tmp_path / "ref_mm.nii.gz", np.zeros((20, 30), np.float32), Space((20, 30), [0.25, 0.5]))
     base = ["apply", "--transform", str(tmp_path / "t.tfm"), "--moving", str(tmp_path / "um.zarr"), "-q"]
     assert main(base + ["--reference", str(tmp_path / "ref_mm.nii.gz"), "--out", str(tmp_path / "x.nii.gz")]) == 2

@@ -167,20 +167,30 @@ def test_cli_field_then_apply_reproduces_sitk_resampling(tmp_path):
     assert rep["statistics"]["magnitude"]["max"] == pytest.approx(float(mag.max()), rel=1e-5)
 
 
-def test_field_of_an_ngff_reference_keeps_its_unit_and_refuses_an_itk_file(tmp_path, capsys):
+def test_field_of_an_ngff_reference_keeps_its_unit_and_converts_itk_files(tmp_path, capsys):
     from napari_regtool import ngff
 
     space = Space((16, 20, 24), (2.0, 2.0, 3.0), (10.0, 0.0, 5.0))
     ngff.write_ngff(tmp_path / "ref.zarr", np.zeros(space.shape, np.uint16), space, block=8, unit="micrometer")
-    sitk.WriteTransform(sitk.TranslationTransform(3, (4.0, -2.0, 1.0)), str(tmp_path / "t.tfm"))
+    # an ITK transform file is in millimetres: 0.004 mm is 4 µm
+    sitk.WriteTransform(sitk.TranslationTransform(3, (0.004, -0.002, 0.001)), str(tmp_path / "t.tfm"))
     assert main(["field", "--transform", str(tmp_path / "t.tfm"), "--reference", str(tmp_path / "ref.zarr"),
-                 "--out", str(tmp_path / "f.zarr"), "-q"]) == 0
+                 "--out", str(tmp_path / "f.zarr")]) == 0
+    assert "converted to the images' micrometers" in capsys.readouterr().err
     f = open_field_ngff(tmp_path / "f.zarr")
     assert f.unit == "micrometer" and f.space == space
     np.testing.assert_allclose(f.read()[3, 4, 5], [4.0, -2.0, 1.0], atol=1e-6)
+    # as an ITK field image the same field is written in millimetres, grid and vectors, as ITK reads NIfTI
     assert main(["field", "--transform", str(tmp_path / "t.tfm"), "--reference", str(tmp_path / "ref.zarr"),
-                 "--out", str(tmp_path / "f.nii.gz"), "-q"]) == 2
-    assert "micrometers" in capsys.readouterr().err and not (tmp_path / "f.nii.gz").exists()
+                 "--out", str(tmp_path / "f.nii.gz"), "-q"]) == 0
+    img = sitk.ReadImage(str(tmp_path / "f.nii.gz"))
+    np.testing.assert_allclose(img.GetSpacing(), [0.002, 0.002, 0.003], rtol=1e-6)
+    np.testing.assert_allclose(img.GetOrigin(), [0.010, 0.0, 0.005], atol=1e-9)
+    np.testing.assert_allclose(sitk.GetArrayFromImage(img)[3, 4, 5], [0.004, -0.002, 0.001], rtol=1e-6)
+    # through SimpleITK, that field moves a point (mm) as the transform file does
+    tx = sitk.DisplacementFieldTransform(sitk.Cast(img, sitk.sitkVectorFloat64))
+    p = np.array(img.TransformIndexToPhysicalPoint((5, 4, 3)))
+    np.testing.assert_allclose(tx.TransformPoint(p.tolist()), p + [0.004, -0.002, 0.001], atol=1e-9)
     # QC, apply and field refuse a micrometre field on millimetre images instead of misreading it 1000-fold
     with pytest.raises(InputError, match="micrometers"):
         load_transform_for_qc(tmp_path / "f.zarr", Space((16, 20, 24), (2.0, 2.0, 3.0)))
@@ -312,3 +322,73 @@ def test_rotated_grid_is_written_with_a_notice(tmp_path):
     notes = write_transform(tmp_path / "r.zarr", AffineTransform(np.eye(2), np.ones(2)), space)
     assert len(notes) == 1 and "rotated" in notes[0]
     assert open_field_ngff(tmp_path / "r.zarr").space == space
+
+
+def test_register_in_micrometres_writes_itk_files_in_millimetres_and_apply_reads_them_back(tmp_path):
+    """ITK's files are in millimetres (NIfTI says so; ITK converts a NIfTI in micrometres when it reads one): a
+    registration of OME-Zarr images in micrometres writes its NIfTI images, field and .tfm converted, checked here
+    through SimpleITK against the affine the landmarks define, and `apply` reads the .tfm back onto the µm images."""
+    import json
+
+    from napari_regtool import ngff
+    from napari_regtool.landmarks import LandmarkPairs, write_bigwarp_csv
+
+    rng = np.random.default_rng(3)
+    fs = Space((40, 50), (0.5, 0.4), (100.0, -20.0))  # micrometres
+    ms = Space((44, 52), (0.45, 0.4), (98.0, -21.0))
+    ngff.write_ngff(tmp_path / "f.zarr", rng.random(fs.shape).astype(np.float32), fs, block=16, unit="micrometer")
+    ngff.write_ngff(tmp_path / "m.zarr", rng.random(ms.shape).astype(np.float32), ms, block=16, unit="micrometer")
+    a, t = np.array([[1.02, 0.05], [-0.03, 0.97]]), np.array([1.5, 2.0])  # µm
+    fixed_pts = np.array([[104.0, -18.0], [116.0, -6.0], [108.0, -8.0], [114.0, -16.0]])
+    write_bigwarp_csv(tmp_path / "lm.csv", LandmarkPairs(fixed_pts, fixed_pts @ a.T + t))
+    out = tmp_path / "out"
+    assert main(["register", "--fixed", str(tmp_path / "f.zarr"), "--moving", str(tmp_path / "m.zarr"),
+                 "--landmarks", str(tmp_path / "lm.csv"), "--model", "affine", "--out", str(out), "-q"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["unit"] == "micrometer" and rep["files_unit"] == "millimeter"
+    warped = sitk.ReadImage(str(out / "warped.nii.gz"))
+    np.testing.assert_allclose(warped.GetSpacing(), fs.spacing * 1e-3, rtol=1e-6)
+    np.testing.assert_allclose(warped.GetOrigin(), fs.origin * 1e-3, rtol=1e-6)
+    p_um = np.array([112.0, -8.0])
+    want_mm = (a @ p_um + t) * 1e-3
+    tfm = sitk.ReadTransform(str(out / "transform.tfm"))
+    np.testing.assert_allclose(tfm.TransformPoint((p_um * 1e-3).tolist()), want_mm, atol=1e-9)
+    disp = sitk.ReadImage(str(out / "displacement.nii.gz"))
+    np.testing.assert_allclose(disp.GetSpacing(), fs.spacing * 1e-3, rtol=1e-6)
+    dtx = sitk.DisplacementFieldTransform(sitk.Cast(disp, sitk.sitkVectorFloat64))
+    q = np.array(disp.TransformIndexToPhysicalPoint((7, 9)))
+    np.testing.assert_allclose(dtx.TransformPoint(q.tolist()), (a @ (q * 1e3) + t) * 1e-3, atol=1e-8)
+    # the .tfm applied to the µm images gives warped.nii.gz again
+    assert main(["apply", "--transform", str(out / "transform.tfm"), "--moving", str(tmp_path / "m.zarr"),
+                 "--reference", str(tmp_path / "f.zarr"), "--out", str(tmp_path / "again.nii.gz"), "-q"]) == 0
+    again = sitk.ReadImage(str(tmp_path / "again.nii.gz"))
+    np.testing.assert_allclose(again.GetSpacing(), warped.GetSpacing(), rtol=1e-9)
+    np.testing.assert_allclose(sitk.GetArrayFromImage(again), sitk.GetArrayFromImage(warped), atol=1e-5)
+    # and regtool qc reads the field in mm onto the µm fixed image: the identity check says it fits its images
+    qc_out = tmp_path / "qc"
+    assert main(["qc", "--transform", str(out / "displacement.nii.gz"), "--fixed", str(tmp_path / "f.zarr"),
+                 "--out", str(qc_out), "-q"]) == 0
+    mag = sitk.ReadImage(str(qc_out / "magnitude.nii.gz"))
+    want = np.linalg.norm((q * 1e3) @ a.T + t - q * 1e3) * 1e-3  # mm, at voxel (x=7, y=9)
+    assert sitk.GetArrayFromImage(mag)[9, 7] == pytest.approx(want, rel=1e-4)
+
+
+def test_rescaled_transforms_follow_the_change_of_unit():
+    import torch
+
+    from napari_regtool.transforms import AffineTransform, DisplacementFieldTransform, fit_tps
+    from napari_regtool.transforms.units import rescaled
+
+    a = AffineTransform([[1.1, 0.2], [0.0, 0.9]], [3.0, -1.0])
+    r = rescaled(a, 1e3)  # mm → µm
+    np.testing.assert_allclose(r.map_points([[2000.0, 1000.0]]), [[2200.0 + 200.0 + 3000.0, 900.0 - 1000.0]])
+    u = torch.zeros(4, 5, 2, dtype=torch.float64)
+    u[..., 0] = 0.25
+    f = DisplacementFieldTransform(u, Space((4, 5), (1.0, 1.0)))
+    rf = rescaled(f, 1e3)
+    assert rf.space.spacing.tolist() == [1000.0, 1000.0]
+    np.testing.assert_allclose(rf.map_points([[1500.0, 2000.0]]), [[1750.0, 2000.0]])
+    pts = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0], [5.0, 4.0]])
+    tps = fit_tps(pts, pts + [[0.5, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 1.0]])
+    rt = rescaled(tps, 1e-3)  # µm → mm
+    np.testing.assert_allclose(rt.map_points(pts * 1e-3), tps.map_points(pts) * 1e-3, atol=1e-12)

@@ -109,6 +109,10 @@ def image_from_layer(layer, is_label: bool | None = None) -> Image:
     space = layer_space(layer)
     label = isinstance(layer, Labels) if is_label is None else is_label
     image = Image(arr, space, name=layer.name, is_label=label)
+    from .panels.fullres import layer_unit
+
+    if layer_unit(layer):  # a one-level OME-Zarr image in micrometres, say
+        image.meta["unit"] = layer_unit(layer)
     original, shown, grid = (getattr(layer, "metadata", None) or {}).get(ORIGINAL_KEY) or (None, None, None)
     # a straightened copy of a tilted file, as it was opened: the same array (an image layer: labels can be painted
     # in place) on the same grid (the layer was not moved since)

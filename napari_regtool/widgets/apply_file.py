@@ -27,7 +27,9 @@ def apply_transform_file(layer: "napari.layers.Layer", reference: "napari.layers
     from qtpy.QtCore import QTimer
 
     from ..errors import RegtoolError, user_message
-    from ..io import read_transform
+    from ..io import itk_scale, read_transform
+    from ..transforms.units import rescaled
+    from .panels.fullres import layer_unit
     from ._layers import layer_space, prepare_layer, warp_prepared
 
     failure = []
@@ -45,6 +47,9 @@ def apply_transform_file(layer: "napari.layers.Layer", reference: "napari.layers
         if not str(transform_file) or not Path(transform_file).is_file():
             raise RegtoolError("Choose a transform file (.tfm, .h5, or a displacement field image).")
         t = read_transform(transform_file)
+        unit = layer_unit(reference)
+        if unit:  # ITK's files are in millimetres; the layers of an OME-Zarr image may be in micrometres
+            t = rescaled(t, 1.0 / itk_scale(unit, "the images"))
         space = layer_space(reference)
         if t.ndim != space.ndim:
             raise RegtoolError(f"The transform is {t.ndim}D but {reference.name!r} is {space.ndim}D.")

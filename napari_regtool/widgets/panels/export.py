@@ -114,7 +114,8 @@ class ExportPanel(QWidget):
             self.host.notify("warning", lost)
         # a moving image straightened for the viewer is warped from the file's own grid, as Export all does
         self.host.start_job(f"Saving {Path(path).name}…", save_map_job, what, path,
-                            m.moving.meta.get("original", m.moving), m.transform, m.fixed.space)
+                            m.moving.meta.get("original", m.moving), m.transform, m.fixed.space,
+                            m.fixed.meta.get("unit"))
         return True
 
     def export_all(self, folder=None) -> bool:

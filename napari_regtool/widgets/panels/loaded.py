@@ -159,10 +159,14 @@ class TransformLoader(QWidget):
             self._suggested = (path, check.suggestion, as_compare)
             self.reload_btn.setText(f"Reload {which} as suggested ({check.suggestion})")
             self.reload_btn.setVisible(True)
+        elif check.warning:
+            text = f"{which} ({name}): {check.warning[0].upper()}{check.warning[1:]}"
+            self.advice_label.setText(text)
+            self.host.notify("warning", text)
         else:
             self.advice_label.setText(
-                f"{which} ({name}): convention check passed — warped NCC {check.as_loaded:.2f} as loaded "
-                f"(no transform {check.identity:.2f}); no other reading fits better.")
+                f"{which} ({name}): convention check passed — warped NCC {check.as_loaded:.3f} as loaded "
+                f"(no transform {check.identity:.3f}); no other reading fits better.")
 
     def _on_error(self, exc):
         self.host.notify("error", user_message(exc))
