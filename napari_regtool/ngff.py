@@ -25,7 +25,7 @@ import numpy as np
 
 from .errors import InputError
 from .image import Image
-from .space import Space
+from .space import Space, mm_per_unit
 
 __all__ = ["NgffImage", "NgffLevel", "is_ngff", "open_ngff", "read_level", "choose_level", "write_ngff",
            "NGFF_VERSION", "level_names"]
@@ -209,6 +209,27 @@ def _level_space(shape_spatial, scale_spatial, trans_spatial, direction) -> Spac
                  np.asarray(trans_spatial, float)[::-1], direction)
 
 
+def _common_unit(name: str, axes: list) -> tuple:
+    """``(unit, factors, notes)`` for the spatial axes' metadata: their one unit; axes in different length units
+    (z in micrometres, y and x in nanometres) are converted to the last axis's unit by ``factors``; no unit at all is
+    taken as millimetres (ITK's unit), with a note."""
+    units = [(a or {}).get("unit") or None for a in axes]
+    ones = np.ones(len(axes))
+    if all(u is None for u in units):
+        return None, ones, [f"{name} names no unit for its axes; its coordinates are taken as millimetres (the unit "
+                            "of ITK files), so its spacing is read as millimetres."]
+    if len(set(units)) == 1:
+        return units[0], ones, []
+    target = units[-1] or next(u for u in units if u)
+    mm = [mm_per_unit(u or target) for u in units]
+    if any(m is None for m in mm) or mm_per_unit(target) is None:
+        raise InputError(f"{name}: its axes are in different units ({', '.join(str(u) for u in units)}) that cannot "
+                         "all be converted; write the image with one length unit for every axis.")
+    factors = np.array([m / mm_per_unit(target) for m in mm])
+    return target, factors, [f"{name}: its axes are in different units ({', '.join(str(u) for u in units)}); all "
+                             f"are read in {target}s."]
+
+
 def open_ngff(path, channel: int | None = None) -> NgffImage:
     """Open an OME-Zarr image lazily; raises :class:`InputError` with a plain sentence for what is wrong.
 
@@ -247,8 +268,9 @@ def open_ngff(path, channel: int | None = None) -> NgffImage:
     if len(others) > (time_axis is not None) + (channel_axis is not None):
         raise InputError(f"{p.name}: axes of unknown type ({', '.join(names)}); only t, c and spatial axes are "
                          "supported.")
-    units = {a.get("unit") for i, a in enumerate(axes) if i in spatial}
-    unit = units.pop() if len(units) == 1 else None
+    unit, to_unit, unit_notes = _common_unit(p.name, [axes[i] for i in spatial])
+    to_unit_all = np.ones(len(axes))
+    to_unit_all[spatial] = to_unit
     extra = (attrs or {}).get("regtool", {})
     nd = len(spatial)
     direction = np.asarray(extra.get("direction"), float) if extra.get("direction") is not None else np.eye(nd)
@@ -273,14 +295,14 @@ def open_ngff(path, channel: int | None = None) -> NgffImage:
         if len(arr.shape) != len(axes):
             raise InputError(f"{where} has {len(arr.shape)} dimensions but the metadata names {len(axes)} axes.")
         scale, trans = _transforms(ds.get("coordinateTransformations"), len(axes), where)
-        scale, trans = scale * gscale, trans * gscale + gtrans
+        scale, trans = scale * gscale * to_unit_all, (trans * gscale + gtrans) * to_unit_all
         space = _level_space([arr.shape[i] for i in spatial], scale[spatial], trans[spatial], direction)
         levels.append(NgffLevel(str(ds["path"]), space, arr))
     _check_levels(p.name, levels)
     label_meta = (attrs or {}).get("image-label") or ((attrs or {}).get("ome") or {}).get("image-label")
     img = NgffImage(p, p.name[:-5] if p.name.lower().endswith(".zarr") else p.name, levels, axes, unit,
                     channel_axis, time_axis, channel, label_meta is not None)
-    img.notices += more
+    img.notices += more + unit_notes
     shape0 = levels[0].array.shape
     if time_axis is not None and shape0[time_axis] > 1:
         img.notices.append(f"{p.name} has {shape0[time_axis]} time points; the first is used.")

@@ -392,3 +392,28 @@ def test_rescaled_transforms_follow_the_change_of_unit():
     tps = fit_tps(pts, pts + [[0.5, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 1.0]])
     rt = rescaled(tps, 1e-3)  # µm → mm
     np.testing.assert_allclose(rt.map_points(pts * 1e-3), tps.map_points(pts) * 1e-3, atol=1e-12)
+
+
+def test_ngff_axes_in_different_units_are_converted_and_a_missing_unit_is_said(tmp_path):
+    from napari_regtool import ngff
+
+    def store(path, units):
+        g = zarr.open_group(str(path), mode="w", zarr_format=2)
+        g.create_array("0", data=np.zeros((4, 6, 8), np.uint8), chunks=(4, 6, 8))
+        axes = [{"name": n, "type": "space", **({"unit": u} if u else {})} for n, u in zip("zyx", units)]
+        g.attrs.update({"multiscales": [{"version": "0.4", "axes": axes, "datasets": [{"path": "0",
+            "coordinateTransformations": [{"type": "scale", "scale": [2.0, 500.0, 250.0]},
+                                          {"type": "translation", "translation": [1.0, 1000.0, 0.0]}]}]}]})
+
+    store(tmp_path / "mixed.zarr", ["micrometer", "nanometer", "nanometer"])
+    img = ngff.open_ngff(tmp_path / "mixed.zarr")
+    s = img.levels[0].space
+    assert img.unit == "nanometer" and "different units" in img.notices[0]
+    np.testing.assert_allclose(s.spacing, [250.0, 500.0, 2000.0])  # x, y, z in nm: 2 µm = 2000 nm
+    np.testing.assert_allclose(s.origin, [0.0, 1000.0, 1000.0])
+    store(tmp_path / "bare.zarr", [None, None, None])
+    img = ngff.open_ngff(tmp_path / "bare.zarr")
+    assert img.unit is None and "taken as millimetres" in img.notices[0]
+    store(tmp_path / "odd.zarr", ["micrometer", "parsec", "parsec"])
+    with pytest.raises(InputError, match="different units"):
+        ngff.open_ngff(tmp_path / "odd.zarr")
