@@ -136,7 +136,8 @@ def _start_metric(f_img, m_img, tx, metric: str, bins: int) -> float:
 def auto_linear(fixed: Image, moving: Image, model: str = "rigid", initial: Transform | None = None,
                 metric: str = "mattes", progress=None, cancel=None, init: str = "geometry",
                 iterations: int = 200, sampling: float = 0.25, bins: int = 50, seed: int = 1,
-                shrink_factors=None, smoothing_sigmas=None, sample_smaller: bool = True) -> AffineTransform:
+                shrink_factors=None, smoothing_sigmas=None, sample_smaller: bool = True,
+                fixed_mask=None) -> AffineTransform:
     """Intensity-based linear registration of ``moving`` to ``fixed``.
 
     Parameters
@@ -158,6 +159,8 @@ def auto_linear(fixed: Image, moving: Image, model: str = "rigid", initial: Tran
         start: the files' placement, or ``initial``; by :data:`SAMPLE_ON_MOVING_MARGIN`), sample the metric on the
         moving image instead (register the fixed image to it and invert); ``info["sampled_on"]`` then says
         ``"moving"``
+    fixed_mask : optional boolean array on the fixed grid: the metric is sampled there only (and on the fixed image,
+        whatever ``sample_smaller`` says)
 
     Returns
     -------
@@ -182,6 +185,17 @@ def auto_linear(fixed: Image, moving: Image, model: str = "rigid", initial: Tran
     d = fixed.ndim
     if initial is not None and initial.ndim != d:
         raise InputError(f"The initial transform is {initial.ndim}D but the images are {d}D.")
+    mask_img = None
+    if fixed_mask is not None:
+        mk = np.asarray(fixed_mask, dtype=bool)
+        if mk.shape != tuple(fixed.space.shape):
+            raise InputError(f"The fixed mask is {mk.shape} but the fixed image is {tuple(fixed.space.shape)}; give a "
+                             "mask on the fixed image's grid.")
+        if not mk.any():
+            raise InputError("The fixed mask selects no voxel; give a mask with some foreground, or none.")
+        mask_img = sitk.GetImageFromArray(mk.astype(np.uint8))
+        fixed.space.apply_to_sitk(mask_img)
+        sample_smaller = False
     if sample_smaller:
         start_tx = _as_affine(initial, fixed) if initial is not None else None
         if _coverage(moving.space, fixed.space, None if start_tx is None else start_tx.inverse()) > \
@@ -233,6 +247,8 @@ def auto_linear(fixed: Image, moving: Image, model: str = "rigid", initial: Tran
         raise InputError("shrink_factors and smoothing_sigmas need the same number of levels.")
 
     reg = _method(metric, bins)
+    if mask_img is not None:
+        reg.SetMetricFixedMask(mask_img)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
     # a fraction of a small pyramid level is too few samples for a stable histogram (2D brain sample, 25 % of
     # the 1/4-size level: ~400 samples for 50 bins and an affine error 3× the landmark fit's), so every level

@@ -67,7 +67,7 @@ def _cmd_register(args) -> int:
     _check_blockwise_options(args)
     from .pipeline import OUTPUT_FILES
 
-    check_writable(args.out, inputs=_inputs(args, "fixed", "moving", "landmarks", "fixed_points", "weights"),
+    check_writable(args.out, inputs=_inputs(args, "fixed", "moving", "landmarks", "fixed_points", "weights", "mask"),
                    names=OUTPUT_FILES)
     level = getattr(args, "level", None)
     fixed = read_image(args.fixed, level=level)
@@ -86,6 +86,9 @@ def _cmd_register(args) -> int:
     kernel = None if args.kernel == "auto" else args.kernel
     iterations = _parse_iterations(args.iterations) if args.iterations else None
     _check_refine(args.refine)
+    mask = _read_mask(args.mask, fixed, warn) if getattr(args, "mask", None) else None
+    if mask is not None and getattr(args, "blockwise", False):
+        raise RegtoolError("--mask is not used by --blockwise registration yet; leave one of them out.")
     if getattr(args, "blockwise", False):
         result = _register_blockwise(args, fixed, moving, landmarks, iterations, warn)
     else:
@@ -93,7 +96,9 @@ def _cmd_register(args) -> int:
                           device=args.device, iterations=iterations, similarity=args.similarity,
                           reg_weight=args.reg_weight, refine=args.refine, uncertainty=args.uncertainty,
                           weights=args.weights, channel=args.channel, progress=_progress_printer(args.quiet),
-                          warn=warn, start=getattr(args, "global_model", None))
+                          warn=warn, start=getattr(args, "global_model", None), mask=mask)
+        if mask is not None:
+            result.extra["mask"] = {"file": str(args.mask), "voxels": int(mask.sum())}
     paths = write_outputs(result, out)
     rep = result.report()
     if not args.quiet:
@@ -303,6 +308,22 @@ def _transform_units(path) -> list:
 
 def _units_of(*images) -> list:
     return [(im.name, im.meta.get("unit")) for im in images]
+
+
+def _read_mask(path, fixed, warn):
+    """``--mask``: a mask or label map (non-zero voxels) put on the fixed grid by nearest neighbour, a bool array."""
+    from . import qc
+    from .io import read_image
+
+    m = read_image(path, is_label=True)
+    name = Path(path).name
+    if m.ndim != fixed.ndim:
+        raise RegtoolError(f"--mask {name} is {m.ndim}D but the fixed image is {fixed.ndim}D; give a mask of the "
+                           "fixed image (non-zero where it counts).")
+    if m.space != fixed.space:
+        warn(f"--mask {name} lies on another grid than the fixed image; it was put on the fixed grid by nearest "
+             "neighbour.")
+    return qc.mask_on(fixed.space, m)
 
 
 def _read_transform_any(path, space, args, unit=None):
@@ -550,16 +571,7 @@ def _cmd_qc(args) -> int:
     if lab_f is not None and lab_f.space != fs:
         raise RegtoolError("--labels-fixed must lie on the fixed image's grid (same size, spacing, origin and "
                            "direction).")
-    mask = None
-    if args.mask:
-        m = read_image(args.mask, is_label=True)
-        if m.ndim != fixed.ndim:
-            raise RegtoolError(f"--mask {Path(args.mask).name} is {m.ndim}D but the fixed image is {fixed.ndim}D; give "
-                               "a mask of the fixed image (non-zero where the figures are computed).")
-        if m.space != fs:
-            warn(f"--mask {Path(args.mask).name} lies on another grid than the fixed image; it was put on the fixed "
-                 "grid by nearest neighbour.")
-        mask = qc.mask_on(fs, m)
+    mask = _read_mask(args.mask, fixed, warn) if args.mask else None
     pairs = None
     if args.landmarks:
         from .landmarks import read_landmarks
@@ -728,6 +740,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="deformable model / refinement: local NCC (default; a contrast change that keeps the order "
                         "of intensities, or one that reverses it, found from the images and said), mean squared "
                         "difference (same contrast) or mutual information (other modalities)")
+    r.add_argument("--mask", help="fixed-image mask or label map (non-zero voxels, any grid: put on the fixed grid "
+                                  "by nearest neighbour): the automatic linear registration, the deformable model and "
+                                  "the deep refinement match the images there only, and the report's similarity is "
+                                  "measured there")
     r.add_argument("--uncertainty", action="store_true", help="deep model: also write uncertainty.nii.gz")
     r.add_argument("--weights", help="deep model: a weight file from `regtool train` instead of the shipped one")
     r.add_argument("--channel", default="mean", help="multi-channel images: channel index to register on, or mean")

@@ -54,6 +54,8 @@ class RegistrationResult:
     similarity_after: dict = dc_field(default_factory=dict)
     extra: dict = dc_field(default_factory=dict)
     warnings: list = dc_field(default_factory=list)
+    #: boolean array on the fixed grid: where the similarity is measured (``register --mask``); None: everywhere
+    mask: np.ndarray | None = None
 
     def report(self) -> dict:
         """JSON-serialisable summary (what ``report.json`` holds)."""
@@ -204,7 +206,7 @@ def evaluate(result: RegistrationResult, need_warped=True, uncertainty=None, cha
     result.jacobian = jacobian_determinant(result.displacement, fs)
     result.jacobian_stats = qc.jacobian_stats(result.jacobian)
     result.similarity_before, result.similarity_after = similarity_before_after(
-        result.fixed, source, t, dev, index_grid=grid, channel=channel)
+        result.fixed, source, t, dev, index_grid=grid, channel=channel, mask=result.mask)
     unc = getattr(t, "uncertainty", None) if uncertainty is None else uncertainty
     if unc is not None:
         result.uncertainty = np.asarray(unc.cpu().numpy() if torch.is_tensor(unc) else unc, dtype=np.float32)
@@ -247,13 +249,14 @@ START_MODES = ("auto", "landmarks", "auto-rigid", "auto-affine", "none")
 
 
 def linear_start(mode: str | None, fixed: Image, moving: Image, lf=None, lm=None, progress: Callable | None = None,
-                 cancel: Callable | None = None, auto_pair: Callable | None = None) -> tuple:
+                 cancel: Callable | None = None, auto_pair: Callable | None = None, fixed_mask=None) -> tuple:
     """The linear transform a deformable or deep registration starts from, and how it was found.
 
     ``mode``: ``None`` (the landmark affine when the pairs ``lf``, ``lm`` are enough for one, else the identity),
     ``"auto"`` (the landmark affine, else an automatic affine registration), ``"landmarks"``, ``"auto-rigid"``,
     ``"auto-affine"`` (started from the landmark affine when there is one) or ``"none"``. ``auto_pair()``, when
     given, returns the ``(fixed, moving, where)`` the automatic registration runs on (e.g. coarse levels).
+    ``fixed_mask``: a boolean array on ``fixed``'s grid where the automatic registration samples its metric.
     Returns ``(transform or None for the identity, description)``.
     """
     from .transforms import initial_from_landmarks, min_pairs
@@ -278,7 +281,10 @@ def linear_start(mode: str | None, fixed: Image, moving: Image, lf=None, lm=None
     from .autoreg import auto_linear
 
     cf, cm, where = auto_pair() if auto_pair is not None else (fixed, moving, "")
-    t = auto_linear(cf, cm, model=mode.split("-")[1], initial=lm_init, progress=progress, cancel=cancel)
+    if cf.space != fixed.space:
+        fixed_mask = None  # a coarser level: the mask belongs to the full grid
+    t = auto_linear(cf, cm, model=mode.split("-")[1], initial=lm_init, progress=progress, cancel=cancel,
+                    fixed_mask=fixed_mask)
     return t, mode + (f" on {where}" if where else "") + (" from the landmark affine" if lm_init is not None else "")
 
 
@@ -287,7 +293,7 @@ def register(fixed: Image, moving: Image, model: str, landmarks: LandmarkPairs |
              kernel: str | None = None, weights=None,
              uncertainty: bool = False, channel="mean", progress: Callable | None = None,
              cancel: Callable | None = None, warn: Callable | None = None, iterations=None,
-             similarity: str = "lncc", start: str | None = None) -> RegistrationResult:
+             similarity: str = "lncc", start: str | None = None, mask=None) -> RegistrationResult:
     """Run one registration end to end and evaluate it (see :class:`RegistrationResult`).
 
     ``model``: rigid, similarity, affine, tps (need ``landmarks``), deep, deformable, auto-rigid, auto-affine
@@ -295,6 +301,9 @@ def register(fixed: Image, moving: Image, model: str, landmarks: LandmarkPairs |
     first) and ``similarity`` (lncc, mse, mi) set the deformable optimiser of ``deformable`` and of the deep
     model's refinement; ``reg_weight`` λ sets their smoothness (and the network's). ``weights``: a deep-model weight file to use instead
     of the shipped one. ``start``: the linear start of the deformable and deep models (:func:`linear_start`).
+    ``mask``: a boolean array on the fixed grid (as elastix's and Greedy's fixed masks): the automatic linear
+    registration, the deformable optimiser and the refinement match the images there only, and the report's
+    similarity is measured there; landmark models and the network's single pass do not use it.
     Raises :class:`InputError`/:class:`FitError` with a
     plain message for unusable input, :class:`Cancelled` if ``cancel()`` turns true.
     """
@@ -337,6 +346,17 @@ def register(fixed: Image, moving: Image, model: str, landmarks: LandmarkPairs |
                 raise InputError(f"Channel {channel}: {img.name} has a single channel; leave the channel option out "
                                  "(or use 0).")
     check_pair(fixed, moving)
+    if mask is not None:
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != tuple(fixed.space.shape):
+            raise InputError(f"The mask is {mask.shape} but the fixed image is {tuple(fixed.space.shape)}; give a mask "
+                             "on the fixed image's grid.")
+        if not mask.any():
+            raise InputError("The mask selects no voxel of the fixed image; give a mask with some foreground (non-zero "
+                             "voxels), or none.")
+        if model in LANDMARK_MODELS or (model == "deep" and not refine):
+            how = "is fitted to the landmarks" if model in LANDMARK_MODELS else "without --refine is one network pass"
+            _warn(f"The {model} model {how}: the mask limits only where the report's similarity is measured.")
     dev = resolve_device(device, warn=_warn)
     if landmarks is not None:
         if landmarks.ndim != fixed.ndim:
@@ -364,7 +384,8 @@ def register(fixed: Image, moving: Image, model: str, landmarks: LandmarkPairs |
 
         kind = model.split("-")[1]
         init = None if landmarks is None else initial_from_landmarks(kind, lf, lm, fixed.ndim)
-        transform = auto_linear(fixed_s, moving_s, model=kind, initial=init, progress=progress, cancel=cancel)
+        transform = auto_linear(fixed_s, moving_s, model=kind, initial=init, progress=progress, cancel=cancel,
+                                fixed_mask=mask)
     else:  # deformable or deep: a linear start, then the deformable stage
         from .deep.infer import DEFAULT_REG_WEIGHT
 
@@ -373,7 +394,8 @@ def register(fixed: Image, moving: Image, model: str, landmarks: LandmarkPairs |
         def part(lo, hi):
             return None if progress is None else (lambda f, m: progress(lo + (hi - lo) * float(f), m))
 
-        init, start_name = linear_start(start, fixed_s, moving_s, lf, lm, part(0.0, share), cancel)
+        init, start_name = linear_start(start, fixed_s, moving_s, lf, lm, part(0.0, share), cancel,
+                                        fixed_mask=mask)
         lam = DEFAULT_REG_WEIGHT if reg_weight is None else float(reg_weight)
         pairs = (lf, lm) if landmarks is not None and len(lf) else None
         if model == "deformable":
@@ -383,7 +405,7 @@ def register(fixed: Image, moving: Image, model: str, landmarks: LandmarkPairs |
             its = DEFAULT_ITERATIONS if iterations is None else iterations
             transform = register_deformable(fixed_s, moving_s, initial=init, similarity=similarity, iterations=its,
                                             sigma_update=sig_u, sigma_field=sig_f, landmarks=pairs,
-                                            device=dev, progress=part(share, 1.0), cancel=cancel)
+                                            device=dev, progress=part(share, 1.0), cancel=cancel, fixed_mask=mask)
             extra = {"reg_weight": lam, "optimiser": dict(transform.refine_info)}
             optimiser = extra["optimiser"]
         else:
@@ -391,7 +413,8 @@ def register(fixed: Image, moving: Image, model: str, landmarks: LandmarkPairs |
 
             transform, extra = register_deep(fixed_s, moving_s, reg_weight=lam, refine_steps=refine,
                                              uncertainty=uncertainty,
-                                             refine_options={"iterations": iterations, "similarity": similarity},
+                                             refine_options={"iterations": iterations, "similarity": similarity,
+                                                             "fixed_mask": mask},
                                              device=dev, initial=init, progress=part(share, 1.0), cancel=cancel,
                                              landmarks=pairs,
                                              model=load_model(fixed.ndim, dev, weights) if weights else None)
@@ -409,13 +432,13 @@ def register(fixed: Image, moving: Image, model: str, landmarks: LandmarkPairs |
     if cancel is not None and cancel():
         raise Cancelled()
     return finish_result(fixed, moving, transform, model, dev, runtime, landmarks, smoothing, kernel, extra,
-                         channel, warnings_list, warn)
+                         channel, warnings_list, warn, mask=mask)
 
 
 def finish_result(fixed: Image, moving: Image, transform: Transform, model: str, device, runtime_s: float,
                   landmarks: LandmarkPairs | None = None, smoothing: float = 0.0, kernel: str | None = None,
                   extra: dict | None = None, channel="mean", warnings: list | None = None,
-                  warn: Callable | None = None) -> RegistrationResult:
+                  warn: Callable | None = None, mask=None) -> RegistrationResult:
     """The evaluated :class:`RegistrationResult` of a transform however it was obtained (the CLI's run or the
     widget's current state): landmark residuals (and leave-one-out errors for landmark models), warped image,
     field, Jacobian, similarity, and the folding warning — so both write the same report."""
@@ -429,7 +452,7 @@ def finish_result(fixed: Image, moving: Image, transform: Transform, model: str,
 
     dev = torch.device(device)
     result = RegistrationResult(fixed, moving, transform, model, str(dev), runtime_s, landmarks, smoothing,
-                                extra=dict(extra or {}), warnings=warnings)
+                                extra=dict(extra or {}), warnings=warnings, mask=mask)
     lf, lm = landmarks.fit_points() if landmarks is not None else (np.zeros((0, fixed.ndim)),) * 2
     if len(lf):
         result.residuals = residuals(transform, lf, lm)

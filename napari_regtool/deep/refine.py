@@ -50,13 +50,14 @@ def split_iterations(steps: int, levels: int = len(REFINE_SHARES)) -> tuple:
 
 def refine_registration(reg, reg_weight: float, steps: int = DEFAULT_STEPS, landmarks=None, similarity: str = "lncc",
                         progress=None, cancel=None, landmark_weight: float = 0.5, max_voxels: int | None = None,
-                        iterations=None, uncertainty: bool = True) -> DisplacementFieldTransform:
+                        iterations=None, uncertainty: bool = True, fixed_mask=None) -> DisplacementFieldTransform:
     """Refine a :class:`~napari_regtool.deep.infer.DeepRegistration` at λ = ``reg_weight``.
 
     ``landmarks``: ``(fixed_points, moving_points)``, (N, D) physical arrays, or a
     :class:`~napari_regtool.landmarks.LandmarkPairs` (its active complete pairs), soft constraints
     ``T(fixed_i) ≈ moving_i``. ``iterations`` (per level, coarsest first) overrides the split of ``steps``.
     ``uncertainty``: attach the network's uncertainty map of the start (``.uncertainty``; needs a variance head).
+    ``fixed_mask``: a boolean array on the fixed grid where the similarity is measured.
     Returns a :class:`DisplacementFieldTransform` on the fixed grid (``kind="deep+refined"``) with a
     ``refine_info`` dict (similarity before and after on the finest grid, per-level figures, runtime).
     """
@@ -79,7 +80,8 @@ def refine_registration(reg, reg_weight: float, steps: int = DEFAULT_STEPS, land
                              similarity=similarity, iterations=its,
                              sigma_update=sig_u, sigma_field=sig_f, landmarks=landmarks,
                              landmark_weight=landmark_weight, max_voxels=max_voxels, device=reg.device,
-                             progress=progress, cancel=cancel, kind="deep+refined", keep_total=iterations is None)
+                             fixed_mask=fixed_mask, progress=progress, cancel=cancel, kind="deep+refined",
+                             keep_total=iterations is None)
     if uncertainty and reg.model.has_variance:  # the start's uncertainty, the one `--refine N --uncertainty` writes
         tx.uncertainty = reg.uncertainty(reg_weight, pyramid=True)
     tx.refine_info["steps"] = int(sum(tx.refine_info["iterations"]))  # as run (levels too small are dropped)
