@@ -50,7 +50,7 @@ from typing import Callable
 
 from .errors import RegtoolError, user_message
 
-__all__ = ["PairJob", "read_pairs", "run_batch", "run_pair", "pair_is_current", "write_summary", "SUMMARY_FIELDS",
+__all__ = ["PairJob", "BatchInterrupted", "read_pairs", "run_batch", "run_pair", "pair_is_current", "write_summary", "SUMMARY_FIELDS",
            "STAMP", "add_batch_arguments", "batch_command"]
 
 #: the file in each pair folder that says what the result was made from
@@ -63,7 +63,7 @@ STAMP = "batch.json"
 SUMMARY_FIELDS = ("name", "fixed", "moving", "model", "status", "runtime_s", "folding_percent", "ncc_before",
                   "ncc_after", "mi_before", "mi_after", "threads", "worker", "error")
 #: register options that name files (resolved against the pairs file's folder; their content is fingerprinted)
-PATH_OPTIONS = ("fixed", "moving", "landmarks", "fixed_points", "weights")
+PATH_OPTIONS = ("fixed", "moving", "landmarks", "fixed_points", "weights", "mask")
 #: register options that are not per-pair settings
 NOT_COLUMNS = ("help", "out", "quiet")
 #: environment variables that size the thread pools of torch (OpenMP/MKL), BLAS and ITK in a new worker process
@@ -529,6 +529,19 @@ def _collect(fut, job: PairJob, out: Path) -> dict:
 POLL_S = 2.0
 
 
+class BatchInterrupted(Exception):
+    """Ctrl-C or a termination signal during :func:`run_batch`: ``rows`` (the jobs' order) hold what finished and
+    ``interrupted`` rows for the rest; ``cause`` is the interruption to pass on."""
+
+    def __init__(self, rows: list, cause: BaseException):
+        super().__init__("interrupted")
+        self.rows, self.cause = rows, cause
+
+
+#: what an unfinished pair's summary row says after an interruption
+INTERRUPTED = "the batch was interrupted before this pair finished; run the same command again to run it"
+
+
 def run_batch(jobs: list, out_dir, scheduler: str = "local", workers: int | None = None,
               threads: int | None = None, progress: Callable | None = None, say: Callable | None = None) -> list:
     """Run ``jobs`` (from :func:`read_pairs`) into ``out_dir`` and return the summary rows in the jobs' order.
@@ -537,11 +550,9 @@ def run_batch(jobs: list, out_dir, scheduler: str = "local", workers: int | None
     local cluster (``scheduler="local"``: ``workers`` processes × one pair at a time × ``threads`` torch/ITK
     threads, see :func:`plan_local`) or on the scheduler at an address. ``progress(done, total, row)`` is called
     as each pair ends; ``say(text)`` receives one line about where the pairs run. Raises :class:`RegtoolError`
-    (nothing started, ``out_dir`` not created) when the scheduler does not answer."""
-    import asyncio
-
-    from distributed import wait
-
+    (nothing started, ``out_dir`` not created) when the scheduler does not answer, and :class:`BatchInterrupted`
+    (with the rows so far) on Ctrl-C or a termination signal; pairs finish or leave nothing (see
+    :func:`run_pair`), so a second run resumes."""
     out = Path(os.path.abspath(out_dir))
     if out.exists() and not out.is_dir():
         raise RegtoolError(f"--out {out} exists and is not a folder.")
@@ -578,30 +589,46 @@ def run_batch(jobs: list, out_dir, scheduler: str = "local", workers: int | None
                     "the pairs")
         conn = _Connection(scheduler, n, m)
         try:
-            out.mkdir(parents=True, exist_ok=True)
-            if say:
-                say(f"{len(pending)} pair(s) to run on {conn.where}"
-                    + (f"; {total - len(pending)} already done" if total > len(pending) else ""))
-            report_skipped()
-            queue, running = list(pending), {}
-            while queue or running:
-                # no more pairs in flight than worker threads (re-read as workers come and go): the scheduler
-                # then never parks a pair on a busy worker, where that worker's death would count against it too
-                while queue and len(running) < conn.capacity():
-                    job = queue.pop(0)
-                    running[conn.submit(run_pair, job, str(out), m)] = job
-                try:
-                    done, _ = wait(list(running), timeout=POLL_S, return_when="FIRST_COMPLETED")
-                except (TimeoutError, asyncio.TimeoutError):
-                    continue
-                for fut in [f for f in running if f in done]:
-                    job = running.pop(fut)
-                    rows[job.name] = row = _collect(fut, job, out)
-                    if progress:
-                        progress(len(rows), total, row)
+            _run_pending(conn, pending, rows, total, out, m, progress, say, report_skipped)
+        except BaseException as exc:
+            if isinstance(exc, Exception):
+                raise
+            # Ctrl-C (KeyboardInterrupt) or SIGTERM/SIGHUP: what finished is kept, the rest is listed
+            for job in pending:
+                rows.setdefault(job.name, _row(job, status="interrupted", error=INTERRUPTED))
+            raise BatchInterrupted([rows[j.name] for j in jobs], exc) from None
         finally:
             conn.close()
     return [rows[j.name] for j in jobs]
+
+
+def _run_pending(conn, pending, rows, total, out, m, progress, say, report_skipped):
+    """Run the ``pending`` jobs on ``conn``, at most one per worker thread at a time, filling ``rows``."""
+    import asyncio
+
+    from distributed import wait
+
+    out.mkdir(parents=True, exist_ok=True)
+    if say:
+        say(f"{len(pending)} pair(s) to run on {conn.where}"
+            + (f"; {total - len(pending)} already done" if total > len(pending) else ""))
+    report_skipped()
+    queue, running = list(pending), {}
+    while queue or running:
+        # no more pairs in flight than worker threads (re-read as workers come and go): the scheduler
+        # then never parks a pair on a busy worker, where that worker's death would count against it too
+        while queue and len(running) < conn.capacity():
+            job = queue.pop(0)
+            running[conn.submit(run_pair, job, str(out), m)] = job
+        try:
+            done, _ = wait(list(running), timeout=POLL_S, return_when="FIRST_COMPLETED")
+        except (TimeoutError, asyncio.TimeoutError):
+            continue
+        for fut in [f for f in running if f in done]:
+            job = running.pop(fut)
+            rows[job.name] = row = _collect(fut, job, out)
+            if progress:
+                progress(len(rows), total, row)
 
 
 def _finite(x):
@@ -624,6 +651,8 @@ def write_summary(rows: list, out_dir, info: dict | None = None) -> tuple:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "skipped", "failed")}
+    if any(r["status"] == "interrupted" for r in rows):
+        counts["interrupted"] = sum(r["status"] == "interrupted" for r in rows)
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
@@ -699,8 +728,20 @@ def batch_command(args) -> int:
         say(f"note: {', '.join('--' + o.replace('_', '-') for o in overridden)} on the command line replace(s) the "
             "column(s) of the same name for every pair")
     t0 = time.perf_counter()
-    rows = run_batch(jobs, args.out, scheduler=args.scheduler, workers=args.workers, threads=args.threads_per_worker,
-                     progress=_bar_printer(args.quiet), say=say)
+    try:
+        rows = run_batch(jobs, args.out, scheduler=args.scheduler, workers=args.workers,
+                         threads=args.threads_per_worker, progress=_bar_printer(args.quiet), say=say)
+    except BatchInterrupted as stop:
+        info = {"pairs_file": str(Path(args.pairs).resolve()), "scheduler": args.scheduler,
+                "wall_s": round(time.perf_counter() - t0, 3), "interrupted": True}
+        csv_path, _ = write_summary(stop.rows, args.out, info)
+        done = sum(r["status"] in ("ok", "skipped") for r in stop.rows)
+        failed = sum(r["status"] == "failed" for r in stop.rows)
+        left = sum(r["status"] == "interrupted" for r in stop.rows)
+        print(f"\nregtool: batch interrupted: {done} pair(s) done, {failed} failed, {left} not finished (no partial "
+              f"files); summary in {csv_path}. Run the same command again to run the rest: finished pairs are "
+              "skipped.", file=sys.stderr)
+        raise stop.cause from None
     info = {"pairs_file": str(Path(args.pairs).resolve()), "scheduler": args.scheduler,
             "wall_s": round(time.perf_counter() - t0, 3)}
     csv_path, _ = write_summary(rows, args.out, info)

@@ -276,3 +276,42 @@ def test_command_line_option_applies_to_every_row(tmp_path):
     assert batch.plan_local(10, None, None, cores=8) == (8, 1)
     assert batch.plan_local(10, None, 3, cores=8) == (2, 3)
     assert batch.plan_local(3, 4, None, cores=8) == (3, 2)
+
+
+def test_ctrl_c_writes_the_summary_and_a_second_run_resumes(data, cluster, tmp_path, monkeypatch, capsys):
+    """Ctrl-C (KeyboardInterrupt in the main process) after the first pair ends: exit 130, a summary that lists the
+    finished pair and the others as interrupted, no partial folder; the same command again runs only the rest."""
+    from napari_regtool import batch
+
+    d = data["dir"]
+    b = ["brain_fixed.nii.gz", "brain_moving.nii.gz", "brain_landmarks.csv"]
+    pairs = write_pairs(d / "three.csv", ["name", "fixed", "moving", "landmarks", "model"],
+                        [["one", *b, "rigid"], ["two", *b, "affine"], ["three", *b, "similarity"]])
+    out = tmp_path / "out"
+    cmd = ("batch", pairs, "--out", out, "--scheduler", cluster.scheduler_address, "--workers", 1)
+
+    def press_ctrl_c(quiet):
+        def progress(done, total, row):
+            raise KeyboardInterrupt
+        return progress
+
+    monkeypatch.setattr(batch, "_bar_printer", press_ctrl_c)
+    assert run(*cmd) == 130
+    err = capsys.readouterr().err
+    assert "batch interrupted" in err and "Run the same command again" in err
+    rows, doc = read_summary(out)
+    statuses = {r["name"]: r["status"] for r in rows}
+    finished = [n for n, st in statuses.items() if st == "ok"]
+    assert len(finished) >= 1 and doc["interrupted"] is True
+    assert all(st in ("ok", "interrupted") for st in statuses.values()) and "interrupted" in statuses.values()
+    for n, st in statuses.items():  # a pair has all its files or no folder
+        if st == "ok":
+            assert REGISTER_FILES <= {p.name for p in (out / n).iterdir()}
+    monkeypatch.undo()
+    assert run(*cmd, "-q") == 0
+    rows, doc = read_summary(out)
+    again = {r["name"]: r["status"] for r in rows}
+    assert all(again[n] == "skipped" for n in finished)
+    # a pair in flight on a scheduler's worker may still have finished after the client left: then it is skipped
+    assert all(again[n] in ("ok", "skipped") for n in statuses) and "ok" in again.values()
+    assert all(REGISTER_FILES <= {p.name for p in (out / n).iterdir()} for n in statuses)
