@@ -34,7 +34,12 @@ def deep_predict_job(cache, key, fixed, moving, device, initial, lam, uncertaint
 
     reg = _deep_registration(cache, key, fixed, moving, device, initial)
     t = reg.predict(lam, uncertainty=uncertainty)
-    return ("predict", t, run_info(reg, t, lam, 0, time.perf_counter() - t0))
+    info = run_info(reg, t, lam, 0, time.perf_counter() - t0)
+    if initial is None:  # from the files' placement: say when the images lie too far apart for that
+        from .pipeline import far_apart
+
+        info["far_apart"] = far_apart(fixed, moving, remedy="Auto-align, or three landmark pairs")
+    return ("predict", t, info)
 
 
 def deep_refine_job(cache, key, fixed, moving, device, initial, lam, steps, landmarks, progress, uncertainty=False,

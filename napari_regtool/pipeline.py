@@ -246,6 +246,37 @@ def similarity_before_after(fixed: Image, moving: Image, transform: Transform, d
 
 #: linear starts of the deformable and deep models (``register(start=…)``, ``regtool register --global``)
 START_MODES = ("auto", "landmarks", "auto-rigid", "auto-affine", "none")
+#: the deformable optimiser and the deep refinement, started from the files' placement, recover a shift of about
+#: 10 voxels of the fixed image and fail from 20 (the 2D sample shifted: 0.05 mm median error at 10 mm, 4–14 mm at
+#: 20 mm); beyond this many voxels between the images' centres of mass a run from the identity says so
+CAPTURE_VOXELS = 12.0
+
+
+def _centre_of_mass(image: Image) -> np.ndarray:
+    """Physical centre of mass of ``image``'s intensities above its minimum (a coarse copy: at most 64³ voxels)."""
+    a = np.asarray(image.scalar(), dtype=np.float64)
+    step = max(1, int(np.ceil(max(a.shape) / 64)))
+    a = a[(slice(None, None, step),) * a.ndim]
+    a = a - a.min()
+    total = a.sum()
+    if not np.isfinite(total) or total <= 0:
+        return np.full(image.ndim, np.nan)
+    idx = [float((np.arange(n) * step * a.sum(axis=tuple(j for j in range(a.ndim) if j != k))).sum() / total)
+           for k, n in enumerate(a.shape)]
+    return image.space.array_index_to_physical(np.array(idx)[None])[0]
+
+
+def far_apart(fixed: Image, moving: Image, remedy: str = "--global auto-affine, or landmarks") -> str | None:
+    """A sentence when the images' centres of mass lie more than :data:`CAPTURE_VOXELS` fixed voxels apart — more
+    than a deformable registration from the files' placement recovers — else ``None``."""
+    dist = float(np.linalg.norm(_centre_of_mass(fixed) - _centre_of_mass(moving)))
+    h = float(np.mean(fixed.space.spacing))
+    if not np.isfinite(dist) or dist <= CAPTURE_VOXELS * h:
+        return None
+    unit = {None: "mm", "millimeter": "mm", "micrometer": "µm"}.get(fixed.meta.get("unit"), fixed.meta.get("unit"))
+    return (f"The images' centres of mass are {dist:.3g} {unit} apart ({dist / h:.0f} voxels), and the "
+            f"deformable stage starts from the files' placement: it recovers shifts of about 10 voxels. If the images "
+            f"are not roughly aligned, start from a linear alignment ({remedy}).")
 
 
 def linear_start(mode: str | None, fixed: Image, moving: Image, lf=None, lm=None, progress: Callable | None = None,
@@ -422,6 +453,10 @@ def register(fixed: Image, moving: Image, model: str, landmarks: LandmarkPairs |
             extra["reg_weight"] = lam
             optimiser = extra.get("refine", {})
         extra["start"] = start_name
+        if init is None:
+            note = far_apart(fixed_s, moving_s)
+            if note:
+                _warn(note)
         if optimiser.get("contrast") == "inverted":
             _warn(inverted_contrast_note(optimiser.get("contrast_lncc")))
         if optimiser.get("diverged"):

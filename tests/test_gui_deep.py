@@ -397,3 +397,28 @@ def test_export_during_the_refinement_writes_the_refined_result(make_napari_view
     field = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "cancelled" / "displacement.nii.gz")))
     assert w.session.transform.kind == "deep"
     np.testing.assert_allclose(field, w.session.transform.u.numpy(), atol=1e-5)
+
+
+def test_deep_model_on_images_far_apart_says_how_to_align_them(make_napari_viewer, qtbot, tiny_model):
+    """Two layers 30 mm apart along x and y and no landmarks: choosing the deep model says, once, that the images lie
+    farther apart than a deformable registration from their placement recovers, and points to Auto-align."""
+    f = read_image(F2)
+    viewer = make_napari_viewer()
+    affine = np.asarray(f.space.napari_kwargs()["affine"], float)
+    fixed = viewer.add_image(f.array, name="fixed", affine=affine)
+    far = affine.copy()
+    far[:2, 2] += 30.0  # 30 mm along y and x in world coordinates
+    moving = viewer.add_image(f.array, name="moving", affine=far)
+    w = open_with_widget(viewer, qtbot)
+    w.fixed_combo.setCurrentIndex(w.fixed_combo.findData(fixed))
+    w.moving_combo.setCurrentIndex(w.moving_combo.findData(moving))
+    wait_idle(qtbot, w)
+    click_checkbox(qtbot, w.auto_refine)
+    before = len(notifications())
+    w.model_combo.setCurrentIndex(w.model_combo.findData("deep"))
+    wait_idle(qtbot, w)
+    w.lambda_slider.setValue(w.lambda_slider.minimum() + 20)
+    wait_idle(qtbot, w)
+    seen = notifications()[before:]
+    said = [m for m in seen if "centres of mass" in m]
+    assert len(said) == 1 and "Auto-align" in said[0] and "42" in said[0], seen

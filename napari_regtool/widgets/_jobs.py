@@ -25,6 +25,7 @@ class Jobs(QWidget):
         super().__init__(parent)
         self.model = model
         self.host = host
+        self._far_said = None  # the pair of images whose distance was said (deep model from the files' placement)
         row = QHBoxLayout(self)
         row.setContentsMargins(0, 0, 0, 0)
         self.progress = QProgressBar()
@@ -197,6 +198,10 @@ class Jobs(QWidget):
 
     def _deep_result(self, gen, value):
         kind, t, info = value
+        far = info.pop("far_apart", None)
+        if far and self._far_said != (id(self.model.fixed), id(self.model.moving)):
+            self._far_said = (id(self.model.fixed), id(self.model.moving))  # once per pair of images
+            self.host.notify("warning", far)
         self.model.set_computed("deep", t, **dict(info, start=self._deep_start))
         inverted = (getattr(t, "refine_info", None) or {}).get("contrast") == "inverted"
         self.host.deep.set_status(f"{'Refined' if kind == 'refine' else 'Predicted'} with λ = "
