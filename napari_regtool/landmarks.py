@@ -84,6 +84,10 @@ class LandmarkPairs:
     def copy(self) -> "LandmarkPairs":
         return LandmarkPairs(self.fixed.copy(), self.moving.copy(), list(self.names), self.active.copy())
 
+    def swapped(self) -> "LandmarkPairs":
+        """The same pairs with the fixed and moving points exchanged (for the images swapped)."""
+        return LandmarkPairs(self.moving.copy(), self.fixed.copy(), list(self.names), self.active.copy())
+
     def __eq__(self, other):
         if not isinstance(other, LandmarkPairs):
             return NotImplemented

@@ -268,3 +268,50 @@ def test_opening_a_file_that_is_open_uses_its_layer(make_napari_viewer, qtbot, t
     open_file(qtbot, w, "fixed", f, monkeypatch)
     assert w._fixed_layer is not fixed_layer and len(viewer.layers) > len(names)
     np.testing.assert_allclose(np.asarray(w._fixed_layer.data), 2 * sitk.GetArrayFromImage(img), rtol=1e-5)
+
+
+def test_rename_swap_and_a_switch_from_2d_to_3d(make_napari_viewer, qtbot):
+    """A layer renamed in the layer list shows its new name in the combos; Swap exchanges the images and each pair's
+    points (the TPS then maps the new fixed points onto the new moving ones exactly); a 3D image chosen for one side
+    of a 2D registration waits for a 3D partner instead of being refused."""
+    from .test_gui import F3
+
+    viewer = make_napari_viewer()
+    w = open_with_widget(viewer, qtbot, "brain2d")
+    fl, ml = w._att.fixed_layer, w._att.moving_layer
+    ml.name = "renamed moving"
+    qtbot.waitUntil(lambda: w.moving_combo.currentText() == "renamed moving", timeout=3000)
+    assert w.moving_combo.currentData() is ml
+    # Swap
+    lm = read_bigwarp_csv(L2)
+    w.model_combo.setCurrentIndex(w.model_combo.findData("tps"))
+    wait_idle(qtbot, w)
+    qtbot.mouseClick(w.swap_btn, Qt.MouseButton.LeftButton)
+    wait_idle(qtbot, w)
+    assert w._att.fixed_layer is ml and w._att.moving_layer is fl
+    assert w.fixed_combo.currentData() is ml and w.moving_combo.currentData() is fl
+    np.testing.assert_allclose(w.session.pairs.fixed, lm.moving)
+    np.testing.assert_allclose(w.session.pairs.moving, lm.fixed)
+    assert w.session.pairs.names == lm.names
+    np.testing.assert_allclose(w.session.transform.map_points(lm.moving), lm.fixed, atol=1e-6)
+    assert ml.colormap.name == "green" and fl.colormap.name == "gray"
+    assert "Swapped" in w.status_label.text()
+    qtbot.mouseClick(w.swap_btn, Qt.MouseButton.LeftButton)
+    wait_idle(qtbot, w)
+    assert w._att.fixed_layer is fl and np.allclose(w.session.pairs.fixed, lm.fixed)
+    # from 2D to 3D, one side at a time
+    f3, m3 = read_image(F3), read_image(M3)
+    l3f = viewer.add_image(f3.array, name="fixed 3D", **f3.space.napari_kwargs())
+    l3m = viewer.add_image(m3.array, name="moving 3D", **m3.space.axis_aligned().napari_kwargs())
+    qtbot.wait(5)
+    n = len(notifications())
+    w.fixed_combo.setCurrentIndex(w.fixed_combo.findData(l3f))
+    wait_idle(qtbot, w)
+    assert w.session.ndim == 2 and not any("3D" in m for m in notifications()[n:])
+    assert "now choose or open a 3D moving image" in w.status_label.text()
+    viewer.add_points(np.zeros((1, 2)), name="unrelated")  # a layer event in between keeps the pending choice
+    qtbot.wait(5)
+    assert w.fixed_combo.currentData() is l3f
+    w.moving_combo.setCurrentIndex(w.moving_combo.findData(l3m))
+    wait_idle(qtbot, w)
+    assert w.session.ndim == 3 and w._att.fixed_layer is l3f and w._att.moving_layer is l3m

@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 
-from ..model import MODEL_LABELS
+from ..model import LOADED, MODEL_LABELS
 from ..preview import Previewer, preview_job
 from ..space import to_array_order
 from ..transforms import LANDMARK_MODELS
@@ -172,9 +172,14 @@ class LiveView:
         t = self.model.transform
         nonlinear = t is not None and not t.is_linear
         if fold > 0 and nonlinear and not self._was_folding:
+            if self.model.model == LOADED:  # a file's transform: nothing here changes it
+                how = ("It was computed by another tool: rerun it with more regularisation, or compare it with "
+                       "another result (transform B).")
+            else:
+                how = (f"Move or deactivate the pairs near there, or "
+                       f"{_FOLDING_REMEDY.get(self.model.model, _FOLDING_OTHER)}.")
             self.host.notify("warning", f"The transform folds: {fold:.3g}% of the fixed image has a Jacobian "
-                                        "determinant ≤ 0 (red in the Jacobian layer). Move or deactivate the pairs "
-                                        f"near there, or {_FOLDING_REMEDY.get(self.model.model, _FOLDING_OTHER)}.")
+                                        f"determinant ≤ 0 (red in the Jacobian layer). {how}")
             if not self.host.qc.is_on("jacobian"):
                 self.host.qc.set_overlay("jacobian", True)
         self._was_folding = fold > 0 and nonlinear

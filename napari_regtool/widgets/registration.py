@@ -44,7 +44,7 @@ __all__ = ["RegistrationWidget"]
 
 #: the panels' controls, also reachable as attributes of the widget (scripts and tests drive them)
 _CONTROLS = {
-    "images": ("fixed_combo", "moving_combo", "open_fixed_btn", "open_moving_btn", "view_combo"),
+    "images": ("fixed_combo", "moving_combo", "open_fixed_btn", "open_moving_btn", "view_combo", "swap_btn"),
     "model_panel": ("model_combo", "smoothing_spin", "smoothing_label"),
     "landmarks": ("add_btn", "first_combo", "on_warped_check", "table", "delete_btn", "undo_btn", "redo_btn",
                   "load_btn", "save_btn", "autosave_label"),
@@ -80,6 +80,7 @@ class RegistrationWidget(QWidget):
         self.messages: list = []  # (level, text) of every notification, newest last
         self._mute = 0
         self.hooks: list = []  # what undoes each connection this widget made to the model and to layers
+        self._rename_pending = False  # a refresh of the combos after a layer rename is queued
         self._docked = False
         self._closing = False
         self._last_fit_message = ""
@@ -117,6 +118,7 @@ class RegistrationWidget(QWidget):
             self.hooks.append(lambda sig=signal, sl=slot: sig.disconnect(sl))
         viewer.layers.events.inserted.connect(self.layer_list.on_inserted)
         viewer.layers.events.removed.connect(self.layer_list.on_removed)
+        viewer.layers.events.connect(self._on_layer_event)  # a layer renamed: the combos show its new name
         viewer.mouse_drag_callbacks.append(self.canvas.on_canvas_click)
         self._bind_keys()
         self.layers_changed()
@@ -287,6 +289,21 @@ class RegistrationWidget(QWidget):
         new = getattr(self.viewer, f"add_{kind}")(data, **kw)
         self.set_status(f"Added {new.name!r}.")
         return new
+
+    def _on_layer_event(self, event):
+        """Every event of every layer passes here (napari re-emits them on the layer list); a rename refreshes the
+        combos once the event loop is free."""
+        if getattr(event, "type", None) != "name" or self.closing or self._rename_pending:
+            return
+        self._rename_pending = True
+
+        def refresh():
+            self._rename_pending = False
+            if not self.closing:
+                self.layers_changed()
+                self.views.on_layers()
+
+        QTimer.singleShot(0, refresh)
 
     def layers_changed(self):
         """The layer list changed: the combos list what is there now."""
@@ -529,6 +546,7 @@ class RegistrationWidget(QWidget):
         try:
             self.viewer.layers.events.inserted.disconnect(self.layer_list.on_inserted)
             self.viewer.layers.events.removed.disconnect(self.layer_list.on_removed)
+            self.viewer.layers.events.disconnect(self._on_layer_event)
         except Exception:
             pass
         for combo in getattr(self, "_bound_keys", []):

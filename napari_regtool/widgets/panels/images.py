@@ -28,6 +28,11 @@ def combo_index(combo, obj) -> int:
     return -1
 
 
+def _ndim(layer) -> int:
+    """A layer's spatial dimension (an RGB layer's colour axis not counted)."""
+    return int(layer.ndim)
+
+
 class ImagesPanel(QWidget):
     """The Fixed and Moving combos list the viewer's image layers and show the ones in use (the attachment's,
     by identity); a choice, or a file opened, becomes the model's images when both are there.
@@ -45,6 +50,9 @@ class ImagesPanel(QWidget):
         self.host = host
         #: layers chosen for a side while the other side is not chosen yet
         self.picks: dict = {"fixed": None, "moving": None}
+        #: ``(side, layer)`` chosen for one side that does not match the other side's dimension yet (a 3D fixed
+        #: image chosen while the moving one is 2D): shown in its combo until the other side is chosen
+        self._pending = None
         self._lock = False
         g = QGridLayout(self)
         g.setContentsMargins(0, 0, 0, 0)
@@ -54,6 +62,9 @@ class ImagesPanel(QWidget):
         self.moving_combo.setToolTip("The image that is warped onto the fixed image.")
         self.open_fixed_btn = QPushButton("Open…")
         self.open_moving_btn = QPushButton("Open…")
+        self.swap_btn = QPushButton("Swap")
+        self.swap_btn.setToolTip("Exchange the fixed and moving images; each landmark pair keeps its points, which "
+                                 "change sides with their images.")
         for b in (self.open_fixed_btn, self.open_moving_btn):
             b.setToolTip("Open an image file (NIfTI, MHA/MHD, NRRD, TIFF, PNG, DICOM …) with its spacing, origin "
                          "and direction.")
@@ -72,7 +83,8 @@ class ImagesPanel(QWidget):
                                    "window: the moving image and its landmarks in a second window with its own "
                                    "zoom and slice (as BigWarp's two windows); clicks there place moving points.")
         g.addWidget(QLabel("View"), 2, 0)
-        g.addWidget(self.view_combo, 2, 1, 1, 2)
+        g.addWidget(self.view_combo, 2, 1)
+        g.addWidget(self.swap_btn, 2, 2)
         self.linear_check = QCheckBox("Show a linear result on the moving layer (no resampling)")
         self.linear_check.setToolTip(
             "Rigid, similarity, affine (and auto) results: the moving image and its landmarks are shown where the "
@@ -93,6 +105,7 @@ class ImagesPanel(QWidget):
         self._own_affine: dict = {}
         self.fixed_combo.currentIndexChanged.connect(lambda _: self._on_pick("fixed"))
         self.moving_combo.currentIndexChanged.connect(lambda _: self._on_pick("moving"))
+        self.swap_btn.clicked.connect(self.swap)
         self.open_fixed_btn.clicked.connect(lambda: self.open_image("fixed"))
         self.open_moving_btn.clicked.connect(lambda: self.open_image("moving"))
         self.view_combo.currentIndexChanged.connect(lambda _: self.viewChosen.emit(self.view_combo.currentData()))
@@ -115,6 +128,8 @@ class ImagesPanel(QWidget):
 
     def shown(self, side):
         """The layer a combo shows: the image layer in use, else the user's pending choice, else None."""
+        if self._pending is not None and self._pending[0] == side and self._in_viewer(self._pending[1]):
+            return self._pending[1]
         cur = getattr(self.att, f"{side}_layer")
         if cur is None or not self._in_viewer(cur):
             cur = self.picks.get(side)
@@ -198,6 +213,26 @@ class ImagesPanel(QWidget):
         for side in ("fixed", "moving"):
             if self.picks.get(side) is layer:
                 self.picks[side] = None
+        if self._pending is not None and self._pending[1] is layer:
+            self._pending = None
+
+    def swap(self) -> bool:
+        """Exchange the fixed and moving images (Swap): the pairs keep their points, which change sides with their
+        images; the fixed layer's green goes with it."""
+        att, m = self.att, self.model
+        f, mv = att.fixed_layer, att.moving_layer
+        if not m.ready or not self._in_viewer(f) or not self._in_viewer(mv):
+            self.host.notify("warning", "Choose a fixed and a moving image first; Swap exchanges them.")
+            return False
+        pairs = m.pairs.swapped() if m.pairs is not None else None
+        green = f.colormap.name == "green" and not f.rgb and mv.colormap.name == "gray"
+        if not self.set_layers(mv, f, landmarks=pairs):
+            return False
+        if green:  # the fixed image is drawn green: the colours follow the roles
+            f.colormap = "gray"
+        self.host.set_status(f"Swapped: {mv.name!r} is now the fixed image and {f.name!r} the moving image; "
+                             f"{len(pairs) if pairs is not None else 0} landmark pair(s) kept.")
+        return True
 
     def show_view(self, view: str):
         i = self.view_combo.findData(view)
@@ -255,6 +290,12 @@ class ImagesPanel(QWidget):
         if other is None:
             self.host.set_status(f"Now choose or open the {other_side} image.")
             return
+        if _ndim(layer) != _ndim(other):  # switching between 2D and 3D: one side at a time
+            self._pending = (side, layer)
+            self.host.set_status(f"{layer.name!r} is {_ndim(layer)}D and the {other_side} image {other.name!r} is "
+                                 f"{_ndim(other)}D: now choose or open a {_ndim(layer)}D {other_side} image (the "
+                                 "current registration stays until then).")
+            return
         f, m = (layer, other) if side == "fixed" else (other, layer)
         if f is self.att.fixed_layer and m is self.att.moving_layer and self.model.ready:
             return
@@ -287,6 +328,7 @@ class ImagesPanel(QWidget):
             self.refresh()
             return False
         self.picks = {"fixed": fixed_layer, "moving": moving_layer}
+        self._pending = None
         for layer in (fixed_layer, moving_layer):
             if not any(layer is o for o in old):
                 self._say_if_tilted(layer)
