@@ -14,7 +14,7 @@ import math
 import numpy as np
 
 from .errors import Cancelled, FitError, InputError
-from .image import Image
+from .image import Image, mask_array
 from .io import affine_from_sitk
 from .transforms.base import Transform
 from .transforms.linear import AffineTransform
@@ -187,12 +187,7 @@ def auto_linear(fixed: Image, moving: Image, model: str = "rigid", initial: Tran
         raise InputError(f"The initial transform is {initial.ndim}D but the images are {d}D.")
     mask_img = None
     if fixed_mask is not None:
-        mk = np.asarray(fixed_mask, dtype=bool)
-        if mk.shape != tuple(fixed.space.shape):
-            raise InputError(f"The fixed mask is {mk.shape} but the fixed image is {tuple(fixed.space.shape)}; give a "
-                             "mask on the fixed image's grid.")
-        if not mk.any():
-            raise InputError("The fixed mask selects no voxel; give a mask with some foreground, or none.")
+        mk = mask_array(fixed_mask, fixed.space)
         mask_img = sitk.GetImageFromArray(mk.astype(np.uint8))
         fixed.space.apply_to_sitk(mask_img)
         sample_smaller = False

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from .device import resolve_device
 from .errors import Cancelled, InputError
-from .image import Image, border_value, check_overlap, scaled_01
+from .image import Image, border_value, check_overlap, mask_array, scaled_01
 from .space import Space
 from .threads import threads_for, torch_threads
 from .transforms.base import IdentityTransform, Transform, affine_index_grid
@@ -563,12 +563,7 @@ def register_deformable(fixed: Image, moving: Image, initial: Transform | None =
     inside = inside[None, None] if bool((inside < INSIDE).any()) else None
     mask = None
     if fixed_mask is not None:
-        mk = np.asarray(fixed_mask)
-        if mk.shape != tuple(fs.shape):
-            raise InputError(f"The fixed mask is {mk.shape} but the fixed image is {tuple(fs.shape)}; give a mask on "
-                             "the fixed image's grid.")
-        if not mk.any():
-            raise InputError("The fixed mask selects no voxel; give a mask with some foreground, or none.")
+        mk = mask_array(fixed_mask, fs)
         mt = torch.as_tensor(mk.astype(np.float32), device=dev)
         if work is not fs:
             mt = resample(mk.astype(np.float32), fs, IdentityTransform(d), work, device=dev).float()

@@ -8,7 +8,7 @@ import numpy as np
 from .errors import InputError
 from .space import Space
 
-__all__ = ["Image", "check_overlap"]
+__all__ = ["Image", "check_overlap", "mask_array"]
 
 
 @dataclass
@@ -110,6 +110,18 @@ def _grid_points(space: Space) -> np.ndarray:
 
 def _volume(space: Space) -> float:
     return float(abs(np.linalg.det(space.index_to_physical_matrix)) * np.prod(space.size_xyz))
+
+
+def mask_array(mask, space: Space) -> np.ndarray:
+    """A fixed-image mask as a boolean array on ``space``; :class:`InputError` for another shape or an empty mask."""
+    mk = np.asarray(mask, dtype=bool)
+    if mk.shape != tuple(space.shape):
+        raise InputError(f"The fixed mask is {mk.shape} but the fixed image is {tuple(space.shape)}; give a mask on "
+                         "the fixed image's grid.")
+    if not mk.any():
+        raise InputError("The fixed mask selects no voxel; give a mask with some foreground (non-zero voxels), or "
+                         "none.")
+    return mk
 
 
 def check_overlap(fixed_space: Space, moving_space: Space, transform=None, start: str = "") -> float:

@@ -17,7 +17,7 @@ import torch
 from . import qc, registry
 from .device import resolve_device
 from .errors import Cancelled, FitError, InputError
-from .image import Image
+from .image import Image, mask_array
 from .landmarks import LandmarkPairs
 from .space import Space
 from .transforms import (LANDMARK_MODELS, MODELS, fit_landmarks, initial_from_landmarks, leave_one_out, min_pairs,
@@ -378,13 +378,7 @@ def register(fixed: Image, moving: Image, model: str, landmarks: LandmarkPairs |
                                  "(or use 0).")
     check_pair(fixed, moving)
     if mask is not None:
-        mask = np.asarray(mask, dtype=bool)
-        if mask.shape != tuple(fixed.space.shape):
-            raise InputError(f"The mask is {mask.shape} but the fixed image is {tuple(fixed.space.shape)}; give a mask "
-                             "on the fixed image's grid.")
-        if not mask.any():
-            raise InputError("The mask selects no voxel of the fixed image; give a mask with some foreground (non-zero "
-                             "voxels), or none.")
+        mask = mask_array(mask, fixed.space)
         if model in LANDMARK_MODELS or (model == "deep" and not refine):
             how = "is fitted to the landmarks" if model in LANDMARK_MODELS else "without --refine is one network pass"
             _warn(f"The {model} model {how}: the mask limits only where the report's similarity is measured.")
