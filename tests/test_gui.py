@@ -720,7 +720,8 @@ def test_bad_inputs_are_messages(make_napari_viewer, qtbot, tmp_path, monkeypatc
     w.fixed_combo.setCurrentIndex(w.fixed_combo.findData(a))
     w.moving_combo.setCurrentIndex(w.moving_combo.findData(b))
     assert not w.session.ready
-    assert any("2D but the moving layer" in m for m in notifications()[n:])
+    # a 3D layer chosen against a 2D one waits for a 3D partner (a switch from 2D to 3D), and says so
+    assert "'three-d' is 3D and the fixed image 'two-d' is 2D" in w.status_label.text()
     # deep model without weights: a clear message and the model list stays where it was
     import napari_regtool.deep.infer as infer
 
