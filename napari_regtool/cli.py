@@ -583,9 +583,12 @@ def _cmd_qc(args) -> int:
         warn(msg)
     t = loaded.transform
     u = t.field(fs, device=dev, dtype=torch.float64)
-    stats, maps = qc.field_statistics(u, fs, mask=mask, labels=None if lab_f is None else lab_f.array)
+    support, coverage = qc.field_support(t, fs, mask)  # a field on a smaller grid: its seam is no registration's
+    stats, maps = qc.field_statistics(u, fs, mask=None if support is None else support.to(u.device),
+                                      labels=None if lab_f is None else lab_f.array)
     report = {"transform": loaded.describe(), "fixed": str(args.fixed), "moving": args.moving,
               "mask": args.mask, "statistics": stats,
+              **({"coverage_percent": coverage} if coverage < 100.0 else {}),
               "definitions": {
                   "jacobian": "det of the Jacobian of x + u(x), central differences (one-sided at the edges), "
                               "physical spacing and direction",
@@ -652,6 +655,8 @@ def _cmd_qc(args) -> int:
         (tmp / "report.json").write_text(json.dumps(_finite_json(report), indent=2, allow_nan=False))
     if not args.quiet:
         j = stats["jacobian"]
+        if coverage < 100.0:
+            print(f"the field covers {coverage:.3g}% of the fixed image; the statistics are over that part")
         print(f"det J ≤ 0: {j['folding_percent']:.4g}% of voxels; det J {j['min']:.4g} … {j['max']:.4g}; "
               f"std log det J {j['std_log_jacobian']:.4g}; NDV {stats['ndv']['percent']:.4g}%; "
               f"|u| max {stats['magnitude']['max']:.4g}")

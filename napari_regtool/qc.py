@@ -19,7 +19,7 @@ __all__ = [
     "mse", "ncc", "lncc", "local_ncc", "mutual_information", "similarity_metrics", "dice", "tre", "jacobian_stats",
     "displacement_magnitude", "grid_image", "checkerboard", "difference", "normalise_intensity", "intensity_window",
     "landmark_uncertainty", "field_qc", "field_statistics", "non_diffeomorphic_volume", "check_convention",
-    "ConventionCheck", "PERCENTILES", "open_for_qc", "labels_on", "mask_on", "transform_statistics",
+    "ConventionCheck", "PERCENTILES", "open_for_qc", "field_support", "labels_on", "mask_on", "transform_statistics",
     "compare_transforms", "view_lattice", "glyphs", "contour_levels", "magnitude_contours", "probe",
 ]
 
@@ -771,13 +771,45 @@ def mask_on(space: Space, mask, label: int | None = None, device="cpu") -> np.nd
     return sel
 
 
+def field_support(transform, space: Space, mask=None) -> tuple:
+    """The voxels of ``space`` whose statistics describe ``transform``'s own fields: ``(selection, coverage)``.
+
+    Where a displacement field does not reach (:func:`~napari_regtool.transforms.field.defined_mask`: a field on a
+    smaller grid than the fixed image, read as zero displacement there, as ITK does), the Jacobian and the
+    non-diffeomorphic volume see a seam that no registration made; those voxels and their neighbours (whose finite
+    differences and cells straddle the seam) are left out. ``selection`` is that support combined with ``mask``
+    (a bool array on ``space``, or ``None``) — ``None`` when nothing is left out and there is no mask;
+    ``coverage`` the % of voxels the fields reach (100 when they reach everywhere). Raises
+    :class:`~napari_regtool.errors.InputError` when nothing of ``space`` is left to measure.
+    """
+    from .errors import InputError
+    from .transforms.field import defined_mask
+
+    dom = defined_mask(transform, space)
+    if dom is None:
+        return (None if mask is None else _t(mask, None, torch.bool)), 100.0
+    coverage = 100.0 * float(dom.double().mean())
+    d = space.ndim
+    pool = F.max_pool2d if d == 2 else F.max_pool3d
+    seam = pool((~dom).float()[None, None], 3, stride=1, padding=1)[0, 0] > 0  # undefined voxels and neighbours
+    sel = ~seam
+    if mask is not None:
+        sel &= _t(mask, None, torch.bool).cpu()
+    if not bool(sel.any()):
+        raise InputError(f"The displacement field covers {coverage:.3g}% of the fixed image and leaves nothing"
+                         f"{' inside the mask' if mask is not None else ''} to measure; check that the field belongs "
+                         "to this fixed image (its grid, origin and direction).")
+    return sel, coverage
+
+
 def transform_statistics(transform, space: Space, *, labels_fixed=None, labels_moving=None, pairs=None, mask=None,
                          mask_label: int | None = None, device="cpu") -> dict:
     """Everything the statistics table shows for one transform on the fixed grid ``space``.
 
     ``{"statistics"}``: :func:`field_statistics` of ``u = T(x) − x``, restricted to ``mask`` when given (see
     :func:`mask_on`: an array on ``space`` or a label-map :class:`~napari_regtool.image.Image`, with ``mask_label``
-    the label to keep, default every non-zero voxel);
+    the label to keep, default every non-zero voxel) and to the part the transform's fields cover
+    (:func:`field_support`; then ``coverage_percent`` says how much that is);
     ``{"dice", "warped_labels"}`` when both label maps are given (:class:`~napari_regtool.image.Image`; the moving
     labels are warped by nearest neighbour, the fixed labels put on ``space`` when they lie on another grid);
     ``{"tre"}`` (``per_pair``, ``mean``, ``median``, ``max``, ``mean_before``) for the complete, active landmark
@@ -786,8 +818,11 @@ def transform_statistics(transform, space: Space, *, labels_fixed=None, labels_m
     from .pipeline import warp_image
 
     sel = None if mask is None else mask_on(space, mask, mask_label, device=device)
+    sel, coverage = field_support(transform, space, sel)
     u = transform.field(space, device=device, dtype=torch.float64)
-    stats, _ = field_statistics(u, space, mask=sel)
+    stats, _ = field_statistics(u, space, mask=None if sel is None else sel.to(u.device))
+    if coverage < 100.0:
+        stats["coverage_percent"] = coverage
     out = {"statistics": stats}
     if labels_fixed is not None and labels_moving is not None:
         lf = labels_on(labels_fixed, space, device=device)

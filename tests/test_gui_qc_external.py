@@ -431,3 +431,25 @@ def test_statistics_restricted_to_a_mask_label(make_napari_viewer, qtbot, monkey
     fs.mask_label_spin.setValue(0)  # "any": every non-zero voxel
     wait_idle(qtbot, w)
     assert _table_value(w, "Voxels measured") == (lab != 0).sum()
+
+
+def test_a_field_smaller_than_the_fixed_image_is_measured_where_it_reaches(make_napari_viewer, qtbot, monkeypatch,
+                                                                          tmp_path):
+    """A field written on the middle of the fixed image only (another tool's crop): the table says how much of the
+    fixed image it covers and measures that part, so the seam where ITK's zero displacement begins shows no
+    folding; its det J range is SimpleITK's on the field's own grid (less the 1-voxel rim)."""
+    viewer, w, f, m = _session(make_napari_viewer, qtbot, monkeypatch, tmp_path, np.zeros((*SPACE.shape, 2)))
+    sub = Space((30, 36), SPACE.spacing, SPACE.index_to_physical(np.array([[18.0, 15.0]]))[0])
+    u = _field(sub, amp=1.0) + np.array([3.0, -2.5])  # several mm at the crop's edge
+    path = _write_field(tmp_path / "crop.mha", u, sub)
+    _open(qtbot, w, monkeypatch, w.model_panel.load_btn, path)
+    assert w.session.model == "loaded"
+    rows = w.field_stats.rows()
+    assert float(rows["Fixed image covered by the field (%)"][0]) == pytest.approx(100 * 30 * 36 / SPACE.n_voxels,
+                                                                                    rel=6e-4)
+    jac = sitk.GetArrayFromImage(sitk.DisplacementFieldJacobianDeterminant(sitk.ReadImage(str(path)), True))
+    inner = jac[1:-1, 1:-1]
+    assert _table_value(w, "det J ≤ 0 (% of voxels)") == 0.0
+    assert _table_value(w, "Voxels measured") == inner.size
+    assert _table_value(w, "det J min") == pytest.approx(inner.min(), rel=6e-4)
+    assert _table_value(w, "det J max") == pytest.approx(inner.max(), rel=6e-4)

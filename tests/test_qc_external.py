@@ -753,6 +753,42 @@ def test_regtool_qc_mask_restricts_the_statistics_on_any_grid(tmp_path, capsys):
     assert "is 3D but the fixed image is 2D" in err and "bug" not in err and not (tmp_path / "qc3").exists()
 
 
+def test_qc_of_a_field_smaller_than_the_fixed_image_leaves_its_seam_out(tmp_path, capsys):
+    """A field on a grid that covers only the middle of the fixed image: beyond it ITK reads zero displacement, so
+    the resampled field jumps by its own size at the grid's edge and the Jacobian folds there. The statistics are
+    over the part the field covers (with its neighbours of the seam left out): no folding, the det J range
+    SimpleITK's filter gives on the field's own grid, and the coverage counted with SimpleITK's own index mapping."""
+    fixed_space = Space((40, 48), (1.0, 1.0), (0.0, 0.0))
+    sub = Space((20, 24), (1.0, 1.0), (11.0, 9.0))  # field voxels sit on fixed voxels (x 11…34, y 9…28)
+    u = _smooth_field(sub, amp=1.0, wavelength=20.0, shift=(4.0, -3.0, 0.0))  # 4–5 mm at the edge: a seam
+    field = _write_field(tmp_path / "warp.nii.gz", u, sub)
+    sitk.WriteImage(_to_sitk(np.zeros(fixed_space.shape, np.float32), fixed_space), str(tmp_path / "fixed.nii.gz"))
+    out = tmp_path / "qc"
+    assert main(["qc", "--transform", str(field), "--fixed", str(tmp_path / "fixed.nii.gz"), "--out", str(out)]) == 0
+    said = capsys.readouterr()
+    rep = json.loads((out / "report.json").read_text())
+    # coverage: fixed voxels that SimpleITK's continuous index puts inside the field's buffer
+    f_img = sitk.ReadImage(str(field))
+    pts = fixed_space.grid_points().reshape(-1, 2)
+    idx = np.array([f_img.TransformPhysicalPointToContinuousIndex([float(v) for v in p]) for p in pts])
+    inside = np.all((idx >= -0.5) & (idx < np.array(f_img.GetSize()) - 0.5), axis=1)
+    assert rep["coverage_percent"] == pytest.approx(100.0 * inside.mean(), abs=1e-9)
+    assert "covers" in said.err and "statistics are over that part" in said.out
+    # the map written keeps ITK's reading, seam included: without the support the statistics would fold
+    jac_map = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "jacobian.nii.gz")))
+    assert (jac_map <= 0).any()
+    st = rep["statistics"]["jacobian"]
+    assert st["folding_percent"] == 0.0
+    ref = _interior(_sitk_jacobian(u, sub), 2)  # central differences on the field's grid, its 1-voxel rim left out
+    assert st["min"] == pytest.approx(ref.min(), abs=1e-5) and st["max"] == pytest.approx(ref.max(), abs=1e-5)
+    assert rep["statistics"]["voxels"] == ref.size
+    # the plugin's statistics table reads the same function
+    loaded = load_transform_for_qc(field, Image(np.zeros(fixed_space.shape, np.float32), fixed_space))
+    table = qc.transform_statistics(loaded.transform, fixed_space)["statistics"]
+    assert table["coverage_percent"] == pytest.approx(rep["coverage_percent"])
+    assert table["jacobian"]["folding_percent"] == 0.0 and table["voxels"] == ref.size
+
+
 def test_regtool_qc_says_when_the_field_looks_inverted_and_takes_a_convention(tmp_path, capsys):
     space = Space((60, 64), (1.6, 0.7), (-20.0, 5.0))
     u = _smooth_field(space, amp=4.0, wavelength=40.0, shift=(5.0, -3.0, 0.0))

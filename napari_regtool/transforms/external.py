@@ -23,7 +23,7 @@ from ..errors import InputError
 from ..sitk_convert import linear_map_from_sitk
 from ..space import Space
 from .base import DEFAULT_CHUNK, CompositeTransform, Transform
-from .field import DisplacementFieldTransform
+from .field import DisplacementFieldTransform, defined_mask
 from .linear import AffineTransform
 
 __all__ = ["FieldConvention", "LoadedTransform", "SitkTransform", "read_elastix_parameters", "elastix_transform", "load_elastix",
@@ -200,20 +200,20 @@ def field_numbers_from_array(arr: np.ndarray, fixed: Space, name: str) -> tuple[
 
 def on_fixed_grid(transform: Transform, fixed: Space, name: str) -> tuple[Transform, list[str]]:
     """A :class:`DisplacementFieldTransform` on another grid than ``fixed`` → the same map sampled on ``fixed``
-    (ITK's rule: zero displacement beyond half a voxel outside the field's grid), with a notice. Other transforms
+    (ITK's rule: zero displacement beyond half a voxel outside the field's grid; the part the field covers kept
+    as its ``domain``), with a notice. Other transforms
     come back unchanged (a composite's fields are reported, not resampled: they are evaluated where needed)."""
     notices = []
     if isinstance(transform, DisplacementFieldTransform):
         if transform.space != fixed:
-            d = fixed.ndim
-            corners = np.array([[(k >> a) & 1 for a in range(d)] for k in range(2 ** d)], float)
-            corners = fixed.index_to_physical(corners * (np.asarray(fixed.size_xyz) - 1))
-            covered = transform.space.contains(corners, margin=0.5)  # the fixed grid inside the field's grid
+            domain = defined_mask(transform, fixed)
+            cover = "" if domain is None else (
+                f", and covers {100.0 * float(domain.double().mean()):.3g}% of it (ITK reads zero displacement "
+                "beyond the field's grid; QC statistics leave that part out)")
             notices.append(f"{name}: the field's grid ({transform.space!r}) differs from the fixed image's "
-                           f"({fixed!r}); it was resampled onto the fixed grid" +
-                           ("" if covered.all() else ", and is zero where the field's grid does not reach") + ".")
+                           f"({fixed!r}); it was resampled onto the fixed grid{cover}.")
             u = transform.field(fixed, dtype=torch.float64)
-            transform = DisplacementFieldTransform(u, fixed, kind=transform.kind)
+            transform = DisplacementFieldTransform(u, fixed, kind=transform.kind, domain=domain)
     elif isinstance(transform, CompositeTransform):
         for t in transform.transforms:
             if isinstance(t, DisplacementFieldTransform) and t.space != fixed:

@@ -24,7 +24,7 @@ from .base import DEFAULT_CHUNK, Transform, affine_index_grid
 __all__ = [
     "identity_index_grid", "index_to_normalized", "sample_at_index", "warp", "Warper", "integrate_velocity",
     "resize_vector_field", "jacobian_determinant", "jacobian_determinant_index", "physical_to_index_field",
-    "index_to_physical_field", "DisplacementFieldTransform", "resample", "outside_itk",
+    "index_to_physical_field", "DisplacementFieldTransform", "resample", "outside_itk", "defined_mask",
 ]
 
 
@@ -284,12 +284,14 @@ class DisplacementFieldTransform(Transform):
 
     Between voxels ``u`` is interpolated linearly (edge-clamped within half a voxel of the grid); farther out the
     displacement is zero — exactly what ITK's ``DisplacementFieldTransform::TransformPoint`` does. ``uncertainty``
-    (optional, ``space.shape``) is carried along for QC.
+    (optional, ``space.shape``) is carried along for QC. ``domain`` (optional, ``space.shape`` bool) marks the voxels
+    whose vectors came from a field: a field resampled from a smaller grid holds ITK's zero displacement elsewhere,
+    which is not part of that field (see :func:`defined_mask`).
     """
 
     kind = "field"
 
-    def __init__(self, field, space: Space, kind: str = "field", uncertainty=None):
+    def __init__(self, field, space: Space, kind: str = "field", uncertainty=None, domain=None):
         f = torch.as_tensor(field)
         if tuple(f.shape) != (*space.shape, space.ndim):
             raise ValueError(f"DisplacementFieldTransform: field must be {(*space.shape, space.ndim)}, got {tuple(f.shape)}.")
@@ -300,6 +302,13 @@ class DisplacementFieldTransform(Transform):
         self.ndim = space.ndim
         self.kind = kind
         self.uncertainty = None if uncertainty is None else torch.as_tensor(uncertainty)
+        if domain is not None:
+            domain = torch.as_tensor(domain, dtype=torch.bool)
+            if tuple(domain.shape) != tuple(space.shape):
+                raise ValueError(f"DisplacementFieldTransform: domain must be {tuple(space.shape)}, got "
+                                 f"{tuple(domain.shape)}.")
+            domain = None if bool(domain.all()) else domain
+        self.domain = domain
 
     def _field_index(self, device, dtype):
         return self.u.to(device=device, dtype=dtype).movedim(-1, 0).unsqueeze(0)
@@ -339,3 +348,34 @@ class DisplacementFieldTransform(Transform):
 
     def describe(self):
         return {"kind": self.kind, "ndim": self.ndim, "grid": repr(self.space)}
+
+
+def defined_mask(transform: Transform, space: Space, chunk: int = DEFAULT_CHUNK) -> torch.Tensor | None:
+    """Where on ``space`` the transform's displacement fields are their own: ``(*space.shape)`` bool, ``True`` at the
+    voxels whose path through ``transform`` (a :class:`DisplacementFieldTransform`, or a
+    :class:`~napari_regtool.transforms.base.CompositeTransform` of any transforms) reads every field inside its grid
+    (ITK's rule, ``[−0.5, n − 0.5)``) and within its ``domain``. Beyond a field's grid ITK reads zero displacement,
+    so a field that covers only part of the fixed image has a seam there that belongs to no registration.
+
+    Returns ``None`` when that holds everywhere (or the transform has no field), so callers need no mask.
+    """
+    from .base import CompositeTransform, iter_grid_chunks
+
+    chain = transform.transforms if isinstance(transform, CompositeTransform) else [transform]
+    if not any(isinstance(t, DisplacementFieldTransform) for t in chain):
+        return None
+    ok = torch.ones(space.n_voxels, dtype=torch.bool)
+    with torch.no_grad():
+        for a, b, pts in iter_grid_chunks(space, "cpu", torch.float64, chunk):
+            inside = torch.ones(b - a, dtype=torch.bool)
+            for t in chain:
+                if isinstance(t, DisplacementFieldTransform):
+                    idx = torch.as_tensor(t.space.physical_to_index(pts.numpy()), dtype=torch.float64)
+                    inside &= ~outside_itk(idx, t.space.size_xyz)
+                    if t.domain is not None:
+                        src = t.domain.to(torch.uint8)[None, None]
+                        shape = (1,) + (1,) * (t.ndim - 1) + (len(idx), t.ndim)
+                        inside &= _gather_nearest(src, idx.reshape(shape)).reshape(-1).bool()
+                pts = t.map_points_torch(pts)
+            ok[a:b] = inside
+    return None if bool(ok.all()) else ok.reshape(space.shape)

@@ -138,6 +138,9 @@ class FieldStatsPanel(QGroupBox):
     def show_results(self, results: list):
         """``results``: ``[(column title, report of transform_statistics), …]`` (A first, then B)."""
         rows = []
+        if any("coverage_percent" in r["statistics"] for _, r in results):  # a field on a smaller grid than fixed
+            rows.append(("Fixed image covered by the field (%)",
+                         [r["statistics"].get("coverage_percent", 100.0) for _, r in results]))
         for label, section, key in STAT_ROWS:
             rows.append((label, [(r["statistics"][section] if section else r["statistics"]).get(key)
                                  for _, r in results]))
