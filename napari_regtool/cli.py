@@ -5,7 +5,8 @@
                      [--iterations 100x70x50] [--similarity lncc|mse|mi] [--device auto|cpu|cuda]
                      [--global auto|landmarks|auto-rigid|auto-affine|none] [--blockwise [--block N] [--overlap M]]
                      --out DIR
-    regtool apply    --transform T --moving M --reference F [--labels] [--invert] --out FILE
+    regtool apply    --transform T --moving M --reference F [--labels] [--invert] [--convention C] --out FILE
+    regtool field    --transform T --reference F [--invert] [--convention C] --out FILE
     regtool qc       --transform T --fixed F [--moving M] [--labels-fixed L --labels-moving L] [--landmarks P.csv]
                      [--mask K] [--convention C] --out DIR
     regtool batch    PAIRS.csv --out DIR [--scheduler local|ADDRESS] [--workers N] [--threads-per-worker M]
@@ -329,18 +330,26 @@ def _read_mask(path, fixed, warn):
 def _read_transform_any(path, space, args, unit=None):
     """``--transform`` as ITK reads it, or else as ``regtool qc`` opens other tools' files (elastix
     ``TransformParameters.N.txt``, Greedy's and c3d's plain-text RAS matrices), put on ``space`` where it is a
-    field; the ITK reader's message stands when neither can read it. ``unit``: the images' unit; ITK's files are in
+    field; the ITK reader's message stands when neither can read it. ``args.convention`` (when set) says how a
+    field's numbers are stored and sends every file through ``regtool qc``'s reader. ``unit``: the images' unit; ITK's files are in
     millimetres and are converted to it (an OME-Zarr field is in its own unit, checked by :func:`_check_units`)."""
     from .io import itk_scale, load_transform_for_qc, read_transform
     from .ngff_field import is_field_ngff
 
     p = Path(path)
+    convention = getattr(args, "convention", None)
+    if convention:  # said how the numbers are stored: read as regtool qc reads it (a bare .npy field, RAS, voxels)
+        loaded = load_transform_for_qc(path, space, convention=convention, unit=unit)
+        _say_notes(args, loaded.warnings)
+        return loaded.transform
     try:
         t = read_transform(path)
     except RegtoolError as itk_error:
         try:
             loaded = load_transform_for_qc(path, space, unit=unit)
-        except RegtoolError:
+        except RegtoolError as other:
+            if p.suffix.lower() in (".npy", ".npz"):  # no ITK file at all: the array reader knows what is missing
+                raise other from None
             raise itk_error from None
     else:
         per_mm = 1.0 if p.is_dir() and is_field_ngff(p) else 1.0 / itk_scale(unit, "the images")
@@ -788,11 +797,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("apply", help="apply a saved transform or displacement field to an image or label map")
     a.add_argument("--transform", required=True,
-                   help=".tfm/.h5 ITK transform, displacement field image or OME-Zarr displacement field (.zarr)")
+                   help=".tfm/.h5 ITK transform, displacement field image or OME-Zarr displacement field (.zarr); "
+                        "elastix, Greedy and .npy/.npz fields (with --convention) as regtool qc reads them")
     a.add_argument("--moving", required=True, help="image (or label map) to warp")
     a.add_argument("--reference", required=True, help="image whose grid the result is written on (the fixed image)")
     a.add_argument("--labels", action="store_true", help="nearest-neighbour interpolation (label maps)")
     a.add_argument("--invert", action="store_true", help="apply the inverse transform")
+    a.add_argument("--convention", help="how a field's numbers are stored, as in regtool qc (e.g. voxel,array for "
+                                        "a VoxelMorph .npy field; default: ITK's physical,xyz)")
     a.add_argument("--device", default="auto")
     a.add_argument("--out", required=True,
                    help="output image file, or X.zarr: OME-Zarr written block by block (for images larger than memory)")
@@ -811,6 +823,8 @@ def build_parser() -> argparse.ArgumentParser:
     fl.add_argument("--reference", required=True, help="image (or OME-Zarr) whose grid the field is written on")
     fl.add_argument("--level", type=int, default=None, help="OME-Zarr reference: pyramid level (default 0)")
     fl.add_argument("--invert", action="store_true", help="write the field of the inverse transform")
+    fl.add_argument("--convention", help="how a field's numbers are stored, as in regtool qc (e.g. voxel,array for "
+                                         "a VoxelMorph .npy field; default: ITK's physical,xyz)")
     fl.add_argument("--block", type=int, default=64, help="block side for .zarr output (default 64)")
     fl.add_argument("--out", required=True,
                     help="X.nii.gz/.mha/.nrrd (ITK displacement field) or X.zarr (OME-NGFF 0.6 displacements)")

@@ -1005,8 +1005,9 @@ def load_transform_for_qc(path, fixed, *, convention=None, unit: str | None = No
     def need_convention(what):
         if conv is None:
             raise InputError(f"{name} is {what}: its units and component order cannot be read from the file. Say "
-                             "how it is stored, e.g. convention 'voxel,array' (VoxelMorph on NumPy/SimpleITK "
-                             "arrays), 'voxel,xyz' (arrays loaded with nibabel) or 'physical,xyz'.")
+                             "how it is stored (--convention in regtool, Field convention in the plugin), e.g. "
+                             "'voxel,array' (VoxelMorph on NumPy/SimpleITK arrays), 'voxel,xyz' (arrays loaded with "
+                             "nibabel) or 'physical,xyz'.")
         return conv
 
     def finish_field(numbers, grid, conv_used, source):

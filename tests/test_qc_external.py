@@ -528,6 +528,30 @@ def test_voxel_array_fields_npy_npz_and_nibabel_layout(tmp_path):
     assert np.abs(got - u).max() < 0.08 * np.abs(u).max()  # linear interpolation of a smooth field
 
 
+def test_apply_and_field_take_a_convention_for_a_voxelmorph_array(tmp_path, capsys):
+    """``regtool apply``/``field --convention voxel,array`` on a VoxelMorph-style .npy field: the warped image is
+    SimpleITK's resampling through the physical field, and the written field is that field; without the
+    convention the array is refused with the advice to give one, and nothing is written."""
+    space = _space((40, 46), spacing=(2.0, 0.5), degrees=0.0)
+    u = _smooth_field(space, amp=2.0)
+    np.save(tmp_path / "flow.npy", (u / np.asarray(space.spacing))[..., ::-1].astype(np.float64))
+    moving = Image(_blobs(space.shape, 3), space)
+    sitk.WriteImage(_to_sitk(moving.array, space), str(tmp_path / "moving.nii.gz"))
+    sitk.WriteImage(_to_sitk(np.zeros(space.shape, np.float32), space), str(tmp_path / "fixed.nii.gz"))
+    common = ["--transform", str(tmp_path / "flow.npy"), "--reference", str(tmp_path / "fixed.nii.gz")]
+    assert main(["apply", *common, "--moving", str(tmp_path / "moving.nii.gz"), "--out",
+                 str(tmp_path / "warped.nii.gz"), "--convention", "voxel,array", "-q"]) == 0
+    ref = _sitk_warp(moving, space, _field_tx(u, space))
+    got = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "warped.nii.gz")))
+    assert np.abs(got - ref).max() < 1e-4 * np.abs(ref).max()
+    assert main(["field", *common, "--out", str(tmp_path / "u.nii.gz"), "--convention", "voxel,array", "-q"]) == 0
+    np.testing.assert_allclose(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "u.nii.gz"))), u, atol=1e-5)
+    capsys.readouterr()
+    assert main(["apply", *common, "--moving", str(tmp_path / "moving.nii.gz"), "--out",
+                 str(tmp_path / "bare.nii.gz")]) == 2
+    assert "--convention" in capsys.readouterr().err and not (tmp_path / "bare.nii.gz").exists()
+
+
 def test_bad_fields_raise_input_error_and_other_grids_are_resampled(tmp_path):
     space = _space((20, 22))
     fixed = Image(np.zeros(space.shape, np.float32), space)
