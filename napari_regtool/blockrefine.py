@@ -195,7 +195,7 @@ def refine_blockwise(fixed, moving, global_transform: Transform | None = None, *
                      overlap: int = 32, level: int | None = None, moving_level: int | None = None,
                      threshold: float | None = None, min_foreground: float = 0.05, workers: int = 2,
                      out=None, device="cpu", progress=None, cancel=None, kind: str = "blockwise",
-                     **options) -> Transform:
+                     fixed_mask=None, **options) -> Transform:
     """Deformable refinement of ``global_transform`` block by block; returns ``T(x) = G(x + u(x))``.
 
     Parameters
@@ -209,6 +209,10 @@ def refine_blockwise(fixed, moving, global_transform: Transform | None = None, *
         Core side and overlap in voxels of the fixed grid (see :func:`plan_blocks`).
     threshold, min_foreground : a block is skipped when fewer than ``min_foreground`` of its fixed voxels are above
         ``threshold`` (``None``: only constant blocks are skipped).
+    fixed_mask : array-like ``fixed.shape`` (bool or numbers, non-zero = counts), optional
+        Where the similarity is measured (may be lazy: only the blocks' regions are read). Each block registers with
+        its part of the mask; a block the mask does not touch is skipped (``"masked"``), and so is one whose part is
+        too small for the optimiser's coarsest level.
     workers : int
         Blocks registered at the same time (dask threads); torch gets ``cores // workers`` threads each.
     out : array-like ``(*fixed.shape, D)``, optional
@@ -245,10 +249,14 @@ def refine_blockwise(fixed, moving, global_transform: Transform | None = None, *
         raise InputError(f"min_foreground must be a fraction between 0 and 1, got {min_foreground}.")
     if threshold is not None and not math.isfinite(float(threshold)):
         raise InputError(f"The empty-block threshold must be a finite number, got {threshold}.")
-    for bad in ("initial", "start_field", "landmarks", "fixed_mask", "max_voxels"):
+    for bad in ("initial", "start_field", "landmarks", "max_voxels"):
         if bad in options:
             raise InputError(f"refine_blockwise: {bad!r} is not a per-block option (give the global transform "
                              "instead).")
+    if fixed_mask is not None:
+        if tuple(fixed_mask.shape) != tuple(fspace.shape):
+            raise InputError(f"The fixed mask is {tuple(fixed_mask.shape)} but the fixed image is "
+                             f"{tuple(fspace.shape)}; give a mask on the fixed image's grid.")
     layout = plan_blocks(fspace.shape, block, overlap)
     workers = max(1, int(workers))
     if out is None:
@@ -286,6 +294,12 @@ def refine_blockwise(fixed, moving, global_transform: Transform | None = None, *
         name = f"block {'-'.join(map(str, index))}"
         fblock = np.asarray(farr[ext], dtype=np.float32)
         row = {"block": list(map(int, index)), "start": [s.start for s in ext], "shape": list(sub.shape)}
+        mblk = None
+        if fixed_mask is not None:
+            mblk = np.asarray(fixed_mask[ext]) != 0
+            if not mblk.any():
+                say(i, 1.0, f"{name}: outside the mask, skipped")
+                return {**row, "status": "masked"}
         if _empty(fblock, threshold, min_foreground):
             say(i, 1.0, f"{name}: empty, skipped")
             return {**row, "status": "empty"}
@@ -310,9 +324,15 @@ def refine_blockwise(fixed, moving, global_transform: Transform | None = None, *
         if float(mblock.max()) == float(mblock.min()):
             say(i, 1.0, f"{name}: no moving content, skipped")
             return {**row, "status": "outside"}
-        tx = register_deformable(Image(fblock, sub, "fixed " + name), Image(mblock, sub, "moving " + name),
-                                 None, device=device, cancel=cancel,
-                                 progress=lambda f, m: say(i, f, f"{name}: {m}"), **options)
+        try:
+            tx = register_deformable(Image(fblock, sub, "fixed " + name), Image(mblock, sub, "moving " + name),
+                                     None, device=device, cancel=cancel, fixed_mask=mblk,
+                                     progress=lambda f, m: say(i, f, f"{name}: {m}"), **options)
+        except InputError:
+            if mblk is None:
+                raise
+            say(i, 1.0, f"{name}: too little of the mask to register on, skipped")  # a sliver of the mask's edge
+            return {**row, "status": "masked"}
         u = tx.u.to(torch.float32).cpu().numpy()
         wu = layout.weights(index)[..., None] * u
         with lock:
@@ -339,14 +359,16 @@ def refine_blockwise(fixed, moving, global_transform: Transform | None = None, *
     else:
         field = LazyFieldTransform(acc, fspace, kind=kind)
     result = field if isinstance(g, IdentityTransform) else CompositeTransform([field, g])
-    counts = {s: sum(r["status"] == s for r in rows) for s in ("refined", "empty", "outside")}
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("refined", "empty", "outside", "masked")}
     result.blockwise_info = {
         "grid": list(fspace.shape), "block": int(block), "overlap": int(overlap), "cores": list(layout.grid),
         "blocks": n, **{f"blocks_{k}": v for k, v in counts.items()}, "global": g.describe(),
         "threshold": threshold, "min_foreground": float(min_foreground), "workers": workers,
+        "mask": fixed_mask is not None,
         "per_block": rows, "time_s": round(time.perf_counter() - t_start, 3)}
     if progress is not None:
-        progress(1.0, f"{counts['refined']} block(s) refined, {counts['empty'] + counts['outside']} skipped")
+        skipped = counts["empty"] + counts["outside"] + counts["masked"]
+        progress(1.0, f"{counts['refined']} block(s) refined, {skipped} skipped")
     return result
 
 

@@ -88,18 +88,16 @@ def _cmd_register(args) -> int:
     iterations = _parse_iterations(args.iterations) if args.iterations else None
     _check_refine(args.refine)
     mask = _read_mask(args.mask, fixed, warn) if getattr(args, "mask", None) else None
-    if mask is not None and getattr(args, "blockwise", False):
-        raise RegtoolError("--mask is not used by --blockwise registration yet; leave one of them out.")
     if getattr(args, "blockwise", False):
-        result = _register_blockwise(args, fixed, moving, landmarks, iterations, warn)
+        result = _register_blockwise(args, fixed, moving, landmarks, iterations, warn, mask)
     else:
         result = register(fixed, moving, args.model, landmarks=landmarks, smoothing=args.smoothing, kernel=kernel,
                           device=args.device, iterations=iterations, similarity=args.similarity,
                           reg_weight=args.reg_weight, refine=args.refine, uncertainty=args.uncertainty,
                           weights=args.weights, channel=args.channel, progress=_progress_printer(args.quiet),
                           warn=warn, start=getattr(args, "global_model", None), mask=mask)
-        if mask is not None:
-            result.extra["mask"] = {"file": str(args.mask), "voxels": int(mask.sum())}
+    if mask is not None:
+        result.extra["mask"] = {"file": str(args.mask), "voxels": int(mask.sum())}
     paths = write_outputs(result, out)
     rep = result.report()
     if not args.quiet:
@@ -156,10 +154,11 @@ def _check_blockwise_options(args) -> None:
             raise RegtoolError(f"{what} belongs to the deep model; --blockwise uses the deformable optimiser.")
 
 
-def _register_blockwise(args, fixed, moving, landmarks, iterations, warn):
+def _register_blockwise(args, fixed, moving, landmarks, iterations, warn, mask=None):
     """``register --blockwise``: a global linear alignment on a coarse level, then block-wise deformable refinement
     on the registration level (:func:`napari_regtool.blockrefine.refine_blockwise`); evaluated and reported like
-    every other registration."""
+    every other registration. ``mask`` (bool, fixed grid) limits the global alignment, every block's similarity and
+    the report's."""
     import time
 
     from .blockrefine import plan_blocks, refine_blockwise
@@ -191,7 +190,7 @@ def _register_blockwise(args, fixed, moving, landmarks, iterations, warn):
     printer = _progress_printer(args.quiet)
     t0 = time.perf_counter()
     glob, start = _blockwise_global(args, fixed_s, moving_s, landmarks,
-                                    lambda f, m: printer(0.1 * f, f"global: {m}"))
+                                    lambda f, m: printer(0.1 * f, f"global: {m}"), mask)
     check_overlap(fixed.space, moving.space, glob, f"the global alignment ({start})")  # else every block is empty
     lam = DEFAULT_REG_WEIGHT if args.reg_weight is None else float(args.reg_weight)
     sig_u, sig_f = sigmas_for_reg_weight(lam)
@@ -206,19 +205,21 @@ def _register_blockwise(args, fixed, moving, landmarks, iterations, warn):
     transform = refine_blockwise(fixed_s, moving_s, glob, block=args.block, overlap=args.overlap,
                                  threshold=args.empty_threshold, workers=args.block_workers, device=dev,
                                  similarity=args.similarity, sigma_update=sig_u, sigma_field=sig_f, **options,
+                                 fixed_mask=mask,
                                  iterations=DEFAULT_ITERATIONS if iterations is None else iterations,
                                  progress=lambda f, m: printer(0.1 + 0.9 * f, m))
     info = dict(transform.blockwise_info)
     info["iterations"] = list(DEFAULT_ITERATIONS if iterations is None else iterations)
     extra = {"reg_weight": lam, "start": start, "similarity": args.similarity, "blockwise": info, **options}
     if not args.quiet:
+        masked = f", {info['blocks_masked']} outside the mask" if mask is not None else ""
         print(f"blocks: {info['blocks_refined']} refined, {info['blocks_empty']} empty, {info['blocks_outside']} "
-              f"outside the moving image (of {info['blocks']})", file=sys.stderr)
+              f"outside the moving image{masked} (of {info['blocks']})", file=sys.stderr)
     return finish_result(fixed, moving, transform, "deformable", dev, time.perf_counter() - t0, landmarks,
-                         extra=extra, channel=channel, warnings=notes, warn=warn)
+                         extra=extra, channel=channel, warnings=notes, warn=warn, mask=mask)
 
 
-def _blockwise_global(args, fixed, moving, landmarks, progress):
+def _blockwise_global(args, fixed, moving, landmarks, progress, mask=None):
     """The global transform of ``register --blockwise`` and how it was found: ``--global`` auto (a landmark
     affine when there are enough landmark pairs for one, else auto-affine), landmarks, auto-rigid, auto-affine (on a
     coarse OME-Zarr level when the inputs are OME-Zarr) or none (:func:`napari_regtool.pipeline.linear_start`)."""
@@ -227,7 +228,7 @@ def _blockwise_global(args, fixed, moving, landmarks, progress):
 
     lf, lm = landmarks.fit_points() if landmarks is not None else (None, None)
     t, how = linear_start(args.global_model or "auto", fixed, moving, lf, lm, progress=progress,
-                          auto_pair=lambda: _coarse_pair(args, fixed, moving))
+                          auto_pair=lambda: _coarse_pair(args, fixed, moving), fixed_mask=mask)
     return (IdentityTransform(fixed.ndim) if t is None else t), how
 
 

@@ -287,7 +287,8 @@ def linear_start(mode: str | None, fixed: Image, moving: Image, lf=None, lm=None
     ``"auto"`` (the landmark affine, else an automatic affine registration), ``"landmarks"``, ``"auto-rigid"``,
     ``"auto-affine"`` (started from the landmark affine when there is one) or ``"none"``. ``auto_pair()``, when
     given, returns the ``(fixed, moving, where)`` the automatic registration runs on (e.g. coarse levels).
-    ``fixed_mask``: a boolean array on ``fixed``'s grid where the automatic registration samples its metric.
+    ``fixed_mask``: a boolean array on ``fixed``'s grid where the automatic registration samples its metric (put on
+    the grid of ``auto_pair``'s fixed image by nearest neighbour when that is another).
     Returns ``(transform or None for the identity, description)``.
     """
     from .transforms import initial_from_landmarks, min_pairs
@@ -312,8 +313,12 @@ def linear_start(mode: str | None, fixed: Image, moving: Image, lf=None, lm=None
     from .autoreg import auto_linear
 
     cf, cm, where = auto_pair() if auto_pair is not None else (fixed, moving, "")
-    if cf.space != fixed.space:
-        fixed_mask = None  # a coarser level: the mask belongs to the full grid
+    if cf.space != fixed.space and fixed_mask is not None:  # a coarser level: the mask put on it by nearest neighbour
+        from .transforms import IdentityTransform
+
+        coarse = warp_image(Image(np.asarray(fixed_mask, np.uint8), fixed.space, "mask"), IdentityTransform(d),
+                            cf.space, label=True)
+        fixed_mask = coarse != 0 if coarse.any() else None
     t = auto_linear(cf, cm, model=mode.split("-")[1], initial=lm_init, progress=progress, cancel=cancel,
                     fixed_mask=fixed_mask)
     return t, mode + (f" on {where}" if where else "") + (" from the landmark affine" if lm_init is not None else "")
