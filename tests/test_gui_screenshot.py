@@ -210,6 +210,7 @@ def test_readme_screenshots(make_napari_viewer, qtbot):
     viewer.layers.clear()
     viewer.open_sample("napari-regtool", "brain3d")
     qtbot.waitUntil(lambda: w.session.ndim == 3, timeout=10000)
+    close_toasts()  # the notice that the 2D pair's layers went away
     w.set_view("side")
     w.tabs.setCurrentIndex(0)
     z = float(np.median(read_bigwarp_csv(str(L2).replace("brain2d", "brain3d")).fixed[:, 2]))
