@@ -19,7 +19,7 @@ from .device import resolve_device
 from .errors import Cancelled, FitError, InputError
 from .image import Image, mask_array
 from .landmarks import LandmarkPairs
-from .space import Space
+from .space import Space, unit_symbol
 from .transforms import (LANDMARK_MODELS, MODELS, fit_landmarks, initial_from_landmarks, leave_one_out, min_pairs,
                          residuals)
 from .transforms.base import IdentityTransform, Transform, index_grid_from_field
@@ -273,7 +273,7 @@ def far_apart(fixed: Image, moving: Image, remedy: str = "--global auto-affine, 
     h = float(np.mean(fixed.space.spacing))
     if not np.isfinite(dist) or dist <= CAPTURE_VOXELS * h:
         return None
-    unit = {None: "mm", "millimeter": "mm", "micrometer": "µm"}.get(fixed.meta.get("unit"), fixed.meta.get("unit"))
+    unit = unit_symbol(fixed.meta.get("unit"))
     return (f"The images' centres of mass are {dist:.3g} {unit} apart ({dist / h:.0f} voxels), and the "
             f"deformable stage starts from the files' placement: it recovers shifts of about 10 voxels. If the images "
             f"are not roughly aligned, start from a linear alignment ({remedy}).")

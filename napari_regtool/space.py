@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["Space", "to_array_order", "to_physical_order", "MM_PER_UNIT", "mm_per_unit"]
+__all__ = ["Space", "to_array_order", "to_physical_order", "MM_PER_UNIT", "mm_per_unit", "unit_symbol"]
 
 #: millimetres in one unit, for the OME-NGFF (UDUNITS-2) length units that scanners and microscopes write. ITK's
 #: file formats (NIfTI, MHA, NRRD, DICOM, transform files) are in millimetres: NIfTI says so in its header, and ITK
@@ -33,6 +33,18 @@ def mm_per_unit(unit: str | None) -> float | None:
     if not unit:
         return 1.0
     return MM_PER_UNIT.get(str(unit).strip().lower())
+
+
+#: the symbols messages write for the units of :data:`MM_PER_UNIT`
+UNIT_SYMBOL = {"millimeter": "mm", "micrometer": "µm", "nanometer": "nm", "picometer": "pm", "angstrom": "Å",
+               "centimeter": "cm", "decimeter": "dm", "meter": "m", "inch": "in"}
+
+
+def unit_symbol(unit: str | None) -> str:
+    """How a message writes a length ``unit`` (``None`` or ``""``: ``"mm"``, ITK's unit; another word as it is)."""
+    if not unit:
+        return "mm"
+    return UNIT_SYMBOL.get(str(unit).strip().lower(), str(unit))
 
 
 def to_array_order(v: np.ndarray) -> np.ndarray:
