@@ -146,7 +146,7 @@ def drawn_tilt(space: Space) -> str | None:
     if offset > DRAWN_OFFSET_LIMIT * float(space.spacing.min()):
         return (f"axes are tilted {degrees:.1f}° from the world axes; napari draws its slices without that tilt (a "
                 f"voxel up to {offset:.1f} mm from its place, and a landmark clicked there as far off)")
-    if not np.array_equal(np.argmax(np.abs(space.direction), axis=0), np.arange(3)):
+    if not np.array_equal(space.nearest_world_axes, np.arange(3)):
         return ("axes run along the world axes in another order (e.g. a sagittal or coronal acquisition); napari "
                 "cannot slice such a layer")
     return None

@@ -220,7 +220,7 @@ def in_slice_components(space: Space) -> list:
     steep angle: all but the one nearest that slice's normal (all of them in 2D)."""
     if space.ndim != 3:
         return list(range(space.ndim))
-    normal = int(np.argmax(np.abs(space.direction[:, 2])))  # index axis z, the slice normal, is nearest this axis
+    normal = int(space.nearest_world_axes[2])  # index axis z, the slice normal, is nearest this world axis
     return [c for c in range(3) if c != normal]
 
 

@@ -275,15 +275,19 @@ class Space:
         f = float(factor)
         return Space(self.shape, self.spacing * f, self.origin * f, self.direction)
 
+    @property
+    def nearest_world_axes(self) -> np.ndarray:
+        """(D,) int: the world axis (x, y, z order) each index axis runs closest to."""
+        return np.argmax(np.abs(self.direction), axis=0)
+
     def tilt(self) -> tuple:
         """How far this grid's axes are tilted from the world axes: ``(degrees, offset)``, the largest angle between
         an index axis and the world axis nearest to it, and the largest distance (physical units) between a voxel
         centre and where it would lie if every axis were turned onto that world axis (about the grid's centre).
         ``(0, 0)`` for axes along the world axes in any order and sign."""
         d = self.ndim
-        a = np.abs(self.direction)
-        nearest = np.argmax(a, axis=0)  # the world axis each index axis is closest to
-        cos = np.clip(a[nearest, np.arange(d)], -1.0, 1.0)
+        nearest = self.nearest_world_axes
+        cos = np.clip(np.abs(self.direction)[nearest, np.arange(d)], -1.0, 1.0)
         degrees = float(np.degrees(np.arccos(cos)).max())
         if len(set(nearest.tolist())) < d:  # two index axes nearest one world axis: as tilted as a grid can be
             degrees = max(degrees, 45.0)
@@ -298,7 +302,7 @@ class Space:
         """A grid along the world axes (identity direction) covering this one's voxel centres, with the spacing of
         the index axis nearest each world axis."""
         d = self.ndim
-        nearest = np.argmax(np.abs(self.direction), axis=0)
+        nearest = self.nearest_world_axes
         spacing = np.empty(d)
         spacing[nearest] = self.spacing
         if len(set(nearest.tolist())) < d:
