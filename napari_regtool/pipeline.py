@@ -194,13 +194,12 @@ def evaluate(result: RegistrationResult, need_warped=True, uncertainty=None, cha
     fs = result.fixed.space
     t = result.transform
     result.displacement = t.field(fs, device=dev, dtype=torch.float32)
-    # linear transforms build the index map directly; the others reuse the field just computed
-    index_grid = (t.moving_index_grid(fs, result.moving.space, device=dev) if t.is_linear
-                  else index_grid_from_field(result.displacement, fs, result.moving.space))
     # a moving image straightened for the viewer is warped and measured from the file's own grid: one interpolation,
     # and the same figures as the command line's
-    original = result.moving.meta.get("original")
-    source, grid = (result.moving, index_grid) if original is None else (original, None)
+    source = result.moving.meta.get("original") or result.moving
+    # linear transforms build the index map directly; the others reuse the field just computed
+    grid = (t.moving_index_grid(fs, source.space, device=dev) if t.is_linear
+            else index_grid_from_field(result.displacement, fs, source.space))
     if need_warped:
         result.warped = warp_image(source, t, fs, device=dev, index_grid=grid)
     result.jacobian = jacobian_determinant(result.displacement, fs)
