@@ -14,7 +14,7 @@ import math
 import numpy as np
 
 from .errors import Cancelled, FitError, InputError
-from .image import Image, mask_array
+from .image import Image, mask_array, overlap_share
 from .io import affine_from_sitk
 from .transforms.base import Transform
 from .transforms.linear import AffineTransform
@@ -94,15 +94,6 @@ MIN_SAMPLES = 20000
 SAMPLE_ON_MOVING_MARGIN = 0.05
 
 
-def _coverage(a, b, tx) -> float:
-    """Share of a coarse lattice of grid ``a``'s points that ``tx`` (None: the identity) maps inside grid ``b``."""
-    axes = [np.linspace(0, n - 1, min(int(n), 24)) for n in a.size_xyz]
-    pts = a.index_to_physical(np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, a.ndim))
-    if tx is not None:
-        pts = tx.map_points(pts)
-    return float(np.mean(b.contains(pts)))
-
-
 def _method(metric: str, bins: int):
     """A SimpleITK registration method with ``metric`` (Mattes mutual information or correlation) set."""
     import SimpleITK as sitk
@@ -115,10 +106,23 @@ def _method(metric: str, bins: int):
     return reg
 
 
-def _start_metric(f_img, m_img, tx, metric: str, bins: int) -> float:
+#: a start candidate whose overlap is below this share of both images loses to any other (+inf): mutual information
+#: over a sliver of the images can score better than over the whole of them
+START_MIN_OVERLAP = 0.2
+
+
+def _start_metric(f_img, m_img, tx, metric: str, bins: int, fixed: Image, moving: Image) -> float:
     """The registration metric (lower is better) of ``tx`` on smoothed copies of the images, the fixed one shrunk to
-    about 64 voxels per axis; +inf when too few points overlap."""
+    about 64 voxels per axis; +inf when too few points overlap: less than :data:`START_MIN_OVERLAP` of either
+    image (``fixed``, ``moving``: their grids), or too few for SimpleITK."""
     import SimpleITK as sitk
+
+    a = affine_from_sitk(tx)
+    shares = [overlap_share(fixed.space, moving.space, a.map_points)]
+    if abs(np.linalg.det(a.matrix)) > 1e-12:  # (a start is a rotation or a translation: always)
+        shares.append(overlap_share(moving.space, fixed.space, a.inverse().map_points))
+    if max(shares) < START_MIN_OVERLAP:
+        return math.inf
 
     shrink = [max(1, n // 64) for n in f_img.GetSize()]
     reg = _method(metric, bins)
@@ -193,8 +197,9 @@ def auto_linear(fixed: Image, moving: Image, model: str = "rigid", initial: Tran
         sample_smaller = False
     if sample_smaller:
         start_tx = _as_affine(initial, fixed) if initial is not None else None
-        if _coverage(moving.space, fixed.space, None if start_tx is None else start_tx.inverse()) > \
-                _coverage(fixed.space, moving.space, start_tx) + SAMPLE_ON_MOVING_MARGIN:
+        if overlap_share(moving.space, fixed.space, None if start_tx is None else start_tx.inverse().map_points) > \
+                overlap_share(fixed.space, moving.space, None if start_tx is None else start_tx.map_points) + \
+                SAMPLE_ON_MOVING_MARGIN:
             # more of the moving image lies inside the fixed one than the other way round: the metric is sampled on
             # the moving image (the fixed image registered to it, then inverted), so more samples have a partner
             # and the optimum does not drift to where the two overlap least (seen on a pair covering 52 % / 40 % of
@@ -219,7 +224,8 @@ def auto_linear(fixed: Image, moving: Image, model: str = "rigid", initial: Tran
         lo, hi = fixed.space.physical_bounds()
         header.SetCenter([float(v) for v in (lo + hi) / 2])
         tx, start = centred, f"image {'centres' if init == 'geometry' else 'centres of mass'}"
-        if _start_metric(f_img, m_img, header, metric, bins) < _start_metric(f_img, m_img, centred, metric, bins):
+        if _start_metric(f_img, m_img, header, metric, bins, fixed, moving) < \
+                _start_metric(f_img, m_img, centred, metric, bins, fixed, moving):
             tx, start = header, "the files' placement"
     else:
         if initial.ndim != d:

@@ -108,6 +108,15 @@ def _grid_points(space: Space) -> np.ndarray:
     return space.index_to_physical(np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, space.ndim))
 
 
+def overlap_share(a: Space, b: Space, map_points=None) -> float:
+    """The share of grid ``a`` (a lattice of at most 32 points per axis, corners included) that ``map_points``
+    (``(N, D)`` physical points of ``a`` → points of ``b``'s space; default: the identity) puts inside grid ``b``."""
+    pts = _grid_points(a)
+    if map_points is not None:
+        pts = np.asarray(map_points(pts), dtype=float)
+    return float(b.contains(pts, margin=0.5).mean())
+
+
 def _volume(space: Space) -> float:
     return float(abs(np.linalg.det(space.index_to_physical_matrix)) * np.prod(space.size_xyz))
 
@@ -131,15 +140,11 @@ def check_overlap(fixed_space: Space, moving_space: Space, transform=None, start
     inside a large fixed image is fine) are below :data:`MIN_OVERLAP`: an intensity-driven registration would then
     compare the fixed image with padding. ``start`` names the transform in the message (e.g. "the landmark
     affine")."""
-    pts = _grid_points(fixed_space)
-    if transform is not None:
-        pts = np.asarray(transform.map_points(pts), dtype=float)
-    frac = float(moving_space.contains(pts, margin=0.5).mean())
+    frac = overlap_share(fixed_space, moving_space, None if transform is None else transform.map_points)
     moving_share = frac * _volume(fixed_space) / max(_volume(moving_space), 1e-30)  # the overlap over the moving
     if frac < MIN_OVERLAP and frac > 0 and transform is not None:
         try:  # exact where the start can be inverted: the moving image's points that land in the fixed image
-            back = np.asarray(transform.inverse().map_points(_grid_points(moving_space)), dtype=float)
-            moving_share = float(fixed_space.contains(back, margin=0.5).mean())
+            moving_share = overlap_share(moving_space, fixed_space, transform.inverse().map_points)
         except Exception:  # not invertible (or only numerically): keep the estimate from the volumes
             pass
     if frac < MIN_OVERLAP and moving_share < MIN_OVERLAP:
