@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import Cancelled, InputError
-from .ngff import _attrs, _axes_of, _global_transforms, _level_space, _path_and_attrs, _transforms
+from .ngff import _attrs, _axes_of, _common_unit, _global_transforms, _level_space, _path_and_attrs, _transforms
 from .space import Space
 
 __all__ = ["FIELD_VERSION", "FIELD_PATH", "write_field_ngff", "is_field_ngff", "field_in", "open_field_ngff", "NgffField",
@@ -129,9 +129,11 @@ class FieldArrayView:
     components (the layout of an ITK field and of :class:`~napari_regtool.transforms.field.DisplacementFieldTransform`):
     slicing reads only the chunks it touches."""
 
-    def __init__(self, array, comp_axis: int):
+    def __init__(self, array, comp_axis: int, scale=None):
         self.array = array
         self.comp_axis = int(comp_axis)
+        #: factors of the x, y, z components (their axes' units converted to one), or None
+        self.scale = None if scale is None or np.all(np.asarray(scale) == 1.0) else np.asarray(scale, float)
         shp = tuple(int(s) for s in array.shape)
         self.ndim_space = len(shp) - 1
         self.shape = tuple(s for i, s in enumerate(shp) if i != self.comp_axis) + (shp[self.comp_axis],)
@@ -145,8 +147,8 @@ class FieldArrayView:
             raise IndexError("FieldArrayView takes contiguous slices over the grid and all components.")
         src = list(spatial)
         src.insert(self.comp_axis, slice(None))
-        a = np.asarray(self.array[tuple(src)])
-        return np.moveaxis(a, self.comp_axis, -1)[..., ::-1]
+        a = np.moveaxis(np.asarray(self.array[tuple(src)]), self.comp_axis, -1)[..., ::-1]
+        return a if self.scale is None else a * self.scale
 
     def __array__(self, dtype=None, copy=None):
         a = self[(slice(None),) * self.ndim_space]
@@ -308,17 +310,20 @@ def open_field_ngff(path) -> NgffField:
     gs, gt, more = _global_transforms(m, d + 1, where, pad_axis=comp)
     notices += more
     scale, trans = scale * gs, trans * gs + gt
+    # axes in different length units: the grid and each component converted to one (the last axis's)
+    unit, factors, more = _common_unit(where, [axes[i] for i in spatial])
+    notices += more
+    scale[spatial] = scale[spatial] * factors
+    trans[spatial] = trans[spatial] * factors
     extra = _ome_regtool(group_path)
     direction = np.asarray(extra.get("direction"), float) if extra.get("direction") is not None else np.eye(d)
     if direction.shape != (d, d):
         direction = np.eye(d)
     shape = [int(arr.shape[i]) for i in spatial]
     space = _level_space(shape, scale[spatial], trans[spatial], direction)
-    units = {(axes[i] or {}).get("unit") for i in spatial}
-    unit = units.pop() if len(units) == 1 else None
     if len(datasets) > 1:
         notices.append(f"{p.name}: the field has {len(datasets)} resolution levels; the finest is used.")
-    return NgffField(p, space, FieldArrayView(arr, comp), unit, notices)
+    return NgffField(p, space, FieldArrayView(arr, comp, factors[::-1]), unit, notices)
 
 
 def _ome_regtool(group: Path) -> dict:

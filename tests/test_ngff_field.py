@@ -68,19 +68,22 @@ def test_written_store_follows_the_spec_and_holds_the_affine_displacement(tmp_pa
         np.testing.assert_allclose(got[i], u[..., k], rtol=0, atol=2e-6 * np.abs(u).max())
 
 
-def _hand_store(path, u_xyz, space: Space, comp_first=True, version="0.6", short_scale=False):
+def _hand_store(path, u_xyz, space: Space, comp_first=True, version="0.6", short_scale=False, units=None):
     """A field store written here with plain zarr, the way the specification's example lays it out (the field group
-    itself, no scene), so that reading does not depend on the writer."""
+    itself, no scene), so that reading does not depend on the writer. ``units``: each spatial axis's unit, array
+    order (default millimetres); the grid and the component of an axis in µm are written in µm."""
     d = space.ndim
-    comps = np.moveaxis(u_xyz[..., ::-1], -1, 0)  # (D, *S), array-order components
+    per_mm = 1.0 if units is None else np.array([{"millimeter": 1.0, "micrometer": 1000.0}[u] for u in units])
+    units = units or ["millimeter"] * d
+    comps = np.moveaxis(u_xyz[..., ::-1] * per_mm, -1, 0)  # (D, *S), array-order components
     if not comp_first:
         comps = np.moveaxis(comps, 0, -1)
     g = zarr.open_group(str(path), mode="w", zarr_format=3)
     g.create_array("s0", data=comps.astype(np.float32), chunks=comps.shape)
-    sp_axes = [{"name": n, "type": "space", "unit": "millimeter"} for n in "zyx"[-d:]]
+    sp_axes = [{"name": n, "type": "space", "unit": u} for n, u in zip("zyx"[-d:], units)]
     c_axis = [{"name": "c", "type": "displacement", "discrete": True}]
-    scale = list(space.spacing[::-1]) if short_scale else ([1.0] + list(space.spacing[::-1]))
-    trans = [0.0] + list(space.origin[::-1])
+    scale = list(space.spacing[::-1] * per_mm) if short_scale else ([1.0] + list(space.spacing[::-1] * per_mm))
+    trans = [0.0] + list(space.origin[::-1] * per_mm)
     if not comp_first:
         scale = scale if short_scale else scale[1:] + [1.0]
         trans = trans[1:] + [0.0]
@@ -417,3 +420,25 @@ def test_ngff_axes_in_different_units_are_converted_and_a_missing_unit_is_said(t
     store(tmp_path / "odd.zarr", ["micrometer", "parsec", "parsec"])
     with pytest.raises(InputError, match="different units"):
         ngff.open_ngff(tmp_path / "odd.zarr")
+
+
+def test_field_with_axes_in_different_units_is_read_in_one(tmp_path):
+    """A field whose y axis (grid and y component) is in micrometres and x axis in millimetres: read in millimetres
+    (the last axis's unit), with a note; it equals the field written and warps as SimpleITK does through it."""
+    space = Space((40, 52), (1.1, 0.8), (-6.0, 3.5))
+    u = _smooth_field(space, amp=2.5)
+    store = _hand_store(tmp_path / "mixed.zarr", u, space, units=["micrometer", "millimeter"])
+    f = open_field_ngff(store)
+    assert f.unit == "millimeter" and any("different units" in n for n in f.notices)
+    np.testing.assert_allclose(f.space.spacing, space.spacing, rtol=1e-12)
+    np.testing.assert_allclose(f.space.origin, space.origin, rtol=1e-12)
+    np.testing.assert_allclose(f.read(), u, rtol=1e-6, atol=1e-4)
+    loaded = load_transform_for_qc(store, space)
+    mov = _blobs(space.shape, 5) * 50
+    tx = sitk.DisplacementFieldTransform(_to_sitk(u.astype(np.float64), space, vector=True))
+    ref = sitk.GetArrayFromImage(sitk.Resample(_to_sitk(mov, space), _to_sitk(mov, space), tx, sitk.sitkLinear, 0.0))
+    from napari_regtool.image import Image
+    from napari_regtool.pipeline import warp_image
+
+    got = warp_image(Image(mov, space, "m"), loaded.transform, space)
+    assert np.abs(got - ref).max() < 1e-3 * np.abs(ref).max()
