@@ -209,3 +209,50 @@ def test_a_start_that_overlaps_a_sliver_of_both_images_loses(tmp_path):
     pts = fs.index_to_physical(np.array([[40.0, 50.0], [120.0, 100.0]]))
     np.testing.assert_allclose(t.map_points(pts) - pts, np.tile(moved, (2, 1)), atol=float(fs.spacing.max()))
     assert np.linalg.norm(moved) > 0.8 * abs(shift[0])
+
+
+def _exact_affine_pair(padded: bool):
+    """The 2D sample resampled by SimpleITK through a known affine (8° rotation, 5 % scale, a (6, −4) mm shift about
+    the centre) onto another grid: 0.6 mm pixels, and with ``padded`` a grid larger than the content (zeros round
+    it), as a moving image cut from a larger field of view is."""
+    import SimpleITK as sitk
+
+    fixed = _load("brain2d_fixed.nii.gz")
+    fs = fixed.space
+    f_img = sitk.GetImageFromArray(fixed.array.astype(np.float32))
+    fs.apply_to_sitk(f_img)
+    lo, hi = fs.physical_bounds()
+    c = (lo + hi) / 2
+    a = 1.05 * _rot2(8)
+    truth = sitk.AffineTransform(2)
+    truth.SetMatrix(a.ravel().tolist())
+    truth.SetCenter(c.tolist())
+    truth.SetTranslation((6.0, -4.0))
+    grow = 1.5 if padded else 0.9
+    size = [int(n * grow * fs.spacing[k] / 0.6) for k, n in enumerate(fs.size_xyz)]
+    ref = sitk.Image(size, sitk.sitkFloat32)
+    ref.SetSpacing((0.6, 0.6))
+    ref.SetOrigin((c - np.array(size) * 0.6 / 2).tolist())
+    m_img = sitk.Resample(f_img, ref, truth.GetInverse(), sitk.sitkLinear, 0.0)
+    ms = Space(sitk.GetArrayFromImage(m_img).shape, (0.6, 0.6), ref.GetOrigin())
+    return fixed, Image(sitk.GetArrayFromImage(m_img), ms, "moving"), truth
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_auto_affine_recovers_an_exact_affine_and_gives_the_same_answer_every_time(padded):
+    """An exact affine pair (the moving image on another grid, cropped or padded with zeros): auto-affine lands within
+    a fifth of a pixel of SimpleITK's own mapping through the known affine (mutual information with regular steps
+    alone ended 4–11 mm off on such a pair, and differently on every run), and twice the same call gives the same
+    matrix to the last bit."""
+    fixed, moving, truth = _exact_affine_pair(padded)
+    inner = fixed.array > np.percentile(fixed.array, 50)
+    idx = np.argwhere(inner)[::37][:, ::-1].astype(float)
+    pts = fixed.space.index_to_physical(idx)
+    want = np.array([truth.TransformPoint(p.tolist()) for p in pts])
+    t1 = auto_linear(fixed, moving, "affine")
+    err = np.linalg.norm(t1.map_points(pts) - want, axis=1)
+    assert np.median(err) < 0.2 * 0.6 and err.max() < 0.5 * 0.6, (np.median(err), err.max(), t1.info["scores"])
+    t2 = auto_linear(fixed, moving, "affine")
+    assert np.array_equal(t1.matrix, t2.matrix) and np.array_equal(t1.translation, t2.translation)
+    s = t1.info["scores"]
+    assert s[t1.info["chosen"]] == min(v for v in s.values() if v is not None) <= s["start"]
