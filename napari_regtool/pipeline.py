@@ -247,7 +247,7 @@ def similarity_before_after(fixed: Image, moving: Image, transform: Transform, d
 START_MODES = ("auto", "landmarks", "auto-rigid", "auto-affine", "none")
 #: the deformable optimiser and the deep refinement, started from the files' placement, recover a shift of about
 #: 10 voxels of the fixed image and fail from 20 (the 2D sample shifted: 0.05 mm median error at 10 mm, 4–14 mm at
-#: 20 mm); beyond this many voxels between the images' centres of mass a run from the identity says so
+#: 20 mm); beyond this many voxels between the images (:func:`far_apart`) a run from the identity says so
 CAPTURE_VOXELS = 12.0
 
 
@@ -265,15 +265,83 @@ def _centre_of_mass(image: Image) -> np.ndarray:
     return image.space.array_index_to_physical(np.array(idx)[None])[0]
 
 
+#: the shortest overlap (share of the smaller image's coarse copy) a shift of :func:`_correlation_shift` may leave
+CORRELATION_OVERLAP = 0.3
+#: the least normalised cross-correlation at which :func:`_correlation_shift` trusts its shift
+CORRELATION_TRUST = 0.2
+
+
+def _correlation_shift(fixed: Image, moving: Image, per_axis: int = 64):
+    """The translation ``t`` (physical, x, y, z) with ``moving(x + t)`` most like ``fixed(x)``: the peak of the
+    normalised cross-correlation, over the part the two overlap, of coarse copies of both on one axis-aligned grid
+    (at most ``per_axis`` voxels along its longest side; masked NCC by FFT, Padfield 2012), among shifts that leave at
+    least :data:`CORRELATION_OVERLAP` of the smaller image overlapping. ``(t, ncc)``, or ``(None, ncc)`` when no
+    shift reaches :data:`CORRELATION_TRUST`."""
+    from .transforms import IdentityTransform
+    from .transforms.field import resample
+
+    d = fixed.ndim
+    (lf, hf), (lm, hm) = fixed.space.physical_bounds(), moving.space.physical_bounds()
+    lo, hi = np.minimum(lf, lm), np.maximum(hf, hm)
+    s = max(float((hi - lo).max()) / (per_axis - 1), float(min(fixed.space.spacing.min(), moving.space.spacing.min())))
+    n_xyz = np.ceil((hi - lo) / s).astype(int) + 1
+    grid = Space(tuple(int(v) for v in n_xyz[::-1]), np.full(d, s), lo, np.eye(d))
+    coarse = []
+    for im in (fixed, moving):
+        a = np.asarray(im.scalar(), dtype=np.float32)
+        step = [max(1, int(s / (2 * sp))) for sp in im.space.spacing[::-1]]  # a first cut to about half the grid
+        sub = Space(a[tuple(slice(None, None, k) for k in step)].shape, im.space.spacing * np.array(step[::-1]),
+                    im.space.origin, im.space.direction)
+        a = a[tuple(slice(None, None, k) for k in step)]
+        v = resample(a, sub, IdentityTransform(d), grid, fill=np.nan, dtype=torch.float32).numpy().astype(np.float64)
+        inside = np.isfinite(v)
+        v[~inside] = 0.0
+        coarse.append((v, inside.astype(np.float64)))
+    (f, fm), (m, mm) = coarse
+    shape = [2 * n for n in f.shape]  # zero padding: no wrap-around
+
+    def xcorr(a, b):  # Σ_x a(x) b(x + t) for every shift t (array order), t = 0 at index 0
+        axes = tuple(range(len(shape)))
+        return np.fft.irfftn(np.conj(np.fft.rfftn(a, shape, axes)) * np.fft.rfftn(b, shape, axes), shape, axes)
+
+    overlap = np.rint(xcorr(fm, mm))
+    sf, sm = xcorr(f, mm), xcorr(fm, m)
+    sff, smm, sfm = xcorr(f * f, mm), xcorr(fm, m * m), xcorr(f, m)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        o = np.maximum(overlap, 1.0)
+        num = sfm - sf * sm / o
+        den = np.sqrt(np.maximum(sff - sf * sf / o, 0.0) * np.maximum(smm - sm * sm / o, 0.0))
+        ncc = np.where(den > 1e-12 * max(float(den.max()), 1e-300), num / den, -np.inf)
+    ncc[overlap < CORRELATION_OVERLAP * min(fm.sum(), mm.sum())] = -np.inf
+    k = np.unravel_index(int(np.argmax(ncc)), ncc.shape)
+    best = float(ncc[k])
+    if not np.isfinite(best) or best < CORRELATION_TRUST:
+        return None, best
+    shift_arr = np.array([i if i < n // 2 else i - n for i, n in zip(k, shape)], float)  # array order, voxels
+    for ax in range(d):  # to a fraction of a voxel: the parabola through the peak and its neighbours
+        lo_k, hi_k = list(k), list(k)
+        lo_k[ax], hi_k[ax] = (k[ax] - 1) % shape[ax], (k[ax] + 1) % shape[ax]
+        y0, y1, y2 = float(ncc[tuple(lo_k)]), best, float(ncc[tuple(hi_k)])
+        curv = y0 - 2 * y1 + y2
+        if np.isfinite(y0) and np.isfinite(y2) and curv < 0:
+            shift_arr[ax] += float(np.clip(0.5 * (y0 - y2) / curv, -0.5, 0.5))
+    return shift_arr[::-1] * s, best
+
+
 def far_apart(fixed: Image, moving: Image, remedy: str = "--global auto-affine, or landmarks") -> str | None:
-    """A sentence when the images' centres of mass lie more than :data:`CAPTURE_VOXELS` fixed voxels apart — more
-    than a deformable registration from the files' placement recovers — else ``None``."""
-    dist = float(np.linalg.norm(_centre_of_mass(fixed) - _centre_of_mass(moving)))
+    """A sentence when the images lie more than :data:`CAPTURE_VOXELS` fixed voxels apart — more than a deformable
+    registration from the files' placement recovers — else ``None``. How far apart: the shift of
+    :func:`_correlation_shift` where it finds one it trusts, else the distance of the centres of mass."""
+    t, _ = _correlation_shift(fixed, moving)
+    how = "the shift that best lines up coarse copies of them"
+    if t is None:
+        t, how = _centre_of_mass(moving) - _centre_of_mass(fixed), "their centres of mass"
+    dist = float(np.linalg.norm(t))
     h = float(np.mean(fixed.space.spacing))
     if not np.isfinite(dist) or dist <= CAPTURE_VOXELS * h:
         return None
     unit = unit_symbol(fixed.meta.get("unit"))
-    return (f"The images' centres of mass are {dist:.3g} {unit} apart ({dist / h:.0f} voxels), and the "
+    return (f"The images lie about {dist:.3g} {unit} apart ({dist / h:.0f} voxels, by {how}), and the "
             f"deformable stage starts from the files' placement: it recovers shifts of about 10 voxels. If the images "
             f"are not roughly aligned, start from a linear alignment ({remedy}).")
 

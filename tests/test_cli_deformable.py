@@ -215,10 +215,11 @@ def test_register_mask_limits_the_match_to_the_masked_part(tmp_path):
 
 
 def test_a_pair_far_apart_is_said_when_the_deformable_stage_starts_from_the_files(tmp_path, capsys):
-    """The sample brain moved 30 mm along x and y: the deformable model from the files' placement says how far apart
-    the centres of mass are (checked against SciPy's) and how to start from an alignment; with --global auto-affine,
-    or for the sample pair itself, it says nothing of the kind."""
-    from scipy.ndimage import center_of_mass
+    """The sample brain moved 30 mm along x and y (the file's origin moved), and moved 20 mm inside its own grid (the
+    content shifted, zeros coming in: its centre of mass moves only 9 mm): the deformable model from the files'
+    placement says how far apart they lie (the known shift, to a voxel) and how to start from an alignment; with
+    --global auto-affine, or for the sample pair itself, it says nothing of the kind."""
+    from scipy.ndimage import shift as nd_shift
 
     from napari_regtool.io import read_image, write_image
     from napari_regtool.space import Space
@@ -226,20 +227,21 @@ def test_a_pair_far_apart_is_said_when_the_deformable_stage_starts_from_the_file
     f = read_image(F2)
     s = f.space
     write_image(tmp_path / "far.nii.gz", f.array, Space(s.shape, s.spacing, s.origin + 30.0, s.direction))
-    a = f.array.astype(float) - f.array.min()
-    com = s.array_index_to_physical(np.array(center_of_mass(a))[None])[0]
-    expected = np.linalg.norm((com + 30.0) - com)  # the same image moved: 42.4 mm
+    # 20 voxels along the array's last axis; direction −x, 1 mm voxels: T(x) = x − 20 mm along x maps fixed → moving
+    inside = nd_shift(f.array.astype(np.float32), (0, 20), order=1, mode="constant", cval=0.0)
+    write_image(tmp_path / "inside.nii.gz", inside, s)
     base = ["register", "--fixed", str(F2), "--model", "deformable", "--iterations", "5x0x0"]
-    assert main(base + ["--moving", str(tmp_path / "far.nii.gz"), "--out", str(tmp_path / "a")]) == 0
-    err = capsys.readouterr().err
-    assert "centres of mass are" in err and "--global auto-affine" in err
-    said = float(err.split("centres of mass are ")[1].split(" mm")[0])
-    assert said == pytest.approx(expected, abs=1.0)
+    for name, expected in (("far", 30.0 * np.sqrt(2.0)), ("inside", 20.0 * float(s.spacing[0]))):
+        assert main(base + ["--moving", str(tmp_path / f"{name}.nii.gz"), "--out", str(tmp_path / name)]) == 0
+        err = capsys.readouterr().err
+        assert "apart" in err and "--global auto-affine" in err, err
+        said = float(err.split("lie about ")[1].split(" mm")[0])
+        assert said == pytest.approx(expected, abs=float(s.spacing.max())), (name, said)
     assert main(base + ["--moving", str(tmp_path / "far.nii.gz"), "--global", "auto-affine", "--out",
                         str(tmp_path / "b")]) == 0
-    assert "centres of mass" not in capsys.readouterr().err
+    assert "apart" not in capsys.readouterr().err
     assert main(base + ["--moving", str(M2), "--out", str(tmp_path / "c")]) == 0
-    assert "centres of mass" not in capsys.readouterr().err
+    assert "apart" not in capsys.readouterr().err
 
 
 def test_blockwise_register_with_a_mask_follows_the_masked_part(tmp_path):

@@ -420,5 +420,5 @@ def test_deep_model_on_images_far_apart_says_how_to_align_them(make_napari_viewe
     w.lambda_slider.setValue(w.lambda_slider.minimum() + 20)
     wait_idle(qtbot, w)
     seen = notifications()[before:]
-    said = [m for m in seen if "centres of mass" in m]
+    said = [m for m in seen if "apart" in m]
     assert len(said) == 1 and "Auto-align" in said[0] and "42" in said[0], seen
