@@ -243,6 +243,9 @@ def similarity_before_after(fixed: Image, moving: Image, transform: Transform, d
     return out[0], out[1]
 
 
+#: an intensity-driven registration whose images match less than this (|NCC| after, where they overlap) says that
+#: its result means little (a photograph against a constant image holding one disk: 0.05; the sample pairs: 0.99)
+LOW_MATCH_NCC = 0.2
 #: linear starts of the deformable and deep models (``register(start=…)``, ``regtool register --global``)
 START_MODES = ("auto", "landmarks", "auto-rigid", "auto-affine", "none")
 #: the deformable optimiser and the deep refinement, started from the files' placement, recover a shift of about
@@ -275,8 +278,8 @@ def _correlation_shift(fixed: Image, moving: Image, per_axis: int = 64):
     """The translation ``t`` (physical, x, y, z) with ``moving(x + t)`` most like ``fixed(x)``: the peak of the
     normalised cross-correlation, over the part the two overlap, of coarse copies of both on one axis-aligned grid
     (at most ``per_axis`` voxels along its longest side; masked NCC by FFT, Padfield 2012), among shifts that leave at
-    least :data:`CORRELATION_OVERLAP` of the smaller image overlapping. ``(t, ncc)``, or ``(None, ncc)`` when no
-    shift reaches :data:`CORRELATION_TRUST`."""
+    least :data:`CORRELATION_OVERLAP` of the smaller image overlapping (a negative correlation counts as much: an
+    inverted contrast). ``(t, |ncc|)``, or ``(None, |ncc|)`` when no shift reaches :data:`CORRELATION_TRUST`."""
     from .transforms import IdentityTransform
     from .transforms.field import resample
 
@@ -311,7 +314,8 @@ def _correlation_shift(fixed: Image, moving: Image, per_axis: int = 64):
         o = np.maximum(overlap, 1.0)
         num = sfm - sf * sm / o
         den = np.sqrt(np.maximum(sff - sf * sf / o, 0.0) * np.maximum(smm - sm * sm / o, 0.0))
-        ncc = np.where(den > 1e-12 * max(float(den.max()), 1e-300), num / den, -np.inf)
+        # |NCC|: a moving image of inverted contrast lines up as well (its peak is negative)
+        ncc = np.where(den > 1e-12 * max(float(den.max()), 1e-300), np.abs(num / den), -np.inf)
     ncc[overlap < CORRELATION_OVERLAP * min(fm.sum(), mm.sum())] = -np.inf
     k = np.unravel_index(int(np.argmax(ncc)), ncc.shape)
     best = float(ncc[k])
@@ -532,8 +536,14 @@ def register(fixed: Image, moving: Image, model: str, landmarks: LandmarkPairs |
     runtime = time.perf_counter() - t0
     if cancel is not None and cancel():
         raise Cancelled()
-    return finish_result(fixed, moving, transform, model, dev, runtime, landmarks, smoothing, kernel, extra,
-                         channel, warnings_list, warn, mask=mask)
+    result = finish_result(fixed, moving, transform, model, dev, runtime, landmarks, smoothing, kernel, extra,
+                           channel, warnings_list, warn, mask=mask)
+    ncc = (result.similarity_after or {}).get("ncc")
+    if model not in LANDMARK_MODELS and similarity != "mi" and ncc is not None and abs(ncc) < LOW_MATCH_NCC:
+        _warn(f"After registration the images still barely match (NCC {ncc:.2f} where they overlap): the result "
+              "means little. Check that the moving image shows what the fixed image shows (the right file, the right "
+              "channel); for images of different contrast use mutual information (--similarity mi).")
+    return result
 
 
 def finish_result(fixed: Image, moving: Image, transform: Transform, model: str, device, runtime_s: float,
