@@ -310,3 +310,19 @@ def test_a_pair_that_still_barely_matches_after_registration_is_said(tmp_path, c
     assert abs(np.corrcoef(a, b)[0, 1]) < 0.2
     assert main(base + ["--moving", str(M2), "--out", str(tmp_path / "b")]) == 0
     assert "barely match" not in capsys.readouterr().err
+
+
+def test_a_channels_first_stack_read_as_a_thin_volume_gets_advice(tmp_path, capsys):
+    """A 2-channel 2D image stored channels first (SimpleITK reads it as a 2-slice volume): the size refusal says it
+    was read as 2 slices and how to store channels; exit 2, nothing written."""
+    import SimpleITK as sitk
+
+    rng = np.random.default_rng(0)
+    for name in ("f", "m"):
+        sitk.WriteImage(sitk.GetImageFromArray(rng.random((2, 40, 48)).astype(np.float32)),
+                        str(tmp_path / f"{name}.tif"))
+    assert main(["register", "--fixed", str(tmp_path / "f.tif"), "--moving", str(tmp_path / "m.tif"), "--model",
+                 "deformable", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "48×40×2 voxels" in err and "read as a volume of 2 slices" in err and "channels last" in err
+    assert not (tmp_path / "o").exists()
