@@ -48,7 +48,7 @@ from dataclasses import dataclass, field as dc_field
 from pathlib import Path
 from typing import Callable
 
-from .errors import RegtoolError, user_message
+from .errors import InputError, RegtoolError, user_message
 
 __all__ = ["PairJob", "BatchInterrupted", "read_pairs", "run_batch", "run_pair", "pair_is_current", "write_summary", "SUMMARY_FIELDS",
            "STAMP", "add_batch_arguments", "batch_command"]
@@ -131,16 +131,21 @@ def read_pairs(pairs_csv, register_parser: argparse.ArgumentParser, cli_options:
     spelt = {o[2:].replace("-", "_"): dest for dest, a in actions.items() for o in a.option_strings
              if o.startswith("--")}
     cols = [spelt.get(k, k) for k in (c.strip().lower().replace("-", "_") for c in header)]
+    # columns of the user's own (subject, notes, …): named with a leading underscore, kept and copied to the summary
+    own = {i: header[i].strip() for i, c in enumerate(cols) if c.startswith("_")}
+    shown = sorted({max(a.option_strings, key=len)[2:] if a.option_strings else d
+                    for d, a in actions.items()} - {"fixed", "moving"})
     if "fixed" not in cols or "moving" not in cols:
         raise RegtoolError(f"{path}, line {head_line}: the header row must name the columns fixed and moving (found "
                            f"{', '.join(c or '(empty)' for c in cols)}).")
     allowed = set(actions) | {"name"}
-    for c in cols:
+    for i, c in enumerate(cols):
         if not c:
             raise RegtoolError(f"{path}, line {head_line}: a column has no name; name every column of the header.")
-        if c not in allowed:
+        if c not in allowed and i not in own:
             raise RegtoolError(f"{path}, line {head_line}: unknown column {c!r}; columns are fixed, moving, name and "
-                               f"the register options: {', '.join(sorted(set(actions) - {'fixed', 'moving'}))}.")
+                               f"the register options: {', '.join(shown)}. Name a column of your own with a leading "
+                               f"underscore (e.g. _{c}) to keep it: it is copied to the summary.")
     dup = sorted({c for c in cols if cols.count(c) > 1})
     if dup:
         raise RegtoolError(f"{path}, line {head_line}: column {dup[0]!r} appears more than once.")
@@ -156,7 +161,8 @@ def read_pairs(pairs_csv, register_parser: argparse.ArgumentParser, cli_options:
         if len(cells) != len(cols):
             fail(line, f"{len(cells)} cells for {len(cols)} columns (a missing or extra comma?); give every row "
                        "one cell per column (empty for none).")
-        row = {c: v.strip() for c, v in zip(cols, cells)}
+        kept = {own[i]: cells[i].strip() for i in own}
+        row = {c: v.strip() for i, (c, v) in enumerate(zip(cols, cells)) if i not in own}
         for req in ("fixed", "moving"):
             if not row[req]:
                 fail(line, f"the {req} image is missing; every row needs a fixed and a moving image.")
@@ -208,7 +214,7 @@ def read_pairs(pairs_csv, register_parser: argparse.ArgumentParser, cli_options:
                        + (", once the command line's options apply" if cli_options else "") + "); remove one.")
         seen[ident] = line
         jobs.append(PairJob(name=name, line=line, fixed=row["fixed"], moving=row["moving"], options=ns,
-                            model=ns.model, extra={"overridden": overridden}))
+                            model=ns.model, extra={"overridden": overridden, "columns": kept}))
     return jobs
 
 
@@ -241,6 +247,8 @@ def _input_state(path: Path, previous: dict | None = None) -> dict:
     size and time are unchanged (hashing is then skipped)."""
     files = {}
     old = (previous or {}).get("files", {})
+    if not path.exists():  # the words register uses
+        raise InputError(f"File not found: {path}. Check the path.")
     for f in _files_of(path):
         st = f.stat()
         rel = "." if f == path else str(f.relative_to(path))
@@ -331,6 +339,7 @@ def _metrics(report: dict) -> dict:
 def _row(job: PairJob, **kw) -> dict:
     row = {f: None for f in SUMMARY_FIELDS}
     row.update(name=job.name, fixed=job.fixed, moving=job.moving, model=job.model, warnings=[])
+    row.update(job.extra.get("columns") or {})
     row.update(kw)
     return row
 
@@ -653,16 +662,18 @@ def write_summary(rows: list, out_dir, info: dict | None = None) -> tuple:
     counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "skipped", "failed")}
     if any(r["status"] == "interrupted" for r in rows):
         counts["interrupted"] = sum(r["status"] == "interrupted" for r in rows)
+    own = list(dict.fromkeys(k for r in rows for k in r if k.startswith("_")))  # the pairs file's own columns
+    fields = (*SUMMARY_FIELDS, *own)
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS, extrasaction="ignore", lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for r in rows:
-        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in SUMMARY_FIELDS})
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in fields})
     paths = (out / "summary.csv", out / "summary.json")
     with atomic_output(paths[0]) as tmp:
         Path(tmp).write_text(buf.getvalue())
     doc = {**(info or {}), "counts": counts,
-           "pairs": [{k: r.get(k) for k in (*SUMMARY_FIELDS, "warnings")} for r in rows]}
+           "pairs": [{k: r.get(k) for k in (*fields, "warnings")} for r in rows]}
     with atomic_output(paths[1]) as tmp:
         Path(tmp).write_text(json.dumps(_finite(doc), indent=2, allow_nan=False))
     return paths

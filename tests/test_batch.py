@@ -315,3 +315,28 @@ def test_ctrl_c_writes_the_summary_and_a_second_run_resumes(data, cluster, tmp_p
     # a pair in flight on a scheduler's worker may still have finished after the client left: then it is skipped
     assert all(again[n] in ("ok", "skipped") for n in statuses) and "ok" in again.values()
     assert all(REGISTER_FILES <= {p.name for p in (out / n).iterdir()} for n in statuses)
+
+
+def test_own_columns_are_kept_and_unknown_ones_name_the_options(data, tmp_path, capsys):
+    """Columns named with a leading underscore (a cohort's subject IDs, notes) are not options: the pairs run and the
+    summary (CSV and JSON) carries them per pair; an unknown column is refused, naming the options as they are spelt
+    (``global``, ``reg-weight``) and the underscore; a missing image says "File not found", as register does."""
+    d = data["dir"]
+    b = ["brain_fixed.nii.gz", "brain_moving.nii.gz", "brain_landmarks.csv"]
+    pairs = write_pairs(d / "own.csv", ["name", "fixed", "moving", "landmarks", "model", "_subject", "_Notes"], [
+        ["one", *b, "rigid", "S-001", "first, scan"], ["two", *b, "affine", "S-002", ""]])
+    out = tmp_path / "out"
+    assert run("batch", pairs, "--out", out, "--workers", "1", "-q") == 0
+    rows, doc = read_summary(out)
+    assert [(r["name"], r["_subject"], r["_Notes"], r["status"]) for r in rows] == [
+        ("one", "S-001", "first, scan", "ok"), ("two", "S-002", "", "ok")]
+    assert [p["_subject"] for p in doc["pairs"]] == ["S-001", "S-002"]
+    capsys.readouterr()
+    bad = write_pairs(d / "notes.csv", ["fixed", "moving", "model", "notes"], [[*b[:2], "rigid", "x"]])
+    assert run("batch", bad, "--out", tmp_path / "o2") == 2
+    err = capsys.readouterr().err
+    assert "unknown column 'notes'" in err and "global" in err and "global_model" not in err and "_notes" in err
+    gone = write_pairs(d / "gone.csv", ["fixed", "moving", "model"], [["nowhere.nii.gz", b[1], "rigid"]])
+    assert run("batch", gone, "--out", tmp_path / "o3", "--workers", "1", "-q") == 1
+    rows, _ = read_summary(tmp_path / "o3")
+    assert rows[0]["status"] == "failed" and "File not found" in rows[0]["error"], rows
