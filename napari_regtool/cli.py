@@ -179,7 +179,8 @@ def _register_blockwise(args, fixed, moving, landmarks, iterations, warn, mask=N
     plan_blocks(fixed.space.shape, args.block, args.overlap)  # an image too small for blocks, before any work
     if landmarks is not None:
         if landmarks.ndim != fixed.ndim:
-            raise InputError(f"The landmarks are {landmarks.ndim}D but the images are {fixed.ndim}D.")
+            raise InputError(f"The landmarks are {landmarks.ndim}D but the images are {fixed.ndim}D; give the landmark "
+                             "file that belongs to these images.")
         landmarks.check_inside(fixed.space, moving.space)
     if args.smoothing or args.kernel != "auto":
         _warn("The TPS smoothing and kernel apply to the TPS model only; they are ignored with --blockwise.")

@@ -1012,7 +1012,7 @@ def load_transform_for_qc(path, fixed, *, convention=None, unit: str | None = No
 
     def finish_field(numbers, grid, conv_used, source):
         if conv_used.units == "voxel" and grid != fspace and tuple(grid.shape) == tuple(fspace.shape):
-            notices.append(f"{name}: a field in voxels of the fixed image's shape; its own geometry ({grid!r}) is "
+            notices.append(f"{name}: a field in voxels of the fixed image's shape; its own geometry ({grid.describe()}) is "
                            "ignored and the fixed image's grid used.")
             grid = fspace
         t = field_from_numbers(numbers, grid, conv_used, kind="field")

@@ -195,6 +195,13 @@ def read_bigwarp_csv(path_or_text, from_text: bool = False) -> LandmarkPairs:
     for i, r in enumerate(rows, start=1):
         if len(r) != ncol:
             raise InputError(f"{where}: row {i} has {len(r)} columns, the file started with {ncol}.")
+        if i == 1 and r[1].strip().lower() not in ("true", "false", "1", "0"):
+            try:
+                [float(c) for c in r[2:]]
+            except ValueError:
+                raise InputError(f"{where}: row 1 ({', '.join(c.strip() for c in r[:3])}, …) is a header; BigWarp "
+                                 "landmark files have none (every row: name, active, moving x, y[, z], fixed x, "
+                                 "y[, z]). Delete the header row.") from None
         vals = [_parse_float(c, i, j + 3) for j, c in enumerate(r[2:])]
         act = r[1].strip().lower()
         if act not in ("true", "false", "1", "0"):

@@ -461,7 +461,8 @@ def register(fixed: Image, moving: Image, model: str, landmarks: LandmarkPairs |
     dev = resolve_device(device, warn=_warn)
     if landmarks is not None:
         if landmarks.ndim != fixed.ndim:
-            raise InputError(f"The landmarks are {landmarks.ndim}D but the images are {fixed.ndim}D.")
+            raise InputError(f"The landmarks are {landmarks.ndim}D but the images are {fixed.ndim}D; give the landmark "
+                             "file that belongs to these images.")
         landmarks.check_inside(fixed.space, moving.space)
         incomplete = int((~landmarks.complete).sum())
         if incomplete:

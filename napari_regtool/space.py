@@ -146,6 +146,16 @@ class Space:
             f"direction={'identity' if np.allclose(self.direction, np.eye(self.ndim)) else np.round(self.direction, 6).tolist()})"
         )
 
+    def describe(self) -> str:
+        """The grid in words for messages, x first as file headers give it: ``"50 × 60 voxels of 1 × 1.5 at (0, −3)"``
+        (and ``", tilted"`` when the axes are not the world axes)."""
+        def nums(v):
+            return " × ".join(f"{float(x):.4g}" for x in v)
+
+        tilted = "" if np.allclose(self.direction, np.eye(self.ndim)) else ", tilted"
+        return (f"{' × '.join(map(str, self.size_xyz))} voxels of {nums(self.spacing)} at "
+                f"({', '.join(f'{float(x):.4g}' for x in self.origin)}){tilted}")
+
     # ------------------------------------------------------------ conversions
     def index_to_physical(self, index_xyz) -> np.ndarray:
         """(N, D) continuous ITK indices (x, y, z order) → (N, D) physical points."""

@@ -40,6 +40,7 @@ def test_bigwarp_column_order_is_moving_then_fixed():
     ('"a","true","Infinity","2","3","4"\n', "partly infinite"),
     ('"a","maybe","1","2","3","4"\n', "active flag"),
     ("\n\n", "no landmarks"),
+    ('name,active,mx,my,fx,fy\n"a","true","1","2","3","4"\n', "is a header; BigWarp landmark files have none"),
 ])
 def test_bad_bigwarp_csv(text, match):
     with pytest.raises(InputError, match=match):

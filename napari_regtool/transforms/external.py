@@ -210,15 +210,15 @@ def on_fixed_grid(transform: Transform, fixed: Space, name: str) -> tuple[Transf
             cover = "" if domain is None else (
                 f", and covers {100.0 * float(domain.double().mean()):.3g}% of it (ITK reads zero displacement "
                 "beyond the field's grid; QC statistics leave that part out)")
-            notices.append(f"{name}: the field's grid ({transform.space!r}) differs from the fixed image's "
-                           f"({fixed!r}); it was resampled onto the fixed grid{cover}.")
+            notices.append(f"{name}: the field's grid ({transform.space.describe()}) differs from the fixed image's "
+                           f"({fixed.describe()}); it was resampled onto the fixed grid{cover}.")
             u = transform.field(fixed, dtype=torch.float64)
             transform = DisplacementFieldTransform(u, fixed, kind=transform.kind, domain=domain)
     elif isinstance(transform, CompositeTransform):
         for t in transform.transforms:
             if isinstance(t, DisplacementFieldTransform) and t.space != fixed:
                 notices.append(f"{name}: a displacement field in this composite transform lies on another grid "
-                               f"({t.space!r}) than the fixed image; it is interpolated where needed (zero outside "
+                               f"({t.space.describe()}) than the fixed image; it is interpolated where needed (zero outside "
                                "its grid, as ITK does).")
     return transform, notices
 
