@@ -5,7 +5,8 @@
                      [--iterations 100x70x50] [--similarity lncc|mse|mi] [--device auto|cpu|cuda]
                      [--global auto|landmarks|auto-rigid|auto-affine|none] [--blockwise [--block N] [--overlap M]]
                      --out DIR
-    regtool apply    --transform T --moving M --reference F [--labels] [--invert] [--convention C] --out FILE
+    regtool apply    --transform T --moving M --reference F [--labels] [--invert] [--convention C] [--fill V|min]
+                     --out FILE
     regtool field    --transform T --reference F [--invert] [--convention C] --out FILE
     regtool qc       --transform T --fixed F [--moving M] [--labels-fixed L --labels-moving L] [--landmarks P.csv]
                      [--mask K] [--convention C] --out DIR
@@ -449,11 +450,34 @@ def _cmd_apply(args) -> int:
     from .device import resolve_device
 
     dev = resolve_device(args.device, warn=lambda m: print(f"warning: {m}", file=sys.stderr))
-    warped = warp_image(moving, transform, reference.space, label=args.labels, device=dev)
+    warped = warp_image(moving, transform, reference.space, label=args.labels, device=dev,
+                        fill=_fill_value(args.fill, moving.array))
     write_image(args.out, warped, reference.space, unit=reference.meta.get("unit"))
     if not args.quiet:
         print(f"wrote {args.out}")
     return 0
+
+
+def _fill_value(text, array) -> float:
+    """``--fill``: a number, or ``min`` (the moving image's smallest value: air in a CT, so that outside reads as
+    outside); a lazy array is read once for it."""
+    t = str(text).strip().lower()
+    if t == "min":
+        import numpy as np
+
+        if isinstance(array, np.ndarray):
+            return float(array.min())
+        import dask.array as da
+
+        return float(da.from_array(array).min().compute())
+    try:
+        v = float(t)
+    except ValueError:
+        raise RegtoolError(f"--fill {text}: give a number (e.g. 0 or -1000) or min (the moving image's smallest "
+                           "value).") from None
+    if not math.isfinite(v):
+        raise RegtoolError(f"--fill {text}: give a finite number, or min.")
+    return v
 
 
 def _apply_blockwise(args) -> int:
@@ -499,7 +523,8 @@ def _apply_blockwise(args) -> int:
                            f"reference {rspace.ndim}D.")
     if args.invert:
         transform = _inverse(transform, args)
-    out = warp_lazy(moving, mspace, transform, rspace, label=args.labels, block=args.block)
+    out = warp_lazy(moving, mspace, transform, rspace, label=args.labels, block=args.block,
+                    fill=_fill_value(args.fill, moving))
     n_blocks = 1
     for n in out.numblocks:
         n_blocks *= int(n)
@@ -845,6 +870,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--reference", required=True, help="image whose grid the result is written on (the fixed image)")
     a.add_argument("--labels", action="store_true", help="nearest-neighbour interpolation (label maps)")
     a.add_argument("--invert", action="store_true", help="apply the inverse transform")
+    a.add_argument("--fill", default="0", help="value where the transform maps outside the moving image: a number "
+                                              "(default 0, as ITK) or min (the moving image's smallest value, e.g. "
+                                              "air in a CT)")
     a.add_argument("--convention", help="how a field's numbers are stored, as in regtool qc (e.g. voxel,array for "
                                         "a VoxelMorph .npy field; default: ITK's physical,xyz)")
     a.add_argument("--device", default="auto")

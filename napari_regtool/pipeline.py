@@ -119,12 +119,13 @@ def check_pair(fixed: Image, moving: Image):
 
 
 def warp_image(moving: Image, transform: Transform, fixed_space: Space, label: bool | None = None, device="cpu",
-               index_grid=None) -> np.ndarray:
+               index_grid=None, fill: float = 0.0) -> np.ndarray:
     """Moving image (all channels) resampled on ``fixed_space`` through ``transform``; labels by nearest
-    neighbour (values kept exactly), images linearly, in the moving image's dtype family (float32 for images)."""
+    neighbour (values kept exactly), images linearly, in the moving image's dtype family (float32 for images);
+    ``fill`` where the transform maps outside the moving image (0, as ITK)."""
     label = moving.is_label if label is None else label
     out = resample(moving.array, moving.space, transform, fixed_space, mode="nearest" if label else "linear",
-                   device=device, index_grid=index_grid)
+                   device=device, index_grid=index_grid, fill=fill)
     arr = out.cpu().numpy()
     if label:
         return arr.astype(moving.array.dtype)

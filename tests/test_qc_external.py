@@ -916,3 +916,34 @@ def test_inverting_a_folding_field_says_the_inverse_is_approximate(tmp_path, cap
             assert said == pytest.approx(100.0 * (jac <= 0).mean(), rel=0.01)
         else:
             assert (jac > 0).all() and "approximate" not in err
+
+
+def test_apply_fill_outside_the_moving_image(tmp_path, capsys):
+    """``regtool apply --fill``: a signed image (a CT's air at −1000) warped by a shift that leaves part of the
+    reference outside it: by default the outside is 0 (as SimpleITK's Resample), with ``--fill min`` the image's
+    minimum and with ``--fill -5`` that number, in both the NIfTI and the block-wise OME-Zarr output; inside, the
+    values are SimpleITK's."""
+    space = Space((30, 40), (1.0, 1.0), (0.0, 0.0))
+    arr = (_blobs(space.shape, 4) * 500 - 1000).astype(np.float32)
+    sitk.WriteImage(_to_sitk(arr, space), str(tmp_path / "ct.nii.gz"))
+    tx = sitk.TranslationTransform(2, (8.0, 0.0))
+    sitk.WriteTransform(tx, str(tmp_path / "t.tfm"))
+    ref = _sitk_warp(Image(arr, space), space, tx)
+    outside = np.zeros(space.shape, bool)
+    outside[:, -8:] = True  # x + 8 beyond the last column
+    common = ["apply", "--transform", str(tmp_path / "t.tfm"), "--moving", str(tmp_path / "ct.nii.gz"),
+              "--reference", str(tmp_path / "ct.nii.gz"), "-q"]
+    for fill, want in (("0", 0.0), ("min", float(arr.min())), ("-5", -5.0)):
+        for ext in ("nii.gz", "zarr"):
+            out = tmp_path / f"w_{fill}.{ext}"
+            assert main(common + ["--fill", fill, "--out", str(out)]) == 0
+            if ext == "zarr":
+                from napari_regtool.io import read_image
+
+                got = read_image(out).array
+            else:
+                got = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
+            np.testing.assert_allclose(got[outside], want, err_msg=f"{fill} {ext}")
+            np.testing.assert_allclose(got[~outside], ref[~outside], rtol=1e-5, atol=1e-3)
+    assert main(common + ["--fill", "air", "--out", str(tmp_path / "x.nii.gz")]) == 2
+    assert "--fill air" in capsys.readouterr().err and not (tmp_path / "x.nii.gz").exists()
