@@ -142,6 +142,9 @@ def _start_metric(f_img, m_img, tx, metric: str, bins: int, fixed: Image, moving
 #: the optimisations :func:`auto_linear` runs for each metric (metric, optimiser), judged by :func:`_final_score`
 RUNS = {"mattes": (("mattes", "regular"), ("mattes", "estimated"), ("correlation", "regular")),
         "correlation": (("correlation", "regular"), ("correlation", "estimated"))}
+#: the finest level's largest step (voxels): it starts from the screened answer, already within about a voxel (with
+#: the screening's two voxels it took 177 iterations, 7.9 s, on a 512² pair)
+FINEST_FIRST_STEP = 0.5
 #: the finest level's answer is kept unless its score is worse than the screened answer's by more than this share of
 #: what the screening gained over the start
 FINEST_TOLERANCE = 0.05
@@ -165,9 +168,10 @@ def _one_thread():
 
 
 def _optimise(f_img, m_img, tx, model, metric, optimiser, mask_img, fixed, iterations, sampling, bins, seed,
-              shrink_factors, smoothing_sigmas, progress, cancel, state):
+              shrink_factors, smoothing_sigmas, progress, cancel, state, first_step: float = 2.0):
     """One multi-resolution optimisation of ``tx`` (not changed) → ``(transform, info)``, on one thread
-    (:func:`_one_thread`: the same images give the same result every time)."""
+    (:func:`_one_thread`: the same images give the same result every time). ``first_step``: the largest step, in
+    voxels (smaller when ``tx`` is already close, as after the screening)."""
     import SimpleITK as sitk
 
     d = fixed.ndim
@@ -186,14 +190,14 @@ def _optimise(f_img, m_img, tx, model, metric, optimiser, mask_img, fixed, itera
     if optimiser == "regular":
         # regular-step descent with scales from physical shifts: the step is about a physical distance, so it
         # starts at two voxels and stops below a thousandth of one
-        reg.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0 * h, minStep=1e-3 * h,
+        reg.SetOptimizerAsRegularStepGradientDescent(learningRate=first_step * h, minStep=1e-3 * h,
                                                      numberOfIterations=int(iterations), relaxationFactor=0.5,
                                                      gradientMagnitudeTolerance=1e-8)
     else:  # the step size estimated at every iteration, at most two voxels
         reg.SetOptimizerAsGradientDescent(learningRate=1.0, numberOfIterations=int(iterations),
                                           convergenceMinimumValue=1e-6, convergenceWindowSize=10,
                                           estimateLearningRate=reg.EachIteration,
-                                          maximumStepSizeInPhysicalUnits=2.0 * h)
+                                          maximumStepSizeInPhysicalUnits=first_step * h)
     reg.SetOptimizerScalesFromPhysicalShift()
     reg.SetShrinkFactorsPerLevel([int(v) for v in shrink_factors])
     reg.SetSmoothingSigmasPerLevel([float(v) for v in smoothing_sigmas])
@@ -412,7 +416,7 @@ def auto_linear(fixed: Image, moving: Image, model: str = "rigid", initial: Tran
         out, fine = _optimise(f_img, m_img, chosen, model, run_metric, optimiser, mask_img, fixed, iterations,
                               sampling, bins, seed, shrink_factors[-1:], smoothing_sigmas[-1:],
                               lambda f, msg: progress is not None and progress(share + (1 - share) * f, msg),
-                              cancel, state)
+                              cancel, state, first_step=FINEST_FIRST_STEP)
         finest = score(out)
         # the finest level refines within the basin the screening found; a small loss of the score (which reads
         # smoothed images on every voxel, the optimiser sharp ones on a sample) is no reason to keep the coarser
