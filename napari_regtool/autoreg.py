@@ -410,7 +410,7 @@ def auto_linear(fixed: Image, moving: Image, model: str = "rigid", initial: Tran
         scores[name] = score(out)
     best = min(scores, key=lambda n: (scores[n], n != "start"))  # a tie keeps the start
     chosen, info = ends[best]
-    info = {"metric_value": scores[best], "stop_condition": "no run improved on the start", **info}
+    info = {"stop_condition": "no run improved on the start", **info, "metric_value": scores[best]}
     if n_levels > 1:
         run_metric, optimiser = runs[0] if best == "start" else best.split("/")
         out, fine = _optimise(f_img, m_img, chosen, model, run_metric, optimiser, mask_img, fixed, iterations,
@@ -421,7 +421,9 @@ def auto_linear(fixed: Image, moving: Image, model: str = "rigid", initial: Tran
         # the finest level refines within the basin the screening found; a small loss of the score (which reads
         # smoothed images on every voxel, the optimiser sharp ones on a sample) is no reason to keep the coarser
         # answer, a large one (a drift out of the basin, seen: 11 mm) is
-        if finest <= scores[best] + FINEST_TOLERANCE * abs(scores[best] - scores["start"]):
+        gain = scores["start"] - scores[best]  # what the screening won (inf from a start that overlapped too little)
+        slack = FINEST_TOLERANCE * gain if math.isfinite(gain) else 0.0
+        if math.isfinite(finest) and finest <= scores[best] + slack:
             chosen, scores["finest level"] = out, finest
             info = {**fine, "metric_value": finest,
                     "iterations_per_level": info["iterations_per_level"] + fine["iterations_per_level"]}

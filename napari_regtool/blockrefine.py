@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .errors import Cancelled, InputError
+from .errors import Cancelled, InputError, MaskTooSmallError
 from .image import Image
 from .space import Space
 from .transforms.base import CompositeTransform, IdentityTransform, Transform
@@ -328,9 +328,7 @@ def refine_blockwise(fixed, moving, global_transform: Transform | None = None, *
             tx = register_deformable(Image(fblock, sub, "fixed " + name), Image(mblock, sub, "moving " + name),
                                      None, device=device, cancel=cancel, fixed_mask=mblk,
                                      progress=lambda f, m: say(i, f, f"{name}: {m}"), **options)
-        except InputError:
-            if mblk is None:
-                raise
+        except MaskTooSmallError:
             say(i, 1.0, f"{name}: too little of the mask to register on, skipped")  # a sliver of the mask's edge
             return {**row, "status": "masked"}
         u = tx.u.to(torch.float32).cpu().numpy()

@@ -389,7 +389,7 @@ def _inverse(transform, args):
     step = max(1, int(round((grid.n_voxels / 4096) ** (1.0 / grid.ndim))))
     idx = np.stack(np.meshgrid(*[np.arange(0, n, step, dtype=float) for n in grid.size_xyz], indexing="ij"),
                    -1).reshape(-1, grid.ndim)
-    pts = grid.index_to_physical(idx)
+    pts = transform.map_points(grid.index_to_physical(idx))  # points where the inverse is asked: T(grid)
     there = inv.map_points(pts)
     # where the inverse leaves the field's grid the field reads zero (ITK's rule): no round trip to measure there
     keep = grid.contains(there, margin=-1.0)

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from .device import resolve_device
-from .errors import Cancelled, InputError
+from .errors import Cancelled, InputError, MaskTooSmallError
 from .image import Image, border_value, check_overlap, mask_array, scaled_01
 from .space import Space
 from .threads import threads_for, torch_threads
@@ -570,7 +570,7 @@ def register_deformable(fixed: Image, moving: Image, initial: Transform | None =
             mt = resample(mk.astype(np.float32), fs, IdentityTransform(d), work, device=dev).float()
         mask = (mt > 0.5).float()[None, None]
         if not bool(mask.any()):
-            raise InputError("The fixed mask selects too few voxels to register on; enlarge it.")
+            raise MaskTooSmallError("The fixed mask selects too few voxels to register on; enlarge it.")
     fw, mw = fw[None, None], mw[None, None]
     lm = None
     if landmarks is not None and len(np.atleast_2d(landmarks[0])) and np.size(landmarks[0]):

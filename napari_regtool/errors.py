@@ -9,6 +9,10 @@ class InputError(RegtoolError):
     """A file, image or landmark set that cannot be used as given."""
 
 
+class MaskTooSmallError(InputError):
+    """A fixed mask that leaves too few voxels on the grid a registration works on."""
+
+
 class FitError(RegtoolError):
     """A model cannot be fitted to the given landmarks (too few, degenerate, non-finite)."""
 

@@ -80,8 +80,8 @@ class Image:
                 hint = (" It is a single slice of a volume (one axis of 1 voxel); its plane is oblique or not the "
                         "x–y plane, so it cannot be read as a 2D image: resample it onto an x–y slice, or register "
                         "it with a volume around it.")
-            elif self.ndim == 3 and min(self.space.shape) <= 4 and not self.is_multichannel:
-                k = min(self.space.shape)
+            elif self.ndim == 3 and self.space.shape[0] <= 4 and not self.is_multichannel:
+                k = self.space.shape[0]
                 hint = (f" It was read as a volume of {k} slices; if those are {k} channels of one 2D image (a "
                         "channels-first TIFF), save the image with its channels last (e.g. an RGB or multi-channel "
                         "TIFF/PNG, or OME-Zarr with a channel axis) and choose one with --channel (in the plugin: "

@@ -390,7 +390,11 @@ def linear_start(mode: str | None, fixed: Image, moving: Image, lf=None, lm=None
 
         coarse = warp_image(Image(np.asarray(fixed_mask, np.uint8), fixed.space, "mask"), IdentityTransform(d),
                             cf.space, label=True)
-        fixed_mask = coarse != 0 if coarse.any() else None
+        if not coarse.any():
+            raise InputError(f"The mask is too small to show on {where or 'the coarse level'} the automatic "
+                             "registration runs on; give a larger mask, or start from landmarks (--global "
+                             "landmarks).")
+        fixed_mask = coarse != 0
     t = auto_linear(cf, cm, model=mode.split("-")[1], initial=lm_init, progress=progress, cancel=cancel,
                     fixed_mask=fixed_mask)
     return t, mode + (f" on {where}" if where else "") + (" from the landmark affine" if lm_init is not None else "")
@@ -541,7 +545,8 @@ def register(fixed: Image, moving: Image, model: str, landmarks: LandmarkPairs |
     result = finish_result(fixed, moving, transform, model, dev, runtime, landmarks, smoothing, kernel, extra,
                            channel, warnings_list, warn, mask=mask)
     ncc = (result.similarity_after or {}).get("ncc")
-    if model not in LANDMARK_MODELS and similarity != "mi" and ncc is not None and abs(ncc) < LOW_MATCH_NCC:
+    uses_similarity = model == "deformable" or (model == "deep" and refine)  # (auto-* use mutual information)
+    if uses_similarity and similarity != "mi" and ncc is not None and abs(ncc) < LOW_MATCH_NCC:
         _warn(f"After registration the images still barely match (NCC {ncc:.2f} where they overlap): the result "
               "means little. Check that the moving image shows what the fixed image shows (the right file, the right "
               "channel); for images of different contrast use mutual information (--similarity mi).")

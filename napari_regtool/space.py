@@ -148,11 +148,12 @@ class Space:
 
     def describe(self) -> str:
         """The grid in words for messages, x first as file headers give it: ``"50 × 60 voxels of 1 × 1.5 at (0, −3)"``
-        (and ``", tilted"`` when the axes are not the world axes)."""
+        (and how far its axes are tilted from the world axes, when they are: :meth:`tilt`)."""
         def nums(v):
             return " × ".join(f"{float(x):.4g}" for x in v)
 
-        tilted = "" if np.allclose(self.direction, np.eye(self.ndim)) else ", tilted"
+        degrees = self.tilt()[0]
+        tilted = f", axes tilted {degrees:.3g}°" if degrees > 1e-6 else ""
         return (f"{' × '.join(map(str, self.size_xyz))} voxels of {nums(self.spacing)} at "
                 f"({', '.join(f'{float(x):.4g}' for x in self.origin)}){tilted}")
 

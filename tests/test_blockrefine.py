@@ -232,6 +232,10 @@ def test_cancel_and_bad_input(case):
         refine_blockwise(tiny, tiny, None, block=16, overlap=4)
     with pytest.raises(InputError, match="2D"):
         refine_blockwise(fixed, Image(np.ones((9, 9, 9), np.float32), Space((9, 9, 9), [1.0] * 3)), None)
+    # with a mask, a bad option is still an error (only a mask too small in a block skips that block)
+    with pytest.raises(InputError, match="bogus"):
+        refine_blockwise(fixed, moving, glob, block=64, overlap=16, fixed_mask=np.ones(fixed.space.shape, bool),
+                         similarity="bogus")
 
 
 # --------------------------------------------------------------------------------------------- command line
