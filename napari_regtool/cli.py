@@ -372,9 +372,9 @@ def _read_transform_any(path, space, args, unit=None):
 
 
 def _inverse(transform, args):
-    """``--invert``: the transform's inverse; a numerically inverted one (a displacement field) is checked by mapping
-    points of its grid through the inverse and back (where the inverse stays inside the grid), and a round trip off by
-    more than a tenth of a voxel is said (a field that folds has no inverse there)."""
+    """``--invert``: the transform's inverse; a numerically inverted one (a displacement field) is checked at the points
+    ``T(x)`` of a lattice of the field's grid: through the inverse and back (where the inverse stays inside the grid),
+    and a round trip off by more than a tenth of a voxel is said (a field that folds has no inverse there)."""
     inv = transform.inverse()
     from .transforms import CompositeTransform, DisplacementFieldTransform
 
