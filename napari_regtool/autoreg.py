@@ -112,19 +112,24 @@ def _method(metric: str, bins: int):
 START_MIN_OVERLAP = 0.2
 
 
+def _overlaps_too_little(tx, fixed: Image, moving: Image) -> bool:
+    """Whether the linear SimpleITK transform ``tx`` overlaps less than :data:`START_MIN_OVERLAP` of either image
+    with the other (the moving image's share only when ``tx`` can be inverted)."""
+    a = affine_from_sitk(tx)
+    shares = [overlap_share(fixed.space, moving.space, a.map_points)]
+    if abs(np.linalg.det(a.matrix)) > 1e-12:
+        shares.append(overlap_share(moving.space, fixed.space, a.inverse().map_points))
+    return max(shares) < START_MIN_OVERLAP
+
+
 def _start_metric(f_img, m_img, tx, metric: str, bins: int, fixed: Image, moving: Image) -> float:
     """The registration metric (lower is better) of ``tx`` on smoothed copies of the images, the fixed one shrunk to
     about 64 voxels per axis; +inf when too few points overlap: less than :data:`START_MIN_OVERLAP` of either
     image (``fixed``, ``moving``: their grids), or too few for SimpleITK."""
     import SimpleITK as sitk
 
-    a = affine_from_sitk(tx)
-    shares = [overlap_share(fixed.space, moving.space, a.map_points)]
-    if abs(np.linalg.det(a.matrix)) > 1e-12:  # (a start is a rotation or a translation: always)
-        shares.append(overlap_share(moving.space, fixed.space, a.inverse().map_points))
-    if max(shares) < START_MIN_OVERLAP:
+    if _overlaps_too_little(tx, fixed, moving):
         return math.inf
-
     shrink = [max(1, n // 64) for n in f_img.GetSize()]
     reg = _method(metric, bins)
     reg.SetMetricSamplingStrategy(reg.NONE)
@@ -189,11 +194,11 @@ def _optimise(f_img, m_img, tx, model, metric, optimiser, mask_img, fixed, itera
     h = float(np.mean(fixed.space.spacing))
     if optimiser == "regular":
         # regular-step descent with scales from physical shifts: the step is about a physical distance, so it
-        # starts at two voxels and stops below a thousandth of one
+        # starts at ``first_step`` voxels and stops below a thousandth of one
         reg.SetOptimizerAsRegularStepGradientDescent(learningRate=first_step * h, minStep=1e-3 * h,
                                                      numberOfIterations=int(iterations), relaxationFactor=0.5,
                                                      gradientMagnitudeTolerance=1e-8)
-    else:  # the step size estimated at every iteration, at most two voxels
+    else:  # the step size estimated at every iteration, at most ``first_step`` voxels
         reg.SetOptimizerAsGradientDescent(learningRate=1.0, numberOfIterations=int(iterations),
                                           convergenceMinimumValue=1e-6, convergenceWindowSize=10,
                                           estimateLearningRate=reg.EachIteration,
@@ -251,11 +256,7 @@ def _final_score(f_img, m_img, tx, metric: str, bins: int, mask_img, fixed: Imag
     of either image overlaps the other, or too few points do for SimpleITK."""
     import SimpleITK as sitk
 
-    a = affine_from_sitk(tx)
-    shares = [overlap_share(fixed.space, moving.space, a.map_points)]
-    if abs(np.linalg.det(a.matrix)) > 1e-12:
-        shares.append(overlap_share(moving.space, fixed.space, a.inverse().map_points))
-    if max(shares) < START_MIN_OVERLAP:
+    if _overlaps_too_little(tx, fixed, moving):
         return math.inf
     k = max(1, int(math.ceil((fixed.space.n_voxels / SCORE_VOXELS) ** (1.0 / fixed.ndim))))
     f = sitk.SmoothingRecursiveGaussian(f_img, 0.5 * k * min(f_img.GetSpacing()))
@@ -273,7 +274,6 @@ def _final_score(f_img, m_img, tx, metric: str, bins: int, mask_img, fixed: Imag
             return float(reg.MetricEvaluate(f, m))
     except RuntimeError:
         return math.inf
-
 
 
 def auto_linear(fixed: Image, moving: Image, model: str = "rigid", initial: Transform | None = None,
@@ -394,10 +394,9 @@ def auto_linear(fixed: Image, moving: Image, model: str = "rigid", initial: Tran
     screen = (shrink_factors[:-1], smoothing_sigmas[:-1]) if n_levels > 1 else (shrink_factors, smoothing_sigmas)
     share = 0.6 if n_levels > 1 else 1.0  # of the progress bar
     state = {"cancelled": False}
-    judge = "mattes" if metric == "mattes" else "correlation"
 
-    def score(t):
-        return _final_score(f_img, m_img, t, judge, bins, mask_img, fixed, moving)
+    def score(t):  # by the metric asked for (mattes or correlation), whichever runs it screened
+        return _final_score(f_img, m_img, t, metric, bins, mask_img, fixed, moving)
 
     scores = {"start": score(tx)}
     ends = {"start": (tx, {"iterations_per_level": [0] * len(screen[0])})}

@@ -294,9 +294,8 @@ def _correlation_shift(fixed: Image, moving: Image, per_axis: int = 64):
     for im in (fixed, moving):
         a = np.asarray(im.scalar(), dtype=np.float32)
         step = [max(1, int(s / (2 * sp))) for sp in im.space.spacing[::-1]]  # a first cut to about half the grid
-        sub = Space(a[tuple(slice(None, None, k) for k in step)].shape, im.space.spacing * np.array(step[::-1]),
-                    im.space.origin, im.space.direction)
         a = a[tuple(slice(None, None, k) for k in step)]
+        sub = Space(a.shape, im.space.spacing * np.array(step[::-1]), im.space.origin, im.space.direction)
         v = resample(a, sub, IdentityTransform(d), grid, fill=np.nan, dtype=torch.float32).numpy().astype(np.float64)
         inside = np.isfinite(v)
         v[~inside] = 0.0
@@ -386,10 +385,7 @@ def linear_start(mode: str | None, fixed: Image, moving: Image, lf=None, lm=None
 
     cf, cm, where = auto_pair() if auto_pair is not None else (fixed, moving, "")
     if cf.space != fixed.space and fixed_mask is not None:  # a coarser level: the mask put on it by nearest neighbour
-        from .transforms import IdentityTransform
-
-        coarse = warp_image(Image(np.asarray(fixed_mask, np.uint8), fixed.space, "mask"), IdentityTransform(d),
-                            cf.space, label=True)
+        coarse = qc.labels_on(Image(np.asarray(fixed_mask, np.uint8), fixed.space, "mask", is_label=True), cf.space)
         if not coarse.any():
             raise InputError(f"The mask is too small to show on {where or 'the coarse level'} the automatic "
                              "registration runs on; give a larger mask, or start from landmarks (--global "

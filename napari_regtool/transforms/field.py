@@ -361,14 +361,18 @@ def defined_mask(transform: Transform, space: Space, chunk: int = DEFAULT_CHUNK)
     """
     from .base import CompositeTransform, iter_grid_chunks
 
+    if isinstance(transform, DisplacementFieldTransform) and transform.space == space:
+        return transform.domain  # a field on this very grid: read everywhere, within its own domain
     chain = transform.transforms if isinstance(transform, CompositeTransform) else [transform]
-    if not any(isinstance(t, DisplacementFieldTransform) for t in chain):
+    last = max((i for i, t in enumerate(chain) if isinstance(t, DisplacementFieldTransform)), default=None)
+    if last is None:
         return None
+    chain = chain[:last + 1]  # (the transforms after the last field read no grid)
     ok = torch.ones(space.n_voxels, dtype=torch.bool)
     with torch.no_grad():
         for a, b, pts in iter_grid_chunks(space, "cpu", torch.float64, chunk):
             inside = torch.ones(b - a, dtype=torch.bool)
-            for t in chain:
+            for i, t in enumerate(chain):
                 if isinstance(t, DisplacementFieldTransform):
                     idx = torch.as_tensor(t.space.physical_to_index(pts.numpy()), dtype=torch.float64)
                     inside &= ~outside_itk(idx, t.space.size_xyz)
@@ -376,6 +380,7 @@ def defined_mask(transform: Transform, space: Space, chunk: int = DEFAULT_CHUNK)
                         src = t.domain.to(torch.uint8)[None, None]
                         shape = (1,) + (1,) * (t.ndim - 1) + (len(idx), t.ndim)
                         inside &= _gather_nearest(src, idx.reshape(shape)).reshape(-1).bool()
-                pts = t.map_points_torch(pts)
+                if i < last:
+                    pts = t.map_points_torch(pts)
             ok[a:b] = inside
     return None if bool(ok.all()) else ok.reshape(space.shape)
