@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from .errors import Cancelled, FitError, InputError
 from .image import Image, mask_array, overlap_share
 from .io import affine_from_sitk
+from .threads import usable_cores
 from .transforms.base import Transform
 from .transforms.linear import AffineTransform
 
@@ -157,19 +160,32 @@ FINEST_TOLERANCE = 0.05
 SCORE_VOXELS = 1 << 21
 
 
+#: how many blocks run in :func:`_one_thread` now, and the thread count SimpleITK had before the first of them
+_ONE_THREAD = {"depth": 0, "before": None}
+_ONE_THREAD_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def _one_thread():
-    """SimpleITK on one thread for the block (then as before): its registration metrics sum over threads in a varying
-    order, so on several threads the same images give a slightly different result every time, and the optimiser's
-    path can fork from there."""
+    """SimpleITK on one thread per call while the block runs (then as before): its registration metrics sum over
+    threads in a varying order, so on several threads the same images give a slightly different result every time,
+    and the optimiser's path can fork from there. The setting is SimpleITK's global one (a registration method's own
+    thread count does not reach its metric), so blocks running at once in several Python threads share it: the
+    first sets it, the last restores it."""
     import SimpleITK as sitk
 
-    before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    with _ONE_THREAD_LOCK:
+        if _ONE_THREAD["depth"] == 0:
+            _ONE_THREAD["before"] = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+        _ONE_THREAD["depth"] += 1
     try:
         yield
     finally:
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)
+        with _ONE_THREAD_LOCK:
+            _ONE_THREAD["depth"] -= 1
+            if _ONE_THREAD["depth"] == 0:
+                sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(_ONE_THREAD["before"])
 
 
 def _optimise(f_img, m_img, tx, model, metric, optimiser, mask_img, fixed, iterations, sampling, bins, seed,
@@ -363,8 +379,10 @@ def auto_linear(fixed: Image, moving: Image, model: str = "rigid", initial: Tran
         lo, hi = fixed.space.physical_bounds()
         header.SetCenter([float(v) for v in (lo + hi) / 2])
         tx, start = centred, f"image {'centres' if init == 'geometry' else 'centres of mass'}"
-        if _start_metric(f_img, m_img, header, metric, bins, fixed, moving) < \
-                _start_metric(f_img, m_img, centred, metric, bins, fixed, moving):
+        with _one_thread(), ThreadPoolExecutor(min(2, usable_cores())) as pool:
+            by_header, by_centres = pool.map(lambda t: _start_metric(f_img, m_img, t, metric, bins, fixed, moving),
+                                             (header, centred))
+        if by_header < by_centres:
             tx, start = header, "the files' placement"
     else:
         if initial.ndim != d:
@@ -398,15 +416,30 @@ def auto_linear(fixed: Image, moving: Image, model: str = "rigid", initial: Tran
     def score(t):  # by the metric asked for (mattes or correlation), whichever runs it screened
         return _final_score(f_img, m_img, t, metric, bins, mask_img, fixed, moving)
 
-    scores = {"start": score(tx)}
-    ends = {"start": (tx, {"iterations_per_level": [0] * len(screen[0])})}
-    for k, (run_metric, optimiser) in enumerate(runs):
-        name = f"{run_metric}/{optimiser}"
+    # the runs go side by side on the usable cores, each on one thread (SimpleITK lets go of Python's lock while
+    # it computes): the same answers as one after the other, in about half the time on two cores
+    done = [0.0] * len(runs)
+
+    def screen_run(k):
+        run_metric, optimiser = runs[k]
+
+        def run_progress(f, msg):
+            done[k] = f
+            if progress is not None:
+                progress(share * sum(done) / len(runs), msg)
+
         out, info = _optimise(f_img, m_img, tx, model, run_metric, optimiser, mask_img, fixed, iterations, sampling,
-                              bins, seed, *screen, lambda f, msg, k=k: progress is not None and progress(
-                                  share * (k + f) / len(runs), msg), cancel, state)
-        ends[name] = (out, info)
-        scores[name] = score(out)
+                              bins, seed, *screen, run_progress, cancel, state)
+        return out, info, score(out)
+
+    with _one_thread(), ThreadPoolExecutor(max(1, min(len(runs) + 1, usable_cores()))) as pool:
+        start_score = pool.submit(score, tx)
+        finished = list(pool.map(screen_run, range(len(runs))))
+    scores = {"start": start_score.result()}
+    ends = {"start": (tx, {"iterations_per_level": [0] * len(screen[0])})}
+    for (run_metric, optimiser), (out, info, run_score) in zip(runs, finished):
+        ends[f"{run_metric}/{optimiser}"] = (out, info)
+        scores[f"{run_metric}/{optimiser}"] = run_score
     best = min(scores, key=lambda n: (scores[n], n != "start"))  # a tie keeps the start
     chosen, info = ends[best]
     info = {"stop_condition": "no run improved on the start", **info, "metric_value": scores[best]}

@@ -415,10 +415,9 @@ def _output_names() -> tuple:
 
 # ------------------------------------------------------------------------------------------------ the cohort
 def _cores() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
+    from .threads import usable_cores
+
+    return usable_cores()
 
 
 def plan_local(pending: int, workers: int | None, threads: int | None, cores: int | None = None) -> tuple:

@@ -28,7 +28,6 @@ samples it region by region.
 from __future__ import annotations
 
 import math
-import os
 import threading
 import time
 from dataclasses import dataclass
@@ -233,7 +232,7 @@ def refine_blockwise(fixed, moving, global_transform: Transform | None = None, *
     import dask
 
     from .deformable import register_deformable
-    from .threads import torch_threads
+    from .threads import torch_threads, usable_cores
 
     t_start = time.perf_counter()
     farr, fspace = _as_source(fixed, level, "fixed")
@@ -346,8 +345,7 @@ def refine_blockwise(fixed, moving, global_transform: Transform | None = None, *
     if progress is not None:
         progress(0.0, f"{n} block(s) of at most {block} voxels, overlap {overlap}")
     tasks = [dask.delayed(run, pure=False)(i, index, ext) for i, (index, _, ext) in enumerate(layout.blocks())]
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    per_block = max(1, cores // workers)
+    per_block = max(1, usable_cores() // workers)
     with torch_threads(per_block):
         rows = list(dask.compute(*tasks, scheduler="threads", num_workers=workers))
     if stop():

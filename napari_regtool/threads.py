@@ -1,12 +1,11 @@
 """Thread counts for torch work on the CPU: many small operations run fastest (and degrade least when the cores
-are shared) on one thread; large 3D work gains from all of them."""
+are shared) on one thread; large 3D work gains from all of them. Also the cores this process may use."""
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 
-import torch
-
-__all__ = ["torch_threads", "threads_for"]
+__all__ = ["torch_threads", "threads_for", "usable_cores"]
 
 #: below this many voxels per operation, extra threads cost more in synchronisation than they gain
 SMALL_WORK = 2 ** 19
@@ -23,6 +22,8 @@ def threads_for(n_voxels: int, device="cpu") -> int | None:
 @contextmanager
 def torch_threads(n: int | None):
     """Run a block with ``torch.set_num_threads(n)`` (``None``: unchanged), restoring the previous count."""
+    import torch
+
     prev = torch.get_num_threads()
     change = n is not None and int(n) != prev
     if change:
@@ -32,3 +33,11 @@ def torch_threads(n: int | None):
     finally:
         if change:
             torch.set_num_threads(prev)
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the system has one, else all of them)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)

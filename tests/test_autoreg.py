@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 
 from napari_regtool.autoreg import auto_linear, pyramid_schedule
 from napari_regtool.errors import Cancelled, InputError
@@ -254,5 +255,46 @@ def test_auto_affine_recovers_an_exact_affine_and_gives_the_same_answer_every_ti
     assert np.median(err) < 0.2 * 0.6 and err.max() < 0.5 * 0.6, (np.median(err), err.max(), t1.info["scores"])
     t2 = auto_linear(fixed, moving, "affine")
     assert np.array_equal(t1.matrix, t2.matrix) and np.array_equal(t1.translation, t2.translation)
+    # the screening runs side by side on the usable cores: one at a time gives the same answer to the last bit
+    import napari_regtool.autoreg as autoreg
+
+    before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(autoreg, "usable_cores", lambda: 1)
+        t3 = auto_linear(fixed, moving, "affine")
+    assert np.array_equal(t1.matrix, t3.matrix) and np.array_equal(t1.translation, t3.translation)
+    assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == before
     s = {k: v for k, v in t1.info["scores"].items() if k != "finest level"}  # the screening's choice
     assert s[t1.info["chosen"]] == min(v for v in s.values() if v is not None) <= s["start"]
+
+
+def test_one_thread_blocks_overlapping_in_two_threads_keep_simpleitk_on_one_thread_until_the_last_ends():
+    """Two registrations in threads of one process: SimpleITK stays on one thread until both have finished (the
+    first to finish must not hand the other a multi-threaded metric), then gets its count back."""
+    import threading
+
+    from napari_regtool.autoreg import _one_thread
+
+    before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(3)
+    try:
+        entered, release_a = threading.Event(), threading.Event()
+        seen = {}
+
+        def a():
+            with _one_thread():
+                entered.set()
+                release_a.wait(10)
+            seen["after a"] = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+
+        t = threading.Thread(target=a)
+        t.start()
+        assert entered.wait(10)
+        with _one_thread():
+            release_a.set()
+            t.join(10)
+            seen["in b, a done"] = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+        assert seen == {"after a": 1, "in b, a done": 1}
+        assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == 3
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)
