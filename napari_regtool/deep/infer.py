@@ -42,8 +42,10 @@ __all__ = ["load_model", "weights_path", "DeepRegistration", "register_deep", "D
 #: folded voxel on any real pair of ``benchmarks/bench_deep.py`` (2D and 3D), for the single pass and after
 #: refinement (the single pass alone did not fold at any λ)
 DEFAULT_REG_WEIGHT = 0.2
-#: smallest number of voxels along any axis of an image the model accepts
-MIN_SIZE = 16
+#: smallest number of voxels along any axis of an image the model accepts: the network runs on its own isotropic
+#: working grid (at least 32 voxels per axis), so a thin stack (8–15 slices, common in microscopy) is resampled like
+#: any other image; its refinement's pyramid needs as many (``deformable.MIN_SIZE``)
+MIN_SIZE = 8
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 _CACHE: dict = {}
@@ -154,7 +156,7 @@ class DeepRegistration:
 
     Parameters
     ----------
-    fixed, moving : Image (2D or 3D, any size ≥ 16 per axis, any spacing/origin/direction; channels averaged)
+    fixed, moving : Image (2D or 3D, any size ≥ :data:`MIN_SIZE` per axis, any spacing/origin/direction; channels averaged)
     device : "cpu", "cuda", "auto", … (CUDA requested but absent falls back to the CPU with a warning)
     initial : optional Transform (fixed → moving), e.g. an affine pre-alignment; ``None`` = identity
     model : a :class:`HyperMorphModel` to use instead of the shipped weights
