@@ -63,8 +63,8 @@ def main(argv=None):
         ap.error(f"families without a known field cannot be scored: {bad}; choose from {list(WITH_FIELD)}")
     print(f"weights: napari_regtool/deep/weights; λ {DEFAULT_REG_WEIGHT}; refinement {DEFAULT_STEPS} iterations")
     rows = []
-    header = "| pair | run | median e (vox) | median σ (vox) | rho | top10/rest | e/σ | within 2σ |"
-    lines = [header, "|" + "---|" * 8]
+    print("\n| pair | run | median e (vox) | median σ (vox) | rho | top10/rest | e/σ | within 2σ |\n" + "|---" * 8 + "|",
+          flush=True)
     for pair in bench_pairs.make_pairs(args.families, args.magnitudes):
         unit = float(np.mean(pair.fixed.space.spacing))
         for run, steps in (("deep", 0), ("deep+refine-50", DEFAULT_STEPS)):
@@ -76,7 +76,6 @@ def main(argv=None):
             rows.append({"pair": pair.name, "family": pair.family, "run": run, **s})
             line = (f"| {pair.name} | {run} | {s['median_error']:.3f} | {s['median_sigma']:.3f} | {s['rho']:.2f} | "
                     f"{s['top10_over_rest']:.2f} | {s['median_e_over_sigma']:.2f} | {100 * s['within_2sigma']:.0f} % |")
-            lines.append(line)
             print(line, flush=True)
     print("\n## Medians per family and run\n")
     print("| family | run | rho | top10/rest | e/σ | within 2σ |\n|---|---|---|---|---|---|")
