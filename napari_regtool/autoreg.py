@@ -110,6 +110,27 @@ def _method(metric: str, bins: int):
     return reg
 
 
+def _metric_value(f, m, tx, metric: str, bins: int, mask_img=None) -> float:
+    """``metric`` of the linear SimpleITK transform ``tx`` over every voxel of ``f`` (in ``mask_img``), on one
+    thread; +inf when too few points fall inside ``m``. Only the value is asked for, so no gradient images are
+    built (they took 60 % of the time of an evaluation on a 3D pair; the value is the same)."""
+    import SimpleITK as sitk
+
+    reg = _method(metric, bins)
+    reg.SetMetricSamplingStrategy(reg.NONE)
+    reg.SetInterpolator(sitk.sitkLinear)
+    reg.SetMetricUseFixedImageGradientFilter(False)
+    reg.SetMetricUseMovingImageGradientFilter(False)
+    if mask_img is not None:
+        reg.SetMetricFixedMask(mask_img)
+    reg.SetInitialTransform(tx, inPlace=False)
+    try:
+        with _one_thread():
+            return float(reg.MetricEvaluate(f, m))
+    except RuntimeError:  # too few points inside the moving image
+        return math.inf
+
+
 #: a start candidate whose overlap is below this share of both images loses to any other (+inf): mutual information
 #: over a sliver of the images can score better than over the whole of them
 START_MIN_OVERLAP = 0.2
@@ -134,17 +155,9 @@ def _start_metric(f_img, m_img, tx, metric: str, bins: int, fixed: Image, moving
     if _overlaps_too_little(tx, fixed, moving):
         return math.inf
     shrink = [max(1, n // 64) for n in f_img.GetSize()]
-    reg = _method(metric, bins)
-    reg.SetMetricSamplingStrategy(reg.NONE)
-    reg.SetInterpolator(sitk.sitkLinear)
-    reg.SetInitialTransform(tx, inPlace=False)
     f = sitk.Shrink(sitk.SmoothingRecursiveGaussian(f_img, float(max(shrink)) * min(f_img.GetSpacing()) / 2), shrink)
     m = sitk.SmoothingRecursiveGaussian(m_img, float(max(shrink)) * min(m_img.GetSpacing()) / 2)
-    try:
-        with _one_thread():
-            return float(reg.MetricEvaluate(f, m))
-    except RuntimeError:  # too few points inside the moving image
-        return math.inf
+    return _metric_value(f, m, tx, metric, bins)
 
 
 #: the optimisations :func:`auto_linear` runs for each metric (metric, optimiser), judged by :func:`_final_score`
@@ -278,18 +291,8 @@ def _final_score(f_img, m_img, tx, metric: str, bins: int, mask_img, fixed: Imag
     f = sitk.SmoothingRecursiveGaussian(f_img, 0.5 * k * min(f_img.GetSpacing()))
     if k > 1:
         f = sitk.Shrink(f, [k] * fixed.ndim)
-    reg = _method(metric, bins)
-    reg.SetMetricSamplingStrategy(reg.NONE)
-    reg.SetInterpolator(sitk.sitkLinear)
-    if mask_img is not None:
-        reg.SetMetricFixedMask(mask_img)
-    reg.SetInitialTransform(tx, inPlace=False)
     m = sitk.SmoothingRecursiveGaussian(m_img, 0.5 * k * min(m_img.GetSpacing()))
-    try:
-        with _one_thread():
-            return float(reg.MetricEvaluate(f, m))
-    except RuntimeError:
-        return math.inf
+    return _metric_value(f, m, tx, metric, bins, mask_img)
 
 
 def auto_linear(fixed: Image, moving: Image, model: str = "rigid", initial: Transform | None = None,
