@@ -212,10 +212,16 @@ class RegistrationModel:
         self._drag_before = None
         self.computed = {}
         self._fit_cache = None
+        # the previous pair's transform goes before anyone hears of the new images: a listener reading held-out
+        # errors would otherwise map the new pair's points through it (a 2D fit and 3D points: an exception that
+        # left the new pair with the old transform)
+        stale, self.transform = self.transform, None
         self._drop_loaded()
         self.images_changed.emit()
         self.pairs_changed.emit(PairsChange("images"))
         self.history_changed.emit(False, False)
+        if stale is not None:
+            self.transform_changed.emit(None)
 
     def check_image(self, side: str, image: Image, other: Image | None = None):
         """Raise :class:`InputError` when ``image`` cannot become the ``side`` image next to ``other`` (default:

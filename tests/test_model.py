@@ -144,3 +144,27 @@ def test_history_on_its_own():
     h.undo()
     h.record("add", a, cmd.after)  # a new edit drops what could be redone
     assert not h.can_redo and len(h) == 2
+
+
+def test_a_new_pair_of_another_dimension_is_announced_without_the_old_transform(model):
+    """A 2D landmark fit, then a 3D pair with a held-out pair among its landmarks: listeners of ``images_changed``
+    read held-out errors (the landmark table does), and must not get the 2D fit applied to 3D points; the new pair
+    ends with its own 3D fit."""
+    lm = read_bigwarp_csv(L2)
+    for f, m in zip(lm.fixed[:4], lm.moving[:4]):
+        model.place("fixed", f)
+        model.place("moving", m)
+    assert model.transform is not None and model.transform.ndim == 2
+    m3 = read_image(M3)
+    f3 = m3.with_array(m3.array, name="fixed3d")
+    rng = np.random.default_rng(0)
+    lo, hi = f3.space.physical_bounds()
+    pts = lo + (hi - lo) * rng.uniform(0.2, 0.8, (6, 3))
+    pairs3 = LandmarkPairs(pts, pts + [1.0, -2.0, 0.5], active=np.array([True] * 5 + [False]))
+    seen = []
+    model.images_changed.connect(lambda: seen.append((model.transform, model.held_out_errors().copy())))
+    model.set_images(f3, m3, landmarks=pairs3)
+    assert seen and seen[0][0] is None and np.isnan(seen[0][1]).all()
+    assert model.transform is not None and model.transform.ndim == 3
+    err = model.held_out_errors()
+    assert np.isfinite(err[5]) and np.isnan(err[:5]).all()
