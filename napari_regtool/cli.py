@@ -451,20 +451,22 @@ def _cmd_apply(args) -> int:
 
     dev = resolve_device(args.device, warn=lambda m: print(f"warning: {m}", file=sys.stderr))
     warped = warp_image(moving, transform, reference.space, label=args.labels, device=dev,
-                        fill=_fill_value(args.fill, moving.array))
+                        fill=_fill_value(args.fill, moving.array, args.labels))
     write_image(args.out, warped, reference.space, unit=reference.meta.get("unit"))
     if not args.quiet:
         print(f"wrote {args.out}")
     return 0
 
 
-def _fill_value(text, array) -> float:
+def _fill_value(text, array, labels: bool = False) -> float:
     """``--fill``: a number, or ``min`` (the moving image's smallest value: air in a CT, so that outside reads as
-    outside); a lazy array is read once for it."""
+    outside); a lazy array is read once for it. For a label map of an integer type the value must be a whole
+    number that type holds (the warped labels keep the type): 2.5 would become label 2, −1 in uint8 cannot be
+    stored."""
+    import numpy as np
+
     t = str(text).strip().lower()
     if t == "min":
-        import numpy as np
-
         if isinstance(array, np.ndarray):
             return float(array.min())
         import dask.array as da
@@ -477,6 +479,13 @@ def _fill_value(text, array) -> float:
                            "value).") from None
     if not math.isfinite(v):
         raise RegtoolError(f"--fill {text}: give a finite number, or min.")
+    dtype = np.dtype(getattr(array, "dtype", np.float32))
+    if labels and np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        if v != int(v) or not info.min <= v <= info.max:
+            raise RegtoolError(f"--fill {text}: the label map is {dtype.name}, so the label outside the moving image "
+                               f"must be a whole number from {info.min} to {info.max} (it is not a label already in "
+                               "the map, unless you mean it to be).")
     return v
 
 
@@ -524,7 +533,7 @@ def _apply_blockwise(args) -> int:
     if args.invert:
         transform = _inverse(transform, args)
     out = warp_lazy(moving, mspace, transform, rspace, label=args.labels, block=args.block,
-                    fill=_fill_value(args.fill, moving))
+                    fill=_fill_value(args.fill, moving, args.labels))
     n_blocks = 1
     for n in out.numblocks:
         n_blocks *= int(n)

@@ -947,3 +947,30 @@ def test_apply_fill_outside_the_moving_image(tmp_path, capsys):
             np.testing.assert_allclose(got[~outside], ref[~outside], rtol=1e-5, atol=1e-3)
     assert main(common + ["--fill", "air", "--out", str(tmp_path / "x.nii.gz")]) == 2
     assert "--fill air" in capsys.readouterr().err and not (tmp_path / "x.nii.gz").exists()
+
+
+def test_apply_fill_of_a_label_map_is_a_label_its_type_holds(tmp_path, capsys):
+    """``regtool apply --labels --fill``: a uint8 label map keeps its type, so the outside label must be a whole
+    number from 0 to 255 — 2.5 (which would have become label 2) and −1 or 300 (which cannot be stored) are refused
+    with a sentence and no file, in the NIfTI and the block-wise output; 7 fills the outside and leaves the labels
+    inside as SimpleITK's nearest-neighbour resampling gives them."""
+    space = Space((30, 40), (1.0, 1.0), (0.0, 0.0))
+    labels = (_blobs(space.shape, 4) * 3).astype(np.uint8)
+    sitk.WriteImage(_to_sitk(labels, space), str(tmp_path / "lab.nii.gz"))
+    tx = sitk.TranslationTransform(2, (8.0, 0.0))
+    sitk.WriteTransform(tx, str(tmp_path / "t.tfm"))
+    common = ["apply", "--labels", "--transform", str(tmp_path / "t.tfm"), "--moving", str(tmp_path / "lab.nii.gz"),
+              "--reference", str(tmp_path / "lab.nii.gz"), "-q"]
+    for bad in ("2.5", "-1", "300"):
+        for ext in ("nii.gz", "zarr"):
+            out = tmp_path / f"bad.{ext}"
+            assert main(common + [f"--fill={bad}", "--out", str(out)]) == 2, bad
+            err = capsys.readouterr().err
+            assert f"--fill {bad}" in err and "0 to 255" in err and "Traceback" not in err, err
+            assert not out.exists()
+    out = tmp_path / "ok.nii.gz"
+    assert main(common + ["--fill", "7", "--out", str(out)]) == 0
+    got = sitk.ReadImage(str(out))
+    want = sitk.Resample(sitk.ReadImage(str(tmp_path / "lab.nii.gz")), tx, sitk.sitkNearestNeighbor, 7.0)
+    assert got.GetPixelID() == sitk.sitkUInt8
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(got), sitk.GetArrayFromImage(want))
