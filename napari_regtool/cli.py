@@ -260,7 +260,12 @@ def _is_zarr(path) -> bool:
 
 def _inputs(args, *dests) -> list:
     """``(option, path)`` of the input files among ``dests`` that were given (for :func:`check_writable`)."""
-    return [("--" + d.replace("_", "-"), getattr(args, d)) for d in dests if getattr(args, d, None)]
+    out = []
+    for d in dests:
+        given = getattr(args, d, None)
+        for v in (given if isinstance(given, list) else [given] if given else []):  # (--transform repeats)
+            out.append(("--" + d.replace("_", "-"), v))
+    return out
 
 
 def _check_refine(steps: int) -> None:
@@ -308,6 +313,11 @@ def _transform_units(path) -> list:
         unit = open_field_ngff(p).unit
         return [(p.name, unit)] if unit else []
     return []
+
+
+def _chain_units(paths) -> list:
+    """:func:`_transform_units` of every ``--transform``."""
+    return [u for p in paths for u in _transform_units(p)]
 
 
 def _units_of(*images) -> list:
@@ -369,6 +379,45 @@ def _read_transform_any(path, space, args, unit=None):
     for msg in loaded.warnings:
         print(f"warning: {msg}", file=sys.stderr)
     return loaded.transform
+
+
+def _read_transforms(args, space, unit=None):
+    """Every ``--transform`` (:func:`_read_transform_any`), chained as Greedy's ``-r`` and ANTs' ``-t`` list them: a
+    fixed point goes through the first one given first (``--transform warp.nii.gz --transform affine.mat`` for
+    Greedy's deformable result); then a warning when the displacement fields reach only part of ``space``."""
+    from .transforms.base import CompositeTransform
+
+    paths = list(args.transform)
+    if len(paths) > 1 and getattr(args, "convention", None):
+        raise RegtoolError("--convention says how one field's numbers are stored; give it with a single --transform "
+                           "(write that field in ITK's convention first: regtool field --transform F --convention C "
+                           "--reference R --out field.nii.gz).")
+    ts = [_read_transform_any(p, space, args, unit) for p in paths]
+    if len({t.ndim for t in ts}) > 1:
+        listed = ", ".join(f"{Path(p).name} {t.ndim}D" for p, t in zip(paths, ts))
+        raise RegtoolError(f"The transforms of the chain differ in dimension ({listed}); give transforms of one "
+                           "dimension.")
+    transform = ts[0] if len(ts) == 1 else CompositeTransform(ts)
+    if transform.ndim == space.ndim:
+        _warn_partial_cover(transform, space, ", ".join(Path(p).name for p in paths))
+    return transform
+
+
+def _warn_partial_cover(transform, space, name):
+    """Say when a displacement field reaches only part of ``space`` (ITK, and so this tool, read zero displacement
+    beyond a field's grid: that part is not registered by it). Measured on a coarse copy of ``space`` (at most about
+    64 voxels per axis), so a grid larger than memory costs nothing."""
+    from .transforms.field import defined_mask
+
+    coarse = space.with_shape(tuple(min(n, 64) for n in space.shape), keep_extent=True)
+    dom = defined_mask(transform, coarse)
+    if dom is None:
+        return
+    share = 100.0 * float(dom.double().mean())
+    if share < 99.5:
+        print(f"warning: the displacement field of {name} reaches about {share:.0f}% of the reference grid; beyond "
+              "its grid ITK reads zero displacement, so the rest is not moved by it. Check that the field belongs "
+              "to this reference image (regtool qc reports its coverage).", file=sys.stderr)
 
 
 def _inverse(transform, args):
@@ -440,8 +489,8 @@ def _cmd_apply(args) -> int:
     lost = geometry_lost(args.out, reference.space)
     if lost:
         print(f"warning: {lost}", file=sys.stderr)
-    _check_units(*_units_of(moving, reference), *_transform_units(args.transform))
-    transform = _read_transform_any(args.transform, reference.space, args, reference.meta.get("unit"))
+    _check_units(*_units_of(moving, reference), *_chain_units(args.transform))
+    transform = _read_transforms(args, reference.space, reference.meta.get("unit"))
     if transform.ndim != reference.ndim or moving.ndim != reference.ndim:
         raise RegtoolError(f"Dimensions differ: transform {transform.ndim}D, moving {moving.ndim}D, reference "
                            f"{reference.ndim}D.")
@@ -525,8 +574,8 @@ def _apply_blockwise(args) -> int:
         rspace, unit = ref.levels[0].space, ref.unit
     else:
         rspace, unit = read_image(args.reference).space, None
-    _check_units((Path(args.moving).name, munit), (Path(args.reference).name, unit), *_transform_units(args.transform))
-    transform = _read_transform_any(args.transform, rspace, args, unit)
+    _check_units((Path(args.moving).name, munit), (Path(args.reference).name, unit), *_chain_units(args.transform))
+    transform = _read_transforms(args, rspace, unit)
     if transform.ndim != rspace.ndim or len(mspace.shape) != rspace.ndim:
         raise RegtoolError(f"Dimensions differ: transform {transform.ndim}D, moving {len(mspace.shape)}D, "
                            f"reference {rspace.ndim}D.")
@@ -576,8 +625,8 @@ def _cmd_field(args) -> int:
         if args.level:
             raise RegtoolError("--level applies to an OME-Zarr reference only.")
         space, unit = read_image(args.reference).space, None
-    _check_units((Path(args.reference).name, unit), *_transform_units(args.transform))
-    transform = _read_transform_any(args.transform, space, args, unit)
+    _check_units((Path(args.reference).name, unit), *_chain_units(args.transform))
+    transform = _read_transforms(args, space, unit)
     if transform.ndim != space.ndim:
         raise RegtoolError(f"Dimensions differ: transform {transform.ndim}D, reference {space.ndim}D.")
     if args.invert:
@@ -626,6 +675,12 @@ def _cmd_qc(args) -> int:
 
     import numpy as np
     import torch
+
+    if len(args.transform) > 1:
+        raise RegtoolError("regtool qc checks one transform (its convention check reads one file); write the chain "
+                           "as one field first: regtool field --transform A --transform B --reference FIXED --out "
+                           "chain.nii.gz, then regtool qc --transform chain.nii.gz.")
+    args.transform = args.transform[0]
 
     from . import qc
     from .device import resolve_device
@@ -872,9 +927,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=_cmd_batch)
 
     a = sub.add_parser("apply", help="apply a saved transform or displacement field to an image or label map")
-    a.add_argument("--transform", required=True,
+    a.add_argument("--transform", required=True, action="append",
                    help=".tfm/.h5 ITK transform, displacement field image or OME-Zarr displacement field (.zarr); "
-                        "elastix, Greedy and .npy/.npz fields (with --convention) as regtool qc reads them")
+                        "elastix, Greedy and .npy/.npz fields (with --convention) as regtool qc reads them. Give it "
+                        "again for a chain, in Greedy's -r and ANTs' -t order: a fixed point goes through the first "
+                        "one first (e.g. --transform warp.nii.gz --transform affine.mat)")
     a.add_argument("--moving", required=True, help="image (or label map) to warp")
     a.add_argument("--reference", required=True, help="image whose grid the result is written on (the fixed image)")
     a.add_argument("--labels", action="store_true", help="nearest-neighbour interpolation (label maps)")
@@ -898,7 +955,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     fl = sub.add_parser("field", help="write the displacement field of a transform on a reference grid (ITK image, "
                                       "or OME-Zarr for grids larger than memory)")
-    fl.add_argument("--transform", required=True, help="transform file, displacement field image or .zarr field")
+    fl.add_argument("--transform", required=True, action="append",
+                    help="transform file, displacement field image or .zarr field; give it again for a chain (as in "
+                         "apply: the first one given is applied to the fixed point first)")
     fl.add_argument("--reference", required=True, help="image (or OME-Zarr) whose grid the field is written on")
     fl.add_argument("--level", type=int, default=None, help="OME-Zarr reference: pyramid level (default 0)")
     fl.add_argument("--invert", action="store_true", help="write the field of the inverse transform")
@@ -912,7 +971,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("qc", help="QC of any transform or displacement field (ANTs, Greedy, elastix, "
                                   "VoxelMorph, ITK): maps, statistics, convention check")
-    q.add_argument("--transform", required=True,
+    q.add_argument("--transform", required=True, action="append",
                    help="ITK .tfm/.h5/.mat (composite too), displacement field .nii.gz/.mha/.nrrd, OME-Zarr "
                         "displacement field .zarr, elastix TransformParameters.N.txt, or a .npy/.npz field (needs "
                         "--convention)")

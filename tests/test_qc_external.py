@@ -974,3 +974,86 @@ def test_apply_fill_of_a_label_map_is_a_label_its_type_holds(tmp_path, capsys):
     want = sitk.Resample(sitk.ReadImage(str(tmp_path / "lab.nii.gz")), tx, sitk.sitkNearestNeighbor, 7.0)
     assert got.GetPixelID() == sitk.sitkUInt8
     np.testing.assert_array_equal(sitk.GetArrayFromImage(got), sitk.GetArrayFromImage(want))
+
+
+def _ras_text(matrix, translation) -> str:
+    """A 2D affine (LPS, fixed → moving) as Greedy writes it: a 3×3 RAS matrix in plain text."""
+    flip = np.diag([-1.0, -1.0, 1.0])
+    m = np.eye(3)
+    m[:2, :2], m[:2, 2] = matrix, translation
+    return "\n".join(" ".join(f"{v:.10g}" for v in row) for row in flip @ m @ flip) + "\n"
+
+
+def test_apply_and_field_chain_repeated_transforms_in_greedy_order(tmp_path, capsys):
+    """``--transform A --transform B``: a fixed point goes through A first, then B (Greedy's ``-r A B``, ANTs'
+    ``-t A -t B``), in ``apply`` (NIfTI and block-wise) and ``field``; the reference is SimpleITK resampling through
+    the one affine ``B ∘ A`` written by hand, and, when picsl-greedy is installed, Greedy's own ``-r`` on the same
+    matrices. The other order gives another image. ``qc`` takes one transform and says how to chain."""
+    space = Space((48, 56), (1.0, 1.0), (0.0, 0.0))
+    arr = _blobs(space.shape, 9).astype(np.float32) * 100
+    sitk.WriteImage(_to_sitk(arr, space), str(tmp_path / "m.nii.gz"))
+    a_mat, a_t = np.array([[1.3, 0.2], [-0.2, 0.8]]), np.array([-6.0, 4.0])  # A: first
+    b_mat, b_t = np.eye(2), np.array([10.0, -6.0])  # B: then (B ∘ A and A ∘ B differ by (Am − I) bt = (1.8, −0.8))
+    (tmp_path / "a.mat").write_text(_ras_text(a_mat, a_t))
+    (tmp_path / "b.mat").write_text(_ras_text(b_mat, b_t))
+    both = sitk.AffineTransform(2)  # x ↦ B(A(x)) = Bm (Am x + at) + bt
+    both.SetMatrix((b_mat @ a_mat).ravel().tolist())
+    both.SetTranslation((b_mat @ a_t + b_t).tolist())
+    want = _sitk_warp(Image(arr, space), space, both)
+    yx = np.indices(space.shape).reshape(2, -1).T.astype(float)
+    to = (b_mat @ a_mat @ yx[:, ::-1].T).T + b_mat @ a_t + b_t  # where each voxel centre lands (x, y; unit grid)
+    inside = ((to >= 1) & (to <= np.array([54.0, 46.0]))).all(1).reshape(space.shape)  # a voxel from the border
+    common = ["--moving", str(tmp_path / "m.nii.gz"), "--reference", str(tmp_path / "m.nii.gz"), "-q"]
+    for ext in ("nii.gz", "zarr"):
+        out = tmp_path / f"ab.{ext}"
+        assert main(["apply", "--transform", str(tmp_path / "a.mat"), "--transform", str(tmp_path / "b.mat"),
+                     *common, "--out", str(out)]) == 0
+        from napari_regtool.io import read_image
+
+        got = read_image(out).array
+        np.testing.assert_allclose(got[inside], want[inside], atol=1e-3 * arr.max(), err_msg=ext)
+    assert main(["apply", "--transform", str(tmp_path / "b.mat"), "--transform", str(tmp_path / "a.mat"), *common,
+                 "--out", str(tmp_path / "ba.nii.gz")]) == 0
+    other = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "ba.nii.gz")))
+    ab = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "ab.nii.gz")))
+    assert np.abs(other - want)[inside].mean() > 20 * np.abs(ab - want)[inside].mean()
+    assert main(["field", "--transform", str(tmp_path / "a.mat"), "--transform", str(tmp_path / "b.mat"),
+                 "--reference", str(tmp_path / "m.nii.gz"), "--out", str(tmp_path / "f.nii.gz"), "-q"]) == 0
+    ref_field = sitk.TransformToDisplacementField(both, sitk.sitkVectorFloat64, [56, 48], (0.0, 0.0), (1.0, 1.0))
+    np.testing.assert_allclose(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "f.nii.gz"))),
+                               sitk.GetArrayFromImage(ref_field), atol=1e-4)
+    capsys.readouterr()
+    assert main(["qc", "--transform", str(tmp_path / "a.mat"), "--transform", str(tmp_path / "b.mat"), "--fixed",
+                 str(tmp_path / "m.nii.gz"), "--out", str(tmp_path / "qc")]) == 2
+    assert "regtool field --transform A --transform B" in capsys.readouterr().err
+    try:
+        from picsl_greedy import Greedy2D
+    except ImportError:
+        return
+    Greedy2D().execute(f"-rf {tmp_path / 'm.nii.gz'} -rm {tmp_path / 'm.nii.gz'} {tmp_path / 'greedy.nii.gz'} "
+                       f"-ri LINEAR -r {tmp_path / 'a.mat'} {tmp_path / 'b.mat'}")
+    greedy = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "greedy.nii.gz")))
+    got = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "ab.nii.gz")))
+    np.testing.assert_allclose(got[inside], greedy[inside], atol=1e-3 * arr.max())
+
+
+def test_apply_and_field_warn_when_a_field_reaches_only_part_of_the_reference(tmp_path, capsys):
+    """A displacement field written on the left half of the reference grid: ``apply`` and ``field`` say it reaches
+    about half of it (beyond, ITK reads zero displacement) — as ``qc`` does — and a field on the whole grid draws
+    no such warning."""
+    space = Space((40, 60), (1.0, 1.0), (0.0, 0.0))
+    arr = _blobs(space.shape, 3).astype(np.float32)
+    sitk.WriteImage(_to_sitk(arr, space), str(tmp_path / "m.nii.gz"))
+    u = np.zeros((*space.shape, 2))
+    u[..., 0] = 1.5
+    half = Space((40, 30), (1.0, 1.0), (0.0, 0.0))
+    sitk.WriteImage(_to_sitk(u[:, :30], half, vector=True), str(tmp_path / "half.nii.gz"))
+    sitk.WriteImage(_to_sitk(u, space, vector=True), str(tmp_path / "whole.nii.gz"))
+    for name, warned in (("half", True), ("whole", False)):
+        for cmd in (["apply", "--moving", str(tmp_path / "m.nii.gz"), "--out", str(tmp_path / f"w_{name}.nii.gz")],
+                    ["field", "--out", str(tmp_path / f"f_{name}.nii.gz")]):
+            capsys.readouterr()
+            assert main([*cmd, "--transform", str(tmp_path / f"{name}.nii.gz"), "--reference",
+                         str(tmp_path / "m.nii.gz"), "-q"]) == 0
+            err = capsys.readouterr().err
+            assert ("reaches about 5" in err) == warned, (name, cmd[0], err)
