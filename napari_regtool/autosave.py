@@ -19,7 +19,7 @@ from typing import Callable
 from .errors import RegtoolError
 from .landmarks import LandmarkPairs, read_bigwarp_csv
 
-__all__ = ["Autosave", "user_data_dir"]
+__all__ = ["Autosave", "pair_fingerprint", "user_data_dir"]
 
 
 def user_data_dir() -> Path:
@@ -103,6 +103,25 @@ def write_file(path: Path, pairs: LandmarkPairs):
         Path(tmp).write_bytes(data)
 
 
+def pair_fingerprint(fixed, moving) -> str:
+    """A short tag of two :class:`~napari_regtool.image.Image` s: their grids (shape, spacing, origin, direction) and
+    a strided sample of their values. Autosaves of images without a file carry it in their name, so that other images
+    under the same layer names do not get those landmarks, and the same images under new names do."""
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha256()
+    for im in (fixed, moving):
+        sp = im.space
+        h.update(repr((tuple(sp.shape), np.round(sp.spacing, 6).tolist(), np.round(sp.origin, 6).tolist(),
+                       np.round(sp.direction, 6).tolist())).encode())
+        a = np.asarray(im.array)
+        step = tuple(max(1, n // 16) for n in a.shape[:sp.ndim])
+        h.update(np.ascontiguousarray(a[tuple(slice(None, None, k) for k in step)], dtype=np.float32).tobytes())
+    return h.hexdigest()[:12]
+
+
 class Autosave:
     """Where the pairs of one image pair are autosaved, and the writing itself.
 
@@ -123,20 +142,25 @@ class Autosave:
         self._chosen: Path | None = None
         self._names: tuple[str, str] | None = None  # (fixed name, moving name)
         self._moving_path: Path | None = None
+        self._fingerprint: str | None = None
 
     # ------------------------------------------------------------------ place
-    def reset(self, fixed_name: str | None = None, moving_name: str | None = None, moving_path=None):
-        """New images (or none): forget the chosen and the explicitly set place."""
+    def reset(self, fixed_name: str | None = None, moving_name: str | None = None, moving_path=None,
+              fingerprint: str | None = None):
+        """New images (or none): forget the chosen and the explicitly set place. ``fingerprint``
+        (:func:`pair_fingerprint`) names the autosave of images without a file."""
         self._names = None if fixed_name is None else (fixed_name, moving_name)
         self._moving_path = Path(moving_path) if moving_path else None
+        self._fingerprint = fingerprint
         self._override = self._chosen = None
         self.notice = ""
 
     @property
     def path(self) -> Path | None:
         """Where the pairs are autosaved: ``<moving file>.landmarks.csv`` next to the moving image's file when it
-        has one in a writable folder, else a file named after the two images in :func:`user_data_dir` (or an
-        alternative when that file is not the autosave's own, see the module's description)."""
+        has one in a writable folder, else a file named after the two images and their fingerprint in
+        :func:`user_data_dir` (or an alternative when that file is not the autosave's own, see the module's
+        description)."""
         if self._override is not None:
             return self._override
         if self._chosen is not None:
@@ -161,7 +185,30 @@ class Autosave:
             return re.sub(r"[^A-Za-z0-9_.-]+", "_", s).strip("_")[:60] or "image"
 
         fixed_name, moving_name = self._names
-        return folder / f"{clean(moving_name)}__to__{clean(fixed_name)}.landmarks.csv"
+        tag = f".{self._fingerprint}" if self._fingerprint else ""
+        return folder / f"{clean(moving_name)}__to__{clean(fixed_name)}{tag}.landmarks.csv"
+
+    def _same_images_renamed(self, default: Path, check) -> tuple | None:
+        """``(pairs, path)`` of the newest restorable autosave of these very images under other layer names (same
+        fingerprint), or None."""
+        if not self._fingerprint:
+            return None
+        try:
+            found = sorted(default.parent.glob(f"*.{self._fingerprint}.landmarks.csv"),
+                           key=lambda q: q.stat().st_mtime, reverse=True)
+        except OSError:
+            return None
+        for c in found:
+            if c == default or not is_own(c):
+                continue
+            try:
+                pairs = read_bigwarp_csv(c)
+                check(pairs)
+            except (RegtoolError, OSError, ValueError):
+                continue
+            if len(pairs):
+                return pairs, c
+        return None
 
     def set_path(self, path):
         """Autosave to ``path`` instead of the default place (``None`` restores the default). An explicitly
@@ -181,6 +228,8 @@ class Autosave:
         cands = [default] + [default.with_name(f"{stem}.regtool-autosave{'' if k == 1 else f'-{k}'}.csv")
                              for k in range(1, 10)]
         foreign, skipped = None, []
+        if not default.exists():  # these images' pairs saved under the layers' earlier names
+            foreign = self._same_images_renamed(default, check)
         for c in cands:
             if not c.exists():
                 self._chosen = c

@@ -17,7 +17,7 @@ import numpy as np
 from psygnal import Signal
 
 from . import registry
-from .autosave import Autosave
+from .autosave import Autosave, pair_fingerprint
 from .deep.refine import DEFAULT_STEPS as DEFAULT_REFINE_STEPS
 from .errors import FitError, InputError
 from .history import History
@@ -179,7 +179,8 @@ class RegistrationModel:
         self.fixed, self.moving = fixed, moving
         self.fixed_path = Path(fixed_path) if fixed_path else None
         self.moving_path = Path(moving_path) if moving_path else None
-        self._autosave.reset(fixed.name, moving.name, self.moving_path)
+        self._autosave.reset(fixed.name, moving.name, self.moving_path,
+                             None if self.moving_path is not None else pair_fingerprint(fixed, moving))
         msg = f"{fixed.ndim}D: fixed {fixed.name} {fixed.space.shape}, moving {moving.name} {moving.space.shape}."
         pairs = landmarks.copy() if landmarks is not None else None
         restored, note = self._autosave.choose(self._check_fits_images)

@@ -205,10 +205,16 @@ def test_removing_an_image_stops_with_a_word_but_closing_the_viewer_says_nothing
     w.set_model("affine")
     wait_idle(qtbot, w)
     before = len(notifications())
+    w.session.delete([0])  # an edit: the pairs are autosaved from here on
+    wait_idle(qtbot, w)
+    n_pairs, kept_in = len(w.session.pairs), w.session.autosave_path
+    assert n_pairs > 0 and kept_in.exists()
     viewer.layers.remove(w._moving_layer)
     qtbot.waitUntil(lambda: not w.session.ready, timeout=5000)
     said = notifications()[before:]
     assert any("moving image" in n and "was removed" in n and "registration stopped" in n for n in said), said
+    # where the pairs are now (the undo history went with the images)
+    assert any(f"{n_pairs} landmark pair(s) are kept in {kept_in}" in n for n in said), said
     assert not w.closing
     assert w.status_label.text() == "Choose a fixed and a moving image."  # not the transform of the pair gone
 

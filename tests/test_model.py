@@ -168,3 +168,28 @@ def test_a_new_pair_of_another_dimension_is_announced_without_the_old_transform(
     assert model.transform is not None and model.transform.ndim == 3
     err = model.held_out_errors()
     assert np.isfinite(err[5]) and np.isnan(err[:5]).all()
+
+
+def test_autosave_of_images_without_a_file_comes_back_only_for_those_images(tmp_path):
+    """Layers without a file: the autosaved pairs come back when the same images are chosen again, also under new
+    layer names, and not for other images that happen to have the same layer names."""
+    rng = np.random.default_rng(3)
+    sp = Space((50, 60), [1.0, 1.0])
+    a, b = (Image(rng.random((50, 60)).astype(np.float32), sp, n) for n in ("fixed", "moving"))
+    m = RegistrationModel(autosave=True, autosave_dir=tmp_path)
+    m.set_images(a, b)
+    for p in ([10.0, 10.0], [40.0, 12.0], [25.0, 35.0]):
+        m.place("fixed", p)
+        m.place("moving", [p[0] + 1.0, p[1]])
+    assert m.autosave_path.exists() and len(read_bigwarp_csv(m.autosave_path)) == 3
+    others = [Image(rng.random((50, 60)).astype(np.float32), sp, n) for n in ("fixed", "moving")]
+    m2 = RegistrationModel(autosave=True, autosave_dir=tmp_path)
+    msg = m2.set_images(*others)
+    assert len(m2.pairs) == 0 and "Restored" not in msg
+    renamed = [im.with_array(im.array, name=f"{im.name} (copy)") for im in (a, b)]
+    m3 = RegistrationModel(autosave=True, autosave_dir=tmp_path)
+    msg = m3.set_images(*renamed)
+    assert len(m3.pairs) == 3 and "Restored 3" in msg
+    np.testing.assert_allclose(m3.pairs.moving, m.pairs.moving)
+    m4 = RegistrationModel(autosave=True, autosave_dir=tmp_path)
+    assert "Restored 3" in m4.set_images(a, b) and len(m4.pairs) == 3

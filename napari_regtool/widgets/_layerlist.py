@@ -199,8 +199,14 @@ class LayerKeeper:
                 return
         except RuntimeError:  # the widget was deleted meanwhile
             return
+        kept = ""
+        n = 0 if self.model.pairs is None else len(self.model.pairs)
+        where = self.model.autosave_path if self.model.autosave else None
+        if n and where is not None and where.exists():
+            kept = (f" Its {n} landmark pair(s) are kept in {where} and come back when you choose the same two "
+                    "images again (Load landmarks… reads that file too).")
         self.host.notify("warning", f"The {side} image {name!r} was removed from the viewer, so the registration stopped. "
-                               f"Choose or open a {side} image to go on.")
+                               f"Choose or open a {side} image to go on.{kept}")
         self.model.clear_images()
 
     def on_images(self):
