@@ -143,6 +143,7 @@ def test_launch_with_files(make_napari_viewer, qtbot):
 def test_apply_transform_file_widget(make_napari_viewer, qtbot, tmp_path):
     from napari_regtool.io import write_transform
     from napari_regtool.transforms import fit_landmarks
+    from napari_regtool.transforms.linear import AffineTransform
     from napari_regtool.widgets import apply_transform_file
 
     viewer = make_napari_viewer()
@@ -162,6 +163,17 @@ def test_apply_transform_file_widget(make_napari_viewer, qtbot, tmp_path):
     mov = sitk.ReadImage(str(M2), sitk.sitkFloat32)
     ref = sitk.GetArrayFromImage(sitk.Resample(mov, sitk.ReadImage(str(F2)), t.to_sitk(), sitk.sitkLinear, 0.0))
     assert np.abs(data - ref).max() < 1e-3 * ref.max()
+    # another file on the same layer adds a layer; the first result stays as it was
+    first = viewer.layers["moving (registered)"]
+    shifted = AffineTransform(np.eye(2), np.array([7.0, -3.0]))
+    write_transform(tmp_path / "shift.tfm", shifted)
+    widget.transform_file.value = tmp_path / "shift.tfm"
+    qtbot.mouseClick(widget.call_button.native, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: "moving (registered) [1]" in viewer.layers, timeout=20000)
+    assert viewer.layers["moving (registered)"] is first and np.array_equal(np.asarray(first.data), data)
+    ref2 = sitk.GetArrayFromImage(sitk.Resample(mov, sitk.ReadImage(str(F2)), shifted.to_sitk(), sitk.sitkLinear,
+                                                0.0))
+    assert np.abs(np.asarray(viewer.layers["moving (registered) [1]"].data) - ref2).max() < 1e-3 * ref2.max()
     # points through the inverse of a displacement field: T(new) == old
     write_transform(tmp_path / "t.nii.gz", t, f.space)
     pts = viewer.add_points(to_array_order(pairs.moving[:4]), name="pts")

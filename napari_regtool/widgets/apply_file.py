@@ -14,13 +14,14 @@ __all__ = ["apply_transform_file"]
     invert={"label": "Invert (moving ← fixed)"},
 )
 def apply_transform_file(layer: "napari.layers.Layer", reference: "napari.layers.Image",
-                         transform_file: Path = Path(), invert: bool = False
+                         transform_file: Path = Path(), invert: bool = False, viewer: "napari.Viewer" = None
                          ) -> "napari.qt.threading.FunctionWorker[napari.types.LayerDataTuple]":
     """Warp ``layer`` (image, labels, points, shapes in moving space) into ``reference``'s grid through an ITK
     transform or displacement-field file, the same as ``regtool apply``.
 
     The file is read and checked here; inverting a field and resampling run on a worker thread (napari's
-    activity indicator shows it), and the new layer is added when done. Problems are notifications, not
+    activity indicator shows it), and the new layer is added when done — under a name no layer has yet, so that
+    applying another file adds a layer instead of replacing the last result. Problems are notifications, not
     tracebacks."""
     from napari.qt.threading import thread_worker
     from napari.utils.notifications import show_error
@@ -34,11 +35,12 @@ def apply_transform_file(layer: "napari.layers.Layer", reference: "napari.layers
 
     failure = []
 
-    def work(t, space, prepared):
+    def work(t, space, prepared, name):
         try:
             if invert:
                 t = t.inverse()
-            return warp_prepared(prepared, t, space)
+            data, kw, kind = warp_prepared(prepared, t, space)
+            return data, dict(kw, name=name), kind
         except Exception as exc:  # noqa: BLE001 — a message in the notification area, never a traceback
             failure.append(user_message(exc))
             return None
@@ -54,12 +56,18 @@ def apply_transform_file(layer: "napari.layers.Layer", reference: "napari.layers
         if t.ndim != space.ndim:
             raise RegtoolError(f"The transform is {t.ndim}D but {reference.name!r} is {space.ndim}D.")
         prepared = prepare_layer(layer, space)  # read from the layer here, on the GUI thread
+        name = prepared[2].get("name", f"{layer.name} (registered)")
+        taken = set() if viewer is None else {lay.name for lay in viewer.layers}
+        k = 0
+        while (f"{name} [{k}]" if k else name) in taken:  # napari would update a layer of that name in place
+            k += 1
+        name = f"{name} [{k}]" if k else name
     except (RegtoolError, MemoryError, OSError, ValueError) as exc:
         show_error(user_message(exc))
         worker = thread_worker(lambda: None)()  # napari expects a worker; this one adds nothing
     else:
         worker = thread_worker(work, progress={"total": 0, "desc": f"Applying {Path(transform_file).name}"})(
-            t, space, prepared)
+            t, space, prepared, name)
     worker.finished.connect(lambda: [show_error(m) for m in failure])
     # started from the event loop, after napari has connected the layer-adding slot to ``returned``
     QTimer.singleShot(0, worker.start)
