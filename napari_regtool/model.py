@@ -224,9 +224,10 @@ class RegistrationModel:
         if stale is not None:
             self.transform_changed.emit(None)
 
-    def check_image(self, side: str, image: Image, other: Image | None = None):
+    def check_image(self, side: str, image: Image, other: Image | None = None, alone: bool = False):
         """Raise :class:`InputError` when ``image`` cannot become the ``side`` image next to ``other`` (default:
-        the other image in use): its dimension differs, or it is not finite or constant. Nothing changes."""
+        the other image in use; ``alone``: none, as for an image that waits for a partner of its dimension): its
+        dimension differs, or it is not finite or constant. Nothing changes."""
         if side not in SIDES:
             raise ValueError(f"side must be 'fixed' or 'moving', got {side!r}.")
         if image.ndim not in (2, 3):
@@ -234,7 +235,7 @@ class RegistrationModel:
         image.check_finite()
         image.check_not_constant()
         other_side = "moving" if side == "fixed" else "fixed"
-        if other is None:
+        if other is None and not alone:
             other = self.moving if side == "fixed" else self.fixed
         if other is not None and other.ndim != image.ndim:
             raise InputError(f"{image.name} is {image.ndim}D but the {other_side} image {other.name} is "

@@ -321,3 +321,23 @@ def test_rename_swap_and_a_switch_from_2d_to_3d(make_napari_viewer, qtbot):
     w.moving_combo.setCurrentIndex(w.moving_combo.findData(l3m))
     wait_idle(qtbot, w)
     assert w.session.ndim == 3 and w._att.fixed_layer is l3f and w._att.moving_layer is l3m
+
+
+def test_open_takes_a_3d_pair_after_a_2d_one_one_side_at_a_time(make_napari_viewer, qtbot, monkeypatch):
+    """With a 2D pair in use, Open… of a 3D file for one side adds its layer and waits for a 3D partner (the 2D
+    registration stays meanwhile); Open… of the other 3D file then registers the 3D pair."""
+    from .test_gui import F3
+
+    viewer = make_napari_viewer()
+    w = open_with_widget(viewer, qtbot, "brain2d")
+    assert w.session.ndim == 2
+    n = len(notifications())
+    open_file(qtbot, w, "fixed", F3, monkeypatch)
+    wait_idle(qtbot, w)
+    assert w.session.ndim == 2 and not any("cannot be the fixed image" in m for m in notifications()[n:])
+    assert "now choose or open a 3D moving image" in w.status_label.text()
+    assert w.fixed_combo.currentData() is viewer.layers["brain3d_fixed"]
+    open_file(qtbot, w, "moving", M3, monkeypatch)
+    wait_idle(qtbot, w)
+    assert w.session.ndim == 3
+    assert w._fixed_layer is viewer.layers["brain3d_fixed"] and w._moving_layer is viewer.layers["brain3d_moving"]

@@ -292,14 +292,19 @@ class ImagesPanel(QWidget):
             return
         if _ndim(layer) != _ndim(other):  # switching between 2D and 3D: one side at a time
             self._pending = (side, layer)
-            self.host.set_status(f"{layer.name!r} is {_ndim(layer)}D and the {other_side} image {other.name!r} is "
-                                 f"{_ndim(other)}D: now choose or open a {_ndim(layer)}D {other_side} image (the "
-                                 "current registration stays until then).")
+            self._say_waiting(side, layer, other)
             return
         f, m = (layer, other) if side == "fixed" else (other, layer)
         if f is self.att.fixed_layer and m is self.att.moving_layer and self.model.ready:
             return
         self.set_layers(f, m)
+
+    def _say_waiting(self, side, layer, other):
+        """``layer`` (the ``side`` image) waits for an image of its dimension on the other side."""
+        other_side = "moving" if side == "fixed" else "fixed"
+        self.host.set_status(f"{layer.name!r} is {_ndim(layer)}D and the {other_side} image {other.name!r} is "
+                             f"{_ndim(other)}D: now choose or open a {_ndim(layer)}D {other_side} image (the "
+                             "current registration stays until then).")
 
     def set_layers(self, fixed_layer, moving_layer, landmarks=None) -> bool:
         """Register ``moving_layer`` onto ``fixed_layer`` (napari image layers). Returns False (with a
@@ -375,7 +380,12 @@ class ImagesPanel(QWidget):
                                          "(choose one under Channel).")
             if layer_data is None:  # a tilted volume: napari would draw its slices off their place
                 im = straighten_for_display(im)
-            self.model.check_image(side, im, other=registration_image(other) if other is not None else None)
+            # from a 2D pair to a 3D one (or back): this file waits for a partner of its dimension, as a layer
+            # chosen in the combo does
+            other_ndim = _ndim(other) if other is not None else None
+            pending = other_ndim is not None and other_ndim != im.ndim
+            self.model.check_image(side, im, other=None if other is None or pending else registration_image(other),
+                                   alone=pending)
         except RegtoolError as exc:
             self.host.notify("error", f"{Path(path).name} cannot be the {side} image: {exc}")
             return False
@@ -388,6 +398,13 @@ class ImagesPanel(QWidget):
             kwargs["metadata"]["regtool"].update(channels=channels, channel="mean")
         with self.host.muted():
             layer = self.viewer.add_image(data, **kwargs)
+        if pending:
+            self.picks[side] = layer
+            self._pending = (side, layer)
+            self.refresh()
+            self.host.layers_changed()
+            self._say_waiting(side, layer, other)
+            return True
         return self._use(side, layer, other, other_side)
 
     def _use(self, side, layer, other, other_side) -> bool:
