@@ -26,6 +26,8 @@ from .transforms.linear import AffineTransform
 __all__ = ["auto_linear", "AUTO_MODELS", "AUTO_METRICS", "pyramid_schedule"]
 
 AUTO_MODELS = ("rigid", "similarity", "affine")
+#: smallest number of voxels along any axis of an image :func:`auto_linear` accepts
+AUTO_MIN_SIZE = 8
 AUTO_METRICS = ("mattes", "correlation")
 
 
@@ -343,10 +345,11 @@ def auto_linear(fixed: Image, moving: Image, model: str = "rigid", initial: Tran
     if fixed.ndim != moving.ndim:
         raise InputError(f"The fixed image is {fixed.ndim}D and the moving image is {moving.ndim}D; both must have "
                          "the same dimension.")
-    for img in (fixed, moving):
+    for img, role in ((fixed, "fixed"), (moving, "moving")):
         img.check_finite().check_not_constant()
-        if min(img.space.shape) < 4:
-            raise InputError(f"{img.name} is too small for automatic registration (at least 4 voxels per axis).")
+        # as the deformable and the deep model: on a few voxels an affine fit to the intensities is noise (a 5×4
+        # image came back with a scale of 2–3 and "done")
+        img.check_min_size(AUTO_MIN_SIZE, role, "automatic registration (place landmark pairs instead)")
     d = fixed.ndim
     if initial is not None and initial.ndim != d:
         raise InputError(f"The initial transform is {initial.ndim}D but the images are {d}D.")

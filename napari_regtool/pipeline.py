@@ -181,7 +181,8 @@ def straighten_for_display(image: Image) -> Image:
         arr = arr.astype(np.float32)
     note = (f"{image.name}'s {why}, so the image is shown and registered resampled onto an axis-aligned grid "
             f"({' × '.join(str(n) for n in grid.size_xyz)} voxels of {' × '.join(f'{v:g}' for v in grid.spacing)} "
-            "mm, linear interpolation). Landmarks and transforms are physical, so they hold for the original file: "
+            f"mm, {'nearest-neighbour interpolation: labels stay labels' if image.is_label else 'linear interpolation'}"
+            "). Landmarks and transforms are physical, so they hold for the original file: "
             "regtool apply puts a result on its grid.")
     out = Image(arr, grid, image.name, image.is_label, dict(image.meta))
     out.meta["notices"] = [*(image.meta.get("notices") or []), note]

@@ -147,6 +147,9 @@ def test_bad_inputs(brain2d):
     vol = Image(np.random.default_rng(0).random((20, 20, 20), np.float32), Space((20, 20, 20), [1, 1, 1]), "vol")
     with pytest.raises(InputError, match="same dimension"):
         auto_linear(brain2d, vol)
+    tiny = Image(np.random.default_rng(1).random((4, 5), np.float32), Space((4, 5), [1, 1]), "tiny")
+    with pytest.raises(InputError, match="tiny.*too small for automatic registration.*at least 8 voxels"):
+        auto_linear(tiny, brain2d, model="affine")
 
 
 def test_a_partial_overlap_is_sampled_on_the_image_more_inside_the_other():

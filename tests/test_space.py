@@ -124,6 +124,9 @@ def test_a_tilted_volume_is_straightened_as_simpleitk_resamples_it():
     expected_l = sitk.GetArrayFromImage(sitk.Resample(src_l, sitk_reference_image(grid, "uint8"), sitk.Transform(),
                                                       sitk.sitkNearestNeighbor, 0))
     assert lab.array.dtype == np.uint8 and (lab.array != expected_l).mean() < 1e-3
+    # the notice says how each was resampled
+    assert "linear interpolation" in out.meta["notices"][-1] and "nearest" not in out.meta["notices"][-1]
+    assert "nearest-neighbour interpolation" in lab.meta["notices"][-1]
     straight = Image(arr, Space(space.shape, space.spacing, space.origin, np.diag([1.0, -1.0, 1.0])), "flipped")
     assert straighten_for_display(straight) is straight
 

@@ -362,6 +362,10 @@ class RegistrationWidget(QWidget):
         self.points.select_pair(index)
 
     def go_to_suggestion(self):
+        if not self.session.ready:
+            self.notify("warning", "Choose a fixed and a moving image first; the suggestion comes from the deep "
+                                   "model's uncertainty map of the pair.")
+            return
         p = self.live.suggestion
         if p is None:
             if not self.qc.is_on("uncertainty"):

@@ -120,7 +120,10 @@ class ExportPanel(QWidget):
 
     def export_all(self, folder=None) -> bool:
         """Write the same files as ``regtool register`` into a folder (in the background)."""
-        if not self.model.ready or self._no_transform("There is no transform to export yet."):
+        if not self.model.ready:
+            self.host.notify("warning", "Choose a fixed and a moving image first: there is nothing to export yet.")
+            return False
+        if self._no_transform("There is no transform to export yet."):
             return False
         if folder is None:
             folder = QFileDialog.getExistingDirectory(self, "Export the registration into a folder")

@@ -257,8 +257,9 @@ class LandmarksPanel(QWidget):
         return True
 
     def save_landmarks(self, path=None) -> bool:
-        if not self.model.ready:
-            self.host.notify("warning", "There are no landmarks to save yet.")
+        if not self.model.ready or not len(self.model.pairs):
+            self.host.notify("warning", "There are no landmarks to save yet: place pairs by clicking on the fixed and "
+                                        "the moving image, or load a file.")
             return False
         if not path:
             path, _ = QFileDialog.getSaveFileName(self, "Save landmark pairs (BigWarp CSV)", "landmarks.csv",
