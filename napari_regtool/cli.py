@@ -361,7 +361,9 @@ def _read_transform_any(path, space, args, unit=None):
         try:
             loaded = load_transform_for_qc(path, space, unit=unit)
         except RegtoolError as other:
-            if p.suffix.lower() in (".npy", ".npz"):  # no ITK file at all: the array reader knows what is missing
+            # the other readers know the file when their message is about its content (a Greedy matrix of another
+            # dimension, a truncated one, a bare array without a convention), not that they cannot read it either
+            if p.suffix.lower() in (".npy", ".npz") or not str(other).startswith("Cannot read"):
                 raise other from None
             raise itk_error from None
     else:

@@ -6,7 +6,7 @@ import math
 import os
 import struct
 import zlib
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -886,11 +886,38 @@ def read_transform(path):
         _verify_text_transform(p)
     elif low.endswith(".mat"):
         _verify_matlab_transform(p)
+    hdf5 = low.endswith((".h5", ".hdf5"))
     try:
-        tx = sitk.ReadTransform(str(p))
+        # the HDF5 library prints its own error stack (dozens of lines) to the process's stderr for a damaged file
+        with _c_stderr_silenced() if hdf5 else nullcontext():
+            tx = sitk.ReadTransform(str(p))
     except Exception:
-        raise InputError(f"Cannot read {p.name} as an ITK transform file.") from None
+        why = (" (an HDF5 file that is truncated or damaged, or holds no ITK transform: save it again from the "
+               "program that computed it)") if hdf5 else ""
+        raise InputError(f"Cannot read {p.name} as an ITK transform file{why}.") from None
     return _from_sitk_transform(tx, p)
+
+
+@contextmanager
+def _c_stderr_silenced():
+    """Send what C libraries write to the process's stderr (file descriptor 2) to nowhere for the block."""
+    import sys
+
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no real stderr (some GUI launchers): nothing to silence
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
 
 
 def _read_field_folder(p: Path):

@@ -1057,3 +1057,29 @@ def test_apply_and_field_warn_when_a_field_reaches_only_part_of_the_reference(tm
                          str(tmp_path / "m.nii.gz"), "-q"]) == 0
             err = capsys.readouterr().err
             assert ("reaches about 5" in err) == warned, (name, cmd[0], err)
+
+
+def test_apply_names_what_is_wrong_with_a_transform_file(tmp_path, capfd):
+    """``regtool apply`` says what is wrong with a file as ``qc`` does, in one sentence: a Greedy matrix of the
+    other dimension, a text matrix cut short, an ITK .h5 cut in half (without the HDF5 library's own error stack on
+    stderr); a convention that names a property twice is refused."""
+    import SimpleITK as sitk
+
+    space = Space((10, 12, 14), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+    sitk.WriteImage(_to_sitk(_blobs(space.shape, 2).astype(np.float32), space), str(tmp_path / "v.nii.gz"))
+    (tmp_path / "a2d.mat").write_text("1 0 2\n0 1 3\n0 0 1\n")
+    (tmp_path / "cut.mat").write_text("1 0 0 2\n0 1 0 3\n0 0 1\n")
+    sitk.WriteTransform(sitk.AffineTransform(3), str(tmp_path / "ok.h5"))
+    data = (tmp_path / "ok.h5").read_bytes()
+    (tmp_path / "cut.h5").write_bytes(data[: len(data) // 2])
+    common = ["--moving", str(tmp_path / "v.nii.gz"), "--reference", str(tmp_path / "v.nii.gz"), "--out",
+              str(tmp_path / "o.nii.gz")]
+    for name, said in (("a2d.mat", "holds a 2D affine matrix; the fixed image is 3D"),
+                       ("cut.mat", "rows of 4, 4, 3 numbers"),
+                       ("cut.h5", "truncated or damaged")):
+        assert main(["apply", "--transform", str(tmp_path / name), *common]) == 2
+        out, err = capfd.readouterr()
+        assert said in err and len(err.strip().splitlines()) == 1, (name, err)
+        assert not (tmp_path / "o.nii.gz").exists()
+    assert main(["apply", "--transform", str(tmp_path / "ok.h5"), "--convention", "inverse,inverse", *common]) == 2
+    assert "'inverse' and 'inverse'" in capfd.readouterr().err

@@ -71,29 +71,31 @@ class FieldConvention:
         (words in any order; unnamed ones keep the default); ``None``/empty → ``None``."""
         if text is None or not str(text).strip():
             return None
-        kw = {}
+        kw, said = {}, {}
         for tok in re.split(r"[,\s]+", str(text).strip().lower()):
             if not tok:
                 continue
             key, _, val = tok.partition("=")
             word = val or key
             if word in ("physical", "mm", "voxel", "voxels", "vox"):
-                kw["units"] = "voxel" if word.startswith("vox") else "physical"
+                name, value = "units", "voxel" if word.startswith("vox") else "physical"
             elif word in ("xyz", "array", "zyx"):
-                kw["components"] = "xyz" if word == "xyz" else "array"
+                name, value = "components", "xyz" if word == "xyz" else "array"
             elif word in ("inverse", "inv", "moving_to_fixed"):
-                kw["inverse"] = val not in ("false", "0", "no")
+                name, value = "inverse", val not in ("false", "0", "no")
             elif word in ("forward", "fixed_to_moving"):
-                kw["inverse"] = False
-            elif word == "ras":
-                kw["ras"] = True
-            elif word == "lps":
-                kw["ras"] = False
+                name, value = "inverse", False
+            elif word in ("ras", "lps"):
+                name, value = "ras", word == "ras"
             elif key in ("inverse", "ras") and val in ("true", "false", "1", "0", "yes", "no"):
-                kw[key] = val in ("true", "1", "yes")
+                name, value = key, val in ("true", "1", "yes")
             else:
                 raise InputError(f"Unknown convention word {tok!r}: use physical|voxel, xyz|array, inverse and "
                                  "ras, separated by commas (e.g. 'voxel,array').")
+            if name in said:  # (two 'inverse' do not cancel out, and a second word would silently win)
+                raise InputError(f"The convention says {said[name]!r} and {tok!r}, both about its {name}; give each "
+                                 "once (e.g. 'voxel,array,inverse').")
+            kw[name], said[name] = value, tok
         return cls(**kw)
 
     def describe(self) -> str:
@@ -446,13 +448,22 @@ def read_ras_matrix(path, ndim: int) -> AffineTransform | None:
         return None
     rows = [line.split() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     try:
-        h = np.array([[float(v) for v in r] for r in rows])
+        numbers = [[float(v) for v in r] for r in rows]
     except ValueError:
         return None
-    if h.ndim != 2 or h.shape != (ndim + 1, ndim + 1):
-        if h.ndim == 2 and h.shape[0] == h.shape[1] and h.shape[0] in (3, 4):
-            raise InputError(f"{p.name} holds a {h.shape[0] - 1}D affine matrix; the fixed image is {ndim}D.")
+    if not numbers:
         return None
+    if len({len(r) for r in numbers}) > 1:
+        raise InputError(f"{p.name} holds rows of {', '.join(str(len(r)) for r in numbers)} numbers, not the "
+                         f"{ndim + 1} × {ndim + 1} affine matrix Greedy and c3d write; the file is truncated or damaged: "
+                         "save it again from the program that computed it.")
+    h = np.array(numbers)
+    if h.shape != (ndim + 1, ndim + 1):
+        if h.shape[0] == h.shape[1] and h.shape[0] in (3, 4):
+            raise InputError(f"{p.name} holds a {h.shape[0] - 1}D affine matrix; the fixed image is {ndim}D.")
+        raise InputError(f"{p.name} holds {h.shape[0]} × {h.shape[1]} numbers, not the {ndim + 1} × {ndim + 1} affine "
+                         "matrix Greedy and c3d write; the file is truncated or damaged: save it again from the "
+                         "program that computed it.")
     if not np.isfinite(h).all():
         raise InputError(f"{p.name}: the matrix holds values that are not finite numbers; the file is damaged.")
     if not np.allclose(h[ndim], np.eye(ndim + 1)[ndim]):
