@@ -119,6 +119,10 @@ def pair_fingerprint(fixed, moving) -> str:
         a = np.asarray(im.array)
         step = tuple(max(1, n // 16) for n in a.shape[:sp.ndim])
         h.update(np.ascontiguousarray(a[tuple(slice(None, None, k) for k in step)], dtype=np.float32).tobytes())
+        # and every value, through two sums without a copy (images that differ only between the samples differ here)
+        flat = a.reshape(-1)
+        h.update(np.array([np.add.reduce(flat, dtype=np.float64),
+                           np.add.reduce(flat[1::2], dtype=np.float64)]).tobytes())
     return h.hexdigest()[:12]
 
 

@@ -386,7 +386,7 @@ def _read_transform_any(path, space, args, unit=None):
 def _read_transforms(args, space, unit=None):
     """Every ``--transform`` (:func:`_read_transform_any`), chained as Greedy's ``-r`` and ANTs' ``-t`` list them: a
     fixed point goes through the first one given first (``--transform warp.nii.gz --transform affine.mat`` for
-    Greedy's deformable result); then a warning when the displacement fields reach only part of ``space``."""
+    Greedy's deformable result)."""
     from .transforms.base import CompositeTransform
 
     paths = list(args.transform)
@@ -399,25 +399,26 @@ def _read_transforms(args, space, unit=None):
         listed = ", ".join(f"{Path(p).name} {t.ndim}D" for p, t in zip(paths, ts))
         raise RegtoolError(f"The transforms of the chain differ in dimension ({listed}); give transforms of one "
                            "dimension.")
-    transform = ts[0] if len(ts) == 1 else CompositeTransform(ts)
-    if transform.ndim == space.ndim:
-        _warn_partial_cover(transform, space, ", ".join(Path(p).name for p in paths))
-    return transform
+    return ts[0] if len(ts) == 1 else CompositeTransform(ts)
 
 
-def _warn_partial_cover(transform, space, name):
-    """Say when a displacement field reaches only part of ``space`` (ITK, and so this tool, read zero displacement
-    beyond a field's grid: that part is not registered by it). Measured on a coarse copy of ``space`` (at most about
-    64 voxels per axis), so a grid larger than memory costs nothing."""
+def _warn_partial_cover(transform, space, args):
+    """Say when a displacement field of the transform to apply (after ``--invert``) reaches only part of ``space``
+    (ITK, and so this tool, read zero displacement beyond a field's grid: that part is not registered by it).
+    Measured on a coarse copy of ``space`` (at most about 64 voxels per axis), so a grid larger than memory costs
+    nothing."""
     from .transforms.field import defined_mask
 
+    if transform.ndim != space.ndim:
+        return
+    name = ", ".join(Path(p).name for p in args.transform)
     coarse = space.with_shape(tuple(min(n, 64) for n in space.shape), keep_extent=True)
     dom = defined_mask(transform, coarse)
     if dom is None:
         return
     share = 100.0 * float(dom.double().mean())
     if share < 99.5:
-        print(f"warning: the displacement field of {name} reaches about {share:.0f}% of the reference grid; beyond "
+        print(f"warning: a displacement field in {name} reaches about {share:.0f}% of the reference grid; beyond "
               "its grid ITK reads zero displacement, so the rest is not moved by it. Check that the field belongs "
               "to this reference image (regtool qc reports its coverage).", file=sys.stderr)
 
@@ -498,6 +499,7 @@ def _cmd_apply(args) -> int:
                            f"{reference.ndim}D.")
     if args.invert:
         transform = _inverse(transform, args)
+    _warn_partial_cover(transform, reference.space, args)
     from .device import resolve_device
 
     dev = resolve_device(args.device, warn=lambda m: print(f"warning: {m}", file=sys.stderr))
@@ -583,6 +585,7 @@ def _apply_blockwise(args) -> int:
                            f"reference {rspace.ndim}D.")
     if args.invert:
         transform = _inverse(transform, args)
+    _warn_partial_cover(transform, rspace, args)
     out = warp_lazy(moving, mspace, transform, rspace, label=args.labels, block=args.block,
                     fill=_fill_value(args.fill, moving, args.labels))
     n_blocks = 1
@@ -633,6 +636,7 @@ def _cmd_field(args) -> int:
         raise RegtoolError(f"Dimensions differ: transform {transform.ndim}D, reference {space.ndim}D.")
     if args.invert:
         transform = _inverse(transform, args)
+    _warn_partial_cover(transform, space, args)
     if not to_zarr and space.n_voxels * space.ndim * 8 > (1 << 31):
         raise RegtoolError(f"A field on {'x'.join(map(str, space.shape))} voxels needs "
                            f"{space.n_voxels * space.ndim * 8 / 2**30:.1f} GiB in memory as an ITK image; write it "

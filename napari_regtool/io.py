@@ -5,6 +5,7 @@ import bz2
 import math
 import os
 import struct
+import threading
 import zlib
 from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
@@ -898,26 +899,39 @@ def read_transform(path):
     return _from_sitk_transform(tx, p)
 
 
+#: how many blocks run in :func:`_c_stderr_silenced` now, and the stderr they will restore
+_SILENCED = {"depth": 0, "saved": None}
+_SILENCED_LOCK = threading.Lock()
+
+
 @contextmanager
 def _c_stderr_silenced():
-    """Send what C libraries write to the process's stderr (file descriptor 2) to nowhere for the block."""
+    """Send what C libraries write to the process's stderr (file descriptor 2) to nowhere for the block. Blocks that
+    overlap in several threads share it: the first one silences, the last one restores (each restoring what it had
+    found would leave the process silenced when they end in another order)."""
     import sys
 
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError, AttributeError):  # no real stderr (some GUI launchers): nothing to silence
-        yield
-        return
-    try:
-        with open(os.devnull, "wb") as null:
-            os.dup2(null.fileno(), 2)
+    with _SILENCED_LOCK:
+        if _SILENCED["depth"] == 0:
             try:
-                yield
-            finally:
-                os.dup2(saved, 2)
+                sys.stderr.flush()
+                saved = os.dup(2)
+            except (OSError, ValueError, AttributeError):  # no real stderr (some GUI launchers): nothing to silence
+                saved = None
+            if saved is not None:
+                with open(os.devnull, "wb") as null:
+                    os.dup2(null.fileno(), 2)
+            _SILENCED["saved"] = saved
+        _SILENCED["depth"] += 1
+    try:
+        yield
     finally:
-        os.close(saved)
+        with _SILENCED_LOCK:
+            _SILENCED["depth"] -= 1
+            if _SILENCED["depth"] == 0 and _SILENCED["saved"] is not None:
+                os.dup2(_SILENCED["saved"], 2)
+                os.close(_SILENCED["saved"])
+                _SILENCED["saved"] = None
 
 
 def _read_field_folder(p: Path):

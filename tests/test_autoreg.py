@@ -150,6 +150,9 @@ def test_bad_inputs(brain2d):
     tiny = Image(np.random.default_rng(1).random((4, 5), np.float32), Space((4, 5), [1, 1]), "tiny")
     with pytest.raises(InputError, match="tiny.*too small for automatic registration.*at least 8 voxels"):
         auto_linear(tiny, brain2d, model="affine")
+    thin = Image(np.random.default_rng(2).random((3, 40, 40), np.float32), Space((3, 40, 40), [1, 1, 1]), "thin")
+    with pytest.raises(InputError, match="8 voxels along two axes and 4 along the third"):
+        auto_linear(thin, thin, model="rigid")
 
 
 def test_a_partial_overlap_is_sampled_on_the_image_more_inside_the_other():
@@ -206,8 +209,9 @@ def test_a_start_that_overlaps_a_sliver_of_both_images_loses(tmp_path):
     header.SetCenter([float(v) for v in (lo + hi) / 2])
     centred = sitk.CenteredTransformInitializer(f_img, m_img, sitk.Euler2DTransform(),
                                                 sitk.CenteredTransformInitializerFilter.GEOMETRY)
-    assert autoreg._start_metric(f_img, m_img, header, "mattes", 50, fixed, moving) == np.inf
-    assert np.isfinite(autoreg._start_metric(f_img, m_img, centred, "mattes", 50, fixed, moving))
+    pair = autoreg._start_images(f_img, m_img)
+    assert autoreg._start_metric(pair, header, "mattes", 50, fixed, moving) == np.inf
+    assert np.isfinite(autoreg._start_metric(pair, centred, "mattes", 50, fixed, moving))
     t = auto_linear(fixed, moving, "rigid")
     moved = ms.origin - fs.origin  # the physical offset between the two placements: T(x) = x + moved
     pts = fs.index_to_physical(np.array([[40.0, 50.0], [120.0, 100.0]]))

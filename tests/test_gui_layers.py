@@ -105,18 +105,26 @@ def test_combos_follow_open_and_choices(make_napari_viewer, qtbot, tmp_path, mon
     w.moving_combo.setCurrentIndex(w.moving_combo.findData(fl))
     assert any("already the fixed image" in m for m in notifications()[n:])
     assert w.moving_combo.currentData() is other and w.session.moving.name == "flipped moving"
-    # a constant image and a 3D image opened as moving: refused, not left in the viewer, nothing changes
+    # a constant image opened as moving: refused, not left in the viewer, nothing changes
     const = tmp_path / "constant.nii.gz"
     img = sitk.GetImageFromArray(np.full((40, 50), 7.0, np.float32))
     sitk.WriteImage(img, str(const))
-    for bad in (const, M3):
-        names = [l.name for l in viewer.layers]
-        n = len(notifications())
-        open_file(qtbot, w, "moving", bad, monkeypatch)
-        wait_idle(qtbot, w)
-        assert [l.name for l in viewer.layers] == names
-        assert len(notifications()) > n
-        assert w.session.moving.name == "flipped moving" and w.moving_combo.currentData() is other
+    names = [l.name for l in viewer.layers]
+    n = len(notifications())
+    open_file(qtbot, w, "moving", const, monkeypatch)
+    wait_idle(qtbot, w)
+    assert [l.name for l in viewer.layers] == names
+    assert len(notifications()) > n
+    assert w.session.moving.name == "flipped moving" and w.moving_combo.currentData() is other
+    # a 3D image opened as moving waits for a 3D fixed image; the 2D registration stays, and choosing the 2D moving
+    # image again in its combo gives that up
+    open_file(qtbot, w, "moving", M3, monkeypatch)
+    wait_idle(qtbot, w)
+    assert "now choose or open a 3D fixed image" in w.status_label.text()
+    assert w.session.moving.name == "flipped moving" and w.moving_combo.currentData() is viewer.layers["brain3d_moving"]
+    w.moving_combo.setCurrentIndex(w.moving_combo.findData(other))
+    wait_idle(qtbot, w)
+    assert w.session.moving.name == "flipped moving" and w.moving_combo.currentData() is other
     # the fixed layer removed with the layer list: noticed, the registration stops, its derived layers go
     n = len(notifications())
     viewer.layers.remove(fl)

@@ -183,3 +183,43 @@ def test_formats_without_a_place_in_space_are_named(tmp_path, capsys):
     assert main(["apply", "--moving", str(ref), "--reference", str(ref), "--transform", str(tfm), "--out",
                  str(tmp_path / "out.tif")]) == 0
     assert "keeps no origin, direction" in capsys.readouterr().err
+
+
+def test_silencing_c_stderr_in_overlapping_threads_restores_it_once_all_end():
+    """Two reads of HDF5 transforms overlapping in threads (the plugin's Apply on the GUI thread, a Load job on a
+    worker): while either runs, file descriptor 2 is silenced; when both have ended, in either order, it is the
+    process's stderr again (each restoring what it had found left it silenced for good)."""
+    import os
+    import threading
+
+    from napari_regtool.io import _c_stderr_silenced
+
+    def where():
+        st = os.fstat(2)
+        return st.st_dev, st.st_ino
+
+    before = where()
+    null = os.stat(os.devnull)
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def a():
+        with _c_stderr_silenced():
+            a_in.set()
+            b_in.wait(10)
+        seen["a ended, b inside"] = where()
+        a_out.set()
+
+    def b():
+        a_in.wait(10)
+        with _c_stderr_silenced():
+            b_in.set()
+            a_out.wait(10)
+
+    threads = [threading.Thread(target=f) for f in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert seen["a ended, b inside"] == (null.st_dev, null.st_ino)
+    assert where() == before

@@ -1075,7 +1075,7 @@ def test_apply_names_what_is_wrong_with_a_transform_file(tmp_path, capfd):
     common = ["--moving", str(tmp_path / "v.nii.gz"), "--reference", str(tmp_path / "v.nii.gz"), "--out",
               str(tmp_path / "o.nii.gz")]
     for name, said in (("a2d.mat", "holds a 2D affine matrix; the fixed image is 3D"),
-                       ("cut.mat", "rows of 4, 4, 3 numbers"),
+                       ("cut.mat", "3 rows of 3 to 4 numbers, not the 4 × 4 affine matrix"),
                        ("cut.h5", "truncated or damaged")):
         assert main(["apply", "--transform", str(tmp_path / name), *common]) == 2
         out, err = capfd.readouterr()

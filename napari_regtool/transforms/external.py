@@ -453,17 +453,15 @@ def read_ras_matrix(path, ndim: int) -> AffineTransform | None:
         return None
     if not numbers:
         return None
-    if len({len(r) for r in numbers}) > 1:
-        raise InputError(f"{p.name} holds rows of {', '.join(str(len(r)) for r in numbers)} numbers, not the "
-                         f"{ndim + 1} × {ndim + 1} affine matrix Greedy and c3d write; the file is truncated or damaged: "
-                         "save it again from the program that computed it.")
+    lengths = sorted({len(r) for r in numbers})
+    if len(lengths) > 1 or (len(numbers), lengths[0]) != (ndim + 1, ndim + 1):
+        if len(lengths) == 1 and len(numbers) == lengths[0] and lengths[0] in (3, 4):
+            raise InputError(f"{p.name} holds a {lengths[0] - 1}D affine matrix; the fixed image is {ndim}D.")
+        what = (f"{len(numbers)} rows of {lengths[0]} numbers" if len(lengths) == 1 else
+                f"{len(numbers)} rows of {lengths[0]} to {lengths[-1]} numbers")
+        raise InputError(f"{p.name} holds {what}, not the {ndim + 1} × {ndim + 1} affine matrix Greedy and c3d write; "
+                         "if it is one, it was cut short: save it again from the program that computed it.")
     h = np.array(numbers)
-    if h.shape != (ndim + 1, ndim + 1):
-        if h.shape[0] == h.shape[1] and h.shape[0] in (3, 4):
-            raise InputError(f"{p.name} holds a {h.shape[0] - 1}D affine matrix; the fixed image is {ndim}D.")
-        raise InputError(f"{p.name} holds {h.shape[0]} × {h.shape[1]} numbers, not the {ndim + 1} × {ndim + 1} affine "
-                         "matrix Greedy and c3d write; the file is truncated or damaged: save it again from the "
-                         "program that computed it.")
     if not np.isfinite(h).all():
         raise InputError(f"{p.name}: the matrix holds values that are not finite numbers; the file is damaged.")
     if not np.allclose(h[ndim], np.eye(ndim + 1)[ndim]):

@@ -294,8 +294,11 @@ class ImagesPanel(QWidget):
             self._pending = (side, layer)
             self._say_waiting(side, layer, other)
             return
+        self._pending = None  # (a choice of another dimension made before is given up)
         f, m = (layer, other) if side == "fixed" else (other, layer)
         if f is self.att.fixed_layer and m is self.att.moving_layer and self.model.ready:
+            self.refresh()
+            self.host.set_status(f"{layer.name!r} is the {side} image again.")
             return
         self.set_layers(f, m)
 
@@ -364,6 +367,8 @@ class ImagesPanel(QWidget):
                 self.host.notify("info", f"{Path(path).name} is already the {side} image.")
                 return True
             self.host.notify("info", f"{Path(path).name} is open already; its layer {same.name!r} is used.")
+            if other is not None and _ndim(same) != _ndim(other):
+                return self._wait_for_partner(side, same, other)
             return self._use(side, same, other, other_side)
         layer_data = None
         try:
@@ -399,13 +404,18 @@ class ImagesPanel(QWidget):
         with self.host.muted():
             layer = self.viewer.add_image(data, **kwargs)
         if pending:
-            self.picks[side] = layer
-            self._pending = (side, layer)
-            self.refresh()
-            self.host.layers_changed()
-            self._say_waiting(side, layer, other)
-            return True
+            return self._wait_for_partner(side, layer, other)
         return self._use(side, layer, other, other_side)
+
+    def _wait_for_partner(self, side, layer, other) -> bool:
+        """``layer`` (opened for ``side``) is of another dimension than the ``other`` image in use: it is shown in its
+        combo and waits for a partner of its dimension; the registration in use stays until then."""
+        self.picks[side] = layer
+        self._pending = (side, layer)
+        self.refresh()
+        self.host.layers_changed()
+        self._say_waiting(side, layer, other)
+        return True
 
     def _use(self, side, layer, other, other_side) -> bool:
         """``layer`` becomes the ``side`` image (registered once the other side is there too)."""
