@@ -174,6 +174,11 @@ def test_apply_transform_file_widget(make_napari_viewer, qtbot, tmp_path):
     ref2 = sitk.GetArrayFromImage(sitk.Resample(mov, sitk.ReadImage(str(F2)), shifted.to_sitk(), sitk.sitkLinear,
                                                 0.0))
     assert np.abs(np.asarray(viewer.layers["moving (registered) [1]"].data) - ref2).max() < 1e-3 * ref2.max()
+    # two quick clicks, the second before the first result is in: two more layers
+    qtbot.mouseClick(widget.call_button.native, Qt.MouseButton.LeftButton)
+    qtbot.mouseClick(widget.call_button.native, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: "moving (registered) [3]" in viewer.layers and "moving (registered) [2]" in viewer.layers,
+                    timeout=20000)
     # points through the inverse of a displacement field: T(new) == old
     write_transform(tmp_path / "t.nii.gz", t, f.space)
     pts = viewer.add_points(to_array_order(pairs.moving[:4]), name="pts")

@@ -6,6 +6,9 @@ from magicgui import magic_factory
 
 __all__ = ["apply_transform_file"]
 
+#: layer names of results being computed (two quick clicks must not pick the same free name)
+_IN_FLIGHT: set = set()
+
 
 @magic_factory(
     call_button="Apply",
@@ -57,9 +60,10 @@ def apply_transform_file(layer: "napari.layers.Layer", reference: "napari.layers
             raise RegtoolError(f"The transform is {t.ndim}D but {reference.name!r} is {space.ndim}D.")
         prepared = prepare_layer(layer, space)  # read from the layer here, on the GUI thread
         name = prepared[2].get("name", f"{layer.name} (registered)")
-        taken = set() if viewer is None else {lay.name for lay in viewer.layers}
+        # napari would update a layer of that name in place; names of results still being computed are taken too
+        taken = _IN_FLIGHT | (set() if viewer is None else {lay.name for lay in viewer.layers})
         k = 0
-        while (f"{name} [{k}]" if k else name) in taken:  # napari would update a layer of that name in place
+        while (f"{name} [{k}]" if k else name) in taken:
             k += 1
         name = f"{name} [{k}]" if k else name
     except (RegtoolError, MemoryError, OSError, ValueError) as exc:
@@ -68,6 +72,8 @@ def apply_transform_file(layer: "napari.layers.Layer", reference: "napari.layers
     else:
         worker = thread_worker(work, progress={"total": 0, "desc": f"Applying {Path(transform_file).name}"})(
             t, space, prepared, name)
+        _IN_FLIGHT.add(name)
+        worker.finished.connect(lambda: _IN_FLIGHT.discard(name))
     worker.finished.connect(lambda: [show_error(m) for m in failure])
     # started from the event loop, after napari has connected the layer-adding slot to ``returned``
     QTimer.singleShot(0, worker.start)
