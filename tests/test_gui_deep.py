@@ -331,12 +331,12 @@ def test_a_new_pair_gets_its_prediction_at_once_and_a_failed_one_says_so(deep2d,
     # a pair too small for the network: the reason, in the tab too, not a "Predicting…" that never ends
     for side in ("fixed", "moving"):
         small = tmp_path / f"small_{side}.nii.gz"
-        sitk.WriteImage(sitk.GetImageFromArray(np.random.default_rng(0).random((12, 12)).astype(np.float32)),
+        sitk.WriteImage(sitk.GetImageFromArray(np.random.default_rng(0).random((6, 6)).astype(np.float32)),
                         str(small))
         monkeypatch.setattr(QFileDialog, "getOpenFileName", lambda *a, p=small, **k: (str(p), ""))
         qtbot.mouseClick(getattr(w, f"open_{side}_btn"), Qt.MouseButton.LeftButton)
         wait_idle(qtbot, w)
-    assert w.session.ready and w.session.fixed.space.shape == (12, 12)
+    assert w.session.ready and w.session.fixed.space.shape == (6, 6)
     status = w.deep.deep_status.text()
     assert status.startswith("No prediction:") and "Predicting" not in status, status
     assert w.session.transform is None
