@@ -9,7 +9,6 @@ mapping fixed points to moving points, like every transform in the package.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +18,7 @@ import numpy as np
 from .errors import Cancelled, FitError, InputError
 from .image import Image, mask_array, overlap_share
 from .io import affine_from_sitk
-from .threads import usable_cores
+from .threads import SharedSetting, usable_cores
 from .transforms.base import Transform
 from .transforms.linear import AffineTransform
 
@@ -190,32 +189,21 @@ FINEST_TOLERANCE = 0.05
 SCORE_VOXELS = 1 << 21
 
 
-#: how many blocks run in :func:`_one_thread` now, and the thread count SimpleITK had before the first of them
-_ONE_THREAD = {"depth": 0, "before": None}
-_ONE_THREAD_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _one_thread():
-    """SimpleITK on one thread per call while the block runs (then as before): its registration metrics sum over
-    threads in a varying order, so on several threads the same images give a slightly different result every time,
-    and the optimiser's path can fork from there. The setting is SimpleITK's global one (a registration method's own
-    thread count does not reach its metric), so blocks running at once in several Python threads share it: the
-    first sets it, the last restores it."""
+def _sitk_threads(n: int) -> int:
+    """Set SimpleITK's global default thread count to ``n``; the count it had."""
     import SimpleITK as sitk
 
-    with _ONE_THREAD_LOCK:
-        if _ONE_THREAD["depth"] == 0:
-            _ONE_THREAD["before"] = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
-            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
-        _ONE_THREAD["depth"] += 1
-    try:
-        yield
-    finally:
-        with _ONE_THREAD_LOCK:
-            _ONE_THREAD["depth"] -= 1
-            if _ONE_THREAD["depth"] == 0:
-                sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(_ONE_THREAD["before"])
+    before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(int(n))
+    return before
+
+
+#: ``with _one_thread():`` SimpleITK on one thread per call while the block runs (then as before): its registration
+#: metrics sum over threads in a varying order, so on several threads the same images give a slightly different
+#: result every time, and the optimiser's path can fork from there. The setting is SimpleITK's global one (a
+#: registration method's own thread count does not reach its metric), so blocks running at once in several Python
+#: threads share it: the first sets it, the last restores it.
+_one_thread = SharedSetting(lambda: _sitk_threads(1), _sitk_threads)
 
 
 def _optimise(f_img, m_img, tx, model, metric, optimiser, mask_img, fixed, iterations, sampling, bins, seed,

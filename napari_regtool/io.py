@@ -5,7 +5,6 @@ import bz2
 import math
 import os
 import struct
-import threading
 import zlib
 from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
@@ -17,6 +16,7 @@ from .image import Image
 # the SimpleITK conversions live in sitk_convert (which transforms use too); io re-exports them
 from .sitk_convert import field_to_sitk_image, field_to_sitk_transform, image_to_sitk, linear_map_from_sitk
 from .space import Space, mm_per_unit
+from .threads import SharedSetting
 
 __all__ = [
     "read_image", "write_image", "image_to_sitk", "image_from_sitk", "field_to_sitk_image",
@@ -899,39 +899,31 @@ def read_transform(path):
     return _from_sitk_transform(tx, p)
 
 
-#: how many blocks run in :func:`_c_stderr_silenced` now, and the stderr they will restore
-_SILENCED = {"depth": 0, "saved": None}
-_SILENCED_LOCK = threading.Lock()
-
-
-@contextmanager
-def _c_stderr_silenced():
-    """Send what C libraries write to the process's stderr (file descriptor 2) to nowhere for the block. Blocks that
-    overlap in several threads share it: the first one silences, the last one restores (each restoring what it had
-    found would leave the process silenced when they end in another order)."""
+def _silence_fd2():
+    """Point file descriptor 2 (what C libraries write to stderr) at nowhere; a duplicate of what it was, or None
+    where the process has no real stderr (some GUI launchers)."""
     import sys
 
-    with _SILENCED_LOCK:
-        if _SILENCED["depth"] == 0:
-            try:
-                sys.stderr.flush()
-                saved = os.dup(2)
-            except (OSError, ValueError, AttributeError):  # no real stderr (some GUI launchers): nothing to silence
-                saved = None
-            if saved is not None:
-                with open(os.devnull, "wb") as null:
-                    os.dup2(null.fileno(), 2)
-            _SILENCED["saved"] = saved
-        _SILENCED["depth"] += 1
     try:
-        yield
-    finally:
-        with _SILENCED_LOCK:
-            _SILENCED["depth"] -= 1
-            if _SILENCED["depth"] == 0 and _SILENCED["saved"] is not None:
-                os.dup2(_SILENCED["saved"], 2)
-                os.close(_SILENCED["saved"])
-                _SILENCED["saved"] = None
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):
+        return None
+    with open(os.devnull, "wb") as null:
+        os.dup2(null.fileno(), 2)
+    return saved
+
+
+def _restore_fd2(saved) -> None:
+    if saved is not None:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+#: ``with _c_stderr_silenced():`` what C libraries write to the process's stderr goes nowhere for the block (HDF5's
+#: error stack on a damaged file); blocks that overlap in several threads share it (the first silences, the last
+#: restores)
+_c_stderr_silenced = SharedSetting(_silence_fd2, _restore_fd2)
 
 
 def _read_field_folder(p: Path):

@@ -3,9 +3,10 @@ are shared) on one thread; large 3D work gains from all of them. Also the cores 
 from __future__ import annotations
 
 import os
+import threading
 from contextlib import contextmanager
 
-__all__ = ["torch_threads", "threads_for", "usable_cores"]
+__all__ = ["SharedSetting", "torch_threads", "threads_for", "usable_cores"]
 
 #: below this many voxels per operation, extra threads cost more in synchronisation than they gain
 SMALL_WORK = 2 ** 19
@@ -41,3 +42,31 @@ def usable_cores() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
         return max(1, os.cpu_count() or 1)
+
+
+class SharedSetting:
+    """A process-wide setting (a library's global thread count, a file descriptor) that blocks running at once in
+    several Python threads may each ask for. ``with setting():`` — the first block to enter calls ``apply()`` and
+    keeps what it returns (the state before); the last one to leave calls ``restore(state)``. Each block restoring
+    what it had found would leave the setting applied when overlapping blocks end in another order."""
+
+    def __init__(self, apply, restore):
+        self._apply, self._restore = apply, restore
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._before = None
+
+    @contextmanager
+    def __call__(self):
+        with self._lock:
+            if self._depth == 0:
+                self._before = self._apply()
+            self._depth += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._depth -= 1
+                if self._depth == 0:
+                    before, self._before = self._before, None
+                    self._restore(before)

@@ -291,8 +291,7 @@ class ImagesPanel(QWidget):
             self.host.set_status(f"Now choose or open the {other_side} image.")
             return
         if _ndim(layer) != _ndim(other):  # switching between 2D and 3D: one side at a time
-            self._pending = (side, layer)
-            self._say_waiting(side, layer, other)
+            self._wait_for_partner(side, layer, other)
             return
         self._pending = None  # (a choice of another dimension made before is given up)
         f, m = (layer, other) if side == "fixed" else (other, layer)
@@ -408,7 +407,7 @@ class ImagesPanel(QWidget):
         return self._use(side, layer, other, other_side)
 
     def _wait_for_partner(self, side, layer, other) -> bool:
-        """``layer`` (opened for ``side``) is of another dimension than the ``other`` image in use: it is shown in its
+        """``layer`` (chosen or opened for ``side``) is of another dimension than the ``other`` image in use: it is shown in its
         combo and waits for a partner of its dimension; the registration in use stays until then."""
         self.picks[side] = layer
         self._pending = (side, layer)
