@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
 import numpy as np
 
@@ -469,7 +469,13 @@ def auto_linear(fixed: Image, moving: Image, model: str = "rigid", initial: Tran
     with _one_thread(), ThreadPoolExecutor(max(1, min(len(runs) + 1, workers))) as pool:
         try:
             start_score = pool.submit(score, tx)
-            finished = list(pool.map(screen_run, range(len(runs))))
+            futures = [pool.submit(screen_run, k) for k in range(len(runs))]
+            # the first failure, in whichever run, is seen at once (results in order would wait for earlier runs)
+            wait([start_score, *futures], return_when=FIRST_EXCEPTION)
+            for f in (start_score, *futures):
+                if f.done() and f.exception() is not None:
+                    f.result()  # raises it
+            finished = [f.result() for f in futures]
         except BaseException:
             abort.set()
             raise

@@ -305,3 +305,41 @@ def test_one_thread_blocks_overlapping_in_two_threads_keep_simpleitk_on_one_thre
         assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == 3
     finally:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)
+
+
+def test_a_screening_run_that_fails_stops_the_runs_beside_it_and_its_error_reaches_the_caller(brain2d, monkeypatch):
+    """Three screening runs side by side: the second one fails at once; the other two, still optimising, must stop
+    at their next iteration (their cancel turns True) rather than run to their end (results read in order would
+    wait for the first run before seeing the failure), and the failure is what the caller sees."""
+    import time
+
+    from napari_regtool import autoreg
+
+    calls, stopped = [], []
+
+    def fake_optimise(f_img, m_img, tx, model, metric, optimiser, *args, **kwargs):
+        cancel = args[-2]
+        calls.append((metric, optimiser))
+        if (metric, optimiser) == autoreg.RUNS["mattes"][1]:
+            raise RuntimeError("the metric failed")
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < 30:  # a long optimisation that polls its cancel every iteration
+            if cancel():
+                stopped.append((metric, optimiser))
+                raise Cancelled("stopped")
+            time.sleep(0.01)
+        return tx, {"iterations_per_level": [1]}
+
+    monkeypatch.setattr(autoreg, "_optimise", fake_optimise)
+    monkeypatch.setattr(autoreg, "usable_cores", lambda: 4)
+    before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(4)  # room for all three runs and the start's score at once
+    try:
+        t0 = time.perf_counter()
+        with pytest.raises(RuntimeError, match="the metric failed"):
+            auto_linear(brain2d, brain2d.with_array(brain2d.array, name="moving"), "affine", metric="mattes")
+        took = time.perf_counter() - t0
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)
+    assert took < 15
+    assert len(calls) == 3 and sorted(stopped) == sorted(r for i, r in enumerate(autoreg.RUNS["mattes"]) if i != 1)
