@@ -214,6 +214,17 @@ class Autosave:
                 return pairs, c
         return None
 
+    def _legacy_file(self, default: Path) -> Path | None:
+        """The autosave an earlier version wrote for layers of these names without a file (named without the images'
+        fingerprint), when there is one of the autosave's own and no file of these very images exists."""
+        if not self._fingerprint or default.exists() or not default.name.endswith(f".{self._fingerprint}.landmarks.csv"):
+            return None
+        old = default.with_name(default.name[: -len(f".{self._fingerprint}.landmarks.csv")] + ".landmarks.csv")
+        try:
+            return old if old.exists() and is_own(old) and old.read_bytes().strip() else None
+        except OSError:
+            return None
+
     def set_path(self, path):
         """Autosave to ``path`` instead of the default place (``None`` restores the default). An explicitly
         chosen path is written even when its file was not written by the autosave (its ``.bak`` keeps the old)."""
@@ -261,9 +272,13 @@ class Autosave:
             folder = self.folder or (user_data_dir() / "autosave")
             self._chosen = folder / f"{stem}.{os.getpid()}-{int(time.time())}.regtool-autosave.csv"
             restored = foreign
+        legacy = self._legacy_file(default) if restored is None else None
         if not skipped:
-            self.notice = ""
-            return restored, ""
+            self.notice = "" if legacy is None else (
+                f"{legacy} may hold landmark pairs of these images, autosaved by an earlier version under the layers' "
+                "names alone; it is not restored automatically (images without a file are now recognised by their "
+                "content). Use Load landmarks… to read it.")
+            return restored, self.notice
         where = self._chosen
         parts = []
         for c, own, why in skipped:

@@ -193,3 +193,33 @@ def test_autosave_of_images_without_a_file_comes_back_only_for_those_images(tmp_
     np.testing.assert_allclose(m3.pairs.moving, m.pairs.moving)
     m4 = RegistrationModel(autosave=True, autosave_dir=tmp_path)
     assert "Restored 3" in m4.set_images(a, b) and len(m4.pairs) == 3
+
+
+def test_an_autosave_written_before_images_were_fingerprinted_is_pointed_out_not_restored(tmp_path):
+    """Layers without a file whose landmarks an earlier version autosaved under the layer names alone: the pairs
+    are not restored into images that may be other ones, but the message names the file and says how to read it;
+    once these images have an autosave of their own, the old file is not mentioned again."""
+    from napari_regtool.autosave import _sidecar
+
+    rng = np.random.default_rng(5)
+    sp = Space((40, 50), [1.0, 1.0])
+    a, b = (Image(rng.random((40, 50)).astype(np.float32), sp, n) for n in ("fixed", "moving"))
+    m = RegistrationModel(autosave=True, autosave_dir=tmp_path)
+    m.set_images(a, b)
+    for p in ([10.0, 10.0], [30.0, 12.0]):
+        m.place("fixed", p)
+        m.place("moving", [p[0] + 1.0, p[1]])
+    new = m.autosave_path
+    fp = new.name.split(".")[-3]
+    old = new.with_name(new.name.replace(f".{fp}.landmarks.csv", ".landmarks.csv"))
+    new.rename(old)  # as an earlier version named it (with its record of what the autosave wrote)
+    _sidecar(new).rename(_sidecar(old))
+    m2 = RegistrationModel(autosave=True, autosave_dir=tmp_path)
+    msg = m2.set_images(a, b)
+    assert len(m2.pairs) == 0 and "Restored" not in msg
+    assert str(old) in msg and "Load landmarks" in msg
+    m2.place("fixed", [20.0, 20.0])
+    m2.place("moving", [21.0, 20.0])
+    m3 = RegistrationModel(autosave=True, autosave_dir=tmp_path)
+    msg = m3.set_images(a, b)
+    assert "Restored 1" in msg and str(old) not in msg
