@@ -341,46 +341,15 @@ def _read_mask(path, fixed, warn):
 
 
 def _read_transform_any(path, space, args, unit=None):
-    """``--transform`` as ITK reads it, or else as ``regtool qc`` opens other tools' files (elastix
-    ``TransformParameters.N.txt``, Greedy's and c3d's plain-text RAS matrices), put on ``space`` where it is a
-    field; the ITK reader's message stands when neither can read it. ``args.convention`` (when set) says how a
-    field's numbers are stored and sends every file through ``regtool qc``'s reader. ``unit``: the images' unit; ITK's files are in
-    millimetres and are converted to it (an OME-Zarr field is in its own unit, checked by :func:`_check_units`)."""
-    from .io import itk_scale, load_transform_for_qc, read_transform
-    from .ngff_field import is_field_ngff
+    """``--transform`` read by :func:`napari_regtool.io.read_transform_any` (ITK's files, else other tools' as
+    ``regtool qc`` opens them; ``args.convention`` says how a field's numbers are stored), its notes printed."""
+    from .io import read_transform_any
 
-    p = Path(path)
-    convention = getattr(args, "convention", None)
-    if convention:  # said how the numbers are stored: read as regtool qc reads it (a bare .npy field, RAS, voxels)
-        loaded = load_transform_for_qc(path, space, convention=convention, unit=unit)
-        _say_notes(args, loaded.warnings)
-        return loaded.transform
-    try:
-        t = read_transform(path)
-    except RegtoolError as itk_error:
-        try:
-            loaded = load_transform_for_qc(path, space, unit=unit)
-        except RegtoolError as other:
-            # the other readers know the file when their message is about its content (a Greedy matrix of another
-            # dimension, a truncated one, a bare array without a convention), not that they cannot read it either
-            if p.suffix.lower() in (".npy", ".npz") or not str(other).startswith("Cannot read"):
-                raise other from None
-            raise itk_error from None
-    else:
-        per_mm = 1.0 if p.is_dir() and is_field_ngff(p) else 1.0 / itk_scale(unit, "the images")
-        if per_mm != 1.0:
-            from .transforms.units import rescaled
-
-            _say_notes(args, [f"{p.name} is an ITK transform, in millimetres; it was converted to the images' "
-                              f"{unit}s (1 mm = {per_mm:g} {unit}s)."])
-            t = rescaled(t, per_mm)
-        return t
-    if not getattr(args, "quiet", False):
-        print(f"note: {Path(path).name} is not an ITK transform; it was read as regtool qc reads it "
-              f"({loaded.source}).", file=sys.stderr)
-    for msg in loaded.warnings:
+    t, notes, warnings = read_transform_any(path, space, unit=unit, convention=getattr(args, "convention", None))
+    _say_notes(args, notes)
+    for msg in warnings:
         print(f"warning: {msg}", file=sys.stderr)
-    return loaded.transform
+    return t
 
 
 def _read_transforms(args, space, unit=None):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, RegtoolError
 from .image import Image
 # the SimpleITK conversions live in sitk_convert (which transforms use too); io re-exports them
 from .sitk_convert import field_to_sitk_image, field_to_sitk_transform, image_to_sitk, linear_map_from_sitk
@@ -22,7 +22,7 @@ __all__ = [
     "read_image", "write_image", "image_to_sitk", "image_from_sitk", "field_to_sitk_image",
     "field_to_sitk_transform", "write_displacement_field", "read_displacement_field", "write_transform",
     "read_transform", "affine_from_sitk", "atomic_output", "verify_image_file", "IMAGE_EXTENSIONS",
-    "load_transform_for_qc",
+    "load_transform_for_qc", "read_transform_any",
 ]
 
 IMAGE_EXTENSIONS = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr", ".tif", ".tiff", ".png", ".jpg", ".jpeg",
@@ -985,6 +985,42 @@ def _is_elastix_file(p: Path) -> bool:
     except OSError:
         return False
     return not head.lstrip().startswith("#Insight") and "(Transform " in head
+
+
+def read_transform_any(path, space, unit: str | None = None, convention=None) -> tuple:
+    """A transform file of any tool, as ``regtool apply`` and the plugin's *Apply transform file* read it →
+    ``(transform, notes, warnings)``: ITK's reader first (``.tfm``/``.h5``/``.txt``/``.mat``, displacement-field
+    images, OME-Zarr fields), else :func:`load_transform_for_qc`'s (elastix ``TransformParameters.N.txt``, Greedy's
+    and c3d's plain-text RAS matrices), fields put on ``space``. ITK's message stands when neither can read the
+    file. ``convention`` (how a field's numbers are stored) sends every file through
+    :func:`load_transform_for_qc`. ``unit``: the images' unit (ITK's files are in millimetres and are converted to
+    it; an OME-Zarr field is in its own unit)."""
+    from .ngff_field import is_field_ngff
+
+    p = Path(path)
+    if convention:
+        loaded = load_transform_for_qc(path, space, convention=convention, unit=unit)
+        return loaded.transform, list(loaded.warnings), []
+    try:
+        t = read_transform(path)
+    except RegtoolError as itk_error:
+        try:
+            loaded = load_transform_for_qc(path, space, unit=unit)
+        except RegtoolError as other:
+            # the other readers know the file when their message is about its content (a Greedy matrix of another
+            # dimension, a truncated one, a bare array without a convention), not that they cannot read it either
+            if p.suffix.lower() in (".npy", ".npz") or not str(other).startswith("Cannot read"):
+                raise other from None
+            raise itk_error from None
+        return (loaded.transform, [f"{p.name} is not an ITK transform; it was read as regtool qc reads it "
+                                   f"({loaded.source})."], list(loaded.warnings))
+    per_mm = 1.0 if p.is_dir() and is_field_ngff(p) else 1.0 / itk_scale(unit, "the images")
+    if per_mm == 1.0:
+        return t, [], []
+    from .transforms.units import rescaled
+
+    return (rescaled(t, per_mm), [f"{p.name} is an ITK transform, in millimetres; it was converted to the images' "
+                                  f"{unit}s (1 mm = {per_mm:g} {unit}s)."], [])
 
 
 def load_transform_for_qc(path, fixed, *, convention=None, unit: str | None = None):

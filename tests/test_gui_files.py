@@ -179,6 +179,21 @@ def test_apply_transform_file_widget(make_napari_viewer, qtbot, tmp_path):
     qtbot.mouseClick(widget.call_button.native, Qt.MouseButton.LeftButton)
     qtbot.waitUntil(lambda: "moving (registered) [3]" in viewer.layers and "moving (registered) [2]" in viewer.layers,
                     timeout=20000)
+    # a matrix as Greedy writes it (fixed → moving in RAS: x and y negated against ITK's LPS), as regtool apply reads it
+    a = np.array([[0.98, -0.12], [0.1, 1.03]])
+    tl = np.array([4.0, -6.0])
+    flip = np.diag([-1.0, -1.0])
+    ras = np.eye(3)
+    ras[:2, :2], ras[:2, 2] = flip @ a @ flip, flip @ tl
+    (tmp_path / "greedy_affine.mat").write_text("\n".join(" ".join(f"{v:.10g}" for v in r) for r in ras) + "\n")
+    widget.transform_file.value = tmp_path / "greedy_affine.mat"
+    qtbot.mouseClick(widget.call_button.native, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: "moving (registered) [4]" in viewer.layers, timeout=20000)
+    by_hand = sitk.AffineTransform(2)
+    by_hand.SetMatrix(a.ravel().tolist())
+    by_hand.SetTranslation(tl.tolist())
+    ref3 = sitk.GetArrayFromImage(sitk.Resample(mov, sitk.ReadImage(str(F2)), by_hand, sitk.sitkLinear, 0.0))
+    assert np.abs(np.asarray(viewer.layers["moving (registered) [4]"].data) - ref3).max() < 1e-3 * ref3.max()
     # points through the inverse of a displacement field: T(new) == old
     write_transform(tmp_path / "t.nii.gz", t, f.space)
     pts = viewer.add_points(to_array_order(pairs.moving[:4]), name="pts")

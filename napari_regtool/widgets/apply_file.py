@@ -20,19 +20,18 @@ def apply_transform_file(layer: "napari.layers.Layer", reference: "napari.layers
                          transform_file: Path = Path(), invert: bool = False, viewer: "napari.Viewer" = None
                          ) -> "napari.qt.threading.FunctionWorker[napari.types.LayerDataTuple]":
     """Warp ``layer`` (image, labels, points, shapes in moving space) into ``reference``'s grid through an ITK
-    transform or displacement-field file, the same as ``regtool apply``.
+    transform or displacement-field file (or elastix's and Greedy's files), the same as ``regtool apply``.
 
     The file is read and checked here; inverting a field and resampling run on a worker thread (napari's
     activity indicator shows it), and the new layer is added when done — under a name no layer has yet, so that
     applying another file adds a layer instead of replacing the last result. Problems are notifications, not
     tracebacks."""
     from napari.qt.threading import thread_worker
-    from napari.utils.notifications import show_error
+    from napari.utils.notifications import show_error, show_info, show_warning
     from qtpy.QtCore import QTimer
 
     from ..errors import RegtoolError, user_message
-    from ..io import itk_scale, read_transform
-    from ..transforms.units import rescaled
+    from ..io import read_transform_any
     from .panels.fullres import layer_unit
     from ._layers import layer_space, prepare_layer, warp_prepared
 
@@ -50,12 +49,16 @@ def apply_transform_file(layer: "napari.layers.Layer", reference: "napari.layers
 
     try:
         if not str(transform_file) or not Path(transform_file).is_file():
-            raise RegtoolError("Choose a transform file (.tfm, .h5, or a displacement field image).")
-        t = read_transform(transform_file)
-        unit = layer_unit(reference)
-        if unit:  # ITK's files are in millimetres; the layers of an OME-Zarr image may be in micrometres
-            t = rescaled(t, 1.0 / itk_scale(unit, "the images"))
+            raise RegtoolError("Choose a transform file (.tfm, .h5, a displacement field image, an elastix "
+                               "TransformParameters file or a Greedy matrix).")
         space = layer_space(reference)
+        # ITK's files (in millimetres, converted to the unit of an OME-Zarr image's layers), else elastix's
+        # TransformParameters and Greedy's/c3d's matrices, as regtool apply reads them
+        t, notes, warnings = read_transform_any(transform_file, space, unit=layer_unit(reference))
+        for m in notes:
+            show_info(m)
+        for m in warnings:
+            show_warning(m)
         if t.ndim != space.ndim:
             raise RegtoolError(f"The transform is {t.ndim}D but {reference.name!r} is {space.ndim}D.")
         prepared = prepare_layer(layer, space)  # read from the layer here, on the GUI thread
