@@ -205,7 +205,7 @@ def evaluate(result: RegistrationResult, need_warped=True, uncertainty=None, cha
     if need_warped:
         result.warped = warp_image(source, t, fs, device=dev, index_grid=grid)
     result.jacobian = jacobian_determinant(result.displacement, fs)
-    result.jacobian_stats = qc.jacobian_stats(result.jacobian)
+    result.jacobian_stats = qc.covered_jacobian_stats(result.jacobian, t, fs)
     result.similarity_before, result.similarity_after = similarity_before_after(
         result.fixed, source, t, dev, index_grid=grid, channel=channel, mask=result.mask)
     unc = getattr(t, "uncertainty", None) if uncertainty is None else uncertainty

@@ -114,6 +114,7 @@ class Previewer:
         self._src = src.movedim(-1, 0).unsqueeze(0) if moving.is_multichannel else src[None, None]
         self._fixed_scalar = None
         self._moving_window = None
+        self._support = None  # (transform, field support on the fixed grid) of the last transform measured
         self._foreground = None
         self._grid_points = None
 
@@ -188,7 +189,7 @@ class Previewer:
             field = transform.field(fs, device=self.device, dtype=torch.float32)
         if "jacobian" in want or (need_stats and nonlinear):
             jac = jacobian_determinant(field, fs)
-            stats = qc.jacobian_stats(jac)
+            stats = qc.covered_jacobian_stats(jac, transform, fs, self._field_support(transform))
             if "jacobian" in want:
                 maps["jacobian"] = jac.cpu().numpy()
         elif need_stats:
@@ -229,6 +230,13 @@ class Previewer:
         t2 = time.perf_counter()
         yield PreviewResult(generation, maps=maps, jacobian_stats=stats, suggestion=suggestion,
                             uncertainty_info=info, timings={"qc_s": t2 - t1})
+
+    def _field_support(self, transform) -> tuple:
+        """:func:`~napari_regtool.qc.covered_support` of ``transform`` on the fixed grid, kept for the same transform
+        (a loaded field is measured again at every redraw)."""
+        if self._support is None or self._support[0] is not transform:
+            self._support = (transform, qc.covered_support(transform, self.fixed.space))
+        return self._support[1]
 
     def foreground(self) -> torch.Tensor:
         """(fixed.shape) bool: voxels of the fixed image with signal (above 15 % of its robust intensity range)."""

@@ -17,6 +17,7 @@ from .transforms.field import jacobian_determinant
 
 __all__ = [
     "mse", "ncc", "lncc", "local_ncc", "mutual_information", "similarity_metrics", "dice", "tre", "jacobian_stats",
+    "covered_jacobian_stats", "covered_support",
     "displacement_magnitude", "grid_image", "checkerboard", "difference", "normalise_intensity", "intensity_window",
     "landmark_uncertainty", "field_qc", "field_statistics", "non_diffeomorphic_volume", "check_convention",
     "ConventionCheck", "PERCENTILES", "open_for_qc", "field_support", "labels_on", "mask_on", "transform_statistics",
@@ -152,6 +153,28 @@ def tre(transform, fixed_points, moving_points) -> np.ndarray:
     if len(fp) == 0:
         return np.zeros(0)
     return np.linalg.norm(transform.map_points(fp) - np.asarray(moving_points, float), axis=1)
+
+
+def covered_jacobian_stats(det, transform, space: Space, support=None) -> dict:
+    """:func:`jacobian_stats` over the voxels ``transform``'s fields cover (the seam where a field on a smaller grid
+    ends is no fold of a registration), with ``coverage_percent`` when that is less than everything (0 when the
+    fields miss ``space``). ``support``: :func:`covered_support` computed before."""
+    sel, coverage = covered_support(transform, space) if support is None else support
+    stats = jacobian_stats(det, mask=sel)
+    if coverage < 100.0:
+        stats["coverage_percent"] = coverage
+    return stats
+
+
+def covered_support(transform, space: Space) -> tuple:
+    """:func:`field_support` without a mask, and all-False (coverage 0) instead of an error when the fields miss
+    ``space``."""
+    from .errors import InputError
+
+    try:
+        return field_support(transform, space)
+    except InputError:
+        return torch.zeros(tuple(space.shape), dtype=torch.bool), 0.0
 
 
 def jacobian_stats(det, mask=None) -> dict:
@@ -731,6 +754,7 @@ def open_for_qc(path, fixed, moving=None, convention=None, device="cpu"):
     from .io import load_transform_for_qc
 
     loaded = load_transform_for_qc(path, fixed, convention=convention)
+    field_support(loaded.transform, fixed.space)  # a field that misses the fixed image entirely is refused here
     check = None if moving is None else check_convention(fixed, moving, loaded, device=device)
     return loaded, check
 

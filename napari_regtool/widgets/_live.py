@@ -178,7 +178,10 @@ class LiveView:
             else:
                 how = (f"Move or deactivate the pairs near there, or "
                        f"{_FOLDING_REMEDY.get(self.model.model, _FOLDING_OTHER)}.")
-            self.host.notify("warning", f"The transform folds: {fold:.3g}% of the fixed image has a Jacobian "
+            cover = stats.get("coverage_percent")
+            where = ("the fixed image" if cover is None else
+                     f"the part of the fixed image its field covers ({cover:.3g}%)")
+            self.host.notify("warning", f"The transform folds: {fold:.3g}% of {where} has a Jacobian "
                                         f"determinant ≤ 0 (red in the Jacobian layer). {how}")
             if not self.host.qc.is_on("jacobian"):
                 self.host.qc.set_overlay("jacobian", True)
