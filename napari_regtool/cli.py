@@ -957,7 +957,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--landmarks", help="BigWarp landmark CSV: target registration error of the pairs")
     q.add_argument("--mask", help="mask on the fixed grid (non-zero voxels): restricts the field statistics and the similarity")
     q.add_argument("--convention", help="how a field's numbers are stored: physical|voxel, xyz|array, inverse, "
-                                        "ras — comma separated, e.g. voxel,array (default: ITK's physical,xyz)")
+                                        "ras, and a bare array's axis order axes=xyz|array (nibabel: x, y, z) — "
+                                        "comma separated, e.g. voxel,array (default: ITK's physical,xyz)")
     q.add_argument("--device", default="auto")
     q.add_argument("--out", required=True, help="output folder")
     q.add_argument("-q", "--quiet", action="store_true")

@@ -1075,8 +1075,8 @@ def load_transform_for_qc(path, fixed, *, convention=None, unit: str | None = No
         if conv is None:
             raise InputError(f"{name} is {what}: its units and component order cannot be read from the file. Say "
                              "how it is stored (--convention in regtool, Field convention in the plugin), e.g. "
-                             "'voxel,array' (VoxelMorph on NumPy/SimpleITK arrays), 'voxel,xyz' (arrays loaded with "
-                             "nibabel) or 'physical,xyz'.")
+                             "'voxel,array' (VoxelMorph on NumPy/SimpleITK arrays), 'voxel,xyz,axes=xyz' (arrays loaded "
+                             "with nibabel) or 'physical,xyz'.")
         return conv
 
     def finish_field(numbers, grid, conv_used, source):
@@ -1115,7 +1115,7 @@ def load_transform_for_qc(path, fixed, *, convention=None, unit: str | None = No
                 arr = data[key]
         else:
             arr = data
-        numbers, grid, more = field_numbers_from_array(arr, fspace, name)
+        numbers, grid, more = field_numbers_from_array(arr, fspace, name, c.axes)
         notices += more
         return finish_field(numbers, grid, c, "array-field")
     if low.endswith(_FIELD_IMAGE_EXT):

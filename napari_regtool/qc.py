@@ -554,6 +554,8 @@ _READINGS = {
                     "read in voxels, array order"),
     "physical,xyz": ("it is in physical units with components in x, y, z order (an ITK field)",
                      "read in physical units, x, y, z order"),
+    "axes=xyz": ("its axes are in x, y, z order (an array nibabel loaded)", "with its axes reversed"),
+    "axes=array": ("its axes are in array (z, y, x) order (NumPy, SimpleITK)", "with its axes in array order"),
 }
 
 
@@ -571,7 +573,8 @@ def check_convention(fixed, moving, loaded, max_voxels: int | None = None, margi
     ``fixed``, ``moving``: :class:`~napari_regtool.image.Image`; ``loaded``: a
     :class:`~napari_regtool.transforms.external.LoadedTransform` (or a bare :class:`Transform`). Readings: the
     inverse; for displacement fields also voxel ↔ physical units, x, y, z ↔ array component order and LPS ↔ RAS
-    (x, y negated); for other transforms RAS (conjugated by the x, y flip). Each is scored by the NCC of the fixed
+    (x, y negated), and for a bare array on a square or cubic grid its axes reversed (nibabel's x, y, z); for
+    other transforms RAS (conjugated by the x, y flip). Each is scored by the NCC of the fixed
     image and the moving image warped under it, on a subsampled grid (``max_voxels``: 96² in 2D, 40³ in 3D by
     default) over the voxels mapped inside the moving image (at least a fifth of them, else no score).
 
@@ -637,6 +640,14 @@ def check_convention(fixed, moving, loaded, max_voxels: int | None = None, margi
         loaded_t = loaded_t.inverse() if conv.inverse else loaded_t
         for key, c in alts.items():
             candidates[key] = (reading(c), c.describe())
+        shape = tuple(loaded.grid.shape)
+        if loaded.source == "array-field" and d > 1 and len(set(shape)) == 1:
+            # a bare array on a square/cubic grid: its shape cannot tell array (z, y, x) from nibabel's x, y, z axes
+            flipped = np.transpose(loaded.numbers, tuple(range(d))[::-1] + (d,))
+            n_f = DisplacementFieldTransform(flipped, loaded.grid).field(grid, dtype=torch.float64).cpu().numpy()
+            c = conv.replace(axes="array" if conv.axes == "xyz" else "xyz")
+            t = DisplacementFieldTransform(apply_convention_to_numbers(n_f, loaded.grid, c), grid)
+            candidates[f"axes={c.axes}"] = (t.inverse() if c.inverse else t, c.describe())
     else:
         loaded_t = loaded.transform
         try:

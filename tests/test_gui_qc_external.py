@@ -365,9 +365,15 @@ def test_numpy_field_loads_with_the_chosen_convention(make_napari_viewer, qtbot,
     ref = _sitk_resample(m, f, _field_tx(u, SPACE))
     shown = np.asarray(viewer.layers["moving (warped)"].data)
     assert np.abs(shown - ref).max() < 1e-4 * np.abs(ref).max()
-    # the same numbers read as x, y, z voxels: another map, which the convention check says
-    loader.convention_combo.setCurrentIndex(loader.convention_combo.findData("voxel,xyz"))
+    # the "nibabel arrays" item for an array in NumPy's axis order: refused, nothing changes
+    loaded_before = w.session.transform
+    loader.convention_combo.setCurrentIndex(loader.convention_combo.findData("voxel,xyz,axes=xyz"))
+    n = len(notifications())
     _open(qtbot, w, monkeypatch, w.model_panel.load_btn, tmp_path / "flow.npy")
+    assert any("array order" in t for t in notifications()[n:]) and w.session.transform is loaded_before
+    # an array as nibabel loads it (axes x, y) whose components are in array order: the convention check says so
+    np.save(tmp_path / "flow_nib.npy", np.transpose(flow, (1, 0, 2)))
+    _open(qtbot, w, monkeypatch, w.model_panel.load_btn, tmp_path / "flow_nib.npy")
     assert "array (z, y, x) order" in loader.advice_label.text()
 
 

@@ -508,13 +508,13 @@ def test_voxel_array_fields_npy_npz_and_nibabel_layout(tmp_path):
     # the same as a NIfTI written with nibabel's axis order: a 3D scalar image (x, y, 2) with an identity affine
     sitk.WriteImage(sitk.GetImageFromArray(np.moveaxis(vox_xyz, -1, 0)), str(tmp_path / "flow_nib.nii.gz"))
     cases = [("flow.npy", "voxel,array"), ("flow.npz", "voxel,array"), ("flow_nib.npy", "voxel,xyz"),
-             ("flow_nib.nii.gz", "voxel,xyz")]
+             ("flow_nib.npy", "voxel,xyz,axes=xyz"), ("flow_nib.nii.gz", "voxel,xyz")]
     for name, conv in cases:
         loaded = load_transform_for_qc(tmp_path / name, fixed, convention=conv)
         got = loaded.transform.field(space, dtype=torch.float64).numpy()
         np.testing.assert_allclose(got, u, atol=1e-5, err_msg=name)
-        if name == "flow_nib.npy":
-            assert any("transposed" in w for w in loaded.warnings)
+        if name == "flow_nib.npy":  # told from the shape, or said
+            assert any("transposed" in w for w in loaded.warnings) == (conv == "voxel,xyz")
         if name == "flow_nib.nii.gz":
             assert any("geometry" in w for w in loaded.warnings)
     with pytest.raises(InputError, match="convention"):
@@ -638,6 +638,35 @@ def test_array_order_loaded_as_xyz_is_flagged(tmp_path, mistake_pair):
     chk = qc.check_convention(fixed, moving, load_transform_for_qc(tmp_path / "zyx.npy", fixed,
                                                                    convention="voxel,xyz"))
     assert chk.flagged and chk.best == "array" and chk.suggestion == "voxel,array", chk.scores
+
+
+def test_a_nibabel_array_on_a_square_grid_is_read_as_said_and_the_check_tells_the_axis_order(tmp_path):
+    """A bare array on a square grid cannot say whether its axes are z, y, x (NumPy) or x, y, z (nibabel). Said
+    (``axes=xyz``, the plugin's "nibabel arrays" item) it is read so — the true field; not said, it is read in array
+    order and the convention check proposes the reversed axes, whose reading is again the true field. Said for an
+    array whose shape is the fixed image's in array order (not square), it is refused."""
+    space = Space((56, 56), (1.6, 0.7), (-20.0, 5.0))
+    u = _smooth_field(space, amp=4.0, wavelength=40.0, shift=(5.0, -3.0, 0.0))
+    fixed, moving = _make_pair(space, _field_tx(u, space), seed=7)
+    vox_xyz = u / np.asarray(space.spacing)
+    np.save(tmp_path / "nib.npy", np.transpose(vox_xyz, (1, 0, 2)))  # nibabel: axes x, y; components x, y
+    said = load_transform_for_qc(tmp_path / "nib.npy", fixed, convention="voxel,xyz,axes=xyz")
+    np.testing.assert_allclose(said.transform.field(space, dtype=torch.float64).numpy(), u, atol=1e-9)
+    assert not any("square" in w for w in said.warnings)
+    guessed = load_transform_for_qc(tmp_path / "nib.npy", fixed, convention="voxel,xyz")
+    assert any("square" in w for w in guessed.warnings)
+    chk = qc.check_convention(fixed, moving, guessed)
+    assert chk.flagged and chk.best == "axes=xyz" and chk.suggestion == "voxel,xyz,axes=xyz", chk.scores
+    np.testing.assert_allclose(load_transform_for_qc(tmp_path / "nib.npy", fixed, convention=chk.suggestion)
+                               .transform.field(space, dtype=torch.float64).numpy(), u, atol=1e-9)
+    assert not qc.check_convention(fixed, moving, said).flagged
+    assert FieldConvention.parse("nibabel,voxel") == FieldConvention("voxel", "xyz", axes="xyz")
+    assert FieldConvention.parse(said.convention.describe()) == said.convention
+    wide = Space((40, 46), (1.0, 1.0))
+    np.save(tmp_path / "zyx.npy", np.zeros((40, 46, 2)))
+    with pytest.raises(InputError, match="array order"):
+        load_transform_for_qc(tmp_path / "zyx.npy", Image(np.zeros((40, 46), np.float32), wide),
+                              convention="voxel,xyz,axes=xyz")
 
 
 def test_ras_field_is_flagged_in_3d(tmp_path):

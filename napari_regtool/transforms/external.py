@@ -49,18 +49,24 @@ class FieldConvention:
     reverse of xyz — a network that works on NumPy/SimpleITK-ordered arrays).
     ``inverse``: the file holds the moving → fixed map; its inverse is taken to get fixed → moving.
     ``ras``: physical vectors in RAS (x and y negated with respect to ITK's LPS; nibabel/FSL-style tools).
+    ``axes`` (bare arrays only): the order of the array's spatial axes — ``"array"`` (z, y, x; NumPy, SimpleITK),
+    ``"xyz"`` (x, y, z; an array nibabel loaded from a NIfTI file) or ``""`` (told from the shape: reversed when
+    the fixed image's shape reads reversed; array order when the grid is square or cubic and cannot tell).
     """
 
     units: str = "physical"
     components: str = "xyz"
     inverse: bool = False
     ras: bool = False
+    axes: str = ""
 
     def __post_init__(self):
         if self.units not in ("physical", "voxel"):
             raise InputError(f"Field units must be 'physical' or 'voxel', not {self.units!r}.")
         if self.components not in ("xyz", "array"):
             raise InputError(f"Field component order must be 'xyz' or 'array', not {self.components!r}.")
+        if self.axes not in ("", "xyz", "array"):
+            raise InputError(f"A field's axis order must be 'axes=xyz' or 'axes=array', not {self.axes!r}.")
         if self.ras and self.units == "voxel":
             raise InputError("The RAS/LPS sign choice applies to physical vectors; a field in voxels has none — "
                              "drop 'ras' or use physical units.")
@@ -77,7 +83,11 @@ class FieldConvention:
                 continue
             key, _, val = tok.partition("=")
             word = val or key
-            if word in ("physical", "mm", "voxel", "voxels", "vox"):
+            if key == "axes" and val in ("xyz", "array", "zyx"):
+                name, value = "axes", "xyz" if val == "xyz" else "array"
+            elif word == "nibabel":  # an array as nibabel loads a NIfTI file: x, y, z axes
+                name, value = "axes", "xyz"
+            elif word in ("physical", "mm", "voxel", "voxels", "vox"):
                 name, value = "units", "voxel" if word.startswith("vox") else "physical"
             elif word in ("xyz", "array", "zyx"):
                 name, value = "components", "xyz" if word == "xyz" else "array"
@@ -90,8 +100,8 @@ class FieldConvention:
             elif key in ("inverse", "ras") and val in ("true", "false", "1", "0", "yes", "no"):
                 name, value = key, val in ("true", "1", "yes")
             else:
-                raise InputError(f"Unknown convention word {tok!r}: use physical|voxel, xyz|array, inverse and "
-                                 "ras, separated by commas (e.g. 'voxel,array').")
+                raise InputError(f"Unknown convention word {tok!r}: use physical|voxel, xyz|array, inverse, ras "
+                                 "and (for bare arrays) axes=xyz|array, separated by commas (e.g. 'voxel,array').")
             if name in said:  # (two 'inverse' do not cancel out, and a second word would silently win)
                 raise InputError(f"The convention says {said[name]!r} and {tok!r}, both about its {name}; give each "
                                  "once (e.g. 'voxel,array,inverse').")
@@ -104,6 +114,8 @@ class FieldConvention:
             words.append("ras")
         if self.inverse:
             words.append("inverse")
+        if self.axes:
+            words.append(f"axes={self.axes}")
         return ",".join(words)
 
     def replace(self, **kw) -> "FieldConvention":
@@ -153,12 +165,14 @@ def field_from_numbers(numbers: np.ndarray, grid: Space, conv: FieldConvention, 
     return t.inverse() if conv.inverse else t
 
 
-def field_numbers_from_array(arr: np.ndarray, fixed: Space, name: str) -> tuple[np.ndarray, Space, list[str]]:
+def field_numbers_from_array(arr: np.ndarray, fixed: Space, name: str, axes: str = "") -> tuple[np.ndarray, Space,
+                                                                                                list[str]]:
     """A bare displacement array (no geometry) → ``(numbers (*S, D) in array order, grid, notices)``.
 
     Layouts: ``(*S, D)`` or ``(D, *S)``, optionally with leading singleton axes (a batch of one), ``S`` in this
-    package's array order (z, y, x) or reversed (x, y, z, as nibabel loads a NIfTI file). ``S`` equal to the fixed
-    shape → the fixed grid; otherwise the field is taken to cover the fixed image's region with ``S`` voxels.
+    package's array order (z, y, x) or reversed (x, y, z, as nibabel loads a NIfTI file): ``axes`` (see
+    :class:`FieldConvention`) says which, or ``""`` to tell from the shape. ``S`` equal to the fixed shape → the
+    fixed grid; otherwise the field is taken to cover the fixed image's region with ``S`` voxels.
     """
     d = fixed.ndim
     a = np.asarray(arr)
@@ -177,13 +191,20 @@ def field_numbers_from_array(arr: np.ndarray, fixed: Space, name: str) -> tuple[
     elif a.shape[0] == d and a.shape[1:] == tuple(fixed.shape):
         a = np.moveaxis(a, 0, -1)  # (D, *S) whose last spatial size happens to be D
     spatial = tuple(a.shape[:d])
-    if (spatial == tuple(fixed.shape) and spatial[::-1] == spatial and d > 1 and len(set(spatial)) == 1
-            and str(name).lower().endswith((".npy", ".npz"))):
+    if axes == "xyz":  # said: x, y, z axes (nibabel)
+        if spatial == tuple(fixed.shape) and spatial[::-1] != spatial:
+            raise InputError(f"{name}: its shape {spatial} is the fixed image's in array order (z, y, x), but the "
+                             "convention says its axes are in x, y, z order (nibabel); leave out 'axes=xyz' or check "
+                             "that the field belongs to this image.")
+        a = np.transpose(a, tuple(range(d))[::-1] + (d,))
+        spatial = spatial[::-1]
+    elif (axes == "" and spatial == tuple(fixed.shape) and spatial[::-1] == spatial and d > 1
+          and len(set(spatial)) == 1 and str(name).lower().endswith((".npy", ".npz"))):
         notices.append(f"{name}: the grid is {'square' if d == 2 else 'cubic'}, so whether its axes are in array order "
                        "(z, y, x; NumPy, SimpleITK) or x, y, z order (nibabel) cannot be told from its shape; it was "
                        "read in array order. If it came from nibabel, reverse its spatial axes (np.transpose) and "
-                       "load it again.")
-    if spatial != tuple(fixed.shape) and spatial[::-1] == tuple(fixed.shape):
+                       "load it again (or choose its axis order in the field convention: axes=xyz).")
+    if axes == "" and spatial != tuple(fixed.shape) and spatial[::-1] == tuple(fixed.shape):
         a = np.transpose(a, tuple(range(d))[::-1] + (d,))
         notices.append(f"{name}: its spatial axes are in x, y, z order (as nibabel loads NIfTI files); they were "
                        "transposed to the fixed image's array order.")

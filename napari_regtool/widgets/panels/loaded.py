@@ -16,7 +16,7 @@ __all__ = ["TransformLoader", "CONVENTIONS", "FILE_FILTER"]
 CONVENTIONS = (
     ("As the file says (ITK: physical, x, y, z)", ""),
     ("Voxels, array order (VoxelMorph, NumPy arrays)", "voxel,array"),
-    ("Voxels, x, y, z order (nibabel arrays)", "voxel,xyz"),
+    ("Voxels, x, y, z order (nibabel arrays)", "voxel,xyz,axes=xyz"),
     ("Physical, x, y, z", "physical,xyz"),
     ("Physical, RAS (x, y negated)", "physical,xyz,ras"),
     ("Inverse (the file maps moving → fixed)", "physical,xyz,inverse"),
