@@ -689,7 +689,7 @@ class RegistrationModel:
         """Take a transform opened by :meth:`read_transform_file` (e.g. on a worker thread) into use."""
         self._require()
         conv = loaded.convention.describe() if loaded.convention is not None else ""
-        entry = {"transform": loaded.transform, "loaded": loaded, "check": check, "name": Path(loaded.path).name,
+        entry = {"transform": loaded.transform, "loaded": loaded, "check": check, "name": loaded.name,
                  "path": loaded.path, "convention": conv}
         if as_compare:
             self.compare = entry

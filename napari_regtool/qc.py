@@ -6,6 +6,8 @@ the device they were computed on; call ``.cpu().numpy()`` for display or writing
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 from dataclasses import dataclass
 
 import numpy as np
@@ -555,6 +557,7 @@ _READINGS = {
     "physical,xyz": ("it is in physical units with components in x, y, z order (an ITK field)",
                      "read in physical units, x, y, z order"),
     "axes=xyz": ("its axes are in x, y, z order (an array nibabel loaded)", "with its axes reversed"),
+    "order": ("a chain listed in the other order", "in the other order"),
     "axes=array": ("its axes are in array (z, y, x) order (NumPy, SimpleITK)", "with its axes in array order"),
 }
 
@@ -658,7 +661,9 @@ def check_convention(fixed, moving, loaded, max_voxels: int | None = None, margi
         except Exception:
             inv = None
         candidates["inverse"] = (inv, "inverse")
-    if loaded.numbers is None and loaded.source != "ras-matrix":  # Greedy/c3d matrices are RAS by definition
+    if loaded.source == "chain" and isinstance(loaded_t, CompositeTransform) and len(loaded_t.transforms) > 1:
+        candidates["order"] = (CompositeTransform(list(reversed(loaded_t.transforms))), "order=reversed")
+    if loaded.numbers is None and loaded.source not in ("ras-matrix", "chain"):  # Greedy/c3d's are RAS by definition
         flip = AffineTransform(np.diag([-1.0, -1.0] + [1.0] * (d - 2)), np.zeros(d), kind="ras")
         candidates["ras"] = (CompositeTransform([flip, loaded_t, flip]), "ras")
     s_loaded = score(loaded_t)
@@ -683,7 +688,8 @@ def check_convention(fixed, moving, loaded, max_voxels: int | None = None, margi
             suggestion = candidates[best][1]
             digits = 2 if sb - sl >= 0.02 else 3
             loaded_text = "no overlap" if s_loaded is None else f"{s_loaded:.{digits}f}"
-            how = "as the inverse" if best == "inverse" else f"with convention '{suggestion}'"
+            how = {"inverse": "as the inverse", "order": "with its files in the other order"}.get(
+                best, f"with convention '{suggestion}'")
             noun = "field" if loaded.numbers is not None else "transform"
             message = (f"this {noun} looks like {what}: warped NCC {loaded_text}, {as_what} {sb:.{digits}f} — load "
                        f"it {how}?")
@@ -756,18 +762,44 @@ def qc_panel(fixed: np.ndarray, jacobian: np.ndarray, grid: np.ndarray, warped: 
 def open_for_qc(path, fixed, moving=None, convention=None, device="cpu"):
     """Open a transform file for QC and check its reading against the images.
 
-    ``fixed``, ``moving``: :class:`~napari_regtool.image.Image`. Returns ``(loaded, check)``: the
+    ``fixed``, ``moving``: :class:`~napari_regtool.image.Image`. ``path``: a file, or a list of files that chain
+    as Greedy's ``-r`` and ANTs' ``-t`` list them (a fixed point goes through the first one first: Greedy's
+    ``warp.nii.gz`` then ``affine.mat``). Returns ``(loaded, check)``: the
     :class:`~napari_regtool.transforms.external.LoadedTransform` of
     :func:`napari_regtool.io.load_transform_for_qc` and the :class:`ConventionCheck` of :func:`check_convention`
-    (``None`` without a moving image). Raises :class:`~napari_regtool.errors.InputError` for a file that cannot
-    be used (one sentence).
+    (``None`` without a moving image; for a chain it also tries the files in the other order). Raises
+    :class:`~napari_regtool.errors.InputError` for a file that cannot be used (one sentence).
     """
     from .io import load_transform_for_qc
 
-    loaded = load_transform_for_qc(path, fixed, convention=convention)
+    paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    if len(paths) == 1:
+        loaded = load_transform_for_qc(paths[0], fixed, convention=convention)
+    else:
+        loaded = _open_chain(paths, fixed, convention)
     field_support(loaded.transform, fixed.space)  # a field that misses the fixed image entirely is refused here
     check = None if moving is None else check_convention(fixed, moving, loaded, device=device)
     return loaded, check
+
+
+def _open_chain(paths, fixed, convention):
+    """Several transform files as one chain (:func:`open_for_qc`)."""
+    from .errors import InputError
+    from .io import load_transform_for_qc
+    from .transforms.base import CompositeTransform
+    from .transforms.external import FieldConvention, LoadedTransform
+
+    if convention and FieldConvention.parse(convention) != FieldConvention():
+        raise InputError("The field convention says how one field's numbers are stored; load a chain of files as "
+                         "their tools wrote them (choose the file's own convention), or write that field in ITK's "
+                         "convention first (regtool field --convention C).")
+    parts = [load_transform_for_qc(p, fixed) for p in paths]
+    dims = {q.transform.ndim for q in parts}
+    if len(dims) > 1:
+        listed = ", ".join(f"{Path(p).name} {q.transform.ndim}D" for p, q in zip(paths, parts))
+        raise InputError(f"The files of the chain differ in dimension ({listed}); choose files of one dimension.")
+    return LoadedTransform(CompositeTransform([q.transform for q in parts]), [w for q in parts for w in q.warnings],
+                           "chain", path=str(paths[0]), paths=tuple(str(p) for p in paths))
 
 
 def labels_on(image, space: Space, device="cpu") -> np.ndarray:

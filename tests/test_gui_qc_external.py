@@ -15,7 +15,7 @@ import pytest
 import SimpleITK as sitk
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QFileDialog
-from scipy.ndimage import map_coordinates
+from scipy.ndimage import binary_erosion, map_coordinates
 
 from napari_regtool.space import Space, to_array_order
 
@@ -50,6 +50,11 @@ def _field(space: Space, amp=3.0, wavelength=26.0, phase=0.0) -> np.ndarray:
     return u * _window(space)[..., None]
 
 
+def _rot(deg):
+    t = np.radians(deg)
+    return np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])
+
+
 def _field_tx(u, space):
     return sitk.DisplacementFieldTransform(_to_sitk(u.astype(np.float64), space, vector=True))
 
@@ -73,6 +78,8 @@ def _write_field(path, u, space=SPACE):
 
 def _open(qtbot, w, monkeypatch, button, path):
     monkeypatch.setattr(QFileDialog, "getOpenFileName", lambda *a, p=path, **k: (str(p), ""))
+    picked = [str(q) for q in path] if isinstance(path, (list, tuple)) else [str(path)]
+    monkeypatch.setattr(QFileDialog, "getOpenFileNames", lambda *a, p=picked, **k: (p, ""))
     qtbot.mouseClick(button, Qt.MouseButton.LeftButton)
     wait_idle(qtbot, w)
 
@@ -220,6 +227,48 @@ def test_greedy_warp_loads_and_warps_as_greedy_reslices(make_napari_viewer, qtbo
     assert "convention check passed" in w.model_panel.loader.advice_label.text()
     mag = np.linalg.norm(file_u, axis=-1)
     assert _table_value(w, "|u| max") == pytest.approx(mag.max(), rel=6e-4)
+
+
+def test_greedys_warp_and_affine_picked_together_load_as_one_chain(make_napari_viewer, qtbot, monkeypatch, tmp_path):
+    """Greedy's deformable result is two files (``-r warp.nii.gz affine.mat``). Picked together in the dialog (in
+    either order) they load as one chain, warp first, and warp as Greedy's own reslicing does; given in the other
+    order, the convention check says so and its button reloads them the right way round."""
+    pytest.importorskip("picsl_greedy")
+    from picsl_greedy import Greedy2D
+
+    space = Space((64, 64), (1.0, 1.0), (0.0, 0.0))
+    c = np.asarray(space.size_xyz, float) / 2
+    a = _rot(12.0) * 1.04
+    pts = space.grid_points()
+    u = (pts - c) @ a.T + c + np.array([3.0, -2.0]) - pts + _field(space, amp=5.0, wavelength=40.0)
+    viewer, w, f, m = _session(make_napari_viewer, qtbot, monkeypatch, tmp_path, u, space=space)
+    aff, warp, resliced = (tmp_path / n for n in ("affine.mat", "warp.nii.gz", "resliced.nii.gz"))
+    g = Greedy2D()
+    f_img, m_img = sitk.ReadImage(str(f)), sitk.ReadImage(str(m))
+    g.execute(f"-i fixed moving -a -dof 12 -o {aff} -n 60x40 -m NCC 4x4 -ia-image-centers -threads 1 -V 0",
+              fixed=f_img, moving=m_img)
+    g.execute(f"-i fixed moving -it {aff} -o {warp} -n 40x30 -m NCC 4x4 -threads 1 -V 0", fixed=f_img,
+              moving=m_img)
+    g.execute(f"-rf fixed -rm moving {resliced} -ri LINEAR -r {warp} {aff} -threads 1 -V 0", fixed=f_img,
+              moving=m_img)
+    ref = sitk.GetArrayFromImage(sitk.ReadImage(str(resliced)))
+    _open(qtbot, w, monkeypatch, w.model_panel.load_btn, [aff, warp])  # picked affine first: put in chain order
+    assert w.model_combo.currentText() == "Loaded: warp.nii.gz + affine.mat"
+    shown = np.asarray(viewer.layers["moving (warped)"].data)
+    # Greedy pads with zeros beyond the moving image's edge voxel centres, ITK half a voxel further: compare where
+    # Greedy's result is inside, less three voxels
+    inner = binary_erosion(ref != 0, iterations=3)
+    assert inner.mean() > 0.5
+    assert np.abs(shown - ref)[inner].max() < 1e-3 * np.abs(ref).max()
+    loader = w.model_panel.loader
+    assert "convention check passed" in loader.advice_label.text()
+    loader.load([str(aff), str(warp)])  # the other order, as a script might give it
+    wait_idle(qtbot, w)
+    assert "other order" in loader.advice_label.text() and not loader.reload_btn.isHidden()
+    qtbot.mouseClick(loader.reload_btn, Qt.MouseButton.LeftButton)
+    wait_idle(qtbot, w)
+    assert w.model_combo.currentText() == "Loaded: warp.nii.gz + affine.mat"
+    assert np.abs(np.asarray(viewer.layers["moving (warped)"].data) - ref)[inner].max() < 1e-3 * np.abs(ref).max()
 
 
 def test_glyphs_contours_and_readout_follow_the_field(make_napari_viewer, qtbot, monkeypatch, tmp_path):

@@ -177,9 +177,9 @@ def test_readme_screenshots(make_napari_viewer, qtbot):
         for layer in viewer.layers:
             if "landmarks" in layer.name:
                 layer.visible = False
-        orig = QFileDialog.getOpenFileName
+        orig = QFileDialog.getOpenFileNames
         try:
-            QFileDialog.getOpenFileName = staticmethod(lambda *a, **k: (str(warp), ""))
+            QFileDialog.getOpenFileNames = staticmethod(lambda *a, **k: ([str(warp)], ""))
             w.model_panel.load_btn.click()
             wait_idle(qtbot, w)
             w.tabs.setCurrentIndex(2)
@@ -191,7 +191,8 @@ def test_readme_screenshots(make_napari_viewer, qtbot):
             w.qc.set_view("glyphs", False)
             w.qc.set_view("contours", False)
             w.set_overlay("jacobian", False)
-            QFileDialog.getOpenFileName = staticmethod(lambda *a, **k: (str(tmp / "ours" / "displacement.nii.gz"), ""))
+            QFileDialog.getOpenFileNames = staticmethod(lambda *a, **k: ([str(tmp / "ours" / "displacement.nii.gz")],
+                                                                         ""))
             w.tabs.setCurrentWidget(w.compare)
             w.compare.load_b_btn.click()
             wait_idle(qtbot, w)
@@ -201,7 +202,7 @@ def test_readme_screenshots(make_napari_viewer, qtbot):
             close_toasts()
             shot("compare_ab.png")
         finally:
-            QFileDialog.getOpenFileName = orig
+            QFileDialog.getOpenFileNames = orig
         import shutil
 
         shutil.rmtree(tmp, ignore_errors=True)

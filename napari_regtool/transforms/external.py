@@ -126,9 +126,11 @@ class FieldConvention:
 class LoadedTransform:
     """A transform opened for QC: ``transform`` (fixed → moving, usable everywhere a model's result is),
     ``warnings`` (plain sentences: a resampled grid, a transposed array …), ``source`` (``"itk-transform"``,
-    ``"itk-field"``, ``"ngff-field"``, ``"elastix"``, ``"array-field"``), and for displacement fields the reading that was used
-    (``convention``) with the raw ``numbers`` ``(*S, D)`` (components as stored, array order) on ``grid``, so other
-    readings can be tried (:func:`napari_regtool.qc.check_convention`)."""
+    ``"itk-field"``, ``"ngff-field"``, ``"elastix"``, ``"array-field"``, ``"chain"``), and for displacement fields
+    the reading that was used (``convention``) with the raw ``numbers`` ``(*S, D)`` (components as stored, array
+    order) on ``grid``, so other readings can be tried (:func:`napari_regtool.qc.check_convention`). A chain of
+    files (:func:`napari_regtool.qc.open_for_qc` with several paths) lists them in ``paths``, in the order a fixed
+    point goes through them."""
 
     transform: Transform
     warnings: list
@@ -137,9 +139,16 @@ class LoadedTransform:
     convention: FieldConvention | None = None
     numbers: np.ndarray | None = None
     grid: Space | None = None
+    paths: tuple = ()
+
+    @property
+    def name(self) -> str:
+        """The file name, or the chain's file names joined by " + "."""
+        return " + ".join(Path(p).name for p in self.paths) if self.paths else Path(self.path).name
 
     def describe(self) -> dict:
-        return {"path": self.path, "source": self.source, "transform": self.transform.describe(),
+        return {"path": self.path, **({"paths": list(self.paths)} if self.paths else {}), "source": self.source,
+                "transform": self.transform.describe(),
                 "convention": None if self.convention is None else self.convention.describe(),
                 "warnings": list(self.warnings)}
 

@@ -37,6 +37,18 @@ def transform_path(path) -> str:
     return str(p.parent) if p.name in ("zarr.json", ".zattrs") else str(p)
 
 
+#: files that hold a displacement field (a chain picked in the dialog puts them first, as Greedy's and ANTs' results
+#: chain: the warp, then the affine)
+_FIELD_FILES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr", ".npy", ".npz", ".zarr")
+
+
+def chain_order(paths) -> list:
+    """Several files picked at once, in the order a fixed point goes through them: displacement fields first, then
+    the other transforms (Greedy's ``-r warp.nii.gz affine.mat``, ANTs' ``-t 1Warp.nii.gz -t 0GenericAffine.mat``),
+    otherwise as picked."""
+    return sorted(paths, key=lambda p: not str(p).lower().rstrip("/").endswith(_FIELD_FILES))
+
+
 def _open_job(path, fixed, moving, convention, as_compare):
     loaded, check = open_for_qc(path, fixed, moving, convention=convention or None)
     return loaded, check, fixed, moving, as_compare
@@ -107,7 +119,8 @@ class TransformLoader(QWidget):
 
     # ------------------------------------------------------------------ loading
     def load(self, path=None, as_compare: bool = False, convention: str | None = None) -> bool:
-        """Ask for a file (unless ``path``) and open it in the background as transform A (or B)."""
+        """Ask for files (unless ``path``: a file, or a list of files chained in that order) and open them in the
+        background as transform A (or B). Several files picked in the dialog are one chain (:func:`chain_order`)."""
         m = self.model
         if not m.ready:
             self.host.notify("warning", "Choose a fixed and a moving image first; a transform is read on the fixed "
@@ -115,19 +128,23 @@ class TransformLoader(QWidget):
             return False
         if path is None:
             title = "Load transform B (to compare)" if as_compare else "Load a transform or displacement field"
-            path, _ = QFileDialog.getOpenFileName(self, title, "", FILE_FILTER)
-            if not path:
+            picked, _ = QFileDialog.getOpenFileNames(self, title, "", FILE_FILTER)
+            if not picked:
                 return False
-        path = transform_path(path)
+            path = chain_order([transform_path(p) for p in picked])
+        paths = [transform_path(p) for p in ([path] if isinstance(path, (str, Path)) else path)]
         conv = self.convention() if convention is None else convention
-        self.host.set_status(f"Opening {Path(path).name}…")
+        self.host.set_status(f"Opening {' + '.join(Path(p).name for p in paths)}…")
         self.host.jobs.show_progress(True)
-        self.runner.request(_open_job, str(path), m.fixed, m.moving, conv, as_compare)
+        self.runner.request(_open_job, paths[0] if len(paths) == 1 else paths, m.fixed, m.moving, conv, as_compare)
         return True
 
     def reload_suggested(self):
         if self._suggested is not None:
             path, conv, as_compare = self._suggested
+            if conv == "order=reversed":  # a chain: the same files in the other order
+                self.load(list(reversed(path)), as_compare=as_compare, convention="")
+                return
             self.set_convention(conv)
             self.load(path, as_compare=as_compare, convention=conv)
 
@@ -138,12 +155,15 @@ class TransformLoader(QWidget):
             return  # opened for images that are no longer registered
         self.host.call(m.use_loaded, loaded, check, as_compare=as_compare)
         which = "B" if as_compare else "A"
-        name = Path(loaded.path).name
+        name = loaded.name
         for note in loaded.warnings:
             self.host.notify("info", note)
-        self.show_check(check, which, name, loaded.path, as_compare)
-        self.host.set_status(f"Loaded {name} as transform {which}" + (
-            f" (read as {loaded.convention.describe()})." if loaded.convention is not None else "."))
+        self.show_check(check, which, name, list(loaded.paths) or loaded.path, as_compare)
+        if loaded.paths:
+            how = f" (a fixed point goes through {Path(loaded.paths[0]).name} first)."
+        else:
+            how = f" (read as {loaded.convention.describe()})." if loaded.convention is not None else "."
+        self.host.set_status(f"Loaded {name} as transform {which}{how}")
 
     def show_check(self, check, which, name, path, as_compare):
         """The convention check's verdict in plain words, with a button for the reading it suggests."""
@@ -157,7 +177,8 @@ class TransformLoader(QWidget):
             self.advice_label.setText(text)
             self.host.notify("warning", text)
             self._suggested = (path, check.suggestion, as_compare)
-            self.reload_btn.setText(f"Reload {which} as suggested ({check.suggestion})")
+            self.reload_btn.setText(f"Reload {which} in the other order" if check.best == "order" else
+                                    f"Reload {which} as suggested ({check.suggestion})")
             self.reload_btn.setVisible(True)
         elif check.warning:
             text = f"{which} ({name}): {check.warning[0].upper()}{check.warning[1:]}"
