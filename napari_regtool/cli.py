@@ -452,6 +452,7 @@ def _cmd_apply(args) -> int:
     to_zarr = _is_zarr(args.out)
     check_writable(args.out, folder=to_zarr, inputs=_inputs(args, "moving", "reference", "transform"))
     if to_zarr:
+        _check_block(args.block)
         return _apply_blockwise(args)
     moving = read_image(args.moving, is_label=args.labels, level=args.level or 0)
     reference = read_image(args.reference, level=0)
@@ -511,6 +512,33 @@ def _fill_value(text, array, labels: bool = False) -> float:
     return v
 
 
+#: the largest block of a .zarr output, in bytes (a block is computed, held and compressed whole; zarr's codecs
+#: refuse buffers of 2 GiB)
+MAX_BLOCK_BYTES = 1 << 30
+
+
+def _check_block(block) -> int:
+    """``--block`` of a .zarr output, before anything is read: a whole number of at least 8."""
+    b = int(block)
+    if b < 8:
+        raise RegtoolError(f"--block {block}: a block side must be at least 8 voxels (typical: 64 to 256).")
+    return b
+
+
+def _fit_block(args, shape, itemsize: int, what: str) -> None:
+    """``args.block`` made no larger than the grid's longest side (a block beyond the image only costs memory), and
+    refused when one block would not fit in :data:`MAX_BLOCK_BYTES`."""
+    b = min(int(args.block), max(int(n) for n in shape))
+    if b != args.block and not args.quiet:
+        print(f"note: --block {args.block} is larger than the grid ({'×'.join(map(str, shape))}); blocks of {b} are "
+              "used.", file=sys.stderr)
+    need = b ** len(shape) * itemsize
+    if need > MAX_BLOCK_BYTES:
+        raise RegtoolError(f"--block {args.block}: one block of {what} would take {need / 2**30:.1f} GiB; give a "
+                           "smaller block (typical: 64 to 256).")
+    args.block = b
+
+
 def _apply_blockwise(args) -> int:
     """``regtool apply --out X.zarr``: block by block (dask), OME-Zarr pyramid out, memory bounded by the blocks."""
     import dask
@@ -555,6 +583,7 @@ def _apply_blockwise(args) -> int:
     if args.invert:
         transform = _inverse(transform, args)
     _warn_partial_cover(transform, rspace, args)
+    _fit_block(args, rspace.shape, 8 if args.labels else 4, "the output")
     out = warp_lazy(moving, mspace, transform, rspace, label=args.labels, block=args.block,
                     fill=_fill_value(args.fill, moving, args.labels))
     n_blocks = 1
@@ -588,6 +617,8 @@ def _cmd_field(args) -> int:
     check_image_extension(args.out, "a displacement field", zarr=True)
     to_zarr = _is_zarr(args.out)
     check_writable(args.out, folder=to_zarr, inputs=_inputs(args, "reference", "transform"))
+    if to_zarr:
+        _check_block(args.block)
     if ngff.is_ngff(args.reference):
         ref = ngff.open_ngff(args.reference)
         k = int(args.level or 0)
@@ -613,6 +644,7 @@ def _cmd_field(args) -> int:
     if to_zarr:
         from .ngff_field import write_field_ngff
 
+        _fit_block(args, space.shape, 8 * space.ndim, "the field")
         notes = write_field_ngff(args.out, transform, space, block=args.block, unit=unit,
                                  progress=_progress_printer(args.quiet))
         _say_notes(args, notes)

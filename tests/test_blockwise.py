@@ -196,6 +196,43 @@ def test_cli_apply_writes_ome_zarr_block_by_block(tmp_path, moving, out_space):
     assert im.space == img.levels[1].space
 
 
+def test_cli_block_sizes_are_checked_before_reading_and_fitted_to_the_grid(tmp_path, moving, out_space, capsys):
+    """``--block`` of a .zarr output: below 8 is refused at once with a sentence and nothing written; larger than
+    the grid is cut to its longest side (chunks no larger than the image) with a note, and the result is
+    SimpleITK's; a block that could not be held in memory is refused."""
+    from napari_regtool.cli import main
+    from napari_regtool.io import write_image
+
+    arr, space = moving
+    write_image(tmp_path / "moving.nii.gz", arr.astype(np.float32), space)
+    write_image(tmp_path / "ref.nii.gz", np.zeros(out_space.shape, np.float32), out_space)
+    sitk.WriteTransform(affine_to_sitk(_rot(4), np.array([0.5, -1.0, 0.25])), str(tmp_path / "t.tfm"))
+    common = ["--transform", str(tmp_path / "t.tfm"), "--reference", str(tmp_path / "ref.nii.gz")]
+    for bad in ("0", "-4", "1"):
+        for cmd in (["apply", *common, "--moving", str(tmp_path / "moving.nii.gz")], ["field", *common]):
+            capsys.readouterr()
+            assert main([*cmd, "--out", str(tmp_path / "o.zarr"), "--block", bad]) == 2
+            err = capsys.readouterr().err
+            assert f"--block {bad}" in err and "at least 8" in err and "Traceback" not in err
+            assert not (tmp_path / "o.zarr").exists()
+    assert main(["apply", *common, "--moving", str(tmp_path / "moving.nii.gz"), "--out", str(tmp_path / "big.zarr"),
+                 "--block", "2000"]) == 0
+    assert "blocks of" in capsys.readouterr().err
+    img = ngff.open_ngff(tmp_path / "big.zarr")
+    assert max(img.levels[0].array.chunks) <= max(out_space.shape)
+    ref = sitk.GetArrayFromImage(sitk.Resample(image_to_sitk(arr.astype(np.float32), space),
+                                               sitk.ReadImage(str(tmp_path / "ref.nii.gz")),
+                                               affine_to_sitk(_rot(4), np.array([0.5, -1.0, 0.25])), sitk.sitkLinear,
+                                               0.0, sitk.sitkFloat32))
+    assert np.abs(np.asarray(img.levels[0].array) - ref).max() < 1e-3 * np.abs(ref).max()
+    from napari_regtool import cli
+
+    big = Space((2048, 2048, 2048), (1.0, 1.0, 1.0))
+    args = type("A", (), {"block": 1024, "quiet": True})()
+    with pytest.raises(cli.RegtoolError, match="GiB"):
+        cli._fit_block(args, big.shape, 4, "the output")
+
+
 def _two_channel_ngff(path, a, b, unit="micrometer"):
     import zarr
 
