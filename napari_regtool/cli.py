@@ -299,8 +299,13 @@ def _check_units(*named_units) -> None:
     known = {u for _, u in units}
     if len(known) > 1:
         listed = ", ".join(f"{n} in {u}" for n, u in units)
-        raise RegtoolError(f"The images are in different units ({listed}; ITK formats are in millimetres). Convert one "
-                           "so both use the same unit (e.g. write both as OME-Zarr, or rescale the spacing).")
+        if any(u is None for _, u in named_units):
+            raise RegtoolError(f"The images are in different units ({listed}; ITK formats are in millimetres). "
+                               "Convert one so both use the same unit (e.g. write both as OME-Zarr, or rescale the "
+                               "spacing).")
+        raise RegtoolError(f"The images are in different units ({listed}). Convert one so both use the same unit: "
+                           "rewrite that OME-Zarr store with its axes' unit and its scale and translation in the other "
+                           "one's unit.")
 
 
 def _transform_units(path) -> list:

@@ -282,3 +282,14 @@ def test_apply_refuses_to_mix_micrometres_and_millimetres_and_picks_a_channel(tm
     space = ngff.open_ngff(tmp_path / "um.zarr").levels[0].space
     ref = _sitk_resample(b, space, sitk.TranslationTransform(2, [0.5, -0.25]), space)
     assert np.abs(got - ref).max() < 1e-5
+    # two OME-Zarr stores in different units: the advice is about the stores, not "write both as OME-Zarr"
+    _two_channel_ngff(tmp_path / "ref_mm.zarr", a, b, unit="millimeter")
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(base + ["--reference", str(tmp_path / "ref_mm.zarr"), "--out", str(tmp_path / "z.zarr"),
+                            "--channel", "1"]) == 2
+    assert "different units" in err.getvalue() and "write both as OME-Zarr" not in err.getvalue()
+    assert "rewrite that OME-Zarr store" in err.getvalue()
