@@ -10,9 +10,10 @@ its extension).
 Each pair runs exactly the code of ``regtool register`` (:func:`napari_regtool.cli._cmd_register`) inside a
 Dask task, so its folder holds the same files, published as one set (:mod:`napari_regtool.publish`), plus
 ``batch.json``: what the result was made from — each input file's size, modification time and SHA-256, the
-options, the regtool version and the SHA-256 of the published ``report.json``. A rerun skips a pair whose
-``batch.json`` still matches (same content of the inputs — a file touched without a change still matches —,
-same options, and the report it describes still in place) and redoes any other pair. A pair that fails is
+options, the regtool version, the SHA-256 of the published ``report.json`` and the size, time and SHA-256 of every
+output file. A rerun skips a pair whose ``batch.json`` still matches (same content of the inputs — a file touched
+without a change still matches —, same options, and the report and files it describes still in place with the same
+content: a truncated or replaced output has its pair run again) and redoes any other pair. A pair that fails is
 reported in the summary and does not stop the others. A worker process that dies while running a pair (killed,
 out of memory) has the pair retried on another worker up to the scheduler's ``allowed-failures`` count (Dask's
 ``distributed.scheduler.allowed-failures``, default 3; ``DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES``), then
@@ -301,7 +302,11 @@ def pair_is_current(job: PairJob, out_dir) -> dict | None:
             return None
         if not all((target / f).is_file() for f in stamp.get("files", [])):
             return None
-    except (OSError, KeyError, TypeError, AttributeError):
+        for name, old in stamp.get("outputs", {}).items():  # (hashed again only when size or time changed)
+            then = {"files": {".": old}}
+            if _content(_input_state(target / name, then)) != _content(then):
+                return None
+    except (OSError, KeyError, TypeError, AttributeError, InputError):
         return None
     return stamp
 
@@ -392,8 +397,10 @@ def run_pair(job: PairJob, out_dir: str, threads: int | None = None) -> dict:
         report = json.loads(report_text)
         runtime = round(time.perf_counter() - t0, 4)
         files = sorted(n for n in _output_names() if (target / n).is_file())
+        outputs = {n: _input_state(target / n)["files"]["."] for n in files}
         stamp = {"regtool_batch": 1, "options": _options_of(job), "inputs": inputs,
-                 "report_sha256": hashlib.sha256(report_text).hexdigest(), "files": files, "runtime_s": runtime}
+                 "report_sha256": hashlib.sha256(report_text).hexdigest(), "files": files, "outputs": outputs,
+                 "runtime_s": runtime}
         with atomic_output(target / STAMP) as tmp:
             Path(tmp).write_text(json.dumps(stamp, indent=2))
         return _row(job, status="ok", runtime_s=runtime, **_metrics(report), **base)

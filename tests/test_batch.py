@@ -154,6 +154,18 @@ def test_cohort_summary_outputs_and_resume(data, cluster, tmp_path):
     assert {n: (out / n / "report.json").stat().st_mtime_ns for n in names[:5]} == before
     assert rows[0]["folding_percent"] == "0.0" and float(rows[3]["ncc_after"]) > 0.9  # metrics of the kept results
 
+    # an output emptied (a full disk, a hand edit) or replaced by other content of the same size: the pair is redone
+    (out / "rigid" / "warped.nii.gz").write_bytes(b"")
+    jac = out / "similarity" / "jacobian.nii.gz"
+    raw = bytearray(jac.read_bytes())
+    raw[-20] ^= 0xFF
+    jac.write_bytes(bytes(raw))
+    assert run(*cmd) == 1
+    rows, _ = read_summary(out)
+    assert [r["status"] for r in rows] == ["ok", "ok", "skipped", "skipped", "skipped", "failed"]
+    sitk.ReadImage(str(out / "rigid" / "warped.nii.gz"))  # whole again
+    sitk.ReadImage(str(jac))
+
     # changed options (tps smoothing) and changed input content (a landmark of the shifted pair) are redone
     cohort_csv(d, d / "pairs.csv", tps_smoothing="5")
     lm = read_bigwarp_csv(d / "syn_landmarks.csv")
