@@ -446,6 +446,39 @@ def plan_local(pending: int, workers: int | None, threads: int | None, cores: in
 _RESOURCE = "regtool_pair"
 
 
+def _client_within(Client, kw: dict, timeout, scheduler: str):
+    """``Client(**kw)`` on a scheduler, or a clear :class:`RegtoolError` within the connect timeout (and a few
+    seconds): a server at that address that is not a Dask scheduler (a web or SSH server) can make Dask's handshake
+    wait for ever, or fail with errors that say nothing about the cause (a MemoryError from reading a banner as a
+    message length)."""
+    import threading
+
+    from dask.utils import parse_timedelta
+
+    box = {}
+
+    def connect():
+        try:
+            box["client"] = Client(timeout=timeout, **kw)
+        except BaseException as exc:  # noqa: BLE001 — handed to the caller's thread
+            box["error"] = exc
+
+    worker = threading.Thread(target=connect, name="regtool-connect", daemon=True)
+    worker.start()
+    worker.join(float(parse_timedelta(timeout, default="s")) + 5.0)
+    check = ("Check the address (e.g. tcp://HOST:8786, as the scheduler prints it) and that the scheduler is running "
+             "and reachable from here.")
+    if "client" in box:
+        return box["client"]
+    exc = box.get("error")
+    if isinstance(exc, (OSError, TimeoutError, ValueError)):
+        raise RegtoolError(f"The Dask scheduler at {scheduler} did not answer within {timeout} ({exc}); nothing was "
+                           f"started. {check}") from None
+    what = "did not answer as a Dask scheduler" if exc is None else f"answered, but not as a Dask scheduler " \
+        f"({type(exc).__name__})"
+    raise RegtoolError(f"{scheduler} {what} within {timeout}; nothing was started. {check}") from None
+
+
 class _Connection:
     """A Dask client on a new local cluster or on a scheduler at an address (or a scheduler file)."""
 
@@ -477,14 +510,11 @@ class _Connection:
             self.where = f"a local cluster of {workers} worker process(es) × {threads} thread(s)"
             return
         timeout = dask.config.get("distributed.comm.timeouts.connect")
-        kw = {"scheduler_file": scheduler} if scheduler.endswith(".json") and Path(scheduler).is_file() \
-            else {"address": scheduler}
-        try:
-            self.client = Client(timeout=timeout, **kw)
-        except (OSError, TimeoutError, ValueError) as exc:
-            raise RegtoolError(f"The Dask scheduler at {scheduler} did not answer within {timeout} ({exc}); nothing "
-                               "was started. Check the address (e.g. tcp://HOST:8786, as the scheduler prints it) "
-                               "and that the scheduler is running and reachable from here.") from None
+        if scheduler.endswith(".json") and not Path(scheduler).is_file():
+            raise RegtoolError(f"The scheduler file {scheduler} does not exist; nothing was started. Give the file the "
+                               "scheduler wrote (dask scheduler --scheduler-file F), or its address (tcp://HOST:8786).")
+        kw = {"scheduler_file": scheduler} if scheduler.endswith(".json") else {"address": scheduler}
+        self.client = _client_within(Client, kw, timeout, scheduler)
         self.where = f"the scheduler at {scheduler}"
 
     def submit(self, fn, *args):

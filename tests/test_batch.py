@@ -236,6 +236,51 @@ def test_unreachable_scheduler_starts_nothing(data, tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("server", ["banner", "silent"])
+def test_a_server_that_is_not_a_dask_scheduler_is_said_within_the_timeout(data, tmp_path, capsys, server):
+    """An address where something else listens: an SSH-like server that speaks first (Dask read its banner as a
+    message length and failed with MemoryError, reported as "not enough memory"), or one that waits for a request
+    (an HTTP server: Dask's handshake waited for ever). Both are said plainly within the connect timeout and a few
+    seconds; nothing starts. A scheduler file that does not exist is said as such."""
+    import threading
+    import time
+
+    d = data["dir"]
+    pairs = cohort_csv(d, tmp_path / "pairs.csv")
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    port = srv.getsockname()[1]
+    held = []
+
+    def serve():
+        while True:
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                return
+            held.append(c)
+            if server == "banner":
+                c.sendall(b"SSH-2.0-OpenSSH_8.9\r\n")
+
+    threading.Thread(target=serve, daemon=True).start()
+    out = tmp_path / "out"
+    t0 = time.monotonic()
+    try:
+        with dask.config.set({"distributed.comm.timeouts.connect": "2s"}):
+            assert run("batch", pairs, "--out", out, "--scheduler", f"tcp://127.0.0.1:{port}") == 2
+    finally:
+        srv.close()
+        for c in held:
+            c.close()
+    assert time.monotonic() - t0 < 20
+    err = capsys.readouterr().err
+    assert f"tcp://127.0.0.1:{port}" in err and "nothing was started" in err and "memory" not in err
+    assert not out.exists()
+    assert run("batch", pairs, "--out", out, "--scheduler", str(tmp_path / "nowhere.json")) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("header, rows, message", [
     (["fixed", "landmarks"], [["a.nii.gz", "l.csv"]], "must name the columns fixed and moving"),
     (["fixed", "moving", "colour"], [["a.nii.gz", "b.nii.gz", "red"]], "unknown column 'colour'"),
