@@ -574,9 +574,19 @@ def _collect(fut, job: PairJob, out: Path) -> dict:
 POLL_S = 2.0
 
 
+def _connection_errors() -> tuple:
+    """What Dask raises in the client when its scheduler goes away while pairs run."""
+    from concurrent.futures import CancelledError
+
+    from distributed.comm.core import CommClosedError
+
+    return CancelledError, CommClosedError
+
+
 class BatchInterrupted(Exception):
-    """Ctrl-C or a termination signal during :func:`run_batch`: ``rows`` (the jobs' order) hold what finished and
-    ``interrupted`` rows for the rest; ``cause`` is the interruption to pass on."""
+    """Ctrl-C, a termination signal or the loss of the scheduler during :func:`run_batch`: ``rows`` (the jobs'
+    order) hold what finished and ``interrupted`` rows for the rest; ``cause`` is the interruption to pass on (a
+    :class:`RegtoolError` saying what happened for a lost scheduler)."""
 
     def __init__(self, rows: list, cause: BaseException):
         super().__init__("interrupted")
@@ -634,7 +644,16 @@ def run_batch(jobs: list, out_dir, scheduler: str = "local", workers: int | None
                     "the pairs")
         conn = _Connection(scheduler, n, m)
         try:
-            _run_pending(conn, pending, rows, total, out, m, progress, say, report_skipped)
+            try:
+                _run_pending(conn, pending, rows, total, out, m, progress, say, report_skipped)
+            except _connection_errors() as exc:  # the scheduler went away (stopped, its node lost)
+                lost = (f"the connection to {conn.where} was lost before this pair finished "
+                        f"({type(exc).__name__}); run the same command again to run it")
+                for job in pending:
+                    rows.setdefault(job.name, _row(job, status="interrupted", error=lost))
+                raise BatchInterrupted([rows[j.name] for j in jobs], RegtoolError(
+                    f"The connection to {conn.where} was lost ({type(exc).__name__}). Start the scheduler again (or "
+                    "check the network) and run the same command: finished pairs are skipped.")) from None
         except BaseException as exc:
             if isinstance(exc, Exception):
                 raise

@@ -374,6 +374,47 @@ def test_ctrl_c_writes_the_summary_and_a_second_run_resumes(data, cluster, tmp_p
     assert all(REGISTER_FILES <= {p.name for p in (out / n).iterdir()} for n in statuses)
 
 
+def test_losing_the_scheduler_writes_the_summary_and_says_so(data, cluster, tmp_path, monkeypatch, capsys):
+    """The scheduler goes away after the first pair ends (Dask's client then cancels every future: simulated by the
+    client's wait raising its FuturesCancelledError): a plain message, no "this is a bug", a summary listing the
+    finished pair and the rest as interrupted with the reason; the same command again runs only the rest."""
+    import distributed
+    from distributed.client import CancelledFuturesGroup, FutureCancelledError, FuturesCancelledError
+
+    from napari_regtool import batch
+
+    d = data["dir"]
+    b = ["brain_fixed.nii.gz", "brain_moving.nii.gz", "brain_landmarks.csv"]
+    pairs = write_pairs(d / "lost.csv", ["name", "fixed", "moving", "landmarks", "model"],
+                        [["one", *b, "rigid"], ["two", *b, "affine"], ["three", *b, "similarity"]])
+    out = tmp_path / "out"
+    cmd = ("batch", pairs, "--out", out, "--scheduler", cluster.scheduler_address, "--workers", 1)
+    ended, real_wait = [], distributed.wait
+
+    def wait(*a, **k):
+        if ended:
+            lost = "scheduler-connection-lost"
+            raise FuturesCancelledError([CancelledFuturesGroup([FutureCancelledError("run_pair-1", lost)], lost)])
+        return real_wait(*a, **k)
+
+    def note_end(quiet):
+        return lambda done, total, row: ended.append(row["name"])
+
+    monkeypatch.setattr(distributed, "wait", wait)
+    monkeypatch.setattr(batch, "_bar_printer", note_end)
+    rc = run(*cmd)
+    err = capsys.readouterr().err
+    assert rc == 2 and "was lost" in err and "bug" not in err and "Traceback" not in err, err
+    rows, doc = read_summary(out)
+    statuses = {r["name"]: r["status"] for r in rows}
+    assert doc["interrupted"] is True and "ok" in statuses.values() and "interrupted" in statuses.values()
+    assert all("was lost" in r["error"] for r in rows if r["status"] == "interrupted")
+    monkeypatch.undo()
+    assert run(*cmd, "-q") == 0
+    again = {r["name"]: r["status"] for r in read_summary(out)[0]}
+    assert all(again[n] == "skipped" for n, st in statuses.items() if st == "ok")
+
+
 def test_own_columns_are_kept_and_unknown_ones_name_the_options(data, tmp_path, capsys):
     """Columns named with a leading underscore (a cohort's subject IDs, notes) are not options: the pairs run and the
     summary (CSV and JSON) carries them per pair; an unknown column is refused, naming the options as they are spelt
