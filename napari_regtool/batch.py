@@ -574,6 +574,15 @@ def _collect(fut, job: PairJob, out: Path) -> dict:
 POLL_S = 2.0
 
 
+def _hold_interrupts() -> None:
+    """Ignore Ctrl-C from now on (the caller restores the handler it had); nothing outside the main thread."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _connection_errors() -> tuple:
     """What Dask raises in the client when its scheduler goes away while pairs run."""
     from concurrent.futures import CancelledError
@@ -657,7 +666,10 @@ def run_batch(jobs: list, out_dir, scheduler: str = "local", workers: int | None
         except BaseException as exc:
             if isinstance(exc, Exception):
                 raise
-            # Ctrl-C (KeyboardInterrupt) or SIGTERM/SIGHUP: what finished is kept, the rest is listed
+            # Ctrl-C (KeyboardInterrupt) or SIGTERM/SIGHUP: what finished is kept, the rest is listed; a second
+            # Ctrl-C while the cluster closes and the summary is written would lose the summary, so Ctrl-C is held
+            # off until then (regtool's main restores it)
+            _hold_interrupts()
             for job in pending:
                 rows.setdefault(job.name, _row(job, status="interrupted", error=INTERRUPTED))
             raise BatchInterrupted([rows[j.name] for j in jobs], exc) from None

@@ -1031,10 +1031,14 @@ def _on_terminate(signum, frame):
 
 def _install_signal_handlers() -> dict:
     """SIGTERM/SIGHUP raise :class:`_Terminated` (SIGINT already raises KeyboardInterrupt). Only the main thread
-    can set handlers; elsewhere (``main`` called from a thread) nothing changes. Returns the previous handlers."""
+    can set handlers; elsewhere (``main`` called from a thread) nothing changes. Returns the previous handlers, with
+    SIGINT's (a batch holds Ctrl-C off while it writes its summary after an interruption)."""
     import signal
+    import threading
 
     previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous[signal.SIGINT] = signal.getsignal(signal.SIGINT)
     for name in ("SIGTERM", "SIGHUP"):
         sig = getattr(signal, name, None)
         if sig is None:

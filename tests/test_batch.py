@@ -336,8 +336,9 @@ def test_command_line_option_applies_to_every_row(tmp_path):
 
 
 def test_ctrl_c_writes_the_summary_and_a_second_run_resumes(data, cluster, tmp_path, monkeypatch, capsys):
-    """Ctrl-C (KeyboardInterrupt in the main process) after the first pair ends: exit 130, a summary that lists the
-    finished pair and the others as interrupted, no partial folder; the same command again runs only the rest."""
+    """Ctrl-C (KeyboardInterrupt in the main process) after the first pair ends, and again while the batch cleans
+    up: exit 130, a summary that lists the finished pair and the others as interrupted, no partial folder; the same
+    command again runs only the rest."""
     from napari_regtool import batch
 
     d = data["dir"]
@@ -353,7 +354,20 @@ def test_ctrl_c_writes_the_summary_and_a_second_run_resumes(data, cluster, tmp_p
         return progress
 
     monkeypatch.setattr(batch, "_bar_printer", press_ctrl_c)
+    # Ctrl-C pressed again while the cluster closes: the summary is still written, and Ctrl-C works again after
+    import os
+    import signal
+
+    close = batch._Connection.close
+
+    def close_with_a_second_ctrl_c(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        close(self)
+
+    monkeypatch.setattr(batch._Connection, "close", close_with_a_second_ctrl_c)
+    handler = signal.getsignal(signal.SIGINT)
     assert run(*cmd) == 130
+    assert signal.getsignal(signal.SIGINT) is handler
     err = capsys.readouterr().err
     assert "batch interrupted" in err and "Run the same command again" in err
     rows, doc = read_summary(out)
