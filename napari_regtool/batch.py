@@ -113,6 +113,9 @@ def read_pairs(pairs_csv, register_parser: argparse.ArgumentParser, cli_options:
     from .cli import _check_blockwise_options, _check_refine, _parse_iterations
 
     path = Path(pairs_csv)
+    if path.is_dir():
+        raise RegtoolError(f"{path} is a folder; give the CSV file that lists the pairs (a header row with the columns "
+                           "fixed, moving and optionally landmarks, model, name and any register option).")
     if not path.is_file():
         raise RegtoolError(f"Pairs file not found: {path}. Give a CSV file with a header row and the columns fixed, "
                            "moving (optional: landmarks, model, name and any register option).")

@@ -502,6 +502,12 @@ def read_image(path, is_label: bool = False, level: int | None = None) -> Image:
     if ngff.is_ngff(p):
         return ngff.read_level(ngff.open_ngff(p), level, is_label=is_label or None)
     if not p.is_dir():
+        try:
+            empty = p.stat().st_size == 0
+        except OSError:
+            empty = False
+        if empty:
+            raise InputError(f"{p.name} is empty (0 bytes): it was not written completely. Save or copy it again.")
         verify_image_file(p)
     try:
         img, note = _read_dicom_series(p) if p.is_dir() else (sitk.ReadImage(str(p)), None)

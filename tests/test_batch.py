@@ -313,6 +313,14 @@ def test_bad_pairs_file_clear_message_nothing_started(tmp_path, capsys, header, 
     assert not out.exists()
 
 
+def test_a_folder_given_as_the_pairs_file_is_named_as_a_folder(tmp_path, capsys):
+    (tmp_path / "images").mkdir()
+    assert run("batch", tmp_path / "images", "--out", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "is a folder" in err and "CSV" in err and "not found" not in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_command_line_option_applies_to_every_row(tmp_path):
     from napari_regtool import batch
     from napari_regtool.cli import build_parser

@@ -72,6 +72,10 @@ def test_unreadable_and_missing_files(tmp_path):
     empty_dir.mkdir()
     with pytest.raises(InputError, match="without a DICOM series"):
         read_image(empty_dir)
+    for name in ("zero.nii.gz", "zero.png", "zero.tif"):  # a copy that never got its bytes
+        (tmp_path / name).write_bytes(b"")
+        with pytest.raises(InputError, match=rf"{name} is empty \(0 bytes\)"):
+            read_image(tmp_path / name)
 
 
 @pytest.mark.parametrize("ext", [".tfm", ".h5"])
