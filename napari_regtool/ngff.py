@@ -355,7 +355,7 @@ def read_level(img: NgffImage, level: int | None = None, is_label: bool | None =
     if level is None and len(img.levels) > 1:
         sp = ", ".join(f"{v:g}" for v in lv.space.spacing)
         notices.append(f"{img.path.name}: using pyramid level {k} of {len(img.levels) - 1} "
-                       f"({'×'.join(map(str, lv.space.shape))} voxels, spacing {sp}{' ' + img.unit if img.unit else ''}); "
+                       f"({'×'.join(map(str, lv.space.size_xyz))} voxels, spacing {sp}{' ' + img.unit if img.unit else ''}); "
                        "choose another with --level.")
     meta = {"ngff_level": k, "ngff_path": str(img.path), "notices": notices, "unit": img.unit}
     return Image(arr, lv.space, img.name, is_label=img.is_label if is_label is None else is_label, meta=meta)
@@ -522,7 +522,7 @@ def level_note(img: NgffImage, k: int, max_voxels: int) -> str:
     lv = img.levels[k]
     n = len(img.levels)
     sp = ", ".join(f"{v:g}" for v in lv.space.spacing)
-    desc = f"{'×'.join(map(str, lv.space.shape))} voxels, spacing {sp}{' ' + img.unit if img.unit else ''}"
+    desc = f"{'×'.join(map(str, lv.space.size_xyz))} voxels, spacing {sp}{' ' + img.unit if img.unit else ''}"
     if n == 1:
         return f"{img.name}: one resolution level ({desc}), registered as it is."
     fits = int(np.prod(lv.space.shape)) <= max_voxels
