@@ -688,11 +688,7 @@ def _cmd_qc(args) -> int:
     import numpy as np
     import torch
 
-    if len(args.transform) > 1:
-        raise RegtoolError("regtool qc checks one transform (its convention check reads one file); write the chain "
-                           "as one field first: regtool field --transform A --transform B --reference FIXED --out "
-                           "chain.nii.gz, then regtool qc --transform chain.nii.gz.")
-    args.transform = args.transform[0]
+    chain = list(args.transform)  # several: one chain, in Greedy's -r / ANTs' -t order (qc.open_for_qc)
 
     from . import qc
     from .device import resolve_device
@@ -730,7 +726,8 @@ def _cmd_qc(args) -> int:
 
         pairs = read_landmarks(args.landmarks)
     dev = resolve_device(args.device, warn=warn)
-    loaded = load_transform_for_qc(args.transform, fixed, convention=args.convention)
+    loaded = (load_transform_for_qc(chain[0], fixed, convention=args.convention) if len(chain) == 1 else
+              qc.open_chain(chain, fixed, args.convention))
     for msg in loaded.warnings:
         warn(msg)
     t = loaded.transform
@@ -986,7 +983,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--transform", required=True, action="append",
                    help="ITK .tfm/.h5/.mat (composite too), displacement field .nii.gz/.mha/.nrrd, OME-Zarr "
                         "displacement field .zarr, elastix TransformParameters.N.txt, or a .npy/.npz field (needs "
-                        "--convention)")
+                        "--convention); repeated: one chain, a fixed point through the first given first (Greedy's "
+                        "-r warp.nii.gz affine.mat order), and the convention check also tries the other order")
     q.add_argument("--fixed", required=True, help="fixed image: the grid the maps are written on")
     q.add_argument("--moving", help="moving image: warped image, similarity and the convention check")
     q.add_argument("--labels-fixed", help="label map on the fixed grid (Dice; statistics per label)")

@@ -22,7 +22,7 @@ __all__ = [
     "covered_jacobian_stats", "covered_support",
     "displacement_magnitude", "grid_image", "checkerboard", "difference", "normalise_intensity", "intensity_window",
     "landmark_uncertainty", "field_qc", "field_statistics", "non_diffeomorphic_volume", "check_convention",
-    "ConventionCheck", "PERCENTILES", "open_for_qc", "field_support", "labels_on", "mask_on", "transform_statistics",
+    "ConventionCheck", "PERCENTILES", "open_for_qc", "open_chain", "field_support", "labels_on", "mask_on", "transform_statistics",
     "compare_transforms", "view_lattice", "glyphs", "contour_levels", "magnitude_contours", "probe",
 ]
 
@@ -776,14 +776,16 @@ def open_for_qc(path, fixed, moving=None, convention=None, device="cpu"):
     if len(paths) == 1:
         loaded = load_transform_for_qc(paths[0], fixed, convention=convention)
     else:
-        loaded = _open_chain(paths, fixed, convention)
+        loaded = open_chain(paths, fixed, convention)
     field_support(loaded.transform, fixed.space)  # a field that misses the fixed image entirely is refused here
     check = None if moving is None else check_convention(fixed, moving, loaded, device=device)
     return loaded, check
 
 
-def _open_chain(paths, fixed, convention):
-    """Several transform files as one chain (:func:`open_for_qc`)."""
+def open_chain(paths, fixed, convention=None):
+    """Several transform files as one chain, a fixed point going through the first one first (Greedy's ``-r``,
+    ANTs' ``-t`` order): a :class:`~napari_regtool.transforms.external.LoadedTransform` of source ``"chain"``. A
+    field convention other than ITK's is refused (it says how one field's numbers are stored)."""
     from .errors import InputError
     from .io import load_transform_for_qc
     from .transforms.base import CompositeTransform

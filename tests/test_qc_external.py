@@ -1017,7 +1017,7 @@ def test_apply_and_field_chain_repeated_transforms_in_greedy_order(tmp_path, cap
     """``--transform A --transform B``: a fixed point goes through A first, then B (Greedy's ``-r A B``, ANTs'
     ``-t A -t B``), in ``apply`` (NIfTI and block-wise) and ``field``; the reference is SimpleITK resampling through
     the one affine ``B ∘ A`` written by hand, and, when picsl-greedy is installed, Greedy's own ``-r`` on the same
-    matrices. The other order gives another image. ``qc`` takes one transform and says how to chain."""
+    matrices. The other order gives another image. ``qc`` checks the chain and says when the other order fits."""
     space = Space((48, 56), (1.0, 1.0), (0.0, 0.0))
     arr = _blobs(space.shape, 9).astype(np.float32) * 100
     sitk.WriteImage(_to_sitk(arr, space), str(tmp_path / "m.nii.gz"))
@@ -1051,10 +1051,19 @@ def test_apply_and_field_chain_repeated_transforms_in_greedy_order(tmp_path, cap
     ref_field = sitk.TransformToDisplacementField(both, sitk.sitkVectorFloat64, [56, 48], (0.0, 0.0), (1.0, 1.0))
     np.testing.assert_allclose(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "f.nii.gz"))),
                                sitk.GetArrayFromImage(ref_field), atol=1e-4)
-    capsys.readouterr()
-    assert main(["qc", "--transform", str(tmp_path / "a.mat"), "--transform", str(tmp_path / "b.mat"), "--fixed",
-                 str(tmp_path / "m.nii.gz"), "--out", str(tmp_path / "qc")]) == 2
-    assert "regtool field --transform A --transform B" in capsys.readouterr().err
+    # qc checks the chain as one transform; its convention check says when the files fit better the other way round
+    sitk.WriteImage(_to_sitk(want.astype(np.float32), space), str(tmp_path / "f.nii.gz"))
+    for first, then, flagged in (("a", "b", False), ("b", "a", True)):
+        capsys.readouterr()
+        q = tmp_path / f"qc_{first}{then}"
+        assert main(["qc", "--transform", str(tmp_path / f"{first}.mat"), "--transform", str(tmp_path / f"{then}.mat"),
+                     "--fixed", str(tmp_path / "f.nii.gz"), "--moving", str(tmp_path / "m.nii.gz"), "--out",
+                     str(q)]) == 0
+        rep = json.loads((q / "report.json").read_text())
+        assert rep["transform"]["paths"] == [str(tmp_path / f"{first}.mat"), str(tmp_path / f"{then}.mat")]
+        assert rep["convention_check"]["flagged"] is flagged, rep["convention_check"]
+        if flagged:
+            assert rep["convention_check"]["best"] == "order" and "other order" in capsys.readouterr().err
     try:
         from picsl_greedy import Greedy2D
     except ImportError:
