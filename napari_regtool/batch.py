@@ -458,21 +458,30 @@ def _client_within(Client, kw: dict, timeout, scheduler: str):
 
     from dask.utils import parse_timedelta
 
-    box = {}
+    box, lock = {}, threading.Lock()
 
     def connect():
         try:
-            box["client"] = Client(timeout=timeout, **kw)
+            client = Client(timeout=timeout, **kw)
         except BaseException as exc:  # noqa: BLE001 — handed to the caller's thread
             box["error"] = exc
+            return
+        with lock:
+            late = box.get("abandoned", False)
+            if not late:
+                box["client"] = client
+        if late:  # the caller gave up waiting: this client must not stay on as dask's default one
+            client.close()
 
     worker = threading.Thread(target=connect, name="regtool-connect", daemon=True)
     worker.start()
     worker.join(float(parse_timedelta(timeout, default="s")) + 5.0)
     check = ("Check the address (e.g. tcp://HOST:8786, as the scheduler prints it) and that the scheduler is running "
              "and reachable from here.")
-    if "client" in box:
-        return box["client"]
+    with lock:
+        if "client" in box:
+            return box["client"]
+        box["abandoned"] = True
     exc = box.get("error")
     if isinstance(exc, (OSError, TimeoutError, ValueError)):
         raise RegtoolError(f"The Dask scheduler at {scheduler} did not answer within {timeout} ({exc}); nothing was "
@@ -577,13 +586,21 @@ def _collect(fut, job: PairJob, out: Path) -> dict:
 POLL_S = 2.0
 
 
-def _hold_interrupts() -> None:
-    """Ignore Ctrl-C from now on (the caller restores the handler it had); nothing outside the main thread."""
+def _hold_interrupts():
+    """Ignore Ctrl-C until :func:`_release_interrupts` (main thread only); the handler it had, or None."""
     import signal
     import threading
 
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _release_interrupts(handler) -> None:
+    import signal
+
+    if handler is not None:
+        signal.signal(signal.SIGINT, handler)
 
 
 def _connection_errors() -> tuple:
@@ -655,10 +672,12 @@ def run_batch(jobs: list, out_dir, scheduler: str = "local", workers: int | None
                 say("note: --workers sizes a local cluster; with a scheduler address the cluster's own workers run "
                     "the pairs")
         conn = _Connection(scheduler, n, m)
+        held = []  # Ctrl-C's handler while it is held off (see below)
         try:
             try:
                 _run_pending(conn, pending, rows, total, out, m, progress, say, report_skipped)
             except _connection_errors() as exc:  # the scheduler went away (stopped, its node lost)
+                held.append(_hold_interrupts())
                 lost = (f"the connection to {conn.where} was lost before this pair finished "
                         f"({type(exc).__name__}); run the same command again to run it")
                 for job in pending:
@@ -669,15 +688,19 @@ def run_batch(jobs: list, out_dir, scheduler: str = "local", workers: int | None
         except BaseException as exc:
             if isinstance(exc, Exception):
                 raise
-            # Ctrl-C (KeyboardInterrupt) or SIGTERM/SIGHUP: what finished is kept, the rest is listed; a second
-            # Ctrl-C while the cluster closes and the summary is written would lose the summary, so Ctrl-C is held
-            # off until then (regtool's main restores it)
-            _hold_interrupts()
+            # Ctrl-C (KeyboardInterrupt) or SIGTERM/SIGHUP: what finished is kept, the rest is listed
+            held.append(_hold_interrupts())
             for job in pending:
                 rows.setdefault(job.name, _row(job, status="interrupted", error=INTERRUPTED))
             raise BatchInterrupted([rows[j.name] for j in jobs], exc) from None
         finally:
-            conn.close()
+            # a second Ctrl-C while the cluster closes would replace the interruption and lose the summary: held off
+            # until the cluster is closed
+            try:
+                conn.close()
+            finally:
+                for handler in held:
+                    _release_interrupts(handler)
     return [rows[j.name] for j in jobs]
 
 

@@ -522,22 +522,21 @@ def _fill_value(text, array, labels: bool = False) -> float:
 MAX_BLOCK_BYTES = 1 << 30
 
 
-def _check_block(block) -> int:
+def _check_block(block) -> None:
     """``--block`` of a .zarr output, before anything is read: a whole number of at least 8."""
-    b = int(block)
-    if b < 8:
+    if int(block) < 8:
         raise RegtoolError(f"--block {block}: a block side must be at least 8 voxels (typical: 64 to 256).")
-    return b
 
 
-def _fit_block(args, shape, itemsize: int, what: str) -> None:
+def _fit_block(args, shape, itemsize: int, what: str, default: int) -> None:
     """``args.block`` made no larger than the grid's longest side (a block beyond the image only costs memory), and
-    refused when one block would not fit in :data:`MAX_BLOCK_BYTES`."""
+    refused when one block (cut to the grid) would not fit in :data:`MAX_BLOCK_BYTES`. ``default``: the option's
+    default, which is cut without a note."""
     b = min(int(args.block), max(int(n) for n in shape))
-    if b != args.block and not args.quiet:
-        print(f"note: --block {args.block} is larger than the grid ({'×'.join(map(str, shape))}); blocks of {b} are "
-              "used.", file=sys.stderr)
-    need = b ** len(shape) * itemsize
+    if b != args.block and args.block != default and not args.quiet:
+        print(f"note: --block {args.block} is larger than the grid ({'×'.join(map(str, shape[::-1]))} voxels, x "
+              f"first); blocks of {b} are used.", file=sys.stderr)
+    need = math.prod(min(b, int(n)) for n in shape) * int(itemsize)
     if need > MAX_BLOCK_BYTES:
         raise RegtoolError(f"--block {args.block}: one block of {what} would take {need / 2**30:.1f} GiB; give a "
                            "smaller block (typical: 64 to 256).")
@@ -588,7 +587,7 @@ def _apply_blockwise(args) -> int:
     if args.invert:
         transform = _inverse(transform, args)
     _warn_partial_cover(transform, rspace, args)
-    _fit_block(args, rspace.shape, 8 if args.labels else 4, "the output")
+    _fit_block(args, rspace.shape, np.dtype(moving.dtype).itemsize if args.labels else 4, "the output", 128)
     out = warp_lazy(moving, mspace, transform, rspace, label=args.labels, block=args.block,
                     fill=_fill_value(args.fill, moving, args.labels))
     n_blocks = 1
@@ -649,7 +648,7 @@ def _cmd_field(args) -> int:
     if to_zarr:
         from .ngff_field import write_field_ngff
 
-        _fit_block(args, space.shape, 8 * space.ndim, "the field")
+        _fit_block(args, space.shape, 8 * space.ndim, "the field", 64)
         notes = write_field_ngff(args.out, transform, space, block=args.block, unit=unit,
                                  progress=_progress_printer(args.quiet))
         _say_notes(args, notes)
@@ -1029,14 +1028,10 @@ def _on_terminate(signum, frame):
 
 def _install_signal_handlers() -> dict:
     """SIGTERM/SIGHUP raise :class:`_Terminated` (SIGINT already raises KeyboardInterrupt). Only the main thread
-    can set handlers; elsewhere (``main`` called from a thread) nothing changes. Returns the previous handlers, with
-    SIGINT's (a batch holds Ctrl-C off while it writes its summary after an interruption)."""
+    can set handlers; elsewhere (``main`` called from a thread) nothing changes. Returns the previous handlers."""
     import signal
-    import threading
 
     previous = {}
-    if threading.current_thread() is threading.main_thread():
-        previous[signal.SIGINT] = signal.getsignal(signal.SIGINT)
     for name in ("SIGTERM", "SIGHUP"):
         sig = getattr(signal, name, None)
         if sig is None:

@@ -577,7 +577,9 @@ def finish_result(fixed: Image, moving: Image, transform: Transform, model: str,
         result.extra["channel"] = channel
     evaluate(result, channel=channel)
     if result.jacobian_stats.get("folding_percent", 0) > 0:
-        _warn(f"The transform folds: {result.jacobian_stats['folding_percent']:.3g}% of voxels have a Jacobian "
+        cover = result.jacobian_stats.get("coverage_percent")
+        of = "voxels" if cover is None else f"the voxels its fields cover ({cover:.3g}% of the fixed image)"
+        _warn(f"The transform folds: {result.jacobian_stats['folding_percent']:.3g}% of {of} have a Jacobian "
               "determinant ≤ 0 (see jacobian.nii.gz). Check landmark pairs near those places, or increase the "
               "smoothing / regularization.")
     return result

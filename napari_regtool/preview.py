@@ -114,7 +114,7 @@ class Previewer:
         self._src = src.movedim(-1, 0).unsqueeze(0) if moving.is_multichannel else src[None, None]
         self._fixed_scalar = None
         self._moving_window = None
-        self._support = None  # (transform, field support on the fixed grid) of the last transform measured
+        self._support = None  # (weak reference to a transform, its field support on the fixed grid), last measured
         self._foreground = None
         self._grid_points = None
 
@@ -234,8 +234,14 @@ class Previewer:
     def _field_support(self, transform) -> tuple:
         """:func:`~napari_regtool.qc.covered_support` of ``transform`` on the fixed grid, kept for the same transform
         (a loaded field is measured again at every redraw)."""
-        if self._support is None or self._support[0] is not transform:
-            self._support = (transform, qc.covered_support(transform, self.fixed.space))
+        import weakref
+
+        if self._support is None or self._support[0]() is not transform:
+            try:  # (a weak reference: a large field is not kept alive by the cache once the transform is dropped)
+                ref = weakref.ref(transform)
+            except TypeError:
+                return qc.covered_support(transform, self.fixed.space)
+            self._support = (ref, qc.covered_support(transform, self.fixed.space))
         return self._support[1]
 
     def foreground(self) -> torch.Tensor:

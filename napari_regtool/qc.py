@@ -644,7 +644,8 @@ def check_convention(fixed, moving, loaded, max_voxels: int | None = None, margi
         for key, c in alts.items():
             candidates[key] = (reading(c), c.describe())
         shape = tuple(loaded.grid.shape)
-        if loaded.source == "array-field" and d > 1 and len(set(shape)) == 1:
+        if (loaded.source == "array-field" and str(loaded.path).lower().endswith((".npy", ".npz")) and d > 1
+                and len(set(shape)) == 1):
             # a bare array on a square/cubic grid: its shape cannot tell array (z, y, x) from nibabel's x, y, z axes
             flipped = np.transpose(loaded.numbers, tuple(range(d))[::-1] + (d,))
             n_f = DisplacementFieldTransform(flipped, loaded.grid).field(grid, dtype=torch.float64).cpu().numpy()
@@ -660,8 +661,11 @@ def check_convention(fixed, moving, loaded, max_voxels: int | None = None, margi
                 inv = DisplacementFieldTransform(loaded_t.field(grid, dtype=torch.float64), grid).inverse()
         except Exception:
             inv = None
-        candidates["inverse"] = (inv, "inverse")
-    if loaded.source == "chain" and isinstance(loaded_t, CompositeTransform) and len(loaded_t.transforms) > 1:
+        # (a chain read as its inverse goes back to the files' own reading)
+        back = loaded.source == "chain" and loaded.convention is not None and loaded.convention.inverse
+        candidates["inverse"] = (inv, "forward" if back else "inverse")
+    if (loaded.source == "chain" and len(loaded.paths) > 1 and loaded.convention is None
+            and isinstance(loaded_t, CompositeTransform) and len(loaded_t.transforms) > 1):
         candidates["order"] = (CompositeTransform(list(reversed(loaded_t.transforms))), "order=reversed")
     if loaded.numbers is None and loaded.source not in ("ras-matrix", "chain"):  # Greedy/c3d's are RAS by definition
         flip = AffineTransform(np.diag([-1.0, -1.0] + [1.0] * (d - 2)), np.zeros(d), kind="ras")
@@ -784,24 +788,29 @@ def open_for_qc(path, fixed, moving=None, convention=None, device="cpu"):
 
 def open_chain(paths, fixed, convention=None):
     """Several transform files as one chain, a fixed point going through the first one first (Greedy's ``-r``,
-    ANTs' ``-t`` order): a :class:`~napari_regtool.transforms.external.LoadedTransform` of source ``"chain"``. A
-    field convention other than ITK's is refused (it says how one field's numbers are stored)."""
+    ANTs' ``-t`` order): a :class:`~napari_regtool.transforms.external.LoadedTransform` of source ``"chain"``. The
+    convention may say ``inverse`` (the chain maps moving → fixed: its inverse is used); its other words say how one
+    field's numbers are stored and are refused here."""
     from .errors import InputError
     from .io import load_transform_for_qc
     from .transforms.base import CompositeTransform
     from .transforms.external import FieldConvention, LoadedTransform
 
-    if convention and FieldConvention.parse(convention) != FieldConvention():
+    conv = FieldConvention.parse(convention) if convention else None
+    if conv is not None and conv.replace(inverse=False) != FieldConvention():
         raise InputError("The field convention says how one field's numbers are stored; load a chain of files as "
-                         "their tools wrote them (choose the file's own convention), or write that field in ITK's "
-                         "convention first (regtool field --convention C).")
+                         "their tools wrote them (choose the file's own convention, or 'inverse' for the whole "
+                         "chain), or write that field in ITK's convention first (regtool field --convention C).")
     parts = [load_transform_for_qc(p, fixed) for p in paths]
     dims = {q.transform.ndim for q in parts}
     if len(dims) > 1:
         listed = ", ".join(f"{Path(p).name} {q.transform.ndim}D" for p, q in zip(paths, parts))
         raise InputError(f"The files of the chain differ in dimension ({listed}); choose files of one dimension.")
-    return LoadedTransform(CompositeTransform([q.transform for q in parts]), [w for q in parts for w in q.warnings],
-                           "chain", path=str(paths[0]), paths=tuple(str(p) for p in paths))
+    chain = CompositeTransform([q.transform for q in parts])
+    inverse = conv is not None and conv.inverse
+    return LoadedTransform(chain.inverse() if inverse else chain, [w for q in parts for w in q.warnings], "chain",
+                           path=str(paths[0]), convention=FieldConvention(inverse=True) if inverse else None,
+                           paths=tuple(str(p) for p in paths))
 
 
 def labels_on(image, space: Space, device="cpu") -> np.ndarray:

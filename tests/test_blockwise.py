@@ -227,10 +227,11 @@ def test_cli_block_sizes_are_checked_before_reading_and_fitted_to_the_grid(tmp_p
     assert np.abs(np.asarray(img.levels[0].array) - ref).max() < 1e-3 * np.abs(ref).max()
     from napari_regtool import cli
 
-    big = Space((2048, 2048, 2048), (1.0, 1.0, 1.0))
     args = type("A", (), {"block": 1024, "quiet": True})()
     with pytest.raises(cli.RegtoolError, match="GiB"):
-        cli._fit_block(args, big.shape, 4, "the output")
+        cli._fit_block(args, (2048, 2048, 2048), 4, "the output", 128)
+    cli._fit_block(args, (4, 20000, 20000), 4, "the output", 128)  # a flat grid: a block is 4 × 1024², 16 MB
+    assert args.block == 1024
 
 
 def _two_channel_ngff(path, a, b, unit="micrometer"):

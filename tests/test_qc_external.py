@@ -662,6 +662,12 @@ def test_a_nibabel_array_on_a_square_grid_is_read_as_said_and_the_check_tells_th
     assert not qc.check_convention(fixed, moving, said).flagged
     assert FieldConvention.parse("nibabel,voxel") == FieldConvention("voxel", "xyz", axes="xyz")
     assert FieldConvention.parse(said.convention.describe()) == said.convention
+    # the same numbers in a NIfTI file (nibabel's layout, a scalar image whose last axis holds the components): its
+    # axes are the file's own, so the reversed reading is not offered (reloading could not change anything)
+    sitk.WriteImage(sitk.GetImageFromArray(np.moveaxis(vox_xyz, -1, 0)), str(tmp_path / "nib.nii.gz"))
+    chk = qc.check_convention(fixed, moving, load_transform_for_qc(tmp_path / "nib.nii.gz", fixed,
+                                                                   convention="voxel,xyz"))
+    assert not any(k.startswith("axes") for k in chk.scores) and not chk.flagged, chk.scores
     wide = Space((40, 46), (1.0, 1.0))
     np.save(tmp_path / "zyx.npy", np.zeros((40, 46, 2)))
     with pytest.raises(InputError, match="array order"):
@@ -1064,6 +1070,16 @@ def test_apply_and_field_chain_repeated_transforms_in_greedy_order(tmp_path, cap
         assert rep["convention_check"]["flagged"] is flagged, rep["convention_check"]
         if flagged:
             assert rep["convention_check"]["best"] == "order" and "other order" in capsys.readouterr().err
+    # fixed and moving swapped: the chain is the inverse of what the images need; said, and read so on request
+    ab = ["--transform", str(tmp_path / "a.mat"), "--transform", str(tmp_path / "b.mat")]
+    swapped = ["--fixed", str(tmp_path / "m.nii.gz"), "--moving", str(tmp_path / "f.nii.gz")]
+    assert main(["qc", *ab, *swapped, "--out", str(tmp_path / "qc_swapped")]) == 0
+    chk = json.loads((tmp_path / "qc_swapped" / "report.json").read_text())["convention_check"]
+    assert chk["flagged"] and chk["best"] == "inverse" and chk["suggestion"] == "inverse", chk
+    assert main(["qc", *ab, *swapped, "--convention", chk["suggestion"], "--out", str(tmp_path / "qc_inv")]) == 0
+    chk = json.loads((tmp_path / "qc_inv" / "report.json").read_text())["convention_check"]
+    assert not chk["flagged"] and chk["as_loaded"] > 0.99, chk
+    assert chk["suggestion"] is None
     try:
         from picsl_greedy import Greedy2D
     except ImportError:

@@ -367,6 +367,10 @@ def defined_mask(transform: Transform, space: Space, chunk: int = DEFAULT_CHUNK)
     last = max((i for i, t in enumerate(chain) if isinstance(t, DisplacementFieldTransform)), default=None)
     if last is None:
         return None
+    memo = transform.__dict__.setdefault("_defined_mask_memo", [])  # (space, mask): a whole-grid pass each time
+    for sp, known in memo:  # would cost seconds in 3D (loading, the live view, the table, the report all ask)
+        if sp == space:
+            return known
     chain = chain[:last + 1]  # (the transforms after the last field read no grid)
     ok = torch.ones(space.n_voxels, dtype=torch.bool)
     with torch.no_grad():
@@ -383,4 +387,6 @@ def defined_mask(transform: Transform, space: Space, chunk: int = DEFAULT_CHUNK)
                 if i < last:
                     pts = t.map_points_torch(pts)
             ok[a:b] = inside
-    return None if bool(ok.all()) else ok.reshape(space.shape)
+    out = None if bool(ok.all()) else ok.reshape(space.shape)
+    memo[:] = memo[-1:] + [(space, out)]
+    return out

@@ -145,6 +145,9 @@ class TransformLoader(QWidget):
             if conv == "order=reversed":  # a chain: the same files in the other order
                 self.load(list(reversed(path)), as_compare=as_compare, convention="")
                 return
+            if isinstance(path, list):  # a chain read as its inverse (or back): the list's choice stays for files
+                self.load(path, as_compare=as_compare, convention=conv)
+                return
             self.set_convention(conv)
             self.load(path, as_compare=as_compare, convention=conv)
 
