@@ -314,6 +314,20 @@ def pair_is_current(job: PairJob, out_dir) -> dict | None:
     return stamp
 
 
+def _record_outputs(target: Path, stamp: dict) -> None:
+    """Add the size, time and SHA-256 of every output to a current pair's ``batch.json`` written without them (an
+    earlier version's), so that later runs see an output changed since. Best effort: a folder that cannot be
+    written keeps its stamp."""
+    from .io import atomic_output
+
+    try:
+        stamp = dict(stamp, outputs={n: _input_state(target / n)["files"]["."] for n in stamp.get("files", [])})
+        with atomic_output(target / STAMP) as tmp:
+            Path(tmp).write_text(json.dumps(stamp, indent=2))
+    except (OSError, InputError):
+        pass
+
+
 # ------------------------------------------------------------------------------------------------ one pair (a task)
 def _cap_threads(n: int | None) -> int:
     """torch (intra-op) and ITK thread counts of this process set to ``n``; returns torch's count."""
@@ -654,6 +668,8 @@ def run_batch(jobs: list, out_dir, scheduler: str = "local", workers: int | None
         except (OSError, ValueError):
             pending.append(job)
             continue
+        if "outputs" not in stamp:  # a result stamped by an earlier version: its outputs recorded from now on
+            _record_outputs(out / job.name, stamp)
         rows[job.name] = _row(job, status="skipped", runtime_s=stamp.get("runtime_s"), **_metrics(report))
 
     def report_skipped():

@@ -165,6 +165,17 @@ def test_cohort_summary_outputs_and_resume(data, cluster, tmp_path):
     assert [r["status"] for r in rows] == ["ok", "ok", "skipped", "skipped", "skipped", "failed"]
     sitk.ReadImage(str(out / "rigid" / "warped.nii.gz"))  # whole again
     sitk.ReadImage(str(jac))
+    # a result stamped by an earlier version (no outputs recorded): skipped, and its outputs recorded from then on
+    stamp_path = out / "affine" / "batch.json"
+    old = json.loads(stamp_path.read_text())
+    old.pop("outputs")
+    stamp_path.write_text(json.dumps(old))
+    assert run(*cmd) == 1
+    assert [r["status"] for r in read_summary(out)[0]][2] == "skipped"
+    assert "warped.nii.gz" in json.loads(stamp_path.read_text())["outputs"]
+    (out / "affine" / "warped.nii.gz").write_bytes(b"")
+    assert run(*cmd) == 1
+    assert [r["status"] for r in read_summary(out)[0]][2] == "ok"
 
     # changed options (tps smoothing) and changed input content (a landmark of the shifted pair) are redone
     cohort_csv(d, d / "pairs.csv", tps_smoothing="5")
