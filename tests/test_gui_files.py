@@ -194,6 +194,17 @@ def test_apply_transform_file_widget(make_napari_viewer, qtbot, tmp_path):
     by_hand.SetTranslation(tl.tolist())
     ref3 = sitk.GetArrayFromImage(sitk.Resample(mov, sitk.ReadImage(str(F2)), by_hand, sitk.sitkLinear, 0.0))
     assert np.abs(np.asarray(viewer.layers["moving (registered) [4]"].data) - ref3).max() < 1e-3 * ref3.max()
+    # two files at once: one chain, a fixed point through the first one first (regtool apply's order); the reference
+    # is SimpleITK through the composed affine x ↦ B(A(x)) written by hand
+    write_transform(tmp_path / "then.tfm", shifted)
+    widget.transform_file.value = (tmp_path / "greedy_affine.mat", tmp_path / "then.tfm")
+    qtbot.mouseClick(widget.call_button.native, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: "moving (registered) [5]" in viewer.layers, timeout=20000)
+    both = sitk.AffineTransform(2)
+    both.SetMatrix(a.ravel().tolist())  # B is a pure shift: B(A(x)) = A x + tl + (7, −3)
+    both.SetTranslation((tl + np.array([7.0, -3.0])).tolist())
+    ref4 = sitk.GetArrayFromImage(sitk.Resample(mov, sitk.ReadImage(str(F2)), both, sitk.sitkLinear, 0.0))
+    assert np.abs(np.asarray(viewer.layers["moving (registered) [5]"].data) - ref4).max() < 1e-3 * ref4.max()
     # points through the inverse of a displacement field: T(new) == old
     write_transform(tmp_path / "t.nii.gz", t, f.space)
     pts = viewer.add_points(to_array_order(pairs.moving[:4]), name="pts")

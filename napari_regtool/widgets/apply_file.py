@@ -1,6 +1,7 @@
 """A small widget that applies a saved transform file to a layer — ``regtool apply`` inside napari."""
 
 from pathlib import Path
+from typing import Sequence
 
 from magicgui import magic_factory
 
@@ -12,15 +13,17 @@ _IN_FLIGHT: set = set()
 
 @magic_factory(
     call_button="Apply",
-    transform_file={"label": "Transform", "mode": "r",
+    transform_file={"label": "Transform(s)", "mode": "rm",
                     "filter": "Transforms (*.tfm *.h5 *.hdf5 *.txt *.mat *.nii *.nii.gz *.mha *.nrrd)"},
     invert={"label": "Invert (moving ← fixed)"},
 )
 def apply_transform_file(layer: "napari.layers.Layer", reference: "napari.layers.Image",
-                         transform_file: Path = Path(), invert: bool = False, viewer: "napari.Viewer" = None
+                         transform_file: Sequence[Path] = (), invert: bool = False, viewer: "napari.Viewer" = None
                          ) -> "napari.qt.threading.FunctionWorker[napari.types.LayerDataTuple]":
     """Warp ``layer`` (image, labels, points, shapes in moving space) into ``reference``'s grid through an ITK
-    transform or displacement-field file (or elastix's and Greedy's files), the same as ``regtool apply``.
+    transform or displacement-field file (or elastix's and Greedy's files), the same as ``regtool apply``. Several
+    files are one chain, displacement fields first (Greedy's ``warp.nii.gz`` then ``affine.mat``; see
+    :func:`~napari_regtool.widgets.panels.loaded.chain_order`), as ``regtool apply`` chains repeated ``--transform``.
 
     The file is read and checked here; inverting a field and resampling run on a worker thread (napari's
     activity indicator shows it), and the new layer is added when done — under a name no layer has yet, so that
@@ -32,6 +35,8 @@ def apply_transform_file(layer: "napari.layers.Layer", reference: "napari.layers
 
     from ..errors import RegtoolError, user_message
     from ..io import read_transform_any
+    from ..transforms.base import CompositeTransform
+    from .panels.loaded import chain_order
     from .panels.fullres import layer_unit
     from ._layers import layer_space, prepare_layer, warp_prepared
 
@@ -47,20 +52,28 @@ def apply_transform_file(layer: "napari.layers.Layer", reference: "napari.layers
             failure.append(user_message(exc))
             return None
 
+    files = [transform_file] if isinstance(transform_file, (str, Path)) else list(transform_file or ())
+    files = chain_order([Path(f) for f in files if str(f) not in ("", ".")])
     try:
-        if not str(transform_file) or not Path(transform_file).is_file():
-            raise RegtoolError("Choose a transform file (.tfm, .h5, a displacement field image, an elastix "
-                               "TransformParameters file or a Greedy matrix).")
+        if not files or not all(f.is_file() for f in files):
+            missing = [f.name for f in files if not f.is_file()]
+            raise RegtoolError((f"{', '.join(missing)}: no such file. " if missing else "") + "Choose a transform "
+                               "file (.tfm, .h5, a displacement field image, an elastix TransformParameters file or a "
+                               "Greedy matrix), or several that chain.")
         space = layer_space(reference)
         # ITK's files (in millimetres, converted to the unit of an OME-Zarr image's layers), else elastix's
         # TransformParameters and Greedy's/c3d's matrices, as regtool apply reads them
-        t, notes, warnings = read_transform_any(transform_file, space, unit=layer_unit(reference))
-        for m in notes:
-            show_info(m)
-        for m in warnings:
-            show_warning(m)
-        if t.ndim != space.ndim:
-            raise RegtoolError(f"The transform is {t.ndim}D but {reference.name!r} is {space.ndim}D.")
+        parts = []
+        for f in files:
+            part, notes, warnings = read_transform_any(f, space, unit=layer_unit(reference))
+            for m in notes:
+                show_info(m)
+            for m in warnings:
+                show_warning(m)
+            if part.ndim != space.ndim:
+                raise RegtoolError(f"{f.name} is a {part.ndim}D transform but {reference.name!r} is {space.ndim}D.")
+            parts.append(part)
+        t = parts[0] if len(parts) == 1 else CompositeTransform(parts)
         prepared = prepare_layer(layer, space)  # read from the layer here, on the GUI thread
         name = prepared[2].get("name", f"{layer.name} (registered)")
         # napari would update a layer of that name in place; names of results still being computed are taken too
@@ -73,7 +86,7 @@ def apply_transform_file(layer: "napari.layers.Layer", reference: "napari.layers
         show_error(user_message(exc))
         worker = thread_worker(lambda: None)()  # napari expects a worker; this one adds nothing
     else:
-        worker = thread_worker(work, progress={"total": 0, "desc": f"Applying {Path(transform_file).name}"})(
+        worker = thread_worker(work, progress={"total": 0, "desc": f"Applying {' + '.join(f.name for f in files)}"})(
             t, space, prepared, name)
         _IN_FLIGHT.add(name)
         worker.finished.connect(lambda: _IN_FLIGHT.discard(name))
