@@ -385,7 +385,8 @@ def _warn_partial_cover(transform, space, args):
 
     if transform.ndim != space.ndim:
         return
-    name = ", ".join(Path(p).name for p in args.transform)
+    names = [Path(p).name for p in args.transform]
+    name = names[0] if len(names) == 1 else f"the chain {' + '.join(names)}"
     coarse = space.with_shape(tuple(min(n, 64) for n in space.shape), keep_extent=True)
     dom = defined_mask(transform, coarse)
     if dom is None:
