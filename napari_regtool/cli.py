@@ -458,7 +458,9 @@ def _cmd_apply(args) -> int:
     to_zarr = _is_zarr(args.out)
     check_writable(args.out, folder=to_zarr, inputs=_inputs(args, "moving", "reference", "transform"))
     if to_zarr:
-        _check_block(args.block)
+        from .ngff import check_block
+
+        check_block(args.block, "--block")  # before anything is read
         return _apply_blockwise(args)
     moving = read_image(args.moving, is_label=args.labels, level=args.level or 0)
     reference = read_image(args.reference, level=0)
@@ -521,12 +523,6 @@ def _fill_value(text, array, labels: bool = False) -> float:
 #: the largest block of a .zarr output, in bytes (a block is computed, held and compressed whole; zarr's codecs
 #: refuse buffers of 2 GiB)
 MAX_BLOCK_BYTES = 1 << 30
-
-
-def _check_block(block) -> None:
-    """``--block`` of a .zarr output, before anything is read: a whole number of at least 8."""
-    if int(block) < 8:
-        raise RegtoolError(f"--block {block}: a block side must be at least 8 voxels (typical: 64 to 256).")
 
 
 def _fit_block(args, shape, itemsize: int, what: str, default: int) -> None:
@@ -623,7 +619,7 @@ def _cmd_field(args) -> int:
     to_zarr = _is_zarr(args.out)
     check_writable(args.out, folder=to_zarr, inputs=_inputs(args, "reference", "transform"))
     if to_zarr:
-        _check_block(args.block)
+        ngff.check_block(args.block, "--block")  # before anything is read
     if ngff.is_ngff(args.reference):
         ref = ngff.open_ngff(args.reference)
         k = int(args.level or 0)
@@ -688,11 +684,9 @@ def _cmd_qc(args) -> int:
     import numpy as np
     import torch
 
-    chain = list(args.transform)  # several: one chain, in Greedy's -r / ANTs' -t order (qc.open_for_qc)
-
     from . import qc
     from .device import resolve_device
-    from .io import itk_scale, load_transform_for_qc, read_image, write_image
+    from .io import itk_scale, read_image, write_image
     from .pipeline import warp_image
     from .publish import publish_folder
 
@@ -726,8 +720,8 @@ def _cmd_qc(args) -> int:
 
         pairs = read_landmarks(args.landmarks)
     dev = resolve_device(args.device, warn=warn)
-    loaded = (load_transform_for_qc(chain[0], fixed, convention=args.convention) if len(chain) == 1 else
-              qc.open_chain(chain, fixed, args.convention))
+    # several --transform: one chain, in Greedy's -r / ANTs' -t order
+    loaded = qc.load_for_qc(list(args.transform), fixed, args.convention)
     for msg in loaded.warnings:
         warn(msg)
     t = loaded.transform

@@ -373,6 +373,15 @@ def _pyramid_shapes(shape, block) -> list:
     return shapes
 
 
+def check_block(block, label: str = "A block side of") -> int:
+    """A block side for an OME-Zarr output (its chunks, and the blocks computed one at a time): a whole number of at
+    least 8 voxels, else an :class:`InputError` starting with ``label`` (``"--block"`` on the command line)."""
+    b = int(block)
+    if b < 8:
+        raise InputError(f"{label} {block} is too small; use at least 8 (typical: 64 to 256).")
+    return b
+
+
 def write_ngff(path, data, space: Space, *, name: str = "image", is_label: bool = False, block: int = 128,
                unit: str | None = None, progress=None) -> list:
     """Write ``data`` (NumPy or dask array on ``space``, array order) as an OME-Zarr pyramid at ``path``.
@@ -393,9 +402,7 @@ def write_ngff(path, data, space: Space, *, name: str = "image", is_label: bool 
     arr = data if isinstance(data, da.Array) else da.from_array(np.asarray(data), chunks=(block,) * d)
     if tuple(arr.shape) != tuple(space.shape):
         raise InputError(f"write_ngff: the data's shape {tuple(arr.shape)} does not match its grid {space.shape}.")
-    block = int(block)
-    if block < 8:
-        raise InputError(f"--block {block} is too small; use at least 8 (typical: 64 to 256).")
+    block = check_block(block, "--block")
     arr = arr.rechunk((block,) * d)
     notices = []
     direction = np.asarray(space.direction, float)
@@ -556,9 +563,7 @@ def warp_to_ngff(path, moving, moving_space: Space, transform, out_space: Space,
     from .blockwise import warp_lazy
     from .errors import Cancelled
 
-    block = int(block)
-    if block < 8:
-        raise InputError(f"A block side of {block} is too small; use at least 8 (typical: 64 to 256).")
+    block = check_block(block)
     out = warp_lazy(moving, moving_space, transform, out_space, label=label, block=block)
     total = int(np.prod(out.numblocks))
     lock = threading.Lock()

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import Cancelled, InputError
-from .ngff import _attrs, _axes_of, _common_unit, _global_transforms, _level_space, _path_and_attrs, _transforms
+from .ngff import _attrs, _axes_of, check_block, _common_unit, _global_transforms, _level_space, _path_and_attrs, _transforms
 from .space import Space
 
 __all__ = ["FIELD_VERSION", "FIELD_PATH", "write_field_ngff", "is_field_ngff", "field_in", "open_field_ngff", "NgffField",
@@ -66,9 +66,7 @@ def write_field_ngff(path, transform, space: Space, *, block: int = 64, unit: st
 
     from .publish import publish_folder
 
-    block = int(block)
-    if block < 8:
-        raise InputError(f"A block side of {block} is too small; use at least 8 (typical: 64 to 256).")
+    block = check_block(block)
     d = space.ndim
     if transform.ndim != d:
         raise InputError(f"The transform is {transform.ndim}D but the grid is {d}D.")

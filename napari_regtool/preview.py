@@ -114,7 +114,6 @@ class Previewer:
         self._src = src.movedim(-1, 0).unsqueeze(0) if moving.is_multichannel else src[None, None]
         self._fixed_scalar = None
         self._moving_window = None
-        self._support = None  # (weak reference to a transform, its field support on the fixed grid), last measured
         self._foreground = None
         self._grid_points = None
 
@@ -189,7 +188,8 @@ class Previewer:
             field = transform.field(fs, device=self.device, dtype=torch.float32)
         if "jacobian" in want or (need_stats and nonlinear):
             jac = jacobian_determinant(field, fs)
-            stats = qc.covered_jacobian_stats(jac, transform, fs, self._field_support(transform))
+            # (the field's coverage of the grid is kept on the transform: a redraw does not measure it again)
+            stats = qc.covered_jacobian_stats(jac, transform, fs)
             if "jacobian" in want:
                 maps["jacobian"] = jac.cpu().numpy()
         elif need_stats:
@@ -230,19 +230,6 @@ class Previewer:
         t2 = time.perf_counter()
         yield PreviewResult(generation, maps=maps, jacobian_stats=stats, suggestion=suggestion,
                             uncertainty_info=info, timings={"qc_s": t2 - t1})
-
-    def _field_support(self, transform) -> tuple:
-        """:func:`~napari_regtool.qc.covered_support` of ``transform`` on the fixed grid, kept for the same transform
-        (a loaded field is measured again at every redraw)."""
-        import weakref
-
-        if self._support is None or self._support[0]() is not transform:
-            try:  # (a weak reference: a large field is not kept alive by the cache once the transform is dropped)
-                ref = weakref.ref(transform)
-            except TypeError:
-                return qc.covered_support(transform, self.fixed.space)
-            self._support = (ref, qc.covered_support(transform, self.fixed.space))
-        return self._support[1]
 
     def foreground(self) -> torch.Tensor:
         """(fixed.shape) bool: voxels of the fixed image with signal (above 15 % of its robust intensity range)."""

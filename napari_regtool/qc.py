@@ -22,7 +22,8 @@ __all__ = [
     "covered_jacobian_stats", "covered_support",
     "displacement_magnitude", "grid_image", "checkerboard", "difference", "normalise_intensity", "intensity_window",
     "landmark_uncertainty", "field_qc", "field_statistics", "non_diffeomorphic_volume", "check_convention",
-    "ConventionCheck", "PERCENTILES", "open_for_qc", "open_chain", "field_support", "labels_on", "mask_on", "transform_statistics",
+    "ConventionCheck", "PERCENTILES", "open_for_qc", "load_for_qc", "open_chain", "field_support", "labels_on",
+    "mask_on", "transform_statistics",
     "compare_transforms", "view_lattice", "glyphs", "contour_levels", "magnitude_contours", "probe",
 ]
 
@@ -157,11 +158,11 @@ def tre(transform, fixed_points, moving_points) -> np.ndarray:
     return np.linalg.norm(transform.map_points(fp) - np.asarray(moving_points, float), axis=1)
 
 
-def covered_jacobian_stats(det, transform, space: Space, support=None) -> dict:
+def covered_jacobian_stats(det, transform, space: Space) -> dict:
     """:func:`jacobian_stats` over the voxels ``transform``'s fields cover (the seam where a field on a smaller grid
     ends is no fold of a registration), with ``coverage_percent`` when that is less than everything (0 when the
-    fields miss ``space``). ``support``: :func:`covered_support` computed before."""
-    sel, coverage = covered_support(transform, space) if support is None else support
+    fields miss ``space``)."""
+    sel, coverage = covered_support(transform, space)
     stats = jacobian_stats(det, mask=sel)
     if coverage < 100.0:
         stats["coverage_percent"] = coverage
@@ -774,16 +775,22 @@ def open_for_qc(path, fixed, moving=None, convention=None, device="cpu"):
     (``None`` without a moving image; for a chain it also tries the files in the other order). Raises
     :class:`~napari_regtool.errors.InputError` for a file that cannot be used (one sentence).
     """
+
+    loaded = load_for_qc(path, fixed, convention)
+    field_support(loaded.transform, fixed.space)  # a field that misses the fixed image entirely is refused here
+    check = None if moving is None else check_convention(fixed, moving, loaded, device=device)
+    return loaded, check
+
+
+def load_for_qc(path, fixed, convention=None):
+    """One transform file (:func:`napari_regtool.io.load_transform_for_qc`) or a list of files that chain
+    (:func:`open_chain`), as a :class:`~napari_regtool.transforms.external.LoadedTransform`."""
     from .io import load_transform_for_qc
 
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
     if len(paths) == 1:
-        loaded = load_transform_for_qc(paths[0], fixed, convention=convention)
-    else:
-        loaded = open_chain(paths, fixed, convention)
-    field_support(loaded.transform, fixed.space)  # a field that misses the fixed image entirely is refused here
-    check = None if moving is None else check_convention(fixed, moving, loaded, device=device)
-    return loaded, check
+        return load_transform_for_qc(paths[0], fixed, convention=convention)
+    return open_chain(paths, fixed, convention)
 
 
 def open_chain(paths, fixed, convention=None):
