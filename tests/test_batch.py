@@ -354,18 +354,22 @@ def test_command_line_option_applies_to_every_row(tmp_path):
     assert batch.plan_local(3, 4, None, cores=8) == (3, 2)
 
 
+def _three_pairs_one_at_a_time(pairs_csv, out, cluster) -> tuple:
+    """The ``regtool batch`` arguments for three registrations of the brain sample on ``cluster``, one at a time."""
+    b = ["brain_fixed.nii.gz", "brain_moving.nii.gz", "brain_landmarks.csv"]
+    pairs = write_pairs(pairs_csv, ["name", "fixed", "moving", "landmarks", "model"],
+                        [["one", *b, "rigid"], ["two", *b, "affine"], ["three", *b, "similarity"]])
+    return ("batch", pairs, "--out", out, "--scheduler", cluster.scheduler_address, "--workers", 1)
+
+
 def test_ctrl_c_writes_the_summary_and_a_second_run_resumes(data, cluster, tmp_path, monkeypatch, capsys):
     """Ctrl-C (KeyboardInterrupt in the main process) after the first pair ends, and again while the batch cleans
     up: exit 130, a summary that lists the finished pair and the others as interrupted, no partial folder; the same
     command again runs only the rest."""
     from napari_regtool import batch
 
-    d = data["dir"]
-    b = ["brain_fixed.nii.gz", "brain_moving.nii.gz", "brain_landmarks.csv"]
-    pairs = write_pairs(d / "three.csv", ["name", "fixed", "moving", "landmarks", "model"],
-                        [["one", *b, "rigid"], ["two", *b, "affine"], ["three", *b, "similarity"]])
     out = tmp_path / "out"
-    cmd = ("batch", pairs, "--out", out, "--scheduler", cluster.scheduler_address, "--workers", 1)
+    cmd = _three_pairs_one_at_a_time(data["dir"] / "three.csv", out, cluster)
 
     def press_ctrl_c(quiet):
         def progress(done, total, row):
@@ -416,12 +420,8 @@ def test_losing_the_scheduler_writes_the_summary_and_says_so(data, cluster, tmp_
 
     from napari_regtool import batch
 
-    d = data["dir"]
-    b = ["brain_fixed.nii.gz", "brain_moving.nii.gz", "brain_landmarks.csv"]
-    pairs = write_pairs(d / "lost.csv", ["name", "fixed", "moving", "landmarks", "model"],
-                        [["one", *b, "rigid"], ["two", *b, "affine"], ["three", *b, "similarity"]])
     out = tmp_path / "out"
-    cmd = ("batch", pairs, "--out", out, "--scheduler", cluster.scheduler_address, "--workers", 1)
+    cmd = _three_pairs_one_at_a_time(data["dir"] / "lost.csv", out, cluster)
     ended, real_wait = [], distributed.wait
 
     def wait(*a, **k):
