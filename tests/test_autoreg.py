@@ -78,6 +78,10 @@ def test_pyramid_schedule_keeps_32_voxels():
     assert pyramid_schedule((40, 300)) == ((1,), (0.0,))
     f, _ = pyramid_schedule((256, 256, 256))
     assert f == (8, 4, 2, 1)
+    # a volume of at least 32 voxels along every axis starts on a half-size level; a thinner one at full size
+    assert pyramid_schedule((60, 74, 61)) == ((2, 1), (1.0, 0.0))
+    assert pyramid_schedule((31, 74, 61)) == ((1,), (0.0,))
+    assert pyramid_schedule((81, 99, 82)) == ((2, 1), (1.0, 0.0))
 
 
 def test_rigid_2d_recovers_known_transform(brain2d):
