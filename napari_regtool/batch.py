@@ -648,7 +648,8 @@ def run_batch(jobs: list, out_dir, scheduler: str = "local", workers: int | None
     local cluster (``scheduler="local"``: ``workers`` processes × one pair at a time × ``threads`` torch/ITK
     threads, see :func:`plan_local`) or on the scheduler at an address. ``progress(done, total, row)`` is called
     as each pair ends; ``say(text)`` receives one line about where the pairs run. Raises :class:`RegtoolError`
-    (nothing started, ``out_dir`` not created) when the scheduler does not answer, and :class:`BatchInterrupted`
+    (nothing started, ``out_dir`` not created) when the scheduler does not answer or another batch is running into
+    ``out_dir`` (a lock file beside it, held for the whole batch), and :class:`BatchInterrupted`
     (with the rows so far) on Ctrl-C or a termination signal; pairs finish or leave nothing (see
     :func:`run_pair`), so a second run resumes."""
     out = Path(os.path.abspath(out_dir))
@@ -656,6 +657,21 @@ def run_batch(jobs: list, out_dir, scheduler: str = "local", workers: int | None
         raise RegtoolError(f"--out {out} exists and is not a folder.")
     if workers is not None and workers < 1 or threads is not None and threads < 1:
         raise RegtoolError("--workers and --threads-per-worker take a whole number of at least 1.")
+    from .publish import lock_output
+
+    def busy(holder):
+        return (f"Another regtool batch (process {holder}) is running into {out}. Wait for it to end (its summary "
+                f"is written to {out / 'summary.csv'}), or choose another --out. Two batches into one folder would "
+                "compute the same pairs twice and leave the summary of whichever ended last.")
+
+    # one batch per folder at a time; the lock goes with the process, however it ends
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with lock_output(out, timeout=0, kind="regtool-batch-lock", busy=busy):
+        return _run_batch(jobs, out, scheduler, workers, threads, progress, say)
+
+
+def _run_batch(jobs, out, scheduler, workers, threads, progress, say) -> list:
+    """:func:`run_batch` under its lock."""
     rows, pending = {}, []
     total = len(jobs)
     for job in jobs:  # finished pairs are known without a cluster (a remote one re-checks on its side too)

@@ -207,9 +207,13 @@ def check_writable(target, option: str = "--out", folder: bool = True, inputs=()
 
 # ------------------------------------------------------------------------------------------------------- lock
 @contextmanager
-def lock_output(target: Path, timeout: float | None = None, warn: Callable = _warn_stderr):
-    """Hold an exclusive lock for publishing into ``target`` (a lock file beside it, or inside it when its
-    parent is read-only). Waits up to ``timeout`` seconds (``REGTOOL_LOCK_TIMEOUT``, default 120), saying so."""
+def lock_output(target: Path, timeout: float | None = None, warn: Callable = _warn_stderr, kind: str = "regtool-lock",
+                busy: Callable[[str], str] | None = None):
+    """Hold an exclusive lock for publishing into ``target`` (a lock file ``.TARGET.KIND`` beside it, or ``.KIND``
+    inside it when its parent is read-only). Waits up to ``timeout`` seconds (``REGTOOL_LOCK_TIMEOUT``, default
+    120), saying so when it waits at all; then raises :class:`RegtoolError` with ``busy(holder)`` (``holder``: the
+    holding process's id, host and start time) or a message of its own. The lock goes with the process that holds
+    it, whatever ends it."""
     try:
         import fcntl
     except ImportError:  # Windows: no advisory locks here; publishing is still staged and atomic per step
@@ -221,9 +225,9 @@ def lock_output(target: Path, timeout: float | None = None, warn: Callable = _wa
         except ValueError:
             timeout = LOCK_TIMEOUT
     if os.access(target.parent, os.W_OK):
-        path = target.parent / f".{target.name}.regtool-lock"
+        path = target.parent / f".{target.name}.{kind}"
     else:
-        path = target / ".regtool-lock"
+        path = target / f".{kind}"
     start, told = time.monotonic(), False
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -237,6 +241,8 @@ def lock_output(target: Path, timeout: float | None = None, warn: Callable = _wa
                     holder = path.read_text().strip() or "?"
                 except OSError:
                     holder = "?"
+                if busy is not None:
+                    raise RegtoolError(busy(holder)) from None
                 raise RegtoolError(f"Another regtool run (process {holder}) is writing into {target} and did not "
                                    f"finish within {timeout:g} s; wait for it to end or choose another output "
                                    "folder (REGTOOL_LOCK_TIMEOUT sets how long to wait).") from None
@@ -253,8 +259,10 @@ def lock_output(target: Path, timeout: float | None = None, warn: Callable = _wa
             break
         os.close(fd)
     try:
+        import socket
+
         os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        os.write(fd, f"{os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
         yield
     finally:
         try:

@@ -471,3 +471,35 @@ def test_own_columns_are_kept_and_unknown_ones_name_the_options(data, tmp_path, 
     assert run("batch", gone, "--out", tmp_path / "o3", "--workers", "1", "-q") == 1
     rows, _ = read_summary(tmp_path / "o3")
     assert rows[0]["status"] == "failed" and "File not found" in rows[0]["error"], rows
+
+
+def test_a_second_batch_into_the_same_folder_is_refused_until_the_first_ends(data, cluster, tmp_path, capsys):
+    """Two batches into one --out would compute the same pairs twice: the second is refused at once, naming the
+    running one; a batch killed outright (SIGKILL, no clean-up) does not block the next."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    args = _three_pairs_one_at_a_time(data["dir"] / "pairs-lock.csv", out, cluster)
+    # another batch process holding the folder's batch lock, as a running `regtool batch` does
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from napari_regtool.publish import lock_output\n"
+        f"with lock_output(Path({str(out)!r}), timeout=0, kind='regtool-batch-lock'):\n"
+        "    print('held', flush=True); time.sleep(120)")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        t0 = time.perf_counter()
+        assert run(*args, "-q") == 2
+        assert time.perf_counter() - t0 < 10  # refused at once, not after the pairs ran
+        err = capsys.readouterr().err
+        assert "Another regtool batch" in err and f"process {holder.pid} on" in err and "choose another --out" in err
+        assert "Traceback" not in err and not out.exists()  # nothing computed, nothing written
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert run(*args, "-q") == 0  # the killed holder's lock went with it
+    rows, _ = read_summary(out)
+    assert [r["status"] for r in rows] == ["ok"] * 3
+    assert not [p.name for p in tmp_path.iterdir() if "lock" in p.name]  # the lock file is removed after a batch
