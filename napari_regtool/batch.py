@@ -45,6 +45,8 @@ import os
 import re
 import sys
 import time
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field as dc_field
 from pathlib import Path
 from typing import Callable
@@ -382,10 +384,66 @@ def _test_kill_hook(name: str, out_dir: Path) -> bool:
     return False
 
 
+class _PairStderr:
+    """``sys.stderr`` of a process running pairs: what a thread running a pair (:func:`_pair_messages`) writes is
+    kept for that pair's row, whatever other threads write goes through (a worker may run several pairs at once, and
+    their lines would reach the terminal unnamed, between the progress bar's updates)."""
+
+    def __init__(self, real):
+        self.real = real
+        self.local = threading.local()
+
+    def write(self, text):
+        kept = getattr(self.local, "kept", None)
+        if kept is None:
+            return self.real.write(text)
+        kept.append(text)
+        return len(text)
+
+    def flush(self):
+        if getattr(self.local, "kept", None) is None:
+            self.real.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+@contextmanager
+def _pair_messages():
+    """Keep what this thread writes to ``sys.stderr`` while the block runs: yields the list the text goes to."""
+    if not isinstance(sys.stderr, _PairStderr):
+        sys.stderr = _PairStderr(sys.stderr)
+    kept = sys.stderr.local.kept = []
+    try:
+        yield kept
+    finally:
+        sys.stderr.local.kept = None
+
+
+def _said(kept: list, known: list) -> list:
+    """The ``warning:`` / ``note:`` lines of ``kept`` (what a pair printed) that ``known`` does not hold already."""
+    out = list(known)
+    for line in "".join(kept).splitlines():
+        for head in ("warning: ", "note: "):
+            if line.startswith(head) and line[len(head):].strip() and line[len(head):].strip() not in out:
+                out.append(line[len(head):].strip() if head == "warning: " else line.strip())
+    return out
+
+
 def run_pair(job: PairJob, out_dir: str, threads: int | None = None) -> dict:
     """Register one pair into ``out_dir/<job.name>`` (a Dask task; runs in the worker) and return its summary
     row. Skips a pair whose folder is current (:func:`pair_is_current`). Never raises for a failing pair: the row
-    says ``failed`` with the message ``regtool register`` would print."""
+    says ``failed`` with the message ``regtool register`` would print. The warnings and notes the registration
+    prints go into the row's ``warnings`` (printed with the pair's name by ``regtool batch``), not to the worker's
+    terminal."""
+    with _pair_messages() as kept:
+        row = _run_pair(job, out_dir, threads)
+    row["warnings"] = _said(kept, row.get("warnings") or [])
+    return row
+
+
+def _run_pair(job: PairJob, out_dir: str, threads: int | None) -> dict:
+    """:func:`run_pair` while what it prints is kept."""
     # imported before the clock starts: a fresh worker's first pair would otherwise count importing torch
     from . import pipeline  # noqa: F401
     from .cli import _cmd_register
@@ -468,7 +526,6 @@ def _client_within(Client, kw: dict, timeout, scheduler: str):
     seconds): a server at that address that is not a Dask scheduler (a web or SSH server) can make Dask's handshake
     wait for ever, or fail with errors that say nothing about the cause (a MemoryError from reading a banner as a
     message length)."""
-    import threading
 
     from dask.utils import parse_timedelta
 
@@ -603,7 +660,6 @@ POLL_S = 2.0
 def _hold_interrupts():
     """Ignore Ctrl-C until :func:`_release_interrupts` (main thread only); the handler it had, or None."""
     import signal
-    import threading
 
     if threading.current_thread() is not threading.main_thread():
         return None
@@ -836,6 +892,11 @@ def _bar_printer(quiet: bool) -> Callable:
     def progress(done, total, row):
         if quiet:
             return
+        if row["status"] != "skipped":  # a pair's warnings, named, above the bar (a skipped pair's were said before)
+            for w in row.get("warnings") or []:
+                text = w if w.startswith("note: ") else f"warning: {w}"
+                head, _, rest = text.partition(": ")
+                print(f"\r{head}: pair {row['name']}: {rest}", file=sys.stderr)
         n = int(20 * done / max(total, 1))
         print(f"\r[{'#' * n:<20}] {done}/{total} {row['name'][:40]}: {row['status']:<8}", end="",
               file=sys.stderr, flush=True)

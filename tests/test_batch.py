@@ -503,3 +503,21 @@ def test_a_second_batch_into_the_same_folder_is_refused_until_the_first_ends(dat
     rows, _ = read_summary(out)
     assert [r["status"] for r in rows] == ["ok"] * 3
     assert not [p.name for p in tmp_path.iterdir() if "lock" in p.name]  # the lock file is removed after a batch
+
+
+def test_a_pairs_warnings_are_named_once_and_kept_in_the_summary(data, tmp_path, capfd):
+    """A warning printed while a pair registers reaches the terminal once, with the pair's name (not unnamed from
+    the worker process), and is kept in summary.json."""
+    b = ["brain_fixed.nii.gz", "brain_moving.nii.gz", "brain_landmarks.csv"]
+    pairs = write_pairs(data["dir"] / "pairs-warn.csv", ["name", "fixed", "moving", "landmarks", "model", "level"],
+                        [["with-level", *b, "rigid", "1"], ["plain", *b, "rigid", ""]])
+    out = tmp_path / "out"
+    assert run("batch", pairs, "--out", out, "--workers", 1) == 0
+    err = capfd.readouterr().err
+    said = "--level applies to OME-Zarr pyramids"
+    lines = [ln for ln in err.replace("\r", "\n").splitlines() if said in ln]
+    assert lines == [f"warning: pair with-level: {said}; neither image is one, so it is ignored."]
+    _, doc = read_summary(out)
+    by_name = {p["name"]: p for p in doc["pairs"]}
+    assert any(said in w for w in by_name["with-level"]["warnings"])
+    assert not any(said in w for w in by_name["plain"]["warnings"])
