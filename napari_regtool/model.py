@@ -330,7 +330,9 @@ class RegistrationModel:
         self._write_autosave()
 
     def pending(self, missing: str | None = None) -> int | None:
-        """Index of the newest pair placed in one image only (missing ``missing`` when given), or None."""
+        """Index of the oldest pair placed in one image only (missing ``missing`` when given), or None: several
+        points clicked in one image, then their partners in the other in the same order, pair up first with first
+        (BigWarp fills the oldest row that lacks the side clicked)."""
         if self.pairs is None:
             return None
         pf = np.all(np.isfinite(self.pairs.fixed), 1)
@@ -341,7 +343,7 @@ class RegistrationModel:
         elif missing == "moving":
             cand &= ~pm
         idx = np.nonzero(cand)[0]
-        return int(idx[-1]) if len(idx) else None
+        return int(idx[0]) if len(idx) else None
 
     def next_side(self, first: str = "moving") -> str:
         """The image the next click belongs to: the missing half of a pending pair, else ``first``."""
@@ -351,7 +353,7 @@ class RegistrationModel:
         return "fixed" if not np.all(np.isfinite(self.pairs.fixed[i])) else "moving"
 
     def place(self, side: str, point) -> int:
-        """A click in the ``side`` image: completes the newest pair that lacks that side, or starts a new pair.
+        """A click in the ``side`` image: completes the oldest pair that lacks that side, or starts a new pair.
 
         Returns the pair's index. Raises :class:`InputError` for a point outside the image (nothing changes).
         """

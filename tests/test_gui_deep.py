@@ -292,6 +292,25 @@ def test_auto_align_and_device_selector(make_napari_viewer, qtbot, request):
     w.device_combo.setCurrentIndex(w.device_combo.findData("auto"))
 
 
+def test_a_model_chosen_while_auto_align_runs_stays_chosen(make_napari_viewer, qtbot):
+    """Auto affine chosen, then the thin-plate spline before the alignment ends: the spline stays the model (the
+    alignment's result is kept for when Auto affine is chosen again, and the tab says so)."""
+    pytest.importorskip("napari_regtool.autoreg")
+    viewer = make_napari_viewer()
+    w = open_with_widget(viewer, qtbot, "brain2d")
+    w.model_combo.setCurrentIndex(w.model_combo.findData("auto-affine"))
+    assert "running" in w.deep.deep_status.text()
+    w.model_combo.setCurrentIndex(w.model_combo.findData("tps"))
+    wait_idle(qtbot, w, timeout=120000)
+    qtbot.wait(100)
+    assert w.session.model == "tps" and w.model_combo.currentData() == "tps"
+    assert w.session.transform.kind == "tps"
+    assert "another model was chosen" in w.deep.deep_status.text()
+    w.model_combo.setCurrentIndex(w.model_combo.findData("auto-affine"))  # its result, at once
+    wait_idle(qtbot, w, timeout=120000)
+    assert w.session.model == "auto-affine" and w.session.transform.kind == "affine"
+
+
 def test_export_without_the_uncertainty_overlay_writes_what_the_cli_writes(deep2d, qtbot, tmp_path, monkeypatch):
     """A refinement made with the uncertainty overlay off carries no uncertainty map, so Export all writes the files
     of `regtool register --model deep --refine N` (no --uncertainty): no uncertainty.nii.gz."""

@@ -54,6 +54,24 @@ def test_pairing_moving_first_and_fixed_first(session):
     assert session.pairs.names == ["Pt-0", "Pt-1"]
 
 
+def test_points_clicked_in_a_row_pair_up_in_the_same_order(session):
+    """Three moving points, then three fixed points: first with first, as BigWarp pairs them (not newest first)."""
+    lm = read_bigwarp_csv(L2)
+    for p in lm.moving[:3]:
+        session.place("moving", p)
+    assert session.next_side() == "fixed" and session.pending() == 0
+    assert [session.place("fixed", p) for p in lm.fixed[:3]] == [0, 1, 2]
+    np.testing.assert_allclose(session.pairs.fixed, lm.fixed[:3])
+    np.testing.assert_allclose(session.pairs.moving, lm.moving[:3])
+    # fixed points first this time, one more than their partners: the left-over half pair is the last one
+    session.clear()
+    for p in lm.fixed[:3]:
+        session.place("fixed", p)
+    assert [session.place("moving", p) for p in lm.moving[:2]] == [0, 1]
+    assert session.pending() == 2 and session.next_side() == "moving"
+    np.testing.assert_allclose(session.pairs.moving[:2], lm.moving[:2])
+
+
 def test_click_outside_changes_nothing(session):
     session.add_pair(*read_bigwarp_csv(L2).fixed[:1], *read_bigwarp_csv(L2).moving[:1])
     before = session.pairs.copy()

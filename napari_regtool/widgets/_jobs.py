@@ -8,7 +8,7 @@ from qtpy.QtWidgets import QHBoxLayout, QProgressBar, QPushButton, QWidget
 
 from ..errors import Cancelled, RegtoolError, user_message
 from ..jobs import auto_job, deep_predict_job, deep_refine_job
-from ..model import autoreg_available, deep_available
+from ..model import MODEL_LABELS, autoreg_available, deep_available
 from ._runner import LatestRunner, ProgressBridge, QueueRunner
 
 __all__ = ["Jobs"]
@@ -46,6 +46,7 @@ class Jobs(QWidget):
         self._auto_refining = False  # the running deep job is the automatic refinement after a prediction
         self._refining = False  # a refinement (automatic or asked for) is running
         self._auto_running = False  # auto-align is running (the deep tab says so)
+        self._auto_chosen = None  # the model chosen when the running auto-align started
         # what waits for the refinement in flight (an export): called with "refined", "stopped" or None (new images)
         self._after_refinement: list = []
         # runners are not Qt children of the widget: a job finishing after the widget is gone must find them alive
@@ -255,6 +256,7 @@ class Jobs(QWidget):
         self._auto_from_landmarks = init is not None
         self.host.deep.set_status(f"Auto-align ({kind}) running…")
         self._auto_running = True
+        self._auto_chosen = m.model  # the model chosen when it started: another choice since wins over its result
         self.show_progress(True)
         self.jobs.request(auto_job, m.fixed, m.moving, kind, init, self._progress, cancellable=True)
 
@@ -272,12 +274,17 @@ class Jobs(QWidget):
             self._auto_running = False
             _, model, t, runtime = value
             self.model.set_computed(model, t, runtime_s=runtime)
-            self.host.deep.set_status(f"Auto-align ({model.split('-')[1]}) done in {runtime:.1f} s.")
-            if self.model.model == "deep":
+            done = f"Auto-align ({model.split('-')[1]}) done in {runtime:.1f} s"
+            if self.model.model != self._auto_chosen:  # the user chose another model meanwhile: that choice stays
+                self.host.deep.set_status(f"{done}; not shown, another model was chosen since (choose "
+                                          f"{MODEL_LABELS.get(model, model)} to see it).")
+            elif self.model.model == "deep":
+                self.host.deep.set_status(done + ".")
                 self.deep_initial = t
                 self._deep_initial_name = model + (" from the landmark affine" if self._auto_from_landmarks else "")
                 self.predict()
             else:
+                self.host.deep.set_status(done + ".")
                 self.model.set_model(model)
         elif kind == "export":
             _, paths, out = value
