@@ -418,6 +418,32 @@ def test_export_during_the_refinement_writes_the_refined_result(make_napari_view
     np.testing.assert_allclose(field, w.session.transform.u.numpy(), atol=1e-5)
 
 
+def test_save_transform_and_warped_image_during_the_refinement_save_the_refined_result(make_napari_viewer, qtbot,
+                                                                                        tiny_model, tmp_path):
+    """Save transform… and Save warped image… pressed while the automatic refinement runs wait for it, as Export all
+    does: the files hold the refined result the viewer ends with (before, the prediction shown at the click)."""
+    viewer = make_napari_viewer()
+    w = open_with_widget(viewer, qtbot, "brain2d")
+    w.refine_steps.setValue(60)
+    kinds = []
+    w.session.transform_changed.connect(lambda t: kinds.append(getattr(t, "kind", None)))
+    w.model_combo.setCurrentIndex(w.model_combo.findData("deep"))
+    qtbot.waitUntil(lambda: "deep" in kinds and w.progress.isVisibleTo(w), timeout=10000)
+    assert w.save_transform(str(tmp_path / "field.nii.gz"))
+    assert "waits for the refinement" in w.status_label.text()
+    assert w.save_map("warped", str(tmp_path / "warped.nii.gz"))
+    wait_idle(qtbot, w, timeout=60000)
+    qtbot.waitUntil(lambda: (tmp_path / "warped.nii.gz").exists() and (tmp_path / "field.nii.gz").exists(),
+                    timeout=20000)
+    wait_idle(qtbot, w, timeout=20000)
+    t = w.session.transform
+    assert kinds[-1] == "deep+refined" and t.kind == "deep+refined"
+    field = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "field.nii.gz")))
+    np.testing.assert_allclose(field, t.u.numpy(), atol=1e-5)
+    saved = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "warped.nii.gz")))
+    assert_close_image(saved, field_resample(t, F2, M2))
+
+
 def test_deep_model_on_images_far_apart_says_how_to_align_them(make_napari_viewer, qtbot, tiny_model):
     """Two layers 30 mm apart along x and y and no landmarks: choosing the deep model says, once, that the images lie
     farther apart than a deformable registration from their placement recovers, and points to Auto-align."""

@@ -96,9 +96,9 @@ class ExportPanel(QWidget):
         if not path:
             return False
         m = self.model
-        self.host.start_job(f"Saving the transform to {path}…", write_transform_job, path, m.transform, m.fixed.space,
-                            m.fixed.meta.get("unit"))
-        return True
+        return self._when_settled(f"Saving the transform to {Path(path).name}", lambda: self.host.start_job(
+            f"Saving the transform to {path}…", write_transform_job, path, m.transform, m.fixed.space,
+            m.fixed.meta.get("unit")))
 
     def save_map(self, what: str, path=None) -> bool:
         """Save the warped image (``what="warped"``) or the Jacobian determinant map (``"jacobian"``)."""
@@ -113,10 +113,9 @@ class ExportPanel(QWidget):
         if lost:
             self.host.notify("warning", lost)
         # a moving image straightened for the viewer is warped from the file's own grid, as Export all does
-        self.host.start_job(f"Saving {Path(path).name}…", save_map_job, what, path,
-                            m.moving.meta.get("original", m.moving), m.transform, m.fixed.space,
-                            m.fixed.meta.get("unit"))
-        return True
+        return self._when_settled(f"Saving {Path(path).name}", lambda: self.host.start_job(
+            f"Saving {Path(path).name}…", save_map_job, what, path, m.moving.meta.get("original", m.moving),
+            m.transform, m.fixed.space, m.fixed.meta.get("unit")))
 
     def export_all(self, folder=None) -> bool:
         """Write the same files as ``regtool register`` into a folder (in the background)."""
@@ -129,27 +128,34 @@ class ExportPanel(QWidget):
             folder = QFileDialog.getExistingDirectory(self, "Export the registration into a folder")
             if not folder:
                 return False
-        if self.host.jobs.after_refinement(lambda outcome: self._export_after(folder, outcome)):
-            self.host.set_status(f"The export to {folder} waits for the refinement in progress and writes its "
-                                 "result (if the refinement is cancelled: the result shown then).")
+        return self._when_settled(f"The export to {folder}", lambda: self.host.start_job(
+            f"Exporting to {folder}…", export_job, self.model.snapshot(), folder))
+
+    def _when_settled(self, what: str, start) -> bool:
+        """Call ``start()`` (which starts a write of the result shown) now or, while a refinement runs, when it ends
+        (see ``Jobs.after_refinement``): every file then holds the refined result, as `regtool register --refine N`
+        writes it, not the prediction shown meanwhile. ``what`` names the write in messages. True."""
+        if self.host.jobs.after_refinement(lambda outcome: self._write_after(what, start, outcome)):
+            self.host.set_status(f"{what} waits for the refinement in progress and writes its result (if the "
+                                 "refinement is cancelled: the result shown then).")
             return True
-        self.host.start_job(f"Exporting to {folder}…", export_job, self.model.snapshot(), folder)
+        start()
         return True
 
-    def _export_after(self, folder, outcome):
-        """The refinement an export waited for has ended (see ``Jobs.after_refinement``)."""
+    def _write_after(self, what: str, start, outcome):
+        """The refinement a write waited for has ended."""
         if outcome is None:
-            self.host.notify("warning", f"The export to {folder} was not written: the images changed while it waited "
-                                        "for the refinement.")
+            self.host.notify("warning", f"{what} was not written: the images changed while it waited for the "
+                                        "refinement.")
             return
         if outcome == "stopped":
-            self.host.notify("info", f"The refinement stopped, so the export to {folder} writes the result shown "
-                                     f"({self.model.model}).")
+            self.host.notify("info", f"The refinement stopped, so {what[0].lower() + what[1:]} writes the result "
+                                     f"shown ({self.model.model}).")
         if self.model.ready and self.model.transform is not None:
-            self.host.start_job(f"Exporting to {folder}…", export_job, self.model.snapshot(), folder)
+            start()
         else:
-            self.host.notify("warning", f"The export to {folder} was not written: the model now chosen has no result "
-                                        "yet. Press Export all again when it has.")
+            self.host.notify("warning", f"{what} was not written: the model now chosen has no result yet. Ask again "
+                                        "when it has.")
 
     def apply_to_layer(self, layer=None):
         """Carry another layer of the moving image into the fixed space as a new layer: points and shapes at once
@@ -172,8 +178,9 @@ class ExportPanel(QWidget):
                 if images is not None:
                     images.update_linear_display()
             if prepared[0] in ("image", "labels"):
-                self.host.start_job(f"Resampling {layer.name!r} onto the fixed grid…", _apply_job, prepared,
-                                    m.transform, m.fixed.space, resample=True)
+                self._when_settled(f"Resampling {layer.name!r}", lambda: self.host.start_job(
+                    f"Resampling {layer.name!r} onto the fixed grid…", _apply_job, prepared, m.transform,
+                    m.fixed.space, resample=True))
                 return None
             data, kw, kind = warp_prepared(prepared, m.transform, m.fixed.space)
         except RegtoolError as exc:
