@@ -746,9 +746,9 @@ def test_bad_inputs_are_messages(make_napari_viewer, qtbot, tmp_path, monkeypatc
 
 
 def test_a_half_pair_left_by_a_refused_click_is_named_when_another_pair_completes(sample2d, qtbot):
-    """A moving click outside the image is refused, so that pair has a fixed point only; a new pair is then made
-    (fixed, moving). The next click in the moving image goes to the older half pair, so the status line says so —
-    it used to ask for the partner of the pair just completed."""
+    """A moving click outside the image is refused, so that pair has a fixed point only. A fixed click then starts a
+    new pair, and the status line says that the next moving click completes the older half pair (as BigWarp fills
+    the oldest row lacking the side clicked); it does, and then the newer one is named as waiting."""
     viewer, w = sample2d
     fixed = read_image(F2)
     inside = fixed.space.array_index_to_physical(np.array([[70, 95], [90, 80]], float))
@@ -759,11 +759,13 @@ def test_a_half_pair_left_by_a_refused_click_is_named_when_another_pair_complete
     assert any("outside the moving image" in m for m in notifications()[before:])
     half = w.session.pairs.names[n]
     w.click(to_array_order(inside[1]), side="fixed")
-    w.click(to_array_order(inside[1]), side="moving")
-    done = w.session.pairs.names[n + 1]
-    assert w.session.pairs.complete[n + 1] and not w.session.pairs.complete[n]
+    newer = w.session.pairs.names[n + 1]
     text = w.status_label.text()
-    assert text.startswith(f"{done} placed.") and f"{half} still has no moving point" in text, text
+    assert text.startswith(f"{newer} placed.") and f"{half} still has no moving point" in text, text
+    assert w.click(to_array_order(inside[0]), side="moving") == n
+    assert w.session.pairs.complete[n] and not w.session.pairs.complete[n + 1]
+    text = w.status_label.text()
+    assert text.startswith(f"{half} placed.") and f"{newer} still has no moving point" in text, text
     wait_idle(qtbot, w)
 
 

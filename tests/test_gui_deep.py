@@ -444,6 +444,26 @@ def test_save_transform_and_warped_image_during_the_refinement_save_the_refined_
     assert_close_image(saved, field_resample(t, F2, M2))
 
 
+def test_moving_lambda_during_a_refinement_asked_for_starts_again_at_once(deep2d, qtbot):
+    """With automatic refinement off, a long refinement asked for with Refine is stopped by a new λ: the new
+    prediction shows at once (before, only when the old refinement had run to its end), and the user is told."""
+    viewer, w = deep2d
+    w.refine_steps.setValue(w.refine_steps.maximum())
+    kinds = []
+    w.session.transform_changed.connect(lambda t: kinds.append(getattr(t, "kind", None)))
+    qtbot.mouseClick(w.refine_btn, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: w.progress.isVisibleTo(w), timeout=10000)
+    qtbot.wait(300)
+    n = len(notifications())
+    lam = w.lambda_slider.value()
+    w.lambda_slider.setValue(lam + 10 if lam + 10 <= w.lambda_slider.maximum() else lam - 10)
+    qtbot.waitUntil(lambda: kinds == ["deep"], timeout=5000)  # the new prediction, within seconds
+    wait_idle(qtbot, w, timeout=10000)
+    assert w.session.transform.kind == "deep" and "deep+refined" not in kinds
+    assert w.session.computed["deep"]["reg_weight"] == pytest.approx(w.reg_weight)
+    assert any("refinement was stopped" in m for m in notifications()[n:])
+
+
 def test_deep_model_on_images_far_apart_says_how_to_align_them(make_napari_viewer, qtbot, tiny_model):
     """Two layers 30 mm apart along x and y and no landmarks: choosing the deep model says, once, that the images lie
     farther apart than a deformable registration from their placement recovers, and points to Auto-align."""

@@ -183,7 +183,11 @@ class Jobs(QWidget):
         m = self.model
         if not m.ready:
             return
-        if self._auto_refining:  # a new λ (or start): the refinement of the old prediction is no longer wanted
+        if self._refining:  # a new λ, new pairs: the refinement of the old prediction is no longer wanted
+            if not self._auto_refining and not self.model.auto_refine:
+                self.host.notify("info", "The refinement was stopped for a new prediction (λ, the landmark pairs or "
+                                         "the uncertainty map asked for it). Press Refine to refine the new "
+                                         "prediction.")
             self.deep_runner.cancel()
             self._auto_refining = False
             self._refining = False
