@@ -183,7 +183,10 @@ def read_bigwarp_csv(path_or_text, from_text: bool = False) -> LandmarkPairs:
         p = Path(path_or_text)
         text = _read_text(p)
         where = p.name
-    rows = [r for r in csv.reader(_io.StringIO(text)) if any(c.strip() for c in r)]
+    # a space after each comma (a file written by hand) is not part of the next field, quoted or not; an empty last
+    # field (each row ending with a comma, as some spreadsheets write) is not a column
+    rows = [r[:-1] if len(r) in (7, 9) and not r[-1].strip() else r
+            for r in csv.reader(_io.StringIO(text), skipinitialspace=True) if any(c.strip() for c in r)]
     if not rows:
         raise InputError(f"{where} contains no landmarks.")
     ncol = len(rows[0])

@@ -32,6 +32,18 @@ def test_bigwarp_column_order_is_moving_then_fixed():
     np.testing.assert_array_equal(pairs.fixed, [[10.0, 20.0]])
 
 
+@pytest.mark.parametrize("text", [
+    '"Pt-0", "true", "1.5", "2.5", "10.0", "20.0"\n"Pt-1", "false", 3, 4, 5, 6\n',  # a space after each comma
+    '"Pt-0","true","1.5","2.5","10.0","20.0",\n"Pt-1","false","3","4","5","6",\n',  # a comma ending each row
+])
+def test_bigwarp_csv_written_by_hand(text):
+    """Files written by hand or by a spreadsheet read as BigWarp's own (csv module as the reference)."""
+    pairs = read_bigwarp_csv(text, from_text=True)
+    assert pairs.names == ["Pt-0", "Pt-1"] and pairs.active.tolist() == [True, False]
+    np.testing.assert_array_equal(pairs.moving, [[1.5, 2.5], [3, 4]])
+    np.testing.assert_array_equal(pairs.fixed, [[10.0, 20.0], [5, 6]])
+
+
 @pytest.mark.parametrize("text,match", [
     ('"a","true","1","2","3"\n', "6 \\(2D\\) or 8 \\(3D\\) columns"),
     ('"a","true","1","2","x","4"\n', "'x' is not a number"),

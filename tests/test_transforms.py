@@ -189,6 +189,26 @@ def test_tps_closed_form_leave_one_out_equals_refits(smoothing, kernel, d):
     np.testing.assert_allclose(fast, slow, rtol=1e-7, atol=1e-9)
 
 
+def test_a_pair_given_twice_counts_once_in_the_interpolating_spline():
+    """The same pair listed twice (a pasted row) is one constraint: the spline equals SciPy's on the distinct pairs,
+    and leave-one-out gives each copy 0 (the other predicts it) and the others their refit error. The same fixed
+    point with two moving points is still refused, and said so."""
+    rng = np.random.default_rng(7)
+    f = rng.uniform(0, 80, (9, 2))
+    m = f + rng.normal(0, 3, f.shape)
+    fd, md = np.vstack([f, f[4:5]]), np.vstack([m, m[4:5]])
+    t = fit_tps(fd, md)
+    x = rng.uniform(-10, 90, (300, 2))
+    np.testing.assert_allclose(t.map_points(x), RBFInterpolator(f, m, kernel="thin_plate_spline")(x), atol=1e-8)
+    loo = leave_one_out("tps", fd, md, 0.0, None)
+    slow = [np.linalg.norm(fit_tps(np.delete(fd, i, 0), np.delete(md, i, 0)).map_points(fd[i:i + 1])[0] - md[i])
+            for i in range(len(fd))]
+    np.testing.assert_allclose(loo, slow, atol=1e-7)
+    assert loo[4] == loo[-1] == 0.0
+    with pytest.raises(FitError, match="same position and different moving points"):
+        fit_tps(fd, np.vstack([m, m[4:5] + 1.0]))
+
+
 def test_leave_one_out_marks_undetermined_pairs():
     f = np.array([[0, 0], [10, 0], [0, 10], [10, 10.0]])  # removing any leaves 3 non-collinear: fine
     assert np.isfinite(leave_one_out("tps", f, f + 1)).all()

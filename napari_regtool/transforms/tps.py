@@ -217,10 +217,14 @@ def fit_tps(fixed, moving, smoothing: float = 0.0, kernel: str | None = None) ->
     kernel = kernel or _default_kernel(d)
     if kernel not in KERNELS:
         raise FitError(f"Unknown TPS kernel {kernel!r}; use one of {KERNELS}.")
+    if smoothing == 0:
+        # a pair given twice (the same two points) is one constraint: the interpolating spline goes through it once
+        f, m = _distinct_pairs(f, m)
+        if len(np.unique(np.round(f, 9), axis=0)) < len(f):
+            raise FitError("Two pairs have their fixed points at the same position and different moving points; an "
+                           "interpolating spline cannot map one point to two places. Delete one of them or use a "
+                           "smoothing weight > 0.")
     n = len(f)
-    if len(np.unique(np.round(f, 9), axis=0)) < n and smoothing == 0:
-        raise FitError("Two fixed landmarks are at the same position; an interpolating spline cannot map one point "
-                       "to two places. Delete the duplicate pair or use a smoothing weight > 0.")
     lhs, mu, s = tps_system(f, smoothing, kernel)
     rhs = np.zeros((n + d + 1, d))
     rhs[:n] = m
@@ -234,6 +238,20 @@ def fit_tps(fixed, moving, smoothing: float = 0.0, kernel: str | None = None) ->
         raise FitError("The thin-plate spline system is singular for these landmarks (duplicates or degenerate "
                        "layout); remove duplicate pairs or add a smoothing weight.")
     return ThinPlateSplineTransform(f, sol[:n], sol[n:], mu, s, kernel=kernel, smoothing=smoothing)
+
+
+def _distinct_pairs(f: np.ndarray, m: np.ndarray, return_index: bool = False):
+    """The pairs of ``(f, m)`` with exact copies (both points equal to 1e-9) dropped, in their first order; with
+    ``return_index``, also where each of the given pairs went."""
+    key = np.round(np.concatenate([f, m], axis=1), 9)
+    _, first, where = np.unique(key, axis=0, return_index=True, return_inverse=True)
+    order = np.argsort(first)
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    kept = first[order]
+    if return_index:
+        return f[kept], m[kept], rank[np.asarray(where).reshape(-1)]
+    return f[kept], m[kept]
 
 
 def tps_system(fixed, smoothing: float, kernel: str):
@@ -260,6 +278,13 @@ def tps_leave_one_out(fixed, moving, smoothing: float = 0.0, kernel: str | None 
     predicting pair *i* from the others is ``|C_i| / (L⁻¹)_ii`` — one inverse instead of N refits. Pairs whose
     removal leaves an undetermined spline (fewer than D + 1 pairs, or a collinear/coplanar rest) get NaN."""
     f, m = np.asarray(fixed, float), np.asarray(moving, float)
+    if smoothing == 0 and len(f):
+        fu, mu_, where = _distinct_pairs(f, m, return_index=True)
+        if len(fu) < len(f):  # a pair given twice: its other copy predicts it exactly
+            once = tps_leave_one_out(fu, mu_, smoothing, kernel)[where]
+            copies = np.bincount(where)[where] > 1
+            once[copies] = 0.0
+            return once
     n, d = f.shape
     kernel = kernel or _default_kernel(d)
     out = np.full(n, np.nan)
