@@ -301,6 +301,10 @@ def test_layer_edits_drag_delete_undo_redo(sample2d, qtbot):
     # rename from the table
     w.table.item(0, 1).setText("ventricle")
     assert w.session.pairs.names[0] == "ventricle"
+    n = len(notifications())
+    w.table.item(0, 1).setText("   ")  # a blank name is refused, said, and the cell shows the name kept
+    assert w.session.pairs.names[0] == "ventricle" and w.table.item(0, 1).text() == "ventricle"
+    assert any("cannot be empty" in m for m in notifications()[n:])
     w.undo()
     w.undo()
     assert w.session.pairs == lm

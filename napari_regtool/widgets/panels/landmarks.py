@@ -87,7 +87,7 @@ class LandmarksPanel(QWidget):
         self.redo_btn.clicked.connect(self.redo)
         self.load_btn.clicked.connect(lambda: self.load_landmarks())
         self.save_btn.clicked.connect(lambda: self.save_landmarks())
-        self.table.renamed.connect(lambda i, n: host.call(model.rename, i, n))
+        self.table.renamed.connect(self._on_renamed)
         self.table.activeToggled.connect(lambda i, a: host.call(model.set_active, i, a))
         self.table.coordEdited.connect(self._on_coord_edited)
         self.table.pairSelected.connect(self.pairSelected)
@@ -194,6 +194,14 @@ class LandmarksPanel(QWidget):
         return self.first_combo.currentData()
 
     # ------------------------------------------------------------------ view → model
+    def _on_renamed(self, row: int, text: str):
+        """A name typed in the table: the pair takes it (undoable); refused (blank), the cell shows the name kept."""
+        try:
+            self.model.rename(row, text)
+        except RegtoolError as exc:
+            self.host.notify("warning", str(exc))
+            self.update_pairs()
+
     def _on_coord_edited(self, row: int, side: str, axis: int, text: str):
         """A coordinate typed or nudged in the table: the point moves there (undoable), unless that is outside
         its image or not a number; the cell then shows the point where it stays."""
