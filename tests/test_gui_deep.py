@@ -464,6 +464,20 @@ def test_moving_lambda_during_a_refinement_asked_for_starts_again_at_once(deep2d
     assert any("refinement was stopped" in m for m in notifications()[n:])
 
 
+def test_ticking_refine_automatically_refines_the_prediction_shown(deep2d, qtbot):
+    """The deep model's prediction is on screen with the box unticked; ticking it refines that prediction at once,
+    as the box says ("after each prediction… refine it")."""
+    viewer, w = deep2d
+    assert w.session.transform.kind == "deep"
+    w.refine_steps.setValue(20)
+    click_checkbox(qtbot, w.auto_refine)
+    assert w.session.auto_refine
+    wait_idle(qtbot, w, timeout=60000)
+    t = w.session.transform
+    assert t.kind == "deep+refined" and t.refine_info["steps"] == 20
+    assert t.refine_info["reg_weight"] == pytest.approx(w.reg_weight)
+
+
 def test_deep_model_on_images_far_apart_says_how_to_align_them(make_napari_viewer, qtbot, tiny_model):
     """Two layers 30 mm apart along x and y and no landmarks: choosing the deep model says, once, that the images lie
     farther apart than a deformable registration from their placement recovers, and points to Auto-align."""

@@ -469,6 +469,10 @@ class RegistrationWidget(QWidget):
     def _on_params(self, name: str):
         if name == "device":
             self.jobs.device_changed()
+        if name == "auto_refine" and self.session.auto_refine and self.session.model == "deep" \
+                and self.session.ready and getattr(self.session.transform, "kind", None) == "deep" \
+                and not self.jobs.deep_runner.busy:
+            self.jobs.refine(auto=True)  # ticked again: the prediction shown is refined, as the box says
         if name in ("device", "reg_weight") and self.session.model == "deep" and self.session.ready:
             t = self.session.transform
             if t is not None and "refined" in getattr(t, "kind", "") and not self.session.auto_refine:
