@@ -121,6 +121,15 @@ class LandmarkPairs:
         self.fixed, self.moving, self.active = self.fixed[keep], self.moving[keep], self.active[keep]
         self.names = [n for i, n in enumerate(self.names) if i != index]
 
+    def outside(self, fixed_space, moving_space, margin: float = 0.5) -> np.ndarray:
+        """``(N,)`` bool: the active pairs with a placed point outside its image."""
+        out = np.zeros(len(self), bool)
+        for pts, space in ((self.fixed, fixed_space), (self.moving, moving_space)):
+            ok = np.all(np.isfinite(pts), 1) & self.active
+            if ok.any() and space.ndim == self.ndim:
+                out[ok] |= ~space.contains(pts[ok], margin=margin)
+        return out
+
     def check_inside(self, fixed_space=None, moving_space=None, margin: float = 0.5):
         """Raise :class:`InputError` naming the active pairs whose points fall outside their image (inactive
         pairs are not used, so they may lie anywhere)."""

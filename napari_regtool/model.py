@@ -489,17 +489,28 @@ class RegistrationModel:
             self._apply("clear", LandmarkPairs.empty(self.fixed.ndim))
 
     def set_pairs(self, pairs: LandmarkPairs, label: str = "load"):
-        """Replace every pair (one undo step). Checks that they fit the images."""
+        """Replace every pair (one undo step). Checks that they fit the images: when a few active pairs (at most a
+        third) have a point outside its image (an image cropped after it was annotated), they are loaded inactive
+        (held out, as BigWarp would still show them) and their names returned; more than that (a file of other
+        images, or in voxel units) is refused. Returns the names of the pairs held out."""
         self._require()
+        pairs, held = pairs.copy(), []
+        if pairs.ndim == self.fixed.ndim:
+            out = pairs.outside(self.fixed.space, self.moving.space)
+            if out.any() and 3 * out.sum() <= pairs.active.sum():
+                pairs.active[out] = False
+                held = [pairs.names[i] for i in np.nonzero(out)[0]]
         self._check_fits(pairs, self.fixed.space, self.moving.space)
-        self._apply(label, pairs.copy())
+        self._apply(label, pairs)
+        return held
 
-    def load_csv(self, path) -> int:
-        """Replace the pairs by a BigWarp CSV (undoable). Raises :class:`InputError` if it does not fit."""
+    def load_csv(self, path) -> tuple:
+        """Replace the pairs by a BigWarp CSV (undoable) → ``(number of pairs, names of the pairs held out)`` (see
+        :meth:`set_pairs`). Raises :class:`InputError` if it does not fit."""
         self._require()
         pairs = read_bigwarp_csv(path)
-        self.set_pairs(pairs, "load")
-        return len(pairs)
+        held = self.set_pairs(pairs, "load")
+        return len(pairs), held
 
     def save_csv(self, path):
         self._require()

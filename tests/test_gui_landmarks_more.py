@@ -578,3 +578,22 @@ def test_channel_chooser_for_a_multichannel_file(make_napari_viewer, qtbot, tmp_
         shown = np.asarray(viewer.layers["moving (warped)"].data)
         assert np.abs(shown - ref).max() <= 1e-3 * np.abs(ref).max()
         assert f"channel {c}" in w.status_label.text()
+
+
+def test_loading_a_file_with_one_pair_outside_holds_it_out_and_says_so(sample2d, qtbot, tmp_path):
+    """Load… of a BigWarp file whose pair 4 has its moving point beyond the moving image: the pairs load, that one
+    unticked in the table and named in a warning; the others fit as usual."""
+    viewer, w = sample2d
+    lm = read_bigwarp_csv(L2)
+    odd = lm.copy()
+    odd.moving[4] += np.array([0.0, 4000.0])
+    write_bigwarp_csv(tmp_path / "odd.csv", odd)
+    n = len(w.messages)
+    assert w.load_landmarks(str(tmp_path / "odd.csv"))
+    wait_idle(qtbot, w)
+    said = _warnings_since(w, n)
+    assert len(said) == 1 and lm.names[4] in said[0] and "loaded inactive" in said[0]
+    active = _col(w, "Active")
+    assert w.table.item(4, active).checkState() == Qt.CheckState.Unchecked
+    assert all(w.table.item(i, active).checkState() == Qt.CheckState.Checked for i in range(12) if i != 4)
+    assert len(w.session.pairs) == 12 and not w.session.pairs.active[4]

@@ -204,9 +204,28 @@ def test_load_csv_that_does_not_fit(session, tmp_path):
     with pytest.raises(InputError):
         session.load_csv(tmp_path / "bad.csv")
     assert session.pairs == before
-    assert session.load_csv(L2) == 12 and session.pairs == lm
+    assert session.load_csv(L2) == (12, []) and session.pairs == lm
     session.undo()
     assert session.pairs == before
+
+
+def test_a_few_pairs_outside_their_image_load_held_out(session, tmp_path):
+    """One pair of twelve with a point outside its image (an image cropped after it was annotated): the file loads,
+    that pair inactive and named; the fit is that of the other eleven. A file mostly outside is refused (above)."""
+    from napari_regtool.transforms import fit_landmarks
+
+    lm = read_bigwarp_csv(L2)
+    odd = lm.copy()
+    odd.moving[3] += np.array([-5000.0, 0.0])
+    write_bigwarp_csv(tmp_path / "odd.csv", odd)
+    n, held = session.load_csv(tmp_path / "odd.csv")
+    assert n == 12 and held == [lm.names[3]]
+    assert session.pairs.active.tolist() == [i != 3 for i in range(12)]
+    np.testing.assert_array_equal(session.pairs.moving, odd.moving)  # nothing moved, nothing lost
+    session.set_model("affine")
+    keep = np.arange(12) != 3
+    ref = fit_landmarks("affine", lm.fixed[keep], lm.moving[keep])
+    np.testing.assert_allclose(session.transform.homogeneous, ref.homogeneous, atol=1e-9)
 
 
 def test_mismatched_dimensions_and_bad_images(images2d):

@@ -140,7 +140,11 @@ class LayerKeeper:
             pairs = read_bigwarp_csv(r["pairs_csv"], from_text=True)
             # the reader gives two layers for one file; load once
             if not r.get("side") == "moving" or not self._has_partner(layer):
-                self.model.set_pairs(pairs, "load")
+                held = self.model.set_pairs(pairs, "load")
+                if held:
+                    from .panels.landmarks import held_out_message
+
+                    self.host.notify("warning", held_out_message(held))
         except RegtoolError as exc:
             self.host.notify("error", str(exc))
         with self.host.muted():

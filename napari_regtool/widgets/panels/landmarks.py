@@ -15,6 +15,13 @@ from ._shortcuts import SHORTCUTS
 __all__ = ["LandmarksPanel"]
 
 
+def held_out_message(names) -> str:
+    """What the user is told about loaded pairs held out because a point lies outside its image."""
+    listed = ", ".join(names[:8]) + (" …" if len(names) > 8 else "")
+    return (f"{len(names)} pair(s) have a point outside its image and were loaded inactive (held out of the fit): "
+            f"{listed}. Move the point into the image and tick Active to use the pair.")
+
+
 class LandmarksPanel(QWidget):
     """Mirrors the model's pairs and history; edits go to the model's commands (each one undoable).
 
@@ -258,10 +265,13 @@ class LandmarksPanel(QWidget):
             path, _ = QFileDialog.getOpenFileName(self, "Load landmark pairs", "", "BigWarp landmarks (*.csv)")
             if not path:
                 return False
-        n = self.host.call(self.model.load_csv, path)
-        if n is None:
+        loaded = self.host.call(self.model.load_csv, path)
+        if loaded is None:
             return False
+        n, held = loaded
         self.host.set_status(f"Loaded {n} pair(s) from {Path(path).name}.")
+        if held:
+            self.host.notify("warning", held_out_message(held))
         return True
 
     def save_landmarks(self, path=None) -> bool:
