@@ -3,7 +3,8 @@
 :func:`auto_linear` runs ``SimpleITK.ImageRegistrationMethod`` in physical space (spacing, origin and direction
 of both images are honoured): Mattes mutual information or correlation, random sampling, regular-step gradient
 descent with parameter scales estimated from physical shifts, and a multi-resolution pyramid whose coarsest level keeps at
-least 32 voxels per axis. It starts from a centred initialisation (image centres or centres of mass) or from a
+least 32 voxels per axis (a volume 32–63 voxels thick starts on a half-size level all the same, see
+:func:`pyramid_schedule`). It starts from a centred initialisation (image centres or centres of mass) or from a
 given transform (e.g. a landmark fit), and returns an :class:`~napari_regtool.transforms.linear.AffineTransform`
 mapping fixed points to moving points, like every transform in the package.
 """
@@ -34,7 +35,7 @@ AUTO_METRICS = ("mattes", "correlation")
 
 def pyramid_schedule(shape, min_size: int = 32, max_levels: int = 4) -> tuple:
     """Shrink factors (e.g. ``(4, 2, 1)``) and smoothing sigmas in voxels (``(2, 1, 0)``) for an image of
-    ``shape``: the coarsest level keeps at least ``min_size`` voxels along the shortest axis. A volume whose
+    ``shape``: the coarsest level keeps at least ``min_size`` voxels along the shortest axis, except that a volume whose
     shortest axis is at least ``min_size`` voxels starts on a half-size level all the same (a half-size volume of
     16 voxels along that axis still holds more than a 2D level of ``min_size``² pixels): at full size alone, the
     three runs of :func:`auto_linear` on a 61×74×60 moving image took 1.5–5.0 s (one of them diverging for 200

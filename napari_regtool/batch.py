@@ -46,7 +46,7 @@ import re
 import sys
 import time
 import threading
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field as dc_field
 from pathlib import Path
 from typing import Callable
@@ -408,26 +408,42 @@ class _PairStderr:
         return getattr(self.real, name)
 
 
+_STDERR_LOCK = threading.Lock()
+
+
 @contextmanager
 def _pair_messages():
-    """Keep what this thread writes to ``sys.stderr`` while the block runs: yields the list the text goes to."""
-    if not isinstance(sys.stderr, _PairStderr):
-        sys.stderr = _PairStderr(sys.stderr)
-    kept = sys.stderr.local.kept = []
+    """Keep what this thread writes to ``sys.stderr`` while the block runs: yields the list the text goes to (a
+    block inside another keeps its own text, then the outer one goes on)."""
+    with _STDERR_LOCK:
+        if not isinstance(sys.stderr, _PairStderr):
+            sys.stderr = _PairStderr(sys.stderr)
+        wrapper = sys.stderr
+    outer = getattr(wrapper.local, "kept", None)
+    kept = wrapper.local.kept = []
     try:
         yield kept
     finally:
-        sys.stderr.local.kept = None
+        wrapper.local.kept = outer
 
 
-def _said(kept: list, known: list) -> list:
-    """The ``warning:`` / ``note:`` lines of ``kept`` (what a pair printed) that ``known`` does not hold already."""
-    out = list(known)
+def _said(kept: list, known: list) -> tuple:
+    """``(warnings, other)``: ``known`` and the ``warning:`` / ``note:`` lines of ``kept`` (what a pair printed) not
+    in it already (a warning without its ``warning:``, a note with its ``note:``), and every other non-blank line
+    (a library's warning, a traceback), to be passed on."""
+    out, other = list(known), []
     for line in "".join(kept).splitlines():
-        for head in ("warning: ", "note: "):
-            if line.startswith(head) and line[len(head):].strip() and line[len(head):].strip() not in out:
-                out.append(line[len(head):].strip() if head == "warning: " else line.strip())
-    return out
+        if line.startswith("warning: ") and line[9:].strip():
+            item = line[9:].strip()
+        elif line.startswith("note: ") and line[6:].strip():
+            item = line.strip()
+        else:
+            if line.strip():
+                other.append(line)
+            continue
+        if item not in out:
+            out.append(item)
+    return out, other
 
 
 def run_pair(job: PairJob, out_dir: str, threads: int | None = None) -> dict:
@@ -438,7 +454,9 @@ def run_pair(job: PairJob, out_dir: str, threads: int | None = None) -> dict:
     terminal."""
     with _pair_messages() as kept:
         row = _run_pair(job, out_dir, threads)
-    row["warnings"] = _said(kept, row.get("warnings") or [])
+    row["warnings"], other = _said(kept, row.get("warnings") or [])
+    for line in other:  # not a message of ours (a library's warning, say): passed on, named
+        print(f"pair {job.name}: {line}", file=sys.stderr)
     return row
 
 
@@ -721,8 +739,13 @@ def run_batch(jobs: list, out_dir, scheduler: str = "local", workers: int | None
                 "compute the same pairs twice and leave the summary of whichever ended last.")
 
     # one batch per folder at a time; the lock goes with the process, however it ends
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with lock_output(out, timeout=0, kind="regtool-batch-lock", busy=busy):
+    with ExitStack() as held:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            held.enter_context(lock_output(out, timeout=0, kind="regtool-batch-lock", busy=busy))
+        except OSError as exc:
+            raise RegtoolError(f"--out {out}: cannot write there ({exc.strerror or exc}); choose a folder you can "
+                               "write to.") from None
         return _run_batch(jobs, out, scheduler, workers, threads, progress, say)
 
 
@@ -890,13 +913,16 @@ def add_batch_arguments(b: argparse.ArgumentParser, register_parser: argparse.Ar
 
 def _bar_printer(quiet: bool) -> Callable:
     def progress(done, total, row):
-        if quiet:
-            return
-        if row["status"] != "skipped":  # a pair's warnings, named, above the bar (a skipped pair's were said before)
+        if row["status"] != "skipped":  # a pair's warnings, named, above the bar (a skipped pair's were said before);
+            # with --quiet too, as regtool register prints its warnings whatever --quiet says
+            clear = "\r\033[K" if not quiet and sys.stderr.isatty() else ("\n" if not quiet and done > 1 else "")
             for w in row.get("warnings") or []:
                 text = w if w.startswith("note: ") else f"warning: {w}"
                 head, _, rest = text.partition(": ")
-                print(f"\r{head}: pair {row['name']}: {rest}", file=sys.stderr)
+                print(f"{clear}{head}: pair {row['name']}: {rest}", file=sys.stderr)
+                clear = ""
+        if quiet:
+            return
         n = int(20 * done / max(total, 1))
         print(f"\r[{'#' * n:<20}] {done}/{total} {row['name'][:40]}: {row['status']:<8}", end="",
               file=sys.stderr, flush=True)

@@ -125,9 +125,16 @@ class LandmarkPairs:
         """``(N,)`` bool: the active pairs with a placed point outside its image."""
         out = np.zeros(len(self), bool)
         for pts, space in ((self.fixed, fixed_space), (self.moving, moving_space)):
-            ok = np.all(np.isfinite(pts), 1) & self.active
-            if ok.any() and space.ndim == self.ndim:
-                out[ok] |= ~space.contains(pts[ok], margin=margin)
+            if space.ndim == self.ndim:
+                out |= self._outside_of(pts, space, margin)
+        return out
+
+    def _outside_of(self, pts: np.ndarray, space, margin: float) -> np.ndarray:
+        """``(N,)`` bool: active pairs whose placed point of ``pts`` lies outside ``space``."""
+        ok = np.all(np.isfinite(pts), 1) & self.active
+        out = np.zeros(len(pts), bool)
+        if ok.any():
+            out[ok] = ~space.contains(pts[ok], margin=margin)
         return out
 
     def check_inside(self, fixed_space=None, moving_space=None, margin: float = 0.5):
@@ -139,11 +146,8 @@ class LandmarkPairs:
                 continue
             if space.ndim != self.ndim:
                 raise InputError(f"The landmarks are {self.ndim}D but the {which} image is {space.ndim}D.")
-            ok = np.all(np.isfinite(pts), 1) & self.active
-            inside = np.ones(len(pts), bool)
-            if ok.any():
-                inside[ok] = space.contains(pts[ok], margin=margin)
-            bad += [f"{self.names[i]} ({which})" for i in np.nonzero(ok & ~inside)[0]]
+            out = self._outside_of(pts, space, margin)
+            bad += [f"{self.names[i]} ({which})" for i in np.nonzero(out)[0]]
         if bad:
             raise InputError(f"{len(bad)} landmark(s) lie outside their image: {', '.join(bad[:8])}"
                              f"{' …' if len(bad) > 8 else ''}. Check that the CSV belongs to these images and uses "

@@ -469,6 +469,8 @@ class RegistrationModel:
             return
         new = self.pairs.copy()
         new.active[index] = bool(active)
+        if active:  # a pair held out because a point lies outside its image (see set_pairs) is not fitted as it is
+            new.check_inside(self.fixed.space, self.moving.space)
         self._apply("toggle", new, index=index)
 
     def rename(self, index: int, name: str):
@@ -741,13 +743,18 @@ class RegistrationModel:
     def held_out_errors(self, transform: Transform | None = None) -> np.ndarray:
         """(N,) target registration error of the held-out pairs — complete pairs that are not active, so the fit
         did not use them: ``|T(fixed_i) − moving_i|`` for the given (default: current) transform; NaN for every
-        other pair and when there is no transform."""
+        other pair, for a pair with a point outside its image (not a landmark of these images as they are) and when
+        there is no transform."""
         t = self.transform if transform is None else transform
         n = 0 if self.pairs is None else len(self.pairs)
         out = np.full(n, np.nan)
         if n == 0 or t is None:
             return out
         held = self.pairs.complete & ~self.pairs.active
+        if held.any() and self.ready:
+            probe = self.pairs.copy()
+            probe.active = held.copy()
+            held &= ~probe.outside(self.fixed.space, self.moving.space)
         if held.any():
             mapped = np.asarray(t.map_points(self.pairs.fixed[held]), float)
             out[held] = np.linalg.norm(mapped - self.pairs.moving[held], axis=1)

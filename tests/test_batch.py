@@ -521,3 +521,26 @@ def test_a_pairs_warnings_are_named_once_and_kept_in_the_summary(data, tmp_path,
     by_name = {p["name"]: p for p in doc["pairs"]}
     assert any(said in w for w in by_name["with-level"]["warnings"])
     assert not any(said in w for w in by_name["plain"]["warnings"])
+
+
+def test_what_a_pair_prints_is_kept_or_passed_on_never_lost(capsys):
+    """The pair's own warnings and notes go to its row (once each); anything else it prints (a library's warning)
+    is passed on; another thread's output is not taken; a capture inside another leaves the outer one working."""
+    import sys
+    import threading
+
+    from napari_regtool import batch
+
+    with batch._pair_messages() as kept:
+        print("warning: a", file=sys.stderr)
+        print("note: b\nnote: b", file=sys.stderr)
+        print("lib.py:3: UserWarning: c", file=sys.stderr)
+        t = threading.Thread(target=lambda: print("from another thread", file=sys.stderr))
+        t.start()
+        t.join()
+        with batch._pair_messages() as inner:
+            print("warning: inner", file=sys.stderr)
+        print("warning: after", file=sys.stderr)
+    assert batch._said(kept, ["a"]) == (["a", "note: b", "after"], ["lib.py:3: UserWarning: c"])
+    assert batch._said(inner, []) == (["inner"], [])
+    assert "from another thread" in capsys.readouterr().err

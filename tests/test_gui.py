@@ -305,6 +305,8 @@ def test_layer_edits_drag_delete_undo_redo(sample2d, qtbot):
     w.table.item(0, 1).setText("   ")  # a blank name is refused, said, and the cell shows the name kept
     assert w.session.pairs.names[0] == "ventricle" and w.table.item(0, 1).text() == "ventricle"
     assert any("cannot be empty" in m for m in notifications()[n:])
+    w.table.item(0, 1).setText("  ventricle ")  # the same name with spaces round it: the cell shows the name
+    assert w.session.pairs.names[0] == "ventricle" and w.table.item(0, 1).text() == "ventricle"
     w.undo()
     w.undo()
     assert w.session.pairs == lm

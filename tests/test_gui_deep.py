@@ -309,6 +309,20 @@ def test_a_model_chosen_while_auto_align_runs_stays_chosen(make_napari_viewer, q
     w.model_combo.setCurrentIndex(w.model_combo.findData("auto-affine"))  # its result, at once
     wait_idle(qtbot, w, timeout=120000)
     assert w.session.model == "auto-affine" and w.session.transform.kind == "affine"
+    # one automatic model, then another before the first ends: the second stays, with its own result
+    w.model_combo.setCurrentIndex(w.model_combo.findData("tps"))
+    wait_idle(qtbot, w)
+    w.session.computed.clear()
+    asked = []
+    real = w.jobs.auto_align
+    w.jobs.auto_align = lambda kind=None: (asked.append(kind), real(kind))
+    w.model_combo.setCurrentIndex(w.model_combo.findData("auto-affine"))
+    w.model_combo.setCurrentIndex(w.model_combo.findData("auto-rigid"))
+    assert asked == ["affine", "rigid"]
+    wait_idle(qtbot, w, timeout=120000)
+    qtbot.wait(100)
+    assert w.session.model == "auto-rigid" and w.session.transform.kind == "rigid"
+    assert "done" in w.deep.deep_status.text() and "not shown" not in w.deep.deep_status.text()
 
 
 def test_export_without_the_uncertainty_overlay_writes_what_the_cli_writes(deep2d, qtbot, tmp_path, monkeypatch):

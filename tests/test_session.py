@@ -226,6 +226,11 @@ def test_a_few_pairs_outside_their_image_load_held_out(session, tmp_path):
     keep = np.arange(12) != 3
     ref = fit_landmarks("affine", lm.fixed[keep], lm.moving[keep])
     np.testing.assert_allclose(session.transform.homogeneous, ref.homogeneous, atol=1e-9)
+    # not a landmark of these images as they are: no held-out error (it would read ~5000 mm), and not fitted as it is
+    assert np.isnan(session.held_out_errors()[3])
+    with pytest.raises(InputError, match="outside their image"):
+        session.set_active(3, True)
+    assert not session.pairs.active[3]
 
 
 def test_mismatched_dimensions_and_bad_images(images2d):

@@ -155,9 +155,11 @@ class Canvas:
                 text = f"{name} placed. Click a point in either image to start the next pair."
             elif waiting == i:
                 text = f"{name}: now click its partner in the {other} image."
-            else:  # this pair is complete, an older one is not: the next click in that image goes to it
+            else:  # an older pair lacks a point: the next click in that image goes to it (oldest first, as BigWarp)
+                lacking = len(m.pairs) and int((~np.all(np.isfinite(getattr(m.pairs, other)), 1)).sum())
                 text = (f"{name} placed. {m.pairs.names[waiting]} still has no {other} point: the next click in the "
-                        f"{other} image completes it (delete {m.pairs.names[waiting]} to start a new pair there).")
+                        f"{other} image completes it" + (f"; {lacking} pairs wait for their {other} point, completed "
+                                                          "in the order they were started." if lacking > 1 else "."))
             if m.transform is None and m.fit_message:
                 text += " " + m.fit_message  # e.g. how many pairs the model still needs
             self.host.set_status(text)

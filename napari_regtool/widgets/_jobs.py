@@ -46,7 +46,7 @@ class Jobs(QWidget):
         self._auto_refining = False  # the running deep job is the automatic refinement after a prediction
         self._refining = False  # a refinement (automatic or asked for) is running
         self._auto_running = False  # auto-align is running (the deep tab says so)
-        self._auto_chosen = None  # the model chosen when the running auto-align started
+        self._auto_chosen: dict = {}  # request (generation) → the model chosen when that auto-align was asked for
         # what waits for the refinement in flight (an export): called with "refined", "stopped" or None (new images)
         self._after_refinement: list = []
         # runners are not Qt children of the widget: a job finishing after the widget is gone must find them alive
@@ -137,6 +137,7 @@ class Jobs(QWidget):
             self.host.deep.set_status("Cancelled." if isinstance(exc, Cancelled) else
                                       f"No prediction: {user_message(exc)}")
         self._refinement_stopped(failed=not isinstance(exc, Cancelled))
+        self._settle("stopped")  # a prediction that failed: writes still waiting write the result shown
         self.job_error(exc)
 
     def _refinement_stopped(self, failed: bool = False):
@@ -185,15 +186,16 @@ class Jobs(QWidget):
             return
         if self._refining:  # a new λ, new pairs: the refinement of the old prediction is no longer wanted
             if not self._auto_refining and not self.model.auto_refine:
-                self.host.notify("info", "The refinement was stopped for a new prediction (λ, the landmark pairs or "
-                                         "the uncertainty map asked for it). Press Refine to refine the new "
+                self.host.notify("info", "The refinement was stopped for a new prediction (λ, the landmark pairs, the "
+                                         "device or the uncertainty map asked for it). Press Refine to refine the new "
                                          "prediction.")
             self.deep_runner.cancel()
             self._auto_refining = False
             self._refining = False
             self._deep_long = False
             self._update_busy()
-            self._settle("stopped")
+            # writes waiting for it go on waiting: for the new prediction's refinement (Refine automatically), else
+            # for the new prediction itself (see _deep_result), never for the old prediction
         dev, desc, init, key = self._deep_setup()
         lam = self.host.deep.reg_weight
         self.host.deep.set_status(f"Predicting (λ = {lam:.3g}) on {desc}…")
@@ -217,7 +219,9 @@ class Jobs(QWidget):
             self._auto_refining = self._refining = False
             self._settle("refined")
         elif self.model.auto_refine and self.model.model == "deep" and gen == self.deep_runner.generation:
-            self.refine(auto=True)  # the accurate result follows in the background
+            self.refine(auto=True)  # the accurate result follows in the background (writes waiting wait for it)
+        elif gen == self.deep_runner.generation:
+            self._settle("stopped")  # writes that waited for a refinement stopped by this prediction write it
 
     def refine(self, auto: bool = False):
         """Optimise the deep deformation for this pair (cancellable, with progress); ``auto``: started by itself
@@ -260,9 +264,9 @@ class Jobs(QWidget):
         self._auto_from_landmarks = init is not None
         self.host.deep.set_status(f"Auto-align ({kind}) running…")
         self._auto_running = True
-        self._auto_chosen = m.model  # the model chosen when it started: another choice since wins over its result
         self.show_progress(True)
-        self.jobs.request(auto_job, m.fixed, m.moving, kind, init, self._progress, cancellable=True)
+        gen = self.jobs.request(auto_job, m.fixed, m.moving, kind, init, self._progress, cancellable=True)
+        self._auto_chosen[gen] = m.model  # the model chosen when asked: another choice since wins over the result
 
     # ------------------------------------------------------------------ files and layers
     def start(self, status: str, func, *args, resample: bool = False):
@@ -275,14 +279,19 @@ class Jobs(QWidget):
     def _job_result(self, gen, value):
         kind = value[0]
         if kind == "auto":
-            self._auto_running = False
+            chosen = self._auto_chosen.pop(gen, None)
+            if gen >= self.jobs.generation:  # the last one asked for
+                self._auto_running = False
             _, model, t, runtime = value
-            self.model.set_computed(model, t, runtime_s=runtime)
+            self.model.set_computed(model, t, runtime_s=runtime)  # shown at once when its model is the current one
             done = f"Auto-align ({model.split('-')[1]}) done in {runtime:.1f} s"
-            if self.model.model != self._auto_chosen:  # the user chose another model meanwhile: that choice stays
+            current = self.model.model
+            if current == model:
+                self.host.deep.set_status(done + ".")
+            elif current != chosen:  # the user chose another model meanwhile: that choice stays
                 self.host.deep.set_status(f"{done}; not shown, another model was chosen since (choose "
                                           f"{MODEL_LABELS.get(model, model)} to see it).")
-            elif self.model.model == "deep":
+            elif current == "deep":
                 self.host.deep.set_status(done + ".")
                 self.deep_initial = t
                 self._deep_initial_name = model + (" from the landmark affine" if self._auto_from_landmarks else "")
@@ -312,8 +321,8 @@ class Jobs(QWidget):
             self.host.deep.set_status("Auto-align cancelled.")
         self.deep_runner.cancel()
         self._auto_refining = False
+        self.resample.cancel()  # first: an Apply waiting for the refinement starts when it stops, and is kept
         self._refinement_stopped()
-        self.resample.cancel()
         if self.files.busy:
             self.host.set_status("Cancelled. Files already being saved are finished first.")
         else:

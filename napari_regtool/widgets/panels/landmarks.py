@@ -208,6 +208,9 @@ class LandmarksPanel(QWidget):
         except RegtoolError as exc:
             self.host.notify("warning", str(exc))
             self.update_pairs()
+            return
+        if text != self.model.pairs.names[row]:  # spaces round the name are not kept: the cell shows the name
+            self.update_pairs()
 
     def _on_coord_edited(self, row: int, side: str, axis: int, text: str):
         """A coordinate typed or nudged in the table: the point moves there (undoable), unless that is outside
