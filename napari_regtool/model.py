@@ -470,7 +470,11 @@ class RegistrationModel:
         new = self.pairs.copy()
         new.active[index] = bool(active)
         if active:  # a pair held out because a point lies outside its image (see set_pairs) is not fitted as it is
-            new.check_inside(self.fixed.space, self.moving.space)
+            for side in ("fixed", "moving"):
+                p = getattr(new, side)[index]
+                if np.all(np.isfinite(p)) and not self.image(side).space.contains(p[None], margin=0.5)[0]:
+                    raise InputError(f"{new.names[index]}: its {side} point lies outside the {side} image "
+                                     f"({self.image(side).name}); move it into the image, then tick Active.")
         self._apply("toggle", new, index=index)
 
     def rename(self, index: int, name: str):

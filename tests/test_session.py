@@ -228,7 +228,7 @@ def test_a_few_pairs_outside_their_image_load_held_out(session, tmp_path):
     np.testing.assert_allclose(session.transform.homogeneous, ref.homogeneous, atol=1e-9)
     # not a landmark of these images as they are: no held-out error (it would read ~5000 mm), and not fitted as it is
     assert np.isnan(session.held_out_errors()[3])
-    with pytest.raises(InputError, match="outside their image"):
+    with pytest.raises(InputError, match=f"{lm.names[3]}: its moving point lies outside the moving image"):
         session.set_active(3, True)
     assert not session.pairs.active[3]
 
