@@ -597,3 +597,8 @@ def test_loading_a_file_with_one_pair_outside_holds_it_out_and_says_so(sample2d,
     assert w.table.item(4, active).checkState() == Qt.CheckState.Unchecked
     assert all(w.table.item(i, active).checkState() == Qt.CheckState.Checked for i in range(12) if i != 4)
     assert len(w.session.pairs) == 12 and not w.session.pairs.active[4]
+    # ticked as it is: refused, said, and the box unticked again
+    n = len(w.messages)
+    w.table.item(4, active).setCheckState(Qt.CheckState.Checked)
+    assert not w.session.pairs.active[4] and w.table.item(4, active).checkState() == Qt.CheckState.Unchecked
+    assert any("outside the moving image" in t for t in _warnings_since(w, n))

@@ -95,7 +95,7 @@ class LandmarksPanel(QWidget):
         self.load_btn.clicked.connect(lambda: self.load_landmarks())
         self.save_btn.clicked.connect(lambda: self.save_landmarks())
         self.table.renamed.connect(self._on_renamed)
-        self.table.activeToggled.connect(lambda i, a: host.call(model.set_active, i, a))
+        self.table.activeToggled.connect(self._on_active_toggled)
         self.table.coordEdited.connect(self._on_coord_edited)
         self.table.pairSelected.connect(self.pairSelected)
         self.table.deleteRequested.connect(lambda rows: host.call(model.delete, rows))
@@ -210,6 +210,15 @@ class LandmarksPanel(QWidget):
             self.update_pairs()
             return
         if text != self.model.pairs.names[row]:  # spaces round the name are not kept: the cell shows the name
+            self.update_pairs()
+
+    def _on_active_toggled(self, row: int, active: bool):
+        """Active ticked or unticked in the table; refused (a point outside its image), the box shows the pair's
+        state."""
+        try:
+            self.model.set_active(row, active)
+        except RegtoolError as exc:
+            self.host.notify("warning", str(exc))
             self.update_pairs()
 
     def _on_coord_edited(self, row: int, side: str, axis: int, text: str):
