@@ -395,11 +395,9 @@ def test_a_reopened_widget_says_what_the_deep_model_holds(deep2d, qtbot):
     assert w2.deep.deep_status.text() == deep_status.split(" in ")[0] + "."
 
 
-def test_export_during_the_refinement_writes_the_refined_result(make_napari_viewer, qtbot, tiny_model, tmp_path,
-                                                                 monkeypatch):
-    """Export all pressed while the automatic refinement runs waits for it and writes the refinement (as
-    `regtool register --refine N` does), not the prediction shown meanwhile; cancelled, it writes the prediction and
-    says so."""
+def _deep_refining(make_napari_viewer, qtbot) -> tuple:
+    """``(viewer, widget, kinds)``: the deep model chosen on the 2D sample, its prediction shown and its automatic
+    refinement (60 steps) running; ``kinds`` lists the kind of every transform shown since."""
     viewer = make_napari_viewer()
     w = open_with_widget(viewer, qtbot, "brain2d")
     w.refine_steps.setValue(60)
@@ -407,6 +405,15 @@ def test_export_during_the_refinement_writes_the_refined_result(make_napari_view
     w.session.transform_changed.connect(lambda t: kinds.append(getattr(t, "kind", None)))
     w.model_combo.setCurrentIndex(w.model_combo.findData("deep"))
     qtbot.waitUntil(lambda: "deep" in kinds and w.progress.isVisibleTo(w), timeout=10000)
+    return viewer, w, kinds
+
+
+def test_export_during_the_refinement_writes_the_refined_result(make_napari_viewer, qtbot, tiny_model, tmp_path,
+                                                                 monkeypatch):
+    """Export all pressed while the automatic refinement runs waits for it and writes the refinement (as
+    `regtool register --refine N` does), not the prediction shown meanwhile; cancelled, it writes the prediction and
+    says so."""
+    viewer, w, kinds = _deep_refining(make_napari_viewer, qtbot)
     monkeypatch.setattr(QFileDialog, "getExistingDirectory", lambda *a, **k: str(tmp_path / "refined"))
     qtbot.mouseClick(w.export_btn, Qt.MouseButton.LeftButton)
     assert "waits for the refinement" in w.status_label.text()
@@ -436,13 +443,7 @@ def test_save_transform_and_warped_image_during_the_refinement_save_the_refined_
                                                                                         tiny_model, tmp_path):
     """Save transform… and Save warped image… pressed while the automatic refinement runs wait for it, as Export all
     does: the files hold the refined result the viewer ends with (before, the prediction shown at the click)."""
-    viewer = make_napari_viewer()
-    w = open_with_widget(viewer, qtbot, "brain2d")
-    w.refine_steps.setValue(60)
-    kinds = []
-    w.session.transform_changed.connect(lambda t: kinds.append(getattr(t, "kind", None)))
-    w.model_combo.setCurrentIndex(w.model_combo.findData("deep"))
-    qtbot.waitUntil(lambda: "deep" in kinds and w.progress.isVisibleTo(w), timeout=10000)
+    viewer, w, kinds = _deep_refining(make_napari_viewer, qtbot)
     assert w.save_transform(str(tmp_path / "field.nii.gz"))
     assert "waits for the refinement" in w.status_label.text()
     assert w.save_map("warped", str(tmp_path / "warped.nii.gz"))
