@@ -316,16 +316,21 @@ def pair_is_current(job: PairJob, out_dir) -> dict | None:
     return stamp
 
 
-def _record_outputs(target: Path, stamp: dict) -> None:
-    """Add the size, time and SHA-256 of every output to a current pair's ``batch.json`` written without them (an
-    earlier version's), so that later runs see an output changed since. Best effort: a folder that cannot be
-    written keeps its stamp."""
+def _write_stamp(target: Path, stamp: dict) -> None:
+    """Write ``stamp`` as the pair's ``batch.json`` with the size, time and SHA-256 of every output it lists
+    (``stamp["files"]``), so that later runs see an output changed since."""
     from .io import atomic_output
 
+    stamp = dict(stamp, outputs={n: _input_state(target / n)["files"]["."] for n in stamp.get("files", [])})
+    with atomic_output(target / STAMP) as tmp:
+        Path(tmp).write_text(json.dumps(stamp, indent=2))
+
+
+def _record_outputs(target: Path, stamp: dict) -> None:
+    """Add the outputs to a current pair's ``batch.json`` written without them (an earlier version's). Best effort:
+    a folder that cannot be written keeps its stamp."""
     try:
-        stamp = dict(stamp, outputs={n: _input_state(target / n)["files"]["."] for n in stamp.get("files", [])})
-        with atomic_output(target / STAMP) as tmp:
-            Path(tmp).write_text(json.dumps(stamp, indent=2))
+        _write_stamp(target, stamp)
     except (OSError, InputError):
         pass
 
@@ -465,7 +470,6 @@ def _run_pair(job: PairJob, out_dir: str, threads: int | None) -> dict:
     # imported before the clock starts: a fresh worker's first pair would otherwise count importing torch
     from . import pipeline  # noqa: F401
     from .cli import _cmd_register
-    from .io import atomic_output
 
     used = _cap_threads(threads)
     t0 = time.perf_counter()
@@ -490,12 +494,9 @@ def _run_pair(job: PairJob, out_dir: str, threads: int | None) -> dict:
         report = json.loads(report_text)
         runtime = round(time.perf_counter() - t0, 4)
         files = sorted(n for n in _output_names() if (target / n).is_file())
-        outputs = {n: _input_state(target / n)["files"]["."] for n in files}
-        stamp = {"regtool_batch": 1, "options": _options_of(job), "inputs": inputs,
-                 "report_sha256": hashlib.sha256(report_text).hexdigest(), "files": files, "outputs": outputs,
-                 "runtime_s": runtime}
-        with atomic_output(target / STAMP) as tmp:
-            Path(tmp).write_text(json.dumps(stamp, indent=2))
+        _write_stamp(target, {"regtool_batch": 1, "options": _options_of(job), "inputs": inputs,
+                              "report_sha256": hashlib.sha256(report_text).hexdigest(), "files": files,
+                              "runtime_s": runtime})
         return _row(job, status="ok", runtime_s=runtime, **_metrics(report), **base)
     except RegtoolError as exc:
         msg = str(exc)

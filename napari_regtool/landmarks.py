@@ -121,17 +121,19 @@ class LandmarkPairs:
         self.fixed, self.moving, self.active = self.fixed[keep], self.moving[keep], self.active[keep]
         self.names = [n for i, n in enumerate(self.names) if i != index]
 
-    def outside(self, fixed_space, moving_space, margin: float = 0.5) -> np.ndarray:
-        """``(N,)`` bool: the active pairs with a placed point outside its image."""
+    def outside(self, fixed_space, moving_space, margin: float = 0.5, among=None) -> np.ndarray:
+        """``(N,)`` bool: the pairs of ``among`` (a bool mask; default: the active ones) with a placed point outside
+        its image."""
         out = np.zeros(len(self), bool)
         for pts, space in ((self.fixed, fixed_space), (self.moving, moving_space)):
             if space.ndim == self.ndim:
-                out |= self._outside_of(pts, space, margin)
+                out |= self._outside_of(pts, space, margin, among)
         return out
 
-    def _outside_of(self, pts: np.ndarray, space, margin: float) -> np.ndarray:
-        """``(N,)`` bool: active pairs whose placed point of ``pts`` lies outside ``space``."""
-        ok = np.all(np.isfinite(pts), 1) & self.active
+    def _outside_of(self, pts: np.ndarray, space, margin: float, among=None) -> np.ndarray:
+        """``(N,)`` bool: pairs of ``among`` (default: the active ones) whose placed point of ``pts`` lies outside
+        ``space``."""
+        ok = np.all(np.isfinite(pts), 1) & (self.active if among is None else np.asarray(among, bool))
         out = np.zeros(len(pts), bool)
         if ok.any():
             out[ok] = ~space.contains(pts[ok], margin=margin)

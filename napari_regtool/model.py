@@ -329,12 +329,10 @@ class RegistrationModel:
         self.history_changed.emit(self.history.can_undo, self.history.can_redo)
         self._write_autosave()
 
-    def pending(self, missing: str | None = None) -> int | None:
-        """Index of the oldest pair placed in one image only (missing ``missing`` when given), or None: several
-        points clicked in one image, then their partners in the other in the same order, pair up first with first
-        (BigWarp fills the oldest row that lacks the side clicked)."""
+    def half_pairs(self, missing: str | None = None) -> np.ndarray:
+        """Indices, oldest first, of the pairs placed in one image only (missing ``missing`` when given)."""
         if self.pairs is None:
-            return None
+            return np.zeros(0, int)
         pf = np.all(np.isfinite(self.pairs.fixed), 1)
         pm = np.all(np.isfinite(self.pairs.moving), 1)
         cand = (pf ^ pm)
@@ -342,7 +340,13 @@ class RegistrationModel:
             cand &= ~pf
         elif missing == "moving":
             cand &= ~pm
-        idx = np.nonzero(cand)[0]
+        return np.nonzero(cand)[0]
+
+    def pending(self, missing: str | None = None) -> int | None:
+        """Index of the oldest pair placed in one image only (missing ``missing`` when given), or None: several
+        points clicked in one image, then their partners in the other in the same order, pair up first with first
+        (BigWarp fills the oldest row that lacks the side clicked)."""
+        idx = self.half_pairs(missing)
         return int(idx[0]) if len(idx) else None
 
     def next_side(self, first: str = "moving") -> str:
@@ -756,9 +760,7 @@ class RegistrationModel:
             return out
         held = self.pairs.complete & ~self.pairs.active
         if held.any() and self.ready:
-            probe = self.pairs.copy()
-            probe.active = held.copy()
-            held &= ~probe.outside(self.fixed.space, self.moving.space)
+            held &= ~self.pairs.outside(self.fixed.space, self.moving.space, among=held)
         if held.any():
             mapped = np.asarray(t.map_points(self.pairs.fixed[held]), float)
             out[held] = np.linalg.norm(mapped - self.pairs.moving[held], axis=1)

@@ -156,7 +156,7 @@ class Canvas:
             elif waiting == i:
                 text = f"{name}: now click its partner in the {other} image."
             else:  # an older pair lacks a point: the next click in that image goes to it (oldest first, as BigWarp)
-                lacking = len(m.pairs) and int((~np.all(np.isfinite(getattr(m.pairs, other)), 1)).sum())
+                lacking = len(m.half_pairs(missing=other))
                 text = (f"{name} placed. {m.pairs.names[waiting]} still has no {other} point: the next click in the "
                         f"{other} image completes it" + (f"; {lacking} pairs wait for their {other} point, completed "
                                                           "in the order they were started." if lacking > 1 else "."))
