@@ -716,7 +716,8 @@ INTERRUPTED = "the batch was interrupted before this pair finished; run the same
 
 
 def run_batch(jobs: list, out_dir, scheduler: str = "local", workers: int | None = None,
-              threads: int | None = None, progress: Callable | None = None, say: Callable | None = None) -> list:
+              threads: int | None = None, progress: Callable | None = None, say: Callable | None = None,
+              summary: dict | None = None) -> list:
     """Run ``jobs`` (from :func:`read_pairs`) into ``out_dir`` and return the summary rows in the jobs' order.
 
     Pairs whose folder is current are skipped before any cluster starts; the rest run one Dask task each on a
@@ -726,7 +727,9 @@ def run_batch(jobs: list, out_dir, scheduler: str = "local", workers: int | None
     (nothing started, ``out_dir`` not created) when the scheduler does not answer or another batch is running into
     ``out_dir`` (a lock file beside it, held for the whole batch), and :class:`BatchInterrupted`
     (with the rows so far) on Ctrl-C or a termination signal; pairs finish or leave nothing (see
-    :func:`run_pair`), so a second run resumes."""
+    :func:`run_pair`), so a second run resumes. With ``summary`` (what the run was: pairs file, scheduler…)
+    ``summary.csv`` and ``summary.json`` are written (:func:`write_summary`, the wall time added; also after an
+    interruption) while the lock is still held."""
     out = Path(os.path.abspath(out_dir))
     if out.exists() and not out.is_dir():
         raise RegtoolError(f"--out {out} exists and is not a folder.")
@@ -747,7 +750,19 @@ def run_batch(jobs: list, out_dir, scheduler: str = "local", workers: int | None
         except OSError as exc:
             raise RegtoolError(f"--out {out}: cannot write there ({exc.strerror or exc}); choose a folder you can "
                                "write to.") from None
-        return _run_batch(jobs, out, scheduler, workers, threads, progress, say)
+        if summary is None:
+            return _run_batch(jobs, out, scheduler, workers, threads, progress, say)
+        # the summary is written before the lock is let go, so that a batch started right after this one ends
+        # cannot have its summary overwritten by this one's
+        t0 = time.perf_counter()
+        try:
+            rows = _run_batch(jobs, out, scheduler, workers, threads, progress, say)
+        except BatchInterrupted as stop:
+            write_summary(stop.rows, out, {**summary, "wall_s": round(time.perf_counter() - t0, 3),
+                                           "interrupted": True})
+            raise
+        write_summary(rows, out, {**summary, "wall_s": round(time.perf_counter() - t0, 3)})
+        return rows
 
 
 def _run_batch(jobs, out, scheduler, workers, threads, progress, say) -> list:
@@ -952,13 +967,12 @@ def batch_command(args) -> int:
         say(f"note: {', '.join('--' + o.replace('_', '-') for o in overridden)} on the command line replace(s) the "
             "column(s) of the same name for every pair")
     t0 = time.perf_counter()
+    csv_path = Path(args.out) / "summary.csv"
     try:
         rows = run_batch(jobs, args.out, scheduler=args.scheduler, workers=args.workers,
-                         threads=args.threads_per_worker, progress=_bar_printer(args.quiet), say=say)
+                         threads=args.threads_per_worker, progress=_bar_printer(args.quiet), say=say,
+                         summary={"pairs_file": str(Path(args.pairs).resolve()), "scheduler": args.scheduler})
     except BatchInterrupted as stop:
-        info = {"pairs_file": str(Path(args.pairs).resolve()), "scheduler": args.scheduler,
-                "wall_s": round(time.perf_counter() - t0, 3), "interrupted": True}
-        csv_path, _ = write_summary(stop.rows, args.out, info)
         done = sum(r["status"] in ("ok", "skipped") for r in stop.rows)
         failed = sum(r["status"] == "failed" for r in stop.rows)
         left = sum(r["status"] == "interrupted" for r in stop.rows)
@@ -966,14 +980,12 @@ def batch_command(args) -> int:
               f"files); summary in {csv_path}. Run the same command again to run the rest: finished pairs are "
               "skipped.", file=sys.stderr)
         raise stop.cause from None
-    info = {"pairs_file": str(Path(args.pairs).resolve()), "scheduler": args.scheduler,
-            "wall_s": round(time.perf_counter() - t0, 3)}
-    csv_path, _ = write_summary(rows, args.out, info)
+    wall = time.perf_counter() - t0
     failed = [r for r in rows if r["status"] == "failed"]
     if not args.quiet:
         c = {s: sum(r["status"] == s for r in rows) for s in ("ok", "skipped", "failed")}
         print(f"{len(rows)} pairs: {c['ok']} ok, {c['skipped']} skipped, {c['failed']} failed "
-              f"({info['wall_s']:.1f} s); summary in {csv_path}")
+              f"({wall:.1f} s); summary in {csv_path}")
     for r in failed:
         print(f"regtool: pair {r['name']} failed: {r['error']}", file=sys.stderr)
     return 1 if failed else 0

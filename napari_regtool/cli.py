@@ -361,19 +361,14 @@ def _read_transforms(args, space, unit=None):
     """Every ``--transform`` (:func:`_read_transform_any`), chained as Greedy's ``-r`` and ANTs' ``-t`` list them: a
     fixed point goes through the first one given first (``--transform warp.nii.gz --transform affine.mat`` for
     Greedy's deformable result)."""
-    from .transforms.base import CompositeTransform
+    from .transforms.base import chain_of
 
     paths = list(args.transform)
     if len(paths) > 1 and getattr(args, "convention", None):
         raise RegtoolError("--convention says how one field's numbers are stored; give it with a single --transform "
                            "(write that field in ITK's convention first: regtool field --transform F --convention C "
                            "--reference R --out field.nii.gz).")
-    ts = [_read_transform_any(p, space, args, unit) for p in paths]
-    if len({t.ndim for t in ts}) > 1:
-        listed = ", ".join(f"{Path(p).name} {t.ndim}D" for p, t in zip(paths, ts))
-        raise RegtoolError(f"The transforms of the chain differ in dimension ({listed}); give transforms of one "
-                           "dimension.")
-    return ts[0] if len(ts) == 1 else CompositeTransform(ts)
+    return chain_of([_read_transform_any(p, space, args, unit) for p in paths], [Path(p).name for p in paths])
 
 
 def _warn_partial_cover(transform, space, args):
@@ -600,8 +595,9 @@ def _apply_blockwise(args) -> int:
     workers = max(1, min(int(args.workers or 1), os.cpu_count() or 1))
     # one torch thread per block, the blocks in parallel: no oversubscription whatever the worker count
     with torch_threads(1), dask.config.set(scheduler="threads", num_workers=workers):
+        # an ITK reference is in millimetres: the store says so (without a unit, readers could not tell)
         notes = ngff.write_ngff(args.out, out, rspace, name=Path(args.moving).name, is_label=args.labels,
-                                block=args.block, unit=unit, progress=progress)
+                                block=args.block, unit=unit or "millimeter", progress=progress)
     for n in notes:
         print(f"note: {n}", file=sys.stderr)
     if not args.quiet:

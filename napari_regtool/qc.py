@@ -800,7 +800,7 @@ def open_chain(paths, fixed, convention=None):
     field's numbers are stored and are refused here."""
     from .errors import InputError
     from .io import load_transform_for_qc
-    from .transforms.base import CompositeTransform
+    from .transforms.base import CompositeTransform, chain_of
     from .transforms.external import FieldConvention, LoadedTransform
 
     conv = FieldConvention.parse(convention) if convention else None
@@ -809,11 +809,7 @@ def open_chain(paths, fixed, convention=None):
                          "their tools wrote them (choose the file's own convention, or 'inverse' for the whole "
                          "chain), or write that field in ITK's convention first (regtool field --convention C).")
     parts = [load_transform_for_qc(p, fixed) for p in paths]
-    dims = {q.transform.ndim for q in parts}
-    if len(dims) > 1:
-        listed = ", ".join(f"{Path(p).name} {q.transform.ndim}D" for p, q in zip(paths, parts))
-        raise InputError(f"The files of the chain differ in dimension ({listed}); choose files of one dimension.")
-    chain = CompositeTransform([q.transform for q in parts])
+    chain = CompositeTransform([chain_of([q.transform for q in parts], [Path(p).name for p in paths])])
     inverse = conv is not None and conv.inverse
     return LoadedTransform(chain.inverse() if inverse else chain, [w for q in parts for w in q.warnings], "chain",
                            path=str(paths[0]), convention=FieldConvention(inverse=True) if inverse else None,

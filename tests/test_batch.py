@@ -473,9 +473,11 @@ def test_own_columns_are_kept_and_unknown_ones_name_the_options(data, tmp_path, 
     assert rows[0]["status"] == "failed" and "File not found" in rows[0]["error"], rows
 
 
-def test_a_second_batch_into_the_same_folder_is_refused_until_the_first_ends(data, cluster, tmp_path, capsys):
+def test_a_second_batch_into_the_same_folder_is_refused_until_the_first_ends(data, cluster, tmp_path, capsys,
+                                                                              monkeypatch):
     """Two batches into one --out would compute the same pairs twice: the second is refused at once, naming the
-    running one; a batch killed outright (SIGKILL, no clean-up) does not block the next."""
+    running one; a batch killed outright (SIGKILL, no clean-up) does not block the next; the summary is written
+    while the batch still holds the folder (a batch started as one ends cannot have its summary overwritten)."""
     import signal
     import subprocess
     import sys
@@ -499,7 +501,23 @@ def test_a_second_batch_into_the_same_folder_is_refused_until_the_first_ends(dat
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
+    from napari_regtool import batch
+
+    held_then = []
+    write = batch.write_summary
+
+    def write_and_probe(rows, out_dir, info=None):  # another process tries the batch lock as the summary is written
+        probe = subprocess.run([sys.executable, "-c", (
+            "from pathlib import Path; from napari_regtool.publish import lock_output\n"
+            "try:\n"
+            f"    with lock_output(Path({str(out)!r}), timeout=0, kind='regtool-batch-lock'): print('free')\n"
+            "except Exception as exc: print('held', type(exc).__name__)")], capture_output=True, text=True)
+        held_then.append(probe.stdout.strip())
+        return write(rows, out_dir, info)
+
+    monkeypatch.setattr(batch, "write_summary", write_and_probe)
     assert run(*args, "-q") == 0  # the killed holder's lock went with it
+    assert len(held_then) == 1 and held_then[0].startswith("held"), held_then
     rows, _ = read_summary(out)
     assert [r["status"] for r in rows] == ["ok"] * 3
     assert not [p.name for p in tmp_path.iterdir() if "lock" in p.name]  # the lock file is removed after a batch

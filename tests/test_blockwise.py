@@ -188,6 +188,7 @@ def test_cli_apply_writes_ome_zarr_block_by_block(tmp_path, moving, out_space):
     ref = sitk.GetArrayFromImage(sitk.Resample(image_to_sitk(arr, space), ref_space, affine_to_sitk(m, t),
                                                sitk.sitkLinear, 0.0, sitk.sitkFloat32))
     assert got.shape == out_space.shape and len(img.levels) == 3
+    assert img.unit == "millimeter"  # the NIfTI reference's unit, stated in the store
     assert np.abs(got - ref).max() < 1e-3 * np.abs(ref).max()
     # the OME-Zarr level reads back as an image for `register` too, at the level asked for
     from napari_regtool.io import read_image

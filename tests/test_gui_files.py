@@ -213,6 +213,18 @@ def test_apply_transform_file_widget(make_napari_viewer, qtbot, tmp_path):
     qtbot.waitUntil(lambda: "pts (registered)" in viewer.layers, timeout=20000)
     np.testing.assert_allclose(to_array_order(np.asarray(viewer.layers["pts (registered)"].data)),
                                t.inverse().map_points(pairs.moving[:4]), atol=1e-3)  # the analytic inverse
+    # a 3D transform for the 2D reference: one message naming the file and both dimensions, no layer added
+    from .test_gui import notifications
+
+    sitk.WriteTransform(sitk.AffineTransform(3), str(tmp_path / "three.tfm"))
+    before, n_layers = len(notifications()), len(viewer.layers)
+    widget.layer.value, widget.transform_file.value = mov_layer, tmp_path / "three.tfm"
+    qtbot.mouseClick(widget.call_button.native, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: len(notifications()) > before, timeout=10000)
+    said = notifications()[before:]
+    assert any("three.tfm is a 3D transform" in m and "'fixed' is 2D" in m for m in said), said
+    qtbot.wait(200)
+    assert len(viewer.layers) == n_layers
     # a missing file is a message, and nothing is added
     n = len(viewer.layers)
     widget.transform_file.value = tmp_path / "missing.tfm"

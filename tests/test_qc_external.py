@@ -1019,6 +1019,31 @@ def _ras_text(matrix, translation) -> str:
     return "\n".join(" ".join(f"{v:.10g}" for v in row) for row in flip @ m @ flip) + "\n"
 
 
+def test_a_chain_of_mixed_dimensions_is_refused_naming_the_files(tmp_path, capsys):
+    """A 2D Greedy matrix chained with a 3D ITK transform: ``apply``, ``field`` and ``qc`` each say which file is which
+    dimension (exit 2, nothing written); a 3D transform alone for a 2D image says both dimensions."""
+    space = Space((24, 28), (1.0, 1.0), (0.0, 0.0))
+    sitk.WriteImage(_to_sitk(_blobs(space.shape, 3).astype(np.float32), space), str(tmp_path / "m.nii.gz"))
+    (tmp_path / "a.mat").write_text(_ras_text(np.eye(2), np.array([1.0, 2.0])))
+    sitk.WriteTransform(sitk.AffineTransform(3), str(tmp_path / "c.tfm"))
+    img = str(tmp_path / "m.nii.gz")
+    chain = ["--transform", str(tmp_path / "a.mat"), "--transform", str(tmp_path / "c.tfm")]
+    for argv in (["apply", *chain, "--moving", img, "--reference", img, "--out", str(tmp_path / "o.nii.gz")],
+                 ["field", *chain, "--reference", img, "--out", str(tmp_path / "f.nii.gz")],
+                 ["qc", *chain, "--fixed", img, "--moving", img, "--out", str(tmp_path / "q")]):
+        capsys.readouterr()
+        assert main(argv) == 2, argv[0]
+        err = capsys.readouterr().err
+        said = ("c.tfm holds a 3D transform; the fixed image is 2D" if argv[0] == "qc"  # each file read for the image
+                else "differ in dimension (a.mat 2D, c.tfm 3D)")
+        assert said in err and "Traceback" not in err, err
+    assert not any((tmp_path / n).exists() for n in ("o.nii.gz", "f.nii.gz", "q"))
+    assert main(["apply", "--transform", str(tmp_path / "c.tfm"), "--moving", img, "--reference", img, "--out",
+                 str(tmp_path / "o.nii.gz")]) == 2
+    err = capsys.readouterr().err
+    assert "3D" in err and "2D" in err and not (tmp_path / "o.nii.gz").exists(), err
+
+
 def test_apply_and_field_chain_repeated_transforms_in_greedy_order(tmp_path, capsys):
     """``--transform A --transform B``: a fixed point goes through A first, then B (Greedy's ``-r A B``, ANTs'
     ``-t A -t B``), in ``apply`` (NIfTI and block-wise) and ``field``; the reference is SimpleITK resampling through

@@ -12,7 +12,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from ..errors import NotInvertibleError
+from ..errors import InputError, NotInvertibleError
 from ..sitk_convert import field_to_sitk_transform
 from ..space import Space
 
@@ -199,6 +199,27 @@ class CompositeTransform(Transform):
 
     def describe(self):
         return {"kind": self.kind, "ndim": self.ndim, "parts": [t.describe() for t in self.transforms]}
+
+
+def chain_of(parts: Sequence[Transform], names: Sequence[str], ndim: int | None = None,
+             image: str = "the image") -> Transform:
+    """Transforms read from the files ``names`` as one chain, a fixed point going through ``parts[0]`` first (Greedy's
+    ``-r`` and ANTs' ``-t`` order); one part is returned as it is. Raises
+    :class:`~napari_regtool.errors.InputError` naming the files when the parts differ in dimension, or when one
+    differs from ``ndim`` (the dimension of ``image``, the grid they are to be used on)."""
+    parts = list(parts)
+    if not parts:
+        raise InputError("No transform was given; choose a transform file, or several that chain.")
+    dims = [t.ndim for t in parts]
+    if len(set(dims)) > 1:
+        listed = ", ".join(f"{name} {d}D" for name, d in zip(names, dims))
+        raise InputError(f"The transforms of the chain differ in dimension ({listed}); use transforms of one "
+                         "dimension.")
+    if ndim is not None and dims[0] != ndim:
+        which = names[0] if len(parts) == 1 else "the chain " + " + ".join(names)
+        raise InputError(f"{which} is a {dims[0]}D transform but {image} is {ndim}D; choose a transform of the "
+                         "image's dimension.")
+    return parts[0] if len(parts) == 1 else CompositeTransform(parts)
 
 
 def affine_index_grid(shape, matrix, offset, device="cpu", dtype=torch.float32) -> torch.Tensor:

@@ -35,7 +35,7 @@ def apply_transform_file(layer: "napari.layers.Layer", reference: "napari.layers
 
     from ..errors import RegtoolError, user_message
     from ..io import read_transform_any
-    from ..transforms.base import CompositeTransform
+    from ..transforms.base import chain_of
     from .panels.loaded import chain_order
     from .panels.fullres import layer_unit
     from ._layers import layer_space, prepare_layer, warp_prepared
@@ -70,10 +70,8 @@ def apply_transform_file(layer: "napari.layers.Layer", reference: "napari.layers
                 show_info(m)
             for m in warnings:
                 show_warning(m)
-            if part.ndim != space.ndim:
-                raise RegtoolError(f"{f.name} is a {part.ndim}D transform but {reference.name!r} is {space.ndim}D.")
             parts.append(part)
-        t = parts[0] if len(parts) == 1 else CompositeTransform(parts)
+        t = chain_of(parts, [f.name for f in files], ndim=space.ndim, image=repr(reference.name))
         prepared = prepare_layer(layer, space)  # read from the layer here, on the GUI thread
         name = prepared[2].get("name", f"{layer.name} (registered)")
         # napari would update a layer of that name in place; names of results still being computed are taken too
