@@ -758,11 +758,32 @@ def run_batch(jobs: list, out_dir, scheduler: str = "local", workers: int | None
         try:
             rows = _run_batch(jobs, out, scheduler, workers, threads, progress, say)
         except BatchInterrupted as stop:
+            stop.rows = _finished_meanwhile(jobs, stop.rows, out)
             write_summary(stop.rows, out, {**summary, "wall_s": round(time.perf_counter() - t0, 3),
                                            "interrupted": True})
             raise
         write_summary(rows, out, {**summary, "wall_s": round(time.perf_counter() - t0, 3)})
         return rows
+
+
+def _finished_meanwhile(jobs, rows, out) -> list:
+    """``rows`` after an interruption, with the pairs marked interrupted that finished while the cluster closed
+    (each worker ends the pair it holds; its files are complete and stamped) counted as done."""
+    by_name = {j.name: j for j in jobs}
+    fresh = []
+    for row in rows:
+        job = by_name.get(row.get("name"))
+        if row.get("status") == "interrupted" and job is not None:
+            stamp = pair_is_current(job, out)
+            if stamp is not None:
+                try:
+                    report = json.loads((out / job.name / "report.json").read_text())
+                except (OSError, ValueError):
+                    report = None
+                if report is not None:
+                    row = _row(job, status="ok", runtime_s=stamp.get("runtime_s"), **_metrics(report))
+        fresh.append(row)
+    return fresh
 
 
 def _run_batch(jobs, out, scheduler, workers, threads, progress, say) -> list:

@@ -295,8 +295,10 @@ def _check_units(*named_units) -> None:
     """Refuse to mix physical units: an OME-Zarr image in micrometres next to one in millimetres (every ITK format:
     NIfTI, MHA, NRRD, DICOM) would be registered 1000× off. ``named_units``: ``(name, unit or None)`` pairs, ``None``
     for ITK formats (millimetres)."""
-    units = [(n, u or "millimeter") for n, u in named_units]
-    known = {u for _, u in units}
+    from .space import mm_per_unit, unit_name
+
+    units = [(n, unit_name(u) or "millimeter") for n, u in named_units]
+    known = {mm_per_unit(u) or u for _, u in units}  # "µm" and "micrometer" are one
     if len(known) > 1:
         listed = ", ".join(f"{n} in {u}" for n, u in units)
         if any(u is None for _, u in named_units):
@@ -452,6 +454,14 @@ def _cmd_apply(args) -> int:
     check_image_extension(args.out, zarr=True)
     to_zarr = _is_zarr(args.out)
     check_writable(args.out, folder=to_zarr, inputs=_inputs(args, "moving", "reference", "transform"))
+    if not args.labels:
+        from . import ngff
+
+        if ngff.is_ngff(args.moving) and ngff.open_ngff(args.moving).is_label:
+            # linear interpolation would invent label values between neighbouring labels
+            args.labels = True
+            _say_notes(args, [f"{Path(args.moving).name} is a label image (its OME-Zarr metadata says so): warped by "
+                              "nearest neighbour, as with --labels, so every value is one of its labels."])
     if to_zarr:
         from .ngff import check_block
 
@@ -594,7 +604,8 @@ def _apply_blockwise(args) -> int:
 
     workers = max(1, min(int(args.workers or 1), os.cpu_count() or 1))
     # one torch thread per block, the blocks in parallel: no oversubscription whatever the worker count
-    with torch_threads(1), dask.config.set(scheduler="threads", num_workers=workers):
+    with torch_threads(1), dask.config.set(scheduler="threads", num_workers=workers), \
+            ngff.chunk_errors(Path(args.moving).name):
         # an ITK reference is in millimetres: the store says so (without a unit, readers could not tell)
         notes = ngff.write_ngff(args.out, out, rspace, name=Path(args.moving).name, is_label=args.labels,
                                 block=args.block, unit=unit or "millimeter", progress=progress)
@@ -1068,6 +1079,11 @@ def _run(args) -> int:
         return 130
     except RegtoolError as exc:
         print(f"regtool: error: {exc}", file=sys.stderr)
+        # the message is all there is to say: reads of other chunks a failed one left pending (zarr's asyncio tasks)
+        # would otherwise be logged one by one as the process ends
+        import logging
+
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         return 2
     except KeyboardInterrupt:
         print("regtool: interrupted; partial output was removed (an earlier result in the output folder is as it "

@@ -32,5 +32,9 @@ def user_message(exc: BaseException) -> str:
         return str(exc)
     if isinstance(exc, MemoryError):
         return "Not enough memory for this operation; try smaller images or the CPU device."
+    if isinstance(exc, OSError) and exc.strerror:  # the file system's own words, with the file, and what to check
+        where = f" ({exc.filename})" if exc.filename else ""
+        return (f"{exc.strerror}{where}. Check that the folder exists, that it can be written to and that the disk "
+                "has room, then try again.")
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[-1] if text else ''}"

@@ -8,7 +8,7 @@ import numpy as np
 from .errors import InputError
 from .space import Space
 
-__all__ = ["Image", "check_overlap", "mask_array"]
+__all__ = ["Image", "check_overlap", "mask_array", "file_image"]
 
 
 @dataclass
@@ -106,6 +106,14 @@ class Image:
 #: below this fraction of the fixed image's voxels landing inside the moving image, an intensity-driven registration
 #: is refused (it would have nothing to measure, and its result would be the fill value everywhere)
 MIN_OVERLAP = 0.005
+
+
+def file_image(image: Image) -> Image:
+    """The image as its file holds it: the original behind a copy straightened for the viewer
+    (:func:`~napari_regtool.pipeline.straighten_for_display`), else ``image`` itself. What is registered and measured
+    comes from here, so that the plugin computes what ``regtool`` computes on the same files."""
+    original = image.meta.get("original")
+    return image if original is None else original
 
 
 def _grid_points(space: Space) -> np.ndarray:

@@ -18,6 +18,8 @@ Axis order: NGFF axes are in array order (…, z, y, x); spacing and origin in :
 from __future__ import annotations
 
 import json
+import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +29,7 @@ from .errors import InputError
 from .image import Image
 from .space import Space, mm_per_unit
 
-__all__ = ["NgffImage", "NgffLevel", "is_ngff", "open_ngff", "read_level", "choose_level", "write_ngff",
+__all__ = ["NgffImage", "NgffLevel", "is_ngff", "open_ngff", "read_level", "choose_level", "write_ngff", "chunk_errors",
            "NGFF_VERSION", "level_names"]
 
 #: the version this module writes (zarr format 2: read by napari-ome-zarr, Fiji/BigDataViewer, QuPath, neuroglancer)
@@ -69,13 +71,15 @@ class NgffImage:
 
     def spatial_slices(self, all_channels: bool = False) -> tuple:
         """Index into a level's array that drops the time axis (time 0) and the channel axis (the chosen channel;
-        with ``all_channels`` and no channel chosen, the channel axis is kept)."""
+        with ``all_channels`` and no channel chosen, the channel axis is kept when it holds several channels — one
+        channel is the image itself, as in the common ``tczyx`` store with one channel)."""
         idx = []
         for i, _ in enumerate(self.axes):
             if i == self.time_axis:
                 idx.append(0)
             elif i == self.channel_axis:
-                idx.append(slice(None) if all_channels and self.channel is None else (self.channel or 0))
+                keep = all_channels and self.channel is None and self.channels > 1
+                idx.append(slice(None) if keep else (self.channel or 0))
             else:
                 idx.append(slice(None))
         return tuple(idx)
@@ -314,9 +318,14 @@ def open_ngff(path, channel: int | None = None) -> NgffImage:
 
 
 def _check_levels(name: str, levels: list) -> None:
-    """Levels must shrink and cover the same physical extent (to within one coarse voxel)."""
+    """Levels must shrink and cover the same physical extent, in the same place (to within one coarse voxel)."""
     first = levels[0].space
     ext0 = np.asarray(first.shape[::-1]) * first.spacing
+
+    def corner(sp):  # where the grid's first voxel begins, in the grid's axes (x, y, z)
+        d = np.asarray(sp.direction, float)
+        return d.T @ np.asarray(sp.origin, float) - np.asarray(sp.spacing) / 2
+
     for k, lv in enumerate(levels[1:], start=1):
         s = lv.space
         if any(a > b for a, b in zip(s.shape, levels[k - 1].space.shape)):
@@ -327,6 +336,13 @@ def _check_levels(name: str, levels: list) -> None:
             raise InputError(f"{name}: level {lv.path} covers {np.round(ext, 4).tolist()} but level "
                              f"{levels[0].path} covers {np.round(ext0, 4).tolist()} (scale × size); the levels' "
                              "scales are inconsistent. Rewrite the pyramid.")
+        off = corner(s) - corner(first)
+        if np.any(np.abs(off) > s.spacing + 1e-6 * np.abs(ext0)):
+            axes = "(x, y, z)" if len(off) == 3 else "(x, y)"
+            raise InputError(f"{name}: level {lv.path} begins {np.round(off, 4).tolist()} {axes} away from level "
+                             f"{levels[0].path} — more than one of its voxels ({np.round(s.spacing, 4).tolist()}); "
+                             "the levels' translations are inconsistent, so registering on it would place the result "
+                             "off. Rewrite the pyramid.")
 
 
 def choose_level(img: NgffImage, max_voxels: int | None = None) -> int:
@@ -340,6 +356,21 @@ def choose_level(img: NgffImage, max_voxels: int | None = None) -> int:
     return len(img.levels) - 1
 
 
+@contextmanager
+def chunk_errors(name: str):
+    """Read chunks of the store ``name`` inside this block: a codec's error on a truncated or damaged chunk file
+    (blosc, zlib, zstd… each with its own words and no file named) becomes an :class:`InputError` that names the
+    store and says what to do."""
+    try:
+        yield
+    except InputError:
+        raise
+    except (RuntimeError, ValueError, EOFError, zlib.error) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise InputError(f"{name}: a chunk of the store could not be decoded ({first}); a chunk file is truncated or "
+                         "damaged. Copy or write the store again, then retry.") from None
+
+
 def read_level(img: NgffImage, level: int | None = None, is_label: bool | None = None) -> Image:
     """Load one level into memory as an :class:`Image` (default level: :func:`choose_level`)."""
     k = choose_level(img) if level is None else int(level)
@@ -347,7 +378,8 @@ def read_level(img: NgffImage, level: int | None = None, is_label: bool | None =
         raise InputError(f"{img.path.name} has {len(img.levels)} level(s) (0 … {len(img.levels) - 1}); --level {k} "
                          "does not exist.")
     lv = img.levels[k]
-    arr = np.asarray(lv.array[img.spatial_slices(all_channels=True)])
+    with chunk_errors(img.path.name):
+        arr = np.asarray(lv.array[img.spatial_slices(all_channels=True)])
     if img.channel_axis is not None and img.channel is None and img.channels > 1:
         c_pos = img.channel_axis - (1 if img.time_axis is not None and img.time_axis < img.channel_axis else 0)
         arr = np.moveaxis(arr, c_pos, -1)  # channels last, as every multi-channel Image
@@ -589,6 +621,6 @@ def warp_to_ngff(path, moving, moving_space: Space, transform, out_space: Space,
     counted = out.map_blocks(tick, dtype=out.dtype, meta=np.empty((0,) * out.ndim, dtype=out.dtype))
     if cancel is not None and cancel():
         raise Cancelled()
-    with dask.config.set(scheduler="synchronous"):
+    with dask.config.set(scheduler="synchronous"), chunk_errors(name):
         return write_ngff(path, counted, out_space, name=name, is_label=label, block=block, unit=unit,
                           progress=level_done)

@@ -17,9 +17,9 @@ import torch
 from . import qc, registry
 from .device import resolve_device
 from .errors import Cancelled, FitError, InputError
-from .image import Image, mask_array
+from .image import Image, file_image, mask_array
 from .landmarks import LandmarkPairs
-from .space import Space, unit_symbol
+from .space import Space, mm_per_unit, same_unit, unit_symbol
 from .transforms import (LANDMARK_MODELS, MODELS, fit_landmarks, initial_from_landmarks, leave_one_out, min_pairs,
                          residuals)
 from .transforms.base import IdentityTransform, Transform, index_grid_from_field
@@ -109,10 +109,23 @@ def _num(v):
 
 
 def check_pair(fixed: Image, moving: Image):
-    """Raise :class:`InputError` for pairs that cannot be registered (dimension mismatch, NaN, constant)."""
+    """Raise :class:`InputError` for pairs that cannot be registered (dimension mismatch, different length units,
+    NaN, constant)."""
     if fixed.ndim != moving.ndim:
         raise InputError(f"The fixed image is {fixed.ndim}D but the moving image is {moving.ndim}D; both must be 2D "
                          "or both 3D.")
+    fu, mu = fixed.meta.get("unit"), moving.meta.get("unit")
+    if not same_unit(fu, mu):
+        # registered as they are, one image's coordinates would be read in the other's unit (1000× off for µm/mm)
+        def said(im, u):
+            return f"{im.name} in {unit_symbol(u)}" + ("" if u else " (no unit given: millimetres, as in ITK files)")
+
+        fa, fb = mm_per_unit(fu), mm_per_unit(mu)
+        off = f"{max(fa / fb, fb / fa):g}× off in scale" if fa and fb else "placed wrongly"
+        raise InputError(f"The images are in different units ({said(fixed, fu)}, {said(moving, mu)}); registered "
+                         f"together one would be read in the other's unit, {off}. Use images in one unit: rewrite one "
+                         "OME-Zarr store with the other's unit (its axes' unit and its scale and translation), or "
+                         "open an ITK file (millimetres) with an OME-Zarr image in millimetres.")
     for im in (fixed, moving):
         im.check_finite()
         im.check_not_constant()
@@ -190,6 +203,19 @@ def straighten_for_display(image: Image) -> Image:
     return out
 
 
+def measured_jacobian_stats(transform: Transform, fixed: Image, det=None, device="cpu") -> dict:
+    """The folding figures of ``transform`` (:func:`~napari_regtool.qc.covered_jacobian_stats`) as ``regtool``
+    measures them: on the fixed file's own grid. ``det``: the Jacobian determinant already computed on ``fixed``'s
+    grid, used when that is the file's grid; for a copy straightened for the viewer (whose fill round the file's
+    voxels is no image, and whose voxels are not the file's) they are measured on the file's grid instead."""
+    measured = file_image(fixed)
+    if measured is fixed and det is not None:
+        return qc.covered_jacobian_stats(det, transform, fixed.space)
+    ms_ = measured.space
+    u = transform.field(ms_, device=device, dtype=torch.float32)
+    return qc.covered_jacobian_stats(jacobian_determinant(u, ms_), transform, ms_)
+
+
 def evaluate(result: RegistrationResult, need_warped=True, uncertainty=None, channel="mean") -> RegistrationResult:
     """Fill ``warped``, ``field``, ``jacobian`` and the metrics of ``result`` from its transform."""
     dev = torch.device(result.device.split(" ")[0])
@@ -198,16 +224,25 @@ def evaluate(result: RegistrationResult, need_warped=True, uncertainty=None, cha
     result.displacement = t.field(fs, device=dev, dtype=torch.float32)
     # a moving image straightened for the viewer is warped and measured from the file's own grid: one interpolation,
     # and the same figures as the command line's
-    source = result.moving.meta.get("original") or result.moving
+    source = file_image(result.moving)
     # linear transforms build the index map directly; the others reuse the field just computed
     grid = (t.moving_index_grid(fs, source.space, device=dev) if t.is_linear
             else index_grid_from_field(result.displacement, fs, source.space))
     if need_warped:
         result.warped = warp_image(source, t, fs, device=dev, index_grid=grid)
     result.jacobian = jacobian_determinant(result.displacement, fs)
-    result.jacobian_stats = qc.covered_jacobian_stats(result.jacobian, t, fs)
-    result.similarity_before, result.similarity_after = similarity_before_after(
-        result.fixed, source, t, dev, index_grid=grid, channel=channel, mask=result.mask)
+    # the figures on the fixed file's own grid (a copy straightened for the viewer has fill round the file's voxels,
+    # which is no image): what `regtool register` reports for the same files and transform
+    result.jacobian_stats = measured_jacobian_stats(t, result.fixed, result.jacobian, device=dev)
+    measured = file_image(result.fixed)
+    if measured is result.fixed:
+        result.similarity_before, result.similarity_after = similarity_before_after(
+            result.fixed, source, t, dev, index_grid=grid, channel=channel, mask=result.mask)
+    else:
+        mask = None if result.mask is None else qc.labels_on(
+            Image(np.asarray(result.mask, np.uint8), fs, "mask", is_label=True), measured.space) != 0
+        result.similarity_before, result.similarity_after = similarity_before_after(
+            measured, source, t, dev, channel=channel, mask=mask)
     unc = getattr(t, "uncertainty", None) if uncertainty is None else uncertainty
     if unc is not None:
         result.uncertainty = np.asarray(unc.cpu().numpy() if torch.is_tensor(unc) else unc, dtype=np.float32)

@@ -189,7 +189,11 @@ class Previewer:
         if "jacobian" in want or (need_stats and nonlinear):
             jac = jacobian_determinant(field, fs)
             # (the field's coverage of the grid is kept on the transform: a redraw does not measure it again)
-            stats = qc.covered_jacobian_stats(jac, transform, fs)
+            from .pipeline import measured_jacobian_stats
+
+            # as regtool measures them: on the fixed file's own grid (again there for a copy straightened for the
+            # viewer, whose fill round the file's voxels is no image)
+            stats = measured_jacobian_stats(transform, self.fixed, jac, device=self.device)
             if "jacobian" in want:
                 maps["jacobian"] = jac.cpu().numpy()
         elif need_stats:

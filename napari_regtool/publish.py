@@ -141,6 +141,23 @@ def _rmtree(p: Path):
             pass
 
 
+def _rmtree_settled(p: Path, quiet_checks: int = 3, step: float = 0.1, most: float = 2.0):
+    """Remove ``p`` again while it reappears: after an interruption, worker threads of a parallel write (dask's
+    threads, which Ctrl-C does not stop) may still finish a chunk each and make its folder anew. Returns once ``p``
+    has stayed absent for ``quiet_checks`` checks ``step`` seconds apart (at most ``most`` seconds)."""
+    import time
+
+    quiet, waited = 0, 0.0
+    while quiet < quiet_checks and waited < most:
+        time.sleep(step)
+        waited += step
+        if p.exists():
+            _rmtree(p)
+            quiet = 0
+        else:
+            quiet += 1
+
+
 # ---------------------------------------------------------------------------------------------------- preflight
 def check_writable(target, option: str = "--out", folder: bool = True, inputs=(), names=(), whole: bool = True) -> None:
     """Raise :class:`RegtoolError` unless ``target`` (a folder when ``folder``, else a file) can be written, so that
@@ -428,6 +445,7 @@ def publish_folder(out, set_names: Iterable[str] = (), warn: Callable = _warn_st
             stage = out.parent / f"{_stage_prefix(out)}new-{tag}"
         stage.mkdir()
         aside = None
+        done = False
         try:
             yield stage
             _chmod_files(stage)
@@ -438,10 +456,13 @@ def publish_folder(out, set_names: Iterable[str] = (), warn: Callable = _warn_st
             else:
                 aside = _publish_rename(stage, out, names)
             test_hook("done")
+            done = True
         finally:
             if aside is not None and aside.exists() and not out.exists():
                 os.rename(aside, out)  # interrupted between the two renames: the old set goes back
             _rmtree(stage)
+            if not done:
+                _rmtree_settled(stage)
             if aside is not None:
                 _rmtree(aside)
 

@@ -775,7 +775,11 @@ def open_for_qc(path, fixed, moving=None, convention=None, device="cpu"):
     (``None`` without a moving image; for a chain it also tries the files in the other order). Raises
     :class:`~napari_regtool.errors.InputError` for a file that cannot be used (one sentence).
     """
+    from .image import file_image
 
+    # the files' own grids, not copies straightened for the viewer (whose fill round a tilted volume is no image):
+    # the same reading, coverage and convention check as `regtool qc`
+    fixed, moving = file_image(fixed), None if moving is None else file_image(moving)
     loaded = load_for_qc(path, fixed, convention)
     field_support(loaded.transform, fixed.space)  # a field that misses the fixed image entirely is refused here
     check = None if moving is None else check_convention(fixed, moving, loaded, device=device)

@@ -27,12 +27,34 @@ MM_PER_UNIT = {"millimeter": 1.0, "micrometer": 1e-3, "nanometer": 1e-6, "picome
                "centimeter": 10.0, "decimeter": 100.0, "meter": 1000.0, "inch": 25.4}
 
 
+#: other spellings met in files (OME-NGFF asks for the UDUNITS names above; stores in the wild write symbols)
+UNIT_ALIASES = {"mm": "millimeter", "millimetre": "millimeter", "µm": "micrometer", "μm": "micrometer",
+                "um": "micrometer", "micron": "micrometer", "microns": "micrometer", "micrometre": "micrometer",
+                "nm": "nanometer", "nanometre": "nanometer", "cm": "centimeter", "m": "meter", "metre": "meter"}
+
+
+def unit_name(unit: str | None) -> str | None:
+    """A length unit's UDUNITS name (``"µm"`` → ``"micrometer"``); any other word as it is; ``None`` stays."""
+    if not unit:
+        return None
+    u = str(unit).strip()
+    return UNIT_ALIASES.get(u.lower(), UNIT_ALIASES.get(u, u.lower() if u.lower() in MM_PER_UNIT else u))
+
+
 def mm_per_unit(unit: str | None) -> float | None:
-    """Millimetres in one ``unit`` (``None`` or ``""``: millimetres, ITK's unit); ``None`` for a unit that is not
-    a length this package converts."""
+    """Millimetres in one ``unit`` (``None`` or ``""``: millimetres, ITK's unit; symbols such as ``"µm"`` too);
+    ``None`` for a unit that is not a length this package converts."""
     if not unit:
         return 1.0
-    return MM_PER_UNIT.get(str(unit).strip().lower())
+    return MM_PER_UNIT.get(str(unit_name(unit)).lower())
+
+
+def same_unit(a: str | None, b: str | None) -> bool:
+    """Whether two length units are one (``None``: millimetres, ITK's unit; ``"µm"`` is ``"micrometer"``)."""
+    fa, fb = mm_per_unit(a), mm_per_unit(b)
+    if fa is None or fb is None:
+        return str(a).strip().lower() == str(b).strip().lower()
+    return fa == fb
 
 
 #: the symbols messages write for the units of :data:`MM_PER_UNIT`
@@ -44,7 +66,7 @@ def unit_symbol(unit: str | None) -> str:
     """How a message writes a length ``unit`` (``None`` or ``""``: ``"mm"``, ITK's unit; another word as it is)."""
     if not unit:
         return "mm"
-    return UNIT_SYMBOL.get(str(unit).strip().lower(), str(unit))
+    return UNIT_SYMBOL.get(str(unit_name(unit)).lower(), str(unit))
 
 
 def to_array_order(v: np.ndarray) -> np.ndarray:

@@ -409,6 +409,19 @@ def test_ctrl_c_writes_the_summary_and_a_second_run_resumes(data, cluster, tmp_p
     # a pair in flight on a scheduler's worker may still have finished after the client left: then it is skipped
     assert all(again[n] in ("ok", "skipped") for n in statuses) and "ok" in again.values()
     assert all(REGISTER_FILES <= {p.name for p in (out / n).iterdir()} for n in statuses)
+    # a pair that finished while the cluster closed (complete and stamped) is counted done in the interrupted
+    # summary, not "interrupted"; one whose folder is gone stays interrupted
+    from napari_regtool.cli import build_parser
+
+    reg = next(a for a in build_parser()._actions if isinstance(a.choices, dict)).choices["register"]
+    jobs = batch.read_pairs(cmd[1], reg)
+    said = [batch._row(j, status="interrupted", error=batch.INTERRUPTED) for j in jobs]
+    import shutil
+
+    shutil.rmtree(out / jobs[2].name)
+    fixed = batch._finished_meanwhile(jobs, said, out)
+    assert [r["status"] for r in fixed] == ["ok", "ok", "interrupted"]
+    assert fixed[0]["ncc_after"] not in (None, "") and fixed[2]["error"] == batch.INTERRUPTED
 
 
 def test_losing_the_scheduler_writes_the_summary_and_says_so(data, cluster, tmp_path, monkeypatch, capsys):

@@ -263,6 +263,114 @@ def test_multichannel_ngff_reads_channels_last_and_keeps_its_geometry(tmp_path):
     assert im.meta["unit"] == "micrometer"
 
 
+def _tczyx_ngff(path, vol, unit="micrometer", scale=(2.0, 0.8, 0.8), shift=(0.0, 0.0, 0.0)):
+    """A one-time-point, one-channel 5D store as microscopes write them (OME-NGFF 0.4 ``tczyx``), two levels."""
+    import zarr
+
+    g = zarr.open_group(str(path), mode="w", zarr_format=2)
+    datasets = []
+    for k, v in enumerate((vol, vol[:, ::2, ::2])):
+        z = g.create_array(str(k), shape=(1, 1, *v.shape), chunks=(1, 1, 8, 16, 16), dtype="f4")
+        z[0, 0] = v
+        sc = [1.0, 1.0, scale[0], scale[1] * 2 ** k, scale[2] * 2 ** k]
+        tr = [0.0, 0.0, shift[0], shift[1] + (2 ** k - 1) * scale[1] / 2, shift[2] + (2 ** k - 1) * scale[2] / 2]
+        datasets.append({"path": str(k), "coordinateTransformations": [{"type": "scale", "scale": sc},
+                                                                        {"type": "translation", "translation": tr}]})
+    axes = [{"name": "t", "type": "time"}, {"name": "c", "type": "channel"},
+            *({"name": n, "type": "space", "unit": unit} for n in "zyx")]
+    g.attrs.update({"multiscales": [{"version": "0.4", "axes": axes, "datasets": datasets}]})
+
+
+def test_a_one_channel_tczyx_store_is_a_3d_image_for_every_command(tmp_path):
+    """``tczyx`` with t = c = 1 (the usual microscope layout) is a 3D image: read, registered (the shift found is
+    the one put in, in micrometres) and warped block-wise; napari's layer from the plugin's reader is 3D too."""
+    from napari_regtool._reader import ngff_layer_data
+    from napari_regtool.cli import main
+    from napari_regtool.io import read_image
+
+    rng = np.random.default_rng(3)
+    from scipy.ndimage import gaussian_filter
+
+    vol = gaussian_filter(rng.random((12, 48, 48)), 2.0).astype(np.float32)
+    vol = (vol - vol.min()) / np.ptp(vol)
+    _tczyx_ngff(tmp_path / "f.zarr", vol)
+    _tczyx_ngff(tmp_path / "m.zarr", vol, shift=(0.0, 1.6, -2.4))  # the same volume placed 1.6 µm / −2.4 µm off
+    im = read_image(tmp_path / "f.zarr", level=0)
+    assert im.array.shape == (12, 48, 48) and im.ndim == 3 and np.array_equal(im.array, vol)
+    assert np.allclose(im.space.spacing, [0.8, 0.8, 2.0]) and im.meta["unit"] == "micrometer"
+    data, kw, kind = ngff_layer_data(ngff.open_ngff(tmp_path / "f.zarr"))
+    assert kind == "image" and all(lv.ndim == 3 for lv in data) and "channel_axis" not in kw
+    assert main(["register", "--fixed", str(tmp_path / "f.zarr"), "--moving", str(tmp_path / "m.zarr"), "--model",
+                 "rigid", "--landmarks", str(_shift_pairs(tmp_path, (-2.4, 1.6, 0.0))), "--level", "0", "--out",
+                 str(tmp_path / "r"), "-q"]) == 0
+    t = sitk.ReadTransform(str(tmp_path / "r" / "transform.tfm"))  # ITK files in millimetres
+    assert np.allclose(np.asarray(t.TransformPoint((0.0, 0.0, 0.0))) * 1000, [-2.4, 1.6, 0.0], atol=1e-6)
+    sitk.WriteTransform(sitk.TranslationTransform(3, [-0.0024, 0.0016, 0.0]), str(tmp_path / "t.tfm"))
+    assert main(["apply", "--transform", str(tmp_path / "t.tfm"), "--moving", str(tmp_path / "m.zarr"),
+                 "--reference", str(tmp_path / "f.zarr"), "--out", str(tmp_path / "w.zarr"), "-q"]) == 0
+    got = np.asarray(ngff.open_ngff(tmp_path / "w.zarr").levels[0].array)
+    assert got.shape == vol.shape and np.abs(got - vol).max() < 1e-5  # the shift undone exactly
+
+
+def test_a_truncated_chunk_is_named_in_one_sentence_for_register_and_apply(tmp_path, capsys):
+    """A chunk file cut short (a copy that stopped midway): the codec's own error names no file; every command says
+    which store, what is wrong and what to do, exits 2 and writes nothing."""
+    from napari_regtool.cli import main
+
+    rng = np.random.default_rng(5)
+    vol = rng.random((12, 48, 48)).astype(np.float32)
+    _tczyx_ngff(tmp_path / "f.zarr", vol)
+    _tczyx_ngff(tmp_path / "m.zarr", vol)
+    chunk = tmp_path / "m.zarr" / "0" / "0.0.0.1.1"  # zarr v2 chunk keys: t.c.z.y.x
+    chunk.write_bytes(chunk.read_bytes()[: chunk.stat().st_size // 2])
+    sitk.WriteTransform(sitk.TranslationTransform(3, [0.0, 0.0, 0.0]), str(tmp_path / "t.tfm"))
+    runs = {"r": ["register", "--fixed", str(tmp_path / "f.zarr"), "--moving", str(tmp_path / "m.zarr"), "--model",
+                  "auto-rigid", "--level", "0", "--out", str(tmp_path / "r")],
+            "w.zarr": ["apply", "--transform", str(tmp_path / "t.tfm"), "--moving", str(tmp_path / "m.zarr"),
+                       "--reference", str(tmp_path / "f.zarr"), "--out", str(tmp_path / "w.zarr")]}
+    for out, argv in runs.items():
+        capsys.readouterr()
+        assert main([*argv, "-q"]) == 2, out
+        err = capsys.readouterr().err
+        assert "m.zarr: a chunk of the store could not be decoded" in err and "truncated or damaged" in err, err
+        assert "Traceback" not in err and "bug" not in err and not (tmp_path / out).exists()
+
+
+def test_a_label_store_is_warped_by_nearest_neighbour_without_being_told(tmp_path, capsys):
+    """An OME-Zarr label image (``image-label`` metadata) given to ``apply`` without ``--labels``: warped by nearest
+    neighbour, said in a note, every value one of its labels (SimpleITK's nearest-neighbour resampling), in both
+    output kinds."""
+    from napari_regtool.cli import main
+    from napari_regtool.io import write_image
+
+    rng = np.random.default_rng(7)
+    lab = np.kron(rng.integers(0, 9, (6, 7)), np.ones((8, 8), int)).astype(np.uint16)  # 48 × 56 blocks of labels
+    space = Space(lab.shape, (0.5, 0.5), (0.0, 0.0))
+    ngff.write_ngff(tmp_path / "lab.zarr", lab, space, is_label=True, block=32)
+    write_image(tmp_path / "ref.nii.gz", np.zeros(lab.shape, np.float32), space)
+    tx = sitk.Euler2DTransform((13.0, 11.0), 0.2, (0.7, -0.4))
+    sitk.WriteTransform(tx, str(tmp_path / "t.tfm"))
+    ref = sitk.GetArrayFromImage(sitk.Resample(image_to_sitk(lab, space), sitk.ReadImage(str(tmp_path / "ref.nii.gz")),
+                                               tx, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt16))
+    for out in ("w.zarr", "w.nii.gz"):
+        capsys.readouterr()
+        assert main(["apply", "--transform", str(tmp_path / "t.tfm"), "--moving", str(tmp_path / "lab.zarr"),
+                     "--reference", str(tmp_path / "ref.nii.gz"), "--out", str(tmp_path / out)]) == 0
+        assert "is a label image" in capsys.readouterr().err
+        got = (np.asarray(ngff.open_ngff(tmp_path / out).levels[0].array) if out.endswith(".zarr")
+               else sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / out))))
+        assert got.dtype == np.uint16 and np.array_equal(got, ref), out
+
+
+def _shift_pairs(tmp_path, shift_xyz):
+    """A BigWarp CSV of four pairs related by a pure shift (x, y, z, in the images' unit)."""
+    fixed = np.array([[3.0, 4.0, 2.0], [30.0, 5.0, 8.0], [10.0, 33.0, 14.0], [25.0, 20.0, 20.0]])
+    rows = [f'"Pt-{i}","true",{",".join(f"{v:.6f}" for v in p + shift_xyz)},{",".join(f"{v:.6f}" for v in p)}'
+            for i, p in enumerate(fixed)]
+    (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
+    return tmp_path / "pairs.csv"
+
+
 def test_apply_refuses_to_mix_micrometres_and_millimetres_and_picks_a_channel(tmp_path):
     from napari_regtool.cli import main
     from napari_regtool.io import write_image

@@ -346,6 +346,70 @@ def _tilted_volume(path, degrees=20.0):
     return img
 
 
+def test_a_tilted_fixed_volume_is_registered_and_measured_on_its_own_grid(make_napari_viewer, qtbot, tmp_path,
+                                                                          monkeypatch):
+    """A tilted fixed volume is shown straightened, with fill round the file's voxels (here more than a third of the
+    grid shown). That fill is no image: the deep model's prediction, the automatic affine and Export all's figures
+    come from the file's own grid, so they are the command line's on the same files (its field at the file's voxels,
+    its matrix, its report)."""
+    import json
+
+    from napari_regtool.cli import main
+
+    from .test_gui import click_checkbox, export_all
+
+    src = sitk.ReadImage(str(F3), sitk.sitkFloat32)
+    a = np.deg2rad(20.0)
+    turn = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+    src.SetDirection((turn @ np.asarray(src.GetDirection()).reshape(3, 3)).ravel().tolist())
+    path = tmp_path / "tilted_fixed.nii.gz"
+    sitk.WriteImage(src, str(path))
+    viewer = make_napari_viewer()
+    w = open_with_widget(viewer, qtbot)
+    _open_with_buttons(qtbot, w, monkeypatch, path, M3)
+    shown = w.session.fixed
+    assert w.session.ready and shown.space.n_voxels > 1.3 * read_image(path).space.n_voxels
+    # points of the file's grid, away from its edges
+    rng = np.random.default_rng(2)
+    size = np.array(src.GetSize())
+    pts = np.array([src.TransformContinuousIndexToPhysicalPoint(i.tolist())
+                    for i in rng.uniform(0.15, 0.85, (300, 3)) * (size - 1)])
+
+    # the deep model refined (3 steps) is the field `regtool register --model deep --refine 3` writes
+    w.tabs.setCurrentIndex(1)
+    click_checkbox(qtbot, w.auto_refine)
+    w.model_combo.setCurrentIndex(w.model_combo.findData("deep"))
+    wait_idle(qtbot, w)
+    w.refine_steps.setValue(3)
+    qtbot.mouseClick(w.refine_btn, Qt.MouseButton.LeftButton)
+    wait_idle(qtbot, w)
+    assert w.session.transform.kind == "deep+refined"
+    assert main(["register", "--fixed", str(path), "--moving", str(M3), "--model", "deep", "--refine", "3",
+                 "--reg-weight", repr(w.reg_weight), "--device", "cpu", "--out", str(tmp_path / "cli_deep"),
+                 "-q"]) == 0
+    cli = sitk.DisplacementFieldTransform(sitk.ReadImage(str(tmp_path / "cli_deep" / "displacement.nii.gz"),
+                                                         sitk.sitkVectorFloat64))
+    want = np.array([cli.TransformPoint(p.tolist()) for p in pts])
+    assert np.abs(w.session.transform.map_points(pts) - want).max() < 1e-3  # mm; the field moves up to several
+    assert np.abs(want - pts).max() > 0.5
+    # the automatic affine: the command line's matrix, and Export all reports its figures
+    w.model_combo.setCurrentIndex(w.model_combo.findData("auto-affine"))
+    wait_idle(qtbot, w)
+    gui = export_all(qtbot, w, tmp_path / "gui", monkeypatch)
+    assert main(["register", "--fixed", str(path), "--moving", str(M3), "--model", "auto-affine", "--device", "cpu",
+                 "--out", str(tmp_path / "cli"), "-q"]) == 0
+    tc = sitk.ReadTransform(str(tmp_path / "cli" / "transform.tfm"))
+    assert np.abs(w.session.transform.map_points(pts) - np.array([tc.TransformPoint(p.tolist()) for p in pts])
+                  ).max() < 1e-4
+    rg, rc = (json.loads((d / "report.json").read_text()) for d in (gui, tmp_path / "cli"))
+    for key in ("similarity_before", "similarity_after"):
+        for k in ("ncc", "mse", "mi"):
+            assert rg[key][k] == pytest.approx(rc[key][k], rel=2e-3, abs=1e-4), (key, k)
+    assert rg["similarity_after"]["ncc"] > 0.9
+    assert rg["jacobian"]["folding_percent"] == rc["jacobian"]["folding_percent"] == 0.0
+    assert rg["jacobian"]["mean"] == pytest.approx(rc["jacobian"]["mean"], rel=1e-5)
+
+
 def test_a_tilted_volume_is_shown_where_it_lies(make_napari_viewer, qtbot, tmp_path, monkeypatch):
     """napari draws a 3D layer's slices without the tilt of its axes, so a tilted volume opened with Open… (or
     napari's File ▸ Open) is shown resampled onto an axis-aligned grid, and said so: the layer's voxels then sit

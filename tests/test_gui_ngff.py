@@ -234,14 +234,19 @@ def test_cancel_leaves_nothing_behind(make_napari_viewer, qtbot, monkeypatch, pa
 @pytest.mark.parametrize("fault, words", [
     ("no-multiscales", "without OME-NGFF multiscales metadata"),
     ("inconsistent", "scales are inconsistent"),
+    ("shifted", "translations are inconsistent"),
 ])
 def test_bad_zarr_gives_a_message_and_no_layer(make_napari_viewer, qtbot, monkeypatch, tmp_path, fault, words):
     arr = smooth_test_image(SHAPE, seed=2)
     path = tmp_path / "bad.zarr"
     if fault == "no-multiscales":
         write_zarr(path, arr, FIXED0, multiscales=False)
-    else:  # level 1 claims the spacing of level 0: it would cover half the image
+    elif fault == "inconsistent":  # level 1 claims the spacing of level 0: it would cover half the image
         write_zarr(path, arr, FIXED0, scales=[FIXED0, {"scale": FIXED0["scale"], "translation": FIXED0["translation"]}])
+    else:  # level 1 placed 30 µm (25 of its voxels) off level 0: registering on it would be off by as much
+        lv1 = _level1(FIXED0)
+        write_zarr(path, arr, FIXED0, scales=[FIXED0, {"scale": lv1["scale"],
+                                                       "translation": [v + 30.0 for v in lv1["translation"]]}])
     viewer = make_napari_viewer()
     w = open_with_widget(viewer, qtbot)
     monkeypatch.setattr(QFileDialog, "getOpenFileName", lambda *a, **k: (str(path), ""))
@@ -255,3 +260,64 @@ def test_bad_zarr_gives_a_message_and_no_layer(make_napari_viewer, qtbot, monkey
     reader = get_ngff_reader(str(path))
     with pytest.raises(ValueError, match=words):
         reader(str(path))
+
+
+def test_images_in_different_units_are_refused_and_a_unit_symbol_is_its_name(make_napari_viewer, qtbot, monkeypatch,
+                                                                             pair, tmp_path):
+    """A NIfTI fixed image (millimetres) with a moving store in micrometres would be registered 1000× off: refused
+    with one sentence naming both units, the model left as it was; a store whose axes say "µm" pairs with one that
+    says "micrometer"."""
+    from napari_regtool.io import write_image
+    from napari_regtool.space import Space
+
+    fixed_path, moving_path, _ = pair
+    write_image(tmp_path / "fixed_mm.nii.gz", smooth_test_image(SHAPE, seed=9), Space(SHAPE, [0.5, 0.6], [-3.0, 2.0]))
+    viewer = make_napari_viewer()
+    w = open_with_widget(viewer, qtbot)
+    monkeypatch.setattr(QFileDialog, "getOpenFileName", lambda *a, **k: (str(tmp_path / "fixed_mm.nii.gz"), ""))
+    qtbot.mouseClick(w.open_fixed_btn, Qt.MouseButton.LeftButton)
+    monkeypatch.setattr(QFileDialog, "getOpenFileName", lambda *a, **k: (str(moving_path / ".zattrs"), ""))
+    qtbot.mouseClick(w.open_moving_btn, Qt.MouseButton.LeftButton)
+    wait_idle(qtbot, w)
+    said = [m for lvl, m in w.messages if lvl in ("error", "warning") and "different units" in m]
+    assert len(said) == 1 and "µm" in said[0] and "mm" in said[0] and "1000× off" in said[0], w.messages
+    assert not w.session.ready  # nothing registered across the units
+    # the same store with its axes' unit written as a symbol: one unit with the other store's "micrometer"
+    attrs = json.loads((moving_path / ".zattrs").read_text())
+    for ax in attrs["multiscales"][0]["axes"]:
+        ax["unit"] = "µm"
+    (moving_path / ".zattrs").write_text(json.dumps(attrs))
+    w2 = open_pair(make_napari_viewer(), qtbot, monkeypatch, fixed_path, moving_path)
+    assert w2.session.ready and not [m for lvl, m in w2.messages if "different units" in m]
+
+
+def test_a_full_resolution_write_that_cannot_be_made_is_said_before_it_starts(make_napari_viewer, qtbot, monkeypatch,
+                                                                              pair, tmp_path):
+    """An output under a file, or the moving store itself (which the result would replace while it is read): one
+    sentence at once, no block computed, the store untouched. A file-system failure during the write reads as the
+    file system's own words and what to check, not an exception's name."""
+    import errno
+
+    from napari_regtool.errors import user_message
+
+    fixed_path, moving_path, _ = pair
+    viewer = make_napari_viewer()
+    w = open_pair(viewer, qtbot, monkeypatch, fixed_path, moving_path)
+    w.model_combo.setCurrentIndex(w.model_combo.findData("affine"))
+    for p in TARGETS:
+        w.click(p[::-1], "fixed")
+        w.click((A @ p + B)[::-1], "moving")
+    wait_idle(qtbot, w)
+    assert w.session.transform is not None
+    (tmp_path / "afile").write_text("not a folder")
+    before = sorted(q.name for q in moving_path.rglob("*"))
+    for out, words in ((tmp_path / "afile" / "x.zarr", "is a file, so nothing can be made under it"),
+                       (moving_path, "which the result replaces")):
+        n = len(w.messages)
+        assert w.fullres.apply_fullres(path=out) is False
+        said = [m for lvl, m in w.messages[n:] if lvl == "error"]
+        assert len(said) == 1 and words in said[0] and "Errno" not in said[0], said
+        assert w.fullres_progress.isHidden()
+    assert sorted(q.name for q in moving_path.rglob("*")) == before
+    msg = user_message(OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x.zarr")))
+    assert msg.startswith("No space left on device (") and "disk has room" in msg and "OSError" not in msg

@@ -7,6 +7,7 @@ import time
 import numpy as np
 
 from ..model import LOADED, MODEL_LABELS
+from ..image import file_image
 from ..preview import Previewer, preview_job
 from ..space import to_array_order
 from ..transforms import LANDMARK_MODELS
@@ -68,7 +69,9 @@ class LiveView:
         """New images (or none): drop what belongs to the previous pair."""
         self.runner.cancel()
         m = self.model
-        self.previewer = Previewer(m.fixed, m.moving, device="cpu") if m.ready else None
+        # the moving image warped from its file's own grid (not from a copy straightened for the viewer): one
+        # interpolation, the image Export writes
+        self.previewer = Previewer(m.fixed, file_image(m.moving), device="cpu") if m.ready else None
         self.suggestion = None
         self.shown_transform = None
         self.pending_transforms.clear()

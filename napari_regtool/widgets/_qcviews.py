@@ -14,6 +14,7 @@ import numpy as np
 from .. import qc
 from ..model import LOADED
 from ..errors import RegtoolError
+from ..image import file_image
 from ..pipeline import warp_image
 from ..space import to_physical_order
 from ._layers import META_KEY, image_from_layer, image_layer_kwargs
@@ -144,7 +145,9 @@ class TransformViews:
                 self.host.field_stats.clear()
                 return
         pairs = m.pairs.copy() if m.pairs is not None else None
-        self.stats_runner.request(stats_job, entries, m.fixed.space, lf, lm, pairs, mask, mask_label)
+        # measured on the fixed file's own grid (not a copy straightened for the viewer, with fill round it): the
+        # figures regtool qc gives
+        self.stats_runner.request(stats_job, entries, file_image(m.fixed).space, lf, lm, pairs, mask, mask_label)
 
     def _stats_error(self, exc):
         self.host.field_stats.clear()  # no numbers of another restriction or transform left standing

@@ -17,6 +17,8 @@ from qtpy.QtWidgets import (
 
 from ... import ngff
 from ...errors import Cancelled, InputError, RegtoolError, user_message
+from ...publish import check_writable
+from ...space import same_unit, unit_symbol
 from .._layers import image_from_layer, layer_role, layer_space
 from .._runner import ProgressBridge, QueueRunner
 
@@ -229,6 +231,11 @@ class FullresPanel(QGroupBox):
 
             if path.exists() and not path.is_dir():
                 raise InputError(f"{path} exists and is not a folder; choose another name for the OME-Zarr output.")
+            # before any block is computed: a folder that cannot be written to, or a store the result would replace
+            # while reading it, is said at once (as the command line does)
+            sources = [(f"The image {lay.name!r}", (lay.metadata.get("regtool") or {}).get("path"))
+                       for lay in (layer, self.att.fixed_layer) if lay is not None]
+            check_writable(path, option="output folder", folder=True, inputs=sources)
             images = getattr(self.host, "images", None)
             if images is not None:
                 images.restore_display()  # read the layers where they are, not where a linear result shows them
@@ -242,9 +249,10 @@ class FullresPanel(QGroupBox):
             finally:
                 if images is not None:
                     images.update_linear_display()
-            if munit and funit and munit != funit:
-                raise InputError(f"{layer.name!r} is in {munit} but the fixed image is in {funit}; both must use "
-                                 "the same unit.")
+            if not same_unit(munit, funit):
+                raise InputError(f"{layer.name!r} is in {unit_symbol(munit)} but the fixed image is in "
+                                 f"{unit_symbol(funit)} (no unit: millimetres, as in ITK files); both must use the "
+                                 "same unit.")
             if mspace.ndim != fspace.ndim or m.transform.ndim != fspace.ndim:
                 raise InputError(f"Layer {layer.name!r} is {mspace.ndim}D but the registration is {fspace.ndim}D.")
         except RegtoolError as exc:
