@@ -115,7 +115,9 @@ def check_pair(fixed: Image, moving: Image):
         raise InputError(f"The fixed image is {fixed.ndim}D but the moving image is {moving.ndim}D; both must be 2D "
                          "or both 3D.")
     fu, mu = fixed.meta.get("unit"), moving.meta.get("unit")
-    if not same_unit(fu, mu):
+    # (an image made in the viewer, with no file behind it, has no unit of its own: it is in the other's)
+    unknown = fixed.meta.get("unit_unknown") or moving.meta.get("unit_unknown")
+    if not unknown and not same_unit(fu, mu):
         # registered as they are, one image's coordinates would be read in the other's unit (1000× off for µm/mm)
         def said(im, u):
             return f"{im.name} in {unit_symbol(u)}" + ("" if u else " (no unit given: millimetres, as in ITK files)")

@@ -14,7 +14,7 @@ from napari_regtool.landmarks import LandmarkPairs, read_bigwarp_csv, write_bigw
 from napari_regtool.space import to_array_order
 
 from .test_gui import (
-    F2, L2, M2, assert_close_image, canvas_click, click_checkbox, open_with_widget, sitk_landmark_affine,
+    F2, L2, L3, M2, assert_close_image, canvas_click, click_checkbox, open_with_widget, sitk_landmark_affine,
     sitk_resample, wait_idle,
 )
 from .test_gui_deep import tiny_model  # noqa: F401  (a fixture: a small network in place of the weights)
@@ -484,6 +484,33 @@ def test_linear_result_shown_through_the_moving_layers_affine(make_napari_viewer
     click_checkbox(qtbot, w.images.linear_check)
     np.testing.assert_allclose(ml.affine.affine_matrix, own)
     np.testing.assert_allclose(mlm.affine.affine_matrix, np.eye(3))
+
+
+def test_a_3d_result_turned_out_of_the_plane_is_not_drawn_through_the_layer(make_napari_viewer, qtbot):
+    """napari draws a 3D layer's slices flat (its warning: "displayed without applying an out-of-slice rotation"):
+    a linear result that turns the volume out of the plane is not shown through the moving layer's affine (its
+    slices would be drawn up to millimetres off where the transform maps them, and a click there off as far); it
+    is said, and the warped layer shows the result. A shift is shown through the layer as in 2D."""
+    viewer = make_napari_viewer()
+    w = open_with_widget(viewer, qtbot, "brain3d")
+    ml = w._moving_layer
+    own = np.array(ml.affine.affine_matrix)
+    pts = read_bigwarp_csv(L3).fixed[:6]
+    a = np.deg2rad(6.0)  # about the x axis: y and z mix, the plane shown (z) turns
+    turn = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+    c = pts.mean(0)
+    w.session.set_pairs(LandmarkPairs(pts, (pts - c) @ turn.T + c))
+    w.set_model("rigid")
+    wait_idle(qtbot, w)
+    click_checkbox(qtbot, w.images.linear_check)
+    wait_idle(qtbot, w)
+    np.testing.assert_allclose(ml.affine.affine_matrix, own)  # not drawn turned
+    assert "out of the plane shown" in w.status_label.text() and "warped layer" in w.status_label.text()
+    w.session.set_pairs(LandmarkPairs(pts, pts + np.array([4.0, -3.0, 2.0])))
+    wait_idle(qtbot, w)
+    shift = np.eye(4)
+    shift[:3, 3] = -np.array([2.0, -3.0, 4.0])  # T⁻¹ in array (z, y, x) order
+    np.testing.assert_allclose(ml.affine.affine_matrix, shift @ own, atol=1e-6)
 
 
 @pytest.mark.usefixtures("tiny_model")

@@ -109,10 +109,12 @@ def image_from_layer(layer, is_label: bool | None = None) -> Image:
     space = layer_space(layer)
     label = isinstance(layer, Labels) if is_label is None else is_label
     image = Image(arr, space, name=layer.name, is_label=label)
-    from .panels.fullres import layer_unit
+    from .panels.fullres import layer_unit, layer_unit_known
 
     if layer_unit(layer):  # a one-level OME-Zarr image in micrometres, say
         image.meta["unit"] = layer_unit(layer)
+    elif not layer_unit_known(layer):  # made in napari: no unit to compare with the other image's
+        image.meta["unit_unknown"] = True
     original, shown, grid = (getattr(layer, "metadata", None) or {}).get(ORIGINAL_KEY) or (None, None, None)
     # a straightened copy of a tilted file, as it was opened: the same array (an image layer: labels can be painted
     # in place) on the same grid (the layer was not moved since)
@@ -152,6 +154,27 @@ def linear_display_affine(transform, own_affine) -> np.ndarray:
     flip = np.eye(d + 1)
     flip[:d, :d] = np.eye(d)[::-1]
     return np.linalg.inv(flip @ h @ flip) @ own
+
+
+def drawn_offset(layer, affine) -> tuple:
+    """How far napari's 2D slicing would draw a voxel of the 3D ``layer`` from its place if its ``affine`` were
+    ``affine``: ``(offset, smallest voxel side)``, world units. napari draws each data slice flat, as if every data
+    axis ran along its nearest world axis, so a turn out of the plane shown puts a voxel off by up to ``offset`` (0
+    for a 2D layer, or any turn within the plane). The distance is :meth:`~napari_regtool.space.Space.tilt`'s, for
+    the layer's world matrix."""
+    d = layer.ndim
+    if d != 3:
+        return 0.0, 1.0
+    own = np.asarray(layer.affine.affine_matrix, float)
+    m = np.asarray(affine, float) @ np.linalg.inv(own) @ world_matrix(layer)  # the world matrix with ``affine``
+    lin = m[:d, :d]
+    nearest = np.abs(lin).argmax(axis=0)  # the world axis each data axis is drawn along
+    turned = np.zeros((d, d))
+    turned[nearest, np.arange(d)] = lin[nearest, np.arange(d)]
+    half = (np.asarray(layer.data.shape[-d:] if not getattr(layer, "multiscale", False) else layer.data[0].shape[-d:],
+                       float) - 1) / 2
+    corners = np.array(np.meshgrid(*[[-1.0, 1.0]] * d, indexing="ij")).reshape(d, -1) * half[:, None]
+    return float(np.linalg.norm((lin - turned) @ corners, axis=0).max()), float(np.linalg.norm(lin, axis=0).min())
 
 
 def _points_world(layer, data) -> np.ndarray:

@@ -54,6 +54,14 @@ def layer_unit(layer) -> str | None:
     return _ngff_meta(layer).get("unit")
 
 
+def layer_unit_known(layer) -> bool:
+    """Whether a layer's length unit is known: an OME-Zarr image's own (millimetres when it names none), or
+    millimetres for a file the plugin read through SimpleITK (and its sample data). A layer made in napari (painted,
+    added from a script, opened by another reader) has none: it lies in the world of the layers beside it."""
+    role = layer_role(layer)
+    return bool(layer_unit(layer) or role.get("ngff") or role.get("path") or role.get("sample"))
+
+
 def layer_pyramid(layer) -> ngff.NgffImage:
     """The levels of a multiscale layer as an :class:`~napari_regtool.ngff.NgffImage` (still lazy), each placed in
     physical space: level 0 where the layer shows it, the others as the file placed them relative to level 0 (or,
@@ -249,7 +257,8 @@ class FullresPanel(QGroupBox):
             finally:
                 if images is not None:
                     images.update_linear_display()
-            if not same_unit(munit, funit):
+            known = layer_unit_known(layer) and (fixed_layer is None or layer_unit_known(fixed_layer))
+            if known and not same_unit(munit, funit):
                 raise InputError(f"{layer.name!r} is in {unit_symbol(munit)} but the fixed image is in "
                                  f"{unit_symbol(funit)} (no unit: millimetres, as in ITK files); both must use the "
                                  "same unit.")

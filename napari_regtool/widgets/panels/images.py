@@ -8,9 +8,10 @@ from qtpy.QtWidgets import QCheckBox, QComboBox, QFileDialog, QGridLayout, QLabe
 
 from ... import io as rio
 from ...errors import RegtoolError
+from ...space import unit_symbol
 from ..._reader import ORIGINAL_KEY, file_stamp, shown_copy_of
-from ...pipeline import drawn_tilt, straighten_for_display
-from .._layers import layer_path, layer_role, layer_space, linear_display_affine
+from ...pipeline import DRAWN_OFFSET_LIMIT, drawn_tilt, straighten_for_display
+from .._layers import drawn_offset, layer_path, layer_role, layer_space, linear_display_affine
 from .fullres import open_zarr, registration_image, zarr_folder
 from ._shortcuts import SHORTCUTS
 
@@ -250,6 +251,18 @@ class ImagesPanel(QWidget):
         on = self.linear_check.isChecked() and m.ready and t is not None and t.is_linear
         layers = [l for l in (self.att.moving_layer, self.att.layer("landmarks-moving")) if l is not None] if on \
             else []
+        moving = self.att.moving_layer
+        if layers and moving is not None:
+            # napari draws a 3D layer's slices flat: a result that turns the volume out of the plane shown would
+            # be drawn (and clicked) far from where it maps, so it is not shown this way (the warped layer shows it)
+            affine = linear_display_affine(t, self.own_affine(moving))
+            off, voxel = drawn_offset(moving, affine)
+            if off > DRAWN_OFFSET_LIMIT * voxel:
+                layers = []
+                unit = unit_symbol(m.fixed.meta.get("unit"))
+                self.host.set_status(f"The linear result turns the moving volume out of the plane shown: napari would "
+                                     f"draw its slices up to {off:.1f} {unit} from their place, so the moving layer "
+                                     "stays where it is; the warped layer shows the result.")
         self.restore_display(keep=layers)
         for layer in layers:
             own = self._own_affine.setdefault(id(layer), (layer, layer.affine.affine_matrix.copy()))[1]
