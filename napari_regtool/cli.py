@@ -389,6 +389,10 @@ def _warn_partial_cover(transform, space, args):
     if dom is None:
         return
     share = 100.0 * float(dom.double().mean())
+    if not bool(dom.any()):  # nothing of the reference would be moved by it: not the field of these images
+        raise RegtoolError(f"The displacement field in {name} does not reach the reference grid at all (its grid lies "
+                           "elsewhere in physical space), so it would move nothing there. Give the field that belongs "
+                           "to this reference image (regtool qc shows where a field lies).")
     if share < 99.5:
         print(f"warning: a displacement field in {name} reaches about {share:.0f}% of the reference grid; beyond "
               "its grid ITK reads zero displacement, so the rest is not moved by it. Check that the field belongs "

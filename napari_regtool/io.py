@@ -57,14 +57,16 @@ def _read_dicom_series(folder: Path) -> tuple:
                  f"{others}. Put each series in its own folder to choose another.")
 
 
-def image_from_sitk(img, name: str = "image", is_label: bool = False) -> Image:
-    """SimpleITK image → :class:`Image` (drops a singleton 3rd axis so a 1-slice volume is a 2D image)."""
+def image_from_sitk(img, name: str = "image", is_label: bool = False, source: str | None = None) -> Image:
+    """SimpleITK image → :class:`Image` (drops a singleton 3rd axis so a 1-slice volume is a 2D image). ``source``:
+    the file name messages give (default ``name``)."""
     sitk = _sitk()
     dim = img.GetDimension()
+    what = source or name
     if 0 in tuple(img.GetSize()):
-        raise InputError(f"{name}: the image is empty (size {tuple(img.GetSize())}).")
+        raise InputError(f"{what}: the image is empty (size {tuple(img.GetSize())}).")
     if dim == 4:
-        raise InputError(f"{name}: 4D images (time series) are not supported; extract one 3D volume first.")
+        raise InputError(f"{what}: 4D images (time series) are not supported; extract one 3D volume first.")
     notices = []
     if dim == 3 and img.GetSize()[2] == 1:
         d3 = np.array(img.GetDirection()).reshape(3, 3)
@@ -74,12 +76,13 @@ def image_from_sitk(img, name: str = "image", is_label: bool = False) -> Image:
             dim = 2
             notices.append(f"{name} is a volume of one slice ({size[0]}×{size[1]}×1); it is read as a 2D image.")
     if dim not in (2, 3):
-        raise InputError(f"{name}: only 2D and 3D images are supported (this one is {dim}D).")
+        raise InputError(f"{what}: only 2D and 3D images are supported (this one is {dim}D).")
     arr = sitk.GetArrayFromImage(img)
     try:
         space = Space.from_sitk(img)
     except ValueError as exc:
-        raise InputError(f"{name}: unusable image geometry — {exc}") from None
+        raise InputError(f"{what}: unusable image geometry — {exc} Resample it onto a grid with orthogonal axes "
+                         "first (e.g. SimpleITK's Resample, or 3D Slicer's Resample Scalar Volume).") from None
     if arr.size == 0:
         raise InputError(f"{name}: the image is empty.")
     return Image(arr, space, name=name, is_label=is_label, meta={"notices": notices} if notices else {})
@@ -517,7 +520,7 @@ def read_image(path, is_label: bool = False, level: int | None = None) -> Image:
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise InputError(f"Cannot read {p.name} as an image ({first[:200]}). Supported formats include NIfTI, "
                          "MHA/MHD, NRRD, TIFF, PNG, JPEG and DICOM.") from None
-    out = image_from_sitk(img, name=name, is_label=is_label)
+    out = image_from_sitk(img, name=name, is_label=is_label, source=p.name)
     if note:
         out.meta.setdefault("notices", []).append(note)
     return out

@@ -227,3 +227,15 @@ def test_silencing_c_stderr_in_overlapping_threads_restores_it_once_all_end():
         t.join(10)
     assert seen["a ended, b inside"] == (null.st_dev, null.st_ino)
     assert where() == before
+
+
+def test_a_sheared_grid_is_refused_naming_the_file(tmp_path):
+    """A NRRD whose space directions are not orthogonal (a sheared grid, which SimpleITK reads): one sentence naming
+    the file (with its extension) and what to do."""
+    arr = np.arange(4 * 5 * 6, dtype="<f4").reshape(4, 5, 6)
+    hdr = ("NRRD0004\ntype: float\ndimension: 3\nspace: left-posterior-superior\nsizes: 6 5 4\n"
+           "space directions: (0.5,0,0) (0.2,0.7,0) (0,0,2)\nkinds: domain domain domain\nendian: little\n"
+           "encoding: raw\nspace origin: (-4,-2,-4)\n\n")
+    (tmp_path / "sheared.nrrd").write_bytes(hdr.encode() + arr.tobytes())
+    with pytest.raises(InputError, match=r"^sheared\.nrrd: unusable image geometry .*orthonormal.*Resample it"):
+        read_image(tmp_path / "sheared.nrrd")

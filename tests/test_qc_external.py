@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -1136,6 +1137,15 @@ def test_apply_and_field_warn_when_a_field_reaches_only_part_of_the_reference(tm
                          str(tmp_path / "m.nii.gz"), "-q"]) == 0
             err = capsys.readouterr().err
             assert ("reaches about 5" in err) == warned, (name, cmd[0], err)
+    # a field whose grid lies elsewhere (500 mm away) moves nothing of the reference: refused, nothing written
+    sitk.WriteImage(_to_sitk(u, Space((40, 60), (1.0, 1.0), (500.0, 500.0)), vector=True), str(tmp_path / "far.nii.gz"))
+    for cmd in (["apply", "--moving", str(tmp_path / "m.nii.gz"), "--out", str(tmp_path / "w_far.nii.gz")],
+                ["field", "--out", str(tmp_path / "f_far.nii.gz")]):
+        capsys.readouterr()
+        assert main([*cmd, "--transform", str(tmp_path / "far.nii.gz"), "--reference", str(tmp_path / "m.nii.gz"),
+                     "-q"]) == 2
+        err = capsys.readouterr().err
+        assert "does not reach the reference grid at all" in err and not Path(cmd[-1]).exists(), err
 
 
 def test_apply_names_what_is_wrong_with_a_transform_file(tmp_path, capfd):

@@ -245,9 +245,11 @@ def warp_prepared(prepared, transform, fixed_space: Space, device="cpu"):
     """
     kind, data, kw = prepared
     if kind in ("image", "labels"):
+        from ..image import file_image
         from ..pipeline import warp_image
 
-        return warp_image(data, transform, fixed_space, label=kind == "labels", device=device), kw, kind
+        # a layer showing a straightened copy of a tilted file is warped from the file (one interpolation)
+        return warp_image(file_image(data), transform, fixed_space, label=kind == "labels", device=device), kw, kind
     inv = transform.inverse() if transform.is_linear else NumericInverse(transform)
     if kind == "points":
         return map_layer_points(data, inv), kw, kind

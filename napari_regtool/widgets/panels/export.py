@@ -7,6 +7,7 @@ from qtpy.QtWidgets import QComboBox, QFileDialog, QHBoxLayout, QLabel, QPushBut
 
 from ... import io as rio
 from ...errors import RegtoolError
+from ...image import file_image
 from ...jobs import export_job, save_map_job, write_transform_job
 from .._layers import prepare_layer, warp_prepared
 
@@ -114,7 +115,7 @@ class ExportPanel(QWidget):
             self.host.notify("warning", lost)
         # a moving image straightened for the viewer is warped from the file's own grid, as Export all does
         return self._when_settled(f"Saving {Path(path).name}", lambda: self.host.start_job(
-            f"Saving {Path(path).name}…", save_map_job, what, path, m.moving.meta.get("original", m.moving),
+            f"Saving {Path(path).name}…", save_map_job, what, path, file_image(m.moving),
             m.transform, m.fixed.space, m.fixed.meta.get("unit")))
 
     def export_all(self, folder=None) -> bool:
