@@ -29,7 +29,7 @@ from .errors import InputError
 from .image import Image
 from .space import Space, mm_per_unit
 
-__all__ = ["NgffImage", "NgffLevel", "is_ngff", "open_ngff", "read_level", "choose_level", "write_ngff", "chunk_errors",
+__all__ = ["NgffImage", "NgffLevel", "is_ngff", "open_ngff", "read_level", "choose_level", "write_ngff", "chunk_errors", "check_chunks",
            "NGFF_VERSION", "level_names"]
 
 #: the version this module writes (zarr format 2: read by napari-ome-zarr, Fiji/BigDataViewer, QuPath, neuroglancer)
@@ -356,6 +356,42 @@ def choose_level(img: NgffImage, max_voxels: int | None = None) -> int:
     return len(img.levels) - 1
 
 
+def check_chunks(store: Path, level_path: str, name: str | None = None) -> None:
+    """Refuse a level whose blosc-compressed chunk files are shorter than their own header says (a copy that stopped
+    midway): blosc trusts that header and may decode the missing bytes from whatever memory follows, so a truncated
+    chunk can read as plausible numbers without an error. Reads 16 bytes per chunk file (zarr v2, and v3 without
+    sharding); other codecs fail loudly on their own (see :func:`chunk_errors`)."""
+    level = Path(store) / level_path
+    blosc = False
+    try:
+        if (level / ".zarray").is_file():
+            comp = json.loads((level / ".zarray").read_text()).get("compressor") or {}
+            blosc, files = comp.get("id") == "blosc", [f for f in level.iterdir() if not f.name.startswith(".")]
+        elif (level / "zarr.json").is_file():
+            codecs = json.loads((level / "zarr.json").read_text()).get("codecs") or []
+            names = [c.get("name") for c in codecs if isinstance(c, dict)]
+            blosc = "blosc" in names and "sharding_indexed" not in names
+            files = [f for f in (level / "c").rglob("*")] if (level / "c").is_dir() else \
+                [f for f in level.rglob("*") if f.name != "zarr.json"]
+        else:
+            return
+    except (OSError, ValueError):
+        return  # unreadable metadata is said where the array is opened
+    if not blosc:
+        return
+    for f in files:
+        if not f.is_file():
+            continue
+        with open(f, "rb") as fh:
+            head = fh.read(16)
+        size = f.stat().st_size
+        cbytes = int.from_bytes(head[12:16], "little") if len(head) == 16 else -1
+        if cbytes != size:
+            raise InputError(f"{name or Path(store).name}: the chunk file {f.relative_to(store)} holds {size} bytes "
+                             f"but its header says {max(cbytes, 0)}; it is truncated or damaged (a copy that stopped "
+                             "midway?). Copy or write the store again, then retry.")
+
+
 @contextmanager
 def chunk_errors(name: str):
     """Read chunks of the store ``name`` inside this block: a codec's error on a truncated or damaged chunk file
@@ -378,6 +414,7 @@ def read_level(img: NgffImage, level: int | None = None, is_label: bool | None =
         raise InputError(f"{img.path.name} has {len(img.levels)} level(s) (0 … {len(img.levels) - 1}); --level {k} "
                          "does not exist.")
     lv = img.levels[k]
+    check_chunks(img.path, lv.path, img.path.name)
     with chunk_errors(img.path.name):
         arr = np.asarray(lv.array[img.spatial_slices(all_channels=True)])
     if img.channel_axis is not None and img.channel is None and img.channels > 1:
@@ -458,9 +495,11 @@ def write_ngff(path, data, space: Space, *, name: str = "image", is_label: bool 
             factor = 2 ** k
             sp = space.spacing * factor  # physical order
             origin = space.origin + (0.0 if is_label else (factor - 1) / 2.0) * (direction @ space.spacing)
+            # 12 significant digits: a spacing read from a viewer's world matrix (0.6500000000000057) is stored as
+            # the number it stands for (0.65); a part in 10¹² of a coordinate is far below anything measured
             datasets.append({"path": str(k), "coordinateTransformations": [
-                {"type": "scale", "scale": [float(v) for v in sp[::-1]]},
-                {"type": "translation", "translation": [float(v) for v in origin[::-1]]}]})
+                {"type": "scale", "scale": [float(f"{v:.12g}") for v in sp[::-1]]},
+                {"type": "translation", "translation": [float(f"{v:.12g}") for v in origin[::-1]]}]})
             if progress is not None:
                 progress((k + 1) / len(shapes), f"level {k} of {len(shapes) - 1} written")
         attrs = {"multiscales": [{"version": NGFF_VERSION, "name": name, "axes": axes, "datasets": datasets,

@@ -265,6 +265,7 @@ class FullresPanel(QGroupBox):
             if mspace.ndim != fspace.ndim or m.transform.ndim != fspace.ndim:
                 raise InputError(f"Layer {layer.name!r} is {mspace.ndim}D but the registration is {fspace.ndim}D.")
         except RegtoolError as exc:
+            self.fullres_status.setText(f"Not written: {exc}")  # (not an earlier write's words)
             self.host.notify("error", str(exc))
             return False
         label = isinstance(layer, Labels)
