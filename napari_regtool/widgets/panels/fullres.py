@@ -264,6 +264,10 @@ class FullresPanel(QGroupBox):
                                  "same unit.")
             if mspace.ndim != fspace.ndim or m.transform.ndim != fspace.ndim:
                 raise InputError(f"Layer {layer.name!r} is {mspace.ndim}D but the registration is {fspace.ndim}D.")
+            source = layer_role(layer).get("path")
+            if _ngff_meta(layer) and source and Path(source).is_dir():  # its finest level's chunks, read block by block
+                store = ngff.open_ngff(source)
+                ngff.check_chunks(store.path, store.levels[0].path)
         except RegtoolError as exc:
             self.fullres_status.setText(f"Not written: {exc}")  # (not an earlier write's words)
             self.host.notify("error", str(exc))
