@@ -362,34 +362,45 @@ def check_chunks(store: Path, level_path: str, name: str | None = None) -> None:
     chunk can read as plausible numbers without an error. Reads 16 bytes per chunk file (zarr v2, and v3 without
     sharding); other codecs fail loudly on their own (see :func:`chunk_errors`)."""
     level = Path(store) / level_path
-    blosc = False
     try:
         if (level / ".zarray").is_file():
             comp = json.loads((level / ".zarray").read_text()).get("compressor") or {}
-            blosc, files = comp.get("id") == "blosc", [f for f in level.iterdir() if not f.name.startswith(".")]
+            blosc = comp.get("id") == "blosc"
         elif (level / "zarr.json").is_file():
             codecs = json.loads((level / "zarr.json").read_text()).get("codecs") or []
             names = [c.get("name") for c in codecs if isinstance(c, dict)]
             blosc = "blosc" in names and "sharding_indexed" not in names
-            files = [f for f in (level / "c").rglob("*")] if (level / "c").is_dir() else \
-                [f for f in level.rglob("*") if f.name != "zarr.json"]
         else:
             return
     except (OSError, ValueError):
         return  # unreadable metadata is said where the array is opened
     if not blosc:
         return
+    # chunk files at any depth ("/" as the key separator nests them), not the metadata
+    files = (f for f in level.rglob("*") if not f.name.startswith(".") and f.name != "zarr.json")
     for f in files:
         if not f.is_file():
             continue
         with open(f, "rb") as fh:
             head = fh.read(16)
         size = f.stat().st_size
-        cbytes = int.from_bytes(head[12:16], "little") if len(head) == 16 else -1
-        if cbytes != size:
+        cbytes = int.from_bytes(head[12:16], "little") if len(head) == 16 else size + 1
+        if size < cbytes:  # (a checksum codec after blosc adds bytes: a longer file is not a short one)
             raise InputError(f"{name or Path(store).name}: the chunk file {f.relative_to(store)} holds {size} bytes "
                              f"but its header says {max(cbytes, 0)}; it is truncated or damaged (a copy that stopped "
                              "midway?). Copy or write the store again, then retry.")
+
+
+def _from_a_codec(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised while zarr or a codec (numcodecs, blosc, zlib, zstd…) decoded a chunk: the
+    innermost frames of its traceback lie in those packages."""
+    tb, files = exc.__traceback__, []
+    while tb is not None:
+        files.append(tb.tb_frame.f_code.co_filename.replace("\\", "/"))
+        tb = tb.tb_next
+    if isinstance(exc, zlib.error) or "blosc" in str(exc).lower():
+        return True
+    return any(("/numcodecs/" in f or "/zarr/" in f or "/zstandard" in f) for f in files[-3:])
 
 
 @contextmanager
@@ -397,11 +408,15 @@ def chunk_errors(name: str):
     """Read chunks of the store ``name`` inside this block: a codec's error on a truncated or damaged chunk file
     (blosc, zlib, zstd… each with its own words and no file named) becomes an :class:`InputError` that names the
     store and says what to do."""
+    from .errors import RegtoolError
+
     try:
         yield
-    except InputError:
+    except RegtoolError:
         raise
     except (RuntimeError, ValueError, EOFError, zlib.error) as exc:
+        if not _from_a_codec(exc):  # (out of memory in a block, a bug elsewhere: not the store's fault)
+            raise
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
         raise InputError(f"{name}: a chunk of the store could not be decoded ({first}); a chunk file is truncated or "
                          "damaged. Copy or write the store again, then retry.") from None

@@ -263,15 +263,17 @@ def test_multichannel_ngff_reads_channels_last_and_keeps_its_geometry(tmp_path):
     assert im.meta["unit"] == "micrometer"
 
 
-def _tczyx_ngff(path, vol, unit="micrometer", scale=(2.0, 0.8, 0.8), shift=(0.0, 0.0, 0.0), compressors="auto"):
-    """A one-time-point, one-channel 5D store as microscopes write them (OME-NGFF 0.4 ``tczyx``), two levels."""
+def _tczyx_ngff(path, vol, unit="micrometer", scale=(2.0, 0.8, 0.8), shift=(0.0, 0.0, 0.0), compressors="auto",
+                separator="."):
+    """A one-time-point, one-channel 5D store as microscopes write them (OME-NGFF 0.4 ``tczyx``), two levels
+    (``separator="/"``: chunk files nested in folders, as ome-zarr-py writes them)."""
     import zarr
 
     g = zarr.open_group(str(path), mode="w", zarr_format=2)
     datasets = []
     for k, v in enumerate((vol, vol[:, ::2, ::2])):
         z = g.create_array(str(k), shape=(1, 1, *v.shape), chunks=(1, 1, 8, 16, 16), dtype="f4",
-                           compressors=compressors)
+                           compressors=compressors, chunk_key_encoding={"name": "v2", "separator": separator})
         z[0, 0] = v
         sc = [1.0, 1.0, scale[0], scale[1] * 2 ** k, scale[2] * 2 ** k]
         tr = [0.0, 0.0, shift[0], shift[1] + (2 ** k - 1) * scale[1] / 2, shift[2] + (2 ** k - 1) * scale[2] / 2]
@@ -313,7 +315,7 @@ def test_a_one_channel_tczyx_store_is_a_3d_image_for_every_command(tmp_path):
     assert got.shape == vol.shape and np.abs(got - vol).max() < 1e-5  # the shift undone exactly
 
 
-def test_a_truncated_chunk_is_named_in_one_sentence_for_register_and_apply(tmp_path, capsys):
+def test_a_truncated_chunk_is_named_in_one_sentence_for_register_and_apply(tmp_path, capsys, monkeypatch):
     """A chunk file cut short (a copy that stopped midway): blosc trusts its header and may decode the missing bytes
     from whatever memory follows (seen: a register that ran on, NCC 0.957 for identical images) or fail with words
     that name no file; every command says which chunk of which store is short and what to do, exits 2 and writes
@@ -337,6 +339,14 @@ def test_a_truncated_chunk_is_named_in_one_sentence_for_register_and_apply(tmp_p
         err = capsys.readouterr().err
         assert "m.zarr: the chunk file 0/0.0.0.1.1 holds" in err and "truncated or damaged" in err, err
         assert "Traceback" not in err and "bug" not in err and not (tmp_path / out).exists()
+    # chunk files nested in folders, a few bytes short: found all the same
+    _tczyx_ngff(tmp_path / "n.zarr", vol, separator="/")
+    chunk = tmp_path / "n.zarr" / "0" / "0" / "0" / "0" / "1" / "1"
+    chunk.write_bytes(chunk.read_bytes()[:-3])
+    capsys.readouterr()
+    assert main(["register", "--fixed", str(tmp_path / "f.zarr"), "--moving", str(tmp_path / "n.zarr"), "--model",
+                 "auto-rigid", "--level", "0", "--out", str(tmp_path / "rn"), "-q"]) == 2
+    assert "n.zarr: the chunk file 0/0/0/0/1/1 holds" in capsys.readouterr().err
     # zlib chunks carry no length to check: the codec's own error, with the store named
     import numcodecs
 
@@ -348,6 +358,19 @@ def test_a_truncated_chunk_is_named_in_one_sentence_for_register_and_apply(tmp_p
                  "auto-rigid", "--level", "0", "--out", str(tmp_path / "rz"), "-q"]) == 2
     err = capsys.readouterr().err
     assert "z.zarr: a chunk of the store could not be decoded" in err and "Traceback" not in err, err
+    # an error of the computation itself (torch out of memory in a block) is not blamed on the store's chunks
+    from napari_regtool.transforms.linear import AffineTransform
+
+    def out_of_memory(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:114] DefaultCPUAllocator: not enough memory: you tried "
+                           "to allocate 8589934592 bytes.")
+
+    monkeypatch.setattr(AffineTransform, "moving_index_grid", out_of_memory)
+    capsys.readouterr()
+    assert main(["apply", "--transform", str(tmp_path / "t.tfm"), "--moving", str(tmp_path / "f.zarr"),
+                 "--reference", str(tmp_path / "f.zarr"), "--out", str(tmp_path / "oom.zarr"), "-q"]) == 3  # memory
+    err = capsys.readouterr().err
+    assert "not enough memory" in err and "chunk" not in err, err
 
 
 def test_a_label_store_is_warped_by_nearest_neighbour_without_being_told(tmp_path, capsys):

@@ -321,3 +321,23 @@ def test_a_full_resolution_write_that_cannot_be_made_is_said_before_it_starts(ma
     assert sorted(q.name for q in moving_path.rglob("*")) == before
     msg = user_message(OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x.zarr")))
     assert msg.startswith("No space left on device (") and "disk has room" in msg and "OSError" not in msg
+
+
+def test_a_store_with_a_short_chunk_opened_through_napari_is_refused_when_chosen(make_napari_viewer, qtbot,
+                                                                                 monkeypatch, pair):
+    """A store opened with File ▸ Open (napari's reader; the layer holds only lazy arrays) whose chunk file was cut
+    short: choosing it for registration names the chunk instead of registering numbers blosc made up."""
+    fixed_path, moving_path, _ = pair
+    chunk = moving_path / "0" / "1.1"
+    chunk.write_bytes(chunk.read_bytes()[:-5])
+    viewer = make_napari_viewer()
+    w = open_with_widget(viewer, qtbot)
+    monkeypatch.setattr(QFileDialog, "getOpenFileName", lambda *a, **k: (str(fixed_path / ".zattrs"), ""))
+    qtbot.mouseClick(w.open_fixed_btn, Qt.MouseButton.LeftButton)
+    layer = viewer.open(str(moving_path), plugin="napari-regtool")[0]
+    n = len(w.messages)
+    w.moving_combo.setCurrentIndex(w.moving_combo.findText(layer.name))
+    wait_idle(qtbot, w)
+    said = [m for lvl, m in w.messages[n:] if lvl == "error"]
+    assert len(said) == 1 and "chunk file 0/1.1 holds" in said[0] and "truncated" in said[0], w.messages[n:]
+    assert not w.session.ready

@@ -90,9 +90,20 @@ def registration_image(layer):
     img = layer_pyramid(layer)
     limit = ngff.live_voxels(img.ndim)
     k = ngff.choose_level(img, max_voxels=limit)
+    _check_store_chunks(layer, k)
     im = ngff.read_level(img, k, is_label=img.is_label)
     im.meta["level_note"] = ngff.level_note(img, k, limit)
     return im
+
+
+def _check_store_chunks(layer, level: int) -> None:
+    """For a layer read from an OME-Zarr store: :func:`~napari_regtool.ngff.check_chunks` of that level in the store
+    (the layer's arrays alone do not say where their chunk files are)."""
+    source = layer_role(layer).get("path")
+    if _ngff_meta(layer) and source and Path(source).is_dir():
+        store = ngff.open_ngff(source)
+        if level < len(store.levels):
+            ngff.check_chunks(store.path, store.levels[level].path)
 
 
 def full_resolution(layer) -> tuple:
@@ -264,10 +275,7 @@ class FullresPanel(QGroupBox):
                                  "same unit.")
             if mspace.ndim != fspace.ndim or m.transform.ndim != fspace.ndim:
                 raise InputError(f"Layer {layer.name!r} is {mspace.ndim}D but the registration is {fspace.ndim}D.")
-            source = layer_role(layer).get("path")
-            if _ngff_meta(layer) and source and Path(source).is_dir():  # its finest level's chunks, read block by block
-                store = ngff.open_ngff(source)
-                ngff.check_chunks(store.path, store.levels[0].path)
+            _check_store_chunks(layer, 0)  # the finest level's chunks, read block by block
         except RegtoolError as exc:
             self.fullres_status.setText(f"Not written: {exc}")  # (not an earlier write's words)
             self.host.notify("error", str(exc))
