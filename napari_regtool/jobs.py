@@ -31,23 +31,36 @@ def _deep_registration(cache, key, fixed, moving, device, initial):
 
 
 def _for_shown_grid(t, fixed):
-    """A deep result computed on the fixed file's own grid, for a fixed image straightened for the viewer: the
-    transform is physical and holds as it is; its uncertainty map (a map on the file's grid) is put on the grid
-    shown, where the overlays and the exported maps lie."""
+    """A deep result computed on the fixed file's own grid, for a fixed image straightened for the viewer: the same
+    field put on the grid shown (linear interpolation), extended from the file's edge over the fill round it (no
+    seam there for the Jacobian and grid overlays to draw as folds), with the file's voxels as its ``domain`` (the
+    statistics cover those only); its uncertainty map likewise. On the grid shown, every redraw and λ move reads the
+    field as it is instead of resampling it."""
     from .image import file_image
 
     grid = file_image(fixed).space
-    unc = getattr(t, "uncertainty", None)
-    if grid == fixed.space or unc is None:
+    if grid == fixed.space:
         return t
     import torch
 
     from .transforms.base import IdentityTransform
-    from .transforms.field import resample
+    from .transforms.field import DisplacementFieldTransform, outside_itk, sample_at_index
 
-    u = unc if torch.is_tensor(unc) else torch.as_tensor(np.asarray(unc))
-    t.uncertainty = resample(u.float().cpu(), grid, IdentityTransform(grid.ndim), fixed.space, fill=0.0).cpu()
-    return t
+    idx = IdentityTransform(grid.ndim).moving_index_grid(fixed.space, grid, device="cpu", dtype=torch.float64)
+    inside = ~outside_itk(idx, list(grid.size_xyz))
+
+    def shown(values):  # (*grid.shape, C) → (*fixed.shape, C), the edge carried outward
+        src = torch.as_tensor(values).to(torch.float64).movedim(-1, 0).unsqueeze(0)
+        return sample_at_index(src, idx.unsqueeze(0), mode="linear", padding="border")[0].movedim(0, -1)
+
+    unc = getattr(t, "uncertainty", None)
+    out = DisplacementFieldTransform(shown(t.u).float(), fixed.space, kind=t.kind,
+                                     uncertainty=None if unc is None else shown(torch.as_tensor(unc)[..., None])[..., 0]
+                                     .float(), domain=inside)
+    for key, value in t.__dict__.items():  # what the run recorded (refine_info …)
+        if key not in out.__dict__ and not key.startswith("_"):
+            setattr(out, key, value)
+    return out
 
 
 def deep_predict_job(cache, key, fixed, moving, device, initial, lam, uncertainty=True):

@@ -189,11 +189,9 @@ class Previewer:
         if "jacobian" in want or (need_stats and nonlinear):
             jac = jacobian_determinant(field, fs)
             # (the field's coverage of the grid is kept on the transform: a redraw does not measure it again)
-            from .pipeline import measured_jacobian_stats
-
-            # as regtool measures them: on the fixed file's own grid (again there for a copy straightened for the
-            # viewer, whose fill round the file's voxels is no image)
-            stats = measured_jacobian_stats(transform, self.fixed, jac, device=self.device)
+            # (on a fixed image straightened for the viewer these are the grid shown's, over what the field covers;
+            # Export's report and the statistics table measure on the file's own grid, as regtool does)
+            stats = qc.covered_jacobian_stats(jac, transform, fs)
             if "jacobian" in want:
                 maps["jacobian"] = jac.cpu().numpy()
         elif need_stats:

@@ -349,9 +349,10 @@ def _tilted_volume(path, degrees=20.0):
 def test_a_tilted_fixed_volume_is_registered_and_measured_on_its_own_grid(make_napari_viewer, qtbot, tmp_path,
                                                                           monkeypatch):
     """A tilted fixed volume is shown straightened, with fill round the file's voxels (here more than a third of the
-    grid shown). That fill is no image: the deep model's prediction, the automatic affine and Export all's figures
-    come from the file's own grid, so they are the command line's on the same files (its field at the file's voxels,
-    its matrix, its report)."""
+    grid shown). That fill is no image: the deep model, the automatic affine and Export all's figures come from the
+    file's own grid, so they are the command line's on the same files (its field at the file's voxels, to within
+    the interpolation onto the grid shown; its matrix; its report). The Jacobian shown has no seam of folds where
+    the file's voxels end."""
     import json
 
     from napari_regtool.cli import main
@@ -390,8 +391,14 @@ def test_a_tilted_fixed_volume_is_registered_and_measured_on_its_own_grid(make_n
     cli = sitk.DisplacementFieldTransform(sitk.ReadImage(str(tmp_path / "cli_deep" / "displacement.nii.gz"),
                                                          sitk.sitkVectorFloat64))
     want = np.array([cli.TransformPoint(p.tolist()) for p in pts])
-    assert np.abs(w.session.transform.map_points(pts) - want).max() < 1e-3  # mm; the field moves up to several
+    # the same field, put on the grid shown by linear interpolation: equal to within a small part of a voxel (2 mm)
+    err = np.linalg.norm(w.session.transform.map_points(pts) - want, axis=1)
+    assert np.median(err) < 0.02 and err.max() < 0.15, (np.median(err), err.max())
     assert np.abs(want - pts).max() > 0.5
+    from napari_regtool.transforms.field import jacobian_determinant
+
+    det = jacobian_determinant(w.session.transform.field(shown.space), shown.space)
+    assert float(det.min()) > 0  # (with the field read as zero beyond the file's grid: a ring of det ≤ 0 round it)
     # the automatic affine: the command line's matrix, and Export all reports its figures
     w.model_combo.setCurrentIndex(w.model_combo.findData("auto-affine"))
     wait_idle(qtbot, w)
