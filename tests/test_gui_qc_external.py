@@ -514,3 +514,43 @@ def test_a_field_smaller_than_the_fixed_image_is_measured_where_it_reaches(make_
     # the live read-out and its warning measure the same part: the seam is no fold (it was 1–4 % before)
     assert w.readouts["folding_percent"] == 0.0
     assert not [t for t in notifications()[n:] if "folds" in t]
+
+
+def test_warped_labels_of_a_tilted_fixed_grid_are_put_on_the_grid_shown(tmp_path):
+    """The statistics run on the fixed file's own (tilted) grid; the warped label map they return is shown on the
+    straightened grid, so it is put there by nearest neighbour: at each shown voxel inside the file, the label
+    SimpleITK's nearest-neighbour resampling of the moving labels gives at that physical point."""
+    from napari_regtool.image import Image
+    from napari_regtool.space import Space
+    from napari_regtool.transforms.linear import AffineTransform
+    from napari_regtool.widgets._qcviews import stats_job
+
+    a = np.deg2rad(20.0)
+    turn = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+    tilted = Space((12, 16, 20), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0), turn)
+    shown = tilted.axis_aligned()
+    rng = np.random.default_rng(0)
+    lab = np.kron(rng.integers(1, 6, (3, 4, 5)), np.ones((4, 4, 4), int)).astype(np.uint8)
+    moving = Image(lab, tilted, "labels", is_label=True)
+    t = AffineTransform(np.eye(3), np.array([1.0, -2.0, 0.5]))
+    [(_, rep)] = stats_job([("A", t)], tilted, moving, moving, None, shown=shown)
+    wl = rep["warped_labels"]
+    assert wl.shape == shown.shape and 0 < rep["dice"]["mean"] <= 1
+    src = sitk.GetImageFromArray(lab)
+    src.SetSpacing(tilted.spacing.tolist())
+    src.SetOrigin(tilted.origin.tolist())
+    src.SetDirection(turn.ravel().tolist())
+    inside = 0
+    for k in rng.integers(0, np.array(shown.shape), (300, 3)):
+        p = shown.index_to_physical(np.array([k[::-1]], float))[0]  # x, y, z of the shown voxel
+        q = tilted.physical_to_index(p[None])[0]
+        if np.all(q > 0.5) and np.all(q < np.array(tilted.size_xyz) - 1.5):  # well inside the file's grid
+            inside += 1
+            moved = src.TransformPhysicalPointToContinuousIndex((p + t.translation).tolist())
+            r = np.round(moved).astype(int)
+            if np.all(r >= 0) and np.all(r < np.array(tilted.size_xyz)):
+                want = lab[r[2], r[1], r[0]]
+                # nearest neighbour twice (file grid, then shown grid) may pick a neighbour at a label's edge
+                assert wl[tuple(k)] == want or wl[tuple(k)] in lab[max(r[2] - 1, 0):r[2] + 2,
+                                                                   max(r[1] - 1, 0):r[1] + 2, max(r[0] - 1, 0):r[0] + 2]
+    assert inside > 30

@@ -44,10 +44,20 @@ def views_job(ta, tb, space, moving, wants, plane):
     return out
 
 
-def stats_job(entries, space, labels_fixed, labels_moving, pairs, mask=None, mask_label=None):
-    """Worker body: :func:`~napari_regtool.qc.transform_statistics` of each ``(title, transform)``."""
-    return [(title, qc.transform_statistics(t, space, labels_fixed=labels_fixed, labels_moving=labels_moving,
-                                            pairs=pairs, mask=mask, mask_label=mask_label)) for title, t in entries]
+def stats_job(entries, space, labels_fixed, labels_moving, pairs, mask=None, mask_label=None, shown=None):
+    """Worker body: :func:`~napari_regtool.qc.transform_statistics` of each ``(title, transform)`` on ``space``; the
+    warped labels put on ``shown`` (the grid the fixed layer shows, when that is another) by nearest neighbour."""
+    from ..image import Image
+
+    out = []
+    for title, t in entries:
+        rep = qc.transform_statistics(t, space, labels_fixed=labels_fixed, labels_moving=labels_moving, pairs=pairs,
+                                      mask=mask, mask_label=mask_label)
+        if shown is not None and shown != space and rep.get("warped_labels") is not None:
+            rep["warped_labels"] = qc.labels_on(Image(rep["warped_labels"], space, "warped labels", is_label=True),
+                                                shown)
+        out.append((title, rep))
+    return out
 
 
 class TransformViews:
@@ -147,7 +157,8 @@ class TransformViews:
         pairs = m.pairs.copy() if m.pairs is not None else None
         # measured on the fixed file's own grid (not a copy straightened for the viewer, with fill round it): the
         # figures regtool qc gives
-        self.stats_runner.request(stats_job, entries, file_image(m.fixed).space, lf, lm, pairs, mask, mask_label)
+        self.stats_runner.request(stats_job, entries, file_image(m.fixed).space, lf, lm, pairs, mask, mask_label,
+                                  m.fixed.space)
 
     def _stats_error(self, exc):
         self.host.field_stats.clear()  # no numbers of another restriction or transform left standing
