@@ -511,6 +511,19 @@ def test_a_3d_result_turned_out_of_the_plane_is_not_drawn_through_the_layer(make
     shift = np.eye(4)
     shift[:3, 3] = -np.array([2.0, -3.0, 4.0])  # T⁻¹ in array (z, y, x) order
     np.testing.assert_allclose(ml.affine.affine_matrix, shift @ own, atol=1e-6)
+    # a turn within the plane shown (about z, the axis sliced through) is drawn exactly by napari: shown
+    spin = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    w.session.set_pairs(LandmarkPairs(pts, (pts - c) @ spin.T + c))
+    wait_idle(qtbot, w)
+    assert not np.allclose(ml.affine.affine_matrix, own)
+    # … until another plane is shown (the x axis sliced through): then it turns out of that plane, and goes back
+    viewer.dims.order = (2, 0, 1)
+    qtbot.wait(50)
+    np.testing.assert_allclose(ml.affine.affine_matrix, own)
+    assert "out of the plane shown" in w.status_label.text()
+    viewer.dims.order = (0, 1, 2)
+    qtbot.wait(50)
+    assert not np.allclose(ml.affine.affine_matrix, own)
 
 
 @pytest.mark.usefixtures("tiny_model")

@@ -156,25 +156,28 @@ def linear_display_affine(transform, own_affine) -> np.ndarray:
     return np.linalg.inv(flip @ h @ flip) @ own
 
 
-def drawn_offset(layer, affine) -> tuple:
+def drawn_offset(layer, affine, not_displayed=(0,)) -> tuple:
     """How far napari's 2D slicing would draw a voxel of the 3D ``layer`` from its place if its ``affine`` were
-    ``affine``: ``(offset, smallest voxel side)``, world units. napari draws each data slice flat, as if every data
-    axis ran along its nearest world axis, so a turn out of the plane shown puts a voxel off by up to ``offset`` (0
-    for a 2D layer, or any turn within the plane). The distance is :meth:`~napari_regtool.space.Space.tilt`'s, for
-    the layer's world matrix."""
+    ``affine``: ``(offset, smallest voxel side)``, world units. napari slices a layer without the parts of its
+    transform that mix the world axes not displayed (``not_displayed``, the axes sliced through) with those displayed
+    (its warning: "displayed without applying an out-of-slice rotation or shear component"), so a turn out of the
+    plane shown puts a voxel off by up to ``offset``; a turn within the plane is drawn exactly (offset 0), as is any
+    2D layer."""
     d = layer.ndim
     if d != 3:
         return 0.0, 1.0
     own = np.asarray(layer.affine.affine_matrix, float)
     m = np.asarray(affine, float) @ np.linalg.inv(own) @ world_matrix(layer)  # the world matrix with ``affine``
     lin = m[:d, :d]
-    nearest = np.abs(lin).argmax(axis=0)  # the world axis each data axis is drawn along
-    turned = np.zeros((d, d))
-    turned[nearest, np.arange(d)] = lin[nearest, np.arange(d)]
-    half = (np.asarray(layer.data.shape[-d:] if not getattr(layer, "multiscale", False) else layer.data[0].shape[-d:],
-                       float) - 1) / 2
+    sliced = np.zeros(d, bool)
+    sliced[[int(a) for a in not_displayed if 0 <= int(a) < d]] = True
+    nearest = np.abs(lin).argmax(axis=0)  # the world axis each data axis runs closest to
+    mixing = sliced[:, None] != sliced[nearest][None, :]  # world axis i ← data axis j across the slicing
+    shape = layer.data[0].shape if getattr(layer, "multiscale", False) else layer.data.shape
+    half = (np.asarray(shape[-d:], float) - 1) / 2
     corners = np.array(np.meshgrid(*[[-1.0, 1.0]] * d, indexing="ij")).reshape(d, -1) * half[:, None]
-    return float(np.linalg.norm((lin - turned) @ corners, axis=0).max()), float(np.linalg.norm(lin, axis=0).min())
+    off = float(np.linalg.norm(np.where(mixing, lin, 0.0) @ corners, axis=0).max())
+    return off, float(np.linalg.norm(lin, axis=0).min())
 
 
 def _points_world(layer, data) -> np.ndarray:

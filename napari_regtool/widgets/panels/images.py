@@ -112,7 +112,8 @@ class ImagesPanel(QWidget):
         self.view_combo.currentIndexChanged.connect(lambda _: self.viewChosen.emit(self.view_combo.currentData()))
         self.linear_check.toggled.connect(lambda _: self.update_linear_display())
         m = self.model
-        for sig in (m.transform_changed, m.images_changed):
+        # (the plane shown decides what napari can draw of a 3D result: checked again when it changes)
+        for sig in (m.transform_changed, m.images_changed, viewer.dims.events.order, viewer.dims.events.ndisplay):
             sig.connect(self.update_linear_display)
             host.hooks.append(lambda sig=sig: sig.disconnect(self.update_linear_display))
 
@@ -256,7 +257,8 @@ class ImagesPanel(QWidget):
             # napari draws a 3D layer's slices flat: a result that turns the volume out of the plane shown would
             # be drawn (and clicked) far from where it maps, so it is not shown this way (the warped layer shows it)
             affine = linear_display_affine(t, self.own_affine(moving))
-            off, voxel = drawn_offset(moving, affine)
+            dims = self.viewer.dims
+            off, voxel = drawn_offset(moving, affine, dims.not_displayed) if dims.ndisplay == 2 else (0.0, 1.0)
             if off > DRAWN_OFFSET_LIMIT * voxel:
                 layers = []
                 unit = unit_symbol(m.fixed.meta.get("unit"))
