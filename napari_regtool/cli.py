@@ -370,7 +370,8 @@ def _read_transforms(args, space, unit=None):
         raise RegtoolError("--convention says how one field's numbers are stored; give it with a single --transform "
                            "(write that field in ITK's convention first: regtool field --transform F --convention C "
                            "--reference R --out field.nii.gz).")
-    return chain_of([_read_transform_any(p, space, args, unit) for p in paths], [Path(p).name for p in paths])
+    return chain_of([_read_transform_any(p, space, args, unit) for p in paths], [Path(p).name for p in paths],
+                    ndim=space.ndim, image="the reference image")
 
 
 def _warn_partial_cover(transform, space, args):
@@ -389,7 +390,7 @@ def _warn_partial_cover(transform, space, args):
     if dom is None:
         return
     share = 100.0 * float(dom.double().mean())
-    if not bool(dom.any()):  # nothing of the reference would be moved by it: not the field of these images
+    if not bool(dom.any()) and _lies_apart(transform, space):  # it would move nothing: not these images' field
         raise RegtoolError(f"The displacement field in {name} does not reach the reference grid at all (its grid lies "
                            "elsewhere in physical space), so it would move nothing there. Give the field that belongs "
                            "to this reference image (regtool qc shows where a field lies).")
@@ -397,6 +398,17 @@ def _warn_partial_cover(transform, space, args):
         print(f"warning: a displacement field in {name} reaches about {share:.0f}% of the reference grid; beyond "
               "its grid ITK reads zero displacement, so the rest is not moved by it. Check that the field belongs "
               "to this reference image (regtool qc reports its coverage).", file=sys.stderr)
+
+
+def _lies_apart(transform, space) -> bool:
+    """Whether ``transform`` is one displacement field whose grid's box does not meet ``space``'s box at all (a field
+    too small to show on a coarse sample of ``space`` still meets it)."""
+    from .transforms.field import DisplacementFieldTransform
+
+    if not isinstance(transform, DisplacementFieldTransform):
+        return False
+    (alo, ahi), (blo, bhi) = transform.space.physical_bounds(), space.physical_bounds()
+    return bool(((ahi < blo) | (bhi < alo)).any())
 
 
 def _inverse(transform, args):
@@ -1085,10 +1097,11 @@ def _run(args) -> int:
     except RegtoolError as exc:
         print(f"regtool: error: {exc}", file=sys.stderr)
         # the message is all there is to say: reads of other chunks a failed one left pending (zarr's asyncio tasks)
-        # would otherwise be logged one by one as the process ends
+        # would otherwise be logged one by one as the process ends (only then: a caller of main() keeps its logging)
+        import atexit
         import logging
 
-        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+        atexit.register(logging.getLogger("asyncio").setLevel, logging.CRITICAL)
         return 2
     except KeyboardInterrupt:
         print("regtool: interrupted; partial output was removed (an earlier result in the output folder is as it "

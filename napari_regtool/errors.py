@@ -33,8 +33,15 @@ def user_message(exc: BaseException) -> str:
     if isinstance(exc, MemoryError):
         return "Not enough memory for this operation; try smaller images or the CPU device."
     if isinstance(exc, OSError) and exc.strerror:  # the file system's own words, with the file, and what to check
+        import errno
+
         where = f" ({exc.filename})" if exc.filename else ""
-        return (f"{exc.strerror}{where}. Check that the folder exists, that it can be written to and that the disk "
-                "has room, then try again.")
+        advice = {errno.ENOENT: "Check the path: the file or folder is not there.",
+                  errno.EACCES: "Check that you may read (or write) there.",
+                  errno.EPERM: "Check that you may read (or write) there.",
+                  errno.EROFS: "The disk is read-only: choose a folder on another disk.",
+                  errno.ENOSPC: "The disk is full: free some room, or choose another disk.",
+                  errno.EDQUOT: "Your disk quota is used up: free some room, or choose another disk."}
+        return f"{exc.strerror}{where}. {advice.get(exc.errno, 'Check the path, then try again.')}"
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[-1] if text else ''}"

@@ -804,7 +804,7 @@ def open_chain(paths, fixed, convention=None):
     field's numbers are stored and are refused here."""
     from .errors import InputError
     from .io import load_transform_for_qc
-    from .transforms.base import CompositeTransform, chain_of
+    from .transforms.base import chain_of
     from .transforms.external import FieldConvention, LoadedTransform
 
     conv = FieldConvention.parse(convention) if convention else None
@@ -813,7 +813,7 @@ def open_chain(paths, fixed, convention=None):
                          "their tools wrote them (choose the file's own convention, or 'inverse' for the whole "
                          "chain), or write that field in ITK's convention first (regtool field --convention C).")
     parts = [load_transform_for_qc(p, fixed) for p in paths]
-    chain = CompositeTransform([chain_of([q.transform for q in parts], [Path(p).name for p in paths])])
+    chain = chain_of([q.transform for q in parts], [Path(p).name for p in paths])  # (each file fits the image)
     inverse = conv is not None and conv.inverse
     return LoadedTransform(chain.inverse() if inverse else chain, [w for q in parts for w in q.warnings], "chain",
                            path=str(paths[0]), convention=FieldConvention(inverse=True) if inverse else None,

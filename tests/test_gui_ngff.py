@@ -320,7 +320,9 @@ def test_a_full_resolution_write_that_cannot_be_made_is_said_before_it_starts(ma
         assert w.fullres_progress.isHidden()
     assert sorted(q.name for q in moving_path.rglob("*")) == before
     msg = user_message(OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x.zarr")))
-    assert msg.startswith("No space left on device (") and "disk has room" in msg and "OSError" not in msg
+    assert msg.startswith("No space left on device (") and "disk is full" in msg and "OSError" not in msg
+    msg = user_message(FileNotFoundError(errno.ENOENT, "No such file or directory", "/data/warp.nii.gz"))
+    assert msg == "No such file or directory (/data/warp.nii.gz). Check the path: the file or folder is not there."
 
 
 def test_a_store_with_a_short_chunk_opened_through_napari_is_refused_when_chosen(make_napari_viewer, qtbot,

@@ -264,11 +264,12 @@ class FullresPanel(QGroupBox):
                 if fixed_layer is not None:
                     _, fspace, funit = full_resolution(fixed_layer)
                 else:
-                    fspace, funit = m.fixed.space, None
+                    fspace, funit = m.fixed.space, m.fixed.meta.get("unit")
             finally:
                 if images is not None:
                     images.update_linear_display()
-            known = layer_unit_known(layer) and (fixed_layer is None or layer_unit_known(fixed_layer))
+            known = layer_unit_known(layer) and (layer_unit_known(fixed_layer) if fixed_layer is not None
+                                                 else not m.fixed.meta.get("unit_unknown"))
             if known and not same_unit(munit, funit):
                 raise InputError(f"{layer.name!r} is in {unit_symbol(munit)} but the fixed image is in "
                                  f"{unit_symbol(funit)} (no unit: millimetres, as in ITK files); both must use the "
