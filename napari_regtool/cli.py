@@ -376,39 +376,17 @@ def _read_transforms(args, space, unit=None):
 
 def _warn_partial_cover(transform, space, args):
     """Say when a displacement field of the transform to apply (after ``--invert``) reaches only part of ``space``
-    (ITK, and so this tool, read zero displacement beyond a field's grid: that part is not registered by it).
-    Measured on a coarse copy of ``space`` (at most about 64 voxels per axis), so a grid larger than memory costs
-    nothing."""
-    from .transforms.field import defined_mask
+    (:func:`~napari_regtool.qc.field_reach`; ITK, and so this tool, read zero displacement beyond a field's grid:
+    that part is not registered by it); refuse one whose grid lies apart from ``space``."""
+    from .qc import field_reach
 
-    if transform.ndim != space.ndim:
-        return
     names = [Path(p).name for p in args.transform]
     name = names[0] if len(names) == 1 else f"the chain {' + '.join(names)}"
-    coarse = space.with_shape(tuple(min(n, 64) for n in space.shape), keep_extent=True)
-    dom = defined_mask(transform, coarse)
-    if dom is None:
-        return
-    share = 100.0 * float(dom.double().mean())
-    if not bool(dom.any()) and _lies_apart(transform, space):  # it would move nothing: not these images' field
-        raise RegtoolError(f"The displacement field in {name} does not reach the reference grid at all (its grid lies "
-                           "elsewhere in physical space), so it would move nothing there. Give the field that belongs "
-                           "to this reference image (regtool qc shows where a field lies).")
-    if share < 99.5:
+    share = field_reach(transform, space, name)
+    if share is not None and share < 99.5:
         print(f"warning: a displacement field in {name} reaches about {share:.0f}% of the reference grid; beyond "
               "its grid ITK reads zero displacement, so the rest is not moved by it. Check that the field belongs "
               "to this reference image (regtool qc reports its coverage).", file=sys.stderr)
-
-
-def _lies_apart(transform, space) -> bool:
-    """Whether ``transform`` is one displacement field whose grid's box does not meet ``space``'s box at all (a field
-    too small to show on a coarse sample of ``space`` still meets it)."""
-    from .transforms.field import DisplacementFieldTransform
-
-    if not isinstance(transform, DisplacementFieldTransform):
-        return False
-    (alo, ahi), (blo, bhi) = transform.space.physical_bounds(), space.physical_bounds()
-    return bool(((ahi < blo) | (bhi < alo)).any())
 
 
 def _inverse(transform, args):

@@ -19,7 +19,7 @@ from .transforms.field import jacobian_determinant
 
 __all__ = [
     "mse", "ncc", "lncc", "local_ncc", "mutual_information", "similarity_metrics", "dice", "tre", "jacobian_stats",
-    "covered_jacobian_stats", "covered_support",
+    "covered_jacobian_stats", "covered_support", "field_reach",
     "displacement_magnitude", "grid_image", "checkerboard", "difference", "normalise_intensity", "intensity_window",
     "landmark_uncertainty", "field_qc", "field_statistics", "non_diffeomorphic_volume", "check_convention",
     "ConventionCheck", "PERCENTILES", "open_for_qc", "load_for_qc", "open_chain", "field_support", "labels_on",
@@ -854,6 +854,29 @@ def mask_on(space: Space, mask, label: int | None = None, device="cpu") -> np.nd
         raise InputError(f"{name} has {what} on the fixed grid, so there is nothing to measure; choose another "
                          "label or mask.")
     return sel
+
+
+def field_reach(transform, space: Space, name: str = "the transform") -> float | None:
+    """The % of ``space`` a transform's displacement fields reach (``None``: no field, or everywhere), measured on a
+    coarse copy of ``space`` (at most about 64 voxels per axis: a grid larger than memory costs nothing). Raises
+    :class:`~napari_regtool.errors.InputError` for one field whose grid lies apart from ``space`` (their boxes do not
+    meet): it would move nothing there, so it is not the field of that image (``name`` says which file)."""
+    from .errors import InputError
+    from .transforms.field import DisplacementFieldTransform, defined_mask
+
+    if transform.ndim != space.ndim:
+        return None
+    coarse = space.with_shape(tuple(min(n, 64) for n in space.shape), keep_extent=True)
+    dom = defined_mask(transform, coarse)
+    if dom is None:
+        return None
+    if not bool(dom.any()) and isinstance(transform, DisplacementFieldTransform):
+        (alo, ahi), (blo, bhi) = transform.space.physical_bounds(), space.physical_bounds()
+        if bool(((ahi < blo) | (bhi < alo)).any()):  # (a small field between the coarse samples still meets it)
+            raise InputError(f"The displacement field in {name} does not reach the reference grid at all (its grid "
+                             "lies elsewhere in physical space), so it would move nothing there. Give the field that "
+                             "belongs to this reference image (regtool qc shows where a field lies).")
+    return 100.0 * float(dom.double().mean())
 
 
 def field_support(transform, space: Space, mask=None) -> tuple:

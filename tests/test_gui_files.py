@@ -213,8 +213,24 @@ def test_apply_transform_file_widget(make_napari_viewer, qtbot, tmp_path):
     qtbot.waitUntil(lambda: "pts (registered)" in viewer.layers, timeout=20000)
     np.testing.assert_allclose(to_array_order(np.asarray(viewer.layers["pts (registered)"].data)),
                                t.inverse().map_points(pairs.moving[:4]), atol=1e-3)  # the analytic inverse
-    # a 3D transform for the 2D reference: one message naming the file and both dimensions, no layer added
+    # a displacement field whose grid lies 500 mm away: refused as `regtool apply` refuses it, no layer added
     from .test_gui import notifications
+
+    far = f.space.with_shape(f.space.shape)
+    u = np.zeros((*far.shape, 2), np.float32)
+    fimg = sitk.GetImageFromArray(u, isVector=True)
+    fimg.SetSpacing(far.spacing.tolist())
+    fimg.SetOrigin((np.asarray(far.origin) + 500.0).tolist())
+    sitk.WriteImage(fimg, str(tmp_path / "far.nii.gz"))
+    before, n_layers = len(notifications()), len(viewer.layers)
+    widget.layer.value, widget.transform_file.value = mov_layer, tmp_path / "far.nii.gz"
+    qtbot.mouseClick(widget.call_button.native, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: len(notifications()) > before, timeout=10000)
+    said = notifications()[before:]
+    assert any("far.nii.gz does not reach the reference grid at all" in m for m in said), said
+    qtbot.wait(200)
+    assert len(viewer.layers) == n_layers
+    # a 3D transform for the 2D reference: one message naming the file and both dimensions, no layer added
 
     sitk.WriteTransform(sitk.AffineTransform(3), str(tmp_path / "three.tfm"))
     before, n_layers = len(notifications()), len(viewer.layers)

@@ -35,6 +35,7 @@ def apply_transform_file(layer: "napari.layers.Layer", reference: "napari.layers
 
     from ..errors import RegtoolError, user_message
     from ..io import read_transform_any
+    from ..qc import field_reach
     from ..transforms.base import chain_of
     from .panels.loaded import chain_order
     from .panels.fullres import layer_unit
@@ -72,6 +73,12 @@ def apply_transform_file(layer: "napari.layers.Layer", reference: "napari.layers
                 show_warning(m)
             parts.append(part)
         t = chain_of(parts, [f.name for f in files], ndim=space.ndim, image=repr(reference.name))
+        chain_name = files[0].name if len(files) == 1 else "the chain " + " + ".join(f.name for f in files)
+        # a field elsewhere is refused (the inverse's reach is not known before it is computed, on the worker)
+        reach = None if invert else field_reach(t, space, chain_name)
+        if reach is not None and reach < 99.5:
+            show_warning(f"A displacement field in {chain_name} reaches about {reach:.0f}% of {reference.name!r}; "
+                         "beyond its grid it moves nothing. Check that the field belongs to this image.")
         prepared = prepare_layer(layer, space)  # read from the layer here, on the GUI thread
         name = prepared[2].get("name", f"{layer.name} (registered)")
         # napari would update a layer of that name in place; names of results still being computed are taken too
