@@ -54,6 +54,17 @@ def field_resample(transform, fixed_path, moving_path):
                                                 sitk.sitkLinear, 0.0))
 
 
+def deep_refined_by_hand(qtbot, w, steps: int):
+    """Switch the automatic refinement off, choose the deep model, then press Refine for ``steps`` steps; wait."""
+    w.tabs.setCurrentIndex(1)
+    click_checkbox(qtbot, w.auto_refine)
+    w.model_combo.setCurrentIndex(w.model_combo.findData("deep"))
+    wait_idle(qtbot, w)
+    w.refine_steps.setValue(steps)
+    qtbot.mouseClick(w.refine_btn, Qt.MouseButton.LeftButton)
+    wait_idle(qtbot, w)
+
+
 @pytest.fixture
 def deep2d(make_napari_viewer, qtbot, tiny_model):
     """The deep model chosen with the automatic refinement switched off (the prediction stays on screen)."""

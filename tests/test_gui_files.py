@@ -373,7 +373,8 @@ def test_a_tilted_fixed_volume_is_registered_and_measured_on_its_own_grid(make_n
 
     from napari_regtool.cli import main
 
-    from .test_gui import click_checkbox, export_all
+    from .test_gui import export_all
+    from .test_gui_deep import deep_refined_by_hand
 
     src = sitk.ReadImage(str(F3), sitk.sitkFloat32)
     a = np.deg2rad(20.0)
@@ -393,13 +394,7 @@ def test_a_tilted_fixed_volume_is_registered_and_measured_on_its_own_grid(make_n
                     for i in rng.uniform(0.15, 0.85, (300, 3)) * (size - 1)])
 
     # the deep model refined (3 steps) is the field `regtool register --model deep --refine 3` writes
-    w.tabs.setCurrentIndex(1)
-    click_checkbox(qtbot, w.auto_refine)
-    w.model_combo.setCurrentIndex(w.model_combo.findData("deep"))
-    wait_idle(qtbot, w)
-    w.refine_steps.setValue(3)
-    qtbot.mouseClick(w.refine_btn, Qt.MouseButton.LeftButton)
-    wait_idle(qtbot, w)
+    deep_refined_by_hand(qtbot, w, 3)
     assert w.session.transform.kind == "deep+refined"
     assert main(["register", "--fixed", str(path), "--moving", str(M3), "--model", "deep", "--refine", "3",
                  "--reg-weight", repr(w.reg_weight), "--device", "cpu", "--out", str(tmp_path / "cli_deep"),

@@ -17,7 +17,7 @@ from .test_gui import (
     F2, L2, L3, M2, assert_close_image, canvas_click, click_checkbox, open_with_widget, sitk_landmark_affine,
     sitk_resample, wait_idle,
 )
-from .test_gui_deep import tiny_model  # noqa: F401  (a fixture: a small network in place of the weights)
+from .test_gui_deep import deep_refined_by_hand, tiny_model  # noqa: F401  (tiny_model: a fixture, a small network)
 from .test_gui_layers import open_file
 
 pytestmark = pytest.mark.gui
@@ -532,13 +532,7 @@ def test_after_refine_the_uncertainty_box_shows_and_lambda_says_what_happens(mak
     uncertainty box works after Refine: the refined result keeps the network's map.)"""
     viewer = make_napari_viewer()
     w = open_with_widget(viewer, qtbot, "brain2d")
-    w.tabs.setCurrentIndex(1)
-    click_checkbox(qtbot, w.auto_refine)
-    w.model_combo.setCurrentIndex(w.model_combo.findData("deep"))
-    wait_idle(qtbot, w)
-    w.refine_steps.setValue(2)
-    qtbot.mouseClick(w.refine_btn, Qt.MouseButton.LeftButton)
-    wait_idle(qtbot, w)
+    deep_refined_by_hand(qtbot, w, 2)
     refined = w.session.transform
     assert "refined" in refined.kind
     w.tabs.setCurrentIndex(w.tabs.indexOf(w.qc_checks["uncertainty"].parentWidget()))
