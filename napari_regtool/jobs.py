@@ -48,6 +48,9 @@ def _for_shown_grid(t, fixed):
 
     idx = IdentityTransform(grid.ndim).moving_index_grid(fixed.space, grid, device="cpu", dtype=torch.float64)
     inside = ~outside_itk(idx, list(grid.size_xyz))
+    # one voxel more round it: the file's edge voxels fall between shown voxels, and the field goes on there
+    pool = torch.nn.functional.max_pool3d if grid.ndim == 3 else torch.nn.functional.max_pool2d
+    inside = pool(inside.float()[None, None], 3, stride=1, padding=1)[0, 0] > 0
 
     def shown(values):  # (*grid.shape, C) → (*fixed.shape, C), the edge carried outward
         src = torch.as_tensor(values).to(torch.float64).movedim(-1, 0).unsqueeze(0)

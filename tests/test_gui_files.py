@@ -410,6 +410,9 @@ def test_a_tilted_fixed_volume_is_registered_and_measured_on_its_own_grid(make_n
 
     det = jacobian_determinant(w.session.transform.field(shown.space), shown.space)
     assert float(det.min()) > 0  # (with the field read as zero beyond the file's grid: a ring of det ≤ 0 round it)
+    from napari_regtool.pipeline import measured_jacobian_stats
+
+    assert "coverage_percent" not in measured_jacobian_stats(w.session.transform, shown)  # all the file's voxels
     # the automatic affine: the command line's matrix, and Export all reports its figures
     w.model_combo.setCurrentIndex(w.model_combo.findData("auto-affine"))
     wait_idle(qtbot, w)
