@@ -319,6 +319,16 @@ def test_a_full_resolution_write_that_cannot_be_made_is_said_before_it_starts(ma
         assert len(said) == 1 and words in said[0] and "Errno" not in said[0], said
         assert w.fullres_progress.isHidden()
     assert sorted(q.name for q in moving_path.rglob("*")) == before
+    # a chunk of the moving store's finest level cut short after it was opened: checked on the worker, said, nothing
+    # written
+    chunk = moving_path / "0" / "1.1"
+    chunk.write_bytes(chunk.read_bytes()[:-5])
+    n = len(w.messages)
+    assert w.fullres.apply_fullres(path=tmp_path / "out.zarr") is True
+    wait_idle(qtbot, w)
+    said = [m for lvl, m in w.messages[n:] if lvl == "error"]
+    assert len(said) == 1 and "chunk file 0/1.1 holds" in said[0], w.messages[n:]
+    assert not (tmp_path / "out.zarr").exists() and "Not written" in w.fullres_status.text()
     msg = user_message(OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x.zarr")))
     assert msg.startswith("No space left on device (") and "disk is full" in msg and "OSError" not in msg
     msg = user_message(FileNotFoundError(errno.ENOENT, "No such file or directory", "/data/warp.nii.gz"))

@@ -96,14 +96,22 @@ def registration_image(layer):
     return im
 
 
-def _check_store_chunks(layer, level: int) -> None:
-    """For a layer read from an OME-Zarr store: :func:`~napari_regtool.ngff.check_chunks` of that level in the store
-    (the layer's arrays alone do not say where their chunk files are)."""
+def _store_level(layer, level: int) -> tuple | None:
+    """``(store, level path)`` of a layer read from an OME-Zarr store (the layer's arrays alone do not say where their
+    chunk files are), else None."""
     source = layer_role(layer).get("path")
     if _ngff_meta(layer) and source and Path(source).is_dir():
         store = ngff.open_ngff(source)
         if level < len(store.levels):
-            ngff.check_chunks(store.path, store.levels[level].path)
+            return store.path, store.levels[level].path
+    return None
+
+
+def _check_store_chunks(layer, level: int) -> None:
+    """:func:`~napari_regtool.ngff.check_chunks` of a layer's level in its OME-Zarr store, if it has one."""
+    where = _store_level(layer, level)
+    if where is not None:
+        ngff.check_chunks(*where)
 
 
 def full_resolution(layer) -> tuple:
@@ -136,8 +144,13 @@ def open_zarr(path, side: str):
     return im, ngff_layer_data(img, path, role=side)
 
 
-def fullres_job(path, moving, moving_space, transform, out_space, label, block, name, unit, progress, cancel=None):
-    """Worker body (any thread): the moving data warped onto ``out_space`` and written as OME-Zarr at ``path``."""
+def fullres_job(path, moving, moving_space, transform, out_space, label, block, name, unit, progress, cancel=None,
+                chunks=None):
+    """Worker body (any thread): the moving data warped onto ``out_space`` and written as OME-Zarr at ``path``.
+    ``chunks``: ``(store, level path)`` of the store the data are read from, whose chunk files are checked first
+    (:func:`~napari_regtool.ngff.check_chunks`; reading every chunk header of a large store takes a while)."""
+    if chunks is not None:
+        ngff.check_chunks(*chunks)
     notes = ngff.warp_to_ngff(path, moving, moving_space, transform, out_space, label=label, block=block, name=name,
                               unit=unit, progress=progress, cancel=cancel)
     return ("fullres", str(path), list(notes), tuple(out_space.shape))
@@ -276,7 +289,7 @@ class FullresPanel(QGroupBox):
                                  "same unit.")
             if mspace.ndim != fspace.ndim or m.transform.ndim != fspace.ndim:
                 raise InputError(f"Layer {layer.name!r} is {mspace.ndim}D but the registration is {fspace.ndim}D.")
-            _check_store_chunks(layer, 0)  # the finest level's chunks, read block by block
+            chunks = _store_level(layer, 0)  # the finest level's chunks are checked on the worker, then read
         except RegtoolError as exc:
             self.fullres_status.setText(f"Not written: {exc}")  # (not an earlier write's words)
             self.host.notify("error", str(exc))
@@ -291,7 +304,8 @@ class FullresPanel(QGroupBox):
         self.fullres_status.setText(text)
         self.host.set_status(text)
         self.runner.request(fullres_job, path, moving, mspace, m.transform, fspace, label,
-                            self.fullres_block.value(), layer.name, funit or munit, self._bridge, cancellable=True)
+                            self.fullres_block.value(), layer.name, funit or munit, self._bridge, cancellable=True,
+                            chunks=chunks)
         return True
 
     def cancel(self):
