@@ -295,11 +295,10 @@ def _check_units(*named_units) -> None:
     """Refuse to mix physical units: an OME-Zarr image in micrometres next to one in millimetres (every ITK format:
     NIfTI, MHA, NRRD, DICOM) would be registered 1000× off. ``named_units``: ``(name, unit or None)`` pairs, ``None``
     for ITK formats (millimetres)."""
-    from .space import mm_per_unit, unit_name
+    from .space import same_unit, unit_name
 
     units = [(n, unit_name(u) or "millimeter") for n, u in named_units]
-    known = {mm_per_unit(u) or u for _, u in units}  # "µm" and "micrometer" are one
-    if len(known) > 1:
+    if not all(same_unit(units[0][1], u) for _, u in units[1:]):  # ("µm" and "micrometer" are one)
         listed = ", ".join(f"{n} in {u}" for n, u in units)
         if any(u is None for _, u in named_units):
             raise RegtoolError(f"The images are in different units ({listed}; ITK formats are in millimetres). "
@@ -379,9 +378,9 @@ def _warn_partial_cover(transform, space, args):
     (:func:`~napari_regtool.qc.field_reach`; ITK, and so this tool, read zero displacement beyond a field's grid:
     that part is not registered by it); refuse one whose grid lies apart from ``space``."""
     from .qc import field_reach
+    from .transforms.base import chain_label
 
-    names = [Path(p).name for p in args.transform]
-    name = names[0] if len(names) == 1 else f"the chain {' + '.join(names)}"
+    name = chain_label([Path(p).name for p in args.transform])
     share = field_reach(transform, space, name)
     if share is not None and share < 99.5:
         print(f"warning: a displacement field in {name} reaches about {share:.0f}% of the reference grid; beyond "

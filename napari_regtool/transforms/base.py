@@ -201,6 +201,12 @@ class CompositeTransform(Transform):
         return {"kind": self.kind, "ndim": self.ndim, "parts": [t.describe() for t in self.transforms]}
 
 
+def chain_label(names: Sequence[str]) -> str:
+    """How messages name the transform read from the files ``names``: the file, or ``the chain A + B``."""
+    names = list(names)
+    return names[0] if len(names) == 1 else "the chain " + " + ".join(names)
+
+
 def chain_of(parts: Sequence[Transform], names: Sequence[str], ndim: int | None = None,
              image: str = "the image") -> Transform:
     """Transforms read from the files ``names`` as one chain, a fixed point going through ``parts[0]`` first (Greedy's
@@ -216,9 +222,8 @@ def chain_of(parts: Sequence[Transform], names: Sequence[str], ndim: int | None 
         raise InputError(f"The transforms of the chain differ in dimension ({listed}); use transforms of one "
                          "dimension.")
     if ndim is not None and dims[0] != ndim:
-        which = names[0] if len(parts) == 1 else "the chain " + " + ".join(names)
-        raise InputError(f"{which} is a {dims[0]}D transform but {image} is {ndim}D; choose a transform of the "
-                         "image's dimension.")
+        raise InputError(f"{chain_label(names)} is a {dims[0]}D transform but {image} is {ndim}D; choose a "
+                         "transform of the image's dimension.")
     return parts[0] if len(parts) == 1 else CompositeTransform(parts)
 
 

@@ -36,7 +36,7 @@ def apply_transform_file(layer: "napari.layers.Layer", reference: "napari.layers
     from ..errors import RegtoolError, user_message
     from ..io import read_transform_any
     from ..qc import field_reach
-    from ..transforms.base import chain_of
+    from ..transforms.base import chain_label, chain_of
     from .panels.loaded import chain_order
     from .panels.fullres import layer_unit
     from ._layers import layer_space, prepare_layer, warp_prepared
@@ -72,8 +72,9 @@ def apply_transform_file(layer: "napari.layers.Layer", reference: "napari.layers
             for m in warnings:
                 show_warning(m)
             parts.append(part)
-        t = chain_of(parts, [f.name for f in files], ndim=space.ndim, image=repr(reference.name))
-        chain_name = files[0].name if len(files) == 1 else "the chain " + " + ".join(f.name for f in files)
+        names = [f.name for f in files]
+        t = chain_of(parts, names, ndim=space.ndim, image=repr(reference.name))
+        chain_name = chain_label(names)
         # a field elsewhere is refused (the inverse's reach is not known before it is computed, on the worker)
         reach = None if invert else field_reach(t, space, chain_name)
         if reach is not None and reach < 99.5:
