@@ -21,7 +21,9 @@ The known warp
 the smallest field-of-view side), integrated by scaling and squaring on a coarse grid (>= 3 nodes per sigma),
 cubic-spline upsampled to the image grid and scaled so that the largest displacement of ``exp(v)`` over the image
 is about 2, 5 or 10 voxels (the pair's ``magnitude``); ``A`` is a mild affine about the image centre (rotation
-<= 3 deg, scale within +-3 %, shear <= 2 %, shift <= 2 voxels). The moving image is
+<= 3 deg, scale within +-3 %, shear <= 2 %, shift <= 2 voxels). On an anisotropic grid (``brain3d-aniso``) the
+noise, the magnitude and the shift are isotropic in physical space and counted in voxels of the finest axis, so
+a 10-voxel warp of a 1.5 × 1.5 × 4.5 mm volume moves up to 15 mm in any direction. The moving image is
 ``moving(y) = source(T⁻¹(y))`` (cubic B-spline) with ``T⁻¹ = exp(-v) ∘ A⁻¹``. ``exp(-v)`` is integrated the same
 way, then refined by Newton steps on the coarse nodes and by two fixed-point steps on the image grid, so that
 ``T(T⁻¹(y)) = y`` holds to < 0.05 voxel (in practice < 0.01) when ``T`` is evaluated, as ITK does, by linear
@@ -47,12 +49,14 @@ All images ship inside installed Python packages; nothing is downloaded.
     RescaleSlope/RescaleIntercept. pydicom is MIT-licensed; its test-file README says of these files "I believe
     there is no restriction on using any of these files in this manner." It is the only real CT in pydicom's
     wheel larger than 16×16 (the others are downloaded on demand).
-``brain2d-real``, ``brain3d``
+``brain2d-real``, ``brain3d``, ``brain3d-aniso``
     ICBM 2009a Nonlinear Symmetric T1 template and its grey/white-matter probability maps shipped in nilearn
     (``nilearn/datasets/data/mni_icbm152_{t1,gm,wm}_tal_nlin_sym_09a_converted.nii.gz``; nilearn BSD-3-Clause).
     Copyright (C) 1993-2009 Louis Collins, McConnell Brain Imaging Centre, Montreal Neurological Institute, McGill
     University; use, copy, modify and distribute permitted without fee provided the copyright notice appears in all
-    copies (full notice and references in ``sample_data/README.md``).
+    copies (full notice and references in ``sample_data/README.md``). ``brain3d`` is the volume at 2 mm;
+    ``brain3d-aniso`` at 1.5 × 1.5 × 4.5 mm (thick axial slices, each the template smoothed over its thickness),
+    the kind of grid on which a registration's pyramid and window must treat a coarse axis sensibly.
 """
 from __future__ import annotations
 
@@ -72,13 +76,14 @@ from napari_regtool.space import Space
 __all__ = ["BenchPair", "make_pairs", "available_families", "jacobian_determinant", "FAMILIES",
            "MAGNITUDES"]
 
-FAMILIES = ("photo", "microscopy", "ct", "brain2d-real", "brain3d")
+FAMILIES = ("photo", "microscopy", "ct", "brain2d-real", "brain3d", "brain3d-aniso")
 MAGNITUDES = ("2", "5", "10")
 
 _SIGMA_FRACTION = 1.0 / 8.0  # smoothing of the velocity noise, as a fraction of the smallest field-of-view side
 _MASK_MARGIN = 3.0  # T(x) must land this many voxels inside the moving grid to be scored
 _INVERSE_TOL = 0.05  # voxels, max |T(T⁻¹(y)) - y| over interior points
 _HEAD_THRESHOLD = 15.0  # ICBM T1 intensity above which a voxel is inside the head (as sample_data/make_samples.py)
+_ANISO_SPACING = (1.5, 1.5, 4.5)  # brain3d-aniso, mm (x, y, z): thick axial slices, 3:1, as clinical MR often is
 _BRAIN2D_SLICES = (86, 91)  # axial slices of the 1 mm template, 5 mm apart (z = +14 and +19 mm; both cut the
 # lateral ventricles and deep grey matter, so the anatomy changes but stays recognisably the same)
 
@@ -186,6 +191,7 @@ _SOURCE_TEXT = {
     "ct": "pydicom data/test_files/CT_small.dcm (axial CT slice, 128x128, 0.66 mm, HU; from NEMA WG04 CT1_UNC)",
     "brain2d-real": "nilearn ICBM 2009a T1 + GM/WM maps, axial slices z=+14 and +19 mm (1 mm)",
     "brain3d": "nilearn ICBM 2009a T1 + GM/WM maps, resampled to 2 mm",
+    "brain3d-aniso": "nilearn ICBM 2009a T1 + GM/WM maps, resampled to 1.5 x 1.5 x 4.5 mm (thick axial slices)",
 }
 _SOURCE_FILES = {
     "photo": lambda: _skimage_file("camera.png"),
@@ -193,6 +199,7 @@ _SOURCE_FILES = {
     "ct": _pydicom_ct_file,
     "brain2d-real": _icbm_files,
     "brain3d": _icbm_files,
+    "brain3d-aniso": _icbm_files,
 }
 
 
@@ -265,7 +272,9 @@ def _load_source(family: str) -> _Source:
     if family == "brain2d-real":
         return _brain2d()
     if family == "brain3d":
-        return _brain3d()
+        return _brain3d((2.0, 2.0, 2.0))
+    if family == "brain3d-aniso":
+        return _brain3d(_ANISO_SPACING)
     raise ValueError(family)
 
 
@@ -304,7 +313,8 @@ def _brain2d() -> _Source:
                    f"change), 1 mm; EPE not scored, Dice on own GM/WM labels")
 
 
-def _brain3d() -> _Source:
+def _brain3d(spacing_xyz) -> _Source:
+    """The 1 mm template cropped to the head (8 mm margin) and resampled (linear) to ``spacing_xyz`` mm."""
     import SimpleITK as sitk
 
     t1, gm, wm = _icbm_volumes()
@@ -312,11 +322,20 @@ def _brain3d() -> _Source:
     idx = np.argwhere(a > _HEAD_THRESHOLD)
     lo = np.maximum(idx.min(0) - 8, 0)[::-1].astype(float)  # x, y, z index, 8 mm margin
     hi = np.minimum(idx.max(0) + 8, np.array(a.shape) - 1)[::-1].astype(float)
-    spacing = np.array([2.0, 2.0, 2.0])
+    spacing = np.asarray(spacing_xyz, float)
     size = (np.floor((hi - lo) * np.array(t1.GetSpacing()) / spacing) + 1).astype(int)
     origin = t1.TransformContinuousIndexToPhysicalPoint(lo.tolist())
 
+    # a thick slice averages its thickness: along an axis coarser than 2 mm the 1 mm template is first smoothed
+    # with the spread of a box that wide (sigma = sqrt((s² - 1) / 12) mm); the 2 mm volume is resampled as it was
+    thick = np.sqrt(np.maximum(spacing ** 2 - 1.0, 0.0) / 12.0) * (spacing > 2.0)
+
     def rs(im):
+        if thick.any():
+            sm = sitk.GetImageFromArray(ndi.gaussian_filter(sitk.GetArrayFromImage(im), thick[::-1] /
+                                                            np.array(im.GetSpacing())[::-1], mode="nearest"))
+            sm.CopyInformation(im)
+            im = sm
         out = sitk.Resample(im, [int(s) for s in size], sitk.Transform(), sitk.sitkLinear, origin,
                             spacing.tolist(), t1.GetDirection(), 0.0, sitk.sitkFloat32)
         return sitk.GetArrayFromImage(out)
@@ -326,8 +345,9 @@ def _brain3d() -> _Source:
     labels = _tissue_labels(t1r, gmr, wmr)
     brain = ndi.binary_fill_holes((labels == 1) | (labels == 2))
     brain = ndi.binary_dilation(brain, iterations=1)
+    sp_txt = "x".join(f"{v:g}" for v in spacing) if len(set(spacing.tolist())) > 1 else f"{spacing[0]:g}"
     return _Source(t1r, space, labels, None, None, brain,
-                   f"ICBM152 2009a T1 resampled to 2 mm {t1r.shape[::-1]} (x,y,z); labels 1 GM 2 WM 3 other head; "
+                   f"ICBM152 2009a T1 resampled to {sp_txt} mm {t1r.shape[::-1]} (x,y,z); labels 1 GM 2 WM 3 other head; "
                    f"EPE in the brain mask", bias=True, gain=True)
 
 
@@ -358,7 +378,8 @@ def _random_affine(rng: np.random.Generator, space: Space):
     iu = np.triu_indices(d, 1)
     shear[iu] = rng.uniform(-0.02, 0.02, len(iu[0]))
     lin = rot @ np.diag(scale) @ shear
-    shift_vox = rng.uniform(-2.0, 2.0, d)  # x, y(, z) grid axes
+    # x, y(, z) grid axes; at most 2 voxels of the finest axis physically (on an isotropic grid: 2 voxels)
+    shift_vox = rng.uniform(-2.0, 2.0, d) * float(np.min(space.spacing)) / np.asarray(space.spacing, float)
     m = space.direction @ np.diag(space.spacing)  # index (x, y, z) -> physical
     minv = np.linalg.inv(m)
     # index-space (x, y, z order) form: i -> K i + (ic - K ic) + shift_vox, with K = M⁻¹ L M
@@ -513,14 +534,19 @@ def _make_warp(space: Space, magnitude: float, rng: np.random.Generator, sigma_s
     sp = space.spacing[::-1]  # array order
     fov = (np.asarray(shape) - 1) * sp
     sigma_vox = sigma_scale * _SIGMA_FRACTION * fov.min() / sp  # isotropic in physical units
+    # on an anisotropic grid the noise and the magnitude are isotropic in physical space, the magnitude counted in
+    # voxels of the finest axis (an index-unit vector along axis k is sp[k] / min(sp) of them); on an isotropic
+    # grid this changes nothing
+    fine = sp / sp.min()
     factor = np.maximum(1, np.floor(sigma_vox / 3.0)).astype(int)
     coarse = tuple(int(math.ceil((n - 1) / f)) + 1 for n, f in zip(shape, factor))
-    noise = rng.standard_normal((d,) + coarse)
+    noise = rng.standard_normal((d,) + coarse) / fine.reshape((d,) + (1,) * d)
     v = np.stack([ndi.gaussian_filter(c, sigma_vox / factor, mode="reflect") for c in noise])
     inside = tuple(slice(0, int((n - 1) // f) + 1) for n, f in zip(shape, factor))  # coarse nodes on the image
     unit = factor.astype(float)  # fine voxels per coarse index unit, per axis
-    v *= magnitude / float(_norm(v, unit)[inside].max())
-    v *= magnitude / float(_norm(_exp_svf(v, unit), unit)[inside].max())  # exp is nearly linear: one correction
+    phys = unit * fine  # finest-axis voxels per coarse index unit
+    v *= magnitude / float(_norm(v, phys)[inside].max())
+    v *= magnitude / float(_norm(_exp_svf(v, unit), phys)[inside].max())  # exp is nearly linear: one correction
     to_fine = unit.reshape((d,) + (1,) * d)
     u_c = _exp_svf(v, unit) * to_fine
     u = _upsample(u_c, shape, factor)
@@ -528,7 +554,7 @@ def _make_warp(space: Space, magnitude: float, rng: np.random.Generator, sigma_s
     w_c, res = _invert_at_nodes(u, nodes, _exp_svf(-v, unit) * to_fine, unit)
     w = _upsample(w_c, shape, factor)
     h, params = _random_affine(rng, space)
-    params.update(nonlinear_max_vox=float(_norm(u, np.ones(d)).max()), sigma_vox=sigma_vox.tolist(),
+    params.update(nonlinear_max_vox=float(_norm(u, fine).max()), sigma_vox=sigma_vox.tolist(),
                   coarse_factor=factor.tolist(), node_inverse_residual_vox=res)
     return _KnownWarp(u, w, h, sigma_vox, params)
 
@@ -641,7 +667,8 @@ def _build_pair(family: str, magnitude: str, src: _Source, seed: int) -> BenchPa
 
     p = warp.params
     nonlin = p["nonlinear_max_vox"]
-    total = float(np.sqrt(((t_nodes - grid) ** 2).sum(0)).max())
+    fine = (space.spacing[::-1] / np.min(space.spacing)).reshape((d,) + (1,) * d)  # index unit in finest voxels
+    total = float(np.sqrt((((t_nodes - grid) * fine) ** 2).sum(0)).max())
     p["total_max_vox"] = total
     note = (f"{src.describe}; T = A∘exp(v): nonlinear max {nonlin:.1f} vox (sigma {min(warp.sigma_vox):.0f} vox), "
             f"rot {p['rotation_deg']:+.1f} deg, scale {min(p['scale']):.3f}-{max(p['scale']):.3f}, shear <= "

@@ -24,9 +24,9 @@ runs on the registration's device and shares the engine's field conventions:
 * The result is a :class:`~napari_regtool.transforms.field.DisplacementFieldTransform` on the fixed grid,
   ``T(x) = T_init(x + u(x))`` in physical units — the same object every other model returns.
 
-Sigmas and steps are in voxels of the level's grid scaled to the smallest spacing, so smoothing is isotropic in
-physical space on anisotropic grids. :func:`sigmas_for_reg_weight` maps the product's regularisation weight
-λ ∈ [0, 1] onto ``sigma_field``.
+Sigmas and steps are in voxels of the level's grid (Greedy's ``vox`` units); on an anisotropic grid the pyramid
+shrinks the fine axes first (:func:`_level_shapes`), so the coarse levels are close to isotropic.
+:func:`sigmas_for_reg_weight` maps the product's regularisation weight λ ∈ [0, 1] onto ``sigma_field``.
 """
 from __future__ import annotations
 
@@ -368,14 +368,21 @@ def spread_iterations(total: int, shares) -> tuple:
     return tuple(out)
 
 
-def _level_shapes(shape, n_levels: int) -> list:
-    """Grid shapes coarsest first, each axis halved per level but not below MIN_SIZE voxels (an axis with few voxels,
-    e.g. a stack of a few thick slices, stays as it is), so every level runs. A level whose grid would equal the
-    next finer one is dropped (only when the whole image is that small)."""
+def _level_shapes(shape, n_levels: int, spacing=None) -> list:
+    """Grid shapes coarsest first. Level ``k`` levels above the finest aims at voxels ``2ᵏ`` times the finest axis's
+    spacing: each axis is shrunk by the power of two nearest to that over its own spacing (at least 1), so an
+    anisotropic grid's fine axes are halved first and its coarse axis only once they have caught up (ITK's and
+    elastix's rule for such grids; on an isotropic grid every axis halves per level). An axis is not shrunk below
+    MIN_SIZE voxels (an axis with few voxels, e.g. a stack of a few thick slices, stays as it is), so every level
+    runs. A level whose grid would equal the next finer one is dropped (only when the whole image is that small).
+
+    ``spacing``: the grid's spacing in array order (default: isotropic)."""
+    sp = np.ones(len(shape)) if spacing is None else np.asarray(spacing, float)
     out = []
     for k in range(n_levels - 1, -1, -1):
-        f = 2 ** k
-        s = tuple(max((n - 1) // f + 1, min(n, MIN_SIZE)) for n in shape)
+        target = sp.min() * 2 ** k
+        fac = [2 ** int(round(math.log2(max(1.0, target / a)))) for a in sp]
+        s = tuple(max((n - 1) // f + 1, min(n, MIN_SIZE)) for n, f in zip(shape, fac))
         if out and out[-1] == s:
             out.pop()  # the same grid twice: the finer level's place (and iterations) is kept
         if k and s == tuple(shape):
@@ -578,7 +585,7 @@ def register_deformable(fixed: Image, moving: Image, initial: Transform | None =
         lm = (fi, qi)
 
     # ---- pyramid
-    shapes = _level_shapes(work.shape, len(iterations))
+    shapes = _level_shapes(work.shape, len(iterations), np.asarray(work.spacing, float)[::-1])
     iters = tuple(int(n) for n in iterations[len(iterations) - len(shapes):])
     if keep_total and len(shapes) < len(iterations) and sum(iters) > 0:
         iters = spread_iterations(sum(int(n) for n in iterations), iters)
@@ -624,12 +631,13 @@ def register_deformable(fixed: Image, moving: Image, initial: Transform | None =
             if not bool(ml_mask.any()):
                 ml_mask = None
         metric = _Metric(similarity, fl, radius, ml_mask)
-        lev_space = work.with_shape(shape, keep_extent=True)
-        lev_sp = np.asarray(lev_space.spacing, float)  # x, y, z
-        scale_xyz = torch.as_tensor(lev_sp / lev_sp.min(), dtype=torch.float32, device=dev).view(1, d, *([1] * d))
-        sig_arr = lev_sp.min() / np.asarray(lev_sp)[::-1]  # per array axis: 1 physical "min voxel"
-        sig_u = [sigma_update * s for s in sig_arr]
-        sig_f = [sigma_field * s for s in sig_arr]
+        # smoothing and step in voxels of the level's grid, as Greedy's ``vox`` units: on an anisotropic grid a
+        # coarse axis is smoothed over as many of its own voxels as a fine one. Smoothing isotropic in physical units
+        # left the coarse axis almost unregularised per voxel; with it and a pyramid halving every axis, the
+        # benchmark's 1.5 × 1.5 × 4.5 mm brain had median end-point errors of 0.41 / 0.41 / 0.71 voxels (2-, 5-,
+        # 10-voxel warps; Greedy 0.27 / 0.32 / 0.61), now 0.25 / 0.28 / 0.49
+        sig_u = [sigma_update] * d
+        sig_f = [sigma_field] * d
         # peak of a unit impulse after smoothing with sig_u (normalises the landmark bumps)
         peak = float(np.prod([1.0 / (math.sqrt(2 * math.pi) * max(sg, 0.4)) for sg in sig_u]))
         lm_idx = None
@@ -676,7 +684,7 @@ def register_deformable(fixed: Image, moving: Image, initial: Transform | None =
                 done += n_it - it  # converged: the rest of the level's iterations are not needed
                 break
             g = gaussian_smooth(gw * grad_w, sig_u)
-            norm = math.sqrt(float((g * scale_xyz).square().sum(1).max()))
+            norm = math.sqrt(float(g.square().sum(1).max()))
             if not math.isfinite(norm):
                 info["rejected_updates"] += 1
                 info["nonfinite_levels"].append(li + 1)
@@ -687,7 +695,7 @@ def register_deformable(fixed: Image, moving: Image, initial: Transform | None =
                 # (the splatted residuals smoothed like the update, divided by the Gaussian's peak), at most
                 # ``step`` voxels long, added to the image update
                 dl = gaussian_smooth(_landmark_residual_splat(u, lm_idx), sig_u) * (landmark_weight / peak)
-                ln = torch.sqrt(((dl * scale_xyz) ** 2).sum(1, keepdim=True))
+                ln = torch.sqrt((dl ** 2).sum(1, keepdim=True))
                 dl = dl * torch.clamp(step / ln.clamp(min=1e-12), max=1.0)
                 delta = dl if delta is None else delta + dl
             if delta is not None:

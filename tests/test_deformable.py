@@ -329,13 +329,19 @@ def test_a_thin_stack_keeps_every_pyramid_level_and_recovers_an_in_plane_warp():
     tx = register_deformable(fixed, moving, iterations=(100, 70, 50))
     info = tx.refine_info
     assert info["iterations"] == [100, 70, 50] and len(info["levels"]) == 3
-    assert [lv["grid"][0] for lv in info["levels"]] == [8, 8, 12]  # z: halved only down to 8 voxels
+    # z (3 mm, against about 2 mm in plane) is shrunk only on the coarsest level, where the in-plane voxels reach
+    # 8 mm, and then not below 8 voxels; y and x halve per level
+    assert [lv["grid"][0] for lv in info["levels"]] == [8, 12, 12]
     assert info["levels"][0]["grid"][1:] == [(n - 1) // 4 + 1 for n in a.shape[1:]]
+    assert info["levels"][1]["grid"][1:] == [(n - 1) // 2 + 1 for n in a.shape[1:]]
     # a grid that cannot be halved twice runs no level twice on one grid
     from napari_regtool.deformable import _level_shapes
 
     assert _level_shapes((15, 15), 3) == [(8, 8), (15, 15)] and _level_shapes((8, 8), 3) == [(8, 8)]
     assert _level_shapes((40, 12), 3) == [(10, 8), (20, 8), (40, 12)]
+    # an anisotropic grid: the fine axes first, the coarse one (3× the spacing) once they have caught up with it
+    assert _level_shapes((37, 131, 107), 3, (4.5, 1.5, 1.5)) == [(37, 33, 27), (37, 66, 54), (37, 131, 107)]
+    assert _level_shapes((37, 131, 107), 4, (4.5, 1.5, 1.5))[0] == (19, 17, 14)
     # moving(y) = fixed(y − v) ⇒ the fixed → moving map is x + v (to first order, v smooth): compare in-plane
     u = tx.u.numpy()[..., :2] / np.array([space.spacing[0], space.spacing[1]])  # x, y in voxels
     truth = np.stack([v[1], v[0]], -1)[None]
