@@ -141,9 +141,13 @@ def ngff_layer_data(img, path=None, role: str | None = None):
     from .ngff import level_relations
 
     idx = img.spatial_slices(all_channels=True)
-    levels = [da.from_zarr(lv.array)[idx] for lv in img.levels]
+    token = img.damage_token  # (an opening's own dask names: napari's chunk cache never serves another's chunks)
+    levels = [da.from_zarr(lv.array, name=f"ngff-{token}-{k}" if token else None)[idx]
+              for k, lv in enumerate(img.levels)]
     md = {"path": str(path or img.path), "stamp": file_stamp(path or img.path),
           "ngff": {"relations": level_relations(img), "unit": img.unit, "levels": len(img.levels)}}
+    if token:
+        md["damage"] = token  # where a short chunk met while drawing is remembered (ngff.damage_of)
     if role:
         md["role"] = role
     kw = dict(name=img.name, metadata={"regtool": md}, **img.levels[0].space.napari_kwargs())
@@ -175,7 +179,7 @@ def get_ngff_reader(path):
         from .ngff import open_ngff
 
         try:
-            img = open_ngff(q)
+            img = open_ngff(q, strict=False)  # drawing must not fail on a short chunk (drawn empty, warned)
             data = ngff_layer_data(img, q)
         except RegtoolError as exc:
             raise ValueError(str(exc)) from None

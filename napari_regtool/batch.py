@@ -496,7 +496,7 @@ def _run_pair(job: PairJob, out_dir: str, threads: int | None) -> dict:
         files = sorted(n for n in _output_names() if (target / n).is_file())
         _write_stamp(target, {"regtool_batch": 1, "options": _options_of(job), "inputs": inputs,
                               "report_sha256": hashlib.sha256(report_text).hexdigest(), "files": files,
-                              "runtime_s": runtime})
+                              "runtime_s": runtime, **base})
         return _row(job, status="ok", runtime_s=runtime, **_metrics(report), **base)
     except RegtoolError as exc:
         msg = str(exc)
@@ -780,8 +780,9 @@ def _finished_meanwhile(jobs, rows, out) -> list:
                     report = json.loads((out / job.name / "report.json").read_text())
                 except (OSError, ValueError):
                     report = None
-                if report is not None:
-                    row = _row(job, status="ok", runtime_s=stamp.get("runtime_s"), **_metrics(report))
+                if report is not None:  # (threads and worker as the pair's own run stamped them)
+                    row = _row(job, status="ok", runtime_s=stamp.get("runtime_s"), **_metrics(report),
+                               threads=stamp.get("threads"), worker=stamp.get("worker"))
         fresh.append(row)
     return fresh
 

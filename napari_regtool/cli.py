@@ -558,7 +558,6 @@ def _apply_blockwise(args) -> int:
             if not 0 <= k < len(img.levels):
                 raise RegtoolError(f"{Path(path).name} has {len(img.levels)} level(s); --level {k} does not exist.")
             _say_notes(args, img.notices)
-            ngff.check_chunks(img.path, img.levels[k].path)
             return img.lazy(k), img.levels[k].space, img.unit
         im = read_image(path, is_label=is_label)
         _say_notices(args, im)

@@ -6,7 +6,8 @@ runs on the registration's device and shares the engine's field conventions:
 * Both images are scaled to [0, 1] (robust percentiles) and the moving image is resampled once onto the **work
   grid** (the fixed grid, or a coarser grid over the same region when the fixed image has more than
   ``max_voxels`` voxels) through the ``initial`` transform (identity, a linear pre-alignment, a TPS, or a deep
-  model's field). A Gaussian pyramid (factors 2ᴸ⁻¹ … 2, 1) is built from both.
+  model's field). A Gaussian pyramid is built from both: factors 2ᴸ⁻¹ … 2, 1 on an isotropic grid; on an
+  anisotropic one the fine axes are halved first (:func:`_level_shapes`).
 * At every level the displacement ``u`` (work-grid voxels, x, y, z channels; the map ``x ↦ x + u(x)`` from
   fixed voxels to pre-aligned-moving voxels) is improved ``iterations[level]`` times:
 
@@ -369,26 +370,31 @@ def spread_iterations(total: int, shares) -> tuple:
 
 
 def _level_shapes(shape, n_levels: int, spacing=None) -> list:
-    """Grid shapes coarsest first. Level ``k`` levels above the finest aims at voxels ``2ᵏ`` times the finest axis's
-    spacing: each axis is shrunk by the power of two nearest to that over its own spacing (at least 1), so an
-    anisotropic grid's fine axes are halved first and its coarse axis only once they have caught up (ITK's and
-    elastix's rule for such grids; on an isotropic grid every axis halves per level). An axis is not shrunk below
-    MIN_SIZE voxels (an axis with few voxels, e.g. a stack of a few thick slices, stays as it is), so every level
-    runs. A level whose grid would equal the next finer one is dropped (only when the whole image is that small).
+    """Grid shapes coarsest first, at most ``n_levels``. Going one level coarser halves the axes whose voxels are the
+    finest of those that can still shrink (to within a factor √2), so an isotropic grid halves every axis per level
+    and an anisotropic one its fine axes first, its coarse axis only once they have caught up with it. An axis is not
+    shrunk below MIN_SIZE voxels (an axis with few voxels, e.g. a stack of a few thick slices, stays as it is), and
+    such an axis no longer counts among the finest; when no axis can shrink, there are fewer levels.
 
     ``spacing``: the grid's spacing in array order (default: isotropic)."""
-    sp = np.ones(len(shape)) if spacing is None else np.asarray(spacing, float)
-    out = []
-    for k in range(n_levels - 1, -1, -1):
-        target = sp.min() * 2 ** k
-        fac = [2 ** int(round(math.log2(max(1.0, target / a)))) for a in sp]
-        s = tuple(max((n - 1) // f + 1, min(n, MIN_SIZE)) for n, f in zip(shape, fac))
-        if out and out[-1] == s:
-            out.pop()  # the same grid twice: the finer level's place (and iterations) is kept
-        if k and s == tuple(shape):
-            continue
-        out.append(s)
-    return out
+    d = len(shape)
+    sp = np.ones(d) if spacing is None else np.asarray(spacing, float)
+
+    def size(n, f):
+        return max((n - 1) // f + 1, min(n, MIN_SIZE))
+
+    fac = [1] * d
+    out = [tuple(shape)]
+    for _ in range(n_levels - 1):
+        can = [a for a in range(d) if size(shape[a], 2 * fac[a]) < size(shape[a], fac[a])]
+        if not can:
+            break
+        finest = min(sp[a] * fac[a] for a in can)
+        for a in can:
+            if sp[a] * fac[a] < finest * math.sqrt(2.0):
+                fac[a] *= 2
+        out.append(tuple(size(n, f) for n, f in zip(shape, fac)))
+    return out[::-1]
 
 
 def _landmark_targets(initial: Transform, fixed_pts, moving_pts, work: Space, d: int):
@@ -458,9 +464,9 @@ def register_deformable(fixed: Image, moving: Image, initial: Transform | None =
         :data:`DEFAULT_RADIUS` by dimension: 5 in 2D, 2 in 3D; 2 with landmark pairs), mean squared difference
         (same contrast) or Parzen-window mutual information (any contrast, 32 bins).
     iterations : sequence of int
-        Largest number of iterations per pyramid level, coarsest first. Each level halves every axis that keeps
-        at least ``MIN_SIZE`` voxels (a thin axis is halved only down to that); a coarse level that would not be
-        coarser than the full grid (a tiny image) is dropped with its iterations, unless ``keep_total``: then the
+        Largest number of iterations per pyramid level, coarsest first. Each level halves the axes with the finest
+        voxels (every axis on an isotropic grid; :func:`_level_shapes`), none below ``MIN_SIZE`` voxels; a coarse
+        level that cannot be coarser (a tiny image) is dropped with its iterations, unless ``keep_total``: then the
         remaining levels share the whole total in their given proportions, the finest taking the remainder.
     contrast : {"auto", "same", "inverted"}
         Local NCC only: whether the moving image has the fixed image's contrast or its inverse (then its negative is
@@ -635,7 +641,8 @@ def register_deformable(fixed: Image, moving: Image, initial: Transform | None =
         # coarse axis is smoothed over as many of its own voxels as a fine one. Smoothing isotropic in physical units
         # left the coarse axis almost unregularised per voxel; with it and a pyramid halving every axis, the
         # benchmark's 1.5 × 1.5 × 4.5 mm brain had median end-point errors of 0.41 / 0.41 / 0.71 voxels (2-, 5-,
-        # 10-voxel warps; Greedy 0.27 / 0.32 / 0.61), now 0.25 / 0.28 / 0.49
+        # 10-voxel warps; Greedy 0.27 / 0.32 / 0.61), now 0.25 / 0.28 / 0.49 (benchmarks/results/deformable.txt and
+        # deformable-aniso-before.txt)
         sig_u = [sigma_update] * d
         sig_f = [sigma_field] * d
         # peak of a unit impulse after smoothing with sig_u (normalises the landmark bumps)

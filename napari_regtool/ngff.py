@@ -17,7 +17,11 @@ Axis order: NGFF axes are in array order (…, z, y, x); spacing and origin in :
 """
 from __future__ import annotations
 
+import functools
 import json
+import threading
+import uuid
+import warnings
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,8 +33,8 @@ from .errors import InputError
 from .image import Image
 from .space import Space, mm_per_unit
 
-__all__ = ["NgffImage", "NgffLevel", "is_ngff", "open_ngff", "read_level", "choose_level", "write_ngff", "chunk_errors", "check_chunks",
-           "NGFF_VERSION", "level_names"]
+__all__ = ["NgffImage", "NgffLevel", "is_ngff", "open_ngff", "read_level", "choose_level", "write_ngff", "chunk_errors", "check_chunk",
+           "damage_of", "refuse_if_damaged", "NGFF_VERSION", "level_names"]
 
 #: the version this module writes (zarr format 2: read by napari-ome-zarr, Fiji/BigDataViewer, QuPath, neuroglancer)
 NGFF_VERSION = "0.4"
@@ -60,6 +64,8 @@ class NgffImage:
     channel: int | None = None
     is_label: bool = False
     notices: list = field(default_factory=list)
+    #: set when opened with ``strict=False``: the key of what its reads met (:func:`damage_of`)
+    damage_token: str | None = None
 
     @property
     def ndim(self) -> int:
@@ -234,10 +240,13 @@ def _common_unit(name: str, axes: list) -> tuple:
                              f"are read in {target}s."]
 
 
-def open_ngff(path, channel: int | None = None) -> NgffImage:
+def open_ngff(path, channel: int | None = None, strict: bool = True) -> NgffImage:
     """Open an OME-Zarr image lazily; raises :class:`InputError` with a plain sentence for what is wrong.
 
     ``channel``: which channel to use when the image has a channel axis with more than one channel.
+    ``strict``: a truncated chunk met while reading raises :class:`InputError`; with False (the viewer's layers,
+    which must not fail while drawing) it reads as missing (drawn empty), is warned about once and is remembered
+    under the image's ``damage_token`` (:func:`damage_of`), so whatever computes from the layer can refuse it.
     """
     import zarr
 
@@ -285,7 +294,10 @@ def open_ngff(path, channel: int | None = None) -> NgffImage:
     if not datasets:
         raise InputError(f"{p.name}: the multiscales metadata lists no datasets (resolution levels).")
     try:
-        group = zarr.open_group(str(p), mode="r")
+        blosc = tuple(str(ds["path"]).strip("/") for ds in datasets
+                      if "path" in ds and _blosc_level(p / str(ds["path"])))
+        token = None if strict else uuid.uuid4().hex  # each lenient opening keeps its own record
+        group = zarr.open_group(_checked_store(p, blosc, token), mode="r")
     except Exception as exc:  # zarr raises several types for damaged stores
         raise InputError(f"{p.name} cannot be opened as a zarr group ({str(exc)[:160]}).") from None
     levels = []
@@ -307,6 +319,7 @@ def open_ngff(path, channel: int | None = None) -> NgffImage:
     img = NgffImage(p, p.name[:-5] if p.name.lower().endswith(".zarr") else p.name, levels, axes, unit,
                     channel_axis, time_axis, channel, label_meta is not None)
     img.notices += more + unit_notes
+    img.damage_token = token
     shape0 = levels[0].array.shape
     if time_axis is not None and shape0[time_axis] > 1:
         img.notices.append(f"{p.name} has {shape0[time_axis]} time points; the first is used.")
@@ -356,39 +369,111 @@ def choose_level(img: NgffImage, max_voxels: int | None = None) -> int:
     return len(img.levels) - 1
 
 
-def check_chunks(store: Path, level_path: str, name: str | None = None) -> None:
-    """Refuse a level whose blosc-compressed chunk files are shorter than their own header says (a copy that stopped
-    midway): blosc trusts that header and may decode the missing bytes from whatever memory follows, so a truncated
-    chunk can read as plausible numbers without an error. Reads 16 bytes per chunk file (zarr v2, and v3 without
-    sharding); other codecs fail loudly on their own (see :func:`chunk_errors`)."""
-    level = Path(store) / level_path
+def _blosc_level(level: Path) -> bool:
+    """Whether the array at ``level`` stores its chunks as blosc frames (zarr v2, or v3 without sharding)."""
     try:
         if (level / ".zarray").is_file():
             comp = json.loads((level / ".zarray").read_text()).get("compressor") or {}
-            blosc = comp.get("id") == "blosc"
-        elif (level / "zarr.json").is_file():
+            return comp.get("id") == "blosc"
+        if (level / "zarr.json").is_file():
             codecs = json.loads((level / "zarr.json").read_text()).get("codecs") or []
             names = [c.get("name") for c in codecs if isinstance(c, dict)]
-            blosc = "blosc" in names and "sharding_indexed" not in names
-        else:
-            return
+            return "blosc" in names and "sharding_indexed" not in names
     except (OSError, ValueError):
-        return  # unreadable metadata is said where the array is opened
-    if not blosc:
-        return
-    # chunk files at any depth ("/" as the key separator nests them), not the metadata
-    files = (f for f in level.rglob("*") if not f.name.startswith(".") and f.name != "zarr.json")
-    for f in files:
-        if not f.is_file():
-            continue
-        with open(f, "rb") as fh:
-            head = fh.read(16)
-        size = f.stat().st_size
-        cbytes = int.from_bytes(head[12:16], "little") if len(head) == 16 else size + 1
-        if size < cbytes:  # (a checksum codec after blosc adds bytes: a longer file is not a short one)
-            raise InputError(f"{name or Path(store).name}: the chunk file {f.relative_to(store)} holds {size} bytes "
-                             f"but its header says {max(cbytes, 0)}; it is truncated or damaged (a copy that stopped "
-                             "midway?). Copy or write the store again, then retry.")
+        pass  # unreadable metadata is said where the array is opened
+    return False
+
+
+_METADATA_KEYS = (".zarray", ".zattrs", ".zgroup", "zarr.json")
+#: short chunks met by lenient reads (the viewer's), by the opening's ``damage_token``: the first one's sentence
+_DAMAGED: dict = {}
+_DAMAGED_LOCK = threading.Lock()
+
+
+def check_chunk(name: str, key: str, data) -> None:
+    """Refuse a blosc-compressed chunk shorter than its own header says (a copy that stopped midway): blosc trusts
+    that header and may decode the missing bytes from whatever memory follows, so a truncated chunk can read as
+    plausible numbers without an error. ``data``: the chunk's bytes as read (a checksum codec after blosc adds
+    bytes, so a longer chunk is not a short one). Other codecs fail loudly on their own (see :func:`chunk_errors`)."""
+    size = len(data)
+    head = bytes(memoryview(data)[:16]) if size >= 16 else b""
+    cbytes = int.from_bytes(head[12:16], "little") if head else size + 1
+    if size < cbytes:
+        raise InputError(f"{name}: the chunk file {key} holds {size} bytes but its header says {max(cbytes, 0)}; it "
+                         "is truncated or damaged (a copy that stopped midway?). Copy or write the store again, then "
+                         "retry.")
+
+
+def damage_of(token: str | None) -> str | None:
+    """The sentence about the first short chunk that reads of a store opened with ``strict=False`` met (its
+    :attr:`NgffImage.damage_token`), or None."""
+    if not token:
+        return None
+    with _DAMAGED_LOCK:
+        return _DAMAGED.get(token)
+
+
+def refuse_if_damaged(token: str | None) -> None:
+    """:class:`InputError` with :func:`damage_of`'s sentence, if there is one."""
+    said = damage_of(token)
+    if said:
+        raise InputError(said + " The layer keeps what it read: open the store again once it is whole.")
+
+
+@functools.lru_cache(maxsize=1)
+def _checked_store_class():
+    from zarr.storage import WrapperStore
+
+    class CheckedStore(WrapperStore):
+        """A read-only local store whose whole chunks of the blosc levels are checked as they are read."""
+
+        def __init__(self, store, name: str = "", blosc: tuple = (), token: str | None = None):
+            super().__init__(store)
+            self._name, self._blosc, self._token = name, tuple(blosc), token
+
+        def _with_store(self, store):
+            return type(self)(store, self._name, self._blosc, self._token)
+
+        def __reduce__(self):  # (a dask scheduler in other processes reads through it too)
+            return _checked_store, (Path(str(self._store.root)), self._blosc, self._token)
+
+        def _check(self, key, buf):
+            if (buf is None or key.rpartition("/")[2] in _METADATA_KEYS
+                    or not any(key.startswith(lv + "/") for lv in self._blosc)):
+                return buf
+            try:
+                check_chunk(self._name, key, buf.as_numpy_array())
+            except InputError as exc:
+                if self._token is None:
+                    raise
+                with _DAMAGED_LOCK:
+                    first = self._token not in _DAMAGED
+                    _DAMAGED.setdefault(self._token, str(exc))
+                if first:
+                    warnings.warn(f"{exc} Until then it reads as empty.", UserWarning, stacklevel=3)
+                return None  # read as a missing chunk: the array's fill value
+            return buf
+
+        async def get(self, key, prototype, byte_range=None):
+            buf = await self._store.get(key, prototype, byte_range)
+            return self._check(key, buf) if byte_range is None else buf
+
+        async def get_partial_values(self, prototype, key_ranges):
+            key_ranges = list(key_ranges)
+            got = await self._store.get_partial_values(prototype, key_ranges)
+            return [self._check(k, b) if r is None else b for (k, r), b in zip(key_ranges, got)]
+
+    return CheckedStore
+
+
+def _checked_store(path: Path, blosc: tuple, token: str | None):
+    """The store at ``path``, read-only, checking every whole chunk of the levels ``blosc`` (those stored as blosc
+    frames, :func:`_blosc_level`) as it is read (:func:`check_chunk`), at no extra reading. A short chunk raises
+    :class:`InputError`, or with a ``token`` (a lenient opening, see :func:`open_ngff`) reads as missing, is warned
+    about once and is recorded under the token."""
+    from zarr.storage import LocalStore
+
+    return _checked_store_class()(LocalStore(str(path), read_only=True), path.name, blosc, token)
 
 
 def _from_a_codec(exc: BaseException) -> bool:
@@ -429,7 +514,6 @@ def read_level(img: NgffImage, level: int | None = None, is_label: bool | None =
         raise InputError(f"{img.path.name} has {len(img.levels)} level(s) (0 … {len(img.levels) - 1}); --level {k} "
                          "does not exist.")
     lv = img.levels[k]
-    check_chunks(img.path, lv.path, img.path.name)
     with chunk_errors(img.path.name):
         arr = np.asarray(lv.array[img.spatial_slices(all_channels=True)])
     if img.channel_axis is not None and img.channel is None and img.channels > 1:
@@ -632,7 +716,7 @@ def level_note(img: NgffImage, k: int, max_voxels: int) -> str:
 
 def warp_to_ngff(path, moving, moving_space: Space, transform, out_space: Space, *, label: bool = False,
                  block: int = 128, name: str = "image", unit: str | None = None, progress=None,
-                 cancel=None) -> list:
+                 cancel=None, check=None) -> list:
     """``moving ∘ T`` on ``out_space`` written block by block as an OME-Zarr pyramid at ``path``
     (:func:`~napari_regtool.blockwise.warp_lazy` through :func:`write_ngff`: staged, then published whole).
 
@@ -640,7 +724,8 @@ def warp_to_ngff(path, moving, moving_space: Space, transform, out_space: Space,
     ``cancel()`` is asked after every block and, when true, the write stops with
     :class:`~napari_regtool.errors.Cancelled` and nothing is left at ``path`` (an existing folder there is kept).
     Blocks are computed one at a time in the calling thread (torch uses its own threads within a block), so the
-    memory needed is a few blocks. Returns :func:`write_ngff`'s notices.
+    memory needed is a few blocks. ``check()`` is called after every block too; what it raises stops the write the
+    same way (e.g. :func:`refuse_if_damaged` of a store read leniently). Returns :func:`write_ngff`'s notices.
     """
     import threading
 
@@ -659,6 +744,8 @@ def warp_to_ngff(path, moving, moving_space: Space, transform, out_space: Space,
     def tick(a):
         if cancel is not None and cancel():
             raise Cancelled()
+        if check is not None:
+            check()
         with lock:
             done[0] += 1
             k = done[0]

@@ -19,7 +19,7 @@ from .device import resolve_device
 from .errors import Cancelled, FitError, InputError
 from .image import Image, file_image, mask_array
 from .landmarks import LandmarkPairs
-from .space import Space, mm_per_unit, same_unit, unit_symbol
+from .space import Space, unit_mismatch, unit_symbol
 from .transforms import (LANDMARK_MODELS, MODELS, fit_landmarks, initial_from_landmarks, leave_one_out, min_pairs,
                          residuals)
 from .transforms.base import IdentityTransform, Transform, index_grid_from_field
@@ -114,20 +114,12 @@ def check_pair(fixed: Image, moving: Image):
     if fixed.ndim != moving.ndim:
         raise InputError(f"The fixed image is {fixed.ndim}D but the moving image is {moving.ndim}D; both must be 2D "
                          "or both 3D.")
-    fu, mu = fixed.meta.get("unit"), moving.meta.get("unit")
     # (an image made in the viewer, with no file behind it, has no unit of its own: it is in the other's)
     unknown = fixed.meta.get("unit_unknown") or moving.meta.get("unit_unknown")
-    if not unknown and not same_unit(fu, mu):
-        # registered as they are, one image's coordinates would be read in the other's unit (1000× off for µm/mm)
-        def said(im, u):
-            return f"{im.name} in {unit_symbol(u)}" + ("" if u else " (no unit given: millimetres, as in ITK files)")
-
-        fa, fb = mm_per_unit(fu), mm_per_unit(mu)
-        off = f"{max(fa / fb, fb / fa):g}× off in scale" if fa and fb else "placed wrongly"
-        raise InputError(f"The images are in different units ({said(fixed, fu)}, {said(moving, mu)}); registered "
-                         f"together one would be read in the other's unit, {off}. Use images in one unit: rewrite one "
-                         "OME-Zarr store with the other's unit (its axes' unit and its scale and translation), or "
-                         "open an ITK file (millimetres) with an OME-Zarr image in millimetres.")
+    mismatch = None if unknown else unit_mismatch((fixed.name, fixed.meta.get("unit")),
+                                                  (moving.name, moving.meta.get("unit")))
+    if mismatch:
+        raise InputError(mismatch)
     for im in (fixed, moving):
         im.check_finite()
         im.check_not_constant()

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from . import qc
-from .image import Image
+from .image import Image, file_image
+from .pipeline import measured_jacobian_stats
 from .landmarks import LandmarkPairs
 from .space import Space
 from .transforms import LANDMARK_MODELS, leave_one_out, min_pairs, residuals
@@ -187,11 +188,12 @@ class Previewer:
         if needs_field and field is None:
             field = transform.field(fs, device=self.device, dtype=torch.float32)
         if "jacobian" in want or (need_stats and nonlinear):
-            jac = jacobian_determinant(field, fs)
             # (the field's coverage of the grid is kept on the transform: a redraw does not measure it again)
-            # (on a fixed image straightened for the viewer these are the grid shown's, over what the field covers;
-            # Export's report and the statistics table measure on the file's own grid, as regtool does)
-            stats = qc.covered_jacobian_stats(jac, transform, fs)
+            # (on a fixed image straightened for the viewer the figures are measured on the file's own grid, as
+            # Export's report, the statistics table and regtool measure them; the map drawn is the grid shown's)
+            straightened = file_image(self.fixed) is not self.fixed
+            jac = jacobian_determinant(field, fs) if "jacobian" in want or not straightened else None
+            stats = measured_jacobian_stats(transform, self.fixed, det=jac, device=self.device)
             if "jacobian" in want:
                 maps["jacobian"] = jac.cpu().numpy()
         elif need_stats:

@@ -57,6 +57,26 @@ def same_unit(a: str | None, b: str | None) -> bool:
     return fa == fb
 
 
+def unit_mismatch(first: tuple, second: tuple) -> str | None:
+    """The sentence refusing to register or apply across two different length units, or None when they are one.
+
+    ``first``, ``second``: ``(name, unit)`` of each image (unit ``None``: millimetres, as in ITK files)."""
+    (na, a), (nb, b) = first, second
+    if same_unit(a, b):
+        return None
+
+    def said(name, u):
+        return f"{name} in {unit_symbol(u)}" + ("" if u else " (no unit given: millimetres, as in ITK files)")
+
+    fa, fb = mm_per_unit(a), mm_per_unit(b)
+    off = f"{max(fa / fb, fb / fa):g}× off in scale" if fa and fb else "placed wrongly"
+    # registered as they are, one image's coordinates would be read in the other's unit (1000× off for µm/mm)
+    return (f"The images are in different units ({said(na, a)}, {said(nb, b)}); together one would be read in the "
+            f"other's unit, {off}. Use images in one unit: rewrite one OME-Zarr store with the other's unit (its "
+            "axes' unit and its scale and translation), or open an ITK file (millimetres) with an OME-Zarr image in "
+            "millimetres.")
+
+
 #: the symbols messages write for the units of :data:`MM_PER_UNIT`
 UNIT_SYMBOL = {"millimeter": "mm", "micrometer": "µm", "nanometer": "nm", "picometer": "pm", "angstrom": "Å",
                "centimeter": "cm", "decimeter": "dm", "meter": "m", "inch": "in"}

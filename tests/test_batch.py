@@ -422,6 +422,8 @@ def test_ctrl_c_writes_the_summary_and_a_second_run_resumes(data, cluster, tmp_p
     fixed = batch._finished_meanwhile(jobs, said, out)
     assert [r["status"] for r in fixed] == ["ok", "ok", "interrupted"]
     assert fixed[0]["ncc_after"] not in (None, "") and fixed[2]["error"] == batch.INTERRUPTED
+    # with the threads and the worker its own run recorded (as the rows of the run that finished it)
+    assert int(fixed[0]["threads"]) >= 1 and isinstance(fixed[0]["worker"], str) and fixed[0]["worker"], fixed[0]
 
 
 def test_losing_the_scheduler_writes_the_summary_and_says_so(data, cluster, tmp_path, monkeypatch, capsys):

@@ -347,6 +347,15 @@ def test_a_truncated_chunk_is_named_in_one_sentence_for_register_and_apply(tmp_p
     assert main(["register", "--fixed", str(tmp_path / "f.zarr"), "--moving", str(tmp_path / "n.zarr"), "--model",
                  "auto-rigid", "--level", "0", "--out", str(tmp_path / "rn"), "-q"]) == 2
     assert "n.zarr: the chunk file 0/0/0/0/1/1 holds" in capsys.readouterr().err
+    # the check is made as each chunk is read, so it holds for an array sent to another process (a dask worker)
+    import pickle
+
+    from napari_regtool.errors import InputError
+
+    level0 = pickle.loads(pickle.dumps(ngff.open_ngff(tmp_path / "m.zarr").levels[0].array))
+    assert np.array_equal(level0[0, 0, :8, :16, :16], vol[:8, :16, :16])  # a whole chunk reads as written
+    with pytest.raises(InputError, match=r"m\.zarr: the chunk file 0/0\.0\.0\.1\.1 holds \d+ bytes"):
+        level0[0, 0, :8, 16:32, 16:32]
     # zlib chunks carry no length to check: the codec's own error, with the store named
     import numcodecs
 

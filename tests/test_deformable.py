@@ -342,6 +342,10 @@ def test_a_thin_stack_keeps_every_pyramid_level_and_recovers_an_in_plane_warp():
     # an anisotropic grid: the fine axes first, the coarse one (3× the spacing) once they have caught up with it
     assert _level_shapes((37, 131, 107), 3, (4.5, 1.5, 1.5)) == [(37, 33, 27), (37, 66, 54), (37, 131, 107)]
     assert _level_shapes((37, 131, 107), 4, (4.5, 1.5, 1.5))[0] == (19, 17, 14)
+    # the finest axis too short to shrink further does not hold the others back (a wide slab; a thin stack whose
+    # z-spacing the work grid made the finest)
+    assert _level_shapes((16, 512, 512), 3, (0.5, 0.8, 0.8)) == [(8, 256, 256), (8, 512, 512), (16, 512, 512)]
+    assert _level_shapes((8, 1901, 1901), 3, (1.29, 2.16, 2.16)) == [(8, 476, 476), (8, 951, 951), (8, 1901, 1901)]
     # moving(y) = fixed(y − v) ⇒ the fixed → moving map is x + v (to first order, v smooth): compare in-plane
     u = tx.u.numpy()[..., :2] / np.array([space.spacing[0], space.spacing[1]])  # x, y in voxels
     truth = np.stack([v[1], v[0]], -1)[None]

@@ -338,18 +338,38 @@ def test_a_full_resolution_write_that_cannot_be_made_is_said_before_it_starts(ma
 def test_a_store_with_a_short_chunk_opened_through_napari_is_refused_when_chosen(make_napari_viewer, qtbot,
                                                                                  monkeypatch, pair):
     """A store opened with File ▸ Open (napari's reader; the layer holds only lazy arrays) whose chunk file was cut
-    short: choosing it for registration names the chunk instead of registering numbers blosc made up."""
-    fixed_path, moving_path, _ = pair
+    short: drawn, that chunk reads empty (not numbers blosc made up) with one warning naming it, and choosing the
+    layer for registration names the chunk instead of registering. The store copied again in good order and opened
+    again registers."""
+    import warnings
+
+    fixed_path, moving_path, moving = pair
     chunk = moving_path / "0" / "1.1"
-    chunk.write_bytes(chunk.read_bytes()[:-5])
+    good = chunk.read_bytes()
+    chunk.write_bytes(good[:-5])
     viewer = make_napari_viewer()
     w = open_with_widget(viewer, qtbot)
     monkeypatch.setattr(QFileDialog, "getOpenFileName", lambda *a, **k: (str(fixed_path / ".zattrs"), ""))
     qtbot.mouseClick(w.open_fixed_btn, Qt.MouseButton.LeftButton)
-    layer = viewer.open(str(moving_path), plugin="napari-regtool")[0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        layer = viewer.open(str(moving_path), plugin="napari-regtool")[0]
+        level0 = np.asarray(layer.data[0])  # what drawing level 0 reads
+        np.asarray(layer.data[0])
+    short = [str(c.message) for c in caught if "chunk file 0/1.1 holds" in str(c.message)]
+    assert len(short) == 1 and "reads as empty" in short[0], [str(c.message) for c in caught]
+    assert np.all(level0[32:64, 32:64] == 0) and np.abs(moving[32:64, 32:64]).min() > 0  # the chunk, empty
+    assert np.array_equal(level0[:32], moving[:32].astype(np.float32))  # the others as written
     n = len(w.messages)
     w.moving_combo.setCurrentIndex(w.moving_combo.findText(layer.name))
     wait_idle(qtbot, w)
     said = [m for lvl, m in w.messages[n:] if lvl == "error"]
     assert len(said) == 1 and "chunk file 0/1.1 holds" in said[0] and "truncated" in said[0], w.messages[n:]
     assert not w.session.ready
+    chunk.write_bytes(good)  # copied again
+    viewer.layers.remove(layer)
+    again = viewer.open(str(moving_path), plugin="napari-regtool")[0]
+    n = len(w.messages)
+    w.moving_combo.setCurrentIndex(w.moving_combo.findText(again.name))
+    wait_idle(qtbot, w)
+    assert w.session.ready and not [m for lvl, m in w.messages[n:] if lvl == "error"], w.messages[n:]

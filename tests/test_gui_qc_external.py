@@ -554,3 +554,28 @@ def test_warped_labels_of_a_tilted_fixed_grid_are_put_on_the_grid_shown(tmp_path
                 assert wl[tuple(k)] == want or wl[tuple(k)] in lab[max(r[2] - 1, 0):r[2] + 2,
                                                                    max(r[1] - 1, 0):r[1] + 2, max(r[0] - 1, 0):r[0] + 2]
     assert inside > 30
+
+
+def test_the_live_folding_figure_of_a_tilted_fixed_volume_is_measured_on_its_own_grid(make_napari_viewer, qtbot,
+                                                                                      monkeypatch, tmp_path):
+    """A folding field from another tool on a tilted fixed volume (shown straightened, with fill round the file's
+    voxels): the live read-out's folding percentage is the one on the file's own grid, as SimpleITK's determinant
+    map of the field gives it (and as the table reports it), not the grid shown's."""
+    a = np.deg2rad(20.0)
+    turn = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+    space = Space((16, 20, 24), (2.0, 2.0, 2.0), (3.0, -4.0, 5.0), turn)
+    q = space.grid_points() - space.grid_points().reshape(-1, 3).mean(0)
+    u = -3.0 * q * np.exp(-(q ** 2).sum(-1) / (2 * 7.0 ** 2))[..., None]  # a contraction that folds in the middle
+    viewer, w, f, m = _session(make_napari_viewer, qtbot, monkeypatch, tmp_path, np.zeros_like(u), space=space)
+    assert w.session.fixed.space.n_voxels > 1.3 * space.n_voxels  # shown straightened, with fill
+    path = _write_field(tmp_path / "folding.mha", u, space)
+    _open(qtbot, w, monkeypatch, w.model_panel.load_btn, path)
+    assert w.session.model == "loaded"
+    # ITK's filter works along the index axes, ignoring the direction: it is given Rᵀu (as _assert_stats_match_sitk)
+    jac = sitk.GetArrayFromImage(sitk.DisplacementFieldJacobianDeterminant(_to_sitk(u @ turn, space, vector=True),
+                                                                            True))
+    assert jac[0].min() > 0.5 and jac[-1].min() > 0.5  # (no folds on the rim, where ITK differs at the edges)
+    want = 100.0 * float((jac <= 0).mean())
+    assert 0.5 < want < 5.0
+    assert w.readouts["folding_percent"] == pytest.approx(want, rel=1e-6)
+    assert _table_value(w, "det J ≤ 0 (% of voxels)") == pytest.approx(want, rel=1e-3)

@@ -18,7 +18,7 @@ from qtpy.QtWidgets import (
 from ... import ngff
 from ...errors import Cancelled, InputError, RegtoolError, user_message
 from ...publish import check_writable
-from ...space import same_unit, unit_symbol
+from ...space import unit_mismatch
 from .._layers import image_from_layer, layer_role, layer_space
 from .._runner import ProgressBridge, QueueRunner
 
@@ -84,34 +84,23 @@ def layer_pyramid(layer) -> ngff.NgffImage:
 def registration_image(layer):
     """The :class:`~napari_regtool.image.Image` registration runs on for an image layer: the whole image for an
     ordinary layer, the level chosen for live work for a multiscale one (only that level is read). The sentence
-    saying which level and why is in ``image.meta["level_note"]``."""
+    saying which level and why is in ``image.meta["level_note"]``. A layer of an OME-Zarr store one of whose chunk
+    files was found short (the layer reads it as empty, :func:`~napari_regtool.ngff.open_ngff`) is refused."""
     if not getattr(layer, "multiscale", False):
-        return image_from_layer(layer)
-    img = layer_pyramid(layer)
-    limit = ngff.live_voxels(img.ndim)
-    k = ngff.choose_level(img, max_voxels=limit)
-    _check_store_chunks(layer, k)
-    im = ngff.read_level(img, k, is_label=img.is_label)
-    im.meta["level_note"] = ngff.level_note(img, k, limit)
+        im = image_from_layer(layer)
+    else:
+        img = layer_pyramid(layer)
+        limit = ngff.live_voxels(img.ndim)
+        k = ngff.choose_level(img, max_voxels=limit)
+        im = ngff.read_level(img, k, is_label=img.is_label)
+        im.meta["level_note"] = ngff.level_note(img, k, limit)
+    _refuse_damaged(layer)
     return im
 
 
-def _store_level(layer, level: int) -> tuple | None:
-    """``(store, level path)`` of a layer read from an OME-Zarr store (the layer's arrays alone do not say where their
-    chunk files are), else None."""
-    source = layer_role(layer).get("path")
-    if _ngff_meta(layer) and source and Path(source).is_dir():
-        store = ngff.open_ngff(source)
-        if level < len(store.levels):
-            return store.path, store.levels[level].path
-    return None
-
-
-def _check_store_chunks(layer, level: int) -> None:
-    """:func:`~napari_regtool.ngff.check_chunks` of a layer's level in its OME-Zarr store, if it has one."""
-    where = _store_level(layer, level)
-    if where is not None:
-        ngff.check_chunks(*where)
+def _refuse_damaged(layer) -> None:
+    """:func:`~napari_regtool.ngff.refuse_if_damaged` for the layer's OME-Zarr store, if it came from one."""
+    ngff.refuse_if_damaged(layer_role(layer).get("damage"))
 
 
 def full_resolution(layer) -> tuple:
@@ -141,18 +130,18 @@ def open_zarr(path, side: str):
     k = ngff.choose_level(img, max_voxels=limit)
     im = ngff.read_level(img, k)
     im.meta["level_note"] = ngff.level_note(img, k, limit)
-    return im, ngff_layer_data(img, path, role=side)
+    # the layer reads leniently (drawing must not fail on a short chunk: it is drawn empty and remembered)
+    return im, ngff_layer_data(ngff.open_ngff(path, strict=False), path, role=side)
 
 
 def fullres_job(path, moving, moving_space, transform, out_space, label, block, name, unit, progress, cancel=None,
-                chunks=None):
+                damage=None):
     """Worker body (any thread): the moving data warped onto ``out_space`` and written as OME-Zarr at ``path``.
-    ``chunks``: ``(store, level path)`` of the store the data are read from, whose chunk files are checked first
-    (:func:`~napari_regtool.ngff.check_chunks`; reading every chunk header of a large store takes a while)."""
-    if chunks is not None:
-        ngff.check_chunks(*chunks)
+    ``damage``: the ``damage_token`` of the OME-Zarr store the data are read from (the layer's lenient reads): a
+    chunk of it found short stops the write at the next block, and nothing is published."""
+    check = None if damage is None else (lambda: ngff.refuse_if_damaged(damage))
     notes = ngff.warp_to_ngff(path, moving, moving_space, transform, out_space, label=label, block=block, name=name,
-                              unit=unit, progress=progress, cancel=cancel)
+                              unit=unit, progress=progress, cancel=cancel, check=check)
     return ("fullres", str(path), list(notes), tuple(out_space.shape))
 
 
@@ -283,13 +272,13 @@ class FullresPanel(QGroupBox):
                     images.update_linear_display()
             known = layer_unit_known(layer) and (layer_unit_known(fixed_layer) if fixed_layer is not None
                                                  else not m.fixed.meta.get("unit_unknown"))
-            if known and not same_unit(munit, funit):
-                raise InputError(f"{layer.name!r} is in {unit_symbol(munit)} but the fixed image is in "
-                                 f"{unit_symbol(funit)} (no unit: millimetres, as in ITK files); both must use the "
-                                 "same unit.")
+            mismatch = unit_mismatch((repr(layer.name), munit), ("the fixed image", funit)) if known else None
+            if mismatch:
+                raise InputError(mismatch)
             if mspace.ndim != fspace.ndim or m.transform.ndim != fspace.ndim:
                 raise InputError(f"Layer {layer.name!r} is {mspace.ndim}D but the registration is {fspace.ndim}D.")
-            chunks = _store_level(layer, 0)  # the finest level's chunks are checked on the worker, then read
+            token = layer_role(layer).get("damage")
+            ngff.refuse_if_damaged(token)  # (a short chunk already drawn empty)
         except RegtoolError as exc:
             self.fullres_status.setText(f"Not written: {exc}")  # (not an earlier write's words)
             self.host.notify("error", str(exc))
@@ -305,7 +294,7 @@ class FullresPanel(QGroupBox):
         self.host.set_status(text)
         self.runner.request(fullres_job, path, moving, mspace, m.transform, fspace, label,
                             self.fullres_block.value(), layer.name, funit or munit, self._bridge, cancellable=True,
-                            chunks=chunks)
+                            damage=token)
         return True
 
     def cancel(self):

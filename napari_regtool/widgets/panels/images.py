@@ -7,6 +7,7 @@ from qtpy.QtCore import Signal
 from qtpy.QtWidgets import QCheckBox, QComboBox, QFileDialog, QGridLayout, QLabel, QPushButton, QWidget
 
 from ... import io as rio
+from ...ngff import damage_of
 from ...errors import RegtoolError
 from ...space import unit_symbol
 from ..._reader import ORIGINAL_KEY, file_stamp, shown_copy_of
@@ -456,13 +457,14 @@ class ImagesPanel(QWidget):
 
     def _open_already(self, path):
         """An image layer read from ``path`` that the file has not changed since (its recorded modification time),
-        or None."""
+        or None. A layer of an OME-Zarr store that met a short chunk is not reused: opening the store again (a
+        copy made whole meanwhile, which its folder's time may not show) reads it anew."""
         stamp = file_stamp(path)
         if stamp is None:
             return None
         for layer in self.image_layers():
             r = layer_role(layer)
             if r.get("stamp") == stamp and r.get("path") and file_stamp(r["path"]) == stamp \
-                    and Path(r["path"]).resolve() == Path(path).resolve():
+                    and Path(r["path"]).resolve() == Path(path).resolve() and not damage_of(r.get("damage")):
                 return layer
         return None
