@@ -136,14 +136,12 @@ def ngff_layer_data(img, path=None, role: str | None = None):
     (physical) coordinates by the layer's scale/translate (or affine), and how the other levels sit on level 0
     (:func:`napari_regtool.ngff.level_relations`) and the unit kept in the layer's metadata, so the Registration
     widget registers on a coarse level and applies the result to level 0 in physical coordinates."""
-    import dask.array as da
 
-    from .ngff import level_relations
+    from .ngff import as_dask, level_relations
 
     idx = img.spatial_slices(all_channels=True)
     token = img.damage_token  # (an opening's own dask names: napari's chunk cache never serves another's chunks)
-    levels = [da.from_zarr(lv.array, name=f"ngff-{token}-{k}" if token else None)[idx]
-              for k, lv in enumerate(img.levels)]
+    levels = [as_dask(lv.array, name=f"ngff-{token}-{k}" if token else None)[idx] for k, lv in enumerate(img.levels)]
     md = {"path": str(path or img.path), "stamp": file_stamp(path or img.path),
           "ngff": {"relations": level_relations(img), "unit": img.unit, "levels": len(img.levels)}}
     if token:

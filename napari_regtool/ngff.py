@@ -94,7 +94,6 @@ class NgffImage:
         """The level with spatial axes only (array order), read lazily: the zarr array itself when it has no
         other axes (slicing reads only the chunks touched), else a dask view of it. Several channels need a
         chosen one (``open_ngff(…, channel=N)``)."""
-        import dask.array as da
 
         if self.channels > 1 and self.channel is None:
             raise InputError(f"{self.path.name} has {self.channels} channels; block-wise warping takes one at a time "
@@ -102,7 +101,7 @@ class NgffImage:
         arr = self.levels[level].array
         if self.channel_axis is None and self.time_axis is None:
             return arr
-        return da.from_zarr(arr)[self.spatial_slices()]
+        return as_dask(arr)[self.spatial_slices()]
 
 
 def _attrs(path: Path) -> dict | None:
@@ -296,7 +295,7 @@ def open_ngff(path, channel: int | None = None, strict: bool = True) -> NgffImag
     try:
         blosc = tuple(str(ds["path"]).strip("/") for ds in datasets
                       if "path" in ds and _blosc_level(p / str(ds["path"])))
-        token = None if strict else uuid.uuid4().hex  # each lenient opening keeps its own record
+        token = uuid.uuid4().hex  # each opening keeps its own record of short chunks (damage_of)
         group = zarr.open_group(_checked_store(p, blosc, token), mode="r")
     except Exception as exc:  # zarr raises several types for damaged stores
         raise InputError(f"{p.name} cannot be opened as a zarr group ({str(exc)[:160]}).") from None
@@ -313,7 +312,7 @@ def open_ngff(path, channel: int | None = None, strict: bool = True) -> NgffImag
         scale, trans = _transforms(ds.get("coordinateTransformations"), len(axes), where)
         scale, trans = scale * gscale * to_unit_all, (trans * gscale + gtrans) * to_unit_all
         space = _level_space([arr.shape[i] for i in spatial], scale[spatial], trans[spatial], direction)
-        levels.append(NgffLevel(str(ds["path"]), space, arr))
+        levels.append(NgffLevel(str(ds["path"]), space, CheckedArray(arr, p.name, token, strict)))
     _check_levels(p.name, levels)
     label_meta = (attrs or {}).get("image-label") or ((attrs or {}).get("ome") or {}).get("image-label")
     img = NgffImage(p, p.name[:-5] if p.name.lower().endswith(".zarr") else p.name, levels, axes, unit,
@@ -369,6 +368,14 @@ def choose_level(img: NgffImage, max_voxels: int | None = None) -> int:
     return len(img.levels) - 1
 
 
+def as_dask(arr, name: str | None = None):
+    """A level's array (:class:`CheckedArray`, or any array) as a dask array in its own chunks."""
+    import dask.array as da
+
+    return da.from_array(arr, chunks=getattr(arr, "chunks", "auto"), name=name, asarray=False,
+                         meta=np.empty((0,) * len(arr.shape), dtype=arr.dtype))
+
+
 def _blosc_level(level: Path) -> bool:
     """Whether the array at ``level`` stores its chunks as blosc frames (zarr v2, or v3 without sharding)."""
     try:
@@ -387,6 +394,7 @@ def _blosc_level(level: Path) -> bool:
 _METADATA_KEYS = (".zarray", ".zattrs", ".zgroup", "zarr.json")
 #: short chunks met by lenient reads (the viewer's), by the opening's ``damage_token``: the first one's sentence
 _DAMAGED: dict = {}
+_WARNED: set = set()
 _DAMAGED_LOCK = threading.Lock()
 
 
@@ -420,6 +428,69 @@ def refuse_if_damaged(token: str | None) -> None:
         raise InputError(said + " The layer keeps what it read: open the store again once it is whole.")
 
 
+def _note_damage(token: str | None, said: str) -> bool:
+    """Record ``said`` as the first damage met under ``token``; True when it is the first."""
+    if not token:
+        return False
+    with _DAMAGED_LOCK:
+        first = token not in _DAMAGED
+        _DAMAGED.setdefault(token, said)
+    return first
+
+
+class CheckedArray:
+    """A level's zarr array as this module reads it: NumPy slicing, with every damaged chunk met said once.
+
+    A short blosc chunk (recorded by the store, :func:`_checked_store`) or a chunk a codec cannot decode raises
+    :class:`InputError` naming the store (``strict``), or else (the viewer's layers, which must not fail while
+    drawing) reads as the array's fill value, is warned about once and stays recorded under ``token``
+    (:func:`damage_of`)."""
+
+    def __init__(self, arr, name: str, token: str, strict: bool):
+        self._arr, self._name, self._token, self._strict = arr, name, token, strict
+        self.shape, self.dtype, self.ndim = tuple(arr.shape), np.dtype(arr.dtype), len(arr.shape)
+        self.chunks = tuple(arr.chunks)
+        fill = getattr(arr, "fill_value", None)
+        self.fill_value = 0 if fill is None else fill
+
+    def __array__(self, dtype=None, copy=None):
+        out = self[...]
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getattr__(self, name):  # anything else a zarr array has (attrs, compressors, …), as it is
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._arr, name)
+
+    def __dask_tokenize__(self):  # one opening's chunks are never taken for another's (napari's chunk cache)
+        return ("regtool-ngff", self._token, self._arr.path)
+
+    def __getitem__(self, idx):
+        try:
+            out = self._arr[idx]
+        except (RuntimeError, ValueError, EOFError, zlib.error) as exc:
+            if not _from_a_codec(exc):  # (out of memory, a bug elsewhere: not the store's fault)
+                raise
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            _note_damage(self._token, f"{self._name}: a chunk of the store could not be decoded ({first}); a chunk "
+                                      "file is truncated or damaged. Copy or write the store again, then retry.")
+            shape = np.broadcast_to(np.empty((), bool), self.shape)[idx].shape  # (no memory for the whole level)
+            out = np.full(shape, self.fill_value, dtype=self.dtype)
+        said = damage_of(self._token)
+        if said:
+            if self._strict:
+                raise InputError(said)
+            with _DAMAGED_LOCK:
+                warn = self._token not in _WARNED
+                _WARNED.add(self._token)
+            if warn:
+                warnings.warn(f"{said} Until then it reads as empty.", UserWarning, stacklevel=2)
+        return out
+
+
 @functools.lru_cache(maxsize=1)
 def _checked_store_class():
     from zarr.storage import WrapperStore
@@ -444,14 +515,11 @@ def _checked_store_class():
             try:
                 check_chunk(self._name, key, buf.as_numpy_array())
             except InputError as exc:
-                if self._token is None:
-                    raise
-                with _DAMAGED_LOCK:
-                    first = self._token not in _DAMAGED
-                    _DAMAGED.setdefault(self._token, str(exc))
-                if first:
-                    warnings.warn(f"{exc} Until then it reads as empty.", UserWarning, stacklevel=3)
-                return None  # read as a missing chunk: the array's fill value
+                # recorded and read as a missing chunk (the array's fill value); raised, or warned about, by the
+                # CheckedArray that asked, after the read (an error inside zarr's event loop would leave its other
+                # reads un-awaited, each printing a traceback at exit)
+                _note_damage(self._token, str(exc))
+                return None
             return buf
 
         async def get(self, key, prototype, byte_range=None):

@@ -449,3 +449,46 @@ def test_apply_refuses_to_mix_micrometres_and_millimetres_and_picks_a_channel(tm
                             "--channel", "1"]) == 2
     assert "different units" in err.getvalue() and "write both as OME-Zarr" not in err.getvalue()
     assert "rewrite that OME-Zarr store" in err.getvalue()
+
+
+def test_a_damaged_zstd_chunk_of_a_zarr_v3_store_is_named_or_read_as_empty(tmp_path, capsys):
+    """zarr v3's default codec (zstd) carries no length to check before decoding: the codec's error is said with the
+    store named (the command line: exit 2, nothing written, no traceback of zarr's event loop), and the viewer's
+    lenient reading shows that chunk empty with one warning and remembers it (damage_of)."""
+    import warnings
+
+    import zarr
+
+    from napari_regtool.cli import main
+
+    rng = np.random.default_rng(8)
+    vol = rng.random((12, 48, 48)).astype(np.float32)
+    g = zarr.open_group(str(tmp_path / "v3.zarr"), mode="w", zarr_format=3)
+    a = g.create_array("0", shape=vol.shape, chunks=(8, 16, 16), dtype="f4")
+    a[...] = vol
+    g.attrs["ome"] = {"version": "0.5", "multiscales": [{
+        "axes": [{"name": n, "type": "space", "unit": "micrometer"} for n in "zyx"],
+        "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [2.0, 0.8, 0.8]}]}]}]}
+    chunk = tmp_path / "v3.zarr" / "0" / "c" / "0" / "1" / "1"
+    chunk.write_bytes(chunk.read_bytes()[: chunk.stat().st_size // 2])
+    ngff_field_ref = tmp_path / "ref.zarr"
+    _tczyx_ngff(ngff_field_ref, vol)
+    sitk.WriteTransform(sitk.TranslationTransform(3, [0.0, 0.0, 0.0]), str(tmp_path / "t.tfm"))
+    for out, argv in {"r": ["register", "--fixed", str(ngff_field_ref), "--moving", str(tmp_path / "v3.zarr"),
+                            "--model", "auto-rigid", "--out", str(tmp_path / "r")],
+                      "w.zarr": ["apply", "--transform", str(tmp_path / "t.tfm"), "--moving", str(tmp_path / "v3.zarr"),
+                                 "--reference", str(ngff_field_ref), "--out", str(tmp_path / "w.zarr")]}.items():
+        capsys.readouterr()
+        assert main(argv) == 2, out
+        err = capsys.readouterr().err
+        assert "v3.zarr: a chunk of the store could not be decoded" in err and "Traceback" not in err, err
+        assert not (tmp_path / out).exists()
+    img = ngff.open_ngff(tmp_path / "v3.zarr", strict=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = np.asarray(ngff.as_dask(img.levels[0].array))
+        np.asarray(img.levels[0].array[:8])
+    said = [str(c.message) for c in caught if "could not be decoded" in str(c.message)]
+    assert len(said) == 1 and "reads as empty" in said[0]
+    assert np.all(got[:8, 16:32, 16:32] == 0) and np.array_equal(got[8:], vol[8:])
+    assert "v3.zarr" in ngff.damage_of(img.damage_token)
