@@ -91,8 +91,8 @@ class NgffImage:
         return tuple(idx)
 
     def lazy(self, level: int = 0):
-        """The level with spatial axes only (array order), read lazily: the zarr array itself when it has no
-        other axes (slicing reads only the chunks touched), else a dask view of it. Several channels need a
+        """The level with spatial axes only (array order), read lazily: the level's :class:`CheckedArray` itself
+        when it has no other axes (slicing reads only the chunks touched), else a dask view of it. Several channels need a
         chosen one (``open_ngff(…, channel=N)``)."""
 
         if self.channels > 1 and self.channel is None:
@@ -392,7 +392,7 @@ def _blosc_level(level: Path) -> bool:
 
 
 _METADATA_KEYS = (".zarray", ".zattrs", ".zgroup", "zarr.json")
-#: short chunks met by lenient reads (the viewer's), by the opening's ``damage_token``: the first one's sentence
+#: damaged chunks met by the reads of each opening (by its ``damage_token``): the first one's sentence
 _DAMAGED: dict = {}
 _WARNED: set = set()
 _DAMAGED_LOCK = threading.Lock()
