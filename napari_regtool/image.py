@@ -86,6 +86,11 @@ class Image:
                         "channels-first TIFF), save the image with its channels last (e.g. an RGB or multi-channel "
                         "TIFF/PNG, or OME-Zarr with a channel axis) and choose one with --channel (in the plugin: "
                         "open the channel as its own layer).")
+            elif self.ndim == 3 and sum(v < n for v in self.space.shape) == 1:
+                k = min(self.space.shape)
+                hint = (f" A stack of {k} slices is too thin for a 3D field: register it with a linear model (rigid, "
+                        "similarity or affine, from landmark pairs, or --model auto-affine, which takes stacks of 4 "
+                        "slices or more), or register its slices as 2D images.")
             raise InputError(f"The {role} image ({self.name}, {size} voxels, x first) is too small for {purpose}: it "
                              f"needs at least {n} voxels along every axis.{hint}")
         return self

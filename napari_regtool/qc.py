@@ -718,17 +718,20 @@ def _grey_rgb(a: np.ndarray) -> np.ndarray:
     return np.repeat((v * 255.0 + 0.5).astype(np.uint8)[..., None], 3, axis=-1)
 
 
-def jacobian_rgb(det: np.ndarray, span: float = 1.0) -> np.ndarray:
-    """det J as colours: white at 1, blue toward 1 − span (shrinking), red toward 1 + span (growing), black where
-    det J ≤ 0 (folding)."""
+#: the Jacobian determinant's colours, one table for the plugin's layer and ``qc.png``: positions are
+#: ``(det J + 1) / 4`` (det J from −1 to 3); det J ≤ 0 (folding) red, compression blue, 1 (volume kept) white,
+#: expansion orange
+JACOBIAN_CONTROLS = (0.0, 0.2499, 0.25, 0.5, 1.0)
+JACOBIAN_COLOURS = ((1.0, 0.0, 0.0), (1.0, 0.0, 0.0), (0.05, 0.15, 0.7), (1.0, 1.0, 1.0), (0.85, 0.35, 0.0))
+
+
+def jacobian_rgb(det: np.ndarray) -> np.ndarray:
+    """det J as ``uint8`` RGB colours (:data:`JACOBIAN_COLOURS`): red where det J ≤ 0 (folding), blue toward 0
+    (shrinking), white at 1, orange toward 3 (growing)."""
     j = np.asarray(det, dtype=np.float64)
-    t = np.clip((j - 1.0) / span, -1.0, 1.0)
-    rgb = np.ones(j.shape + (3,))
-    grow, shrink = np.clip(t, 0, 1), np.clip(-t, 0, 1)
-    rgb[..., 1] -= grow + shrink
-    rgb[..., 2] -= grow
-    rgb[..., 0] -= shrink
-    rgb[j <= 0] = 0.0
+    x = np.clip((j + 1.0) / 4.0, 0.0, 1.0)
+    rgb = np.stack([np.interp(x, JACOBIAN_CONTROLS, [c[k] for c in JACOBIAN_COLOURS]) for k in range(3)], axis=-1)
+    rgb[j <= 0] = JACOBIAN_COLOURS[0]
     return (np.clip(rgb, 0, 1) * 255.0 + 0.5).astype(np.uint8)
 
 

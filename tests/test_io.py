@@ -3,6 +3,7 @@ import pytest
 import SimpleITK as sitk
 
 from napari_regtool.errors import InputError
+from napari_regtool.image import Image
 from napari_regtool.io import read_image, read_transform, write_image, write_transform
 from napari_regtool.space import Space
 from napari_regtool.transforms import AffineTransform, fit_tps
@@ -162,6 +163,11 @@ def test_a_one_slice_volume_is_read_as_2d_and_the_cli_says_so(tmp_path, capsys):
     assert img.ndim == 3 and img.space.shape[0] == 1
     with pytest.raises(InputError, match="220×215×1 voxels, x first.*single slice of a volume.*oblique"):
         img.check_min_size(8, "moving", "deformable registration")
+    # a stack of a few slices: what can register it instead
+    thin = Image(np.zeros((6, 30, 40), np.float32), Space((6, 30, 40), (1.0, 1.0, 3.0)), "thin")
+    with pytest.raises(InputError, match=r"40×30×6 voxels.*A stack of 6 slices is too thin for a 3D field: register "
+                                         r"it with a linear model.*auto-affine.*or register its slices as 2D images"):
+        thin.check_min_size(8, "moving", "deformable registration")
 
 
 def test_formats_without_a_place_in_space_are_named(tmp_path, capsys):

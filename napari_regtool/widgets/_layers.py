@@ -133,11 +133,11 @@ def jacobian_colormap():
     1 (volume kept) white, expansion orange."""
     from napari.utils.colormaps import Colormap
 
-    # value v ↦ (v + 1) / 4 on [0, 1]: 0 → 0.25, 1 → 0.5, 3 → 1
-    controls = [0.0, 0.2499, 0.25, 0.5, 1.0]
-    colors = [[1.0, 0.0, 0.0, 1.0], [1.0, 0.0, 0.0, 1.0], [0.05, 0.15, 0.7, 1.0], [1.0, 1.0, 1.0, 1.0],
-              [0.85, 0.35, 0.0, 1.0]]
-    return Colormap(colors=colors, controls=controls, name="regtool_jacobian", interpolation="linear")
+    from ..qc import JACOBIAN_COLOURS, JACOBIAN_CONTROLS
+
+    # value v ↦ (v + 1) / 4 on [0, 1]: 0 → 0.25, 1 → 0.5, 3 → 1 (the colours of qc.png too)
+    return Colormap(colors=[[*c, 1.0] for c in JACOBIAN_COLOURS], controls=list(JACOBIAN_CONTROLS),
+                    name="regtool_jacobian", interpolation="linear")
 
 
 def linear_display_affine(transform, own_affine) -> np.ndarray:
