@@ -602,11 +602,23 @@ def level_names(n: int = 16) -> tuple:
     return (".zattrs", ".zgroup", "zarr.json") + tuple(str(k) for k in range(n))
 
 
-def _pyramid_shapes(shape, block) -> list:
-    shapes = [tuple(shape)]
-    while max(shapes[-1]) > block and min(shapes[-1]) >= 2 and len(shapes) < 16:
-        shapes.append(tuple(max(1, s // 2) for s in shapes[-1]))
-    return shapes
+def _pyramid_factors(shape, spacing, block) -> list:
+    """Per level, each axis's shrink factor from level 0 (array order), until the longest side fits one ``block``.
+    Each level halves the axes whose voxels are the finest (to within √2) of those with 2 voxels or more, so
+    isotropic voxels halve together and a coarse axis (a stack's z) waits until the others have caught up with it,
+    as registration's pyramid does (:func:`napari_regtool.deformable._level_shapes`)."""
+    shape = [int(n) for n in shape]
+    sp = np.asarray(spacing, float)
+    out = [[1] * len(shape)]
+    while len(out) < 16:
+        f = out[-1]
+        cur = [n // k for n, k in zip(shape, f)]
+        can = [a for a in range(len(shape)) if cur[a] >= 2]
+        if max(cur) <= block or not can:
+            break
+        finest = min(sp[a] * f[a] for a in can)
+        out.append([k * 2 if a in can and sp[a] * k < finest * np.sqrt(2.0) else k for a, k in enumerate(f)])
+    return out
 
 
 def check_block(block, label: str = "A block side of") -> int:
@@ -623,8 +635,10 @@ def write_ngff(path, data, space: Space, *, name: str = "image", is_label: bool 
     """Write ``data`` (NumPy or dask array on ``space``, array order) as an OME-Zarr pyramid at ``path``.
 
     Level 0 is written chunk by chunk from the dask graph (each chunk computed, written and freed); each further
-    level halves every axis, computed from the level just written (the mean of 2×2(×2) voxels for images, every
-    second voxel for label maps, so label values stay exact), until the longest side fits one ``block``. The folder
+    level halves the axes with the finest voxels (every axis when they are isotropic; a stack's coarse z only once
+    the others have caught up with it, :func:`_pyramid_factors`), computed from the level just written (the mean of
+    2×2(×2) voxels for images, every second voxel for label maps, so label values stay exact), until the longest
+    side fits one ``block``. The folder
     replaces an existing one only when everything is written (staging beside it, then a rename; see
     :mod:`napari_regtool.publish`). Returns a list of notices (e.g. a direction NGFF cannot store).
     ``progress(fraction, message)`` is called after each level.
@@ -645,7 +659,8 @@ def write_ngff(path, data, space: Space, *, name: str = "image", is_label: bool 
     if not np.allclose(direction, np.eye(d), atol=1e-9):
         notices.append("OME-NGFF has no rotation: the image's direction is kept in the file's 'regtool' attributes "
                        "(read back by napari-regtool); other readers show it axis-aligned.")
-    shapes = _pyramid_shapes(space.shape, block)
+    factors = _pyramid_factors(space.shape, space.spacing[::-1], block)
+    shapes = [tuple(n // k for n, k in zip(space.shape, f)) for f in factors]
     axes = [{"name": n, "type": "space", **({"unit": unit} if unit else {})} for n in _SPATIAL[-d:]]
     datasets = []
     out = Path(path).expanduser()
@@ -655,13 +670,14 @@ def write_ngff(path, data, space: Space, *, name: str = "image", is_label: bool 
         for k, shp in enumerate(shapes):
             if k > 0:
                 prev = da.from_zarr(group[str(k - 1)])
-                current = _downsample(prev, shp, is_label).rechunk((block,) * d)
+                step = [a // b for a, b in zip(factors[k], factors[k - 1])]
+                current = _downsample(prev, shp, step, is_label).rechunk((block,) * d)
             z = group.create_array(str(k), shape=shp, chunks=(block,) * d, dtype=current.dtype,
                                    fill_value=0)
             da.store(current, z, lock=False)
-            factor = 2 ** k
-            sp = space.spacing * factor  # physical order
-            origin = space.origin + (0.0 if is_label else (factor - 1) / 2.0) * (direction @ space.spacing)
+            factor = np.asarray(factors[k][::-1], float)  # physical order
+            sp = space.spacing * factor
+            origin = space.origin + direction @ ((0.0 if is_label else (factor - 1) / 2.0) * space.spacing)
             # 12 significant digits: a spacing read from a viewer's world matrix (0.6500000000000057) is stored as
             # the number it stands for (0.65); a part in 10¹² of a coordinate is far below anything measured
             datasets.append({"path": str(k), "coordinateTransformations": [
@@ -678,15 +694,15 @@ def write_ngff(path, data, space: Space, *, name: str = "image", is_label: bool 
     return notices
 
 
-def _downsample(prev, shape, is_label: bool):
-    """Halve every axis: every second voxel (labels) or the mean of each 2×…×2 block (images, same dtype family)."""
+def _downsample(prev, shape, step, is_label: bool):
+    """Shrink each axis by its ``step`` (1 or 2): every second voxel (labels) or the mean of each block (images,
+    same dtype family)."""
     import dask.array as da
 
-    d = prev.ndim
     if is_label:
-        return prev[tuple(slice(0, 2 * s, 2) for s in shape)]
-    trimmed = prev[tuple(slice(0, 2 * s) for s in shape)]
-    out = da.coarsen(np.mean, trimmed.astype(np.float32), {i: 2 for i in range(d)}, trim_excess=True)
+        return prev[tuple(slice(0, f * s, f) for s, f in zip(shape, step))]
+    trimmed = prev[tuple(slice(0, f * s) for s, f in zip(shape, step))]
+    out = da.coarsen(np.mean, trimmed.astype(np.float32), dict(enumerate(step)), trim_excess=True)
     if np.issubdtype(prev.dtype, np.integer):
         info = np.iinfo(prev.dtype)
         return da.clip(da.round(out), info.min, info.max).astype(prev.dtype)
