@@ -590,7 +590,7 @@ def read_level(img: NgffImage, level: int | None = None, is_label: bool | None =
     notices = list(img.notices)
     if level is None and len(img.levels) > 1:
         sp = ", ".join(f"{v:g}" for v in lv.space.spacing)
-        notices.append(f"{img.path.name}: using pyramid level {k} of {len(img.levels) - 1} "
+        notices.append(f"{img.path.name}: using pyramid level {k} of levels 0 … {len(img.levels) - 1} "
                        f"({'×'.join(map(str, lv.space.size_xyz))} voxels, spacing {sp}{' ' + img.unit if img.unit else ''}); "
                        "choose another with --level.")
     meta = {"ngff_level": k, "ngff_path": str(img.path), "notices": notices, "unit": img.unit}
@@ -791,11 +791,11 @@ def level_note(img: NgffImage, k: int, max_voxels: int) -> str:
         return (f"{img.name}: registering on level 0 of {n - 1}, the full resolution ({desc}): it has at most "
                 f"{max_voxels:,} voxels, so previews and fits stay live.")
     if fits:
-        return (f"{img.name}: registering on pyramid level {k} of {n - 1} ({desc}), the finest level with at most "
-                f"{max_voxels:,} voxels, so that previews and fits stay live; \"Apply at full resolution…\" "
-                "(Export tab) applies the result to level 0.")
-    return (f"{img.name}: registering on pyramid level {k} of {n - 1}, the coarsest ({desc}); it has more than "
-            f"{max_voxels:,} voxels, so previews and fits may be slow.")
+        return (f"{img.name}: registering on pyramid level {k} of levels 0 … {n - 1} ({desc}), the finest level "
+                f"with at most {max_voxels:,} voxels, so that previews and fits stay live; \"Apply at full "
+                "resolution…\" (Export tab) applies the result to level 0.")
+    return (f"{img.name}: registering on pyramid level {k} of levels 0 … {n - 1}, the coarsest ({desc}); it has "
+            f"more than {max_voxels:,} voxels, so previews and fits may be slow.")
 
 
 def warp_to_ngff(path, moving, moving_space: Space, transform, out_space: Space, *, label: bool = False,

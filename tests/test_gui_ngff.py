@@ -119,7 +119,7 @@ def test_zarr_pair_opens_lazy_registers_coarse_and_applies_at_full_resolution(ma
     np.testing.assert_allclose(w.session.moving.array,
                                moving0.reshape(48, 2, 40, 2).mean((1, 3)), rtol=1e-6)
     status = w.status_label.text()
-    assert "level 1 of 1" in status and "4,000 voxels" in status
+    assert "level 1 of levels 0 … 1" in status and "4,000 voxels" in status
 
     # pairs clicked on the canvas at a closer zoom, in physical coordinates; partners from the known map
     w.model_combo.setCurrentIndex(w.model_combo.findData("affine"))
