@@ -110,6 +110,11 @@ def _cmd_register(args) -> int:
         print(f"NCC {sb['ncc']:.4f} -> {sa['ncc']:.4f}; MI {sb['mi']:.4f} -> {sa['mi']:.4f}; "
               f"folding {rep['folding_percent']:.4g}%")
         print("wrote " + ", ".join(str(p) for p in paths))
+        from .space import same_unit, unit_symbol
+
+        if not same_unit(rep.get("unit"), "millimeter"):  # the ITK files hold millimetres, not the images' unit
+            print(f"note: the images are in {unit_symbol(rep.get('unit'))}; the ITK files written (.tfm, .nii.gz) "
+                  "are in millimetres, as ITK reads them (report.json: files_unit).", file=sys.stderr)
     return 0
 
 

@@ -327,7 +327,7 @@ def test_rotated_grid_is_written_with_a_notice(tmp_path):
     assert open_field_ngff(tmp_path / "r.zarr").space == space
 
 
-def test_register_in_micrometres_writes_itk_files_in_millimetres_and_apply_reads_them_back(tmp_path):
+def test_register_in_micrometres_writes_itk_files_in_millimetres_and_apply_reads_them_back(tmp_path, capsys):
     """ITK's files are in millimetres (NIfTI says so; ITK converts a NIfTI in micrometres when it reads one): a
     registration of OME-Zarr images in micrometres writes its NIfTI images, field and .tfm converted, checked here
     through SimpleITK against the affine the landmarks define, and `apply` reads the .tfm back onto the µm images."""
@@ -346,7 +346,9 @@ def test_register_in_micrometres_writes_itk_files_in_millimetres_and_apply_reads
     write_bigwarp_csv(tmp_path / "lm.csv", LandmarkPairs(fixed_pts, fixed_pts @ a.T + t))
     out = tmp_path / "out"
     assert main(["register", "--fixed", str(tmp_path / "f.zarr"), "--moving", str(tmp_path / "m.zarr"),
-                 "--landmarks", str(tmp_path / "lm.csv"), "--model", "affine", "--out", str(out), "-q"]) == 0
+                 "--landmarks", str(tmp_path / "lm.csv"), "--model", "affine", "--out", str(out)]) == 0
+    # the terminal says which unit the files are in, not only report.json
+    assert "the images are in µm; the ITK files written (.tfm, .nii.gz) are in millimetres" in capsys.readouterr().err
     rep = json.loads((out / "report.json").read_text())
     assert rep["unit"] == "micrometer" and rep["files_unit"] == "millimeter"
     warped = sitk.ReadImage(str(out / "warped.nii.gz"))
