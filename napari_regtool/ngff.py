@@ -3,7 +3,8 @@
 An OME-Zarr image is a zarr group whose ``multiscales`` metadata lists its resolution levels, each a zarr array
 with a ``scale`` and an optional ``translation`` per axis (the physical position of voxel ``i`` is
 ``i · scale + translation``: the same voxel-centre convention as an ITK origin). Reading keeps every level lazy
-(the zarr arrays themselves: slicing reads only the chunks it touches); :func:`read_level` loads one level as an
+(each level's zarr array read through a :class:`CheckedArray`: slicing reads only the chunks it touches, and a
+damaged chunk is said, not decoded into made-up numbers); :func:`read_level` loads one level as an
 :class:`~napari_regtool.image.Image` for registration. Writing (:func:`write_ngff`) stores a dask array (or a
 NumPy array) block by block and builds the pyramid from the written level, so memory stays bounded by a few
 blocks, never the image.
@@ -47,7 +48,7 @@ class NgffLevel:
 
     path: str
     space: Space
-    array: object  # zarr.Array (array order, may have leading t/c axes)
+    array: object  # CheckedArray over the zarr array (array order, may have leading t/c axes)
 
 
 @dataclass
@@ -64,7 +65,7 @@ class NgffImage:
     channel: int | None = None
     is_label: bool = False
     notices: list = field(default_factory=list)
-    #: set when opened with ``strict=False``: the key of what its reads met (:func:`damage_of`)
+    #: this opening's key for the damaged chunks its reads met (:func:`damage_of`)
     damage_token: str | None = None
 
     @property
@@ -444,7 +445,8 @@ class CheckedArray:
     A short blosc chunk (recorded by the store, :func:`_checked_store`) or a chunk a codec cannot decode raises
     :class:`InputError` naming the store (``strict``), or else (the viewer's layers, which must not fail while
     drawing) reads as the array's fill value, is warned about once and stays recorded under ``token``
-    (:func:`damage_of`)."""
+    (:func:`damage_of`); a chunk the codec cannot decode blanks the whole request it was part of (the viewer asks for
+    one chunk at a time, :func:`as_dask`)."""
 
     def __init__(self, arr, name: str, token: str, strict: bool):
         self._arr, self._name, self._token, self._strict = arr, name, token, strict
@@ -486,8 +488,9 @@ class CheckedArray:
             with _DAMAGED_LOCK:
                 warn = self._token not in _WARNED
                 _WARNED.add(self._token)
-            if warn:
-                warnings.warn(f"{said} Until then it reads as empty.", UserWarning, stacklevel=2)
+            if warn:  # (a registry of its own: Python shows the same text from one line only once otherwise)
+                warnings.warn_explicit(f"{said} Until then it reads as empty.", UserWarning, __file__, 0,
+                                       registry={})
         return out
 
 
@@ -536,11 +539,13 @@ def _checked_store_class():
 
 def _checked_store(path: Path, blosc: tuple, token: str | None):
     """The store at ``path``, read-only, checking every whole chunk of the levels ``blosc`` (those stored as blosc
-    frames, :func:`_blosc_level`) as it is read (:func:`check_chunk`), at no extra reading. A short chunk raises
-    :class:`InputError`, or with a ``token`` (a lenient opening, see :func:`open_ngff`) reads as missing, is warned
-    about once and is recorded under the token."""
+    frames, :func:`_blosc_level`) as it is read (:func:`check_chunk`), at no extra reading. A short chunk reads as
+    missing and is recorded under the opening's ``token``; the :class:`CheckedArray` that asked raises or warns
+    after the read."""
     from zarr.storage import LocalStore
 
+    if not token:
+        raise ValueError("_checked_store needs the opening's token: a short chunk is only recorded, never raised")
     return _checked_store_class()(LocalStore(str(path), read_only=True), path.name, blosc, token)
 
 
@@ -602,18 +607,23 @@ def level_names(n: int = 16) -> tuple:
     return (".zattrs", ".zgroup", "zarr.json") + tuple(str(k) for k in range(n))
 
 
+#: a written pyramid halves no axis below this many voxels (levels of a few voxels across show nothing)
+PYRAMID_MIN_SIDE = 8
+
+
 def _pyramid_factors(shape, spacing, block) -> list:
-    """Per level, each axis's shrink factor from level 0 (array order), until the longest side fits one ``block``.
-    Each level halves the axes whose voxels are the finest (to within √2) of those with 2 voxels or more, so
-    isotropic voxels halve together and a coarse axis (a stack's z) waits until the others have caught up with it,
-    as registration's pyramid does (:func:`napari_regtool.deformable._level_shapes`)."""
+    """Per level, each axis's shrink factor from level 0 (array order), until the longest side fits one ``block``
+    or no axis can be halved without falling below :data:`PYRAMID_MIN_SIDE` voxels. Each level halves the axes
+    whose voxels are the finest (to within √2) of those that can still be halved, so isotropic voxels halve together
+    and a coarse axis (a stack's z) waits until the others have caught up with it, as registration's pyramid does
+    (:func:`napari_regtool.deformable._level_shapes`)."""
     shape = [int(n) for n in shape]
     sp = np.asarray(spacing, float)
     out = [[1] * len(shape)]
     while len(out) < 16:
         f = out[-1]
         cur = [n // k for n, k in zip(shape, f)]
-        can = [a for a in range(len(shape)) if cur[a] >= 2]
+        can = [a for a in range(len(shape)) if cur[a] // 2 >= PYRAMID_MIN_SIDE]
         if max(cur) <= block or not can:
             break
         finest = min(sp[a] * f[a] for a in can)
@@ -636,9 +646,9 @@ def write_ngff(path, data, space: Space, *, name: str = "image", is_label: bool 
 
     Level 0 is written chunk by chunk from the dask graph (each chunk computed, written and freed); each further
     level halves the axes with the finest voxels (every axis when they are isotropic; a stack's coarse z only once
-    the others have caught up with it, :func:`_pyramid_factors`), computed from the level just written (the mean of
-    2×2(×2) voxels for images, every second voxel for label maps, so label values stay exact), until the longest
-    side fits one ``block``. The folder
+    the others have caught up with it, and none below 8 voxels, :func:`_pyramid_factors`), computed from the level
+    just written (the mean of 2 voxels along each halved axis for images, every second voxel for label maps, so
+    label values stay exact), until the longest side fits one ``block``. The folder
     replaces an existing one only when everything is written (staging beside it, then a rename; see
     :mod:`napari_regtool.publish`). Returns a list of notices (e.g. a direction NGFF cannot store).
     ``progress(fraction, message)`` is called after each level.
@@ -788,7 +798,7 @@ def level_note(img: NgffImage, k: int, max_voxels: int) -> str:
         return f"{img.name}: one resolution level ({desc}), registered as it is."
     fits = int(np.prod(lv.space.shape)) <= max_voxels
     if k == 0 and fits:
-        return (f"{img.name}: registering on level 0 of {n - 1}, the full resolution ({desc}): it has at most "
+        return (f"{img.name}: registering on level 0 of levels 0 … {n - 1}, the full resolution ({desc}): it has at most "
                 f"{max_voxels:,} voxels, so previews and fits stay live.")
     if fits:
         return (f"{img.name}: registering on pyramid level {k} of levels 0 … {n - 1} ({desc}), the finest level "

@@ -110,9 +110,9 @@ def test_ngff_pyramid_round_trip(tmp_path, moving):
     meta = json.loads((p / ".zattrs").read_text())["multiscales"][0]
     assert meta["version"] == "0.4" and [a["name"] for a in meta["axes"]] == ["z", "y", "x"]
     img = ngff.open_ngff(p)
-    # spacing 0.8 / 1.1 / 1.6 (x, y, z): x and y halve first, then all three (37×41×45 → 37×20×22 → 18×10×11 →
-    # 9×5×5, which fits a block of 16)
-    assert [lv.space.shape for lv in img.levels] == [(37, 41, 45), (37, 20, 22), (18, 10, 11), (9, 5, 5)]
+    # spacing 0.8 / 1.1 / 1.6 (x, y, z): x and y halve first, then all three, then z alone (none below 8 voxels):
+    # 37×41×45 → 37×20×22 → 18×10×11 → 9×10×11, which fits a block of 16
+    assert [lv.space.shape for lv in img.levels] == [(37, 41, 45), (37, 20, 22), (18, 10, 11), (9, 10, 11)]
     lv0 = img.levels[0]
     assert lv0.space == space and np.array_equal(np.asarray(lv0.array), arr)
     lv1 = img.levels[1].space
@@ -189,8 +189,8 @@ def test_cli_apply_writes_ome_zarr_block_by_block(tmp_path, moving, out_space):
     ref = sitk.GetArrayFromImage(sitk.Resample(image_to_sitk(arr, space), ref_space, affine_to_sitk(m, t),
                                                sitk.sitkLinear, 0.0, sitk.sitkFloat32))
     assert got.shape == out_space.shape
-    # 1.5 / 1.2 / 1.0 mm (z, y, x): the finest axes halve first, until the longest side fits a block of 12
-    assert [lv.space.shape for lv in img.levels] == [(29, 35, 39), (29, 17, 19), (14, 17, 9), (7, 8, 9)]
+    # 1.5 / 1.2 / 1.0 mm (z, y, x): the finest axes halve first, none below 8 voxels
+    assert [lv.space.shape for lv in img.levels] == [(29, 35, 39), (29, 17, 19), (14, 17, 9), (14, 8, 9)]
     assert img.unit == "millimeter"  # the NIfTI reference's unit, stated in the store
     assert np.abs(got - ref).max() < 1e-3 * np.abs(ref).max()
     # the OME-Zarr level reads back as an image for `register` too, at the level asked for
@@ -498,21 +498,25 @@ def test_a_damaged_zstd_chunk_of_a_zarr_v3_store_is_named_or_read_as_empty(tmp_p
 
 
 def test_a_written_pyramid_keeps_a_thin_stacks_slices_until_the_plane_catches_up(tmp_path):
-    """A confocal-like stack (10 slices of 2 µm, 0.3 µm in plane): the pyramid halves y and x first and z only once
-    their voxels are about as coarse (a 10-slice stack was cut to 5, 2 and 1 slices with the plane); each level is
-    the NumPy block mean of the one before and lies where its scale and translation say (the centre of its block)."""
+    """A confocal-like stack (10 slices of 2 µm, 0.3 µm in plane): the pyramid halves y and x and keeps the slices
+    (a 10-slice stack was cut to 5, 2 and 1 slices with the plane); each level is the NumPy block mean of level 0
+    and lies where its scale and translation say (the centre of its block)."""
     rng = np.random.default_rng(4)
     vol = rng.random((10, 96, 80)).astype(np.float32)
     space = Space(vol.shape, (0.3, 0.3, 2.0), (5.0, -2.0, 1.0))
     ngff.write_ngff(tmp_path / "s.zarr", vol, space, block=8, unit="micrometer")
     img = ngff.open_ngff(tmp_path / "s.zarr")
     shapes = [lv.space.shape for lv in img.levels]
-    assert shapes == [(10, 96, 80), (10, 48, 40), (10, 24, 20), (10, 12, 10), (5, 6, 5)], shapes
+    assert shapes == [(10, 96, 80), (10, 48, 40), (10, 24, 20), (10, 12, 10)], shapes
     np.testing.assert_allclose(img.levels[1].space.spacing, [0.6, 0.6, 2.0])
-    np.testing.assert_allclose(img.levels[4].space.spacing, [4.8, 4.8, 4.0])
+    np.testing.assert_allclose(img.levels[3].space.spacing, [2.4, 2.4, 2.0])
     l1 = np.asarray(img.levels[1].array)
     np.testing.assert_allclose(l1, vol.reshape(10, 48, 2, 40, 2).mean((2, 4)), rtol=1e-6)
-    l4 = np.asarray(img.levels[4].array)
-    np.testing.assert_allclose(l4, vol.reshape(5, 2, 6, 16, 5, 16).mean((1, 3, 5)), rtol=1e-5)
-    # the first voxel of level 4 is the centre of level 0's first 16×16×2 block (x, y, z)
-    np.testing.assert_allclose(img.levels[4].space.origin, [5.0 + 7.5 * 0.3, -2.0 + 7.5 * 0.3, 1.0 + 0.5 * 2.0])
+    l3 = np.asarray(img.levels[3].array)
+    np.testing.assert_allclose(l3, vol.reshape(10, 12, 8, 10, 8).mean((2, 4)), rtol=1e-5)
+    # the first voxel of level 3 is the centre of level 0's first 8×8 block in plane, on its first slice
+    np.testing.assert_allclose(img.levels[3].space.origin, [5.0 + 3.5 * 0.3, -2.0 + 3.5 * 0.3, 1.0])
+    # a long coarse axis (z, 5 µm) halves once the plane has stopped at 8 voxels; no level of 1-voxel slivers
+    shapes = [tuple(n // k for n, k in zip((2000, 64, 64), f))
+              for f in ngff._pyramid_factors((2000, 64, 64), (5.0, 0.3, 0.3), 128)]
+    assert shapes[-1] == (125, 8, 8) and min(min(s) for s in shapes) == 8, shapes
