@@ -476,9 +476,7 @@ class CheckedArray:
         except (RuntimeError, ValueError, EOFError, zlib.error) as exc:
             if not _from_a_codec(exc):  # (out of memory, a bug elsewhere: not the store's fault)
                 raise
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-            _note_damage(self._token, f"{self._name}: a chunk of the store could not be decoded ({first}); a chunk "
-                                      "file is truncated or damaged. Copy or write the store again, then retry.")
+            _note_damage(self._token, _undecodable(self._name, exc))
             shape = np.broadcast_to(np.empty((), bool), self.shape)[idx].shape  # (no memory for the whole level)
             out = np.full(shape, self.fill_value, dtype=self.dtype)
         said = damage_of(self._token)
@@ -561,6 +559,13 @@ def _from_a_codec(exc: BaseException) -> bool:
     return any(("/numcodecs/" in f or "/zarr/" in f or "/zstandard" in f) for f in files[-3:])
 
 
+def _undecodable(name: str, exc: BaseException) -> str:
+    """The sentence for a codec's error on a chunk of the store ``name`` (its first line, which names no file)."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+    return (f"{name}: a chunk of the store could not be decoded ({first}); a chunk file is truncated or damaged. "
+            "Copy or write the store again, then retry.")
+
+
 @contextmanager
 def chunk_errors(name: str):
     """Read chunks of the store ``name`` inside this block: a codec's error on a truncated or damaged chunk file
@@ -575,9 +580,7 @@ def chunk_errors(name: str):
     except (RuntimeError, ValueError, EOFError, zlib.error) as exc:
         if not _from_a_codec(exc):  # (out of memory in a block, a bug elsewhere: not the store's fault)
             raise
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise InputError(f"{name}: a chunk of the store could not be decoded ({first}); a chunk file is truncated or "
-                         "damaged. Copy or write the store again, then retry.") from None
+        raise InputError(_undecodable(name, exc)) from None
 
 
 def read_level(img: NgffImage, level: int | None = None, is_label: bool | None = None) -> Image:

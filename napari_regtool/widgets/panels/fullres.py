@@ -277,8 +277,8 @@ class FullresPanel(QGroupBox):
                 raise InputError(mismatch)
             if mspace.ndim != fspace.ndim or m.transform.ndim != fspace.ndim:
                 raise InputError(f"Layer {layer.name!r} is {mspace.ndim}D but the registration is {fspace.ndim}D.")
+            _refuse_damaged(layer)  # (a short chunk already drawn empty)
             token = layer_role(layer).get("damage")
-            ngff.refuse_if_damaged(token)  # (a short chunk already drawn empty)
         except RegtoolError as exc:
             self.fullres_status.setText(f"Not written: {exc}")  # (not an earlier write's words)
             self.host.notify("error", str(exc))
