@@ -232,16 +232,47 @@ class LayerKeeper:
 
     def remove_owned(self):
         """The layers made for images that are no longer registered go (warped, landmarks, QC, suggestion)."""
-        with self.host.muted():
-            for key in self.att.keys():
-                l = self.att.pop(key)
-                if self.in_viewer(l):
-                    self.viewer.layers.remove(l)
+        gone = [self.att.pop(key) for key in self.att.keys()]
         for key in self.host.qc.qc_checks:
             self.host.qc.show_state(key, False)
         self.host.points.residuals_on = False
         self.host.landmarks.show_residuals_state(False)
-        self.host.canvas.grid.enabled = False
+        self.remove_in_turns(gone)
+
+    def remove_in_turns(self, layers):
+        """Remove ``layers`` from the viewer, the first now and each of the others on a later turn of the event
+        loop (the canvas is drawn in between); then lay out the layers left (no grid when nothing is registered).
+
+        napari's canvas crashed the process (a segmentation fault while drawing the next frame, under Mesa's
+        software OpenGL) when the warped image and both landmark layers went in one turn after an image in use was
+        removed from the side-by-side grid; removed one per turn, it draws each step."""
+        layers = [l for l in layers if self.in_viewer(l)]
+
+        def settle():
+            if self.host.closing:
+                return
+            if self.model.ready:
+                self.host.canvas.arrange()
+            else:
+                self.host.canvas.grid.enabled = False
+
+        def step():
+            try:
+                while layers and not self.in_viewer(layers[0]):
+                    layers.pop(0)
+                if layers:
+                    with self.host.muted():
+                        self.viewer.layers.remove(layers.pop(0))
+                    if layers:
+                        QTimer.singleShot(0, step)
+                        return
+                settle()
+            except RuntimeError:  # the viewer was closed meanwhile
+                return
+        if layers:
+            step()
+        elif not self.model.ready:
+            settle()
 
     def ensure_warped(self):
         """The warped layer on the fixed grid: the one owned when it fits, else a new (blank) one."""
@@ -282,12 +313,9 @@ class LayerKeeper:
 
     def setup_layers(self):
         self.ensure_warped()
+        self.remove_in_turns([self.att.pop(key) for key in self.att.keys()
+                              if key.startswith("qc-") or key == "suggestion"])
         with self.host.muted():
-            for key in self.att.keys():
-                if key.startswith("qc-") or key == "suggestion":
-                    l = self.att.pop(key)
-                    if self.in_viewer(l):
-                        self.viewer.layers.remove(l)
             fl = self.att.fixed_layer
             if fl is not None and fl.colormap.name == "gray" and not fl.rgb:
                 fl.colormap = "green"
