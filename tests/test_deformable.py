@@ -422,3 +422,35 @@ def test_an_exact_landmark_start_is_not_left_for_a_worse_match():
     err = np.linalg.norm(tx.map_points(pts) - np.array([truth.TransformPoint(p.tolist()) for p in pts]), axis=1)
     assert np.median(err) < 0.25 * 0.6, np.median(err)
     assert np.linalg.norm(tx.map_points(fp) - mp, axis=1).max() < 0.2
+
+
+def test_thick_slices_are_stepped_in_millimetres_and_recover_a_warp_along_them():
+    """Slices 4× thicker than the in-plane voxels and a known warp, smooth in millimetres with a part along the
+    thick axis: the update is the steepest ascent in millimetres, so the error along z stays a fraction of the
+    in-plane voxel (stepping in voxels pushed z 16× harder: median z error 0.31 mm, total 0.48 mm here). Reference:
+    the pair and its field built with SciPy (scaling and squaring of a velocity, ``_exp_numpy``)."""
+    vol = read_image(SAMPLES / "brain3d_fixed.nii.gz")
+    k = 4
+    a = gaussian_filter(vol.array.astype(float), (k / 2.355, 0, 0))[::k]  # each thick slice averages its own
+    sp = (float(vol.space.spacing[0]), float(vol.space.spacing[1]), float(vol.space.spacing[2]) * k)  # x, y, z mm
+    space = Space(a.shape, sp, vol.space.origin)
+    rng = np.random.default_rng(7)
+    smooth_mm = 12.0
+    v_mm = np.stack([gaussian_filter(rng.standard_normal(a.shape), (smooth_mm / sp[2], smooth_mm / sp[1],
+                                                                    smooth_mm / sp[0])) for _ in range(3)])
+    v_mm *= 5.0 / np.abs(v_mm).max()  # z, y, x components in mm, up to 5 mm
+    v = v_mm / np.array([sp[2], sp[1], sp[0]])[:, None, None, None]  # array-order voxels
+    fwd, bwd = _exp_numpy(v), _exp_numpy(-v)
+    grid = np.mgrid[tuple(slice(0, n) for n in a.shape)].astype(float)
+    mov = map_coordinates(a, grid + bwd, order=3, mode="nearest")
+    truth = np.stack([fwd[2] * sp[0], fwd[1] * sp[1], fwd[0] * sp[2]], -1)  # x, y, z mm
+    tx = register_deformable(Image(a.astype(np.float32), space, "fixed"), Image(mov.astype(np.float32), space,
+                                                                                 "moving"))
+    u = tx.u.numpy()
+    m = a > np.percentile(a, 40)
+    m[:1] = m[-1:] = False
+    err = np.linalg.norm(u - truth, axis=-1)[m]
+    err_z = np.abs(u[..., 2] - truth[..., 2])[m]
+    assert np.median(np.linalg.norm(truth, axis=-1)[m]) > 0.7  # a warp worth recovering
+    assert np.median(err_z) < 0.25, np.median(err_z)
+    assert np.median(err) < 0.42, np.median(err)
