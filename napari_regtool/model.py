@@ -823,15 +823,19 @@ class RegistrationModel:
         :func:`~napari_regtool.pipeline.finish_result`, so :meth:`export` writes the same files as
         ``regtool register`` for the same inputs.
         """
+        from .image import file_image
         from .pipeline import finish_result
 
         self._require()
         lm = self.pairs if self.pairs is not None and len(self.pairs) else None
         if self.transform is None:
             raise FitError(self.fit_message or "There is no transform to export yet.")
+        # on the fixed file's own grid, as `regtool register` writes them: a tilted volume is shown straightened (an
+        # axis-aligned grid with fill round the file's voxels), and files on that grid would not lie voxel for voxel
+        # on the fixed image in any other tool
+        fixed = file_image(self.fixed)
         if self.model in LANDMARK_MODELS:
-            return finish_result(self.fixed, self.moving, self.transform, self.model, device, 0.0, lm,
-                                 self.smoothing)
+            return finish_result(fixed, self.moving, self.transform, self.model, device, 0.0, lm, self.smoothing)
         run = self.computed.get(self.model, {})
         # the deep run's record (network, λ, grid, refinement, device) as `regtool register --model deep` writes it
         extra = {k: v for k, v in run.items() if k != "transform"} if self.model == "deep" else {}
@@ -839,8 +843,17 @@ class RegistrationModel:
             extra = {"loaded": self.loaded["loaded"].describe()}
             if self.loaded["check"] is not None:
                 extra["convention_check"] = self.loaded["check"].to_dict()
-        return finish_result(self.fixed, self.moving, self.transform, self.model, device, run.get("runtime_s", 0.0),
-                             lm, extra=extra)
+        result = finish_result(fixed, self.moving, self.transform, self.model, device, run.get("runtime_s", 0.0),
+                               lm, extra=extra)
+        unc = getattr(self.transform, "uncertainty", None)
+        if unc is not None and fixed is not self.fixed:  # the network's map, made on the grid shown
+            from .transforms.base import IdentityTransform
+            from .transforms.field import resample
+
+            unc = unc.cpu().numpy() if hasattr(unc, "cpu") else np.asarray(unc)
+            result.uncertainty = resample(np.asarray(unc, np.float32), self.fixed.space, IdentityTransform(fixed.ndim),
+                                          fixed.space).numpy()
+        return result
 
     def export(self, out_dir, device="cpu") -> list:
         """Write ``warped``, ``displacement``, ``jacobian`` (+ ``transform.tfm`` for linear models,
@@ -854,10 +867,12 @@ class RegistrationModel:
         (ITK displacement field on the fixed grid)."""
         from .io import write_transform
 
+        from .image import file_image
+
         self._require()
         if self.transform is None:
             raise FitError(self.fit_message or "There is no transform to export yet.")
-        write_transform(path, self.transform, self.fixed.space, unit=self.fixed.meta.get("unit"))
+        write_transform(path, self.transform, file_image(self.fixed).space, unit=self.fixed.meta.get("unit"))
 
 
 def _index(index):

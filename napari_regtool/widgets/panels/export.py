@@ -98,7 +98,7 @@ class ExportPanel(QWidget):
             return False
         m = self.model
         return self._when_settled(f"Saving the transform to {Path(path).name}", lambda: self.host.start_job(
-            f"Saving the transform to {path}…", write_transform_job, path, m.transform, m.fixed.space,
+            f"Saving the transform to {path}…", write_transform_job, path, m.transform, file_image(m.fixed).space,
             m.fixed.meta.get("unit")))
 
     def save_map(self, what: str, path=None) -> bool:
@@ -110,13 +110,13 @@ class ExportPanel(QWidget):
         if not path:
             return False
         m = self.model
-        lost = rio.geometry_lost(path, m.fixed.space)
+        lost = rio.geometry_lost(path, file_image(m.fixed).space)
         if lost:
             self.host.notify("warning", lost)
         # a moving image straightened for the viewer is warped from the file's own grid, as Export all does
         return self._when_settled(f"Saving {Path(path).name}", lambda: self.host.start_job(
             f"Saving {Path(path).name}…", save_map_job, what, path, file_image(m.moving),
-            m.transform, m.fixed.space, m.fixed.meta.get("unit")))
+            m.transform, file_image(m.fixed).space, m.fixed.meta.get("unit")))
 
     def export_all(self, folder=None) -> bool:
         """Write the same files as ``regtool register`` into a folder (in the background)."""
