@@ -487,9 +487,23 @@ def _cmd_apply(args) -> int:
     warped = warp_image(moving, transform, reference.space, label=args.labels, device=dev,
                         fill=_fill_value(args.fill, moving.array, args.labels))
     write_image(args.out, warped, reference.space, unit=reference.meta.get("unit"))
+    _say_notes(args, _type_changed(moving.array.dtype, warped.dtype, args.labels))
     if not args.quiet:
         print(f"wrote {args.out}")
     return 0
+
+
+def _type_changed(before, after, labels: bool) -> list:
+    """The note when a warped image is written in another type than the moving image's (linear interpolation makes
+    values between an integer image's levels, so they are kept as float32)."""
+    import numpy as np
+
+    before, after = np.dtype(before), np.dtype(after)
+    if labels or before == after or not np.issubdtype(before, np.integer):
+        return []
+    return [f"the moving image is {before.name}; the warped image is written as {after.name}, since linear "
+            "interpolation makes values between its levels (convert it afterwards if a tool needs the integer "
+            "type, or use --labels for a label map)."]
 
 
 def _fill_value(text, array, labels: bool = False) -> float:
@@ -607,7 +621,7 @@ def _apply_blockwise(args) -> int:
         # an ITK reference is in millimetres: the store says so (without a unit, readers could not tell)
         notes = ngff.write_ngff(args.out, out, rspace, name=Path(args.moving).name, is_label=args.labels,
                                 block=args.block, unit=unit or "millimeter", progress=progress)
-    for n in notes:
+    for n in [*notes, *_type_changed(moving.dtype, out.dtype, args.labels)]:
         print(f"note: {n}", file=sys.stderr)
     if not args.quiet:
         print(f"wrote {args.out}")

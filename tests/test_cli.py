@@ -534,3 +534,32 @@ def test_apply_and_field_take_a_greedy_matrix_as_qc_does(tmp_path, capsys):
     (tmp_path / "junk.tfm").write_text("not a transform\n")
     assert run("apply", "--transform", tmp_path / "junk.tfm", "--moving", M2, "--reference", F2, "--out",
                tmp_path / "x.nii.gz") == 2
+
+
+def test_apply_says_when_an_integer_image_is_written_as_float(tmp_path, capsys):
+    """A uint16 image warped linearly holds values between its levels: the file is float32 and the command line
+    says so (nothing said for a float image, or for labels, which keep their type). The values are SimpleITK's
+    linear resampling of the uint16 file through the same transform."""
+    src = sitk.ReadImage(str(M2), sitk.sitkFloat32)
+    u16 = sitk.Cast(sitk.RescaleIntensity(src, 0, 4000), sitk.sitkUInt16)
+    sitk.WriteImage(u16, str(tmp_path / "m16.nii.gz"))
+    tx = sitk.TranslationTransform(2, [1.3, -0.7])
+    sitk.WriteTransform(tx, str(tmp_path / "t.tfm"))
+    common = ["--transform", tmp_path / "t.tfm", "--reference", F2]
+    assert run("apply", *common, "--moving", tmp_path / "m16.nii.gz", "--out", tmp_path / "w.nii.gz") == 0
+    err = capsys.readouterr().err
+    assert "uint16" in err and "written as float32" in err, err
+    got = sitk.ReadImage(str(tmp_path / "w.nii.gz"))
+    assert got.GetPixelID() == sitk.sitkFloat32
+    want = sitk.Resample(sitk.Cast(u16, sitk.sitkFloat32), sitk.ReadImage(str(F2)), tx, sitk.sitkLinear, 0.0)
+    assert np.abs(sitk.GetArrayFromImage(got) - sitk.GetArrayFromImage(want)).max() < 1e-4 * 4000  # float32 rounding
+    assert len(np.unique(sitk.GetArrayFromImage(got) % 1)) > 10  # values between the levels: an integer file would lose them
+    # the same for a block-wise write to OME-Zarr
+    assert run("apply", *common, "--moving", tmp_path / "m16.nii.gz", "--out", tmp_path / "w.zarr") == 0
+    assert "written as float32" in capsys.readouterr().err
+    # a float image or labels: nothing said
+    sitk.WriteImage(src, str(tmp_path / "mf.nii.gz"))
+    assert run("apply", *common, "--moving", tmp_path / "mf.nii.gz", "--out", tmp_path / "wf.nii.gz") == 0
+    assert "written as" not in capsys.readouterr().err
+    assert run("apply", *common, "--moving", tmp_path / "m16.nii.gz", "--labels", "--out", tmp_path / "wl.nii.gz") == 0
+    assert "written as" not in capsys.readouterr().err
