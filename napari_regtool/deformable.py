@@ -409,11 +409,14 @@ def _physical_step_weights(work: Space, shape, device) -> torch.Tensor | None:
     T1 volume with a known warp 0.61 → 0.45 mm (its z error 0.48 → 0.23 mm; Greedy 0.57 mm); a 0.3 × 0.3 × 2 µm
     confocal stack 0.19 → 0.16 µm, whose last slices were pulled by up to 5 µm along z (now ≤ 1.1 µm, as the
     known field)."""
-    # the level's nominal spacing: the work grid's, doubled once per halving of the axis (an isotropic grid halved
-    # from odd and even sizes stays isotropic: 94/23 and 76/19 voxels are both two halvings)
-    halvings = np.round(np.log2((np.asarray(work.shape[::-1], float) - 1)
-                                / np.maximum(np.asarray(tuple(shape)[::-1], float) - 1, 1)))
-    level_spacing = np.asarray(work.spacing, float) * 2.0 ** np.maximum(halvings, 0)  # x, y, z
+    # the level's spacing: the work grid's times the axis's shrink factor, taken as the nearest power of two when
+    # within 10 % of it (an isotropic grid halved from odd and even sizes stays isotropic: 94/23 and 76/19 voxels
+    # are both 4×), else as it is (an axis the pyramid holds at 8 voxels: 11/7)
+    factor = np.maximum((np.asarray(work.shape[::-1], float) - 1)
+                        / np.maximum(np.asarray(tuple(shape)[::-1], float) - 1, 1), 1.0)
+    nominal = 2.0 ** np.round(np.log2(factor))
+    factor = np.where(np.abs(factor / nominal - 1.0) < 0.1, nominal, factor)
+    level_spacing = np.asarray(work.spacing, float) * factor  # x, y, z
     w = (level_spacing.min() / level_spacing) ** 2
     if np.allclose(w, 1.0):
         return None

@@ -872,7 +872,10 @@ class RegistrationModel:
         self._require()
         if self.transform is None:
             raise FitError(self.fit_message or "There is no transform to export yet.")
-        write_transform(path, self.transform, file_image(self.fixed).space, unit=self.fixed.meta.get("unit"))
+        # on the fixed file's own grid (an OME-Zarr field on the grid shown: its axes cannot be tilted)
+        zarr = str(path).rstrip("/\\").lower().endswith(".zarr")
+        write_transform(path, self.transform, self.fixed.space if zarr else file_image(self.fixed).space,
+                        unit=self.fixed.meta.get("unit"))
 
 
 def _index(index):

@@ -349,3 +349,39 @@ def test_open_takes_a_3d_pair_after_a_2d_one_one_side_at_a_time(make_napari_view
     wait_idle(qtbot, w)
     assert w.session.ndim == 3
     assert w._fixed_layer is viewer.layers["brain3d_fixed"] and w._moving_layer is viewer.layers["brain3d_moving"]
+
+
+def test_images_chosen_while_the_old_layers_go_get_the_usual_layer_names(make_napari_viewer, qtbot):
+    """The plugin's layers of a pair that stopped go one per turn of the event loop; a new pair chosen before the
+    last has gone gets layers with their own names ("moving landmarks", not napari's "moving landmarks [1]"), and
+    nothing of the old pair stays."""
+    from qtpy.QtCore import QTimer
+
+    viewer = make_napari_viewer()
+    w = open_with_widget(viewer, qtbot, "brain2d")
+    fixed_layer, moving_layer = w._fixed_layer, w._moving_layer
+    again = viewer.add_image(read_image(M2).array, name="moving again")
+    kl = w.layer_list
+    old = [l for l in viewer.layers if l is not fixed_layer and l is not moving_layer and l is not again]
+    orig = kl.remove_in_turns
+    seen = {}
+
+    def choose_soon(layers):
+        orig(layers)
+        if layers and not w.session.ready:
+            def choose():
+                seen["pending"] = [l.name for l in viewer.layers if any(l is o for o in old)]
+                w.fixed_combo.setCurrentIndex(w.fixed_combo.findText(fixed_layer.name))
+                w.moving_combo.setCurrentIndex(w.moving_combo.findText("moving again"))
+            QTimer.singleShot(0, choose)
+
+    kl.remove_in_turns = choose_soon
+    viewer.layers.remove(moving_layer)
+    qtbot.waitUntil(lambda: "pending" in seen and w.session.ready, timeout=10000)
+    wait_idle(qtbot, w)
+    qtbot.wait(200)
+    assert seen["pending"], "the new images were chosen after every old layer had gone: the test proves nothing"
+    names = [l.name for l in viewer.layers]
+    assert sorted(names) == sorted([fixed_layer.name, "moving again", "moving (warped)", "fixed landmarks",
+                                    "moving landmarks"]), names
+    assert w._moving_layer is again and viewer.canvas.grid.enabled

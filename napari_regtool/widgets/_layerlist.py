@@ -247,14 +247,17 @@ class LayerKeeper:
         software OpenGL) when the warped image and both landmark layers went in one turn after an image in use was
         removed from the side-by-side grid; removed one per turn, it draws each step."""
         layers = [l for l in layers if self.in_viewer(l)]
+        # the layers still waiting give up their names at once: layers made meanwhile for new images (the same
+        # names) would otherwise be renamed "… [1]" by napari
+        with self.host.muted():
+            for l in layers[1:]:
+                l.name = f"{l.name} (closing)"
 
         def settle():
-            if self.host.closing:
-                return
-            if self.model.ready:
-                self.host.canvas.arrange()
-            else:
+            if not self.model.ready:
                 self.host.canvas.grid.enabled = False
+            elif not self.host.closing:
+                self.host.canvas.arrange()
 
         def step():
             try:

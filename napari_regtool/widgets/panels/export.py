@@ -97,8 +97,11 @@ class ExportPanel(QWidget):
         if not path:
             return False
         m = self.model
+        # on the fixed file's own grid, as `regtool register` writes it; an OME-Zarr field on the grid shown (its
+        # axes cannot be tilted: other readers would place a tilted grid's field without its rotation)
+        space = m.fixed.space if str(path).rstrip("/\\").lower().endswith(".zarr") else file_image(m.fixed).space
         return self._when_settled(f"Saving the transform to {Path(path).name}", lambda: self.host.start_job(
-            f"Saving the transform to {path}…", write_transform_job, path, m.transform, file_image(m.fixed).space,
+            f"Saving the transform to {path}…", write_transform_job, path, m.transform, space,
             m.fixed.meta.get("unit")))
 
     def save_map(self, what: str, path=None) -> bool:
