@@ -63,6 +63,7 @@ def _for_shown_grid(t, fixed):
     for key, value in t.__dict__.items():  # what the run recorded (refine_info …)
         if key not in out.__dict__ and not key.startswith("_"):
             setattr(out, key, value)
+    out.file_grid = t  # the result as computed, on the file's grid: what the exported files hold
     return out
 
 

@@ -843,10 +843,11 @@ class RegistrationModel:
             extra = {"loaded": self.loaded["loaded"].describe()}
             if self.loaded["check"] is not None:
                 extra["convention_check"] = self.loaded["check"].to_dict()
-        result = finish_result(fixed, self.moving, self.transform, self.model, device, run.get("runtime_s", 0.0),
+        transform = self.files_transform()
+        result = finish_result(fixed, self.moving, transform, self.model, device, run.get("runtime_s", 0.0),
                                lm, extra=extra)
-        unc = getattr(self.transform, "uncertainty", None)
-        if unc is not None and fixed is not self.fixed:  # the network's map, made on the grid shown
+        unc = getattr(transform, "uncertainty", None)
+        if unc is not None and transform is self.transform and fixed is not self.fixed:  # a map made on the grid shown
             from .transforms.base import IdentityTransform
             from .transforms.field import resample
 
@@ -854,6 +855,19 @@ class RegistrationModel:
             result.uncertainty = resample(np.asarray(unc, np.float32), self.fixed.space, IdentityTransform(fixed.ndim),
                                           fixed.space).numpy()
         return result
+
+    def files_transform(self):
+        """The transform shown, as the files hold it: a deep result shown on a straightened fixed grid keeps the
+        field computed on the file's own grid, which is written as it is (read back from the grid shown, it would be
+        interpolated twice)."""
+        from .image import file_image
+
+        computed = getattr(self.transform, "file_grid", None)
+        space = file_image(self.fixed).space if self.fixed is not None else None
+        if computed is not None and space is not None and space != self.fixed.space and \
+                getattr(computed, "space", None) == space:
+            return computed
+        return self.transform
 
     def export(self, out_dir, device="cpu") -> list:
         """Write ``warped``, ``displacement``, ``jacobian`` (+ ``transform.tfm`` for linear models,
@@ -874,8 +888,8 @@ class RegistrationModel:
             raise FitError(self.fit_message or "There is no transform to export yet.")
         # on the fixed file's own grid (an OME-Zarr field on the grid shown: its axes cannot be tilted)
         zarr = str(path).rstrip("/\\").lower().endswith(".zarr")
-        write_transform(path, self.transform, self.fixed.space if zarr else file_image(self.fixed).space,
-                        unit=self.fixed.meta.get("unit"))
+        write_transform(path, self.transform if zarr else self.files_transform(),
+                        self.fixed.space if zarr else file_image(self.fixed).space, unit=self.fixed.meta.get("unit"))
 
 
 def _index(index):

@@ -425,10 +425,9 @@ def test_a_tilted_fixed_volume_is_registered_and_measured_on_its_own_grid(make_n
     gui_field = sitk.ReadImage(str(gui_deep / "displacement.nii.gz"), sitk.sitkVectorFloat64)
     cli_field = sitk.ReadImage(str(tmp_path / "cli_deep" / "displacement.nii.gz"), sitk.sitkVectorFloat64)
     diff = np.linalg.norm(sitk.GetArrayFromImage(gui_field) - sitk.GetArrayFromImage(cli_field), axis=-1)
-    # (the field shown was put on the straightened grid and is read back at the file's voxels, twice interpolated:
-    # compared away from the edges of the file's grid, against displacements of 13.7 mm (median) there)
-    inner = tuple(slice(int(0.15 * n), int(0.85 * n)) for n in diff.shape)
-    assert np.median(diff[inner]) < 0.05 and diff[inner].max() < 0.6, (np.median(diff[inner]), diff[inner].max())
+    # the field as computed on the file's grid, written as it is (not read back from the grid shown): the command
+    # line's file, to float32 rounding, at every voxel (against displacements of 13.7 mm, median)
+    assert diff.max() < 1e-4, diff.max()
     # the automatic affine: the command line's matrix, and Export all reports its figures
     w.model_combo.setCurrentIndex(w.model_combo.findData("auto-affine"))
     wait_idle(qtbot, w)

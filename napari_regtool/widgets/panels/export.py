@@ -99,9 +99,10 @@ class ExportPanel(QWidget):
         m = self.model
         # on the fixed file's own grid, as `regtool register` writes it; an OME-Zarr field on the grid shown (its
         # axes cannot be tilted: other readers would place a tilted grid's field without its rotation)
-        space = m.fixed.space if str(path).rstrip("/\\").lower().endswith(".zarr") else file_image(m.fixed).space
+        zarr = str(path).rstrip("/\\").lower().endswith(".zarr")
         return self._when_settled(f"Saving the transform to {Path(path).name}", lambda: self.host.start_job(
-            f"Saving the transform to {path}…", write_transform_job, path, m.transform, space,
+            f"Saving the transform to {path}…", write_transform_job, path,
+            m.transform if zarr else m.files_transform(), m.fixed.space if zarr else file_image(m.fixed).space,
             m.fixed.meta.get("unit")))
 
     def save_map(self, what: str, path=None) -> bool:
@@ -119,7 +120,7 @@ class ExportPanel(QWidget):
         # a moving image straightened for the viewer is warped from the file's own grid, as Export all does
         return self._when_settled(f"Saving {Path(path).name}", lambda: self.host.start_job(
             f"Saving {Path(path).name}…", save_map_job, what, path, file_image(m.moving),
-            m.transform, file_image(m.fixed).space, m.fixed.meta.get("unit")))
+            m.files_transform(), file_image(m.fixed).space, m.fixed.meta.get("unit")))
 
     def export_all(self, folder=None) -> bool:
         """Write the same files as ``regtool register`` into a folder (in the background)."""
