@@ -2,12 +2,14 @@
 
 napari's canvas crashed the whole process (a segmentation fault in ``glDrawArrays`` while drawing the next frame,
 under Mesa's software OpenGL) when the plugin removed its warped image and both landmark layers in one turn of the
-event loop after the user removed the fixed or moving image from the side-by-side grid. The viewer here is shown
+event loop after the user removed the fixed or moving image from the side-by-side grid, and, with landmark pairs
+placed, even one per turn while their number labels were shown. The viewer here is shown
 and painted, unlike the other GUI tests; it runs in a child process so that a crash fails this test instead of
 ending the test run.
 """
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -38,7 +40,7 @@ SCRIPT = textwrap.dedent("""
     def choose(combo, text):
         combo.setCurrentIndex(combo.findText(text))
 
-    fixed_path, moving_path, side = sys.argv[1:4]
+    fixed_path, moving_path, landmarks_path, side = sys.argv[1:5]
     viewer = napari.Viewer(show=True)
     _, w = viewer.window.add_plugin_dock_widget("napari-regtool", "Registration")
     fl = viewer.open(fixed_path, plugin="napari-regtool")[0]
@@ -46,7 +48,11 @@ SCRIPT = textwrap.dedent("""
     choose(w.fixed_combo, fl.name)
     choose(w.moving_combo, ml.name)
     idle(w)
+    w.load_landmarks(landmarks_path)  # numbered landmark pairs on both sides (their labels crashed napari too)
+    w.set_model("tps")
+    idle(w)
     pump(1.0)
+    print("pairs", len(w.session.pairs), flush=True)
     print("grid before", viewer.canvas.grid.enabled, len(viewer.layers), flush=True)
     viewer.layers.remove(ml if side == "moving" else fl)
     pump(2.5)
@@ -66,10 +72,12 @@ def test_removing_an_image_in_use_from_a_shown_grid_does_not_crash(tmp_path, sam
     script = tmp_path / "remove_shown.py"
     script.write_text(SCRIPT)
     proc = subprocess.run([sys.executable, str(script), str(SAMPLES / f"{sample}_fixed.nii.gz"),
-                           str(SAMPLES / f"{sample}_moving.nii.gz"), side],
+                           str(SAMPLES / f"{sample}_moving.nii.gz"), str(SAMPLES / f"{sample}_landmarks.csv"), side],
                           capture_output=True, text=True, timeout=300)
     out = proc.stdout
     assert proc.returncode == 0, f"the viewer process ended with {proc.returncode}:\n{out}\n{proc.stderr[-3000:]}"
+    placed = re.search(r"^pairs (\d+)$", out, re.M)
+    assert placed and int(placed.group(1)) >= 3, out  # the sample's landmark pairs, numbered on the canvas
     assert "grid before True 5" in out  # side by side: fixed, warped, two landmark layers, moving
     kept = f"{sample}_{'fixed' if side == 'moving' else 'moving'}"
     # only the image left by the user stays; the plugin's layers went and the grid is off

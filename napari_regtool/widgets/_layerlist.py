@@ -240,18 +240,23 @@ class LayerKeeper:
         self.remove_in_turns(gone)
 
     def remove_in_turns(self, layers):
-        """Remove ``layers`` from the viewer, the first now and each of the others on a later turn of the event
-        loop (the canvas is drawn in between); then lay out the layers left (no grid when nothing is registered).
+        """Remove ``layers`` from the viewer, one per turn of the event loop from the next turn on (the canvas is
+        drawn in between), the landmark numbers hidden first; then lay out the layers left (no grid when nothing is
+        registered).
 
         napari's canvas crashed the process (a segmentation fault while drawing the next frame, under Mesa's
         software OpenGL) when the warped image and both landmark layers went in one turn after an image in use was
-        removed from the side-by-side grid; removed one per turn, it draws each step."""
+        removed from the side-by-side grid, and, with landmark pairs placed, also when they went one per turn
+        unless their number labels were hidden a turn before."""
         layers = [l for l in layers if self.in_viewer(l)]
-        # the layers still waiting give up their names at once: layers made meanwhile for new images (the same
-        # names) would otherwise be renamed "… [1]" by napari
         with self.host.muted():
-            for l in layers[1:]:
+            for l in layers:
+                # the layers waiting give up their names at once: layers made meanwhile for new images (the same
+                # names) would otherwise be renamed "… [1]" by napari
                 l.name = f"{l.name} (closing)"
+                text = getattr(l, "text", None)
+                if text is not None and getattr(text, "visible", False):
+                    text.visible = False
 
         def settle():
             if not self.model.ready:
@@ -273,7 +278,7 @@ class LayerKeeper:
             except RuntimeError:  # the viewer was closed meanwhile
                 return
         if layers:
-            step()
+            QTimer.singleShot(0, step)
         elif not self.model.ready:
             settle()
 
