@@ -843,31 +843,30 @@ class RegistrationModel:
             extra = {"loaded": self.loaded["loaded"].describe()}
             if self.loaded["check"] is not None:
                 extra["convention_check"] = self.loaded["check"].to_dict()
-        transform = self.files_transform()
-        result = finish_result(fixed, self.moving, transform, self.model, device, run.get("runtime_s", 0.0),
-                               lm, extra=extra)
-        unc = getattr(transform, "uncertainty", None)
-        if unc is not None and transform is self.transform and fixed is not self.fixed:  # a map made on the grid shown
-            from .transforms.base import IdentityTransform
-            from .transforms.field import resample
-
-            unc = unc.cpu().numpy() if hasattr(unc, "cpu") else np.asarray(unc)
-            result.uncertainty = resample(np.asarray(unc, np.float32), self.fixed.space, IdentityTransform(fixed.ndim),
-                                          fixed.space).numpy()
-        return result
+        # (its uncertainty map too: a deep result shown on a straightened grid carries its file-grid original)
+        return finish_result(fixed, self.moving, self.files_transform(), self.model, device,
+                             run.get("runtime_s", 0.0), lm, extra=extra)
 
     def files_transform(self):
         """The transform shown, as the files hold it: a deep result shown on a straightened fixed grid keeps the
-        field computed on the file's own grid, which is written as it is (read back from the grid shown, it would be
-        interpolated twice)."""
+        field (and uncertainty map) computed on the file's own grid (``file_grid``, see ``jobs._for_shown_grid``),
+        which is written as it is (read back from the grid shown, it would be interpolated twice)."""
         from .image import file_image
 
         computed = getattr(self.transform, "file_grid", None)
-        space = file_image(self.fixed).space if self.fixed is not None else None
-        if computed is not None and space is not None and space != self.fixed.space and \
-                getattr(computed, "space", None) == space:
+        if computed is not None and self.fixed is not None and computed.space == file_image(self.fixed).space:
             return computed
         return self.transform
+
+    def transform_for_file(self, path) -> tuple:
+        """``(transform, space)`` to write the transform shown to ``path``: on the fixed file's own grid, as
+        ``regtool register`` writes it, except an OME-Zarr field (``.zarr``), which stays on the grid shown (NGFF
+        axes cannot be tilted: other readers would place a tilted grid's field without its rotation)."""
+        from .image import file_image
+
+        if str(path).rstrip("/\\").lower().endswith(".zarr"):
+            return self.transform, self.fixed.space
+        return self.files_transform(), file_image(self.fixed).space
 
     def export(self, out_dir, device="cpu") -> list:
         """Write ``warped``, ``displacement``, ``jacobian`` (+ ``transform.tfm`` for linear models,
@@ -881,15 +880,11 @@ class RegistrationModel:
         (ITK displacement field on the fixed grid)."""
         from .io import write_transform
 
-        from .image import file_image
-
         self._require()
         if self.transform is None:
             raise FitError(self.fit_message or "There is no transform to export yet.")
-        # on the fixed file's own grid (an OME-Zarr field on the grid shown: its axes cannot be tilted)
-        zarr = str(path).rstrip("/\\").lower().endswith(".zarr")
-        write_transform(path, self.transform if zarr else self.files_transform(),
-                        self.fixed.space if zarr else file_image(self.fixed).space, unit=self.fixed.meta.get("unit"))
+        transform, space = self.transform_for_file(path)
+        write_transform(path, transform, space, unit=self.fixed.meta.get("unit"))
 
 
 def _index(index):

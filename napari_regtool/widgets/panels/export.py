@@ -97,12 +97,8 @@ class ExportPanel(QWidget):
         if not path:
             return False
         m = self.model
-        # on the fixed file's own grid, as `regtool register` writes it; an OME-Zarr field on the grid shown (its
-        # axes cannot be tilted: other readers would place a tilted grid's field without its rotation)
-        zarr = str(path).rstrip("/\\").lower().endswith(".zarr")
         return self._when_settled(f"Saving the transform to {Path(path).name}", lambda: self.host.start_job(
-            f"Saving the transform to {path}…", write_transform_job, path,
-            m.transform if zarr else m.files_transform(), m.fixed.space if zarr else file_image(m.fixed).space,
+            f"Saving the transform to {path}…", write_transform_job, path, *m.transform_for_file(path),
             m.fixed.meta.get("unit")))
 
     def save_map(self, what: str, path=None) -> bool:
